@@ -1,0 +1,96 @@
+//! Command-line edge: one file per subcommand, anyhow errors, logging setup.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod convert;
+mod inspect;
+mod mount;
+mod optimize;
+mod pull;
+mod serve;
+
+/// Lazy-pulling snapshotter for containerd: eStargz and zstd:chunked layers mounted through FUSE,
+/// fetched on demand into a shared bounded cache.
+#[derive(Parser)]
+#[command(name = "lazysnap", version, about)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "LAZYSNAP_LOG_FORMAT"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image to eStargz (or zstd:chunked) and push it.
+    Convert(convert::ConvertArgs),
+    /// Show and verify the TOC of an eStargz / zstd:chunked layer blob or image.
+    Inspect(inspect::InspectArgs),
+    /// Run the containerd proxy snapshotter.
+    Serve(serve::ServeArgs),
+    /// Pull an image lazily into containerd through the lazysnap snapshotter.
+    Pull(pull::PullArgs),
+    /// Mount an image lazily at a directory, without containerd.
+    Mount(mount::MountArgs),
+    /// Unmount a directory mounted by `lazysnap mount`.
+    Umount(mount::UmountArgs),
+    /// Show mounted layers and what was fetched.
+    Status(mount::StatusArgs),
+    /// Profile an image's workload and convert it with the files it reads first prioritized.
+    Optimize(optimize::OptimizeArgs),
+    /// Measure container startup latency against containerd's overlayfs pull.
+    Bench(bench::BenchArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Convert(args) => convert::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Pull(args) => pull::run(args),
+        Command::Mount(args) => mount::run_mount(args),
+        Command::Umount(args) => mount::run_umount(args),
+        Command::Status(args) => mount::run_status(args),
+        Command::Optimize(args) => optimize::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lazysnap: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Builds the multi-threaded tokio runtime every async subcommand runs on.
+#[allow(dead_code)] // used by the subcommands as they land
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

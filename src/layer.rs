@@ -1,0 +1,2 @@
+//! A remote layer's life: resolve, read footer and TOC, build the FUSE index, mount, check,
+//! refresh and unmount.

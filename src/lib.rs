@@ -1,0 +1,18 @@
+//! lazysnap: a lazy-pulling snapshotter for containerd.
+//!
+//! Layers in eStargz or zstd:chunked format are mounted through FUSE and their files are fetched
+//! chunk by chunk with HTTP range requests, prioritized files first, into a bounded LRU disk cache
+//! shared by every image on the node. See `../shared/DESIGN.md` for the data flow; each module's
+//! header says what it owns.
+
+pub mod blob;
+pub mod cache;
+pub mod config;
+pub mod estargz;
+pub mod fetch;
+pub mod image;
+pub mod layer;
+pub mod metrics;
+pub mod registry;
+pub mod snapshotter;
+pub mod testbed;

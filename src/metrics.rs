@@ -1,0 +1,2 @@
+//! Prometheus metrics an operator graphs: bytes fetched on demand vs prefetch, cache hits, fetch
+//! and FUSE operation latency; served on an optional loopback endpoint.
