@@ -1,0 +1,57 @@
+//! Test bed shared by the integration tests and `lazysnap bench`: the real Distribution registry
+//! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
+//! Everything started here is torn down when its handle drops; nothing else is touched.
+
+mod registry;
+
+pub use registry::{RegistryOptions, RegistryServer};
+
+use std::net::TcpListener;
+
+/// Errors starting or driving test-bed components.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// A program the test bed needs is not installed.
+    #[error("{program} is not installed: run scripts/install-deps.sh (it installs the Debian package {package})")]
+    Missing {
+        program: &'static str,
+        package: &'static str,
+    },
+    /// A component did not come up.
+    #[error("{what} did not start: {detail}")]
+    Start { what: String, detail: String },
+    /// Filesystem or process error.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TestbedError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, TestbedError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(TestbedError::io("binding 127.0.0.1:0"))?;
+    let port = listener
+        .local_addr()
+        .map_err(TestbedError::io("reading the bound address"))?
+        .port();
+    Ok(port)
+}
+
+/// Fails with [`TestbedError::Missing`] unless `program` is an executable file.
+pub fn require_program(program: &'static str, package: &'static str) -> Result<(), TestbedError> {
+    if std::path::Path::new(program).is_file() {
+        Ok(())
+    } else {
+        Err(TestbedError::Missing { program, package })
+    }
+}
