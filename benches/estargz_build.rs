@@ -52,7 +52,7 @@ fn random(rng: &mut Xorshift, len: usize) -> Vec<u8> {
 fn mixed_tar() -> Vec<u8> {
     let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
     let mut builder = tar::Builder::new(Vec::new());
-    let mut add = |builder: &mut tar::Builder<Vec<u8>>, path: String, data: Vec<u8>| {
+    let add = |builder: &mut tar::Builder<Vec<u8>>, path: String, data: Vec<u8>| {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
