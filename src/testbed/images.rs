@@ -620,6 +620,56 @@ fn curl(args: &[&str]) -> Result<String, TestbedError> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// `Accept` header listing every manifest and index media type.
+pub const ACCEPT_ALL_MANIFESTS: &str = "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Fetches a manifest or index (`reference` is a tag or digest) with curl; returns its bytes.
+pub fn fetch_manifest(
+    registry_url: &str,
+    repository: &str,
+    reference: &str,
+) -> Result<Vec<u8>, TestbedError> {
+    curl(&[
+        "-H",
+        ACCEPT_ALL_MANIFESTS,
+        &format!("{registry_url}/v2/{repository}/manifests/{reference}"),
+    ])
+    .map(String::into_bytes)
+}
+
+/// Downloads a blob with curl into `dest`.
+pub fn fetch_blob(
+    registry_url: &str,
+    repository: &str,
+    digest: &str,
+    dest: &Path,
+) -> Result<(), TestbedError> {
+    let dest_text = dest.display().to_string();
+    curl(&[
+        "-o",
+        &dest_text,
+        &format!("{registry_url}/v2/{repository}/blobs/{digest}"),
+    ])
+    .map(|_| ())
+}
+
+/// [`tree_listing`] without the entries an eStargz layer adds (`stargz.index.json` and the
+/// prefetch landmarks), for comparing a converted layer with its source.
+pub fn tree_listing_without_estargz_entries(root: &Path) -> Result<Vec<String>, TestbedError> {
+    Ok(tree_listing(root)?
+        .into_iter()
+        .filter(|l| {
+            ![
+                "stargz.index.json ",
+                ".prefetch.landmark ",
+                ".no.prefetch.landmark ",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .collect())
+}
+
 /// Extracts a layer blob (tar, tar.gz or tar.zst) with GNU tar into `dest`, keeping owners,
 /// modes, xattrs and device nodes (needs root for the latter two).
 pub fn extract_with_gnu_tar(blob: &Path, dest: &Path) -> Result<(), TestbedError> {
