@@ -2,6 +2,7 @@
 //! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
 //! Everything started here is torn down when its handle drops; nothing else is touched.
 
+pub mod images;
 mod registry;
 
 pub use registry::{RegistryOptions, RegistryServer};
