@@ -3,8 +3,10 @@
 //! Everything started here is torn down when its handle drops; nothing else is touched.
 
 pub mod images;
+mod link;
 mod registry;
 
+pub use link::{LinkEmulator, LinkProfile};
 pub use registry::{RegistryOptions, RegistryServer};
 
 use std::net::TcpListener;
