@@ -2,8 +2,10 @@
 //! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
 //! Everything started here is torn down when its handle drops; nothing else is touched.
 
+mod containerd;
 mod registry;
 
+pub use containerd::{ContainerdOptions, ContainerdServer};
 pub use registry::{RegistryOptions, RegistryServer};
 
 use std::net::TcpListener;
