@@ -82,10 +82,13 @@ fn source_errors_reach_the_reader_as_eio() {
     let mut source = MemorySource::default();
     source.insert(1, b"fine".to_vec());
     source.failing.insert(2);
+    source.insert(3, vec![7u8; 5_000]);
     let mut b = IndexBuilder::new(root());
     b.add("ok", file(4, 1, 0o644)).unwrap();
     b.add("broken", file(100_000, 2, 0o644)).unwrap();
     b.add("unknown", file(10, 99, 0o644)).unwrap();
+    // The source holds fewer bytes than the index says: never zero-filled, always EIO.
+    b.add("truncated", file(10_000, 3, 0o644)).unwrap();
     let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
 
     assert_eq!(std::fs::read(mnt.path("ok")).unwrap(), b"fine");
@@ -97,6 +100,17 @@ fn source_errors_reach_the_reader_as_eio() {
     );
     let err = std::fs::read(mnt.path("unknown")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let err = std::fs::read(mnt.path("truncated")).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "short answer from the source"
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.path("truncated")).unwrap().len(),
+        10_000,
+        "size unchanged by the failed read"
+    );
     // Metadata stays available and the mount keeps working.
     assert_eq!(
         std::fs::metadata(mnt.path("broken")).unwrap().len(),
