@@ -210,11 +210,15 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// Pushes a fixture image (`manifest.json`, `config.json`, `<hex>.blob`) to `registry_url`
-/// (`http://127.0.0.1:PORT`) as `repo:tag` with plain HTTP uploads (the Distribution API).
-pub async fn push_fixture(registry_url: &str, variant: &str, repo: &str, tag: &str) {
+/// Pushes a fixture image (`manifest.json`, `config.json`, `<hex>.blob`) to the registry at
+/// `host` (`127.0.0.1:PORT`) as `host/repo:tag` with lazysnap's registry client; returns the
+/// image reference.
+pub async fn push_fixture(host: &str, variant: &str, repo: &str, tag: &str) -> String {
+    use lazysnap::registry::{Client, ClientConfig, Reference};
     let dir = fixture_dir(variant);
-    let http = reqwest::Client::new();
+    let image = format!("{host}/{repo}:{tag}");
+    let reference = Reference::parse(&image).expect("reference");
+    let client = Client::new(ClientConfig::default()).expect("registry client");
     let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest");
     let config = std::fs::read(dir.join("config.json")).expect("config");
     let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest json");
@@ -232,43 +236,18 @@ pub async fn push_fixture(registry_url: &str, variant: &str, repo: &str, tag: &s
         blobs.push((digest, bytes));
     }
     for (digest, bytes) in blobs {
-        let start = http
-            .post(format!("{registry_url}/v2/{repo}/blobs/uploads/"))
-            .send()
+        client
+            .push_blob_bytes(&reference, &digest, bytes.into())
             .await
-            .expect("start upload");
-        assert_eq!(start.status().as_u16(), 202, "upload start for {digest}");
-        let location = start
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .expect("upload location")
-            .to_string();
-        let location = if location.starts_with("http") {
-            location
-        } else {
-            format!("{registry_url}{location}")
-        };
-        let separator = if location.contains('?') { '&' } else { '?' };
-        let put = http
-            .put(format!("{location}{separator}digest={digest}"))
-            .header("content-type", "application/octet-stream")
-            .body(bytes)
-            .send()
-            .await
-            .expect("finish upload");
-        assert_eq!(put.status().as_u16(), 201, "upload of {digest}");
+            .unwrap_or_else(|e| panic!("pushing {digest}: {e}"));
     }
     let media_type = parsed["mediaType"]
         .as_str()
         .unwrap_or("application/vnd.oci.image.manifest.v1+json")
         .to_string();
-    let put = http
-        .put(format!("{registry_url}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", media_type)
-        .body(manifest)
-        .send()
+    client
+        .put_manifest(&reference, &media_type, manifest.into())
         .await
-        .expect("put manifest");
-    assert_eq!(put.status().as_u16(), 201, "manifest put");
+        .expect("pushing the manifest");
+    image
 }
