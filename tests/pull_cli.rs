@@ -86,3 +86,52 @@ fn pull_cli_names_the_socket_when_containerd_is_absent() {
     assert!(stderr.contains("/nonexistent/containerd.sock"), "{stderr}");
     assert!(stderr.contains("--containerd"), "{stderr}");
 }
+
+#[test]
+fn pull_cli_through_lazysnap_serve_plain_gzip_falls_back_and_runs() {
+    require_root_and_containerd();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(push_fixture(&registry.host(), "orig", "fixture", "orig"));
+    // lazysnap first: containerd connects to its proxy plugins at start.
+    let lazysnap = TestLazysnap::start();
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    let namespace = "pullserve";
+
+    let stdout = lazysnap_pull(&containerd, namespace, "lazysnap", &image);
+    // Plain gzip layers are not lazily pullable: both fall back to an unpack into lazysnap.
+    let layer_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("sha256:"))
+        .collect();
+    assert_eq!(layer_lines.len(), 2, "{stdout}");
+    assert!(
+        layer_lines.iter().all(|l| l.contains("fetched+unpacked")),
+        "{stdout}"
+    );
+
+    // lazysnap holds both committed layers.
+    let (ok, listing, err) =
+        containerd.ctr(namespace, &["snapshots", "--snapshotter", "lazysnap", "ls"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        listing.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{listing}"
+    );
+
+    let out = containerd.run(
+        namespace,
+        "lazysnap",
+        &image,
+        &["cat", "/data/one-byte.txt"],
+    );
+    assert_eq!(out, "x", "lazysnap log:\n{}", lazysnap.log());
+    let out = containerd.run(
+        namespace,
+        "lazysnap",
+        &image,
+        &["/bin/sh", "-c", "cat /data/text.txt | head -c 6"],
+    );
+    assert_eq!(out, "00000 ");
+}
