@@ -1,6 +1,7 @@
 //! The remote-layer contract with the real containerd: `ctr-remote images rpull` sends Prepare
 //! with stargz labels (`containerd.io/snapshot.ref`, `…/remote/stargz.{reference,digest,layers}`,
-//! the TOC digest annotation). A test hook "mounts" one layer (it materializes the eStargz blob
+//! the TOC digest annotation), and containerd's CRI plugin (driven by a small CRI PullImage
+//! client) sends the `containerd.io/snapshot/cri.*` labels. A test hook "mounts" one layer (it materializes the eStargz blob
 //! into the snapshot's `fs/`, as a FUSE mount would show it) and declines the other. containerd
 //! must accept the AlreadyExists answer, find the remote snapshot by its label and parent, fetch
 //! and unpack only the declined layer, and `ctr run` must see files of both layers.
@@ -13,7 +14,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use lazysnap::snapshotter::remote::{STARGZ_LAYERS_LABEL, TOC_DIGEST_LABEL};
+use lazysnap::snapshotter::proto::runtime::v1 as cri;
+use lazysnap::snapshotter::proto::runtime::v1::image_service_client::ImageServiceClient;
+use lazysnap::snapshotter::remote::{
+    CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, STARGZ_LAYERS_LABEL, TOC_DIGEST_LABEL,
+};
 use lazysnap::snapshotter::{
     LocatorSource, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
 };
@@ -25,8 +30,9 @@ const DECLINED_LAYER: &str =
     "sha256:beb145bfbc1d2335bbaa76f52247d4053a246f6ea94ab3557c1318f73e9a2126";
 
 /// Materializes accepted layers from the local fixture blobs; records what it was asked.
-#[derive(Default)]
 struct MaterializingRemote {
+    /// The label family Prepare must carry (stargz from ctr-remote, CRI from the CRI plugin).
+    source: LocatorSource,
     mounted: Mutex<Vec<String>>,
     declined: Mutex<Vec<String>>,
     unmounted: Mutex<Vec<PathBuf>>,
@@ -36,8 +42,8 @@ struct MaterializingRemote {
 impl RemoteLayers for MaterializingRemote {
     async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
         let locator = &request.locator;
-        assert_eq!(locator.source, LocatorSource::Stargz);
-        // stargz.layers lists this layer and the ones after it (ctr-remote's prefetch hint).
+        assert_eq!(locator.source, self.source, "{:?}", request.labels);
+        // The layers label lists this layer and the ones after it (a prefetch hint).
         assert!(
             locator.image_layers.contains(&locator.layer_digest),
             "{:?}",
@@ -201,51 +207,176 @@ fn push_fixture(registry: &RegistryServer, repo: &str, tag: &str) {
     assert!(status.success(), "pushing the manifest");
 }
 
+/// Registry with the fixture pushed, lazysnap in-process with the test hook, containerd on it.
+struct Bed {
+    registry: RegistryServer,
+    image: String,
+    runtime: tokio::runtime::Runtime,
+    service: Service,
+    remote: Arc<MaterializingRemote>,
+    containerd: Option<ContainerdServer>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bed {
+    fn start(source: LocatorSource) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test runs containerd and runc and must run as root"
+        );
+        let registry = RegistryServer::start().unwrap_or_else(|e| panic!("{e}"));
+        push_fixture(&registry, "fixture", "esgz");
+        let image = format!("{}/fixture:esgz", registry.host());
+        let dir = tempfile::Builder::new()
+            .prefix("lazysnap-remote-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("lazysnap.sock");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let remote = Arc::new(MaterializingRemote {
+            source,
+            mounted: Mutex::default(),
+            declined: Mutex::default(),
+            unmounted: Mutex::default(),
+        });
+        let service =
+            Service::open(ServiceOptions::new(dir.path().join("root")), remote.clone()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = {
+            let service = service.clone();
+            let _guard = runtime.enter();
+            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+            runtime.spawn(async move {
+                lazysnap::snapshotter::serve(listener, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            })
+        };
+        // lazysnap is up before containerd starts.
+        let containerd = ContainerdServer::start(&ContainerdOptions {
+            snapshotter_socket: Some(socket),
+            enable_cri: source == LocatorSource::Cri,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            registry,
+            image,
+            runtime,
+            service,
+            remote,
+            containerd: Some(containerd),
+            stop: Some(stop),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    fn containerd(&self) -> &ContainerdServer {
+        self.containerd.as_ref().unwrap()
+    }
+
+    /// One layer mounted remotely, the declined one fetched whole and unpacked by containerd.
+    fn assert_one_remote_one_unpacked(&self) {
+        assert_eq!(
+            self.remote.mounted.lock().unwrap().len(),
+            1,
+            "layer B mounted"
+        );
+        assert_eq!(
+            *self.remote.declined.lock().unwrap(),
+            [DECLINED_LAYER.to_string()]
+        );
+        let stats = self.service.stats();
+        assert_eq!((stats.remote_mounted, stats.remote_fallbacks), (1, 1));
+        let layer_b = self.remote.mounted.lock().unwrap()[0].clone();
+        assert_eq!(
+            self.registry.blob_bytes_served(&layer_b),
+            0,
+            "remote layer not fetched"
+        );
+        assert!(self.registry.blob_bytes_served(DECLINED_LAYER) > 0);
+    }
+
+    fn run(&self, namespace: &str, id: &str, command: &str) -> String {
+        let out = self
+            .containerd()
+            .ctr_ok(&[
+                "--namespace",
+                namespace,
+                "run",
+                "--snapshotter",
+                "lazysnap",
+                "--rm",
+                &self.image,
+                id,
+                "/bin/sh",
+                "-c",
+                command,
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Removes the image; containerd's garbage collector then removes every snapshot (checked
+    /// when `expect_gc`), the remote one through the hook.
+    fn remove_image_and_stop(mut self, namespace: &str, expect_gc: bool) {
+        // CRI records the image under several names (tag, repo digest, ID): remove them all.
+        let listed = self
+            .containerd()
+            .ctr_ok(&["--namespace", namespace, "images", "ls", "-q"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names = String::from_utf8_lossy(&listed.stdout).into_owned();
+        let mut args = vec!["--namespace", namespace, "images", "rm", "--sync"];
+        args.extend(names.lines().filter(|l| !l.is_empty()));
+        self.containerd()
+            .ctr_ok(&args)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.containerd.take();
+        let left = self.runtime.block_on(self.service.list(&[])).unwrap();
+        if expect_gc {
+            assert!(
+                left.is_empty(),
+                "containerd's GC removed every snapshot: {left:?}"
+            );
+        } else {
+            // The CRI namespace keeps its snapshots past `images rm`: remove them here,
+            // children first, as containerd's GC would.
+            let mut names: Vec<String> = left.into_iter().map(|i| i.name).collect();
+            while !names.is_empty() {
+                let before = names.len();
+                let service = self.service.clone();
+                names.retain(|name| self.runtime.block_on(service.remove(name)).is_err());
+                assert!(
+                    names.len() < before,
+                    "snapshots cannot be removed: {names:?}"
+                );
+            }
+        }
+        assert_eq!(self.remote.unmounted.lock().unwrap().len(), 1);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server).unwrap();
+        }
+    }
+}
+
 #[test]
 fn rpull_mounts_remote_layers_and_unpacks_declined_ones() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test runs containerd and runc and must run as root"
-    );
     assert!(
         Path::new("/usr/bin/ctr-remote").is_file(),
         "ctr-remote is missing: install the Debian package stargz-snapshotter"
     );
-    let registry = RegistryServer::start().unwrap_or_else(|e| panic!("{e}"));
-    push_fixture(&registry, "fixture", "esgz");
-    let image = format!("{}/fixture:esgz", registry.host());
-
-    let dir = tempfile::Builder::new()
-        .prefix("lazysnap-remote-")
-        .tempdir()
-        .unwrap();
-    let socket = dir.path().join("lazysnap.sock");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let remote = Arc::new(MaterializingRemote::default());
-    let service =
-        Service::open(ServiceOptions::new(dir.path().join("root")), remote.clone()).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let service = service.clone();
-        let _guard = runtime.enter();
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        runtime.spawn(async move {
-            lazysnap::snapshotter::serve(listener, service, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        })
-    };
-
-    let containerd = ContainerdServer::start(&ContainerdOptions {
-        snapshotter_socket: Some(socket.clone()),
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    let bed = Bed::start(LocatorSource::Stargz);
     let rpull = Command::new("/usr/bin/ctr-remote")
         .arg("--address")
-        .arg(containerd.address())
+        .arg(bed.containerd().address())
         .args([
             "images",
             "rpull",
@@ -253,7 +384,7 @@ fn rpull_mounts_remote_layers_and_unpacks_declined_ones() {
             "--snapshotter",
             "lazysnap",
         ])
-        .arg(&image)
+        .arg(&bed.image)
         .output()
         .unwrap();
     assert!(
@@ -261,27 +392,15 @@ fn rpull_mounts_remote_layers_and_unpacks_declined_ones() {
         "rpull failed: {}\n{}\ncontainerd log:\n{}",
         String::from_utf8_lossy(&rpull.stdout),
         String::from_utf8_lossy(&rpull.stderr),
-        containerd.log()
+        bed.containerd().log()
     );
-    assert_eq!(remote.mounted.lock().unwrap().len(), 1, "layer B mounted");
-    assert_eq!(
-        *remote.declined.lock().unwrap(),
-        [DECLINED_LAYER.to_string()]
-    );
-    let stats = service.stats();
-    assert_eq!((stats.remote_mounted, stats.remote_fallbacks), (1, 1));
-    // Only the declined layer's blob was fetched whole by containerd.
-    let layer_b = remote.mounted.lock().unwrap()[0].clone();
-    assert_eq!(
-        registry.blob_bytes_served(&layer_b),
-        0,
-        "remote layer not fetched"
-    );
-    assert!(registry.blob_bytes_served(DECLINED_LAYER) > 0);
+    bed.assert_one_remote_one_unpacked();
 
     // The remote snapshot carries its labels, as containerd's lookup needs.
-    let infos = runtime
-        .block_on(service.list(&[format!(
+    let layer_b = bed.remote.mounted.lock().unwrap()[0].clone();
+    let infos = bed
+        .runtime
+        .block_on(bed.service.list(&[format!(
             r#"labels."containerd.io/snapshot/remote/stargz.digest"=={layer_b}"#
         )]))
         .unwrap();
@@ -289,33 +408,56 @@ fn rpull_mounts_remote_layers_and_unpacks_declined_ones() {
     assert!(infos[0].labels.contains_key(TOC_DIGEST_LABEL));
     assert!(infos[0].labels.contains_key(STARGZ_LAYERS_LABEL));
 
-    let out = containerd
-        .ctr_ok(&[
-            "run",
-            "--snapshotter",
-            "lazysnap",
-            "--rm",
-            &image,
+    assert_eq!(
+        bed.run(
+            "default",
             "remote-1",
-            "/bin/sh",
-            "-c",
-            "cat /data/one-byte.txt; ls /bin/busybox",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "x/bin/busybox\n");
-
-    // Removing the image lets containerd's garbage collector remove the snapshots; the remote
-    // layer goes back through the hook.
-    containerd
-        .ctr_ok(&["images", "rm", "--sync", &image])
-        .unwrap_or_else(|e| panic!("{e}"));
-    drop(containerd);
-    let left = runtime.block_on(service.list(&[])).unwrap();
-    assert!(
-        left.is_empty(),
-        "containerd's GC removed every snapshot: {left:?}"
+            "cat /data/one-byte.txt; ls /bin/busybox"
+        ),
+        "x/bin/busybox\n"
     );
-    assert_eq!(remote.unmounted.lock().unwrap().len(), 1);
-    let _ = stop.send(());
-    runtime.block_on(server).unwrap();
+    bed.remove_image_and_stop("default", true);
+}
+
+#[test]
+fn cri_pull_image_mounts_remote_layers_with_cri_labels() {
+    let bed = Bed::start(LocatorSource::Cri);
+    let address = bed.containerd().address();
+    let image = bed.image.clone();
+    let pulled = bed.runtime.block_on(async move {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", address.display()))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut client = ImageServiceClient::new(channel);
+        client
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image,
+                    annotations: Default::default(),
+                }),
+            })
+            .await
+    });
+    let pulled = pulled.unwrap_or_else(|status| {
+        panic!(
+            "CRI PullImage failed: {status}\ncontainerd log:\n{}",
+            bed.containerd().log()
+        )
+    });
+    assert!(pulled.into_inner().image_ref.starts_with("sha256:"));
+    bed.assert_one_remote_one_unpacked();
+    let layer_b = bed.remote.mounted.lock().unwrap()[0].clone();
+    let infos = bed
+        .runtime
+        .block_on(bed.service.list(&[format!(
+            r#"labels."{CRI_IMAGE_REF_LABEL}"=="{}",labels."{CRI_LAYER_DIGEST_LABEL}"=={layer_b}"#,
+            bed.image
+        )]))
+        .unwrap();
+    assert_eq!(infos.len(), 1, "the remote snapshot keeps its CRI labels");
+    assert_eq!(bed.run("k8s.io", "cri-1", "cat /data/one-byte.txt"), "x");
+    bed.remove_image_and_stop("k8s.io", false);
 }
