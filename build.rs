@@ -1,17 +1,31 @@
-//! Build script: compiles proto/ (containerd's snapshots.v1 service and types.Mount, and the CRI
-//! ImageService.PullImage slice used to drive containerd's CRI plugin) into Rust
-//! with protox (pure Rust, so no system `protoc` is needed) and tonic-prost-build.
+//! Build script: compiles every `.proto` file under proto/ (containerd's API services and types,
+//! and the CRI ImageService.PullImage slice) into Rust gRPC clients and servers with protox (pure
+//! Rust, so no system `protoc` is needed) and tonic-prost-build. Adding a proto file needs no
+//! change here.
+
+use std::path::{Path, PathBuf};
+
+fn collect_protos(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_protos(&path, found)?;
+        } else if path.extension().is_some_and(|ext| ext == "proto") {
+            found.push(path);
+        }
+    }
+    Ok(())
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "proto/containerd/types/mount.proto",
-        "proto/containerd/services/snapshots/v1/snapshots.proto",
-        "proto/k8s/cri/runtime/v1/image_service.proto",
-    ];
+    println!("cargo:rerun-if-changed=proto");
+    let mut protos = Vec::new();
+    collect_protos(Path::new("proto"), &mut protos)?;
+    protos.sort();
     for proto in &protos {
-        println!("cargo:rerun-if-changed={proto}");
+        println!("cargo:rerun-if-changed={}", proto.display());
     }
-    let descriptors = protox::compile(protos, ["proto"])?;
+    let descriptors = protox::compile(&protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

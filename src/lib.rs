@@ -8,6 +8,7 @@
 pub mod blob;
 pub mod cache;
 pub mod config;
+pub mod containerd;
 pub mod estargz;
 pub mod fetch;
 pub mod image;
