@@ -1,5 +1,6 @@
-//! Generated gRPC types for containerd's `snapshots.v1` service and `types.Mount` (from proto/,
-//! compiled by build.rs). Modules nest like the protobuf packages so generated paths resolve.
+//! Generated gRPC types for containerd's `snapshots.v1` service and `types.Mount`, plus the CRI
+//! `ImageService.PullImage` client (from proto/, compiled by build.rs). Modules nest like the
+//! protobuf packages so generated paths resolve.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -18,6 +19,14 @@ pub mod containerd {
                 tonic::include_proto!("containerd.services.snapshots.v1");
             }
         }
+    }
+}
+
+/// `runtime.*`: the Kubernetes CRI.
+pub mod runtime {
+    /// `runtime.v1`: the ImageService.PullImage slice (a CRI client for tests and tools).
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
     }
 }
 
