@@ -39,6 +39,9 @@ use crate::metrics::{self, CacheTier};
 /// Binary form of a `sha256:<hex>` chunk digest.
 type Key = [u8; 32];
 
+/// Delivers a fill's result to one waiter.
+type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
+
 /// How often (seconds) a disk hit refreshes the chunk file's mtime, which orders the LRU after a
 /// restart.
 const TOUCH_INTERVAL_SECS: u64 = 60;
@@ -169,7 +172,7 @@ pub struct ChunkCache {
     tmp_dir: PathBuf,
     disk: Mutex<DiskIndex>,
     memory: Mutex<MemoryTier>,
-    pending: Mutex<HashMap<Key, Vec<oneshot::Sender<Result<Bytes, FillError>>>>>,
+    pending: Mutex<HashMap<Key, Vec<FillSender>>>,
     counters: Counters,
     temp_seq: AtomicU64,
     opened: Instant,
@@ -244,7 +247,8 @@ impl ChunkCache {
 
         let tmp_dir = dir.join("tmp");
         if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(io_err("remove leftover temp files in", &tmp_dir))?;
+            fs::remove_dir_all(&tmp_dir)
+                .map_err(io_err("remove leftover temp files in", &tmp_dir))?;
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err("create directory", &tmp_dir))?;
         let chunks_dir = dir.join("chunks").join("sha256");
@@ -643,7 +647,9 @@ impl ChunkCache {
         }
         let _ = fs::remove_file(&path);
         drop(disk);
-        self.counters.corrupt_removed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .corrupt_removed
+            .fetch_add(1, Ordering::Relaxed);
         tracing::error!(path = %path.display(), reason = why, "removed a corrupt cached chunk; it will be refetched");
     }
 
@@ -719,8 +725,8 @@ impl ChunkCache {
             return;
         };
         let frsize = vfs.fragment_size();
-        let capacity = (vfs.blocks() as u64).saturating_mul(frsize);
-        let available = (vfs.blocks_available() as u64).saturating_mul(frsize);
+        let capacity = vfs.blocks().saturating_mul(frsize);
+        let available = vfs.blocks_available().saturating_mul(frsize);
         if capacity == 0 {
             return;
         }
@@ -881,7 +887,13 @@ mod tests {
     fn rejects_bad_digests() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
-        for bad in ["", "sha256:", "sha256:zz", "md5:00", "sha256:../../etc/passwd"] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha256:zz",
+            "md5:00",
+            "sha256:../../etc/passwd",
+        ] {
             assert!(matches!(
                 cache.insert(bad, Bytes::from_static(b"x")),
                 Err(CacheError::InvalidDigest { .. })

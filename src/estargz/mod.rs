@@ -12,7 +12,7 @@ mod reader;
 mod tarfmt;
 mod timefmt;
 pub mod toc;
-// mod writer;
+mod writer;
 
 use std::io::Read;
 use std::ops::Range;
@@ -21,11 +21,11 @@ use sha2::{Digest, Sha256};
 
 pub use decompress::decompressed_reader;
 pub use reader::{
-    open_layer, parse_toc_json, verify_layer, Entry, EntryKind, Landmark, LayerToc, VerifyReport,
-    MAX_TOC_SIZE,
+    layer_from_toc_json, open_layer, parse_toc_json, verify_layer, Entry, EntryKind, Landmark,
+    LayerToc, VerifyReport, MAX_CHUNK_LEN, MAX_TOC_SIZE,
 };
 pub use toc::{Toc, TocEntry};
-// pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};
+pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};
 
 /// Layer annotation carrying the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
