@@ -14,7 +14,10 @@ use lazysnap::testbed::images::{
 use lazysnap::testbed::RegistryServer;
 
 fn lazysnap(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+    // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
+    let bin =
+        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
+    let output = Command::new(bin)
         .args(args)
         .env("LAZYSNAP_LOG", "warn")
         .output()
