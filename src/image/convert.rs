@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::layout::OciLayout;
 use super::location::ImageLocation;
@@ -519,7 +519,7 @@ impl Job<'_> {
         let (mut report, bytes) = image;
         let descriptor = self.sink.put_root(report.manifest.clone(), bytes).await?;
         report.manifest.digest.clone_from(&descriptor.digest);
-        info!(digest = %descriptor.digest, target = %self.sink.name(), "image written");
+        debug!(digest = %descriptor.digest, target = %self.sink.name(), "image written");
         Ok(ConvertReport {
             target: self.sink.name(),
             descriptor,
@@ -560,7 +560,7 @@ impl Job<'_> {
         let bytes = Bytes::from(to_json("index", &out)?);
         let descriptor = Descriptor::new(OCI_INDEX, &sha256_digest(&bytes), bytes.len() as u64);
         let descriptor = self.sink.put_root(descriptor, bytes).await?;
-        info!(digest = %descriptor.digest, target = %self.sink.name(), "index written");
+        debug!(digest = %descriptor.digest, target = %self.sink.name(), "index written");
         Ok(ConvertReport {
             target: self.sink.name(),
             descriptor,
