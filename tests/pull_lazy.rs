@@ -184,3 +184,90 @@ fn pull_cli_lazy_layers_are_not_fetched_and_run() {
     let _ = runtime.block_on(server);
     unmount_under(dir.path());
 }
+
+/// containerd's CRI plugin pulls the eStargz image through lazysnap: its Prepare labels (CRI's
+/// own) let the snapshot service mount both layers remotely, so CRI fetches no layer blob.
+#[test]
+fn cri_pull_image_mounts_layers_lazily() {
+    require_root_and_containerd();
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "cri"));
+
+    let dir = tempfile::Builder::new()
+        .prefix("ls-cri-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = dir.path().join("lazysnap.sock");
+    let hook = Arc::new(FixtureRemoteLayers {
+        variant: "esgz",
+        requests: Mutex::new(Vec::new()),
+    });
+    let service = Service::open(ServiceOptions::new(dir.path().join("root")), hook.clone())
+        .expect("open snapshot service");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let _guard = runtime.enter();
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind snapshotter socket");
+        runtime.spawn(snapshotter::serve(listener, service.clone(), async {
+            let _ = stopped.await;
+        }))
+    };
+    let containerd = TestContainerd::start_with(lazysnap::testbed::ContainerdOptions {
+        snapshotter_socket: Some(socket.clone()),
+        enable_cri: true,
+        ..Default::default()
+    });
+
+    let image_ref = runtime.block_on(async {
+        use lazysnap::containerd::proto::runtime::v1::{
+            image_service_client::ImageServiceClient, ImageSpec, PullImageRequest,
+        };
+        let client = lazysnap::containerd::Containerd::connect(&containerd.socket(), "k8s.io")
+            .await
+            .expect("connect");
+        let mut cri = ImageServiceClient::new(client.channel());
+        cri.pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.clone(),
+                annotations: Default::default(),
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CRI PullImage: {e}\ncontainerd log:\n{}", containerd.log()))
+        .into_inner()
+        .image_ref
+    });
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+
+    assert_eq!(
+        service.stats().remote_mounted,
+        2,
+        "requests: {:#?}",
+        hook.requests.lock().unwrap()
+    );
+    let requests = hook.requests.lock().unwrap().clone();
+    for request in &requests {
+        assert_eq!(request.locator.image_ref, image);
+        assert!(request.locator.toc_digest.is_some());
+    }
+    for layer in [
+        "sha256:d7ffa78de5dc9f584ede75dd4055684882f6e559f9e9ccea9e3289e5d97bd03f",
+        "sha256:beb145bfbc1d2335bbaa76f52247d4053a246f6ea94ab3557c1318f73e9a2126",
+    ] {
+        assert_eq!(
+            registry.blob_bytes_served(layer),
+            0,
+            "CRI must not fetch lazy layer {layer}"
+        );
+    }
+    // The image is usable by ctr in CRI's namespace.
+    let out = containerd.run("k8s.io", "lazysnap", &image, &["cat", "/data/one-byte.txt"]);
+    assert_eq!(out, "x");
+
+    drop(containerd);
+    let _ = stop.send(());
+    let _ = runtime.block_on(server);
+    unmount_under(dir.path());
+}
