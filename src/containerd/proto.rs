@@ -1,6 +1,6 @@
 //! Generated gRPC clients for the containerd services `lazysnap pull` calls (content, images,
-//! leases, diff, snapshots) and their shared types, compiled from proto/ by build.rs. Modules nest
-//! like the protobuf packages so the generated cross-package paths resolve.
+//! leases, diff, snapshots), their shared types, and CRI's PullImage, compiled from proto/ by
+//! build.rs. Modules nest like the protobuf packages so generated cross-package paths resolve.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -47,6 +47,14 @@ pub mod containerd {
                 tonic::include_proto!("containerd.services.snapshots.v1");
             }
         }
+    }
+}
+
+/// `runtime.*`: the Kubernetes CRI packages.
+pub mod runtime {
+    /// `runtime.v1`: the CRI image service (PullImage only).
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
     }
 }
 
