@@ -133,11 +133,18 @@ fn app_layer(target_bytes: u64) -> Result<(Vec<u8>, usize, u64), BenchError> {
         let size = 64 * 1024 + (seed % 4) as usize * 64 * 1024;
         let remaining = (target_bytes - tar.bytes) as usize;
         let data = pseudo_random_bytes(size.min(remaining), seed);
-        tar.file(&format!("app/share/assets/asset-{seed:05}.dat"), 0o644, &data)?;
+        tar.file(
+            &format!("app/share/assets/asset-{seed:05}.dat"),
+            0o644,
+            &data,
+        )?;
         seed += 1;
     }
     let (files, bytes) = (tar.files, tar.bytes);
-    let data = tar.builder.into_inner().map_err(tar_error("end of archive"))?;
+    let data = tar
+        .builder
+        .into_inner()
+        .map_err(tar_error("end of archive"))?;
     Ok((data, files, bytes))
 }
 
@@ -195,11 +202,7 @@ pub fn write_estargz_image(
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(image::OCI_MANIFEST.into()),
-        config: Descriptor::new(
-            image::OCI_CONFIG,
-            &config_digest,
-            config_bytes.len() as u64,
-        ),
+        config: Descriptor::new(image::OCI_CONFIG, &config_digest, config_bytes.len() as u64),
         layers,
         annotations: BTreeMap::new(),
         extra: serde_json::Map::new(),
@@ -230,10 +233,11 @@ pub fn registry_layers(
         what: format!("reading manifest {repository}:{reference} from {registry_url}"),
         detail: e.to_string(),
     };
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| BenchError::Step {
-        what: format!("reading manifest {repository}:{reference} from {registry_url}"),
-        detail: e.to_string(),
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| BenchError::Step {
+            what: format!("reading manifest {repository}:{reference} from {registry_url}"),
+            detail: e.to_string(),
+        })?;
     if value.get("manifests").is_some() {
         let index: image::Index = image::parse_json("index", &bytes).map_err(parse_error)?;
         let chosen = image::select_platform(&index, &Platform::host())
@@ -270,7 +274,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
-        for startup in ["app/etc/config.txt", "app/bin/start.sh", "app/lib/libsample7.so"] {
+        for startup in [
+            "app/etc/config.txt",
+            "app/bin/start.sh",
+            "app/lib/libsample7.so",
+        ] {
             assert!(names.iter().any(|n| n == startup), "{startup} in {names:?}");
         }
         assert_eq!(

@@ -93,7 +93,7 @@ fn parse_rate(text: &str) -> Option<u64> {
         return None;
     }
     let bits = value * multiplier;
-    (bits >= 8.0 && bits < 1e15).then_some(bits as u64)
+    (8.0..1e15).contains(&bits).then_some(bits as u64)
 }
 
 fn parse_duration(text: &str) -> Option<Duration> {
@@ -105,7 +105,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
         return None;
     };
     let value: f64 = number.trim().parse().ok()?;
-    if !value.is_finite() || value < 0.0 || value > 1e6 {
+    if !value.is_finite() || !(0.0..=1e6).contains(&value) {
         return None;
     }
     Some(Duration::from_secs_f64(value * scale))
@@ -142,7 +142,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_links_with_the_expected_form() {
-        for bad in ["", "fast", "20mb:50ms", "20mbit:50", "-3mbit", "0mbit", "10mbit:60s"] {
+        for bad in [
+            "",
+            "fast",
+            "20mb:50ms",
+            "20mbit:50",
+            "-3mbit",
+            "0mbit",
+            "10mbit:60s",
+        ] {
             let err = LinkSpec::parse(bad).unwrap_err().to_string();
             assert!(err.contains("20mbit:50ms"), "{bad}: {err}");
         }

@@ -30,8 +30,8 @@ use crate::testbed::{
 pub use image::{READY_MARKER, STARTUP_FILES, WORKLOAD};
 pub use link::LinkSpec;
 pub use report::{
-    compute_speedups, median, render_svg, render_table, BenchReport, ImageReport, Mode,
-    ModeResult, RunResult, Summary,
+    compute_speedups, median, render_svg, render_table, BenchReport, ImageReport, Mode, ModeResult,
+    RunResult, Summary,
 };
 
 use procs::{run_timed, tail, ServeProcess};
@@ -292,10 +292,8 @@ pub fn run_bench(
     for link in &options.links {
         let emulator = LinkEmulator::start(upstream, link.profile())?;
         let host = format!("127.0.0.1:{}", emulator.addr().port());
-        let mut per_mode: Vec<(Mode, Vec<RunResult>)> = vec![
-            (Mode::Overlayfs, Vec::new()),
-            (Mode::Lazysnap, Vec::new()),
-        ];
+        let mut per_mode: Vec<(Mode, Vec<RunResult>)> =
+            vec![(Mode::Overlayfs, Vec::new()), (Mode::Lazysnap, Vec::new())];
         for run_index in 0..options.runs {
             for (mode, runs) in per_mode.iter_mut() {
                 check_interrupted()?;
@@ -387,43 +385,42 @@ fn convert_sample(
         command.arg("--prefetch-list").arg(list);
     }
     command.arg(&source).arg(&target);
-    let by_binary = run_timed(
-        command,
-        "lazysnap convert",
-        options.step_timeout,
-        None,
-    )
-    .and_then(|finished| finished.success("lazysnap convert"))
-    .and_then(|_| {
-        let layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
-        if layers
-            .iter()
-            .all(|layer| layer.annotations.contains_key(TOC_ANNOTATION))
-        {
-            Ok(())
-        } else {
-            Err(BenchError::Step {
-                what: "lazysnap convert".into(),
-                detail: format!("the converted layers lack the {TOC_ANNOTATION} annotation"),
-            })
-        }
-    });
+    let by_binary = run_timed(command, "lazysnap convert", options.step_timeout, None)
+        .and_then(|finished| finished.success("lazysnap convert"))
+        .and_then(|_| {
+            let layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
+            if layers
+                .iter()
+                .all(|layer| layer.annotations.contains_key(TOC_ANNOTATION))
+            {
+                Ok(())
+            } else {
+                Err(BenchError::Step {
+                    what: "lazysnap convert".into(),
+                    detail: format!("the converted layers lack the {TOC_ANNOTATION} annotation"),
+                })
+            }
+        });
     check_interrupted()?;
     match by_binary {
         Ok(()) => Ok("lazysnap convert".into()),
         Err(err) => {
-            let first_line = err.to_string().lines().take(3).collect::<Vec<_>>().join(" ");
+            let first_line = err
+                .to_string()
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
             notes.push(format!(
                 "`lazysnap convert` could not convert the sample image ({first_line}); the bench \
                  used the in-process eStargz writer (same format and options) instead"
             ));
             progress("`lazysnap convert` failed; converting with the in-process eStargz writer");
-            let layout = OciLayout::create(&work.join("estargz-layout")).map_err(|e| {
-                BenchError::Step {
+            let layout =
+                OciLayout::create(&work.join("estargz-layout")).map_err(|e| BenchError::Step {
                     what: "creating the eStargz layout".into(),
                     detail: e.to_string(),
-                }
-            })?;
+                })?;
             image::write_estargz_image(&layout, sample, prefetch_list, workload, "estargz")?;
             push_layout_image(
                 &layout,
@@ -486,7 +483,14 @@ fn measure_once(
     let pull = match mode {
         Mode::Overlayfs => {
             let mut command = containerd.ctr();
-            command.args(["-n", NAMESPACE, "images", "pull", "--plain-http", &reference]);
+            command.args([
+                "-n",
+                NAMESPACE,
+                "images",
+                "pull",
+                "--plain-http",
+                &reference,
+            ]);
             command
         }
         Mode::Lazysnap => {
@@ -534,14 +538,9 @@ fn measure_once(
     ])
     .args(WORKLOAD);
     let run_what = format!("ctr run {reference} ({})", mode.name());
-    let ran = run_timed(
-        run,
-        &run_what,
-        options.step_timeout,
-        Some(READY_MARKER),
-    )
-    .and_then(|finished| finished.success(&run_what))
-    .map_err(with_logs)?;
+    let ran = run_timed(run, &run_what, options.step_timeout, Some(READY_MARKER))
+        .and_then(|finished| finished.success(&run_what))
+        .map_err(with_logs)?;
     let after = registry_get_bytes(&registry.log());
     let ready_after = ran.ready_after.ok_or_else(|| {
         with_logs(BenchError::Step {
@@ -655,9 +654,17 @@ mod tests {
     fn options_are_validated() {
         let mut options = BenchOptions::new("/bin/true".into());
         options.runs = 0;
-        assert!(options.validate().unwrap_err().to_string().contains("--runs"));
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--runs"));
         options.runs = 1;
         options.links.clear();
-        assert!(options.validate().unwrap_err().to_string().contains("--link"));
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--link"));
     }
 }

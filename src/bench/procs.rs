@@ -295,6 +295,9 @@ mod tests {
             .success("failing step")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("failing step") && err.contains("oops"), "{err}");
+        assert!(
+            err.contains("failing step") && err.contains("oops"),
+            "{err}"
+        );
     }
 }

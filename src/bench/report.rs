@@ -151,6 +151,17 @@ fn megabytes(bytes: u64) -> f64 {
     bytes as f64 / 1_000_000.0
 }
 
+/// `lazy/total` layers of the runs of a lazysnap result (`-` for overlayfs; the fewest lazy
+/// layers of any run, so a run that fell back shows).
+fn lazy_layers(result: &ModeResult) -> String {
+    let lazy = result.runs.iter().filter_map(|r| r.lazy_layers).min();
+    let layers = result.runs.iter().map(|r| r.layers).max().unwrap_or(0);
+    match lazy {
+        Some(lazy) => format!("{lazy}/{layers}"),
+        None => "-".to_string(),
+    }
+}
+
 /// The table printed to stdout: one row per link and mode, medians.
 pub fn render_table(report: &BenchReport) -> String {
     let headers = [
@@ -160,9 +171,10 @@ pub fn render_table(report: &BenchReport) -> String {
         "create+run s",
         "total s",
         "MB fetched",
+        "lazy layers",
         "speedup",
     ];
-    let rows: Vec<[String; 7]> = report
+    let rows: Vec<[String; 8]> = report
         .results
         .iter()
         .map(|r| {
@@ -173,6 +185,7 @@ pub fn render_table(report: &BenchReport) -> String {
                 format!("{:.2}", r.median.run_secs),
                 format!("{:.2}", r.median.total_secs),
                 format!("{:.1}", megabytes(r.median.fetched_bytes)),
+                lazy_layers(r),
                 match (r.mode, r.speedup) {
                     (Mode::Overlayfs, _) => "1.00x".to_string(),
                     (_, Some(s)) => format!("{s:.2}x"),
@@ -252,9 +265,10 @@ pub fn render_svg(report: &BenchReport) -> String {
     svg.push_str(&format!(
         "<rect width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"white\"/>\n\
          <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">\
-         Container startup: pull + create/run to ready (median of {} runs)</text>\n",
+         Container startup: pull + create/run to ready (median of {} run{})</text>\n",
         WIDTH / 2.0,
-        report.runs_per_mode
+        report.runs_per_mode,
+        if report.runs_per_mode == 1 { "" } else { "s" }
     ));
     // Axis and grid.
     for step in 0..=4 {
@@ -278,15 +292,11 @@ pub fn render_svg(report: &BenchReport) -> String {
     let bar_w = (group_w / 4.0).min(90.0);
     for (group, link) in links.iter().enumerate() {
         let center = LEFT + group_w * (group as f64 + 0.5);
-        let modes: Vec<&ModeResult> = report
-            .results
-            .iter()
-            .filter(|r| r.link == *link)
-            .collect();
+        let modes: Vec<&ModeResult> = report.results.iter().filter(|r| r.link == *link).collect();
         let count = modes.len().max(1) as f64;
         for (i, result) in modes.iter().enumerate() {
-            let x = center - bar_w * count / 2.0 - 4.0 * (count - 1.0) / 2.0
-                + i as f64 * (bar_w + 4.0);
+            let x =
+                center - bar_w * count / 2.0 - 4.0 * (count - 1.0) / 2.0 + i as f64 * (bar_w + 4.0);
             let (dark, light) = match result.mode {
                 Mode::Overlayfs => ("#7f8c8d", "#bdc3c7"),
                 Mode::Lazysnap => ("#1f6fb2", "#8cc0ea"),
@@ -297,7 +307,7 @@ pub fn render_svg(report: &BenchReport) -> String {
             svg.push_str(&format!(
                 "<rect x=\"{x:.1}\" y=\"{pull_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{dark}\"><title>{} pull {:.2} s</title></rect>\n\
                  <rect x=\"{x:.1}\" y=\"{total_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\"><title>{} create+run {:.2} s</title></rect>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s</text>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s{}</text>\n\
                  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n",
                 (base - pull_top).max(0.0),
                 result.mode.name(),
@@ -308,6 +318,10 @@ pub fn render_svg(report: &BenchReport) -> String {
                 x + bar_w / 2.0,
                 total_top - 5.0,
                 result.median.total_secs,
+                match (result.mode, result.speedup) {
+                    (Mode::Lazysnap, Some(speedup)) => format!(" ({speedup:.1}x)"),
+                    _ => String::new(),
+                },
                 x + bar_w / 2.0,
                 base + 14.0,
                 result.mode.name(),
@@ -360,11 +374,8 @@ fn nice_ceiling(value: f64) -> f64 {
 }
 
 fn format_seconds(secs: f64) -> String {
-    if secs >= 10.0 || secs == 0.0 {
-        format!("{secs:.0}")
-    } else {
-        format!("{secs:.1}")
-    }
+    let text = format!("{secs:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 #[cfg(test)]
@@ -395,7 +406,10 @@ mod tests {
             ModeResult {
                 link: "20mbit:50ms".into(),
                 mode: Mode::Lazysnap,
-                runs: vec![run(0.5, 1.5, 2_000_000)],
+                runs: vec![RunResult {
+                    lazy_layers: Some(2),
+                    ..run(0.5, 1.5, 2_000_000)
+                }],
                 median: Summary::of(&[run(0.5, 1.5, 2_000_000)]),
                 speedup: None,
             },
@@ -445,7 +459,11 @@ mod tests {
             lines[3].contains("lazysnap") && lines[3].contains("6.00x"),
             "{table}"
         );
-        assert!(lines[3].contains("2.0"), "{table}");
+        assert!(
+            lines[3].contains("2.0") && lines[3].contains("2/2"),
+            "{table}"
+        );
+        assert!(lines[2].contains(" - "), "{table}");
     }
 
     #[test]
@@ -453,7 +471,7 @@ mod tests {
         let svg = render_svg(&sample_report());
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect").count(), 1 + 4 + 4);
-        assert!(svg.contains("12.00 s") && svg.contains("2.00 s"));
+        assert!(svg.contains("12.00 s") && svg.contains("2.00 s (6.0x)"));
         assert!(svg.contains("20mbit:50ms"));
         let json = serde_json::to_string(&sample_report()).unwrap();
         let back: BenchReport = serde_json::from_str(&json).unwrap();
@@ -466,5 +484,8 @@ mod tests {
         assert_eq!(nice_ceiling(1.7), 2.0);
         assert_eq!(nice_ceiling(23.0), 25.0);
         assert_eq!(nice_ceiling(0.4), 0.5);
+        assert_eq!(format_seconds(1.25), "1.25");
+        assert_eq!(format_seconds(5.0), "5");
+        assert_eq!(format_seconds(0.0), "0");
     }
 }
