@@ -453,6 +453,13 @@ fn measure_once(
     mode: Mode,
     run_index: usize,
 ) -> Result<RunResult, BenchError> {
+    let _span = tracing::info_span!(
+        "bench_run",
+        link = %link,
+        mode = mode.name(),
+        run = run_index
+    )
+    .entered();
     let dir = work.join(format!("{}-{}-{}", link.slug(), mode.name(), run_index));
     let mut serve = ServeProcess::start(
         &options.lazysnap_bin,
