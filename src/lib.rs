@@ -5,6 +5,7 @@
 //! shared by every image on the node. See `../shared/DESIGN.md` for the data flow; each module's
 //! header says what it owns.
 
+pub mod bench;
 pub mod blob;
 pub mod cache;
 pub mod config;
