@@ -244,7 +244,8 @@ impl ChunkCache {
 
         let tmp_dir = dir.join("tmp");
         if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(io_err("remove leftover temp files in", &tmp_dir))?;
+            fs::remove_dir_all(&tmp_dir)
+                .map_err(io_err("remove leftover temp files in", &tmp_dir))?;
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err("create directory", &tmp_dir))?;
         let chunks_dir = dir.join("chunks").join("sha256");
@@ -643,7 +644,9 @@ impl ChunkCache {
         }
         let _ = fs::remove_file(&path);
         drop(disk);
-        self.counters.corrupt_removed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .corrupt_removed
+            .fetch_add(1, Ordering::Relaxed);
         tracing::error!(path = %path.display(), reason = why, "removed a corrupt cached chunk; it will be refetched");
     }
 
@@ -881,7 +884,13 @@ mod tests {
     fn rejects_bad_digests() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
-        for bad in ["", "sha256:", "sha256:zz", "md5:00", "sha256:../../etc/passwd"] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha256:zz",
+            "md5:00",
+            "sha256:../../etc/passwd",
+        ] {
             assert!(matches!(
                 cache.insert(bad, Bytes::from_static(b"x")),
                 Err(CacheError::InvalidDigest { .. })

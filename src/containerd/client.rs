@@ -210,7 +210,10 @@ impl Containerd {
         if new_labels.is_empty() {
             return Ok(());
         }
-        let paths = new_labels.keys().map(|key| format!("labels.{key}")).collect();
+        let paths = new_labels
+            .keys()
+            .map(|key| format!("labels.{key}"))
+            .collect();
         ContentClient::new(self.channel.clone())
             .update(self.request(UpdateRequest {
                 info: Some(super::proto::content::Info {
@@ -386,7 +389,11 @@ impl Containerd {
                 snapshotter: snapshotter.to_string(),
                 key: key.to_string(),
             }))
-            .instrument(tracing::debug_span!("containerd.snapshots.stat", snapshotter, key))
+            .instrument(tracing::debug_span!(
+                "containerd.snapshots.stat",
+                snapshotter,
+                key
+            ))
             .await;
         match result {
             Ok(_) => Ok(true),
@@ -455,13 +462,21 @@ impl Containerd {
     }
 
     /// Removes snapshot `key` (ignores NotFound).
-    pub async fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<(), ContainerdError> {
+    pub async fn remove_snapshot(
+        &self,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<(), ContainerdError> {
         let result = SnapshotsClient::new(self.channel.clone())
             .remove(self.request(RemoveSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 key: key.to_string(),
             }))
-            .instrument(tracing::debug_span!("containerd.snapshots.remove", snapshotter, key))
+            .instrument(tracing::debug_span!(
+                "containerd.snapshots.remove",
+                snapshotter,
+                key
+            ))
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -600,10 +615,7 @@ fn flatten(err: Result<Status, ContainerdError>, digest: &str) -> ContainerdErro
 }
 
 /// Maps a gRPC status into an error naming the call and what it was about.
-pub(crate) fn rpc_error(
-    call: &'static str,
-    what: &str,
-) -> impl FnOnce(Status) -> ContainerdError {
+pub(crate) fn rpc_error(call: &'static str, what: &str) -> impl FnOnce(Status) -> ContainerdError {
     let what = what.to_string();
     move |status| ContainerdError::Rpc {
         call,

@@ -98,14 +98,15 @@ mod tests {
 
     #[test]
     fn image_layers_start_at_the_layer_and_stay_within_one_label() {
-        let digests: Vec<String> = (0..200)
-            .map(|i| format!("sha256:{i:064x}"))
-            .collect();
+        let digests: Vec<String> = (0..200).map(|i| format!("sha256:{i:064x}")).collect();
         let value = image_layers_value(&digests, 1);
         assert!(value.starts_with(&digests[1]));
         assert!(fits(CRI_IMAGE_LAYERS, &value));
         let parts: Vec<&str> = value.split(',').collect();
-        assert_eq!(parts[..3], [&digests[1], &digests[2], &digests[3]].map(String::as_str));
+        assert_eq!(
+            parts[..3],
+            [&digests[1], &digests[2], &digests[3]].map(String::as_str)
+        );
         assert!(parts.len() < 199, "the list is cut to fit a label");
         assert_eq!(image_layers_value(&digests[..2], 1), digests[1]);
         assert_eq!(image_layers_value(&digests[..2], 2), "");

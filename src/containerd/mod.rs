@@ -6,6 +6,8 @@
 pub mod client;
 pub mod labels;
 pub mod proto;
+pub mod pull;
+pub mod registry_source;
 
 pub use client::{Containerd, Prepared, WriteOutcome};
 

@@ -12,7 +12,7 @@ mod reader;
 mod tarfmt;
 mod timefmt;
 pub mod toc;
-// mod writer;
+mod writer;
 
 use std::io::Read;
 use std::ops::Range;
@@ -25,7 +25,7 @@ pub use reader::{
     MAX_TOC_SIZE,
 };
 pub use toc::{Toc, TocEntry};
-// pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};
+pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};
 
 /// Layer annotation carrying the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";

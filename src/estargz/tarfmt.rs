@@ -124,11 +124,6 @@ impl<R: Read> TarStream<R> {
         }
     }
 
-    /// Bytes consumed so far.
-    pub fn position(&self) -> u64 {
-        self.pos
-    }
-
     fn err(&self, name: &str, reason: String) -> FormatError {
         FormatError::BadTar {
             name: name.to_string(),
@@ -334,11 +329,6 @@ impl<R: Read> TarStream<R> {
                 offset,
             }));
         }
-    }
-
-    /// Data bytes of the current member not read yet.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
     }
 
     /// Fills `buf` with the next data bytes of the current member (`buf.len() <= remaining`).

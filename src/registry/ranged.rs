@@ -326,10 +326,12 @@ impl RemoteBlob {
                 match parsed {
                     Some((s, e, total))
                         if (s, e) == expected && total.is_none_or(|t| t == self.inner.size) => {}
-                    _ => return Err(Failure::transient(RegistryError::Corrupt(format!(
+                    _ => {
+                        return Err(Failure::transient(RegistryError::Corrupt(format!(
                         "{what}: answered Content-Range {content_range:?}, expected bytes {}-{}/{}",
                         expected.0, expected.1, self.inner.size
-                    )))),
+                    ))))
+                    }
                 }
                 read_body_exact(response, len, &what).await
             }

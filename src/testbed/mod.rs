@@ -2,10 +2,12 @@
 //! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
 //! Everything started here is torn down when its handle drops; nothing else is touched.
 
+mod containerd;
 pub mod images;
 mod link;
 mod registry;
 
+pub use containerd::{ContainerdOptions, ContainerdServer};
 pub use link::{LinkEmulator, LinkProfile};
 pub use registry::{RegistryOptions, RegistryServer};
 
