@@ -69,7 +69,7 @@ impl LayerError {
 }
 
 /// Where a remote layer lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RemoteLayerSpec {
     /// The image (its repository locates the blob).
     pub image: Reference,
