@@ -39,6 +39,9 @@ use crate::metrics::{self, CacheTier};
 /// Binary form of a `sha256:<hex>` chunk digest.
 type Key = [u8; 32];
 
+/// Delivers a fill's result to one waiter.
+type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
+
 /// How often (seconds) a disk hit refreshes the chunk file's mtime, which orders the LRU after a
 /// restart.
 const TOUCH_INTERVAL_SECS: u64 = 60;
@@ -169,7 +172,7 @@ pub struct ChunkCache {
     tmp_dir: PathBuf,
     disk: Mutex<DiskIndex>,
     memory: Mutex<MemoryTier>,
-    pending: Mutex<HashMap<Key, Vec<oneshot::Sender<Result<Bytes, FillError>>>>>,
+    pending: Mutex<HashMap<Key, Vec<FillSender>>>,
     counters: Counters,
     temp_seq: AtomicU64,
     opened: Instant,
@@ -722,8 +725,8 @@ impl ChunkCache {
             return;
         };
         let frsize = vfs.fragment_size();
-        let capacity = (vfs.blocks() as u64).saturating_mul(frsize);
-        let available = (vfs.blocks_available() as u64).saturating_mul(frsize);
+        let capacity = vfs.blocks().saturating_mul(frsize);
+        let available = vfs.blocks_available().saturating_mul(frsize);
         if capacity == 0 {
             return;
         }

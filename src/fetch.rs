@@ -506,15 +506,14 @@ fn concat(parts: Vec<Bytes>) -> Bytes {
     out.freeze()
 }
 
+/// A coalesced request: its range and the chunks (with their ranges) it carries.
+type Run<T> = (Range<u64>, Vec<(Range<u64>, T)>);
+
 /// Groups chunks (sorted by compressed start) into runs fetched by one request each: a chunk
 /// joins the run if it overlaps it or starts at most `max_gap` bytes after it, and the run stays
 /// within `max_bytes` (an overlapping chunk always joins).
-fn build_runs<T>(
-    items: Vec<(Range<u64>, T)>,
-    max_bytes: u64,
-    max_gap: u64,
-) -> Vec<(Range<u64>, Vec<(Range<u64>, T)>)> {
-    let mut runs: Vec<(Range<u64>, Vec<(Range<u64>, T)>)> = Vec::new();
+fn build_runs<T>(items: Vec<(Range<u64>, T)>, max_bytes: u64, max_gap: u64) -> Vec<Run<T>> {
+    let mut runs: Vec<Run<T>> = Vec::new();
     for (range, item) in items {
         if let Some((run, members)) = runs.last_mut() {
             let overlaps = range.start < run.end;

@@ -397,30 +397,49 @@ impl Filesystem for LayerFs {
             .reads_in_flight
             .fetch_add(1, Ordering::Relaxed);
         let counters = Arc::clone(&self.counters);
-        self.source.read(
-            inode.data,
-            offset,
-            len,
-            Box::new(move |result| {
-                counters.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
-                match result {
-                    Ok(bytes) => {
-                        let n = bytes.len().min(len as usize);
-                        counters.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        reply.data(&bytes[..n]);
-                    }
-                    Err(errno) => {
-                        bump(&counters.read_errors);
-                        let errno = if errno > 0 {
-                            Errno::from_i32(errno)
-                        } else {
-                            Errno::EIO
-                        };
-                        reply.error(errno);
-                    }
+        let done: crate::ReadDone = Box::new(move |result| {
+            counters.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                // The kernel takes a short read before end of file as a smaller file (and zero
+                // fills), so anything but the exact length is an I/O error, never wrong bytes.
+                Ok(bytes) if bytes.len() >= len as usize => {
+                    counters
+                        .read_bytes
+                        .fetch_add(u64::from(len), Ordering::Relaxed);
+                    reply.data(&bytes[..len as usize]);
                 }
-            }),
-        );
+                Ok(bytes) => {
+                    bump(&counters.read_errors);
+                    tracing::warn!(
+                        ino = ino.0,
+                        offset,
+                        wanted = len,
+                        got = bytes.len(),
+                        "content source returned a short read; answering EIO"
+                    );
+                    reply.error(Errno::EIO);
+                }
+                Err(errno) => {
+                    bump(&counters.read_errors);
+                    let errno = if errno > 0 {
+                        Errno::from_i32(errno)
+                    } else {
+                        Errno::EIO
+                    };
+                    reply.error(errno);
+                }
+            }
+        });
+        let source = &self.source;
+        let content = inode.data;
+        // A panicking source must not take a FUSE thread down; the dropped reply answers EIO.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            source.read(content, offset, len, done)
+        }))
+        .is_err()
+        {
+            tracing::error!(ino = ino.0, offset, "content source panicked during read");
+        }
     }
 
     fn release(

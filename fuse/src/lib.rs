@@ -48,15 +48,16 @@ pub use mount::{mount, FuseError, MountHandle, MountOptions};
 /// index (e.g. the position of the file in the layer's TOC). Hard links share one id.
 pub type ContentId = u64;
 
-/// Completion of a read: called exactly once with the bytes (possibly fewer than asked at end of
-/// file) or an errno such as `libc::EIO`. Dropping it without calling answers EIO.
+/// Completion of a read: called exactly once with the bytes or an errno such as `libc::EIO`.
+/// Dropping it without calling answers EIO.
 pub type ReadDone = Box<dyn FnOnce(Result<Bytes, i32>) + Send + 'static>;
 
 /// Where file contents come from. `read` must not block on the network: it either answers at
 /// once (cached data) or hands `done` to an asynchronous task that calls it later.
 pub trait ContentSource: Send + Sync + 'static {
-    /// Reads up to `size` bytes of `content` at `offset` and calls `done` with the result.
-    /// The filesystem never asks beyond the file's size.
+    /// Reads `size` bytes of `content` at `offset` and calls `done` with the result. The
+    /// filesystem never asks beyond the file's size (it clamps), so the answer must hold exactly
+    /// `size` bytes: a shorter one is turned into EIO (never served), a longer one is cut.
     fn read(&self, content: ContentId, offset: u64, size: u32, done: ReadDone);
 
     /// A local file holding all of `content`, if it is entirely on disk; lets the filesystem use

@@ -82,10 +82,13 @@ fn source_errors_reach_the_reader_as_eio() {
     let mut source = MemorySource::default();
     source.insert(1, b"fine".to_vec());
     source.failing.insert(2);
+    source.insert(3, vec![7u8; 5_000]);
     let mut b = IndexBuilder::new(root());
     b.add("ok", file(4, 1, 0o644)).unwrap();
     b.add("broken", file(100_000, 2, 0o644)).unwrap();
     b.add("unknown", file(10, 99, 0o644)).unwrap();
+    // The source holds fewer bytes than the index says: never zero-filled, always EIO.
+    b.add("truncated", file(10_000, 3, 0o644)).unwrap();
     let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
 
     assert_eq!(std::fs::read(mnt.path("ok")).unwrap(), b"fine");
@@ -97,6 +100,17 @@ fn source_errors_reach_the_reader_as_eio() {
     );
     let err = std::fs::read(mnt.path("unknown")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let err = std::fs::read(mnt.path("truncated")).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "short answer from the source"
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.path("truncated")).unwrap().len(),
+        10_000,
+        "size unchanged by the failed read"
+    );
     // Metadata stays available and the mount keeps working.
     assert_eq!(
         std::fs::metadata(mnt.path("broken")).unwrap().len(),
@@ -310,4 +324,108 @@ fn unmount_detaches_a_busy_mount() {
     assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"x");
     drop(handle);
     assert!(!is_mounted(&dir.path().canonicalize().unwrap()));
+}
+
+/// Parks every read of content 1 until released; content 2 answers at once.
+struct GatedSource {
+    parked: std::sync::Mutex<Vec<(u64, u32, lazysnap_fuse::ReadDone)>>,
+    slow: bytes::Bytes,
+}
+
+impl lazysnap_fuse::ContentSource for GatedSource {
+    fn read(&self, content: u64, offset: u64, size: u32, done: lazysnap_fuse::ReadDone) {
+        if content == 1 {
+            self.parked.lock().unwrap().push((offset, size, done));
+        } else {
+            done(Ok(bytes::Bytes::from_static(b"fast")));
+        }
+    }
+}
+
+#[test]
+fn a_pending_read_does_not_block_the_single_fuse_thread() {
+    let slow = bytes::Bytes::from(pattern(300_000, 3));
+    let source = Arc::new(GatedSource {
+        parked: std::sync::Mutex::new(Vec::new()),
+        slow: slow.clone(),
+    });
+    let mut b = IndexBuilder::new(root());
+    b.add("slow", file(slow.len(), 1, 0o644)).unwrap();
+    b.add("fast", file(4, 2, 0o644)).unwrap();
+    // One FUSE thread only: if a read blocked it, everything below would hang.
+    let mnt = TestMount::new(
+        b.build(),
+        source.clone(),
+        &MountOptions {
+            threads: 1,
+            ..test_options()
+        },
+    );
+
+    let slow_path = mnt.path("slow");
+    let reader = std::thread::spawn(move || std::fs::read(slow_path).unwrap());
+    let mut waited = 0;
+    while source.parked.lock().unwrap().is_empty() {
+        assert!(waited < 30_000, "the slow read never reached the source");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    // While that read is pending, the filesystem keeps answering.
+    assert_eq!(std::fs::read(mnt.path("fast")).unwrap(), b"fast");
+    assert_eq!(std::fs::read_dir(mnt.path("")).unwrap().count(), 2);
+    assert_eq!(
+        std::fs::metadata(mnt.path("slow")).unwrap().len(),
+        slow.len() as u64
+    );
+    assert!(mnt.handle.stats().reads_in_flight >= 1);
+
+    // Release parked reads (and any that arrive meanwhile) until the reader is done.
+    while !reader.is_finished() {
+        let parked: Vec<_> = source.parked.lock().unwrap().drain(..).collect();
+        for (offset, size, done) in parked {
+            let start = offset as usize;
+            let end = (start + size as usize).min(source.slow.len());
+            done(Ok(source.slow.slice(start..end)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        reader.join().unwrap() == slow[..],
+        "the late answers carry the right bytes"
+    );
+}
+
+#[test]
+fn mmap_reads_match() {
+    let data = pattern(1_000_003, 21);
+    let mut source = MemorySource::default();
+    source.insert(1, data.clone());
+    let mut b = IndexBuilder::new(root());
+    b.add("m", file(data.len(), 1, 0o644)).unwrap();
+    let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
+    let f = File::open(mnt.path("m")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: read-only private mapping of an open file, unmapped below; length is the file size.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        ptr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the mapping is data.len() bytes long and lives until munmap.
+    let mapped = unsafe { std::slice::from_raw_parts(ptr as *const u8, data.len()) };
+    let equal = mapped == &data[..];
+    // SAFETY: unmapping what was mapped above.
+    unsafe { libc::munmap(ptr, data.len()) };
+    assert!(equal, "mmap'ed bytes match");
 }

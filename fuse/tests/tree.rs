@@ -768,3 +768,50 @@ fn directory_with_100k_entries_lists_completely() {
     }
     assert!(std::fs::metadata(mnt.path("big/file-100000")).is_err());
 }
+
+#[test]
+fn passthrough_layer_stacks_under_overlayfs() {
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = local_dir.path().join("content");
+    let data = pattern(300_000, 9);
+    std::fs::write(&local, &data).unwrap();
+    let mut source = MemorySource::default();
+    source.insert(1, data.clone());
+    source.local_files.insert(1, local);
+    let mut b = IndexBuilder::new(attr(0o755, 0, 0, 0));
+    b.add(
+        "dir/file",
+        node(
+            NodeKind::File {
+                size: data.len() as u64,
+                content: 1,
+            },
+            attr(0o644, 0, 0, 0),
+        ),
+    )
+    .unwrap();
+    let mnt = TestMount::new(
+        b.build(),
+        Arc::new(source),
+        &MountOptions {
+            passthrough: true,
+            ..test_options()
+        },
+    );
+    assert!(mnt.handle.stats().passthrough_active);
+
+    let base = tempfile::tempdir().unwrap();
+    std::fs::write(base.path().join("base-file"), b"base").unwrap();
+    let merged = tempfile::tempdir().unwrap();
+    let overlay = OverlayGuard::mount(&[mnt.path(""), base.path().to_path_buf()], merged.path());
+    assert!(std::fs::read(merged.path().join("dir/file")).unwrap() == data);
+    assert_eq!(
+        std::fs::read(merged.path().join("base-file")).unwrap(),
+        b"base"
+    );
+    assert!(
+        mnt.handle.stats().passthrough_opens >= 1,
+        "reads through overlayfs used passthrough"
+    );
+    drop(overlay);
+}

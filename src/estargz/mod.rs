@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 
 pub use decompress::decompressed_reader;
 pub use reader::{
-    open_layer, parse_toc_json, verify_layer, Entry, EntryKind, Landmark, LayerToc, VerifyReport,
-    MAX_TOC_SIZE,
+    layer_from_toc_json, open_layer, parse_toc_json, verify_layer, Entry, EntryKind, Landmark,
+    LayerToc, VerifyReport, MAX_CHUNK_LEN, MAX_TOC_SIZE,
 };
 pub use toc::{Toc, TocEntry};
 pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};

@@ -20,6 +20,10 @@ use crate::blob::BlobSource;
 /// Largest TOC (uncompressed JSON, and compressed TOC bytes) a reader accepts: 512 MiB.
 pub const MAX_TOC_SIZE: u64 = 512 << 20;
 
+/// Largest decompressed chunk a reader accepts (256 MiB): bounds what one chunk read may
+/// allocate even when the compressed bytes really expand that far.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
+
 /// Which landmark a layer carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Landmark {
@@ -696,12 +700,17 @@ fn make_chunk(
             e.chunk_offset
         )));
     }
-    let rest = size.checked_sub(e.chunk_offset).unwrap_or(0);
+    let rest = size.saturating_sub(e.chunk_offset);
     let len = if e.chunk_size > 0 { e.chunk_size } else { rest };
     if len == 0 || len > rest {
         return Err(entry_err(format!(
             "chunk of {len} bytes at file offset {} does not fit in the file of {size} bytes",
             e.chunk_offset
+        )));
+    }
+    if len > MAX_CHUNK_LEN {
+        return Err(entry_err(format!(
+            "chunk of {len} bytes exceeds the {MAX_CHUNK_LEN}-byte limit"
         )));
     }
     if e.offset == 0 {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
+
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
 pub const FIXTURES: &str = "/work/shared/fixtures";
@@ -38,98 +40,40 @@ pub fn fixture_dir(variant: &str) -> PathBuf {
     dir
 }
 
-/// A containerd process with its own root, state and socket under a temp dir.
+/// containerd from the test bed (own root, state and socket in a temp dir), with `ctr` helpers.
 pub struct TestContainerd {
-    pub dir: tempfile::TempDir,
-    child: Option<Child>,
+    pub server: ContainerdServer,
 }
 
 impl TestContainerd {
     /// Starts containerd; with `proxy_socket`, registers it as snapshotter `lazysnap` (start
     /// lazysnap first: containerd backs off when the proxy is missing).
     pub fn start(proxy_socket: Option<&Path>) -> TestContainerd {
-        // A short path: unix socket paths are limited to 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("ls-ctrd-")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
-        let root = dir.path();
-        let mut config = format!(
-            "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{r}/containerd.sock\"\n\
-             [ttrpc]\n  address = \"{r}/containerd.sock.ttrpc\"\n\
-             [debug]\n  level = \"info\"\n",
-            r = root.display()
-        );
-        if let Some(socket) = proxy_socket {
-            config.push_str(&format!(
-                "[proxy_plugins.lazysnap]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-                socket.display()
-            ));
-        }
-        std::fs::write(root.join("config.toml"), config).expect("write containerd config");
-        let log = std::fs::File::create(root.join("containerd.log")).expect("containerd log");
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(root.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn containerd");
-        let mut started = TestContainerd {
-            dir,
-            child: Some(child),
-        };
-        started.wait_ready();
-        started
+        Self::start_with(ContainerdOptions {
+            snapshotter_socket: proxy_socket.map(Path::to_path_buf),
+            ..ContainerdOptions::default()
+        })
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.socket().exists() {
-                let ok = Command::new(CTR)
-                    .arg("-a")
-                    .arg(self.socket())
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false);
-                if ok {
-                    return;
-                }
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("containerd exited ({status}) at start:\n{}", self.log());
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer within 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// Starts containerd with `options`.
+    pub fn start_with(options: ContainerdOptions) -> TestContainerd {
+        let server = ContainerdServer::start(&options).unwrap_or_else(|e| panic!("{e}"));
+        TestContainerd { server }
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        self.server.address()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+        self.server.log()
     }
 
     /// Runs `ctr -a SOCK -n NS ARGS...` and returns (success, stdout, stderr).
     pub fn ctr(&self, namespace: &str, args: &[&str]) -> (bool, String, String) {
-        let output = Command::new(CTR)
-            .arg("-a")
-            .arg(self.socket())
+        let output = self
+            .server
+            .ctr()
             .arg("-n")
             .arg(namespace)
             .args(args)
@@ -163,9 +107,64 @@ impl TestContainerd {
         );
         out
     }
+}
 
-    /// Stops containerd and unmounts anything left under its directory.
-    pub fn stop(&mut self) {
+/// `lazysnap serve` (the binary) on a socket in a temp dir; killed on drop, its mounts removed.
+pub struct TestLazysnap {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestLazysnap {
+    pub fn start() -> TestLazysnap {
+        let dir = tempfile::Builder::new()
+            .prefix("ls-serve-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let log = std::fs::File::create(dir.path().join("lazysnap.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+            .arg("serve")
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(dir.path().join("lazysnap.sock"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn lazysnap serve");
+        let mut started = TestLazysnap {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(started.socket()).is_ok() {
+                return started;
+            }
+            if let Some(Ok(Some(status))) = started.child.as_mut().map(|c| c.try_wait()) {
+                panic!("lazysnap serve exited ({status}):\n{}", started.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lazysnap serve is not listening after 30 s:\n{}",
+                started.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("lazysnap.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lazysnap.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestLazysnap {
+    fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -183,12 +182,6 @@ impl TestContainerd {
             }
         }
         unmount_under(self.dir.path());
-    }
-}
-
-impl Drop for TestContainerd {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -210,11 +203,15 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// Pushes a fixture image (`manifest.json`, `config.json`, `<hex>.blob`) to `registry_url`
-/// (`http://127.0.0.1:PORT`) as `repo:tag` with plain HTTP uploads (the Distribution API).
-pub async fn push_fixture(registry_url: &str, variant: &str, repo: &str, tag: &str) {
+/// Pushes a fixture image (`manifest.json`, `config.json`, `<hex>.blob`) to the registry at
+/// `host` (`127.0.0.1:PORT`) as `host/repo:tag` with lazysnap's registry client; returns the
+/// image reference.
+pub async fn push_fixture(host: &str, variant: &str, repo: &str, tag: &str) -> String {
+    use lazysnap::registry::{Client, ClientConfig, Reference};
     let dir = fixture_dir(variant);
-    let http = reqwest::Client::new();
+    let image = format!("{host}/{repo}:{tag}");
+    let reference = Reference::parse(&image).expect("reference");
+    let client = Client::new(ClientConfig::default()).expect("registry client");
     let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest");
     let config = std::fs::read(dir.join("config.json")).expect("config");
     let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest json");
@@ -232,43 +229,18 @@ pub async fn push_fixture(registry_url: &str, variant: &str, repo: &str, tag: &s
         blobs.push((digest, bytes));
     }
     for (digest, bytes) in blobs {
-        let start = http
-            .post(format!("{registry_url}/v2/{repo}/blobs/uploads/"))
-            .send()
+        client
+            .push_blob_bytes(&reference, &digest, bytes.into())
             .await
-            .expect("start upload");
-        assert_eq!(start.status().as_u16(), 202, "upload start for {digest}");
-        let location = start
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .expect("upload location")
-            .to_string();
-        let location = if location.starts_with("http") {
-            location
-        } else {
-            format!("{registry_url}{location}")
-        };
-        let separator = if location.contains('?') { '&' } else { '?' };
-        let put = http
-            .put(format!("{location}{separator}digest={digest}"))
-            .header("content-type", "application/octet-stream")
-            .body(bytes)
-            .send()
-            .await
-            .expect("finish upload");
-        assert_eq!(put.status().as_u16(), 201, "upload of {digest}");
+            .unwrap_or_else(|e| panic!("pushing {digest}: {e}"));
     }
     let media_type = parsed["mediaType"]
         .as_str()
         .unwrap_or("application/vnd.oci.image.manifest.v1+json")
         .to_string();
-    let put = http
-        .put(format!("{registry_url}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", media_type)
-        .body(manifest)
-        .send()
+    client
+        .put_manifest(&reference, &media_type, manifest.into())
         .await
-        .expect("put manifest");
-    assert_eq!(put.status().as_u16(), 201, "manifest put");
+        .expect("pushing the manifest");
+    image
 }
