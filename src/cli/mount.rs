@@ -90,6 +90,8 @@ struct LayerState {
     digest: String,
     /// "lazy" (FUSE) or "unpacked" (not eStargz: downloaded and unpacked).
     mode: String,
+    /// The layer's directory (an overlayfs lower dir).
+    path: PathBuf,
     size: u64,
     on_demand_bytes: u64,
     prefetch_bytes: u64,
@@ -121,11 +123,11 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     if args.foreground || std::env::var_os(DAEMON_ENV).is_some() {
         return serve_mount(args, dir, state_path);
     }
-    spawn_daemon(&args, &dir, &state_path)
+    spawn_daemon(&dir, &state_path)
 }
 
 /// Starts this program again as a detached daemon and waits until it reports ready or failed.
-fn spawn_daemon(args: &MountArgs, dir: &Path, state_path: &Path) -> anyhow::Result<ExitCode> {
+fn spawn_daemon(dir: &Path, state_path: &Path) -> anyhow::Result<ExitCode> {
     let state_dir = state_path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state dir {}", state_dir.display()))?;
@@ -281,11 +283,16 @@ async fn mount_and_wait(
     }
     stack_layers(&lower_dirs, dir)?;
     state.ready = true;
-    refresh_state(state, &resolved.manifest.layers, &lazy_layers, &cache);
+    refresh_state(
+        state,
+        &resolved.manifest.layers,
+        &lower_dirs,
+        &lazy_layers,
+        &cache,
+    );
     write_state(state_path, state)?;
 
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -296,7 +303,7 @@ async fn mount_and_wait(
                     tracing::info!(dir = %dir.display(), "unmounted externally; stopping");
                     break;
                 }
-                refresh_state(state, &resolved.manifest.layers, &lazy_layers, &cache);
+                refresh_state(state, &resolved.manifest.layers, &lower_dirs, &lazy_layers, &cache);
                 let _ = write_state(state_path, state);
             }
         }
@@ -353,8 +360,14 @@ fn stack_layers(lower_dirs: &[PathBuf], dir: &Path) -> anyhow::Result<()> {
     match lower_dirs {
         [] => bail!("the image has no layers"),
         [only] => {
-            mount(Some(only.as_path()), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .with_context(|| format!("bind-mounting {} at {}", only.display(), dir.display()))?;
+            mount(
+                Some(only.as_path()),
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mounting {} at {}", only.display(), dir.display()))?;
             mount(
                 None::<&str>,
                 dir,
@@ -387,17 +400,25 @@ fn stack_layers(lower_dirs: &[PathBuf], dir: &Path) -> anyhow::Result<()> {
 fn refresh_state(
     state: &mut MountState,
     descriptors: &[image::Descriptor],
+    paths: &[PathBuf],
     layers: &[Option<layer::MountedLayer>],
     cache: &Arc<ChunkCache>,
 ) {
     state.layers = descriptors
         .iter()
+        .zip(paths)
         .zip(layers)
-        .map(|(descriptor, mounted)| {
+        .map(|((descriptor, path), mounted)| {
             let stats = mounted.as_ref().map(|m| m.stats()).unwrap_or_default();
             LayerState {
                 digest: descriptor.digest.clone(),
-                mode: if mounted.is_some() { "lazy" } else { "unpacked" }.to_string(),
+                mode: if mounted.is_some() {
+                    "lazy"
+                } else {
+                    "unpacked"
+                }
+                .to_string(),
+                path: path.clone(),
                 size: descriptor.size,
                 on_demand_bytes: stats.on_demand_bytes,
                 prefetch_bytes: stats.prefetch_bytes,
@@ -537,16 +558,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("size {text:?}: expected a number with an optional unit like 10GiB"))?;
+    let number: f64 = number.parse().map_err(|_| {
+        format!("size {text:?}: expected a number with an optional unit like 10GiB")
+    })?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     Ok((number * multiplier as f64) as u64)
 }

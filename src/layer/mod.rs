@@ -38,6 +38,8 @@ pub enum LayerError {
     },
     #[error("image: {0}")]
     Image(#[from] image::ImageError),
+    #[error("chunk cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
     #[error("layer {digest} is not in image {image}")]
     NotInImage { digest: String, image: String },
     #[error("TOC entry {entry:?} cannot be indexed: {source}")]
@@ -64,7 +66,10 @@ impl LayerError {
     /// True when the layer can never be mounted lazily (not eStargz), as opposed to a failure
     /// that may pass (registry down).
     pub fn is_not_lazy(&self) -> bool {
-        matches!(self, LayerError::Format { .. } | LayerError::NotInImage { .. })
+        matches!(
+            self,
+            LayerError::Format { .. } | LayerError::NotInImage { .. }
+        )
     }
 }
 
@@ -207,7 +212,11 @@ impl LayerManager {
     }
 
     /// Finds layer `digest` of `image` (size and annotations come from the manifest).
-    pub async fn locate(&self, image: &Reference, digest: &str) -> Result<RemoteLayerSpec, LayerError> {
+    pub async fn locate(
+        &self,
+        image: &Reference,
+        digest: &str,
+    ) -> Result<RemoteLayerSpec, LayerError> {
         let manifest = self.image_manifest(image).await?;
         let layer = manifest
             .layers
@@ -328,9 +337,10 @@ impl LayerManager {
             .await
             .map_err(to_remote_error)?;
         if let Some(toc_digest) = &locator.toc_digest {
-            spec.layer
-                .annotations
-                .insert(estargz::TOC_DIGEST_ANNOTATION.to_string(), toc_digest.clone());
+            spec.layer.annotations.insert(
+                estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                toc_digest.clone(),
+            );
         }
         if spec.toc_digest().is_none() {
             return Err(RemoteLayerError::Declined(format!(
@@ -447,5 +457,48 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl LayerManager {
+    /// A manager set up from the daemon's configuration: registry client, shared chunk cache
+    /// and fetch settings; fetch tasks run on `runtime`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        runtime: Handle,
+    ) -> Result<Self, LayerError> {
+        let client = Client::new(crate::registry::ClientConfig {
+            hosts_dir: Some(config.registry.config_path.clone()),
+            docker_config: (!config.registry.docker_config.as_os_str().is_empty())
+                .then(|| config.registry.docker_config.clone()),
+            plain_http: config.registry.plain_http,
+            request_timeout: std::time::Duration::from_secs(config.fetch.request_timeout_secs),
+            read_deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
+            ..crate::registry::ClientConfig::default()
+        })?;
+        let mut cache_options = crate::cache::CacheOptions::new(config.cache_dir());
+        cache_options.max_bytes = config.cache.max_bytes;
+        cache_options.memory_bytes = config.cache.memory_bytes;
+        cache_options.high_watermark_pct = Some(config.cache.high_watermark_pct);
+        cache_options.low_watermark_pct = Some(config.cache.low_watermark_pct);
+        let cache = ChunkCache::open(cache_options)?;
+        let fetch = FetchOptions {
+            deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
+            prefetch: config.fetch.prefetch,
+            background: config.fetch.background_fill,
+            concurrency: config.fetch.background_concurrency.max(1) as usize,
+            bandwidth: (config.fetch.background_bandwidth > 0)
+                .then_some(config.fetch.background_bandwidth),
+            ..FetchOptions::default()
+        };
+        Ok(Self::new(
+            client,
+            cache,
+            runtime,
+            LayerManagerOptions {
+                fetch,
+                ..LayerManagerOptions::default()
+            },
+        ))
     }
 }

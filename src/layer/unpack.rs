@@ -33,11 +33,7 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Unpacks the uncompressed tar `input` into `dest` (which must not exist yet). The opaque
 /// marker becomes `opaque_xattr` (`trusted.overlay.opaque` or `user.overlay.opaque`) = `y`.
-pub fn unpack_layer(
-    input: impl Read,
-    dest: &Path,
-    opaque_xattr: &str,
-) -> Result<(), UnpackError> {
+pub fn unpack_layer(input: impl Read, dest: &Path, opaque_xattr: &str) -> Result<(), UnpackError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
     let staging = tempfile::Builder::new()
@@ -51,6 +47,8 @@ pub fn unpack_layer(
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(true);
     archive.set_overwrite(true);
+    // Entries added to a directory after it was unpacked change its mtime: restore them last.
+    let mut dir_mtimes: Vec<(PathBuf, i64)> = Vec::new();
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
         let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
@@ -68,13 +66,61 @@ pub fn unpack_layer(
             set_xattr(&dir, opaque_xattr, b"y").map_err(entry_error(&name))?;
             continue;
         }
+        let header = entry.header().clone();
         if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
             let dir = root.join(relative.parent().unwrap_or(Path::new("")));
             std::fs::create_dir_all(&dir).map_err(entry_error(&name))?;
-            make_whiteout(&dir.join(hidden)).map_err(entry_error(&name))?;
+            let path = dir.join(hidden);
+            make_node(&path, nix::sys::stat::SFlag::S_IFCHR, 0, 0).map_err(entry_error(&name))?;
+            apply_metadata(&path, &header).map_err(entry_error(&name))?;
             continue;
         }
+        let node_kind = match header.entry_type() {
+            tar::EntryType::Fifo => Some(nix::sys::stat::SFlag::S_IFIFO),
+            tar::EntryType::Char => Some(nix::sys::stat::SFlag::S_IFCHR),
+            tar::EntryType::Block => Some(nix::sys::stat::SFlag::S_IFBLK),
+            _ => None,
+        };
+        if let Some(kind) = node_kind {
+            let path = root.join(&relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(entry_error(&name))?;
+            }
+            let major = header.device_major().ok().flatten().unwrap_or(0);
+            let minor = header.device_minor().ok().flatten().unwrap_or(0);
+            make_node(&path, kind, major, minor).map_err(entry_error(&name))?;
+            apply_metadata(&path, &header).map_err(entry_error(&name))?;
+            continue;
+        }
+        let is_dir = header.entry_type().is_dir();
+        let dir_xattrs = if is_dir {
+            pax_xattrs(&mut entry)
+        } else {
+            Vec::new()
+        };
         entry.unpack_in(root).map_err(entry_error(&name))?;
+        if is_dir {
+            let path = root.join(&relative);
+            for (key, value) in &dir_xattrs {
+                set_xattr(&path, key, value).map_err(entry_error(&name))?;
+            }
+            let mtime = header.mtime().map_err(entry_error(&name))?;
+            dir_mtimes.push((path, i64::try_from(mtime).unwrap_or(i64::MAX)));
+        }
+    }
+    for (dir, mtime) in dir_mtimes.iter().rev() {
+        let time = nix::sys::time::TimeSpec::new(*mtime, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            dir,
+            &time,
+            &time,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| UnpackError::Entry {
+            entry: dir.display().to_string(),
+            source: e.into(),
+        })?;
     }
     let staged = staging.keep();
     std::fs::rename(&staged, dest).map_err(io(format!(
@@ -98,9 +144,15 @@ fn safe_relative(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn make_whiteout(path: &Path) -> std::io::Result<()> {
-    if path.symlink_metadata().is_ok() {
-        if path.is_dir() {
+/// Creates a device node or fifo at `path`, replacing whatever is there.
+fn make_node(
+    path: &Path,
+    kind: nix::sys::stat::SFlag,
+    major: u32,
+    minor: u32,
+) -> std::io::Result<()> {
+    if let Ok(existing) = path.symlink_metadata() {
+        if existing.is_dir() {
             std::fs::remove_dir_all(path)?;
         } else {
             std::fs::remove_file(path)?;
@@ -108,11 +160,55 @@ fn make_whiteout(path: &Path) -> std::io::Result<()> {
     }
     nix::sys::stat::mknod(
         path,
-        nix::sys::stat::SFlag::S_IFCHR,
+        kind,
         nix::sys::stat::Mode::empty(),
-        nix::sys::stat::makedev(0, 0),
+        nix::sys::stat::makedev(u64::from(major), u64::from(minor)),
     )
     .map_err(std::io::Error::from)
+}
+
+/// Gives a node created by hand the owner, permissions and mtime of its tar header.
+fn apply_metadata(path: &Path, header: &tar::Header) -> std::io::Result<()> {
+    let uid = header.uid().unwrap_or(0);
+    let gid = header.gid().unwrap_or(0);
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(nix::unistd::Uid::from_raw(u32::try_from(uid).unwrap_or(0))),
+        Some(nix::unistd::Gid::from_raw(u32::try_from(gid).unwrap_or(0))),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    let mode = header.mode().unwrap_or(0o644) & 0o7777;
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )?;
+    let mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(0);
+    let time = nix::sys::time::TimeSpec::new(mtime, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &time,
+        &time,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
+}
+
+/// The `SCHILY.xattr.*` PAX records of an entry (the tar crate applies them to files only).
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let Ok(Some(extensions)) = entry.pax_extensions() else {
+        return Vec::new();
+    };
+    extensions
+        .flatten()
+        .filter_map(|ext| {
+            let key = ext.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_string();
+            Some((key, ext.value_bytes().to_vec()))
+        })
+        .collect()
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
@@ -159,6 +255,9 @@ mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(1_700_000_000);
             header.set_entry_type(tar::EntryType::Regular);
             builder.append_data(&mut header, path, *data).unwrap();
         }
