@@ -196,9 +196,18 @@ fn containers_start_after_lazysnap_is_killed_and_restarted() {
     assert_eq!(before, "x");
 
     lazysnap.kill9_and_restart();
-    let (ok, listing, err) =
-        containerd.ctr("restart", &["snapshots", "--snapshotter", "lazysnap", "ls"]);
-    assert!(ok, "{err}\n{}", lazysnap.log());
+    // containerd redials its proxy plugin with gRPC backoff: allow it a few seconds.
+    let mut attempt = 0;
+    let listing = loop {
+        let (ok, listing, err) =
+            containerd.ctr("restart", &["snapshots", "--snapshotter", "lazysnap", "ls"]);
+        if ok {
+            break listing;
+        }
+        attempt += 1;
+        assert!(attempt < 60, "{err}\n{}", lazysnap.log());
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
     assert!(
         listing.lines().filter(|l| l.contains("Committed")).count() >= 2,
         "{listing}"
