@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+pub mod proto;
 pub mod registry;
 pub mod snapshotter;
 pub mod testbed;
