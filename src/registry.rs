@@ -1,2 +1,0 @@
-//! OCI distribution client: references, resolve, ranged blob reads, push, auth, hosts.toml
-//! mirrors, redirects and retries.

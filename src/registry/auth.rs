@@ -1,0 +1,724 @@
+//! Registry credentials and authorization: docker `config.json` (`auths`, `credHelpers`,
+//! `credsStore` through `docker-credential-*`), `WWW-Authenticate` challenges, Bearer tokens
+//! (cached until expiry, refreshed on 401) and Basic auth. Secrets are redacted in `Debug` and
+//! never put in error messages or tracing fields.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::header::HeaderValue;
+
+use super::reference::DOCKER_HUB;
+use super::RegistryError;
+
+/// Credentials for one registry host.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Username and password (or a personal access token used as password).
+    Basic { username: String, password: String },
+    /// An OAuth2 refresh token (`identitytoken` in the docker config), exchanged at the realm.
+    IdentityToken(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
+    }
+}
+
+impl Credentials {
+    fn basic_header(&self) -> Option<HeaderValue> {
+        match self {
+            Credentials::Basic { username, password } => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{password}"));
+                sensitive_header(&format!("Basic {raw}"))
+            }
+            Credentials::IdentityToken(_) => None,
+        }
+    }
+}
+
+fn sensitive_header(value: &str) -> Option<HeaderValue> {
+    let mut header = HeaderValue::from_str(value).ok()?;
+    header.set_sensitive(true);
+    Some(header)
+}
+
+/// The parts of a docker `config.json` that hold registry credentials.
+#[derive(Default, Clone)]
+pub struct DockerConfig {
+    path: Option<PathBuf>,
+    auths: HashMap<String, Credentials>,
+    cred_helpers: HashMap<String, String>,
+    creds_store: Option<String>,
+}
+
+impl fmt::Debug for DockerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DockerConfig")
+            .field("path", &self.path)
+            .field("auth_hosts", &self.auths.keys().collect::<Vec<_>>())
+            .field("cred_helpers", &self.cred_helpers)
+            .field("creds_store", &self.creds_store)
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RawDockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, RawAuth>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RawAuth {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+impl DockerConfig {
+    /// Loads `path` (a `config.json` file or a directory holding one); `None` means
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`. A missing file is an empty
+    /// config; an unreadable or malformed one is an error naming the file.
+    pub fn load(path: Option<&Path>) -> Result<DockerConfig, RegistryError> {
+        let file = match path {
+            Some(p) if p.is_dir() => p.join("config.json"),
+            Some(p) => p.to_path_buf(),
+            None => match std::env::var_os("DOCKER_CONFIG") {
+                Some(dir) => PathBuf::from(dir).join("config.json"),
+                None => match std::env::var_os("HOME") {
+                    Some(home) => PathBuf::from(home).join(".docker").join("config.json"),
+                    None => return Ok(DockerConfig::default()),
+                },
+            },
+        };
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(DockerConfig {
+                    path: Some(file),
+                    ..DockerConfig::default()
+                })
+            }
+            Err(e) => {
+                return Err(RegistryError::Config(format!(
+                    "reading docker config {}: {e}",
+                    file.display()
+                )))
+            }
+        };
+        let raw: RawDockerConfig = serde_json::from_str(&text).map_err(|e| {
+            RegistryError::Config(format!(
+                "docker config {} is not valid JSON: line {} column {} (fix or remove the file)",
+                file.display(),
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let mut auths = HashMap::new();
+        for (key, entry) in raw.auths {
+            let host = normalize_auth_key(&key);
+            let credentials = if let Some(token) = entry.identitytoken.filter(|t| !t.is_empty()) {
+                Some(Credentials::IdentityToken(token))
+            } else if let Some(encoded) = entry.auth.filter(|a| !a.is_empty()) {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| {
+                        RegistryError::Config(format!(
+                            "docker config {}: the \"auth\" of {key:?} is not base64 of user:password",
+                            file.display()
+                        ))
+                    })?;
+                let (username, password) = decoded.split_once(':').ok_or_else(|| {
+                    RegistryError::Config(format!(
+                        "docker config {}: the \"auth\" of {key:?} has no ':' between user and password",
+                        file.display()
+                    ))
+                })?;
+                Some(Credentials::Basic {
+                    username: username.to_string(),
+                    password: password.to_string(),
+                })
+            } else {
+                match (entry.username, entry.password) {
+                    (Some(username), Some(password)) => {
+                        Some(Credentials::Basic { username, password })
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(c) = credentials {
+                auths.insert(host, c);
+            }
+        }
+        Ok(DockerConfig {
+            path: Some(file),
+            auths,
+            cred_helpers: raw
+                .cred_helpers
+                .into_iter()
+                .map(|(k, v)| (normalize_auth_key(&k), v))
+                .collect(),
+            creds_store: raw.creds_store.filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// Credentials for `host` (`docker.io`, `ghcr.io`, `127.0.0.1:5000`): a credential helper
+    /// named in `credHelpers`, else `auths`, else `credsStore`, else none (anonymous).
+    pub async fn credentials_for(&self, host: &str) -> Result<Option<Credentials>, RegistryError> {
+        let host = normalize_auth_key(host);
+        if let Some(helper) = self.cred_helpers.get(&host) {
+            return run_credential_helper(helper, &host).await;
+        }
+        if let Some(c) = self.auths.get(&host) {
+            return Ok(Some(c.clone()));
+        }
+        if let Some(store) = &self.creds_store {
+            return run_credential_helper(store, &host).await;
+        }
+        Ok(None)
+    }
+}
+
+/// `https://index.docker.io/v1/` → `docker.io`; `https://host:5000/x` → `host:5000`.
+fn normalize_auth_key(key: &str) -> String {
+    let without_scheme = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = without_scheme.split('/').next().unwrap_or("");
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => DOCKER_HUB.to_string(),
+        h => h.to_ascii_lowercase(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct HelperOutput {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+async fn run_credential_helper(
+    helper: &str,
+    host: &str,
+) -> Result<Option<Credentials>, RegistryError> {
+    use tokio::io::AsyncWriteExt as _;
+    let program = format!("docker-credential-{helper}");
+    let server = if host == DOCKER_HUB {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        host.to_string()
+    };
+    let fail = |what: String| RegistryError::Config(format!("{program} get for {host}: {what}"));
+    let mut child = tokio::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "cannot run it ({e}); install it or fix credHelpers/credsStore"
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(server.as_bytes())
+            .await
+            .map_err(|e| fail(format!("writing the server name: {e}")))?;
+    }
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .map_err(|_| fail("no answer within 30 s".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    if !output.status.success() {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if stdout.contains("credentials not found") {
+            return Ok(None);
+        }
+        // stderr of helpers describes the failure without secrets.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(fail(format!(
+            "exited with {}: {}",
+            output.status,
+            stderr.trim().chars().take(300).collect::<String>()
+        )));
+    }
+    let parsed: HelperOutput = serde_json::from_slice(&output.stdout)
+        .map_err(|_| fail("printed something other than {\"Username\",\"Secret\"} JSON".into()))?;
+    if parsed.secret.is_empty() {
+        return Ok(None);
+    }
+    if parsed.username == "<token>" {
+        Ok(Some(Credentials::IdentityToken(parsed.secret)))
+    } else {
+        Ok(Some(Credentials::Basic {
+            username: parsed.username,
+            password: parsed.secret,
+        }))
+    }
+}
+
+/// One challenge of a `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Challenge {
+    /// Lowercase scheme: `bearer`, `basic`.
+    pub scheme: String,
+    pub params: HashMap<String, String>,
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` (several challenges allowed).
+pub(crate) fn parse_challenges(header: &str) -> Vec<Challenge> {
+    let bytes = header.as_bytes();
+    let mut pos = 0;
+    let mut out: Vec<Challenge> = Vec::new();
+    let is_token = |b: u8| !b.is_ascii_whitespace() && b != b',' && b != b'=' && b != b'"';
+    loop {
+        while pos < bytes.len() && (bytes[pos].is_ascii_whitespace() || bytes[pos] == b',') {
+            pos += 1;
+        }
+        if pos >= bytes.len() {
+            break;
+        }
+        let start = pos;
+        while pos < bytes.len() && is_token(bytes[pos]) {
+            pos += 1;
+        }
+        if start == pos {
+            // Stray '=' or '"': skip one byte to make progress.
+            pos += 1;
+            continue;
+        }
+        let token = &header[start..pos];
+        let mut look = pos;
+        while look < bytes.len() && bytes[look].is_ascii_whitespace() {
+            look += 1;
+        }
+        if look < bytes.len() && bytes[look] == b'=' {
+            pos = look + 1;
+            while pos < bytes.len() && bytes[pos].is_ascii_whitespace() {
+                pos += 1;
+            }
+            let mut value = String::new();
+            if pos < bytes.len() && bytes[pos] == b'"' {
+                pos += 1;
+                while pos < bytes.len() && bytes[pos] != b'"' {
+                    if bytes[pos] == b'\\' && pos + 1 < bytes.len() {
+                        pos += 1;
+                    }
+                    let ch_len = utf8_len(bytes[pos]);
+                    let end = (pos + ch_len).min(bytes.len());
+                    value.push_str(&String::from_utf8_lossy(&bytes[pos..end]));
+                    pos = end;
+                }
+                pos += 1;
+            } else {
+                let vstart = pos;
+                while pos < bytes.len() && bytes[pos] != b',' && !bytes[pos].is_ascii_whitespace() {
+                    pos += 1;
+                }
+                value.push_str(&header[vstart..pos]);
+            }
+            if let Some(current) = out.last_mut() {
+                current.params.insert(token.to_ascii_lowercase(), value);
+            }
+        } else {
+            out.push(Challenge {
+                scheme: token.to_ascii_lowercase(),
+                params: HashMap::new(),
+            });
+        }
+    }
+    out
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xf0..=0xff => 4,
+        0xe0..=0xef => 3,
+        0xc0..=0xdf => 2,
+        _ => 1,
+    }
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    header: HeaderValue,
+    expires: Instant,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// Credentials and tokens of one client, shared by its clones.
+pub(crate) struct AuthStore {
+    docker_config: DockerConfig,
+    credentials: tokio::sync::Mutex<HashMap<String, Option<Credentials>>>,
+    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    basic_hosts: Mutex<HashSet<String>>,
+}
+
+impl AuthStore {
+    pub fn new(docker_config: DockerConfig) -> Self {
+        Self {
+            docker_config,
+            credentials: tokio::sync::Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            basic_hosts: Mutex::new(HashSet::new()),
+        }
+    }
+
+    async fn credentials(&self, host: &str) -> Result<Option<Credentials>, RegistryError> {
+        let mut cache = self.credentials.lock().await;
+        if let Some(c) = cache.get(host) {
+            return Ok(c.clone());
+        }
+        let found = self.docker_config.credentials_for(host).await?;
+        cache.insert(host.to_string(), found.clone());
+        Ok(found)
+    }
+
+    /// The `Authorization` value to send preemptively to `host` for `scope`, if one is known.
+    pub async fn cached_header(&self, host: &str, scope: &str) -> Option<HeaderValue> {
+        let token = {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            tokens
+                .get(&(host.to_string(), scope.to_string()))
+                .filter(|t| t.expires > Instant::now())
+                .map(|t| t.header.clone())
+        };
+        if token.is_some() {
+            return token;
+        }
+        let basic = self
+            .basic_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(host);
+        if basic {
+            return self.credentials(host).await.ok().flatten()?.basic_header();
+        }
+        None
+    }
+
+    /// Answers a 401 from `host`: obtains a fresh Authorization value for `scope` from the
+    /// challenges (token from the realm, or Basic credentials).
+    pub async fn authorize(
+        &self,
+        http: &reqwest::Client,
+        host: &str,
+        scope: &str,
+        www_authenticate: &[String],
+        timeout: Duration,
+    ) -> Result<HeaderValue, RegistryError> {
+        let challenges: Vec<Challenge> = www_authenticate
+            .iter()
+            .flat_map(|h| parse_challenges(h))
+            .collect();
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(host.to_string(), scope.to_string()));
+        let credentials = self.credentials(host).await?;
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let header = self
+                .fetch_token(http, host, scope, bearer, credentials.as_ref(), timeout)
+                .await?;
+            return Ok(header);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            let header = credentials.as_ref().and_then(Credentials::basic_header).ok_or_else(|| {
+                RegistryError::Auth(format!(
+                    "{host} requires Basic auth and no username/password is configured for it (docker login {host}, or add it to the docker config)"
+                ))
+            })?;
+            self.basic_hosts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(host.to_string());
+            return Ok(header);
+        }
+        Err(RegistryError::Auth(format!(
+            "{host} answered 401 without a Bearer or Basic challenge"
+        )))
+    }
+
+    async fn fetch_token(
+        &self,
+        http: &reqwest::Client,
+        host: &str,
+        scope: &str,
+        challenge: &Challenge,
+        credentials: Option<&Credentials>,
+        timeout: Duration,
+    ) -> Result<HeaderValue, RegistryError> {
+        let realm = challenge
+            .params
+            .get("realm")
+            .ok_or_else(|| RegistryError::Auth(format!("{host}: Bearer challenge has no realm")))?;
+        let mut url = reqwest::Url::parse(realm).map_err(|_| {
+            RegistryError::Auth(format!("{host}: Bearer realm {realm:?} is not a URL"))
+        })?;
+        let mut scopes: Vec<String> = scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(extra) = challenge.params.get("scope") {
+            for s in extra.split(' ').filter(|s| !s.is_empty()) {
+                if !scopes.iter().any(|have| have == s) {
+                    scopes.push(s.to_string());
+                }
+            }
+        }
+        let service = challenge.params.get("service");
+        let span = tracing::info_span!("registry.token", host, realm = %url.as_str(), scope);
+        let _guard = span.enter();
+        let request = match credentials {
+            Some(Credentials::IdentityToken(refresh)) => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token".to_string()),
+                    ("client_id", "lazysnap".to_string()),
+                    ("refresh_token", refresh.clone()),
+                ];
+                if let Some(s) = service {
+                    form.push(("service", s.clone()));
+                }
+                if !scopes.is_empty() {
+                    form.push(("scope", scopes.join(" ")));
+                }
+                let body = form
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", form_encode(v)))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                http.post(url)
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body)
+            }
+            other => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(s) = service {
+                        q.append_pair("service", s);
+                    }
+                    for s in &scopes {
+                        q.append_pair("scope", s);
+                    }
+                }
+                let mut request = http.get(url);
+                if let Some(header) = other.and_then(Credentials::basic_header) {
+                    request = request.header(reqwest::header::AUTHORIZATION, header);
+                }
+                request
+            }
+        };
+        let response = request.timeout(timeout).send().await.map_err(|e| {
+            RegistryError::Unavailable(format!(
+                "token service for {host} unreachable: {}",
+                super::retry::transport_failure("token request", &e).error
+            ))
+        })?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(RegistryError::Auth(format!(
+                "token service for {host} refused the credentials (HTTP {status}) for scope {scope:?}; check the docker config"
+            )));
+        }
+        if !status.is_success() {
+            let failure = super::retry::status_failure(
+                &format!("token service for {host}"),
+                status,
+                response.headers(),
+            );
+            return Err(failure.error);
+        }
+        let body = response.bytes().await.map_err(|e| {
+            RegistryError::Unavailable(format!(
+                "token service for {host}: body broken off: {}",
+                e.is_body()
+            ))
+        })?;
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+            RegistryError::Auth(format!(
+                "token service for {host} answered something other than token JSON"
+            ))
+        })?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                RegistryError::Auth(format!("token service for {host} returned no token"))
+            })?;
+        let header = sensitive_header(&format!("Bearer {token}")).ok_or_else(|| {
+            RegistryError::Auth(format!(
+                "token service for {host} returned a token with invalid characters"
+            ))
+        })?;
+        // Spec default is 60 s; refresh a little early.
+        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).clamp(1, 86_400));
+        let expires = Instant::now() + lifetime.mul_f64(0.9);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (host.to_string(), scope.to_string()),
+                CachedToken {
+                    header: header.clone(),
+                    expires,
+                },
+            );
+        tracing::debug!(host, scope, ?lifetime, "registry token obtained");
+        Ok(header)
+    }
+}
+
+fn form_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_and_basic_challenges() {
+        let c = parse_challenges(
+            r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].scheme, "bearer");
+        assert_eq!(c[0].params["realm"], "https://auth.example.com/token");
+        assert_eq!(c[0].params["scope"], "repository:a/b:pull,push");
+        let c = parse_challenges(r#"Basic realm="x \"q\"", Bearer realm=http://t/token"#);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].params["realm"], "x \"q\"");
+        assert_eq!(c[1].params["realm"], "http://t/token");
+        assert!(parse_challenges("").is_empty());
+        assert!(parse_challenges("=\",,").is_empty());
+    }
+
+    #[test]
+    fn credentials_debug_is_redacted() {
+        let c = Credentials::Basic {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let t = Credentials::IdentityToken("tok-secret".into());
+        assert!(!format!("{t:?}").contains("tok-secret"));
+    }
+
+    #[tokio::test]
+    async fn docker_config_auths_and_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(
+                r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{encoded}"}},"127.0.0.1:5000":{{"username":"bob","password":"pw"}}}}}}"#
+            ),
+        )
+        .unwrap();
+        let config = DockerConfig::load(Some(dir.path())).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(
+            config.credentials_for("docker.io").await.unwrap(),
+            Some(Credentials::Basic {
+                username: "alice".into(),
+                password: "s3cret".into()
+            })
+        );
+        assert!(config
+            .credentials_for("127.0.0.1:5000")
+            .await
+            .unwrap()
+            .is_some());
+        assert!(config.credentials_for("ghcr.io").await.unwrap().is_none());
+        std::fs::write(dir.path().join("config.json"), "{not json").unwrap();
+        assert!(matches!(
+            DockerConfig::load(Some(dir.path())),
+            Err(RegistryError::Config(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn credential_helper_is_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("docker-credential-lazysnaptest");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\nread server\necho \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"helperuser\\\",\\\"Secret\\\":\\\"helperpw\\\"}\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"credHelpers":{"example.com":"lazysnaptest"}}"#,
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // The helper is found through PATH; set it for this process only.
+        std::env::set_var("PATH", path);
+        let config = DockerConfig::load(Some(dir.path())).unwrap();
+        assert_eq!(
+            config.credentials_for("example.com").await.unwrap(),
+            Some(Credentials::Basic {
+                username: "helperuser".into(),
+                password: "helperpw".into()
+            })
+        );
+    }
+}
