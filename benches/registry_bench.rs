@@ -29,6 +29,25 @@ fn curl_download(url: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
+/// Times one curl process fetching `ranges` of `url` in order over one kept-alive connection.
+fn curl_ranges(dir: &std::path::Path, url: &str, ranges: &[(u64, u64)]) -> Option<Duration> {
+    let mut config = String::new();
+    for (i, (start, end)) in ranges.iter().enumerate() {
+        if i > 0 {
+            config.push_str("next\n");
+        }
+        config.push_str(&format!(
+            "url = \"{url}\"\nrange = \"{start}-{}\"\noutput = \"/dev/null\"\nsilent\n",
+            end - 1
+        ));
+    }
+    let path = dir.join("curl-ranges.cfg");
+    std::fs::write(&path, config).ok()?;
+    let start = Instant::now();
+    let status = Command::new("curl").arg("-K").arg(&path).status().ok()?;
+    status.success().then(|| start.elapsed())
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -78,6 +97,17 @@ async fn run() {
     let curl_rate = mb_per_s(BLOB_SIZE, curl_best);
     println!("curl full download: {curl_best:.2?} = {curl_rate:.0} MB/s");
 
+    // The registry's own per-request cost: curl doing the same 1 MiB ranged requests.
+    let seq_ranges: Vec<(u64, u64)> = (0..BLOB_SIZE.div_ceil(SEQ_CHUNK))
+        .map(|i| (i * SEQ_CHUNK, ((i + 1) * SEQ_CHUNK).min(BLOB_SIZE)))
+        .collect();
+    if let Some(t) = (0..3).filter_map(|_| curl_ranges(dir.path(), &url, &seq_ranges)).min() {
+        println!(
+            "curl sequential 1 MiB ranged requests (one connection): {t:.2?} = {:.0} MB/s",
+            mb_per_s(BLOB_SIZE, t)
+        );
+    }
+
     let blob = client.blob(&repo, &digest, BLOB_SIZE);
     let mut best_seq = Duration::MAX;
     for _ in 0..3 {
@@ -123,6 +153,18 @@ async fn run() {
         assert_eq!(got.len() as u64, RANDOM_READ);
     }
     latencies.sort();
+    let random_ranges: Vec<(u64, u64)> = (0..1000)
+        .map(|_| {
+            let off = next() % (BLOB_SIZE - RANDOM_READ);
+            (off, off + RANDOM_READ)
+        })
+        .collect();
+    if let Some(t) = curl_ranges(dir.path(), &url, &random_ranges) {
+        println!(
+            "curl 1000 random 4 KiB ranged requests (one connection): mean {:.3} ms",
+            t.as_secs_f64() * 1e3 / 1000.0
+        );
+    }
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
         "4 KiB random ranged reads ({RANDOM_READS}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
