@@ -1,2 +1,1028 @@
 //! Chunk cache: verified, decompressed chunks keyed by chunk digest, a memory tier over a
 //! size-bounded LRU on disk, shared by all layers and images, crash-safe and reused after restarts.
+//!
+//! Layout under the cache directory:
+//! - `chunks/sha256/<first two hex digits>/<64 hex digits>`: one file per chunk, its decompressed
+//!   bytes. A file only appears there by `rename` of a complete temp file, after the caller has
+//!   verified the bytes against the digest.
+//! - `tmp/`: files being written; emptied on open (leftovers of a crash).
+//! - `lock`: `flock`ed while a [`ChunkCache`] has the directory open, so two daemons never share
+//!   one index.
+//!
+//! Crash safety without an fsync per chunk: entries found on disk at open are marked unverified
+//! and re-hashed the first time they are read (a torn or zero-length file left by a crash is
+//! deleted then and refetched). Entries written by this process are trusted. Recency survives
+//! restarts through file mtimes (refreshed at most once a minute per chunk on disk hits).
+//!
+//! Eviction never breaks a reader: readers receive owned [`Bytes`] or an open file descriptor,
+//! and a read that finds its chunk gone is a miss the fetch layer refetches. The cache also holds
+//! the singleflight table ([`ChunkCache::begin_fill`]) so that one chunk is fetched once however
+//! many layers and readers want it.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::metrics::{self, CacheTier};
+
+/// Binary form of a `sha256:<hex>` chunk digest.
+type Key = [u8; 32];
+
+/// Delivers a fill's result to one waiter.
+type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
+
+/// How often (seconds) a disk hit refreshes the chunk file's mtime, which orders the LRU after a
+/// restart.
+const TOUCH_INTERVAL_SECS: u64 = 60;
+
+/// Settings of a [`ChunkCache`].
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Directory holding the cache (created if missing).
+    pub dir: PathBuf,
+    /// Upper bound on the bytes of chunks kept on disk; least recently used chunks are evicted
+    /// beyond it.
+    pub max_bytes: u64,
+    /// Upper bound on the bytes of hot chunks kept in memory (0 turns the memory tier off).
+    pub memory_bytes: u64,
+    /// When the filesystem holding `dir` is at least this full (percent of its capacity),
+    /// chunks are evicted until it is at most `low_watermark_pct` full or the cache is empty.
+    /// `None` (with `low_watermark_pct` `None`) turns watermarks off.
+    pub high_watermark_pct: Option<u8>,
+    /// See `high_watermark_pct`.
+    pub low_watermark_pct: Option<u8>,
+    /// `fsync` each chunk file before renaming it in. Off by default: unsynced files that a crash
+    /// tears are detected by the re-hash of entries found at open.
+    pub sync_writes: bool,
+}
+
+impl CacheOptions {
+    /// Defaults: 10 GiB on disk, 64 MiB in memory, no watermarks, no fsync.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            max_bytes: 10 << 30,
+            memory_bytes: 64 << 20,
+            high_watermark_pct: None,
+            low_watermark_pct: None,
+            sync_writes: false,
+        }
+    }
+}
+
+/// Errors of the chunk cache; each names the digest or path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The key is not a `sha256:<64 hex digits>` digest.
+    #[error("invalid chunk digest {digest:?}: expected sha256:<64 hex digits>")]
+    InvalidDigest { digest: String },
+    /// A filesystem operation failed.
+    #[error("cache: cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The options are inconsistent.
+    #[error("cache options: {0}")]
+    Options(String),
+    /// Another process (or another `ChunkCache` in this one) has the directory open.
+    #[error("cache directory {} is in use by another lazysnap process (lock {}); use a separate --cache-dir", dir.display(), dir.join("lock").display())]
+    Locked { dir: PathBuf },
+    /// A chunk larger than the whole disk bound cannot be stored.
+    #[error("chunk {digest} of {len} bytes exceeds the cache size bound of {max} bytes; raise the cache size")]
+    TooLarge { digest: String, len: u64, max: u64 },
+}
+
+/// Why a singleflight fill ended without data; shared by every reader that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// The blob source failed (after retries) or the deadline passed.
+    #[error("fetch failed: {0}")]
+    Fetch(String),
+    /// The fetched bytes did not decompress to the chunk digest.
+    #[error("chunk verification failed: {0}")]
+    Verify(String),
+    /// The fetching task ended without a result (cancelled or shut down).
+    #[error("fetch abandoned")]
+    Abandoned,
+}
+
+/// Counters and sizes of a [`ChunkCache`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub inserts: u64,
+    pub evictions: u64,
+    /// Chunks found corrupt on disk (size or digest) and removed.
+    pub corrupt_removed: u64,
+    pub disk_bytes: u64,
+    pub disk_entries: u64,
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+    pub max_bytes: u64,
+}
+
+struct DiskEntry {
+    size: u64,
+    /// False for entries found at open until their bytes have been hashed once.
+    verified: bool,
+    /// Seconds since the cache was opened when the file's mtime was last refreshed.
+    touched: u64,
+}
+
+struct DiskIndex {
+    lru: LruCache<Key, DiskEntry>,
+    bytes: u64,
+}
+
+struct MemoryTier {
+    lru: LruCache<Key, Bytes>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    memory_hits: AtomicU64,
+    disk_hits: AtomicU64,
+    misses: AtomicU64,
+    inserts: AtomicU64,
+    evictions: AtomicU64,
+    corrupt_removed: AtomicU64,
+}
+
+/// The node-wide chunk cache. Cheap to share (`Arc`); all methods take `&self` and never hold a
+/// lock across disk reads or writes of chunk data.
+pub struct ChunkCache {
+    opts: CacheOptions,
+    chunks_dir: PathBuf,
+    tmp_dir: PathBuf,
+    disk: Mutex<DiskIndex>,
+    memory: Mutex<MemoryTier>,
+    pending: Mutex<HashMap<Key, Vec<FillSender>>>,
+    counters: Counters,
+    temp_seq: AtomicU64,
+    opened: Instant,
+    _lock: File,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("dir", &self.opts.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every critical section
+    // only moves entries), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Parses `sha256:<64 hex>` (either case) into its 32 bytes.
+fn parse_digest(digest: &str) -> Result<Key, CacheError> {
+    let invalid = || CacheError::InvalidDigest {
+        digest: digest.chars().take(100).collect(),
+    };
+    let hex_part = digest.strip_prefix("sha256:").ok_or_else(invalid)?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut key).map_err(|_| invalid())?;
+    Ok(key)
+}
+
+fn sha256_key(data: &[u8]) -> Key {
+    Sha256::digest(data).into()
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache in `opts.dir`: removes leftover temp files, rebuilds
+    /// the index from the chunk files (oldest mtime = least recently used), and evicts down to
+    /// the bounds if they shrank.
+    pub fn open(opts: CacheOptions) -> Result<Arc<ChunkCache>, CacheError> {
+        match (opts.high_watermark_pct, opts.low_watermark_pct) {
+            (None, None) => {}
+            (Some(high), Some(low)) if low < high && high <= 100 => {}
+            (high, low) => {
+                return Err(CacheError::Options(format!(
+                    "watermarks must both be set with low < high <= 100 (got high {high:?}, low {low:?})"
+                )))
+            }
+        }
+        let dir = opts.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let lock_path = dir.join("lock");
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open lock file", &lock_path))?;
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(CacheError::Locked { dir });
+        }
+
+        let tmp_dir = dir.join("tmp");
+        if tmp_dir.exists() {
+            fs::remove_dir_all(&tmp_dir)
+                .map_err(io_err("remove leftover temp files in", &tmp_dir))?;
+        }
+        fs::create_dir_all(&tmp_dir).map_err(io_err("create directory", &tmp_dir))?;
+        let chunks_dir = dir.join("chunks").join("sha256");
+        for shard in 0..=255u8 {
+            let shard_dir = chunks_dir.join(hex::encode([shard]));
+            fs::create_dir_all(&shard_dir).map_err(io_err("create directory", &shard_dir))?;
+        }
+
+        let mut found = scan_chunks(&chunks_dir)?;
+        found.sort_by_key(|(_, _, mtime)| *mtime);
+        let mut index = DiskIndex {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+        };
+        for (key, size, _) in found {
+            index.bytes += size;
+            index.lru.put(
+                key,
+                DiskEntry {
+                    size,
+                    verified: false,
+                    touched: 0,
+                },
+            );
+        }
+
+        let cache = Arc::new(ChunkCache {
+            chunks_dir,
+            tmp_dir,
+            disk: Mutex::new(index),
+            memory: Mutex::new(MemoryTier {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            pending: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            temp_seq: AtomicU64::new(0),
+            opened: Instant::now(),
+            _lock: lock_file,
+            opts,
+        });
+        {
+            let mut disk = lock(&cache.disk);
+            let evicted = cache.evict_locked(&mut disk, cache.opts.max_bytes, None);
+            cache.note_evictions(evicted, disk.bytes);
+            tracing::info!(
+                dir = %cache.opts.dir.display(),
+                chunks = disk.lru.len(),
+                bytes = disk.bytes,
+                evicted,
+                "chunk cache opened"
+            );
+        }
+        cache.enforce_watermarks();
+        Ok(cache)
+    }
+
+    /// The options the cache was opened with.
+    pub fn options(&self) -> &CacheOptions {
+        &self.opts
+    }
+
+    fn chunk_path(&self, key: &Key) -> PathBuf {
+        let hex = hex::encode(key);
+        self.chunks_dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the chunk is cached (memory or disk). Does not change recency.
+    pub fn contains(&self, digest: &str) -> bool {
+        let Ok(key) = parse_digest(digest) else {
+            return false;
+        };
+        lock(&self.memory).lru.contains(&key) || lock(&self.disk).lru.contains(&key)
+    }
+
+    /// The whole chunk, if cached. A disk hit is loaded into the memory tier.
+    pub fn get(&self, digest: &str) -> Option<Bytes> {
+        let key = parse_digest(digest).ok()?;
+        if let Some(data) = self.memory_hit(&key) {
+            return Some(data);
+        }
+        let data = self.load_from_disk(&key)?;
+        self.insert_memory(key, data.clone());
+        Some(data)
+    }
+
+    /// `len` bytes of the chunk from `offset` (fewer at its end), if cached. From disk only the
+    /// asked range is read (once the entry is verified), so a partial read of a big chunk costs
+    /// one `pread`.
+    pub fn read_at(&self, digest: &str, offset: u64, len: usize) -> Option<Bytes> {
+        let key = parse_digest(digest).ok()?;
+        if let Some(data) = self.memory_hit(&key) {
+            return Some(slice_clamped(&data, offset, len));
+        }
+        let (size, verified, touched) = {
+            let mut disk = lock(&self.disk);
+            match disk.lru.get(&key) {
+                Some(e) => (e.size, e.verified, e.touched),
+                None => {
+                    drop(disk);
+                    self.note_miss();
+                    return None;
+                }
+            }
+        };
+        if !verified {
+            let data = self.load_from_disk(&key)?;
+            self.insert_memory(key, data.clone());
+            return Some(slice_clamped(&data, offset, len));
+        }
+        let path = self.chunk_path(&key);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.forget_missing(&key, &path, &e);
+                self.note_miss();
+                return None;
+            }
+        };
+        let start = offset.min(size);
+        let end = start.saturating_add(len as u64).min(size);
+        let Ok(want) = usize::try_from(end - start) else {
+            self.note_miss();
+            return None;
+        };
+        let mut buf = vec![0u8; want];
+        let read_ok = match file.metadata() {
+            Ok(meta) if meta.len() == size => file.read_exact_at(&mut buf, start).is_ok(),
+            _ => false,
+        };
+        if !read_ok {
+            self.remove_corrupt(&key, "size differs from the index or read failed");
+            self.note_miss();
+            return None;
+        }
+        self.maybe_touch(&key, &file, touched);
+        self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+        metrics::record_cache_hit(CacheTier::Disk);
+        Some(Bytes::from(buf))
+    }
+
+    /// An open file holding exactly the chunk's bytes (for FUSE passthrough of single-chunk
+    /// files). The descriptor stays valid if the chunk is evicted later.
+    pub fn open_file(&self, digest: &str) -> Option<File> {
+        let key = parse_digest(digest).ok()?;
+        let (size, verified) = {
+            let mut disk = lock(&self.disk);
+            let e = disk.lru.get(&key)?;
+            (e.size, e.verified)
+        };
+        if !verified {
+            self.load_from_disk(&key)?;
+        }
+        let file = File::open(self.chunk_path(&key)).ok()?;
+        match file.metadata() {
+            Ok(m) if m.len() == size => Some(file),
+            _ => None,
+        }
+    }
+
+    /// Stores a chunk. The caller must have verified that `data` hashes to `digest` (the fetch
+    /// layer does, through `estargz::decode_chunk`); the cache never checks it again for entries
+    /// it wrote itself. The file is written under `tmp/` and renamed into place, then least
+    /// recently used chunks are evicted to keep within the bounds.
+    pub fn insert(&self, digest: &str, data: Bytes) -> Result<(), CacheError> {
+        let key = parse_digest(digest)?;
+        let len = data.len() as u64;
+        if len > self.opts.max_bytes {
+            return Err(CacheError::TooLarge {
+                digest: digest.to_string(),
+                len,
+                max: self.opts.max_bytes,
+            });
+        }
+        let path = self.chunk_path(&key);
+        let already = {
+            let mut disk = lock(&self.disk);
+            disk.lru.get(&key).is_some() && path.exists()
+        };
+        if !already {
+            let tmp = self.write_temp(&data)?;
+            let mut disk = lock(&self.disk);
+            if let Err(source) = fs::rename(&tmp, &path) {
+                drop(disk);
+                let _ = fs::remove_file(&tmp);
+                return Err(CacheError::Io {
+                    action: "rename a temp file to",
+                    path,
+                    source,
+                });
+            }
+            if let Some(old) = disk.lru.put(
+                key,
+                DiskEntry {
+                    size: len,
+                    verified: true,
+                    touched: self.now_secs(),
+                },
+            ) {
+                disk.bytes = disk.bytes.saturating_sub(old.size);
+            }
+            disk.bytes += len;
+            let evicted = self.evict_locked(&mut disk, self.opts.max_bytes, Some(&key));
+            self.note_evictions(evicted, disk.bytes);
+            self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.insert_memory(key, data);
+        self.enforce_watermarks();
+        Ok(())
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> CacheStats {
+        let (disk_bytes, disk_entries) = {
+            let disk = lock(&self.disk);
+            (disk.bytes, disk.lru.len() as u64)
+        };
+        let (memory_bytes, memory_entries) = {
+            let mem = lock(&self.memory);
+            (mem.bytes, mem.lru.len() as u64)
+        };
+        let c = &self.counters;
+        CacheStats {
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
+            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            inserts: c.inserts.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            corrupt_removed: c.corrupt_removed.load(Ordering::Relaxed),
+            disk_bytes,
+            disk_entries,
+            memory_bytes,
+            memory_entries,
+            max_bytes: self.opts.max_bytes,
+        }
+    }
+
+    /// Joins or starts the fill of a chunk: the first caller becomes the [`Fill::Leader`] and
+    /// must fetch it and call [`FillGuard::complete`]; callers arriving before that wait for the
+    /// leader's result. Every caller gets a [`FillWaiter`].
+    pub fn begin_fill(self: &Arc<Self>, digest: &str) -> Result<Fill, CacheError> {
+        let key = parse_digest(digest)?;
+        let (tx, rx) = oneshot::channel();
+        let mut pending = lock(&self.pending);
+        let waiter = FillWaiter(rx);
+        match pending.get_mut(&key) {
+            Some(waiters) => {
+                waiters.push(tx);
+                Ok(Fill::Follower(waiter))
+            }
+            None => {
+                pending.insert(key, vec![tx]);
+                Ok(Fill::Leader(
+                    FillGuard {
+                        cache: Arc::clone(self),
+                        key,
+                        finished: false,
+                    },
+                    waiter,
+                ))
+            }
+        }
+    }
+
+    /// Whether a fill of the chunk is under way.
+    pub fn is_filling(&self, digest: &str) -> bool {
+        parse_digest(digest)
+            .map(|key| lock(&self.pending).contains_key(&key))
+            .unwrap_or(false)
+    }
+
+    fn finish_fill(&self, key: &Key, result: Result<Bytes, FillError>) {
+        let waiters = lock(&self.pending).remove(key).unwrap_or_default();
+        for tx in waiters {
+            let _ = tx.send(result.clone());
+        }
+    }
+
+    fn memory_hit(&self, key: &Key) -> Option<Bytes> {
+        let data = lock(&self.memory).lru.get(key).cloned()?;
+        // Keep the disk copy of a hot chunk from being evicted first.
+        lock(&self.disk).lru.promote(key);
+        self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+        metrics::record_cache_hit(CacheTier::Memory);
+        Some(data)
+    }
+
+    fn note_miss(&self) {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        metrics::record_cache_miss();
+    }
+
+    /// Reads a whole chunk file, checking its size and (for entries found at open) its digest.
+    fn load_from_disk(&self, key: &Key) -> Option<Bytes> {
+        let (size, verified, touched) = {
+            let mut disk = lock(&self.disk);
+            match disk.lru.get(key) {
+                Some(e) => (e.size, e.verified, e.touched),
+                None => {
+                    drop(disk);
+                    self.note_miss();
+                    return None;
+                }
+            }
+        };
+        let path = self.chunk_path(key);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.forget_missing(key, &path, &e);
+                self.note_miss();
+                return None;
+            }
+        };
+        let data = match (file.metadata(), usize::try_from(size)) {
+            (Ok(meta), Ok(len)) if meta.len() == size => {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, 0).ok().map(|()| buf)
+            }
+            _ => None,
+        };
+        let Some(data) = data else {
+            self.remove_corrupt(key, "size differs from the index or read failed");
+            self.note_miss();
+            return None;
+        };
+        if !verified {
+            if sha256_key(&data) != *key {
+                self.remove_corrupt(key, "content does not match its digest");
+                self.note_miss();
+                return None;
+            }
+            if let Some(e) = lock(&self.disk).lru.peek_mut(key) {
+                e.verified = true;
+            }
+        }
+        self.maybe_touch(key, &file, touched);
+        self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+        metrics::record_cache_hit(CacheTier::Disk);
+        Some(Bytes::from(data))
+    }
+
+    fn insert_memory(&self, key: Key, data: Bytes) {
+        let budget = self.opts.memory_bytes;
+        let len = data.len() as u64;
+        if len == 0 || len > budget / 2 {
+            return;
+        }
+        let mut mem = lock(&self.memory);
+        if let Some(old) = mem.lru.put(key, data) {
+            mem.bytes = mem.bytes.saturating_sub(old.len() as u64);
+        }
+        mem.bytes += len;
+        while mem.bytes > budget {
+            match mem.lru.pop_lru() {
+                Some((_, old)) => mem.bytes = mem.bytes.saturating_sub(old.len() as u64),
+                None => break,
+            }
+        }
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.opened.elapsed().as_secs()
+    }
+
+    /// Refreshes the file's mtime (the restart-time recency order) at most once a minute.
+    fn maybe_touch(&self, key: &Key, file: &File, touched: u64) {
+        let now = self.now_secs();
+        if touched != 0 && now.saturating_sub(touched) < TOUCH_INTERVAL_SECS {
+            return;
+        }
+        if file.set_modified(SystemTime::now()).is_ok() {
+            if let Some(e) = lock(&self.disk).lru.peek_mut(key) {
+                e.touched = now.max(1);
+            }
+        }
+    }
+
+    /// The index says a chunk is on disk but opening it failed: drop the entry if the file is
+    /// really gone (checked under the lock, as renames and unlinks happen under it).
+    fn forget_missing(&self, key: &Key, path: &Path, err: &io::Error) {
+        let mut disk = lock(&self.disk);
+        if !path.exists() {
+            if let Some(e) = disk.lru.pop(key) {
+                disk.bytes = disk.bytes.saturating_sub(e.size);
+            }
+            tracing::warn!(path = %path.display(), error = %err, "cached chunk file vanished; it will be refetched");
+        }
+    }
+
+    fn remove_corrupt(&self, key: &Key, why: &str) {
+        let path = self.chunk_path(key);
+        let mut disk = lock(&self.disk);
+        if let Some(e) = disk.lru.pop(key) {
+            disk.bytes = disk.bytes.saturating_sub(e.size);
+        }
+        let _ = fs::remove_file(&path);
+        drop(disk);
+        self.counters
+            .corrupt_removed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(path = %path.display(), reason = why, "removed a corrupt cached chunk; it will be refetched");
+    }
+
+    fn write_temp(&self, data: &[u8]) -> Result<PathBuf, CacheError> {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp_dir
+            .join(format!("{}-{seq}.part", std::process::id()));
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            file.write_all(data)?;
+            if self.opts.sync_writes {
+                file.sync_data()?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(CacheError::Io {
+                action: "write chunk temp file",
+                path: tmp,
+                source,
+            });
+        }
+        Ok(tmp)
+    }
+
+    /// Evicts least recently used chunks until at most `target` bytes remain (never `keep`).
+    /// Unlinks happen under the index lock so they cannot race a rename of the same digest.
+    fn evict_locked(&self, disk: &mut DiskIndex, target: u64, keep: Option<&Key>) -> u64 {
+        let mut evicted = 0;
+        while disk.bytes > target {
+            let Some((key, entry)) = disk.lru.pop_lru() else {
+                break;
+            };
+            if Some(&key) == keep {
+                // The only entry left is the one being kept.
+                disk.lru.put(key, entry);
+                break;
+            }
+            disk.bytes = disk.bytes.saturating_sub(entry.size);
+            let path = self.chunk_path(&key);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove evicted chunk");
+                }
+            }
+            evicted += 1;
+        }
+        evicted
+    }
+
+    fn note_evictions(&self, evicted: u64, bytes_now: u64) {
+        if evicted > 0 {
+            self.counters
+                .evictions
+                .fetch_add(evicted, Ordering::Relaxed);
+            metrics::record_evictions(evicted);
+        }
+        metrics::set_cache_bytes(bytes_now);
+    }
+
+    /// If the filesystem is above the high watermark, evicts down to the low one.
+    fn enforce_watermarks(&self) {
+        let (Some(high), Some(low)) = (self.opts.high_watermark_pct, self.opts.low_watermark_pct)
+        else {
+            return;
+        };
+        let Ok(vfs) = nix::sys::statvfs::statvfs(&self.chunks_dir) else {
+            return;
+        };
+        let frsize = vfs.fragment_size();
+        let capacity = vfs.blocks().saturating_mul(frsize);
+        let available = vfs.blocks_available().saturating_mul(frsize);
+        if capacity == 0 {
+            return;
+        }
+        let used = capacity.saturating_sub(available);
+        if used.saturating_mul(100) < capacity.saturating_mul(u64::from(high)) {
+            return;
+        }
+        let low_bytes = capacity / 100 * u64::from(low);
+        let to_free = used.saturating_sub(low_bytes);
+        let mut disk = lock(&self.disk);
+        let target = disk.bytes.saturating_sub(to_free);
+        let evicted = self.evict_locked(&mut disk, target, None);
+        self.note_evictions(evicted, disk.bytes);
+        tracing::info!(
+            used_pct = used * 100 / capacity,
+            high,
+            low,
+            evicted,
+            "disk above the high watermark: evicted chunks"
+        );
+    }
+}
+
+fn slice_clamped(data: &Bytes, offset: u64, len: usize) -> Bytes {
+    let size = data.len();
+    let start = usize::try_from(offset).unwrap_or(size).min(size);
+    let end = start.saturating_add(len).min(size);
+    data.slice(start..end)
+}
+
+/// Lists `(digest, size, mtime)` of the chunk files; removes files whose names are not digests.
+fn scan_chunks(chunks_dir: &Path) -> Result<Vec<(Key, u64, SystemTime)>, CacheError> {
+    let mut found = Vec::new();
+    for shard in 0..=255u8 {
+        let shard_name = hex::encode([shard]);
+        let shard_dir = chunks_dir.join(&shard_name);
+        let entries = fs::read_dir(&shard_dir).map_err(io_err("list", &shard_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", &shard_dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let key = name
+                .to_str()
+                .filter(|n| n.len() == 64 && n.starts_with(&shard_name))
+                .and_then(|n| parse_digest(&format!("sha256:{n}")).ok());
+            let meta = entry.metadata().ok().filter(|m| m.is_file());
+            match (key, meta) {
+                (Some(key), Some(meta)) => {
+                    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((key, meta.len(), mtime));
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), "removing a stray file from the chunk cache");
+                    let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Result of [`ChunkCache::begin_fill`].
+pub enum Fill {
+    /// This caller fetches the chunk and completes the guard; the waiter receives the result.
+    Leader(FillGuard, FillWaiter),
+    /// Another caller is fetching the chunk; wait for its result.
+    Follower(FillWaiter),
+}
+
+/// Held by the one caller fetching a chunk. Dropping it without [`FillGuard::complete`] wakes
+/// the waiters with [`FillError::Abandoned`].
+pub struct FillGuard {
+    cache: Arc<ChunkCache>,
+    key: Key,
+    finished: bool,
+}
+
+impl FillGuard {
+    /// Hands the verified chunk (or why there is none) to every waiter and ends the fill. The
+    /// caller inserts the chunk into the cache before completing, so later readers hit it.
+    pub fn complete(mut self, result: Result<Bytes, FillError>) {
+        self.finished = true;
+        self.cache.finish_fill(&self.key, result);
+    }
+
+    /// The chunk digest this guard fills.
+    pub fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.key))
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache.finish_fill(&self.key, Err(FillError::Abandoned));
+        }
+    }
+}
+
+/// Receives the result of a fill.
+pub struct FillWaiter(oneshot::Receiver<Result<Bytes, FillError>>);
+
+impl FillWaiter {
+    /// Waits for the leader's result.
+    pub async fn wait(self) -> Result<Bytes, FillError> {
+        self.0.await.unwrap_or(Err(FillError::Abandoned))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    fn opts(dir: &Path, max: u64, mem: u64) -> CacheOptions {
+        CacheOptions {
+            max_bytes: max,
+            memory_bytes: mem,
+            ..CacheOptions::new(dir)
+        }
+    }
+
+    #[test]
+    fn insert_then_get_and_read_at_from_both_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        let data = Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let d = digest_of(&data);
+        assert!(cache.get(&d).is_none());
+        cache.insert(&d, data.clone()).unwrap();
+        assert!(cache.contains(&d));
+        assert_eq!(cache.get(&d).unwrap(), data);
+        assert_eq!(cache.read_at(&d, 4990, 100).unwrap(), data.slice(4990..));
+        assert_eq!(cache.read_at(&d, 6000, 10).unwrap().len(), 0);
+        let hex = &d["sha256:".len()..];
+        assert!(dir
+            .path()
+            .join("chunks/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .is_file());
+        let stats = cache.stats();
+        assert_eq!(stats.disk_hits, 3);
+        assert_eq!(stats.misses, 1);
+        assert_eq!(stats.disk_bytes, 5000);
+
+        let cache2_dir = tempfile::tempdir().unwrap();
+        let mem_cache = ChunkCache::open(opts(cache2_dir.path(), 1 << 20, 1 << 20)).unwrap();
+        mem_cache.insert(&d, data.clone()).unwrap();
+        assert_eq!(mem_cache.read_at(&d, 10, 10).unwrap(), data.slice(10..20));
+        assert_eq!(mem_cache.stats().memory_hits, 1);
+    }
+
+    #[test]
+    fn rejects_bad_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        for bad in [
+            "",
+            "sha256:",
+            "sha256:zz",
+            "md5:00",
+            "sha256:../../etc/passwd",
+        ] {
+            assert!(matches!(
+                cache.insert(bad, Bytes::from_static(b"x")),
+                Err(CacheError::InvalidDigest { .. })
+            ));
+            assert!(cache.get(bad).is_none());
+        }
+    }
+
+    #[test]
+    fn size_bound_evicts_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 3000, 0)).unwrap();
+        let chunks: Vec<Bytes> = (0..5u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+        let digests: Vec<String> = chunks.iter().map(|c| digest_of(c)).collect();
+        for i in 0..3 {
+            cache.insert(&digests[i], chunks[i].clone()).unwrap();
+        }
+        // Touch chunk 0 so chunk 1 is the least recently used.
+        assert!(cache.get(&digests[0]).is_some());
+        cache.insert(&digests[3], chunks[3].clone()).unwrap();
+        assert!(cache.contains(&digests[0]));
+        assert!(!cache.contains(&digests[1]));
+        assert!(cache.stats().disk_bytes <= 3000);
+        cache.insert(&digests[4], chunks[4].clone()).unwrap();
+        assert!(!cache.contains(&digests[2]));
+        assert_eq!(cache.stats().evictions, 2);
+        assert!(cache.stats().disk_bytes <= 3000);
+        assert!(matches!(
+            cache.insert(&digest_of(&[9; 4000]), Bytes::from(vec![9; 4000])),
+            Err(CacheError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn reopen_reuses_chunks_removes_temps_and_detects_torn_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = Bytes::from(vec![7u8; 3000]);
+        let torn = Bytes::from(vec![8u8; 3000]);
+        let (dg, dt) = (digest_of(&good), digest_of(&torn));
+        {
+            let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 1 << 20)).unwrap();
+            cache.insert(&dg, good.clone()).unwrap();
+            cache.insert(&dt, torn.clone()).unwrap();
+            assert!(matches!(
+                ChunkCache::open(opts(dir.path(), 1 << 20, 0)),
+                Err(CacheError::Locked { .. })
+            ));
+        }
+        // Simulate a crash: a leftover temp file and a chunk file cut short.
+        std::fs::write(dir.path().join("tmp/123-0.part"), b"partial").unwrap();
+        let hex = &dt["sha256:".len()..];
+        let torn_path = dir.path().join("chunks/sha256").join(&hex[..2]).join(hex);
+        std::fs::write(&torn_path, vec![8u8; 10]).unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 1 << 20)).unwrap();
+        assert!(!dir.path().join("tmp/123-0.part").exists());
+        assert_eq!(cache.stats().disk_entries, 2);
+        assert_eq!(cache.get(&dg).unwrap(), good);
+        assert!(cache.read_at(&dt, 0, 5).is_none());
+        assert!(!torn_path.exists());
+        assert_eq!(cache.stats().corrupt_removed, 1);
+    }
+
+    #[test]
+    fn reopen_with_smaller_bound_evicts_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<Bytes> = (0..4u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+        let digests: Vec<String> = chunks.iter().map(|c| digest_of(c)).collect();
+        {
+            let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+            for (i, c) in chunks.iter().enumerate() {
+                cache.insert(&digests[i], c.clone()).unwrap();
+                let hex = &digests[i]["sha256:".len()..];
+                let path = dir.path().join("chunks/sha256").join(&hex[..2]).join(hex);
+                let when = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+                File::open(path).unwrap().set_modified(when).unwrap();
+            }
+        }
+        let cache = ChunkCache::open(opts(dir.path(), 2000, 0)).unwrap();
+        assert!(!cache.contains(&digests[0]));
+        assert!(!cache.contains(&digests[1]));
+        assert!(cache.contains(&digests[2]));
+        assert!(cache.contains(&digests[3]));
+    }
+
+    #[tokio::test]
+    async fn singleflight_leader_and_followers_share_one_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        let d = digest_of(b"abc");
+        let Fill::Leader(guard, leader_wait) = cache.begin_fill(&d).unwrap() else {
+            panic!("first caller must lead");
+        };
+        let Fill::Follower(follower_wait) = cache.begin_fill(&d).unwrap() else {
+            panic!("second caller must follow");
+        };
+        assert!(cache.is_filling(&d));
+        guard.complete(Ok(Bytes::from_static(b"abc")));
+        assert_eq!(&leader_wait.wait().await.unwrap()[..], b"abc");
+        assert_eq!(&follower_wait.wait().await.unwrap()[..], b"abc");
+        assert!(!cache.is_filling(&d));
+
+        let Fill::Leader(guard, wait) = cache.begin_fill(&d).unwrap() else {
+            panic!("a new fill starts after completion");
+        };
+        drop(guard);
+        assert!(matches!(wait.wait().await, Err(FillError::Abandoned)));
+    }
+
+    #[test]
+    fn watermarks_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), 1 << 20, 0);
+        o.high_watermark_pct = Some(80);
+        o.low_watermark_pct = Some(85);
+        assert!(matches!(ChunkCache::open(o), Err(CacheError::Options(_))));
+    }
+
+    #[test]
+    fn watermark_below_current_usage_evicts_down_to_empty() {
+        // high = 1 %: any real filesystem is above it, so every insert triggers eviction
+        // down to "low" = 0 %, which the cache can never reach: it empties itself.
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), 1 << 20, 0);
+        o.high_watermark_pct = Some(1);
+        o.low_watermark_pct = Some(0);
+        let cache = ChunkCache::open(o).unwrap();
+        let a = Bytes::from(vec![1u8; 100]);
+        cache.insert(&digest_of(&a), a.clone()).unwrap();
+        assert_eq!(cache.stats().disk_entries, 0);
+        assert!(cache.stats().evictions >= 1);
+    }
+}

@@ -1,2 +1,361 @@
 //! The daemon's one TOML configuration file: every key, its default, and validation that names
 //! the offending key.
+//!
+//! Every key is optional; an empty file (or no file) means all defaults. Unknown keys are errors
+//! that name the key. The full file with defaults (also in `packaging/config.toml`):
+//!
+//! ```toml
+//! # State directory: snapshot metadata (metadata.db) and snapshot directories.
+//! root = "/var/lib/lazysnap"
+//! # Unix socket containerd's proxy plugin connects to (created mode 0660).
+//! address = "/run/lazysnap/lazysnap.sock"
+//! # Log format: "text" or "json".
+//! log_format = "text"
+//! # Prometheus endpoint, e.g. "127.0.0.1:9345"; empty = off. Must be a loopback address.
+//! metrics_address = ""
+//!
+//! [cache]
+//! # Chunk cache directory; default "<root>/cache".
+//! dir = ""
+//! # Size bound of the disk cache in bytes (default 10 GiB).
+//! max_bytes = 10737418240
+//! # In-memory tier in bytes (default 64 MiB).
+//! memory_bytes = 67108864
+//! # Eviction starts above high_watermark_pct of max_bytes and stops below low_watermark_pct.
+//! high_watermark_pct = 90
+//! low_watermark_pct = 80
+//!
+//! [fetch]
+//! # Fetch the prioritized part of each layer when it is mounted.
+//! prefetch = true
+//! # Fill the rest of each layer in the background.
+//! background_fill = true
+//! # Concurrent background range requests across all layers.
+//! background_concurrency = 2
+//! # Background bandwidth limit in bytes/s (0 = unlimited).
+//! background_bandwidth = 0
+//! # Deadline of one on-demand read, in seconds: after it the process gets EIO.
+//! read_deadline_secs = 30
+//! # Timeout of one HTTP request, in seconds.
+//! request_timeout_secs = 30
+//!
+//! [registry]
+//! # containerd-style hosts.toml tree (<dir>/<host>/hosts.toml), as containerd's config_path.
+//! config_path = "/etc/containerd/certs.d"
+//! # Docker config with registry credentials; empty = $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+//! docker_config = ""
+//! # Use plain HTTP for every registry (localhost / 127.0.0.1 always use plain HTTP).
+//! plain_http = false
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default state directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
+/// Default socket containerd connects to.
+pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
+
+/// A configuration file that cannot be used; names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type (the message names the key).
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value of the right type that is not allowed.
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole configuration of `lazysnap serve`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory (default `/var/lib/lazysnap`).
+    pub root: PathBuf,
+    /// Unix socket path (default `/run/lazysnap/lazysnap.sock`).
+    pub address: PathBuf,
+    /// `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// Prometheus endpoint address; empty (default) = off; loopback only.
+    pub metrics_address: String,
+    pub cache: CacheConfig,
+    pub fetch: FetchConfig,
+    pub registry: RegistryConfig,
+}
+
+/// `[cache]`: the chunk cache.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Cache directory; empty (default) = `<root>/cache`.
+    pub dir: PathBuf,
+    /// Disk size bound in bytes (default 10 GiB).
+    pub max_bytes: u64,
+    /// Memory tier in bytes (default 64 MiB).
+    pub memory_bytes: u64,
+    /// Eviction starts above this percentage of `max_bytes` (default 90).
+    pub high_watermark_pct: u8,
+    /// Eviction stops below this percentage (default 80).
+    pub low_watermark_pct: u8,
+}
+
+/// `[fetch]`: prefetch, background fill and deadlines.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Prefetch the prioritized part of a layer on mount (default true).
+    pub prefetch: bool,
+    /// Fill the rest of each layer in the background (default true).
+    pub background_fill: bool,
+    /// Concurrent background requests (default 2).
+    pub background_concurrency: u32,
+    /// Background bandwidth in bytes/s, 0 = unlimited (default 0).
+    pub background_bandwidth: u64,
+    /// On-demand read deadline in seconds (default 30).
+    pub read_deadline_secs: u64,
+    /// HTTP request timeout in seconds (default 30).
+    pub request_timeout_secs: u64,
+}
+
+/// `[registry]`: how registries are reached.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// hosts.toml directory (default `/etc/containerd/certs.d`).
+    pub config_path: PathBuf,
+    /// Docker config file; empty (default) = the usual locations.
+    pub docker_config: PathBuf,
+    /// Plain HTTP for every registry (default false).
+    pub plain_http: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            log_format: LogFormat::Text,
+            metrics_address: String::new(),
+            cache: CacheConfig::default(),
+            fetch: FetchConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            memory_bytes: 64 * 1024 * 1024,
+            high_watermark_pct: 90,
+            low_watermark_pct: 80,
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: true,
+            background_fill: true,
+            background_concurrency: 2,
+            background_bandwidth: 0,
+            read_deadline_secs: 30,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            config_path: PathBuf::from("/etc/containerd/certs.d"),
+            docker_config: PathBuf::new(),
+            plain_http: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML `text`; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            message,
+        };
+        if self.root.as_os_str().is_empty() || !self.root.is_absolute() {
+            return Err(invalid(
+                "root",
+                format!("{:?} must be an absolute path", self.root),
+            ));
+        }
+        if self.address.as_os_str().is_empty() || !self.address.is_absolute() {
+            return Err(invalid(
+                "address",
+                format!("{:?} must be an absolute socket path", self.address),
+            ));
+        }
+        if !self.metrics_address.is_empty() {
+            let addr: SocketAddr = self.metrics_address.parse().map_err(|e| {
+                invalid(
+                    "metrics_address",
+                    format!(
+                        "{:?} is not HOST:PORT ({e}); e.g. \"127.0.0.1:9345\"",
+                        self.metrics_address
+                    ),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "metrics_address",
+                    format!(
+                        "{addr} is not a loopback address; the metrics endpoint only binds 127.0.0.1 or ::1"
+                    ),
+                ));
+            }
+        }
+        let c = &self.cache;
+        if c.high_watermark_pct == 0 || c.high_watermark_pct > 100 {
+            return Err(invalid(
+                "cache.high_watermark_pct",
+                format!("{} must be 1..=100", c.high_watermark_pct),
+            ));
+        }
+        if c.low_watermark_pct >= c.high_watermark_pct {
+            return Err(invalid(
+                "cache.low_watermark_pct",
+                format!(
+                    "{} must be below cache.high_watermark_pct ({})",
+                    c.low_watermark_pct, c.high_watermark_pct
+                ),
+            ));
+        }
+        if c.max_bytes == 0 {
+            return Err(invalid("cache.max_bytes", "must be above 0".into()));
+        }
+        if self.fetch.background_concurrency == 0 && self.fetch.background_fill {
+            return Err(invalid(
+                "fetch.background_concurrency",
+                "must be at least 1 while fetch.background_fill is on".into(),
+            ));
+        }
+        if self.fetch.read_deadline_secs == 0 {
+            return Err(invalid(
+                "fetch.read_deadline_secs",
+                "must be at least 1 (a read must never wait forever, nor fail at once)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cache directory: `cache.dir`, or `<root>/cache` when empty.
+    pub fn cache_dir(&self) -> PathBuf {
+        if self.cache.dir.as_os_str().is_empty() {
+            self.root.join("cache")
+        } else {
+            self.cache.dir.clone()
+        }
+    }
+
+    /// The metrics endpoint address, when enabled.
+    pub fn metrics_socket_addr(&self) -> Option<SocketAddr> {
+        self.metrics_address.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_documented_defaults() {
+        let config = Config::parse("", "test").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.root, PathBuf::from("/var/lib/lazysnap"));
+        assert_eq!(config.cache_dir(), PathBuf::from("/var/lib/lazysnap/cache"));
+        assert!(config.metrics_socket_addr().is_none());
+    }
+
+    #[test]
+    fn packaged_example_parses_to_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        assert_eq!(Config::parse(text, "packaging").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[cache]\nmax_byte = 5\n", "f.toml").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("max_byte"), "{message}");
+        assert!(message.contains("f.toml"), "{message}");
+        let err = Config::parse("rooot = \"/x\"\n", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("rooot"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::parse("metrics_address = \"0.0.0.0:9000\"\n", "f").unwrap_err();
+        assert!(err.to_string().contains("metrics_address"), "{err}");
+        let err = Config::parse(
+            "[cache]\nhigh_watermark_pct = 50\nlow_watermark_pct = 60\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cache.low_watermark_pct"), "{err}");
+        let err = Config::parse("[fetch]\nprefetch = \"yes\"\n", "f").unwrap_err();
+        assert!(err.to_string().contains("prefetch"), "{err}");
+        let ok = Config::parse(
+            "root = \"/tmp/x\"\nmetrics_address = \"127.0.0.1:9345\"\nlog_format = \"json\"\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(ok.log_format, LogFormat::Json);
+        assert!(ok.metrics_socket_addr().is_some());
+    }
+}

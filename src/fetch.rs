@@ -1,2 +1,1048 @@
 //! Per-layer chunk reader behind FUSE: on-demand reads first, then prefetch, then background fill;
 //! singleflight per chunk, coalesced ranges, deadlines, decompression and digest verification.
+//!
+//! [`LayerReader`] implements [`lazysnap_fuse::ContentSource`]. A read whose chunks are all cached
+//! is answered on the calling (FUSE) thread with no task hop; otherwise the reply moves to a tokio
+//! task and the FUSE thread returns at once. Missing chunks are claimed through the cache's
+//! singleflight table (chunk identity is the digest, so readers in other layers share a fetch),
+//! adjacent ones are coalesced into one range request, decoded and verified by
+//! [`estargz::decode_chunk`], stored in the cache and only then served. Every read has a deadline;
+//! the fetch behind it retries transient failures a bounded number of times.
+//!
+//! [`LayerReader::start_prefetch`] fetches the prioritized range (few large requests) and then
+//! fills the rest of the layer in the background: lowest priority, paused while any on-demand
+//! read is in flight ([`OnDemandActivity`]), with per-layer concurrency and bandwidth limits.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use lazysnap_fuse::{ContentId, ContentSource, ReadDone};
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::blob::{BlobError, BlobSource};
+use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
+use crate::estargz::{self, ChunkInfo, Compression};
+use crate::metrics::{self, FetchKind};
+
+/// One regular file of a layer: its name (for messages), size and chunks in file order.
+#[derive(Debug, Clone)]
+pub struct FileChunks {
+    pub name: String,
+    pub size: u64,
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// Counts on-demand reads waiting for the network, node-wide; background fill pauses while it is
+/// non-zero. One process-global instance is the default ([`OnDemandActivity::global`]).
+#[derive(Debug, Default)]
+pub struct OnDemandActivity {
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+static GLOBAL_ACTIVITY: LazyLock<Arc<OnDemandActivity>> = LazyLock::new(Default::default);
+
+impl OnDemandActivity {
+    /// A separate tracker (tests, or isolating groups of layers).
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The process-wide tracker shared by all layers by default.
+    pub fn global() -> Arc<Self> {
+        Arc::clone(&GLOBAL_ACTIVITY)
+    }
+
+    /// Marks one on-demand read as waiting until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(Arc::clone(self))
+    }
+
+    /// On-demand reads waiting now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Returns once no on-demand read is waiting.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// See [`OnDemandActivity::enter`].
+pub struct ActivityGuard(Arc<OnDemandActivity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Settings of a [`LayerReader`].
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Longest time a read may wait for the network before it fails with EIO.
+    pub deadline: Duration,
+    /// Longest time one range request may take before it is retried.
+    pub attempt_timeout: Duration,
+    /// Retries of a failed or timed-out range request (transient failures only), within `deadline`.
+    pub retries: u32,
+    /// Fetch the prioritized range when [`LayerReader::start_prefetch`] is called.
+    pub prefetch: bool,
+    /// Fill the rest of the layer in the background after the prefetch.
+    pub background: bool,
+    /// Background fill bandwidth limit in bytes per second (`None`: unlimited).
+    pub bandwidth: Option<u64>,
+    /// Background fill range requests in flight at once.
+    pub concurrency: usize,
+    /// Largest coalesced request for on-demand and background reads.
+    pub max_request_bytes: u64,
+    /// Largest single request of the prefetch (the prioritized range is split beyond it).
+    pub max_prefetch_request_bytes: u64,
+    /// Tracker of on-demand reads that background fill yields to.
+    pub activity: Arc<OnDemandActivity>,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(10),
+            retries: 3,
+            prefetch: true,
+            background: true,
+            bandwidth: None,
+            concurrency: 2,
+            max_request_bytes: 16 << 20,
+            max_prefetch_request_bytes: 256 << 20,
+            activity: OnDemandActivity::global(),
+        }
+    }
+}
+
+/// What a layer has fetched and served, for `lazysnap status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerFetchStats {
+    /// Compressed bytes fetched for reads a process waited on.
+    pub on_demand_bytes: u64,
+    /// Compressed bytes fetched by the prefetch of the prioritized range.
+    pub prefetch_bytes: u64,
+    /// Compressed bytes fetched by background fill.
+    pub background_bytes: u64,
+    /// Range requests sent.
+    pub requests: u64,
+    /// Chunk lookups answered by the cache.
+    pub cache_hits: u64,
+    /// Chunk lookups the cache could not answer.
+    pub cache_misses: u64,
+    /// Distinct chunks of this layer now in the cache.
+    pub fetched_chunks: u64,
+    /// Distinct chunks of this layer.
+    pub total_chunks: u64,
+    /// Chunks whose bytes failed verification.
+    pub verify_failures: u64,
+    /// Reads answered with an error.
+    pub read_errors: u64,
+    /// The prefetch has finished (or was not asked for).
+    pub prefetch_done: bool,
+    /// Background fill has finished.
+    pub background_done: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    on_demand_bytes: AtomicU64,
+    prefetch_bytes: AtomicU64,
+    background_bytes: AtomicU64,
+    requests: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    verify_failures: AtomicU64,
+    read_errors: AtomicU64,
+    prefetch_done: AtomicBool,
+    background_done: AtomicBool,
+}
+
+/// Position of a chunk: (file index, chunk index within the file).
+type ChunkRef = (usize, usize);
+
+/// Reads a layer's files chunk by chunk from a blob through the shared cache.
+pub struct LayerReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    layer: String,
+    blob: Arc<dyn BlobSource>,
+    compression: Compression,
+    files: Vec<FileChunks>,
+    /// Why a file's chunk list is unusable (its reads fail with EIO), per file.
+    file_errors: Vec<Option<String>>,
+    /// Distinct chunks of the layer in blob order.
+    layer_chunks: Vec<ChunkRef>,
+    cache: Arc<ChunkCache>,
+    opts: FetchOptions,
+    runtime: Handle,
+    counters: Counters,
+    prefetch_started: AtomicBool,
+    cancel: CancellationToken,
+    background_slots: Arc<Semaphore>,
+    bandwidth_next: Mutex<Option<Instant>>,
+}
+
+/// Calls a [`ReadDone`] exactly once: with the result, or with EIO if dropped unanswered (a task
+/// cancelled at shutdown must still answer the kernel).
+struct Reply(Option<ReadDone>);
+
+impl Reply {
+    fn send(mut self, result: Result<Bytes, i32>) {
+        if let Some(done) = self.0.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(libc::EIO));
+        }
+    }
+}
+
+fn check_file(file: &FileChunks, blob_size: u64) -> Result<(), String> {
+    if file.size == 0 {
+        return Ok(());
+    }
+    let mut expected = 0u64;
+    for c in &file.chunks {
+        if c.file_offset != expected {
+            return Err(format!(
+                "chunk at file offset {} does not follow the previous one ending at {expected}",
+                c.file_offset
+            ));
+        }
+        if c.len == 0 {
+            return Err(format!("empty chunk at file offset {}", c.file_offset));
+        }
+        if c.compressed.start >= c.compressed.end || c.compressed.end > blob_size {
+            return Err(format!(
+                "chunk at file offset {} has compressed range {}..{} outside the blob of {blob_size} bytes",
+                c.file_offset, c.compressed.start, c.compressed.end
+            ));
+        }
+        expected = expected
+            .checked_add(c.len)
+            .ok_or_else(|| "chunk lengths overflow".to_string())?;
+    }
+    if expected != file.size {
+        return Err(format!(
+            "chunks cover {expected} bytes but the file has {}",
+            file.size
+        ));
+    }
+    Ok(())
+}
+
+impl LayerReader {
+    /// A reader for `files` (a [`ContentId`] is an index into it) of the layer stored in `blob`.
+    /// Files whose chunk lists are inconsistent are logged and read as EIO. Tasks run on
+    /// `runtime`; `layer_name` names the layer in logs and metrics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        blob: Arc<dyn BlobSource>,
+        compression: Compression,
+        mut files: Vec<FileChunks>,
+        cache: Arc<ChunkCache>,
+        opts: FetchOptions,
+        runtime: Handle,
+        layer_name: impl Into<String>,
+    ) -> Arc<LayerReader> {
+        let layer = layer_name.into();
+        let blob_size = blob.size();
+        let mut file_errors = Vec::with_capacity(files.len());
+        for file in &mut files {
+            if !file.chunks.is_sorted_by_key(|c| c.file_offset) {
+                file.chunks.sort_by_key(|c| c.file_offset);
+            }
+            let error = check_file(file, blob_size).err();
+            if let Some(e) = &error {
+                tracing::error!(layer = %layer, file = %file.name, error = %e, "file has an unusable chunk list; its reads fail");
+            }
+            file_errors.push(error);
+        }
+        let mut layer_chunks: Vec<ChunkRef> = Vec::new();
+        {
+            let mut seen = std::collections::HashSet::new();
+            for (fi, file) in files.iter().enumerate() {
+                if file_errors[fi].is_some() || file.size == 0 {
+                    continue;
+                }
+                for (ci, c) in file.chunks.iter().enumerate() {
+                    if seen.insert(c.digest.as_str()) {
+                        layer_chunks.push((fi, ci));
+                    }
+                }
+            }
+        }
+        layer_chunks.sort_by_key(|&(fi, ci)| files[fi].chunks[ci].compressed.start);
+        let concurrency = opts.concurrency.max(1);
+        Arc::new(LayerReader {
+            inner: Arc::new(Inner {
+                layer,
+                blob,
+                compression,
+                files,
+                file_errors,
+                layer_chunks,
+                cache,
+                opts,
+                runtime,
+                counters: Counters::default(),
+                prefetch_started: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                background_slots: Arc::new(Semaphore::new(concurrency)),
+                bandwidth_next: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Starts, once, the prefetch of `range` (the compressed range of the prioritized files;
+    /// `None` when the layer has none) followed by background fill, as the options allow. Returns
+    /// at once; the work runs on the runtime until done or [`LayerReader::shutdown`].
+    pub fn start_prefetch(&self, range: Option<Range<u64>>) {
+        if self.inner.prefetch_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        self.inner.runtime.spawn(async move {
+            if inner.opts.prefetch {
+                if let Some(range) = range {
+                    inner.prefetch(range).await;
+                }
+            }
+            inner.counters.prefetch_done.store(true, Ordering::SeqCst);
+            if inner.opts.background && !inner.cancel.is_cancelled() {
+                inner.background_fill().await;
+            }
+        });
+    }
+
+    /// Stops prefetch and background fill and fails pending fetches of this layer. Also done on
+    /// drop.
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// Counters for `lazysnap status`.
+    pub fn stats(&self) -> LayerFetchStats {
+        let c = &self.inner.counters;
+        let fetched_chunks = self
+            .inner
+            .layer_chunks
+            .iter()
+            .filter(|&&(fi, ci)| {
+                self.inner
+                    .cache
+                    .contains(&self.inner.files[fi].chunks[ci].digest)
+            })
+            .count() as u64;
+        LayerFetchStats {
+            on_demand_bytes: c.on_demand_bytes.load(Ordering::Relaxed),
+            prefetch_bytes: c.prefetch_bytes.load(Ordering::Relaxed),
+            background_bytes: c.background_bytes.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_misses: c.cache_misses.load(Ordering::Relaxed),
+            fetched_chunks,
+            total_chunks: self.inner.layer_chunks.len() as u64,
+            verify_failures: c.verify_failures.load(Ordering::Relaxed),
+            read_errors: c.read_errors.load(Ordering::Relaxed),
+            prefetch_done: c.prefetch_done.load(Ordering::SeqCst),
+            background_done: c.background_done.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The layer's name as given at construction.
+    pub fn layer_name(&self) -> &str {
+        &self.inner.layer
+    }
+
+    /// Reads `size` bytes of file `content` at `offset` and waits for the result (tests, tools;
+    /// FUSE uses [`ContentSource::read`]). Must not be called from a runtime worker thread when
+    /// chunks need fetching on a current-thread runtime.
+    pub async fn read_async(
+        &self,
+        content: ContentId,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, i32> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.read(
+            content,
+            offset,
+            size,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await.unwrap_or(Err(libc::EIO))
+    }
+}
+
+impl Drop for LayerReader {
+    fn drop(&mut self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+impl ContentSource for LayerReader {
+    fn read(&self, content: ContentId, offset: u64, size: u32, done: ReadDone) {
+        let reply = Reply(Some(done));
+        let inner = &self.inner;
+        let Some(index) = usize::try_from(content)
+            .ok()
+            .filter(|&i| i < inner.files.len())
+        else {
+            tracing::error!(layer = %inner.layer, content, "read of an unknown content id");
+            inner.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+            reply.send(Err(libc::EIO));
+            return;
+        };
+        if let Some(e) = &inner.file_errors[index] {
+            tracing::error!(layer = %inner.layer, file = %inner.files[index].name, error = %e, "read of a file with an unusable chunk list");
+            inner.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+            reply.send(Err(libc::EIO));
+            return;
+        }
+        let file = &inner.files[index];
+        let end = offset.saturating_add(u64::from(size)).min(file.size);
+        if offset >= end {
+            reply.send(Ok(Bytes::new()));
+            return;
+        }
+        if let Some(data) = inner.read_cached(index, offset, end) {
+            reply.send(Ok(data));
+            return;
+        }
+        let activity = inner.opts.activity.enter();
+        let task_inner = Arc::clone(inner);
+        inner.runtime.spawn(async move {
+            let deadline = task_inner.opts.deadline;
+            let result = match tokio::time::timeout(
+                deadline,
+                task_inner.read_slow(index, offset, end),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::error!(
+                        layer = %task_inner.layer,
+                        file = %task_inner.files[index].name,
+                        offset,
+                        ?deadline,
+                        "read missed its deadline"
+                    );
+                    Err(libc::EIO)
+                }
+            };
+            if result.is_err() {
+                task_inner
+                    .counters
+                    .read_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            drop(activity);
+            reply.send(result);
+        });
+    }
+
+    fn local_file(&self, content: ContentId) -> Option<std::fs::File> {
+        let file = self.inner.files.get(usize::try_from(content).ok()?)?;
+        match file.chunks.as_slice() {
+            [only] if only.file_offset == 0 && only.len == file.size && file.size > 0 => {
+                self.inner.cache.open_file(&only.digest)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The byte range of chunk `c` that a read of `[offset, end)` needs, relative to the chunk.
+fn part_of(c: &ChunkInfo, offset: u64, end: u64) -> (u64, usize) {
+    let start = offset.max(c.file_offset) - c.file_offset;
+    let stop = end.min(c.file_offset + c.len) - c.file_offset;
+    (start, usize::try_from(stop - start).unwrap_or(usize::MAX))
+}
+
+fn concat(parts: Vec<Bytes>) -> Bytes {
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in parts {
+        out.extend_from_slice(&p);
+    }
+    out.freeze()
+}
+
+/// A coalesced request: its range and the chunks (with their ranges) it carries.
+type Run<T> = (Range<u64>, Vec<(Range<u64>, T)>);
+
+/// Groups chunks (sorted by compressed start) into runs fetched by one request each: a chunk
+/// joins the run if it overlaps it or starts at most `max_gap` bytes after it, and the run stays
+/// within `max_bytes` (an overlapping chunk always joins).
+fn build_runs<T>(items: Vec<(Range<u64>, T)>, max_bytes: u64, max_gap: u64) -> Vec<Run<T>> {
+    let mut runs: Vec<Run<T>> = Vec::new();
+    for (range, item) in items {
+        if let Some((run, members)) = runs.last_mut() {
+            let overlaps = range.start < run.end;
+            let close = range.start.saturating_sub(run.end) <= max_gap;
+            let fits = range.end.max(run.end) - run.start <= max_bytes;
+            if overlaps || (close && fits) {
+                run.end = run.end.max(range.end);
+                members.push((range, item));
+                continue;
+            }
+        }
+        runs.push((range.clone(), vec![(range, item)]));
+    }
+    runs
+}
+
+fn error_reason(e: &BlobError) -> &'static str {
+    match e {
+        BlobError::NotFound(_) => "not_found",
+        BlobError::Auth(_) => "auth",
+        BlobError::Unavailable(_) => "unavailable",
+        BlobError::Corrupt(_) => "corrupt",
+        BlobError::Invalid(_) => "invalid",
+    }
+}
+
+impl Inner {
+    fn chunk(&self, (fi, ci): ChunkRef) -> &ChunkInfo {
+        &self.files[fi].chunks[ci]
+    }
+
+    /// Index range of the chunks of file `index` that `[offset, end)` touches.
+    fn span(&self, index: usize, offset: u64, end: u64) -> Range<usize> {
+        let chunks = &self.files[index].chunks;
+        let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        first..last.max(first)
+    }
+
+    /// Answers from the cache alone, or `None` if any chunk is missing.
+    fn read_cached(&self, index: usize, offset: u64, end: u64) -> Option<Bytes> {
+        let file = &self.files[index];
+        let span = self.span(index, offset, end);
+        let mut parts = Vec::with_capacity(span.len());
+        for c in &file.chunks[span] {
+            let (start, len) = part_of(c, offset, end);
+            match self.cache.read_at(&c.digest, start, len) {
+                Some(b) if b.len() == len => {
+                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    parts.push(b);
+                }
+                _ => return None,
+            }
+        }
+        Some(concat(parts))
+    }
+
+    /// Fetches what is missing (coalesced, singleflight) and assembles the answer.
+    async fn read_slow(
+        self: &Arc<Self>,
+        index: usize,
+        offset: u64,
+        end: u64,
+    ) -> Result<Bytes, i32> {
+        let span = self.span(index, offset, end);
+        let mut parts: Vec<Option<Bytes>> = vec![None; span.len()];
+        let mut waits = Vec::new();
+        let mut leaders = Vec::new();
+        for (slot, ci) in span.clone().enumerate() {
+            let c = &self.files[index].chunks[ci];
+            let (start, len) = part_of(c, offset, end);
+            if let Some(b) = self
+                .cache
+                .read_at(&c.digest, start, len)
+                .filter(|b| b.len() == len)
+            {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                parts[slot] = Some(b);
+                continue;
+            }
+            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+            match self.cache.begin_fill(&c.digest) {
+                Ok(Fill::Leader(guard, waiter)) => {
+                    leaders.push(((index, ci), guard));
+                    waits.push((slot, ci, waiter));
+                }
+                Ok(Fill::Follower(waiter)) => waits.push((slot, ci, waiter)),
+                Err(e) => {
+                    tracing::error!(layer = %self.layer, file = %self.files[index].name, error = %e, "bad chunk digest");
+                    return Err(libc::EIO);
+                }
+            }
+        }
+        if !leaders.is_empty() {
+            // Detached: the fetch completes (and fills the cache) even if this read gives up.
+            let inner = Arc::clone(self);
+            self.runtime.spawn(async move {
+                inner
+                    .fetch_chunks(
+                        leaders,
+                        FetchKind::OnDemand,
+                        0,
+                        inner.opts.max_request_bytes,
+                    )
+                    .await;
+            });
+        }
+        for (slot, ci, waiter) in waits {
+            let c = &self.files[index].chunks[ci];
+            let data = match waiter.wait().await {
+                Ok(data) => data,
+                // The fetching task went away (another layer shut down): fetch it ourselves.
+                Err(FillError::Abandoned) => self.obtain_chunk((index, ci)).await?,
+                Err(e) => {
+                    tracing::error!(layer = %self.layer, file = %self.files[index].name, chunk = %c.digest, error = %e, "read failed");
+                    return Err(libc::EIO);
+                }
+            };
+            let (start, len) = part_of(c, offset, end);
+            let start = usize::try_from(start).unwrap_or(usize::MAX);
+            match data.get(start..start.saturating_add(len)) {
+                Some(_) => parts[slot] = Some(data.slice(start..start + len)),
+                None => {
+                    tracing::error!(layer = %self.layer, chunk = %c.digest, "chunk shorter than its TOC length");
+                    return Err(libc::EIO);
+                }
+            }
+        }
+        Ok(concat(parts.into_iter().flatten().collect()))
+    }
+
+    /// One chunk, whoever fetches it; retries leadership if a fetch is abandoned.
+    async fn obtain_chunk(self: &Arc<Self>, at: ChunkRef) -> Result<Bytes, i32> {
+        let digest = &self.chunk(at).digest;
+        loop {
+            if let Some(data) = self.cache.get(digest) {
+                return Ok(data);
+            }
+            let waiter = match self.cache.begin_fill(digest) {
+                Ok(Fill::Leader(guard, waiter)) => {
+                    let inner = Arc::clone(self);
+                    self.runtime.spawn(async move {
+                        inner
+                            .fetch_chunks(
+                                vec![(at, guard)],
+                                FetchKind::OnDemand,
+                                0,
+                                inner.opts.max_request_bytes,
+                            )
+                            .await;
+                    });
+                    waiter
+                }
+                Ok(Fill::Follower(waiter)) => waiter,
+                Err(_) => return Err(libc::EIO),
+            };
+            match waiter.wait().await {
+                Ok(data) => return Ok(data),
+                Err(FillError::Abandoned) if !self.cancel.is_cancelled() => continue,
+                Err(e) => {
+                    tracing::error!(layer = %self.layer, chunk = %digest, error = %e, "read failed");
+                    return Err(libc::EIO);
+                }
+            }
+        }
+    }
+
+    /// Fetches the claimed chunks (coalesced into runs), then decodes, verifies and stores each
+    /// and completes its guard. Returns when every guard is completed.
+    async fn fetch_chunks(
+        self: &Arc<Self>,
+        mut claimed: Vec<(ChunkRef, FillGuard)>,
+        kind: FetchKind,
+        max_gap: u64,
+        max_bytes: u64,
+    ) {
+        if claimed.is_empty() {
+            return;
+        }
+        claimed.sort_by_key(|(at, _)| self.chunk(*at).compressed.start);
+        let items = claimed
+            .into_iter()
+            .map(|(at, guard)| (self.chunk(at).compressed.clone(), (at, guard)))
+            .collect();
+        let runs = build_runs(items, max_bytes, max_gap);
+        let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
+        let fetched = self.fetch_ranges(ranges, kind).await;
+        let buffers = match fetched {
+            Ok(buffers) => buffers,
+            Err(message) => {
+                for (_, members) in runs {
+                    for (_, (_, guard)) in members {
+                        guard.complete(Err(FillError::Fetch(message.clone())));
+                    }
+                }
+                return;
+            }
+        };
+        let mut decodes = JoinSet::new();
+        for ((run, members), buffer) in runs.into_iter().zip(buffers) {
+            for (range, (at, guard)) in members {
+                let from = usize::try_from(range.start - run.start).unwrap_or(usize::MAX);
+                let to = usize::try_from(range.end - run.start).unwrap_or(usize::MAX);
+                if buffer.get(from..to).is_none() {
+                    guard.complete(Err(FillError::Fetch("short response".into())));
+                    continue;
+                }
+                let compressed = buffer.slice(from..to);
+                let inner = Arc::clone(self);
+                decodes.spawn_blocking_on(
+                    move || {
+                        let result = inner.decode_and_store(at, &compressed);
+                        guard.complete(result);
+                    },
+                    &self.runtime,
+                );
+            }
+        }
+        while decodes.join_next().await.is_some() {}
+    }
+
+    /// Decompresses and verifies one chunk; stores it in the cache if it is right.
+    fn decode_and_store(&self, at: ChunkRef, compressed: &[u8]) -> Result<Bytes, FillError> {
+        let file = &self.files[at.0];
+        let chunk = self.chunk(at);
+        match estargz::decode_chunk(self.compression, &file.name, chunk, compressed) {
+            Ok(data) => {
+                let data = Bytes::from(data);
+                if let Err(e) = self.cache.insert(&chunk.digest, data.clone()) {
+                    tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
+                }
+                Ok(data)
+            }
+            Err(e) => {
+                self.counters
+                    .verify_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::record_verify_failure(&self.layer, &chunk.digest);
+                tracing::error!(
+                    layer = %self.layer,
+                    chunk = %chunk.digest,
+                    file = %file.name,
+                    error = %e,
+                    "chunk failed verification; not served, not cached"
+                );
+                Err(FillError::Verify(e.to_string()))
+            }
+        }
+    }
+
+    /// Reads `ranges` from the blob with per-attempt timeouts and bounded retries of transient
+    /// failures, all within the deadline.
+    async fn fetch_ranges(
+        &self,
+        ranges: Vec<Range<u64>>,
+        kind: FetchKind,
+    ) -> Result<Vec<Bytes>, String> {
+        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let give_up_at = Instant::now() + self.opts.deadline;
+        let mut attempt: u32 = 0;
+        loop {
+            let now = Instant::now();
+            let remaining = give_up_at.saturating_duration_since(now);
+            if remaining.is_zero() {
+                metrics::record_fetch_error("timeout");
+                return Err(format!(
+                    "no answer within the deadline of {:?}",
+                    self.opts.deadline
+                ));
+            }
+            let span = tracing::info_span!(
+                "fetch",
+                layer = %self.layer,
+                kind = kind.as_str(),
+                requests = ranges.len(),
+                bytes = total,
+                first = ranges.first().map(|r| r.start).unwrap_or(0),
+                attempt
+            );
+            let request = async {
+                if let [only] = ranges.as_slice() {
+                    self.blob.read_range(only.clone()).await.map(|b| vec![b])
+                } else {
+                    self.blob.read_ranges(ranges.clone()).await
+                }
+            };
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(self.opts.attempt_timeout.min(remaining), request).instrument(span) => r,
+                _ = self.cancel.cancelled() => return Err("layer reader shut down".into()),
+            };
+            let (message, retryable) = match outcome {
+                Ok(Ok(buffers)) => {
+                    let lengths_ok = buffers.len() == ranges.len()
+                        && buffers
+                            .iter()
+                            .zip(&ranges)
+                            .all(|(b, r)| b.len() as u64 == r.end - r.start);
+                    if lengths_ok {
+                        self.count_fetched(kind, total, now.elapsed());
+                        return Ok(buffers);
+                    }
+                    metrics::record_fetch_error("corrupt");
+                    ("blob source returned wrong lengths".to_string(), true)
+                }
+                Ok(Err(e)) => {
+                    metrics::record_fetch_error(error_reason(&e));
+                    let retryable = matches!(e, BlobError::Unavailable(_) | BlobError::Corrupt(_));
+                    (e.to_string(), retryable)
+                }
+                Err(_) => {
+                    metrics::record_fetch_error("timeout");
+                    (
+                        format!(
+                            "request timed out after {:?}",
+                            self.opts.attempt_timeout.min(remaining)
+                        ),
+                        true,
+                    )
+                }
+            };
+            tracing::warn!(layer = %self.layer, kind = kind.as_str(), attempt, error = %message, retryable, "range request failed");
+            if !retryable || attempt >= self.opts.retries {
+                return Err(message);
+            }
+            attempt += 1;
+            let backoff = Duration::from_millis(100u64 << attempt.min(6));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.min(give_up_at.saturating_duration_since(Instant::now()))) => {}
+                _ = self.cancel.cancelled() => return Err("layer reader shut down".into()),
+            }
+        }
+    }
+
+    fn count_fetched(&self, kind: FetchKind, bytes: u64, latency: Duration) {
+        let counter = match kind {
+            FetchKind::OnDemand => &self.counters.on_demand_bytes,
+            FetchKind::Prefetch => &self.counters.prefetch_bytes,
+            FetchKind::Background => &self.counters.background_bytes,
+        };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        metrics::record_fetch(kind, bytes, latency);
+    }
+
+    /// Claims the chunks that are neither cached nor being fetched.
+    fn claim(self: &Arc<Self>, chunks: &[ChunkRef]) -> Vec<(ChunkRef, FillGuard)> {
+        let mut claimed = Vec::new();
+        for &at in chunks {
+            let digest = &self.chunk(at).digest;
+            if self.cache.contains(digest) {
+                continue;
+            }
+            if let Ok(Fill::Leader(guard, _)) = self.cache.begin_fill(digest) {
+                // A chunk cached between the check and the claim needs no fetch.
+                if let Some(data) = self.cache.get(digest) {
+                    guard.complete(Ok(data));
+                } else {
+                    claimed.push((at, guard));
+                }
+            }
+        }
+        claimed
+    }
+
+    /// Fetches the chunks inside the prioritized range, in blob order, one request per
+    /// `max_prefetch_request_bytes`.
+    async fn prefetch(self: &Arc<Self>, range: Range<u64>) {
+        let wanted: Vec<ChunkRef> = self
+            .layer_chunks
+            .iter()
+            .copied()
+            .filter(|&at| {
+                let c = &self.chunk(at).compressed;
+                c.start >= range.start && c.start < range.end
+            })
+            .collect();
+        let span = tracing::info_span!("prefetch", layer = %self.layer, start = range.start, end = range.end, chunks = wanted.len());
+        async {
+            let max = self.opts.max_prefetch_request_bytes.max(1);
+            let mut i = 0;
+            while i < wanted.len() && !self.cancel.is_cancelled() {
+                let first = self.chunk(wanted[i]).compressed.start;
+                let mut j = i;
+                while j < wanted.len()
+                    && (j == i || self.chunk(wanted[j]).compressed.end - first <= max)
+                {
+                    j += 1;
+                }
+                let claimed = self.claim(&wanted[i..j]);
+                self.fetch_chunks(claimed, FetchKind::Prefetch, u64::MAX, max)
+                    .await;
+                i = j;
+            }
+            tracing::info!("prefetch finished");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Waits out the bandwidth limit for `bytes`.
+    async fn throttle(&self, bytes: u64) {
+        let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) else {
+            return;
+        };
+        let start = {
+            let mut next = self
+                .bandwidth_next
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + Duration::from_secs_f64(bytes as f64 / rate as f64));
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+
+    /// Fetches every chunk not yet cached, lowest priority: before each request it waits until
+    /// no on-demand read is in flight, for a concurrency slot and for the bandwidth budget.
+    async fn background_fill(self: &Arc<Self>) {
+        let span = tracing::info_span!("background_fill", layer = %self.layer, chunks = self.layer_chunks.len());
+        async {
+            let max = self.opts.max_request_bytes.max(1);
+            let mut tasks = JoinSet::new();
+            let mut i = 0;
+            while i < self.layer_chunks.len() {
+                // Next batch: consecutive chunks not cached, within one request's size.
+                let mut batch: Vec<ChunkRef> = Vec::new();
+                while i < self.layer_chunks.len() {
+                    let at = self.layer_chunks[i];
+                    let c = self.chunk(at);
+                    if self.cache.contains(&c.digest) || self.cache.is_filling(&c.digest) {
+                        i += 1;
+                        if batch.is_empty() {
+                            continue;
+                        }
+                        break;
+                    }
+                    if let Some(&first) = batch.first() {
+                        if c.compressed.end - self.chunk(first).compressed.start > max {
+                            break;
+                        }
+                    }
+                    batch.push(at);
+                    i += 1;
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let permit = tokio::select! {
+                    p = Arc::clone(&self.background_slots).acquire_owned() => p,
+                    _ = self.cancel.cancelled() => break,
+                };
+                let Ok(permit) = permit else { break };
+                tokio::select! {
+                    _ = self.opts.activity.wait_idle() => {}
+                    _ = self.cancel.cancelled() => break,
+                }
+                let bytes = batch
+                    .iter()
+                    .map(|&at| self.chunk(at).compressed.end - self.chunk(at).compressed.start)
+                    .sum();
+                tokio::select! {
+                    _ = self.throttle(bytes) => {}
+                    _ = self.cancel.cancelled() => break,
+                }
+                let claimed = self.claim(&batch);
+                let inner = Arc::clone(self);
+                tasks.spawn_on(
+                    async move {
+                        inner
+                            .fetch_chunks(claimed, FetchKind::Background, 0, max)
+                            .await;
+                        drop(permit);
+                    },
+                    &self.runtime,
+                );
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+            if !self.cancel.is_cancelled() {
+                self.counters.background_done.store(true, Ordering::SeqCst);
+                tracing::info!("background fill finished");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_coalesce_adjacent_and_respect_limits() {
+        let items = vec![(0..10, 'a'), (10..20, 'b'), (25..30, 'c'), (30..100, 'd')];
+        let runs = build_runs(items.clone(), 1000, 0);
+        let ranges: Vec<_> = runs.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(ranges, vec![0..20, 25..100]);
+        let runs = build_runs(items.clone(), 1000, u64::MAX);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].0, 0..100);
+        let runs = build_runs(items, 20, 0);
+        let ranges: Vec<_> = runs.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(ranges, vec![0..20, 25..30, 30..100]);
+        // Chunks sharing one compressed member always share a request.
+        let shared = build_runs(vec![(0..50, 1), (0..50, 2)], 10, 0);
+        assert_eq!(shared.len(), 1);
+    }
+
+    #[test]
+    fn chunk_lists_are_checked() {
+        let chunk = |off: u64, len: u64, c: Range<u64>| ChunkInfo {
+            compressed: c,
+            inner_offset: 0,
+            file_offset: off,
+            len,
+            digest: String::new(),
+        };
+        let file = |size, chunks| FileChunks {
+            name: "f".into(),
+            size,
+            chunks,
+        };
+        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5), chunk(4, 6, 5..9)]), 100).is_ok());
+        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5)]), 100).is_err());
+        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5), chunk(5, 5, 5..9)]), 100).is_err());
+        assert!(check_file(&file(4, vec![chunk(0, 4, 0..500)]), 100).is_err());
+        assert!(check_file(&file(0, vec![]), 100).is_ok());
+    }
+}

@@ -1,2 +1,414 @@
-//! Prometheus metrics an operator graphs: bytes fetched on demand vs prefetch, cache hits, fetch
-//! and FUSE operation latency; served on an optional loopback endpoint.
+//! Prometheus metrics an operator graphs: bytes fetched (on demand / prefetch / background), cache
+//! hits and misses per tier, evictions, fetch and FUSE operation latency, chunk verification
+//! failures and snapshotter fallbacks; one process-global registry served on an optional endpoint.
+
+use std::net::SocketAddr;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Why chunk bytes were fetched; the `kind` label of `lazysnap_fetched_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FetchKind {
+    /// A process is waiting for the bytes.
+    OnDemand,
+    /// The prioritized range fetched at mount.
+    Prefetch,
+    /// Lowest-priority fill of the rest of the layer.
+    Background,
+}
+
+impl FetchKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FetchKind::OnDemand => "on_demand",
+            FetchKind::Prefetch => "prefetch",
+            FetchKind::Background => "background",
+        }
+    }
+}
+
+/// Which cache tier answered; the `tier` label of `lazysnap_cache_hits_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheTier {
+    /// The in-memory LRU of hot chunks.
+    Memory,
+    /// The on-disk chunk store.
+    Disk,
+}
+
+impl CacheTier {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheTier::Memory => "memory",
+            CacheTier::Disk => "disk",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChunkLabels {
+    layer: String,
+    chunk: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~100 s
+    Histogram::new(exponential_buckets(0.000_05, 2.5, 16))
+}
+
+struct Metrics {
+    registry: Registry,
+    fetched_bytes: Family<KindLabel, Counter>,
+    fetch_requests: Family<KindLabel, Counter>,
+    fetch_errors: Family<ReasonLabel, Counter>,
+    cache_hits: Family<TierLabel, Counter>,
+    cache_misses: Counter,
+    cache_evictions: Counter,
+    cache_bytes: Gauge,
+    fetch_latency: Family<KindLabel, Histogram, fn() -> Histogram>,
+    fuse_op_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
+    verify_failures: Family<ChunkLabels, Counter>,
+    fallbacks: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("lazysnap");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            fetched_bytes: Family::default(),
+            fetch_requests: Family::default(),
+            fetch_errors: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Counter::default(),
+            cache_evictions: Counter::default(),
+            cache_bytes: Gauge::default(),
+            fetch_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            fuse_op_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            verify_failures: Family::default(),
+            fallbacks: Family::default(),
+        };
+        registry.register(
+            "fetched_bytes",
+            "Compressed bytes fetched from blob sources, by kind (on_demand, prefetch, background)",
+            metrics.fetched_bytes.clone(),
+        );
+        registry.register(
+            "fetch_requests",
+            "Range requests sent to blob sources, by kind",
+            metrics.fetch_requests.clone(),
+        );
+        registry.register(
+            "fetch_errors",
+            "Failed range requests, by reason (unavailable, timeout, not_found, auth, corrupt, invalid)",
+            metrics.fetch_errors.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Chunk cache hits, by tier (memory, disk)",
+            metrics.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Chunk cache misses",
+            metrics.cache_misses.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Chunks evicted from the disk cache",
+            metrics.cache_evictions.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes of chunks stored in the disk cache",
+            metrics.cache_bytes.clone(),
+        );
+        registry.register(
+            "fetch_duration_seconds",
+            "Latency of range requests to blob sources, by kind",
+            metrics.fetch_latency.clone(),
+        );
+        registry.register(
+            "fuse_op_duration_seconds",
+            "Latency of FUSE operations, by op",
+            metrics.fuse_op_latency.clone(),
+        );
+        registry.register(
+            "chunk_verify_failures",
+            "Chunks whose bytes did not match their TOC digest, by layer and chunk",
+            metrics.verify_failures.clone(),
+        );
+        registry.register(
+            "fallbacks",
+            "Layers the snapshotter could not mount lazily and handed to containerd's unpack, by reason",
+            metrics.fallbacks.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Counts `bytes` of compressed chunk data fetched for `kind`, and one request.
+pub fn record_fetch(kind: FetchKind, bytes: u64, latency: Duration) {
+    let label = KindLabel {
+        kind: kind.as_str().to_string(),
+    };
+    METRICS.fetched_bytes.get_or_create(&label).inc_by(bytes);
+    METRICS.fetch_requests.get_or_create(&label).inc();
+    METRICS
+        .fetch_latency
+        .get_or_create(&label)
+        .observe(latency.as_secs_f64());
+}
+
+/// Counts one failed range request; `reason` is a short stable word (e.g. `timeout`).
+pub fn record_fetch_error(reason: &str) {
+    METRICS
+        .fetch_errors
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+/// Counts one cache hit in `tier`.
+pub fn record_cache_hit(tier: CacheTier) {
+    METRICS
+        .cache_hits
+        .get_or_create(&TierLabel {
+            tier: tier.as_str().to_string(),
+        })
+        .inc();
+}
+
+/// Counts one cache miss.
+pub fn record_cache_miss() {
+    METRICS.cache_misses.inc();
+}
+
+/// Counts `count` evicted chunks.
+pub fn record_evictions(count: u64) {
+    METRICS.cache_evictions.inc_by(count);
+}
+
+/// Sets the bytes currently stored in the disk cache.
+pub fn set_cache_bytes(bytes: u64) {
+    METRICS
+        .cache_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+}
+
+/// Records how long one FUSE operation (`op` such as `read`, `lookup`) took. The FUSE crate does
+/// not depend on this crate; the layer module calls this from its recorder.
+pub fn observe_fuse_op(op: &str, latency: Duration) {
+    METRICS
+        .fuse_op_latency
+        .get_or_create(&OpLabel { op: op.to_string() })
+        .observe(latency.as_secs_f64());
+}
+
+/// Counts a chunk whose bytes did not match its digest, naming the layer and the chunk digest.
+pub fn record_verify_failure(layer: &str, chunk: &str) {
+    METRICS
+        .verify_failures
+        .get_or_create(&ChunkLabels {
+            layer: layer.to_string(),
+            chunk: chunk.to_string(),
+        })
+        .inc();
+}
+
+/// Counts a layer the snapshotter handed back to containerd's normal unpack.
+pub fn record_fallback(reason: &str) {
+    METRICS
+        .fallbacks
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+static ENCODE_LOCK: Mutex<()> = Mutex::new(());
+
+/// All metrics in the Prometheus text exposition format (OpenMetrics flavour).
+pub fn encode() -> String {
+    let _serialized = ENCODE_LOCK.lock();
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    out
+}
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listening socket could not be opened.
+    #[error("cannot listen for metrics on {addr}: {source} (pick a free loopback port in metrics.address)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Serves `GET /metrics` on `addr` until the future is dropped. Meant for a loopback address;
+/// a non-loopback address is served too but logged as a warning.
+pub async fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics endpoint listens on a non-loopback address");
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    serve_listener(listener).await;
+    Ok(())
+}
+
+/// Serves `GET /metrics` on an already bound listener until the future is dropped.
+pub async fn serve_listener(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream).await {
+                        tracing::debug!(error = %e, "metrics request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers one HTTP/1.x request and closes the connection.
+async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // Read until the end of the request head, bounded in size and time.
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+            if request.windows(4).any(|w| w == b"\r\n\r\n") || request.len() > 16 * 1024 {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(head, Ok(Ok(()))) {
+        return Ok(());
+    }
+    let first_line = request
+        .split(|&b| b == b'\n')
+        .next()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .unwrap_or_default();
+    let mut parts = first_line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("");
+    let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            encode(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "only GET /metrics is served here\n".to_string(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_names_every_family() {
+        record_fetch(FetchKind::OnDemand, 10, Duration::from_millis(3));
+        record_cache_hit(CacheTier::Memory);
+        record_cache_miss();
+        record_verify_failure("layer-x", "sha256:00");
+        record_fallback("not_estargz");
+        observe_fuse_op("read", Duration::from_micros(20));
+        let text = encode();
+        for needle in [
+            "lazysnap_fetched_bytes_total{kind=\"on_demand\"}",
+            "lazysnap_cache_hits_total{tier=\"memory\"}",
+            "lazysnap_cache_misses_total",
+            "lazysnap_chunk_verify_failures_total{layer=\"layer-x\",chunk=\"sha256:00\"}",
+            "lazysnap_fallbacks_total{reason=\"not_estargz\"}",
+            "lazysnap_fuse_op_duration_seconds_bucket{",
+            "lazysnap_fetch_duration_seconds_count{kind=\"on_demand\"}",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_serves_metrics_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_listener(listener));
+        record_fallback("endpoint_test");
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("lazysnap_fallbacks_total{reason=\"endpoint_test\"}"));
+        server.abort();
+    }
+}

@@ -1,10 +1,189 @@
-//! `lazysnap pull`.
+//! `lazysnap pull IMAGE`: pulls an image into containerd through a snapshotter (lazily through
+//! lazysnap), with a progress line per layer; prints one summary line per layer at the end.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use lazysnap::containerd::pull::{pull, LayerOutcome, PullOptions, PullProgress};
+use lazysnap::containerd::registry_source::RegistrySource;
+use lazysnap::containerd::Containerd;
+use lazysnap::image::{Descriptor, Platform};
+use lazysnap::registry::{Client, ClientConfig, Reference};
 
 #[derive(clap::Args)]
-pub struct PullArgs {}
+pub struct PullArgs {
+    /// Image reference, e.g. 127.0.0.1:5000/app:latest or docker.io/library/busybox:latest.
+    image: String,
+    /// containerd's gRPC socket.
+    #[arg(
+        long = "containerd",
+        default_value = "/run/containerd/containerd.sock",
+        env = "CONTAINERD_ADDRESS"
+    )]
+    containerd: PathBuf,
+    /// containerd namespace to pull into.
+    #[arg(long, default_value = "default", env = "CONTAINERD_NAMESPACE")]
+    namespace: String,
+    /// Snapshotter that prepares the layers (a containerd proxy plugin name, or a builtin one
+    /// such as overlayfs for an ordinary pull).
+    #[arg(long, default_value = "lazysnap")]
+    snapshotter: String,
+    /// Use plain HTTP for a non-localhost registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// Platform to pull from a multi-platform image (os/arch[/variant]); default: this host's.
+    #[arg(long)]
+    platform: Option<String>,
+    /// containerd certs.d-style directory with <host>/hosts.toml (mirrors, TLS settings).
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
+}
 
-pub fn run(_args: PullArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`lazysnap pull` is not built yet in this version")
+pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
+    super::runtime()?.block_on(run_async(args))
+}
+
+async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let reference = Reference::parse(&args.image)
+        .with_context(|| format!("parsing image reference {:?}", args.image))?;
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text).context("parsing --platform")?,
+        None => Platform::host(),
+    };
+    let client = Client::new(ClientConfig {
+        hosts_dir: args.hosts_dir.clone(),
+        plain_http: args.plain_http,
+        ..ClientConfig::default()
+    })
+    .context("setting up the registry client")?;
+    let containerd = Containerd::connect(&args.containerd, &args.namespace).await?;
+    let image_name = reference.to_string();
+    let options = PullOptions {
+        image_name: image_name.clone(),
+        snapshotter: args.snapshotter.clone(),
+        platform,
+        lease_expiry: Duration::from_secs(24 * 3600),
+    };
+    let progress = Arc::new(BarProgress::new());
+    let source = RegistrySource::new(client, reference);
+    let report = pull(&containerd, &source, &options, progress.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "pulling {image_name} into containerd at {} (namespace {}, snapshotter {})",
+                args.containerd.display(),
+                args.namespace,
+                args.snapshotter
+            )
+        })?;
+    progress.finish();
+    for layer in &report.layers {
+        println!(
+            "{}  {}  {}",
+            layer.digest,
+            layer.outcome.describe(),
+            human_bytes(layer.fetched_bytes)
+        );
+    }
+    let lazy = report
+        .layers
+        .iter()
+        .filter(|l| l.outcome == LayerOutcome::Lazy)
+        .count();
+    let unpacked = report
+        .layers
+        .iter()
+        .filter(|l| l.outcome == LayerOutcome::Unpacked)
+        .count();
+    println!(
+        "pulled {image_name} ({}): {} layers, {lazy} lazy, {unpacked} fetched+unpacked, \
+         snapshotter {}",
+        report.target_digest,
+        report.layers.len(),
+        args.snapshotter
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One indicatif bar per layer on stderr; hidden when stderr is not a terminal.
+struct BarProgress {
+    multi: MultiProgress,
+    bars: Mutex<Vec<ProgressBar>>,
+}
+
+impl BarProgress {
+    fn new() -> Self {
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            multi: MultiProgress::with_draw_target(target),
+            bars: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn bar(&self, index: usize) -> Option<ProgressBar> {
+        self.bars
+            .lock()
+            .ok()
+            .and_then(|bars| bars.get(index).cloned())
+    }
+
+    fn finish(&self) {
+        if let Ok(bars) = self.bars.lock() {
+            for bar in bars.iter().filter(|b| !b.is_finished()) {
+                bar.finish();
+            }
+        }
+    }
+}
+
+impl PullProgress for BarProgress {
+    fn layers(&self, layers: &[Descriptor]) {
+        let style =
+            ProgressStyle::with_template("{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        if let Ok(mut bars) = self.bars.lock() {
+            for layer in layers {
+                let bar = self.multi.add(ProgressBar::new(layer.size));
+                bar.set_style(style.clone());
+                let short = layer
+                    .digest
+                    .strip_prefix("sha256:")
+                    .unwrap_or(&layer.digest);
+                bar.set_prefix(short.chars().take(12).collect::<String>());
+                bar.set_message("waiting");
+                bars.push(bar);
+            }
+        }
+    }
+
+    fn layer_bytes(&self, index: usize, bytes: u64) {
+        if let Some(bar) = self.bar(index) {
+            bar.set_message("fetching");
+            bar.inc(bytes);
+        }
+    }
+
+    fn layer_done(&self, index: usize, outcome: LayerOutcome) {
+        if let Some(bar) = self.bar(index) {
+            bar.finish_with_message(outcome.describe());
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    if bytes == 0 {
+        "0 B fetched".to_string()
+    } else {
+        format!("{} fetched", indicatif::HumanBytes(bytes))
+    }
 }

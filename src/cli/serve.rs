@@ -1,10 +1,126 @@
-//! `lazysnap serve`.
+//! `lazysnap serve [--config FILE] [--root DIR] [--address SOCK]`: runs the containerd proxy
+//! snapshotter on a unix socket (mode 0660) until SIGTERM or SIGINT, then drains in-flight calls.
 
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use lazysnap::config::Config;
+use lazysnap::layer::LayerManager;
+use lazysnap::snapshotter::{self, RemoteLayers, Service, ServiceOptions};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
 
 #[derive(clap::Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// TOML configuration file (see packaging/config.toml); without it every key has its default.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (overrides `root` in the config; default /var/lib/lazysnap).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Unix socket to serve on (overrides `address`; default /run/lazysnap/lazysnap.sock).
+    #[arg(long, value_name = "SOCK")]
+    address: Option<PathBuf>,
+}
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`lazysnap serve` is not built yet in this version")
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(root) = args.root {
+        config.root = root;
+    }
+    if let Some(address) = args.address {
+        config.address = address;
+    }
+    super::runtime()?.block_on(async {
+        let manager = LayerManager::from_config(&config, tokio::runtime::Handle::current())
+            .context("setting up lazy remote layers")?;
+        serve(config, Arc::new(manager)).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the snapshotter described by `config` with the remote-layer hook `remote` until SIGTERM
+/// or SIGINT.
+pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("creating root {}", config.root.display()))?;
+    if !config.metrics_address.is_empty() {
+        warn!(
+            address = %config.metrics_address,
+            "metrics_address is set but this build has no metrics endpoint; counters are logged instead"
+        );
+    }
+    let options = ServiceOptions::new(&config.root);
+    let service = tokio::task::spawn_blocking(move || Service::open(options, remote))
+        .await
+        .context("opening the snapshotter")??;
+    let restored = service
+        .restore_remote_layers()
+        .await
+        .context("restoring remote layers")?;
+    let listener = bind_socket(&config.address)?;
+    info!(
+        address = %config.address.display(),
+        root = %config.root.display(),
+        restored_remote_layers = restored,
+        "lazysnap snapshotter serving"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+        }
+    };
+    let stats_service = service.clone();
+    snapshotter::serve(listener, service, shutdown).await?;
+    let stats = stats_service.stats();
+    info!(
+        remote_mounted = stats.remote_mounted,
+        remote_fallbacks = stats.remote_fallbacks,
+        "lazysnap snapshotter stopped"
+    );
+    if let Err(err) = std::fs::remove_file(&config.address) {
+        warn!(address = %config.address.display(), error = %err, "could not remove the socket");
+    }
+    Ok(())
+}
+
+/// Binds the unix socket at `path` with mode 0660, replacing a stale socket file left by a
+/// killed process (but refusing when another server still answers on it).
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; remove it or choose another --address",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another server is listening on {}; stop it or choose another --address",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
+    Ok(listener)
 }

@@ -2,13 +2,18 @@
 //! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
 //! Everything started here is torn down when its handle drops; nothing else is touched.
 
+mod containerd;
 mod fault_proxy;
 mod htpasswd;
+pub mod images;
+mod link;
 mod registry;
 mod token_server;
 
+pub use containerd::{ContainerdOptions, ContainerdServer};
 pub use fault_proxy::{Fault, FaultProxy};
 pub use htpasswd::{write_docker_config, write_htpasswd};
+pub use link::{LinkEmulator, LinkProfile};
 pub use registry::{RegistryOptions, RegistryServer};
 pub use token_server::{TokenServer, TokenServerOptions};
 

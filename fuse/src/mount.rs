@@ -1,0 +1,325 @@
+//! Mounting: opens /dev/fuse, mounts it read-only with mount(2) (we run as root; no fusermount),
+//! runs a multi-threaded fuser session in the background, and unmounts on [`MountHandle`] drop
+//! (lazily when the mount is busy).
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{BackgroundSession, Config, Session, SessionACL};
+
+use crate::fs::{Counters, FsConfig, FsStats, LayerFs, OpObserver};
+use crate::{ContentSource, Index};
+
+/// How long `unmount` waits for the session threads to stop after a successful unmount before
+/// leaving them to finish on their own (e.g. an overlayfs mount still uses the layer).
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Options of one layer mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Shown as the mount source in /proc/mounts.
+    pub fs_name: String,
+    /// Let every user (not only root) access the mount; needed for containers.
+    pub allow_other: bool,
+    /// How long the kernel caches name lookups, negative ones included.
+    pub entry_timeout: Duration,
+    /// How long the kernel caches attributes.
+    pub attr_timeout: Duration,
+    /// Use FUSE passthrough for files the source has entirely on disk (falls back to reads
+    /// through the daemon when the kernel refuses).
+    pub passthrough: bool,
+    /// Report opaque directories as `user.overlay.opaque` (overlayfs `userxattr`) instead of
+    /// `trusted.overlay.opaque`.
+    pub userxattr: bool,
+    /// Number of threads reading FUSE requests (reads never block them).
+    pub threads: usize,
+    /// Kernel readahead for the mount in KiB (its bdi `read_ahead_kb`); larger values make
+    /// sequential reads arrive in bigger requests (up to 1 MiB). None keeps the kernel default.
+    pub read_ahead_kb: Option<u32>,
+    /// Called with every operation's duration (e.g. to feed a latency histogram).
+    pub observer: Option<OpObserver>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            fs_name: "lazysnap".to_string(),
+            allow_other: true,
+            entry_timeout: Duration::from_secs(24 * 3600),
+            attr_timeout: Duration::from_secs(24 * 3600),
+            passthrough: true,
+            userxattr: false,
+            threads: 4,
+            read_ahead_kb: Some(1024),
+            observer: None,
+        }
+    }
+}
+
+/// Why mounting or unmounting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error("mountpoint {path}: {source} (it must be an existing directory)")]
+    Mountpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open /dev/fuse: {0} (load the fuse module and run as root)")]
+    Device(std::io::Error),
+    #[error("mount(2) of FUSE at {path} failed: {source} (mounting needs root / CAP_SYS_ADMIN)")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("FUSE session at {path} failed: {source}")]
+    Session {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unmount of {path} failed: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A mounted layer. Dropping it unmounts (lazily if busy); [`MountHandle::unmount`] reports errors.
+#[derive(Debug)]
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    counters: Arc<Counters>,
+    passthrough_live: Arc<AtomicBool>,
+}
+
+/// Mounts `index` at `mountpoint`, serving file contents from `source`.
+pub fn mount(
+    index: Index,
+    source: Arc<dyn ContentSource>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<MountHandle, FuseError> {
+    let span = tracing::info_span!("fuse_mount", mountpoint = %mountpoint.display(), inodes = index.inode_count());
+    let _enter = span.enter();
+    let mountpoint = mountpoint
+        .canonicalize()
+        .and_then(|p| {
+            if p.is_dir() {
+                Ok(p)
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "not a directory",
+                ))
+            }
+        })
+        .map_err(|source| FuseError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+
+    let device: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+        .map_err(FuseError::Device)?
+        .into();
+
+    mount_syscall(&device, &mountpoint, opts).map_err(|source| FuseError::Mount {
+        path: mountpoint.clone(),
+        source,
+    })?;
+
+    let counters = Arc::new(Counters::default());
+    let passthrough_live = Arc::new(AtomicBool::new(false));
+    let fs = LayerFs::new(
+        index,
+        source,
+        FsConfig {
+            entry_ttl: opts.entry_timeout,
+            attr_ttl: opts.attr_timeout,
+            passthrough: opts.passthrough,
+            userxattr: opts.userxattr,
+            observer: opts.observer.clone(),
+        },
+        Arc::clone(&counters),
+        Arc::clone(&passthrough_live),
+    );
+    let mut config = Config::default();
+    config.n_threads = Some(opts.threads.max(1));
+    let acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.acl = acl;
+
+    let started = Session::from_fd(fs, device, acl, config).and_then(Session::spawn);
+    match started {
+        Ok(session) => {
+            if let Some(kb) = opts.read_ahead_kb {
+                if let Err(err) = set_read_ahead(&mountpoint, kb) {
+                    tracing::warn!(error = %err, "could not raise the mount's readahead; sequential reads use the kernel default");
+                }
+            }
+            tracing::info!(
+                passthrough = passthrough_live.load(Ordering::Relaxed),
+                "layer mounted"
+            );
+            Ok(MountHandle {
+                session: Some(session),
+                mountpoint,
+                counters,
+                passthrough_live,
+            })
+        }
+        Err(source) => {
+            let _ = detach(&mountpoint);
+            Err(FuseError::Session {
+                path: mountpoint,
+                source,
+            })
+        }
+    }
+}
+
+impl MountHandle {
+    /// Where the layer is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Operation counts so far.
+    pub fn stats(&self) -> FsStats {
+        self.counters
+            .snapshot(self.passthrough_live.load(Ordering::Relaxed))
+    }
+
+    /// Unmounts; when the mount is busy it is detached (lazy unmount) and disappears once its last
+    /// user is gone.
+    pub fn unmount(mut self) -> Result<(), FuseError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), FuseError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let _span =
+            tracing::info_span!("fuse_unmount", mountpoint = %self.mountpoint.display()).entered();
+        let path = CString::new(self.mountpoint.as_os_str().as_bytes()).map_err(|e| {
+            FuseError::Unmount {
+                path: self.mountpoint.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        // SAFETY: `path` is a valid NUL-terminated string.
+        let rc = unsafe { libc::umount2(path.as_ptr(), 0) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EBUSY) => {
+                    tracing::warn!("mount busy; detaching it (lazy unmount)");
+                    detach(&self.mountpoint).map_err(|source| FuseError::Unmount {
+                        path: self.mountpoint.clone(),
+                        source,
+                    })?;
+                    // The session keeps serving the remaining users and ends with the last one.
+                    return Ok(());
+                }
+                // Already unmounted by someone else.
+                Some(libc::EINVAL) | Some(libc::ENOENT) => {}
+                _ => {
+                    return Err(FuseError::Unmount {
+                        path: self.mountpoint.clone(),
+                        source: err,
+                    })
+                }
+            }
+        }
+        let deadline = Instant::now() + JOIN_WAIT;
+        while !session.guard.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if session.guard.is_finished() {
+            if let Err(err) = session.join() {
+                tracing::warn!(error = %err, "FUSE session ended with an error");
+            }
+        } else {
+            tracing::warn!("FUSE session still serving after unmount (layer still used, e.g. by overlayfs); leaving it running");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(err) = self.unmount_inner() {
+            tracing::error!(error = %err, "unmount on drop failed");
+        }
+    }
+}
+
+/// Sets `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb` of the filesystem mounted at `mountpoint`.
+fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&bdi, kb.to_string())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{bdi}: {e}")))
+}
+
+fn detach(mountpoint: &Path) -> std::io::Result<()> {
+    let path = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mount_syscall(device: &OwnedFd, mountpoint: &Path, opts: &MountOptions) -> std::io::Result<()> {
+    let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
+        device.as_raw_fd(),
+        // SAFETY: getuid/getgid cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+    );
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    let source = CString::new(opts.fs_name.as_str()).map_err(invalid)?;
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(invalid)?;
+    let fstype = CString::new("fuse.lazysnap").map_err(invalid)?;
+    let data = CString::new(data).map_err(invalid)?;
+    let flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole check CI runs: dependencies, formatting, lints, every test (real registry, FUSE and
+# containerd, so it needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: the tests start FUSE mounts, containerd and registries and need root: sudo $0" >&2
+    exit 1
+fi
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
+
+bash scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test --workspace"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# One summary line over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "lazysnap tests: %d passed, %d failed, %d ignored\n", p, f, i }' "$log"
+if ((status != 0)); then
+    echo "test.sh: FAILED (cargo test exit status $status)" >&2
+fi
+exit "$status"

@@ -1,0 +1,520 @@
+//! `lazysnap pull` as a library: resolve an image from its source, store its index, manifest and
+//! config in containerd's content store with the GC labels containerd itself writes, prepare each
+//! layer through the chosen snapshotter (with the CRI labels a remote snapshotter needs to mount it
+//! lazily), unpack with containerd's differ only the layers that fall back, and register the
+//! image. Everything happens under one containerd lease, deleted at the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tracing::Instrument;
+
+use super::client::{Containerd, Prepared};
+use super::labels;
+use super::proto::Descriptor as ProtoDescriptor;
+use super::ContainerdError;
+use crate::image::{self, Descriptor, ImageConfig, Index, Manifest, Platform};
+
+/// A manifest or index as fetched, with its verified digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub media_type: String,
+    pub digest: String,
+    pub bytes: Bytes,
+}
+
+/// Where a pull reads the image from: the registry in production (see
+/// [`super::registry_source`]). Every answer's digest is verified by the source.
+pub trait ImageSource: Send + Sync {
+    /// The top-level manifest or index the reference names (by tag or digest).
+    fn resolve(&self) -> BoxFuture<'_, Result<FetchedManifest, ContainerdError>>;
+    /// A manifest of the same repository by digest (a platform's manifest from an index).
+    fn manifest<'a>(
+        &'a self,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>>;
+    /// A small blob (the config) whole.
+    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>>;
+    /// A layer blob as a stream of byte chunks.
+    fn blob_stream<'a>(
+        &'a self,
+        digest: &'a str,
+        size: u64,
+    ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>;
+    /// `(registry host, repository)` for containerd's `distribution.source` labels, if known.
+    fn distribution_source(&self) -> Option<(String, String)>;
+}
+
+/// What to pull and where.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Image name registered in containerd (and passed to the snapshotter as the image ref).
+    pub image_name: String,
+    /// Snapshotter that prepares the layers (`lazysnap`, or `overlayfs` for a plain pull).
+    pub snapshotter: String,
+    /// Platform chosen from an index.
+    pub platform: Platform,
+    /// How long the lease protecting a pull in progress lives if this process dies.
+    pub lease_expiry: Duration,
+}
+
+/// How a layer ended up in the snapshotter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerOutcome {
+    /// The snapshot already existed before this pull.
+    Present,
+    /// The snapshotter mounted the layer remotely: nothing was downloaded.
+    Lazy,
+    /// The layer fell back: its blob was fetched and unpacked by containerd's differ.
+    Unpacked,
+}
+
+impl LayerOutcome {
+    /// Short human word for progress output.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LayerOutcome::Present => "already present",
+            LayerOutcome::Lazy => "lazy",
+            LayerOutcome::Unpacked => "fetched+unpacked",
+        }
+    }
+}
+
+/// One layer of the pulled image.
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    pub digest: String,
+    pub size: u64,
+    pub chain_id: String,
+    pub outcome: LayerOutcome,
+    /// Blob bytes written to the content store for this layer (0 unless unpacked here).
+    pub fetched_bytes: u64,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// Digest of the image target (the index, or the manifest when there is none).
+    pub target_digest: String,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// Chain ID of the top layer: the snapshot containers of this image start from.
+    pub top_chain_id: String,
+    pub layers: Vec<LayerReport>,
+}
+
+/// Receives progress events (the CLI draws bars; tests may record them).
+pub trait PullProgress: Send + Sync {
+    /// The image's layers are known.
+    fn layers(&self, _layers: &[Descriptor]) {}
+    /// Bytes of layer `index` were written to the content store.
+    fn layer_bytes(&self, _index: usize, _bytes: u64) {}
+    /// Layer `index` is done.
+    fn layer_done(&self, _index: usize, _outcome: LayerOutcome) {}
+}
+
+/// A progress sink that ignores everything.
+pub struct NoProgress;
+impl PullProgress for NoProgress {}
+
+/// Pulls the image `source` resolves into containerd (see the module docs).
+pub async fn pull(
+    containerd: &Containerd,
+    source: &dyn ImageSource,
+    options: &PullOptions,
+    progress: Arc<dyn PullProgress>,
+) -> Result<PullReport, ContainerdError> {
+    let span = tracing::info_span!("pull", image = %options.image_name, snapshotter = %options.snapshotter);
+    let lease = containerd
+        .create_lease(options.lease_expiry)
+        .instrument(span.clone())
+        .await?;
+    let leased = containerd.with_lease(&lease);
+    let result = pull_under_lease(&leased, source, options, progress)
+        .instrument(span)
+        .await;
+    // The image record and the GC labels now keep everything; the lease only mattered while
+    // pulling. On failure its deletion lets containerd collect the partial pull.
+    if let Err(err) = containerd.delete_lease(&lease).await {
+        tracing::warn!(lease, error = %err, "could not delete the pull lease; it expires by itself");
+    }
+    result
+}
+
+async fn pull_under_lease(
+    containerd: &Containerd,
+    source: &dyn ImageSource,
+    options: &PullOptions,
+    progress: Arc<dyn PullProgress>,
+) -> Result<PullReport, ContainerdError> {
+    let distribution = source
+        .distribution_source()
+        .map(|(host, repo)| (format!("{}.{host}", labels::DISTRIBUTION_SOURCE), repo))
+        .filter(|(key, repo)| labels::fits(key, repo));
+    let with_source = |mut map: HashMap<String, String>| {
+        if let Some((key, repo)) = &distribution {
+            map.insert(key.clone(), repo.clone());
+        }
+        map
+    };
+
+    let top = source.resolve().await?;
+    let (index, manifest_fetched) = if image::is_index(&top.media_type) {
+        let index: Index = image::parse_json(&format!("index {}", top.digest), &top.bytes)
+            .map_err(invalid("index"))?;
+        let chosen = image::select_platform(&index, &options.platform).map_err(invalid("index"))?;
+        let fetched = source.manifest(&chosen.digest).await?;
+        (Some((top.clone(), index)), fetched)
+    } else if image::is_manifest(&top.media_type) {
+        (None, top.clone())
+    } else {
+        return Err(ContainerdError::Invalid {
+            what: format!("image {}", options.image_name),
+            detail: format!(
+                "its reference resolves to media type {:?}, neither a manifest nor an index",
+                top.media_type
+            ),
+        });
+    };
+    let manifest: Manifest = image::parse_json(
+        &format!("manifest {}", manifest_fetched.digest),
+        &manifest_fetched.bytes,
+    )
+    .map_err(invalid("manifest"))?;
+    let config_bytes = source.blob(&manifest.config.digest).await?;
+    let config: ImageConfig =
+        image::parse_json(&format!("config {}", manifest.config.digest), &config_bytes)
+            .map_err(invalid("config"))?;
+    let layers = &manifest.layers;
+    let diff_ids = &config.rootfs.diff_ids;
+    if diff_ids.len() != layers.len() {
+        return Err(ContainerdError::Invalid {
+            what: format!("image {}", options.image_name),
+            detail: format!(
+                "manifest {} lists {} layers but config {} lists {} diff IDs",
+                manifest_fetched.digest,
+                layers.len(),
+                manifest.config.digest,
+                diff_ids.len()
+            ),
+        });
+    }
+    let chain = labels::chain_ids(diff_ids);
+    let top_chain_id = chain.last().cloned().unwrap_or_default();
+    progress.layers(layers);
+
+    // Config first (children before parents, as containerd writes them), labelled with the top
+    // snapshot so GC keeps the unpacked image while the config is referenced.
+    let mut config_labels = HashMap::new();
+    if !top_chain_id.is_empty() {
+        config_labels.insert(
+            format!("{}.{}", labels::GC_REF_SNAPSHOT, options.snapshotter),
+            top_chain_id.clone(),
+        );
+    }
+    containerd
+        .write_content(
+            &manifest.config.digest,
+            config_bytes.len() as u64,
+            with_source(config_labels),
+            futures::stream::iter([Ok::<_, ContainerdError>(config_bytes.clone())]),
+            |_| {},
+        )
+        .await?;
+
+    let mut manifest_labels = HashMap::new();
+    manifest_labels.insert(
+        format!("{}.config", labels::GC_REF_CONTENT),
+        manifest.config.digest.clone(),
+    );
+    for (i, layer) in layers.iter().enumerate() {
+        manifest_labels.insert(
+            format!("{}.l.{i}", labels::GC_REF_CONTENT),
+            layer.digest.clone(),
+        );
+    }
+    write_whole(
+        containerd,
+        &manifest_fetched.digest,
+        &manifest_fetched.bytes,
+        with_source(manifest_labels),
+    )
+    .await?;
+    if let Some((index_fetched, index)) = &index {
+        let mut index_labels = HashMap::new();
+        for (i, entry) in index.manifests.iter().enumerate() {
+            index_labels.insert(
+                format!("{}.m.{i}", labels::GC_REF_CONTENT),
+                entry.digest.clone(),
+            );
+        }
+        write_whole(
+            containerd,
+            &index_fetched.digest,
+            &index_fetched.bytes,
+            with_source(index_labels),
+        )
+        .await?;
+    }
+
+    let layer_digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    let mut reports = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let ctx = LayerContext {
+            containerd,
+            source,
+            options,
+            index: i,
+            layer,
+            diff_id: &diff_ids[i],
+            chain_id: &chain[i],
+            parent: if i == 0 { "" } else { &chain[i - 1] },
+            layer_digests: &layer_digests,
+            manifest_digest: &manifest_fetched.digest,
+            progress: progress.as_ref(),
+            content_labels: with_source(HashMap::new()),
+        };
+        let (outcome, fetched_bytes) = ctx.pull_layer().await?;
+        progress.layer_done(i, outcome);
+        reports.push(LayerReport {
+            digest: layer.digest.clone(),
+            size: layer.size,
+            chain_id: chain[i].clone(),
+            outcome,
+            fetched_bytes,
+        });
+    }
+
+    let target = ProtoDescriptor {
+        media_type: top.media_type.clone(),
+        digest: top.digest.clone(),
+        size: top.bytes.len() as i64,
+        annotations: HashMap::new(),
+    };
+    containerd
+        .create_or_update_image(&options.image_name, target, HashMap::new())
+        .await?;
+    Ok(PullReport {
+        target_digest: top.digest,
+        manifest_digest: manifest_fetched.digest,
+        config_digest: manifest.config.digest.clone(),
+        top_chain_id,
+        layers: reports,
+    })
+}
+
+async fn write_whole(
+    containerd: &Containerd,
+    digest: &str,
+    bytes: &Bytes,
+    content_labels: HashMap<String, String>,
+) -> Result<(), ContainerdError> {
+    containerd
+        .write_content(
+            digest,
+            bytes.len() as u64,
+            content_labels,
+            futures::stream::iter([Ok::<_, ContainerdError>(bytes.clone())]),
+            |_| {},
+        )
+        .await
+        .map(|_| ())
+}
+
+fn invalid(what: &'static str) -> impl FnOnce(image::ImageError) -> ContainerdError {
+    move |err| ContainerdError::Invalid {
+        what: what.to_string(),
+        detail: err.to_string(),
+    }
+}
+
+/// Everything one layer's pull needs.
+struct LayerContext<'a> {
+    containerd: &'a Containerd,
+    source: &'a dyn ImageSource,
+    options: &'a PullOptions,
+    index: usize,
+    layer: &'a Descriptor,
+    diff_id: &'a str,
+    chain_id: &'a str,
+    parent: &'a str,
+    layer_digests: &'a [String],
+    manifest_digest: &'a str,
+    progress: &'a dyn PullProgress,
+    content_labels: HashMap<String, String>,
+}
+
+/// Attempts at Prepare when containerd reports AlreadyExists but the target is not found
+/// (containerd retries the same way: another unpack may have been racing).
+const PREPARE_ATTEMPTS: usize = 3;
+
+impl LayerContext<'_> {
+    async fn pull_layer(&self) -> Result<(LayerOutcome, u64), ContainerdError> {
+        let snapshotter = &self.options.snapshotter;
+        if self
+            .containerd
+            .snapshot_exists(snapshotter, self.chain_id)
+            .await?
+        {
+            return Ok((LayerOutcome::Present, 0));
+        }
+        let snapshot_labels = self.snapshot_labels();
+        for _ in 0..PREPARE_ATTEMPTS {
+            let key = format!("extract-{} {}", unique_part(), self.chain_id);
+            let prepared = self
+                .containerd
+                .prepare_snapshot(snapshotter, &key, self.parent, snapshot_labels.clone())
+                .await?;
+            match prepared {
+                Prepared::AlreadyExists => {
+                    if self
+                        .containerd
+                        .snapshot_exists(snapshotter, self.chain_id)
+                        .await?
+                    {
+                        tracing::info!(layer = %self.layer.digest, chain_id = self.chain_id, "layer mounted remotely (lazy)");
+                        return Ok((LayerOutcome::Lazy, 0));
+                    }
+                    tracing::warn!(layer = %self.layer.digest, key, "Prepare said AlreadyExists but the target is missing; retrying");
+                }
+                Prepared::Active(mounts) => {
+                    let result = self.unpack(&key, mounts, snapshot_labels.clone()).await;
+                    if result.is_err() {
+                        if let Err(err) = self.containerd.remove_snapshot(snapshotter, &key).await {
+                            tracing::warn!(key, error = %err, "could not remove the failed unpack snapshot");
+                        }
+                    }
+                    return result.map(|bytes| (LayerOutcome::Unpacked, bytes));
+                }
+            }
+        }
+        Err(ContainerdError::Protocol(format!(
+            "snapshotter {snapshotter} kept answering AlreadyExists for layer {} (chain ID {}) \
+             without having it",
+            self.layer.digest, self.chain_id
+        )))
+    }
+
+    /// The labels containerd's unpacker and CRI pass to Prepare: the target, CRI's image labels,
+    /// and the layer's `containerd.io/snapshot/*` annotations (e.g. the eStargz TOC digest).
+    fn snapshot_labels(&self) -> HashMap<String, String> {
+        let mut map = HashMap::new();
+        for (key, value) in &self.layer.annotations {
+            if labels::fits(key, value) {
+                map.insert(key.clone(), value.clone());
+            }
+        }
+        map.insert(labels::SNAPSHOT_REF.to_string(), self.chain_id.to_string());
+        if labels::fits(labels::CRI_IMAGE_REF, &self.options.image_name) {
+            map.insert(
+                labels::CRI_IMAGE_REF.to_string(),
+                self.options.image_name.clone(),
+            );
+        }
+        map.insert(
+            labels::CRI_LAYER_DIGEST.to_string(),
+            self.layer.digest.clone(),
+        );
+        map.insert(
+            labels::CRI_MANIFEST_DIGEST.to_string(),
+            self.manifest_digest.to_string(),
+        );
+        map.insert(
+            labels::CRI_IMAGE_LAYERS.to_string(),
+            labels::image_layers_value(self.layer_digests, self.index),
+        );
+        map
+    }
+
+    /// The fallback: fetch the blob into the content store, apply it onto the prepared mounts,
+    /// check the diff ID, commit under the chain ID. Returns the blob bytes written.
+    async fn unpack(
+        &self,
+        key: &str,
+        mounts: Vec<super::proto::Mount>,
+        snapshot_labels: HashMap<String, String>,
+    ) -> Result<u64, ContainerdError> {
+        let digest = &self.layer.digest;
+        tracing::info!(layer = %digest, size = self.layer.size, "layer falls back: fetching and unpacking");
+        let mut content_labels = self.content_labels.clone();
+        content_labels.insert(labels::UNCOMPRESSED.to_string(), self.diff_id.to_string());
+        let mut written = 0u64;
+        let already = self.containerd.content_labels(digest).await?.is_some();
+        if already {
+            self.containerd
+                .update_content_labels(digest, &content_labels)
+                .await?;
+        } else {
+            let stream = self.source.blob_stream(digest, self.layer.size).await?;
+            let index = self.index;
+            let progress = self.progress;
+            self.containerd
+                .write_content(digest, self.layer.size, content_labels, stream, |n| {
+                    written += n;
+                    progress.layer_bytes(index, n);
+                })
+                .await?;
+        }
+        let layer = ProtoDescriptor {
+            media_type: self.layer.media_type.clone(),
+            digest: digest.clone(),
+            size: i64::try_from(self.layer.size).map_err(|_| ContainerdError::Invalid {
+                what: format!("layer {digest}"),
+                detail: format!("size {} does not fit containerd's int64", self.layer.size),
+            })?,
+            annotations: HashMap::new(),
+        };
+        let applied = self.containerd.apply_layer(layer, mounts).await?;
+        if applied != self.diff_id {
+            return Err(ContainerdError::DiffIdMismatch {
+                layer: digest.clone(),
+                expected: self.diff_id.to_string(),
+                actual: applied,
+            });
+        }
+        let committed = self
+            .containerd
+            .commit_snapshot(
+                &self.options.snapshotter,
+                self.chain_id,
+                key,
+                snapshot_labels,
+            )
+            .await?;
+        if !committed {
+            // Another pull committed the same chain ID first; ours is redundant.
+            self.containerd
+                .remove_snapshot(&self.options.snapshotter, key)
+                .await?;
+        }
+        Ok(written)
+    }
+}
+
+/// A per-attempt unique part for unpack keys (like containerd's: time and randomness).
+fn unique_part() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let random: u64 = rand::random();
+    format!("{nanos}-{random:016x}")
+}
+
+/// Converts a byte stream error type into the pull's error.
+pub fn source_stream<E: std::fmt::Display + Send + 'static>(
+    stream: impl futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    digest: &str,
+) -> BoxStream<'static, Result<Bytes, ContainerdError>> {
+    let digest = digest.to_string();
+    stream
+        .map(move |item| {
+            item.map_err(|err| ContainerdError::Source(format!("reading blob {digest}: {err}")))
+        })
+        .boxed()
+}

@@ -1,0 +1,947 @@
+//! Reading a layer through ranged reads: footer → TOC → digest check → validated, normalized
+//! entries with their chunk extents; and full verification of every chunk.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::ops::Range;
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use super::footer::{parse_footer, Footer, MAX_FOOTER_SIZE};
+use super::timefmt::parse_rfc3339;
+use super::toc::{Toc, TocEntry};
+use super::{
+    decode_chunk, ChunkInfo, Compression, FormatError, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+};
+use crate::blob::BlobSource;
+
+/// Largest TOC (uncompressed JSON, and compressed TOC bytes) a reader accepts: 512 MiB.
+pub const MAX_TOC_SIZE: u64 = 512 << 20;
+
+/// Largest decompressed chunk a reader accepts (256 MiB): bounds what one chunk read may
+/// allocate even when the compressed bytes really expand that far.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
+
+/// Which landmark a layer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landmark {
+    /// `.prefetch.landmark`: files before it are prioritized.
+    Prefetch,
+    /// `.no.prefetch.landmark`: nothing is prioritized.
+    NoPrefetch,
+}
+
+/// Type of a normalized entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    Dir,
+    Reg,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+impl EntryKind {
+    /// The TOC `type` string of this kind.
+    pub fn as_toc_type(self) -> &'static str {
+        match self {
+            EntryKind::Dir => "dir",
+            EntryKind::Reg => "reg",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Hardlink => "hardlink",
+            EntryKind::Char => "char",
+            EntryKind::Block => "block",
+            EntryKind::Fifo => "fifo",
+        }
+    }
+
+    fn from_toc_type(kind: &str) -> Option<EntryKind> {
+        Some(match kind {
+            "dir" => EntryKind::Dir,
+            "reg" => EntryKind::Reg,
+            "symlink" => EntryKind::Symlink,
+            "hardlink" => EntryKind::Hardlink,
+            "char" => EntryKind::Char,
+            "block" => EntryKind::Block,
+            "fifo" => EntryKind::Fifo,
+            _ => return None,
+        })
+    }
+}
+
+/// A validated file-system entry of a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Normalized path: no `./`, no leading or trailing `/`, never empty.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits plus setuid/setgid/sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// File size (regular files; 0 otherwise).
+    pub size: u64,
+    /// Modification time, unix seconds.
+    pub mtime: i64,
+    /// Symlink target verbatim; hardlink target as a normalized path (resolved to a non-link).
+    pub link_target: Option<String>,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    /// Extended attributes, decoded.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// `sha256:<hex>` of the whole file, when the TOC gives it.
+    pub digest: Option<String>,
+    /// Chunks in file order, covering `0..size` exactly.
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// An opened layer: its TOC, validated and normalized.
+#[derive(Debug, Clone)]
+pub struct LayerToc {
+    compression: Compression,
+    toc_digest: String,
+    toc: Toc,
+    entries: Vec<Entry>,
+    prefetch_range: Option<Range<u64>>,
+    landmark: Option<Landmark>,
+    blob_size: u64,
+    footer: Footer,
+}
+
+impl LayerToc {
+    /// Compression of the chunks.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+    /// `sha256:<hex>` of the uncompressed TOC JSON.
+    pub fn toc_digest(&self) -> &str {
+        &self.toc_digest
+    }
+    /// The raw TOC.
+    pub fn toc(&self) -> &Toc {
+        &self.toc
+    }
+    /// Normalized entries in TOC order, landmarks and `stargz.index.json` hidden.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    /// Compressed bytes holding the prioritized files (everything before `.prefetch.landmark`).
+    pub fn prefetch_range(&self) -> Option<Range<u64>> {
+        self.prefetch_range.clone()
+    }
+    /// The landmark the layer carries, if any.
+    pub fn landmark(&self) -> Option<Landmark> {
+        self.landmark
+    }
+    /// Size of the blob in bytes.
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+    /// The footer the layer ends with.
+    pub fn footer(&self) -> Footer {
+        self.footer
+    }
+    /// Compressed offset where file data ends and the TOC begins (including zstd:chunked's
+    /// skippable frame header).
+    pub fn data_end(&self) -> u64 {
+        data_end(&self.footer)
+    }
+}
+
+fn data_end(footer: &Footer) -> u64 {
+    match footer {
+        Footer::ZstdChunked { toc_offset, .. } => toc_offset.saturating_sub(8),
+        other => other.toc_offset(),
+    }
+}
+
+fn blob_err(what: &str, range: &Range<u64>) -> impl FnOnce(crate::blob::BlobError) -> FormatError {
+    let what = what.to_string();
+    let range = range.clone();
+    move |source| FormatError::Blob {
+        what,
+        range,
+        source,
+    }
+}
+
+/// Opens a layer: reads the footer and TOC (never the whole blob), checks the TOC digest
+/// against `expected_toc_digest` when given, and validates every entry.
+pub async fn open_layer(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+) -> Result<LayerToc, FormatError> {
+    let span = tracing::debug_span!("estargz_open_layer", blob_size = blob.size());
+    open_layer_traced(blob, expected_toc_digest)
+        .instrument(span)
+        .await
+}
+
+async fn open_layer_traced(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+) -> Result<LayerToc, FormatError> {
+    let size = blob.size();
+    let tail_len = size.min(MAX_FOOTER_SIZE as u64);
+    let tail_range = size - tail_len..size;
+    let tail = blob
+        .read_range(tail_range.clone())
+        .await
+        .map_err(blob_err("footer", &tail_range))?;
+    let footer = parse_footer(&tail, size)?;
+    let footer_start = size - footer.len() as u64;
+    let json = match footer {
+        Footer::Estargz { toc_offset } | Footer::Legacy { toc_offset } => {
+            if toc_offset >= footer_start {
+                return Err(FormatError::BadFooter {
+                    size,
+                    reason: format!(
+                        "TOC offset {toc_offset} is not before the footer at {footer_start}"
+                    ),
+                });
+            }
+            let range = toc_offset..footer_start;
+            if range.end - range.start > MAX_TOC_SIZE {
+                return Err(FormatError::BadToc {
+                    offset: toc_offset,
+                    reason: format!(
+                        "compressed TOC is {} bytes, more than the {MAX_TOC_SIZE}-byte limit",
+                        range.end - range.start
+                    ),
+                });
+            }
+            let bytes = blob
+                .read_range(range.clone())
+                .await
+                .map_err(blob_err("TOC", &range))?;
+            read_toc_tar(&bytes, toc_offset)?
+        }
+        Footer::ZstdChunked {
+            toc_offset,
+            compressed_len,
+            uncompressed_len,
+        } => {
+            let end = toc_offset.checked_add(compressed_len);
+            if toc_offset < 8 || end.is_none_or(|end| end > footer_start) {
+                return Err(FormatError::BadFooter {
+                    size,
+                    reason: format!(
+                        "zstd:chunked TOC at {toc_offset} of {compressed_len} bytes does not fit before the footer at {footer_start}"
+                    ),
+                });
+            }
+            if compressed_len > MAX_TOC_SIZE || uncompressed_len > MAX_TOC_SIZE {
+                return Err(FormatError::BadToc {
+                    offset: toc_offset,
+                    reason: format!(
+                        "TOC of {compressed_len} compressed / {uncompressed_len} uncompressed bytes exceeds the {MAX_TOC_SIZE}-byte limit"
+                    ),
+                });
+            }
+            let range = toc_offset - 8..toc_offset + compressed_len;
+            let bytes = blob
+                .read_range(range.clone())
+                .await
+                .map_err(blob_err("TOC", &range))?;
+            read_zstd_toc(&bytes, toc_offset, compressed_len, uncompressed_len)?
+        }
+    };
+    layer_from_toc_json(&json, footer, size, expected_toc_digest)
+}
+
+/// Builds a [`LayerToc`] from the uncompressed TOC JSON of a blob with `footer`: digest check,
+/// parse, validation. The synchronous core of [`open_layer`] (also the fuzzing entry point).
+pub fn layer_from_toc_json(
+    json: &[u8],
+    footer: Footer,
+    blob_size: u64,
+    expected_toc_digest: Option<&str>,
+) -> Result<LayerToc, FormatError> {
+    let toc_digest = super::sha256_digest(json);
+    if let Some(expected) = expected_toc_digest {
+        if expected != toc_digest {
+            return Err(FormatError::TocDigestMismatch {
+                expected: expected.to_string(),
+                actual: toc_digest,
+            });
+        }
+    }
+    let toc = parse_toc_json(json).map_err(|e| match e {
+        FormatError::BadToc { reason, .. } => FormatError::BadToc {
+            offset: footer.toc_offset(),
+            reason,
+        },
+        other => other,
+    })?;
+    let normalized = normalize(&toc, data_end(&footer))?;
+    Ok(LayerToc {
+        compression: footer.compression(),
+        toc_digest,
+        toc,
+        entries: normalized.entries,
+        prefetch_range: normalized.prefetch_range,
+        landmark: normalized.landmark,
+        blob_size,
+        footer,
+    })
+}
+
+/// Parses TOC JSON (`{"version":1,"entries":[...]}`); the error names what is wrong.
+pub fn parse_toc_json(json: &[u8]) -> Result<Toc, FormatError> {
+    if json.len() as u64 > MAX_TOC_SIZE {
+        return Err(FormatError::BadToc {
+            offset: 0,
+            reason: format!("TOC JSON exceeds {MAX_TOC_SIZE} bytes"),
+        });
+    }
+    let toc: Toc = serde_json::from_slice(json).map_err(|e| FormatError::BadToc {
+        offset: 0,
+        reason: format!("TOC is not valid JSON of the eStargz schema: {e}"),
+    })?;
+    if toc.version != 1 {
+        return Err(FormatError::BadToc {
+            offset: 0,
+            reason: format!("unsupported TOC version {}, expected 1", toc.version),
+        });
+    }
+    Ok(toc)
+}
+
+fn tar_octal(field: &[u8]) -> Option<u64> {
+    super::tarfmt::parse_numeric(field)
+}
+
+/// Decompresses an eStargz TOC member and extracts `stargz.index.json` from its tar.
+fn read_toc_tar(compressed: &[u8], toc_offset: u64) -> Result<Vec<u8>, FormatError> {
+    let bad = |reason: String| FormatError::BadToc {
+        offset: toc_offset,
+        reason,
+    };
+    let mut decoder = flate2::read::GzDecoder::new(compressed);
+    let mut header = [0u8; 512];
+    decoder
+        .read_exact(&mut header)
+        .map_err(|e| bad(format!("cannot decompress the TOC tar header: {e}")))?;
+    let name_end = header[..100].iter().position(|&b| b == 0).unwrap_or(100);
+    let name = String::from_utf8_lossy(&header[..name_end]);
+    if name != TOC_TAR_NAME {
+        return Err(bad(format!(
+            "TOC member is named {name:?}, expected {TOC_TAR_NAME}"
+        )));
+    }
+    let size = tar_octal(&header[124..136])
+        .ok_or_else(|| bad("TOC tar header has an invalid size field".into()))?;
+    if size > MAX_TOC_SIZE {
+        return Err(bad(format!(
+            "TOC is {size} bytes, more than the {MAX_TOC_SIZE}-byte limit"
+        )));
+    }
+    let mut json = Vec::new();
+    let read = (&mut decoder)
+        .take(size)
+        .read_to_end(&mut json)
+        .map_err(|e| bad(format!("cannot decompress the TOC: {e}")))?;
+    if read as u64 != size {
+        return Err(bad(format!("TOC data ends after {read} of {size} bytes")));
+    }
+    Ok(json)
+}
+
+/// Checks the skippable frame around a zstd:chunked TOC and decompresses it.
+fn read_zstd_toc(
+    frame: &[u8],
+    toc_offset: u64,
+    compressed_len: u64,
+    uncompressed_len: u64,
+) -> Result<Vec<u8>, FormatError> {
+    let bad = |reason: String| FormatError::BadToc {
+        offset: toc_offset,
+        reason,
+    };
+    let magic = frame
+        .get(0..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let len = frame
+        .get(4..8)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if magic != Some(super::footer::ZSTD_SKIPPABLE_MAGIC)
+        || len.map(u64::from) != Some(compressed_len)
+    {
+        return Err(bad(format!(
+            "no zstd skippable frame of {compressed_len} bytes before the TOC"
+        )));
+    }
+    let payload = frame.get(8..).unwrap_or_default();
+    let decoder = zstd::stream::read::Decoder::with_buffer(payload)
+        .map_err(|e| bad(format!("cannot start zstd decoder: {e}")))?;
+    let mut json = Vec::new();
+    decoder
+        .take(uncompressed_len + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| bad(format!("cannot decompress the TOC: {e}")))?;
+    if json.len() as u64 != uncompressed_len {
+        return Err(bad(format!(
+            "TOC decompresses to {} bytes, the footer says {uncompressed_len}",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
+/// Normalizes a tar/TOC name: strips `./` and trailing `/`, refuses `..`, absolute paths and NUL.
+/// Returns `""` for the root directory.
+pub(crate) fn normalize_name(name: &str) -> Result<String, String> {
+    if name.starts_with('/') {
+        return Err("absolute path".into());
+    }
+    if name.contains('\0') {
+        return Err("NUL byte in name".into());
+    }
+    let mut parts = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err("path contains a `..` component".into()),
+            other => parts.push(other),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn check_digest(value: &str) -> bool {
+    value
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+struct Normalized {
+    entries: Vec<Entry>,
+    landmark: Option<Landmark>,
+    prefetch_range: Option<Range<u64>>,
+}
+
+/// Where the chunks of the open regular file go.
+enum OpenReg {
+    None,
+    Visible(usize),
+    Hidden {
+        name: String,
+        size: u64,
+        covered: u64,
+    },
+}
+
+struct ChunkPlace<'a> {
+    offset: u64,
+    inner: u64,
+    len: u64,
+    name: &'a str,
+}
+
+fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatError> {
+    let entry_err = |e: &TocEntry, reason: String| FormatError::BadEntry {
+        name: e.name.clone(),
+        offset: e.offset,
+        reason,
+    };
+    let mut offsets: Vec<u64> = Vec::new();
+    for e in &toc.entries {
+        if e.offset == 0 {
+            continue;
+        }
+        if e.offset >= data_end {
+            return Err(entry_err(
+                e,
+                format!(
+                    "data offset lies outside the data part of the blob (which ends at {data_end})"
+                ),
+            ));
+        }
+        offsets.push(e.offset);
+    }
+    offsets.sort_unstable();
+    offsets.dedup();
+    let extent_end = |offset: u64| -> u64 {
+        let next = offsets.partition_point(|&o| o <= offset);
+        offsets.get(next).copied().unwrap_or(data_end)
+    };
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut places: Vec<ChunkPlace> = Vec::new();
+    let mut landmark = None;
+    let mut prefetch_range = None;
+    let mut open = OpenReg::None;
+
+    let close = |open: &OpenReg, entries: &[Entry]| -> Result<(), FormatError> {
+        let (name, size, covered) = match open {
+            OpenReg::None => return Ok(()),
+            OpenReg::Visible(i) => match entries.get(*i) {
+                Some(e) => (
+                    e.path.clone(),
+                    e.size,
+                    e.chunks.last().map(|c| c.file_offset + c.len).unwrap_or(0),
+                ),
+                None => return Ok(()),
+            },
+            OpenReg::Hidden {
+                name,
+                size,
+                covered,
+            } => (name.clone(), *size, *covered),
+        };
+        if covered != size {
+            return Err(FormatError::BadEntry {
+                name,
+                offset: 0,
+                reason: format!("chunks cover {covered} bytes but the file has {size}"),
+            });
+        }
+        Ok(())
+    };
+
+    for e in &toc.entries {
+        if e.kind == "chunk" {
+            let (size, covered, display) = match &open {
+                OpenReg::None => {
+                    return Err(entry_err(
+                        e,
+                        "chunk entry without a preceding regular file".into(),
+                    ))
+                }
+                OpenReg::Visible(i) => {
+                    let Some(file) = entries.get(*i) else {
+                        return Err(entry_err(e, "chunk entry without its file".into()));
+                    };
+                    (
+                        file.size,
+                        file.chunks
+                            .last()
+                            .map(|c| c.file_offset + c.len)
+                            .unwrap_or(0),
+                        file.path.clone(),
+                    )
+                }
+                OpenReg::Hidden { size, covered, .. } => (*size, *covered, e.name.clone()),
+            };
+            let file_name = match &open {
+                OpenReg::Hidden { name, .. } => name.clone(),
+                _ => display.clone(),
+            };
+            if normalize_name(&e.name).ok() != normalize_name(&file_name).ok() {
+                return Err(entry_err(
+                    e,
+                    format!("chunk entry follows file {file_name:?} of another name"),
+                ));
+            }
+            let chunk = make_chunk(e, size, covered, &extent_end, None)?;
+            places.push(ChunkPlace {
+                offset: chunk.compressed.start,
+                inner: chunk.inner_offset,
+                len: chunk.len,
+                name: &e.name,
+            });
+            match &mut open {
+                OpenReg::Visible(i) => {
+                    if let Some(file) = entries.get_mut(*i) {
+                        file.chunks.push(chunk);
+                    }
+                }
+                OpenReg::Hidden { covered, .. } => *covered += chunk.len,
+                OpenReg::None => {}
+            }
+            continue;
+        }
+        close(&open, &entries)?;
+        open = OpenReg::None;
+
+        let path = normalize_name(&e.name).map_err(|r| entry_err(e, r))?;
+        let kind = EntryKind::from_toc_type(&e.kind)
+            .ok_or_else(|| entry_err(e, format!("unknown entry type {:?}", e.kind)))?;
+        let hidden_landmark = match path.as_str() {
+            PREFETCH_LANDMARK => Some(Landmark::Prefetch),
+            NO_PREFETCH_LANDMARK => Some(Landmark::NoPrefetch),
+            _ => None,
+        };
+        if hidden_landmark.is_some() || path == TOC_TAR_NAME {
+            if let Some(kind) = hidden_landmark {
+                if landmark.is_some() {
+                    return Err(entry_err(e, "second landmark in one layer".into()));
+                }
+                landmark = Some(kind);
+                if kind == Landmark::Prefetch && e.offset > 0 {
+                    prefetch_range = Some(0..extent_end(e.offset));
+                }
+            }
+            if kind == EntryKind::Reg {
+                let mut covered = 0;
+                if e.size > 0 {
+                    let chunk = make_chunk(e, e.size, 0, &extent_end, Some(&e.digest))?;
+                    places.push(ChunkPlace {
+                        offset: chunk.compressed.start,
+                        inner: chunk.inner_offset,
+                        len: chunk.len,
+                        name: &e.name,
+                    });
+                    covered = chunk.len;
+                }
+                open = OpenReg::Hidden {
+                    name: e.name.clone(),
+                    size: e.size,
+                    covered,
+                };
+            }
+            continue;
+        }
+        if path.is_empty() {
+            if kind != EntryKind::Dir {
+                return Err(entry_err(e, "the root can only be a directory".into()));
+            }
+            continue;
+        }
+        let mtime = if e.modtime.is_empty() {
+            0
+        } else {
+            parse_rfc3339(&e.modtime)
+                .ok_or_else(|| entry_err(e, format!("modtime {:?} is not RFC3339", e.modtime)))?
+        };
+        let mut xattrs = BTreeMap::new();
+        for (key, value) in &e.xattrs {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .map_err(|err| entry_err(e, format!("xattr {key}: value is not base64: {err}")))?;
+            xattrs.insert(key.clone(), decoded);
+        }
+        let dev = |n: u64, what: &str| {
+            u32::try_from(n).map_err(|_| entry_err(e, format!("{what} {n} out of range")))
+        };
+        let mut entry = Entry {
+            path,
+            kind,
+            mode: (e.mode & 0o7777) as u32,
+            uid: e.uid,
+            gid: e.gid,
+            size: 0,
+            mtime,
+            link_target: None,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs,
+            digest: None,
+            chunks: Vec::new(),
+        };
+        match kind {
+            EntryKind::Reg => {
+                entry.size = e.size;
+                if !e.digest.is_empty() {
+                    if !check_digest(&e.digest) {
+                        return Err(entry_err(
+                            e,
+                            format!("digest {:?} is not sha256:<hex>", e.digest),
+                        ));
+                    }
+                    entry.digest = Some(e.digest.clone());
+                }
+                if e.size > 0 {
+                    let chunk = make_chunk(e, e.size, 0, &extent_end, Some(&e.digest))?;
+                    places.push(ChunkPlace {
+                        offset: chunk.compressed.start,
+                        inner: chunk.inner_offset,
+                        len: chunk.len,
+                        name: &e.name,
+                    });
+                    entry.chunks.push(chunk);
+                }
+                open = OpenReg::Visible(entries.len());
+            }
+            EntryKind::Symlink => {
+                if e.link_name.is_empty() {
+                    return Err(entry_err(e, "symlink without a target".into()));
+                }
+                entry.link_target = Some(e.link_name.clone());
+            }
+            EntryKind::Hardlink => {
+                let target = normalize_name(&e.link_name)
+                    .map_err(|r| entry_err(e, format!("hardlink target {:?}: {r}", e.link_name)))?;
+                if target.is_empty() {
+                    return Err(entry_err(e, "hardlink to the root directory".into()));
+                }
+                entry.link_target = Some(target);
+            }
+            EntryKind::Char | EntryKind::Block => {
+                entry.dev_major = dev(e.dev_major, "devMajor")?;
+                entry.dev_minor = dev(e.dev_minor, "devMinor")?;
+            }
+            EntryKind::Dir | EntryKind::Fifo => {}
+        }
+        entries.push(entry);
+    }
+    close(&open, &entries)?;
+
+    resolve_hardlinks(&mut entries)?;
+    check_overlaps(&mut places)?;
+    Ok(Normalized {
+        entries,
+        landmark,
+        prefetch_range,
+    })
+}
+
+/// Builds the chunk described by TOC entry `e` (a `reg` or `chunk` entry) of a file of `size`
+/// bytes whose earlier chunks cover `covered` bytes.
+fn make_chunk(
+    e: &TocEntry,
+    size: u64,
+    covered: u64,
+    extent_end: &dyn Fn(u64) -> u64,
+    file_digest: Option<&str>,
+) -> Result<ChunkInfo, FormatError> {
+    let entry_err = |reason: String| FormatError::BadEntry {
+        name: e.name.clone(),
+        offset: e.offset,
+        reason,
+    };
+    if e.chunk_offset != covered {
+        return Err(entry_err(format!(
+            "chunk starts at file offset {}, expected {covered} (chunks overlap, repeat or leave a gap)",
+            e.chunk_offset
+        )));
+    }
+    let rest = size.saturating_sub(e.chunk_offset);
+    let len = if e.chunk_size > 0 { e.chunk_size } else { rest };
+    if len == 0 || len > rest {
+        return Err(entry_err(format!(
+            "chunk of {len} bytes at file offset {} does not fit in the file of {size} bytes",
+            e.chunk_offset
+        )));
+    }
+    if len > MAX_CHUNK_LEN {
+        return Err(entry_err(format!(
+            "chunk of {len} bytes exceeds the {MAX_CHUNK_LEN}-byte limit"
+        )));
+    }
+    if e.offset == 0 {
+        return Err(entry_err("file data has no compressed offset".into()));
+    }
+    let digest = if !e.chunk_digest.is_empty() {
+        e.chunk_digest.clone()
+    } else if let Some(d) = file_digest.filter(|d| !d.is_empty() && len == size) {
+        d.to_string()
+    } else {
+        return Err(entry_err("chunk has no chunkDigest".into()));
+    };
+    if !check_digest(&digest) {
+        return Err(entry_err(format!(
+            "chunk digest {digest:?} is not sha256:<hex>"
+        )));
+    }
+    Ok(ChunkInfo {
+        compressed: e.offset..extent_end(e.offset),
+        inner_offset: e.inner_offset,
+        file_offset: e.chunk_offset,
+        len,
+        digest,
+    })
+}
+
+/// Checks that no two chunks share bytes of one member (same offset, overlapping inner ranges).
+fn check_overlaps(places: &mut [ChunkPlace]) -> Result<(), FormatError> {
+    places.sort_by_key(|p| (p.offset, p.inner));
+    for pair in places.windows(2) {
+        let [prev, cur] = pair else { continue };
+        if prev.offset == cur.offset && prev.inner.saturating_add(prev.len) > cur.inner {
+            return Err(FormatError::BadEntry {
+                name: cur.name.to_string(),
+                offset: cur.offset,
+                reason: format!(
+                    "chunk at inner offset {} overlaps (or duplicates) a chunk of {:?} at inner offset {}",
+                    cur.inner, prev.name, prev.inner
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Resolves every hardlink target to an existing non-hardlink, non-directory entry.
+fn resolve_hardlinks(entries: &mut [Entry]) -> Result<(), FormatError> {
+    let mut by_path: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_path.insert(e.path.as_str(), i);
+    }
+    let mut resolved: Vec<(usize, String)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.kind != EntryKind::Hardlink {
+            continue;
+        }
+        let mut seen = HashSet::new();
+        let mut target = e.link_target.clone().unwrap_or_default();
+        loop {
+            let Some(&t) = by_path.get(target.as_str()) else {
+                return Err(FormatError::BadEntry {
+                    name: e.path.clone(),
+                    offset: 0,
+                    reason: format!("hardlink target {target:?} does not exist in the layer"),
+                });
+            };
+            let Some(te) = entries.get(t) else { break };
+            match te.kind {
+                EntryKind::Hardlink => {
+                    if !seen.insert(t) || t == i {
+                        return Err(FormatError::BadEntry {
+                            name: e.path.clone(),
+                            offset: 0,
+                            reason: "hardlink loop".into(),
+                        });
+                    }
+                    target = te.link_target.clone().unwrap_or_default();
+                }
+                EntryKind::Dir => {
+                    return Err(FormatError::BadEntry {
+                        name: e.path.clone(),
+                        offset: 0,
+                        reason: format!("hardlink target {target:?} is a directory"),
+                    })
+                }
+                _ => break,
+            }
+        }
+        resolved.push((i, target));
+    }
+    for (i, target) in resolved {
+        if let Some(e) = entries.get_mut(i) {
+            e.link_target = Some(target);
+        }
+    }
+    Ok(())
+}
+
+/// What [`verify_layer`] checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Regular files whose content was verified (including empty ones).
+    pub files: u64,
+    /// Chunks decompressed and verified.
+    pub chunks: u64,
+    /// Decompressed bytes verified.
+    pub bytes: u64,
+    /// Compressed bytes read.
+    pub compressed_bytes: u64,
+}
+
+/// Upper bound of compressed bytes fetched in one `read_ranges` call during verification.
+const VERIFY_BATCH_BYTES: u64 = 16 << 20;
+const VERIFY_BATCH_RANGES: usize = 64;
+
+/// Reads, decompresses and verifies every chunk of every file, and each file's whole digest.
+pub async fn verify_layer(
+    blob: &dyn BlobSource,
+    layer: &LayerToc,
+) -> Result<VerifyReport, FormatError> {
+    let span = tracing::debug_span!("estargz_verify_layer", toc_digest = %layer.toc_digest);
+    verify_layer_traced(blob, layer).instrument(span).await
+}
+
+async fn verify_layer_traced(
+    blob: &dyn BlobSource,
+    layer: &LayerToc,
+) -> Result<VerifyReport, FormatError> {
+    let mut report = VerifyReport::default();
+    let jobs: Vec<(usize, usize)> = layer
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(ei, e)| (0..e.chunks.len()).map(move |ci| (ei, ci)))
+        .collect();
+    let mut hashers: HashMap<usize, Sha256> = HashMap::new();
+    let mut start = 0;
+    while start < jobs.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while let Some(&(ei, ci)) = jobs.get(end) {
+            let Some(chunk) = layer.entries.get(ei).and_then(|e| e.chunks.get(ci)) else {
+                break;
+            };
+            let len = chunk.compressed.end - chunk.compressed.start;
+            if end > start
+                && (bytes + len > VERIFY_BATCH_BYTES || end - start >= VERIFY_BATCH_RANGES)
+            {
+                break;
+            }
+            bytes += len;
+            end += 1;
+        }
+        let batch = jobs.get(start..end).unwrap_or_default();
+        let ranges: Vec<Range<u64>> = batch
+            .iter()
+            .filter_map(|&(ei, ci)| layer.entries.get(ei)?.chunks.get(ci))
+            .map(|c| c.compressed.clone())
+            .collect();
+        let whole =
+            ranges.first().map(|r| r.start).unwrap_or(0)..ranges.last().map(|r| r.end).unwrap_or(0);
+        let datas = blob
+            .read_ranges(ranges)
+            .await
+            .map_err(blob_err("chunks", &whole))?;
+        for (&(ei, ci), data) in batch.iter().zip(datas.iter()) {
+            let Some(entry) = layer.entries.get(ei) else {
+                continue;
+            };
+            let Some(chunk) = entry.chunks.get(ci) else {
+                continue;
+            };
+            let plain = decode_chunk(layer.compression, &entry.path, chunk, data)?;
+            report.chunks += 1;
+            report.bytes += plain.len() as u64;
+            report.compressed_bytes += data.len() as u64;
+            hashers.entry(ei).or_default().update(&plain);
+            if ci + 1 == entry.chunks.len() {
+                let hasher = hashers.remove(&ei).unwrap_or_default();
+                check_file_digest(entry, hasher)?;
+                report.files += 1;
+            }
+        }
+        start = end;
+    }
+    for entry in &layer.entries {
+        if entry.kind == EntryKind::Reg && entry.chunks.is_empty() {
+            check_file_digest(entry, Sha256::new())?;
+            report.files += 1;
+        }
+    }
+    Ok(report)
+}
+
+fn check_file_digest(entry: &Entry, hasher: Sha256) -> Result<(), FormatError> {
+    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+    match &entry.digest {
+        Some(expected) if *expected != actual => Err(FormatError::BadChunk {
+            name: entry.path.clone(),
+            offset: entry
+                .chunks
+                .first()
+                .map(|c| c.compressed.start)
+                .unwrap_or(0),
+            reason: format!("file digest mismatch: TOC says {expected}, content is {actual}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalize() {
+        assert_eq!(normalize_name("./a/b/").unwrap(), "a/b");
+        assert_eq!(normalize_name("a//b").unwrap(), "a/b");
+        assert_eq!(normalize_name("./").unwrap(), "");
+        assert!(normalize_name("/etc").is_err());
+        assert!(normalize_name("a/../../etc").is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The remote-layer hook: how Prepare asks "can this layer be mounted lazily?" and how Remove,
+//! Cleanup and restart hand mounted layers back. The `layer` module implements [`RemoteLayers`]
+//! with FUSE mounts; [`NoRemoteLayers`] declines everything (every layer is unpacked normally).
+//!
+//! Labels read here (containerd passes layer annotations and its own labels on Prepare):
+//! - `containerd.io/snapshot.ref`: the chain ID the committed snapshot must be named.
+//! - CRI: `containerd.io/snapshot/cri.image-ref`, `…/cri.layer-digest`, `…/cri.image-layers`.
+//! - stargz (`ctr-remote images rpull`): `containerd.io/snapshot/remote/stargz.reference`,
+//!   `…/stargz.digest`, `…/stargz.layers`.
+//! - The layer's TOC digest annotation `containerd.io/snapshot/stargz/toc.digest`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// Label containerd sets on Prepare to the chain ID the snapshot should be committed as.
+pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
+/// CRI: the image reference.
+pub const CRI_IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+/// CRI: the layer's blob digest.
+pub const CRI_LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
+/// CRI: every layer digest of the image, comma separated.
+pub const CRI_IMAGE_LAYERS_LABEL: &str = "containerd.io/snapshot/cri.image-layers";
+/// CRI: the manifest digest.
+pub const CRI_MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// stargz: the image reference.
+pub const STARGZ_REFERENCE_LABEL: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// stargz: the layer's blob digest.
+pub const STARGZ_DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
+/// stargz: every layer digest of the image, comma separated.
+pub const STARGZ_LAYERS_LABEL: &str = "containerd.io/snapshot/remote/stargz.layers";
+/// The layer annotation carrying the TOC digest of an eStargz / zstd:chunked layer.
+pub const TOC_DIGEST_LABEL: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Label lazysnap puts on snapshots it mounted remotely (value "true").
+pub const REMOTE_SNAPSHOT_LABEL: &str = "containerd.io/snapshot/lazysnap.remote";
+
+/// Which label family located the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocatorSource {
+    /// containerd's CRI plugin labels.
+    Cri,
+    /// stargz-snapshotter's `ctr-remote images rpull` labels.
+    Stargz,
+}
+
+/// Where a layer lives: enough for the layer module to resolve and mount it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerLocator {
+    /// Image reference, e.g. `127.0.0.1:5000/app:v1`.
+    pub image_ref: String,
+    /// The layer blob's digest (`sha256:…`).
+    pub layer_digest: String,
+    /// Every layer digest of the image, base first, when the labels list them (for prefetch).
+    pub image_layers: Vec<String>,
+    /// The TOC digest annotation, when present (absent for non-eStargz layers).
+    pub toc_digest: Option<String>,
+    pub source: LocatorSource,
+}
+
+impl LayerLocator {
+    /// Reads a locator from Prepare labels; `None` when the labels do not name a layer.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
+        let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+        let split = |v: Option<String>| -> Vec<String> {
+            v.map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let toc_digest = get(TOC_DIGEST_LABEL);
+        if let (Some(image_ref), Some(layer_digest)) =
+            (get(CRI_IMAGE_REF_LABEL), get(CRI_LAYER_DIGEST_LABEL))
+        {
+            return Some(Self {
+                image_ref,
+                layer_digest,
+                image_layers: split(get(CRI_IMAGE_LAYERS_LABEL)),
+                toc_digest,
+                source: LocatorSource::Cri,
+            });
+        }
+        if let (Some(image_ref), Some(layer_digest)) =
+            (get(STARGZ_REFERENCE_LABEL), get(STARGZ_DIGEST_LABEL))
+        {
+            return Some(Self {
+                image_ref,
+                layer_digest,
+                image_layers: split(get(STARGZ_LAYERS_LABEL)),
+                toc_digest,
+                source: LocatorSource::Stargz,
+            });
+        }
+        None
+    }
+}
+
+/// A request to mount one layer lazily.
+#[derive(Debug, Clone)]
+pub struct RemoteLayerRequest {
+    /// The snapshot name to commit on success (the `containerd.io/snapshot.ref` chain ID).
+    pub target: String,
+    /// The Prepare key containerd used (`<ns>/<n>/extract-… <chainID>`).
+    pub key: String,
+    /// Parent snapshot name ("" for the base layer).
+    pub parent: String,
+    /// Every Prepare label.
+    pub labels: BTreeMap<String, String>,
+    pub locator: LayerLocator,
+    /// An existing empty directory to mount the layer's root at (the snapshot's `fs/`).
+    pub mountpoint: PathBuf,
+}
+
+/// Why a remote mount did not happen. Either way Prepare falls back to a normal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteLayerError {
+    /// The layer is not lazily pullable (not eStargz, no TOC, remote layers disabled, …).
+    #[error("layer declined for lazy pulling: {0}")]
+    Declined(String),
+    /// Trying failed (registry unreachable, TOC digest mismatch, mount failed, …).
+    #[error("remote layer failed: {0}")]
+    Failed(String),
+}
+
+/// The snapshotter's hook into remote (lazily fetched) layers.
+///
+/// Implementations must be cheap to call concurrently: containerd prepares the layers of an
+/// image in parallel.
+#[async_trait]
+pub trait RemoteLayers: Send + Sync + 'static {
+    /// Mounts the layer described by `request` at `request.mountpoint` (read-only, whiteouts as
+    /// overlayfs expects). `Ok(())` means the directory now shows the layer's tree; the
+    /// snapshotter then commits the snapshot as `request.target`.
+    async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError>;
+
+    /// Checks a mounted layer before its mounts are handed out (refresh dead connections,
+    /// re-resolve). Errors are logged; the default says healthy.
+    async fn check_layer(
+        &self,
+        _mountpoint: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteLayerError> {
+        Ok(())
+    }
+
+    /// Mounts again a layer recorded before a restart at `mountpoint` (which may hold a stale
+    /// FUSE mount from the previous process: clean it first). `labels` are the stored labels,
+    /// including the locator labels.
+    async fn restore_layer(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteLayerError>;
+
+    /// Unmounts and frees the layer mounted at `mountpoint` (Remove and Cleanup call this before
+    /// deleting the directory). Must succeed when nothing is mounted there.
+    async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError>;
+}
+
+/// The hook used when lazy pulling is off or unavailable: declines every layer, so containerd
+/// fetches and unpacks them normally.
+#[derive(Debug, Clone, Default)]
+pub struct NoRemoteLayers;
+
+#[async_trait]
+impl RemoteLayers for NoRemoteLayers {
+    async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
+        Err(RemoteLayerError::Declined(format!(
+            "remote layers are disabled in this lazysnap (layer {} of {})",
+            request.locator.layer_digest, request.locator.image_ref
+        )))
+    }
+
+    async fn restore_layer(
+        &self,
+        mountpoint: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteLayerError> {
+        Err(RemoteLayerError::Declined(format!(
+            "remote layers are disabled; cannot remount {}",
+            mountpoint.display()
+        )))
+    }
+
+    async fn unmount_layer(&self, _mountpoint: &Path) -> Result<(), RemoteLayerError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn locators_from_cri_and_stargz_labels() {
+        let cri = LayerLocator::from_labels(&labels(&[
+            (CRI_IMAGE_REF_LABEL, "127.0.0.1:5000/a:1"),
+            (CRI_LAYER_DIGEST_LABEL, "sha256:l1"),
+            (CRI_IMAGE_LAYERS_LABEL, "sha256:l0,sha256:l1"),
+            (TOC_DIGEST_LABEL, "sha256:toc"),
+        ]))
+        .unwrap();
+        assert_eq!(cri.source, LocatorSource::Cri);
+        assert_eq!(cri.image_layers, ["sha256:l0", "sha256:l1"]);
+        assert_eq!(cri.toc_digest.as_deref(), Some("sha256:toc"));
+
+        let stargz = LayerLocator::from_labels(&labels(&[
+            (STARGZ_REFERENCE_LABEL, "127.0.0.1:5000/a:1"),
+            (STARGZ_DIGEST_LABEL, "sha256:l1"),
+        ]))
+        .unwrap();
+        assert_eq!(stargz.source, LocatorSource::Stargz);
+        assert!(stargz.toc_digest.is_none());
+
+        assert!(LayerLocator::from_labels(&labels(&[(TARGET_REF_LABEL, "x")])).is_none());
+    }
+}

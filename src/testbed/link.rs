@@ -1,0 +1,245 @@
+//! Userspace link emulator on loopback: a TCP relay from `127.0.0.1:<port>` to an upstream that
+//! adds one-way delay to the data in each direction and limits throughput with one token bucket
+//! per direction shared by all connections, the way a slow edge link would.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::TestbedError;
+
+/// The link to emulate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkProfile {
+    /// Throughput limit per direction in bytes per second; `None` for unlimited.
+    pub rate_bytes_per_sec: Option<u64>,
+    /// Delay added to data in each direction (round-trip time is twice this).
+    pub one_way_delay: Duration,
+}
+
+impl LinkProfile {
+    /// A link of `mbit` Mbit/s with round-trip time `rtt`.
+    pub fn new(mbit: f64, rtt: Duration) -> Self {
+        Self {
+            rate_bytes_per_sec: Some((mbit * 1_000_000.0 / 8.0) as u64),
+            one_way_delay: rtt / 2,
+        }
+    }
+
+    /// No limit and no delay: a plain relay.
+    pub fn unlimited() -> Self {
+        Self {
+            rate_bytes_per_sec: None,
+            one_way_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A running emulator; stops accepting and closes its connections on drop.
+pub struct LinkEmulator {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LinkEmulator {
+    /// Relays `127.0.0.1:<free port>` to `upstream` through `profile`.
+    pub fn start(upstream: SocketAddr, profile: LinkProfile) -> Result<Self, TestbedError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(TestbedError::io("building the link emulator runtime"))?;
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .map_err(TestbedError::io("binding the link emulator"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(TestbedError::io("reading the link emulator address"))?;
+        let (stop, stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("link-emulator".into())
+            .spawn(move || runtime.block_on(accept_loop(listener, upstream, profile, stopped)))
+            .map_err(TestbedError::io("spawning the link emulator thread"))?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address clients connect to instead of the upstream.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for LinkEmulator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    profile: LinkProfile,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let down = Arc::new(TokenBucket::new(profile.rate_bytes_per_sec));
+    let up = Arc::new(TokenBucket::new(profile.rate_bytes_per_sec));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => {
+                let Ok((client, _)) = accepted else { continue };
+                let (up, down) = (up.clone(), down.clone());
+                connections.spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let delay = profile.one_way_delay;
+                    tokio::join!(
+                        relay(client_read, server_write, delay, up),
+                        relay(server_read, client_write, delay, down),
+                    );
+                });
+            }
+        }
+    }
+    connections.abort_all();
+}
+
+/// Copies one direction: data read at time t is written no earlier than t + delay and only as
+/// fast as the shared bucket allows. Reading goes on while earlier data waits, as on a real link.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+    bucket: Arc<TokenBucket>,
+) {
+    let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if queue
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, data)) = pending.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            bucket.take(data.len() as u64).await;
+            if to.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+/// Byte-rate limiter shared by every connection in one direction.
+struct TokenBucket {
+    rate: Option<u64>,
+    state: Mutex<BucketState>,
+}
+
+struct BucketState {
+    /// When the bytes granted so far will have drained at `rate`.
+    busy_until: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate,
+            state: Mutex::new(BucketState {
+                busy_until: Instant::now(),
+            }),
+        }
+    }
+
+    /// Waits until `bytes` may be sent: transmissions are serialized at the link rate.
+    async fn take(&self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|rate| *rate > 0) else {
+            return;
+        };
+        let send_time = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let wait_until = {
+            let mut state = match self.state.lock() {
+                Ok(state) => state,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let start = state.busy_until.max(Instant::now());
+            state.busy_until = start + send_time;
+            state.busy_until
+        };
+        tokio::time::sleep_until(wait_until.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn echo_server() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn relays_bytes_unchanged_through_a_limited_link() {
+        let upstream = echo_server();
+        let link = LinkEmulator::start(upstream, LinkProfile::new(80.0, Duration::from_millis(4)))
+            .unwrap();
+        let mut conn = std::net::TcpStream::connect(link.addr()).unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let mut conn = conn.try_clone().unwrap();
+            let payload = payload.clone();
+            std::thread::spawn(move || conn.write_all(&payload).unwrap())
+        };
+        let mut echoed = vec![0u8; payload.len()];
+        conn.read_exact(&mut echoed).unwrap();
+        writer.join().unwrap();
+        assert_eq!(echoed, payload);
+    }
+}

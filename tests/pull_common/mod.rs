@@ -1,0 +1,272 @@
+//! Shared harness of the `pull_*` tests: a real containerd 1.6 started on a temp socket with its
+//! own root and state (optionally with lazysnap as a proxy snapshotter), `ctr` helpers, a push of
+//! the fixture image to the test-bed registry, and cleanup of everything started.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
+
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const CTR: &str = "/usr/bin/ctr";
+pub const FIXTURES: &str = "/work/shared/fixtures";
+
+/// Fails loudly (never skips) when the test cannot run here.
+pub fn require_root_and_containerd() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the pull tests start containerd and run containers: run them as root"
+    );
+    for program in [CONTAINERD, CTR, "/usr/bin/runc", "/usr/bin/docker-registry"] {
+        assert!(
+            Path::new(program).is_file(),
+            "{program} is missing: run scripts/install-deps.sh (Debian packages containerd, runc, \
+             docker-registry)"
+        );
+    }
+}
+
+/// The fixture image directory (`orig`, `esgz`, ...).
+pub fn fixture_dir(variant: &str) -> PathBuf {
+    let dir = Path::new(FIXTURES).join(variant);
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "fixture {} is missing (expected ../shared/fixtures)",
+        dir.display()
+    );
+    dir
+}
+
+/// containerd from the test bed (own root, state and socket in a temp dir), with `ctr` helpers.
+pub struct TestContainerd {
+    pub server: ContainerdServer,
+}
+
+impl TestContainerd {
+    /// Starts containerd; with `proxy_socket`, registers it as snapshotter `lazysnap` (start
+    /// lazysnap first: containerd backs off when the proxy is missing).
+    pub fn start(proxy_socket: Option<&Path>) -> TestContainerd {
+        Self::start_with(ContainerdOptions {
+            snapshotter_socket: proxy_socket.map(Path::to_path_buf),
+            ..ContainerdOptions::default()
+        })
+    }
+
+    /// Starts containerd with `options`.
+    pub fn start_with(options: ContainerdOptions) -> TestContainerd {
+        let server = ContainerdServer::start(&options).unwrap_or_else(|e| panic!("{e}"));
+        TestContainerd { server }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.server.address()
+    }
+
+    pub fn log(&self) -> String {
+        self.server.log()
+    }
+
+    /// Runs `ctr -a SOCK -n NS ARGS...` and returns (success, stdout, stderr).
+    pub fn ctr(&self, namespace: &str, args: &[&str]) -> (bool, String, String) {
+        let output = self
+            .server
+            .ctr()
+            .arg("-n")
+            .arg(namespace)
+            .args(args)
+            .output()
+            .expect("run ctr");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// `ctr run --rm` of `image` with `snapshotter`, returning its stdout; panics with ctr's and
+    /// containerd's output on failure.
+    pub fn run(&self, namespace: &str, snapshotter: &str, image: &str, cmd: &[&str]) -> String {
+        let id = format!("pulltest-{}", std::process::id());
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            id.as_str(),
+        ];
+        args.extend_from_slice(cmd);
+        let (ok, out, err) = self.ctr(namespace, &args);
+        assert!(
+            ok,
+            "ctr run failed: {err}\nstdout: {out}\ncontainerd log:\n{}",
+            self.log()
+        );
+        out
+    }
+}
+
+/// `lazysnap serve` (the binary) on a socket in a temp dir; killed on drop, its mounts removed.
+pub struct TestLazysnap {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestLazysnap {
+    pub fn start() -> TestLazysnap {
+        Self::start_with_config("")
+    }
+
+    /// Starts `lazysnap serve` with `config_toml` as its configuration file.
+    pub fn start_with_config(config_toml: &str) -> TestLazysnap {
+        let dir = tempfile::Builder::new()
+            .prefix("ls-serve-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        std::fs::write(dir.path().join("config.toml"), config_toml).expect("config");
+        let mut started = TestLazysnap { dir, child: None };
+        started.spawn();
+        started
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("lazysnap.log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--address")
+            .arg(dir.join("lazysnap.sock"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn lazysnap serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("lazysnap serve exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lazysnap serve is not listening after 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills `lazysnap serve` with SIGKILL (its FUSE mounts go stale) and starts it again on the
+    /// same root, socket and configuration.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn();
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("lazysnap.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lazysnap.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestLazysnap {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Lazily unmounts every mount point under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Pushes a fixture image (`manifest.json`, `config.json`, `<hex>.blob`) to the registry at
+/// `host` (`127.0.0.1:PORT`) as `host/repo:tag` with lazysnap's registry client; returns the
+/// image reference.
+pub async fn push_fixture(host: &str, variant: &str, repo: &str, tag: &str) -> String {
+    use lazysnap::registry::{Client, ClientConfig, Reference};
+    let dir = fixture_dir(variant);
+    let image = format!("{host}/{repo}:{tag}");
+    let reference = Reference::parse(&image).expect("reference");
+    let client = Client::new(ClientConfig::default()).expect("registry client");
+    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest");
+    let config = std::fs::read(dir.join("config.json")).expect("config");
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest json");
+    let mut blobs = vec![(
+        parsed["config"]["digest"]
+            .as_str()
+            .expect("config digest")
+            .to_string(),
+        config,
+    )];
+    for layer in parsed["layers"].as_array().expect("layers") {
+        let digest = layer["digest"].as_str().expect("layer digest").to_string();
+        let hex = digest.trim_start_matches("sha256:");
+        let bytes = std::fs::read(dir.join(format!("{hex}.blob"))).expect("layer blob");
+        blobs.push((digest, bytes));
+    }
+    for (digest, bytes) in blobs {
+        client
+            .push_blob_bytes(&reference, &digest, bytes.into())
+            .await
+            .unwrap_or_else(|e| panic!("pushing {digest}: {e}"));
+    }
+    let media_type = parsed["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_string();
+    client
+        .put_manifest(&reference, &media_type, manifest.into())
+        .await
+        .expect("pushing the manifest");
+    image
+}
