@@ -125,6 +125,7 @@ pub fn mount(
             source,
         })?;
 
+    keep_request_buffers_lazy();
     let device: OwnedFd = OpenOptions::new()
         .read(true)
         .write(true)
@@ -265,6 +266,24 @@ impl Drop for MountHandle {
         if let Err(err) = self.unmount_inner() {
             tracing::error!(error = %err, "unmount on drop failed");
         }
+    }
+}
+
+/// fuser gives every session thread a 16 MiB request buffer (`calloc`). glibc's dynamic mmap
+/// threshold rises to that size after the first such buffer is freed, after which new buffers
+/// come from the heap and are zeroed page by page: 16 MiB resident per thread instead of the few
+/// KiB requests touch. A fixed threshold of 8 MiB keeps them mmap-backed (lazily zero), which
+/// measured ~16 MiB less RSS per mount; smaller allocations are unaffected.
+fn keep_request_buffers_lazy() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator tuning; M_MMAP_THRESHOLD accepts this value.
+            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20) } != 1 {
+                tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused");
+            }
+        });
     }
 }
 
