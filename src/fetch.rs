@@ -597,7 +597,11 @@ impl Inner {
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             match self.cache.begin_fill(&c.digest) {
                 Ok(Fill::Leader(guard, waiter)) => {
-                    leaders.push(((index, ci), guard));
+                    // Another reader may have stored it between the lookup and the claim.
+                    match self.cache.get(&c.digest) {
+                        Some(data) => guard.complete(Ok(data)),
+                        None => leaders.push(((index, ci), guard)),
+                    }
                     waits.push((slot, ci, waiter));
                 }
                 Ok(Fill::Follower(waiter)) => waits.push((slot, ci, waiter)),

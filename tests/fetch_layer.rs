@@ -136,6 +136,25 @@ struct Controls {
     refuse: AtomicBool,
     /// Flip the byte at this blob offset in answers (u64::MAX: off).
     corrupt_at: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Controls);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a Controls) -> Self {
+        let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct TestBlob {
@@ -177,6 +196,7 @@ impl BlobSource for TestBlob {
         Box::pin(async move {
             let c = &self.controls;
             c.requests.lock().unwrap().push(range.clone());
+            let _in_flight = InFlight::new(c);
             if c.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
@@ -826,4 +846,37 @@ fn inconsistent_chunk_lists_read_as_eio() {
         "bad-toc",
     );
     assert_eq!(read_blocking(&r, 0, 0, 10), Err(libc::EIO));
+}
+
+#[test]
+fn background_fill_respects_its_concurrency_limit() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<Vec<u8>> = (0..8).map(|i| pseudo_random(100 + i, 2 * CHUNK)).collect();
+    let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"CL");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    controls.delay_ms.store(50, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = FetchOptions {
+        background: true,
+        concurrency: 2,
+        max_request_bytes: CHUNK as u64,
+        ..quiet_options()
+    };
+    let r = reader(&rt, blob, &layer, Compression::Gzip, &cache, opts, "limits");
+    r.start_prefetch(None);
+    wait_until("background fill done", || r.stats().background_done);
+    assert_eq!(controls.requests().len(), 16);
+    let max = controls.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&max),
+        "{max} background requests in flight at once"
+    );
+    for (i, content) in contents.iter().enumerate() {
+        assert_eq!(
+            &read_blocking(&r, i as u64, 0, 1 << 20).unwrap()[..],
+            &content[..]
+        );
+    }
+    assert_eq!(controls.requests().len(), 16);
 }
