@@ -388,8 +388,7 @@ impl LayerReader {
     }
 
     /// Reads `size` bytes of file `content` at `offset` and waits for the result (tests, tools;
-    /// FUSE uses [`ContentSource::read`]). Must not be called from a runtime worker thread when
-    /// chunks need fetching on a current-thread runtime.
+    /// FUSE uses [`ContentSource::read`]).
     pub async fn read_async(
         &self,
         content: ContentId,
