@@ -880,3 +880,53 @@ fn background_fill_respects_its_concurrency_limit() {
     }
     assert_eq!(controls.requests().len(), 16);
 }
+
+#[test]
+fn a_layer_shutting_down_mid_fetch_does_not_fail_readers_of_other_layers() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = pseudo_random(120, CHUNK);
+    let layer_a = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"A");
+    let layer_b = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"BB");
+    let (blob_a, ctl_a) = TestBlob::new(layer_a.blob.clone());
+    let (blob_b, ctl_b) = TestBlob::new(layer_b.blob.clone());
+    // Layer B's source stalls, so its background fill holds the shared chunk's fill.
+    ctl_b.hang.store(true, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let rb = reader(
+        &rt,
+        blob_b,
+        &layer_b,
+        Compression::Gzip,
+        &cache,
+        FetchOptions {
+            background: true,
+            ..quiet_options()
+        },
+        "b",
+    );
+    rb.start_prefetch(None);
+    wait_until("layer B fetching", || !ctl_b.requests().is_empty());
+    let ra = reader(
+        &rt,
+        blob_a,
+        &layer_a,
+        Compression::Gzip,
+        &cache,
+        quiet_options(),
+        "a",
+    );
+    let pending = {
+        let ra = Arc::clone(&ra);
+        std::thread::spawn(move || read_blocking(&ra, 0, 0, 100))
+    };
+    // A's read waits on B's fetch of the same chunk; then B goes away.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        ctl_a.requests().is_empty(),
+        "A should have joined B's fetch"
+    );
+    rb.shutdown();
+    assert_eq!(&pending.join().unwrap().unwrap()[..], &shared[..100]);
+    assert_eq!(ctl_a.requests().len(), 1);
+}
