@@ -80,6 +80,7 @@ pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Res
     };
     let stats_service = service.clone();
     snapshotter::serve(listener, service, shutdown).await?;
+    stats_service.shutdown().await;
     let stats = stats_service.stats();
     info!(
         remote_mounted = stats.remote_mounted,

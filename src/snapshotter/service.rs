@@ -166,6 +166,11 @@ impl Service {
         })
     }
 
+    /// Tells the remote-layer hook the daemon stops (see [`RemoteLayers::shutdown`]).
+    pub async fn shutdown(&self) {
+        self.inner.remote.shutdown().await;
+    }
+
     /// The remote-layer counters.
     pub fn stats(&self) -> ServiceStats {
         let i = &self.inner;
