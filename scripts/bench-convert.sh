@@ -2,7 +2,7 @@
 # Convert throughput (MB/s of uncompressed layer input): `lazysnap convert` against
 # `ctr-remote image convert --estargz`, same image, same gzip level, same machine, one run.
 #
-# The image has one ~250 MB layer of mixed data (Python stdlib and docs: many small text files;
+# The image has one ~200 MB layer of mixed data (Python stdlib and docs: many small text files;
 # random and zero-filled files). Both tools read the source
 # from local storage where possible: lazysnap from an OCI layout (and, second figure, from a
 # registry on 127.0.0.1), ctr-remote from containerd's content store after `ctr images pull`.
@@ -71,13 +71,12 @@ for _ in $(seq 100); do
 done
 [[ -S $sock ]] || { cat "$work/containerd.log"; exit 1; }
 
-# --- the image: one layer of mixed data (~250 MB uncompressed)
-echo "== building a ~250 MB mixed-data layer"
+# --- the image: one layer of mixed data (~200 MB uncompressed)
+echo "== building a ~200 MB mixed-data layer"
 rootfs="$work/rootfs"
 mkdir -p "$rootfs/usr/lib" "$rootfs/usr/share" "$rootfs/data"
 cp -a /usr/lib/python3.11 "$rootfs/usr/lib/" 2>/dev/null || true
 cp -a /usr/share/doc "$rootfs/usr/share/" 2>/dev/null || true
-cp -a /usr/lib/python3 "$rootfs/usr/lib/" 2>/dev/null || true
 head -c $((30 * 1024 * 1024)) /dev/urandom >"$rootfs/data/random.bin"
 head -c $((10 * 1024 * 1024)) /dev/zero >"$rootfs/data/zeros.bin"
 for i in $(seq 200); do head -c $((i * 97)) /dev/urandom >"$rootfs/data/small-$i"; done
