@@ -135,3 +135,100 @@ fn pull_cli_through_lazysnap_serve_plain_gzip_falls_back_and_runs() {
     );
     assert_eq!(out, "00000 ");
 }
+
+#[test]
+fn pull_cli_picks_the_platform_manifest_from_an_index() {
+    require_root_and_containerd();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(push_fixture(&registry.host(), "orig", "fixture", "orig"));
+    let manifest = std::fs::read(fixture_dir("orig").join("manifest.json")).unwrap();
+    let manifest_digest = lazysnap::image::sha256_digest(&manifest);
+    // An index whose arm64 entry must not be chosen on --platform linux/amd64 (both entries
+    // point at the one pushed manifest, which the registry requires to exist).
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+             "size": manifest.len(), "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+             "size": manifest.len(), "platform": {"architecture": "amd64", "os": "linux"}}
+        ]
+    });
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    let index_ref = image.replace(":orig", ":multi");
+    runtime.block_on(async {
+        let client =
+            lazysnap::registry::Client::new(lazysnap::registry::ClientConfig::default()).unwrap();
+        client
+            .put_manifest(
+                &lazysnap::registry::Reference::parse(&index_ref).unwrap(),
+                "application/vnd.oci.image.index.v1+json",
+                index_bytes.clone().into(),
+            )
+            .await
+            .expect("push index");
+    });
+    let containerd = TestContainerd::start(None);
+    let namespace = "pullindex";
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args([
+            "pull",
+            "--snapshotter",
+            "overlayfs",
+            "--platform",
+            "linux/amd64",
+        ])
+        .arg("--containerd")
+        .arg(containerd.socket())
+        .arg("--namespace")
+        .arg(namespace)
+        .arg(&index_ref)
+        .output()
+        .expect("run lazysnap pull");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let index_digest = lazysnap::image::sha256_digest(&index_bytes);
+    assert!(
+        stdout.contains(&index_digest),
+        "the image target is the index: {stdout}"
+    );
+    let (ok, images, err) = containerd.ctr(namespace, &["images", "ls"]);
+    assert!(ok, "{err}");
+    assert!(images.contains(&index_digest), "{images}");
+    let out = containerd.run(
+        namespace,
+        "overlayfs",
+        &index_ref,
+        &["cat", "/data/one-byte.txt"],
+    );
+    assert_eq!(out, "x");
+
+    // A platform the index does not have is an error naming what it has.
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args([
+            "pull",
+            "--snapshotter",
+            "overlayfs",
+            "--platform",
+            "linux/s390x",
+        ])
+        .arg("--containerd")
+        .arg(containerd.socket())
+        .arg("--namespace")
+        .arg(namespace)
+        .arg(&index_ref)
+        .output()
+        .expect("run lazysnap pull");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("linux/s390x") && stderr.contains("linux/arm64"),
+        "{stderr}"
+    );
+}

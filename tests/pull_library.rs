@@ -222,3 +222,75 @@ async fn pull_library_overlayfs_unpacks_labels_and_runs() {
     );
     assert_eq!(out, "x");
 }
+
+/// A source whose layer bytes are altered in transit.
+struct CorruptingSource(DirSource);
+
+impl ImageSource for CorruptingSource {
+    fn resolve(&self) -> BoxFuture<'_, Result<FetchedManifest, ContainerdError>> {
+        self.0.resolve()
+    }
+    fn manifest<'a>(
+        &'a self,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>> {
+        self.0.manifest(digest)
+    }
+    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
+        self.0.blob(digest)
+    }
+    fn blob_stream<'a>(
+        &'a self,
+        digest: &'a str,
+        _size: u64,
+    ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>
+    {
+        async move {
+            let mut bytes = self.0.read(digest)?.to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xff;
+            Ok(futures::stream::iter([Ok(Bytes::from(bytes))]).boxed())
+        }
+        .boxed()
+    }
+    fn distribution_source(&self) -> Option<(String, String)> {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_library_refuses_a_corrupted_layer_and_registers_nothing() {
+    require_root_and_containerd();
+    let containerd = TestContainerd::start(None);
+    let namespace = "pullcorrupt";
+    let image = "127.0.0.1:5999/fixture:corrupt";
+    let client = Containerd::connect(&containerd.socket(), namespace)
+        .await
+        .expect("connect");
+    let options = PullOptions {
+        image_name: image.to_string(),
+        snapshotter: "overlayfs".to_string(),
+        platform: Platform::parse("linux/amd64").unwrap(),
+        lease_expiry: Duration::from_secs(3600),
+    };
+    let err = pull(
+        &client,
+        &CorruptingSource(DirSource::new("orig")),
+        &options,
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .expect_err("a layer that does not match its digest must fail the pull");
+    let text = err.to_string();
+    assert!(
+        text.contains("sha256:0f32956b158d4de6aca00cabf2f6577c61f09b4a71af8a8e32e01116e65d72e2"),
+        "the error names the layer: {text}"
+    );
+    assert!(client.get_image(image).await.unwrap().is_none());
+    let layer = "sha256:0f32956b158d4de6aca00cabf2f6577c61f09b4a71af8a8e32e01116e65d72e2";
+    assert!(client.content_labels(layer).await.unwrap().is_none());
+    // The failed unpack left no active snapshot behind.
+    let (ok, listing, err) = containerd.ctr(namespace, &["snapshots", "ls"]);
+    assert!(ok, "{err}");
+    assert_eq!(listing.lines().count(), 1, "only the header: {listing}");
+}

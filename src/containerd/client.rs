@@ -105,6 +105,12 @@ impl Containerd {
         })
     }
 
+    /// The gRPC channel, for services this client has no wrapper for (e.g. CRI's
+    /// `runtime.v1.ImageService`, which needs no namespace header).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// The socket this client talks to.
     pub fn socket(&self) -> &Path {
         &self.socket

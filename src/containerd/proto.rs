@@ -1,58 +1,6 @@
-//! Generated gRPC clients for the containerd services `lazysnap pull` calls (content, images,
-//! leases, diff, snapshots) and their shared types, compiled from proto/ by build.rs. Modules nest
-//! like the protobuf packages so the generated cross-package paths resolve.
+//! The generated containerd client services `lazysnap pull` calls, as this module names them
+//! (re-exported from the crate's one generated-code module).
 
-#![allow(clippy::all, missing_docs)]
-
-/// `containerd.*` protobuf packages.
-pub mod containerd {
-    /// `containerd.types`: Descriptor and Mount.
-    pub mod types {
-        tonic::include_proto!("containerd.types");
-    }
-    /// `containerd.services.*`.
-    pub mod services {
-        /// `containerd.services.content`.
-        pub mod content {
-            /// `containerd.services.content.v1`: the content store.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.content.v1");
-            }
-        }
-        /// `containerd.services.images`.
-        pub mod images {
-            /// `containerd.services.images.v1`: image records.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.images.v1");
-            }
-        }
-        /// `containerd.services.leases`.
-        pub mod leases {
-            /// `containerd.services.leases.v1`: GC leases.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.leases.v1");
-            }
-        }
-        /// `containerd.services.diff`.
-        pub mod diff {
-            /// `containerd.services.diff.v1`: layer apply.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.diff.v1");
-            }
-        }
-        /// `containerd.services.snapshots`.
-        pub mod snapshots {
-            /// `containerd.services.snapshots.v1`: containerd's snapshots service.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.snapshots.v1");
-            }
-        }
-    }
-}
-
-pub use containerd::services::content::v1 as content;
-pub use containerd::services::diff::v1 as diff;
-pub use containerd::services::images::v1 as images;
-pub use containerd::services::leases::v1 as leases;
-pub use containerd::services::snapshots::v1 as snapshots;
-pub use containerd::types::{Descriptor, Mount};
+pub use crate::proto::{
+    containerd, content, diff, images, leases, runtime, snapshots, Descriptor, Mount,
+};
