@@ -1,6 +1,7 @@
-//! Build script: compiles every `.proto` file under proto/ (containerd's API services and types)
-//! into Rust gRPC clients and servers with protox (pure Rust, so no system `protoc` is needed)
-//! and tonic-prost-build. Adding a proto file needs no change here.
+//! Build script: compiles every `.proto` file under proto/ (containerd's API services and types,
+//! and the CRI ImageService.PullImage slice) into Rust gRPC clients and servers with protox (pure
+//! Rust, so no system `protoc` is needed) and tonic-prost-build. Adding a proto file needs no
+//! change here.
 
 use std::path::{Path, PathBuf};
 

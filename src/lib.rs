@@ -5,6 +5,7 @@
 //! shared by every image on the node. See `../shared/DESIGN.md` for the data flow; each module's
 //! header says what it owns.
 
+pub mod bench;
 pub mod blob;
 pub mod cache;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod fetch;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+pub mod proto;
 pub mod registry;
 pub mod snapshotter;
 pub mod testbed;

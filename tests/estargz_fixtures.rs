@@ -248,3 +248,16 @@ async fn chunk_extents_match_ctr_remote_layout() {
         .any(|e| e.name == ".no.prefetch.landmark"));
     assert!(!layer.entries().iter().any(|e| e.path.contains("landmark")));
 }
+
+#[test]
+fn reader_futures_are_send_so_callers_can_spawn_them() {
+    fn assert_send<T: Send>(_: &T) {}
+    let blob = lazysnap::blob::MemoryBlob(bytes::Bytes::from_static(b""));
+    let open = open_layer(&blob, None);
+    assert_send(&open);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let layer = rt.block_on(open);
+    assert!(layer.is_err());
+}

@@ -781,6 +781,28 @@ async fn remote_layers_commit_under_target_and_answer_already_exists() {
     assert_eq!(err.code(), Code::AlreadyExists);
     assert_eq!(remote.mounted.load(Ordering::SeqCst), 2);
 
+    // The same layer on another parent (another namespace unpacked the parent) is mounted
+    // again under a unique name; containerd finds each by (label, parent).
+    h.prepare("other-a", "").await.unwrap();
+    h.commit("other-base", "other-a").await.unwrap();
+    let err = h
+        .prepare_labeled(
+            "other/1/extract-4 sha256:chain1",
+            "other-base",
+            stargz_labels("sha256:chain1", "sha256:l1"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(remote.mounted.load(Ordering::SeqCst), 3);
+    let found = h
+        .names(&[r#"labels."containerd.io/snapshot.ref"==sha256:chain1,parent==other-base"#])
+        .await;
+    assert_eq!(found.len(), 1);
+    assert_ne!(found[0], "sha256:chain1");
+    h.remove(&found[0]).await.unwrap();
+    h.remove("other-base").await.unwrap();
+
     // A container on top sees the remote layers through overlay.
     let mounts = h.prepare("container", "sha256:chain1").await.unwrap();
     {
@@ -790,7 +812,7 @@ async fn remote_layers_commit_under_target_and_answer_already_exists() {
     }
     h.remove("container").await.unwrap();
     h.remove("sha256:chain1").await.unwrap();
-    assert_eq!(remote.unmounted.lock().unwrap().len(), 1);
+    assert_eq!(remote.unmounted.lock().unwrap().len(), 2);
 
     // Restart: the remaining remote layer is restored through the hook.
     let dir = h.stop().await;

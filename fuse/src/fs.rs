@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -96,6 +96,34 @@ pub(crate) struct FsConfig {
     pub(crate) attr_ttl: Duration,
     pub(crate) passthrough: bool,
     pub(crate) userxattr: bool,
+    pub(crate) observer: Option<OpObserver>,
+}
+
+/// Receives the duration of every FUSE operation the filesystem answers, by operation name
+/// ("lookup", "getattr", "readdir", "open", "read", "getxattr", ...); for reads it is the time
+/// until the answer was sent, waiting on the content source included. Wire it to metrics.
+#[derive(Clone)]
+pub struct OpObserver(pub Arc<dyn Fn(&'static str, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for OpObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpObserver")
+    }
+}
+
+/// Reports an operation's duration to the observer when dropped.
+struct OpTimer {
+    observer: Option<OpObserver>,
+    op: &'static str,
+    start: Instant,
+}
+
+impl Drop for OpTimer {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.observer {
+            (observer.0)(self.op, self.start.elapsed());
+        }
+    }
 }
 
 pub(crate) struct LayerFs {
@@ -123,6 +151,14 @@ impl LayerFs {
             counters,
             passthrough_live,
             handles: OpenTable::default(),
+        }
+    }
+
+    fn timer(&self, op: &'static str) -> OpTimer {
+        OpTimer {
+            observer: self.config.observer.clone(),
+            op,
+            start: Instant::now(),
         }
     }
 
@@ -291,6 +327,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.timer("lookup");
         bump(&self.counters.lookups);
         match self.index.inode(parent.0) {
             Some(dir) if dir.kind == Kind::Dir => {}
@@ -325,6 +362,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.timer("getattr");
         bump(&self.counters.getattrs);
         match self.index.inode(ino.0) {
             Some(inode) => reply.attr(&self.config.attr_ttl, &self.attr(ino.0, inode)),
@@ -333,6 +371,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.timer("readlink");
         match self.index.symlink_target(ino.0) {
             Some(target) => reply.data(target),
             None => reply.error(Errno::EINVAL),
@@ -340,6 +379,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer("open");
         let Some(inode) = self.index.inode(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -397,7 +437,9 @@ impl Filesystem for LayerFs {
             .reads_in_flight
             .fetch_add(1, Ordering::Relaxed);
         let counters = Arc::clone(&self.counters);
+        let timer = self.timer("read");
         let done: crate::ReadDone = Box::new(move |result| {
+            let _timer = timer;
             counters.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
             match result {
                 // The kernel takes a short read before end of file as a smaller file (and zero
@@ -457,6 +499,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer("opendir");
         match self.index.inode(ino.0) {
             Some(inode) if inode.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
@@ -475,6 +518,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.timer("readdir");
         bump(&self.counters.readdirs);
         let Some(dir) = self.index.inode(ino.0).filter(|d| d.kind == Kind::Dir) else {
             return reply.error(Errno::ENOTDIR);
@@ -506,6 +550,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.timer("readdirplus");
         bump(&self.counters.readdirs);
         let Some(dir) = self.index.inode(ino.0).filter(|d| d.kind == Kind::Dir) else {
             return reply.error(Errno::ENOTDIR);
@@ -532,6 +577,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.timer("statfs");
         let blocks = self
             .index
             .total_file_bytes()
@@ -541,6 +587,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("getxattr");
         bump(&self.counters.xattr_ops);
         let Some(inode) = self.index.inode(ino.0) else {
             return reply.error(Errno::ENOENT);
@@ -552,6 +599,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("listxattr");
         bump(&self.counters.xattr_ops);
         let Some(inode) = self.index.inode(ino.0) else {
             return reply.error(Errno::ENOENT);

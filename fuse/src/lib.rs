@@ -37,7 +37,7 @@ mod handles;
 mod index;
 mod mount;
 
-pub use fs::FsStats;
+pub use fs::{FsStats, OpObserver};
 pub use index::{
     Index, IndexBuilder, IndexError, NewNode, NodeAttr, NodeInfo, NodeKind, NodeKindInfo,
     OPAQUE_MARKER, ROOT_INO, WHITEOUT_PREFIX,

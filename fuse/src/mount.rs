@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, Session, SessionACL};
 
-use crate::fs::{Counters, FsConfig, FsStats, LayerFs};
+use crate::fs::{Counters, FsConfig, FsStats, LayerFs, OpObserver};
 use crate::{ContentSource, Index};
 
 /// How long `unmount` waits for the session threads to stop after a successful unmount before
@@ -43,6 +43,8 @@ pub struct MountOptions {
     /// Kernel readahead for the mount in KiB (its bdi `read_ahead_kb`); larger values make
     /// sequential reads arrive in bigger requests (up to 1 MiB). None keeps the kernel default.
     pub read_ahead_kb: Option<u32>,
+    /// Called with every operation's duration (e.g. to feed a latency histogram).
+    pub observer: Option<OpObserver>,
 }
 
 impl Default for MountOptions {
@@ -56,6 +58,7 @@ impl Default for MountOptions {
             userxattr: false,
             threads: 4,
             read_ahead_kb: Some(1024),
+            observer: None,
         }
     }
 }
@@ -145,6 +148,7 @@ pub fn mount(
             attr_ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
             userxattr: opts.userxattr,
+            observer: opts.observer.clone(),
         },
         Arc::clone(&counters),
         Arc::clone(&passthrough_live),

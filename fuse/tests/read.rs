@@ -37,7 +37,18 @@ fn reads_at_odd_offsets_and_sizes_match() {
     let mut b = IndexBuilder::new(root());
     b.add("f", file(data.len(), 1, 0o644)).unwrap();
     let source = Arc::new(source);
-    let mnt = TestMount::new(b.build(), source.clone(), &test_options());
+    let observed: Arc<std::sync::Mutex<Vec<&'static str>>> = Arc::default();
+    let sink = Arc::clone(&observed);
+    let observer =
+        lazysnap_fuse::OpObserver(Arc::new(move |op, _latency| sink.lock().unwrap().push(op)));
+    let mnt = TestMount::new(
+        b.build(),
+        source.clone(),
+        &MountOptions {
+            observer: Some(observer),
+            ..test_options()
+        },
+    );
 
     let f = File::open(mnt.path("f")).unwrap();
     let cases: &[(u64, usize)] = &[
@@ -75,6 +86,14 @@ fn reads_at_odd_offsets_and_sizes_match() {
         "some reads were answered later from another thread"
     );
     assert!(mnt.handle.stats().reads > 0);
+    let ops = observed.lock().unwrap().clone();
+    for op in ["lookup", "open", "read"] {
+        assert!(ops.contains(&op), "observer saw {op}: {ops:?}");
+    }
+    assert_eq!(
+        ops.iter().filter(|o| **o == "read").count() as u64,
+        mnt.handle.stats().reads
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use lazysnap::config::Config;
-use lazysnap::snapshotter::{self, NoRemoteLayers, RemoteLayers, Service, ServiceOptions};
+use lazysnap::layer::LayerManager;
+use lazysnap::snapshotter::{self, RemoteLayers, Service, ServiceOptions};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -37,7 +38,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(address) = args.address {
         config.address = address;
     }
-    super::runtime()?.block_on(serve(config, Arc::new(NoRemoteLayers)))?;
+    super::runtime()?.block_on(async {
+        let manager = LayerManager::from_config(&config, tokio::runtime::Handle::current())
+            .context("setting up lazy remote layers")?;
+        serve(config, Arc::new(manager)).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

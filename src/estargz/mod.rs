@@ -8,6 +8,8 @@
 
 mod decompress;
 pub mod footer;
+#[doc(hidden)]
+pub mod fuzzing;
 mod reader;
 mod tarfmt;
 mod timefmt;

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use super::footer::{parse_footer, Footer, MAX_FOOTER_SIZE};
 use super::timefmt::parse_rfc3339;
@@ -172,6 +173,16 @@ fn blob_err(what: &str, range: &Range<u64>) -> impl FnOnce(crate::blob::BlobErro
 /// Opens a layer: reads the footer and TOC (never the whole blob), checks the TOC digest
 /// against `expected_toc_digest` when given, and validates every entry.
 pub async fn open_layer(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+) -> Result<LayerToc, FormatError> {
+    let span = tracing::debug_span!("estargz_open_layer", blob_size = blob.size());
+    open_layer_traced(blob, expected_toc_digest)
+        .instrument(span)
+        .await
+}
+
+async fn open_layer_traced(
     blob: &dyn BlobSource,
     expected_toc_digest: Option<&str>,
 ) -> Result<LayerToc, FormatError> {
@@ -828,6 +839,14 @@ const VERIFY_BATCH_RANGES: usize = 64;
 
 /// Reads, decompresses and verifies every chunk of every file, and each file's whole digest.
 pub async fn verify_layer(
+    blob: &dyn BlobSource,
+    layer: &LayerToc,
+) -> Result<VerifyReport, FormatError> {
+    let span = tracing::debug_span!("estargz_verify_layer", toc_digest = %layer.toc_digest);
+    verify_layer_traced(blob, layer).instrument(span).await
+}
+
+async fn verify_layer_traced(
     blob: &dyn BlobSource,
     layer: &LayerToc,
 ) -> Result<VerifyReport, FormatError> {

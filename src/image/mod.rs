@@ -1,11 +1,18 @@
 //! Images: manifests, indexes and configs (OCI and Docker media types), platform choice, OCI
 //! layouts, and conversion of whole images to eStargz / zstd:chunked.
 
+mod convert;
 mod layout;
+mod location;
 mod platform;
 mod types;
 
+pub use convert::{
+    convert_image, resolve_image, ConvertOptions, ConvertProgress, ConvertReport, ImageReport,
+    LayerAction, LayerReport, NoProgress, ResolvedImage,
+};
 pub use layout::OciLayout;
+pub use location::ImageLocation;
 pub use platform::{select_platform, Platform};
 pub use types::*;
 
@@ -24,6 +31,20 @@ pub enum ImageError {
     /// No manifest in an index matches the wanted platform.
     #[error("no image for platform {wanted} in the index (available: {available}); choose one with --platform or use --all-platforms")]
     NoPlatform { wanted: String, available: String },
+    /// A registry operation failed.
+    #[error("{context}: {source}")]
+    Registry {
+        context: String,
+        #[source]
+        source: crate::registry::RegistryError,
+    },
+    /// A layer could not be read or written in the eStargz / zstd:chunked format.
+    #[error("{context}: {source}")]
+    Format {
+        context: String,
+        #[source]
+        source: crate::estargz::FormatError,
+    },
     /// A local file operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -1,25 +1,4 @@
-//! Generated gRPC types for containerd's `snapshots.v1` service and `types.Mount` (from proto/,
-//! compiled by build.rs). Modules nest like the protobuf packages so generated paths resolve.
+//! The generated containerd snapshots.v1 service, `types.Mount` and the CRI slice, as the
+//! snapshotter names them (re-exported from the crate's one generated-code module).
 
-#![allow(clippy::all, missing_docs)]
-
-/// `containerd.*` protobuf packages.
-pub mod containerd {
-    /// `containerd.types`: the Mount message.
-    pub mod types {
-        tonic::include_proto!("containerd.types");
-    }
-    /// `containerd.services.*`.
-    pub mod services {
-        /// `containerd.services.snapshots`.
-        pub mod snapshots {
-            /// `containerd.services.snapshots.v1`: the Snapshots service.
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.snapshots.v1");
-            }
-        }
-    }
-}
-
-pub use containerd::services::snapshots::v1 as snapshots;
-pub use containerd::types::Mount;
+pub use crate::proto::{containerd, runtime, snapshots, Mount};

@@ -257,6 +257,16 @@ impl Service {
                 }
             }
         }
+        if !parent.is_empty() {
+            // A container's rootfs comes from Prepare: check its remote layers first.
+            let parent_owned = parent.to_string();
+            if let Ok(chain) = self
+                .blocking(move |s| Ok(s.inner.store.begin()?.chain(&parent_owned)?))
+                .await
+            {
+                self.check_remote_chain(&chain).await;
+            }
+        }
         let (key, parent) = (key.to_string(), parent.to_string());
         let mounts = self
             .blocking(move |s| s.create_local(Kind::Active, &key, &parent, labels))
@@ -287,9 +297,11 @@ impl Service {
     ) -> Result<(), RemoteAttempt> {
         let fallback = |e: SnapshotError| RemoteAttempt::Fallback(e.to_string());
         let (target_owned, parent_owned) = (target.to_string(), parent.to_string());
-        let (id, mountpoint) = self
+        let (id, mountpoint, name) = self
             .blocking(move |s| {
-                if s.inner.store.get(&target_owned)?.is_some() {
+                // containerd looks the result up by (snapshot.ref label, parent); one such
+                // snapshot is enough.
+                if s.find_target(&target_owned, &parent_owned)?.is_some() {
                     return Ok(None);
                 }
                 if !parent_owned.is_empty() {
@@ -303,6 +315,13 @@ impl Service {
                     }
                 }
                 let id = s.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                // The chain ID names the snapshot, unless that name is taken by the same layer on
+                // another parent (another namespace's unpacked parent): then a unique name.
+                let name = if s.inner.store.get(&target_owned)?.is_some() {
+                    format!("{target_owned}@{id}")
+                } else {
+                    target_owned.clone()
+                };
                 let dir = s.dir(id);
                 let mountpoint = dir.join("fs");
                 std::fs::DirBuilder::new()
@@ -313,7 +332,7 @@ impl Service {
                         "creating {}",
                         mountpoint.display()
                     )))?;
-                Ok(Some((id, mountpoint)))
+                Ok(Some((id, mountpoint, name)))
             })
             .await
             .map_err(fallback)?
@@ -350,14 +369,19 @@ impl Service {
             remote: true,
             usage: Some((0, 0)),
         };
-        let target_owned = target.to_string();
         let committed = self
             .blocking(move |s| {
                 let txn = s.inner.store.begin()?;
-                if txn.get(&target_owned)?.is_some() {
+                let raced = txn.all()?.iter().any(|(other, r)| {
+                    other == &name
+                        || (r.parent == record.parent
+                            && r.labels.get(TARGET_REF_LABEL)
+                                == record.labels.get(TARGET_REF_LABEL))
+                });
+                if raced {
                     return Ok(false);
                 }
-                txn.put(&target_owned, &record)?;
+                txn.put(&name, &record)?;
                 txn.commit()?;
                 Ok(true)
             })
@@ -376,6 +400,22 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// The name of a committed snapshot labelled `containerd.io/snapshot.ref` = `target` on
+    /// `parent`, if any.
+    fn find_target(&self, target: &str, parent: &str) -> Result<Option<String>, SnapshotError> {
+        Ok(self
+            .inner
+            .store
+            .all()?
+            .into_iter()
+            .find(|(_, r)| {
+                r.kind == Kind::Committed
+                    && r.parent == parent
+                    && r.labels.get(TARGET_REF_LABEL).map(String::as_str) == Some(target)
+            })
+            .map(|(name, _)| name))
     }
 
     /// Unmounts (through the hook) and deletes a remote snapshot's directory.
@@ -505,25 +545,23 @@ impl Service {
                 let chain = if record.parent.is_empty() {
                     Vec::new()
                 } else {
-                    txn.chain_ids(&record.parent)?
+                    txn.chain(&record.parent)?
                 };
                 Ok((record, chain))
             })
             .await?;
         self.check_remote_chain(&chain).await;
-        Ok(self.mounts_for(record.kind, record.id, &chain))
+        let ids: Vec<(u64, bool)> = chain.iter().map(|r| (r.id, r.remote)).collect();
+        Ok(self.mounts_for(record.kind, record.id, &ids))
     }
 
-    async fn check_remote_chain(&self, chain: &[(u64, bool)]) {
-        for &(id, remote) in chain {
-            if !remote {
-                continue;
-            }
-            let mountpoint = self.dir(id).join("fs");
+    async fn check_remote_chain(&self, chain: &[SnapshotRecord]) {
+        for link in chain.iter().filter(|r| r.remote) {
+            let mountpoint = self.dir(link.id).join("fs");
             if let Err(err) = self
                 .inner
                 .remote
-                .check_layer(&mountpoint, &BTreeMap::new())
+                .check_layer(&mountpoint, &link.labels)
                 .await
             {
                 warn!(mountpoint = %mountpoint.display(), error = %err, "remote layer is unhealthy");

@@ -234,25 +234,34 @@ impl WriteTxn<'_> {
         Ok(self.all()?.iter().any(|(_, r)| r.parent == name))
     }
 
-    /// The directory ids of `name` and its ancestors, nearest first.
+    /// The directory ids of `name` and its ancestors, nearest first, with their remote flag.
     pub fn chain_ids(&self, name: &str) -> Result<Vec<(u64, bool)>, StoreError> {
-        let mut ids = Vec::new();
+        Ok(self
+            .chain(name)?
+            .into_iter()
+            .map(|r| (r.id, r.remote))
+            .collect())
+    }
+
+    /// The records of `name` and its ancestors, nearest first.
+    pub fn chain(&self, name: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let mut records = Vec::new();
         let mut next = name.to_string();
         while !next.is_empty() {
             let record = self.get(&next)?.ok_or_else(|| StoreError {
                 path: self.store.path.clone(),
                 detail: format!("snapshot {next:?} is named as a parent but has no record"),
             })?;
-            ids.push((record.id, record.remote));
+            next = record.parent.clone();
+            records.push(record);
             // A cycle can only come from a corrupt store; stop rather than loop forever.
-            if ids.len() > 100_000 {
+            if records.len() > 100_000 {
                 return Err(self
                     .store
                     .err("parent chain longer than 100000: corrupt store"));
             }
-            next = record.parent;
         }
-        Ok(ids)
+        Ok(records)
     }
 
     /// Makes every change of this transaction durable.

@@ -28,12 +28,16 @@ pub enum Fault {
     TruncateBody,
     /// Shift the `Content-Range` one byte forward (same length, wrong bytes claimed).
     WrongContentRange,
+    /// Flip one byte in the middle of the body.
+    CorruptBody,
 }
 
 #[derive(Default)]
 struct ProxyState {
     faults: Mutex<VecDeque<(String, Fault)>>,
     redirect_blobs: AtomicBool,
+    ignore_multi_range: AtomicBool,
+    multi_range_requests: AtomicUsize,
     generation: AtomicU64,
     requests: AtomicUsize,
     faults_injected: AtomicUsize,
@@ -110,6 +114,17 @@ impl FaultProxy {
     /// Makes every redirect URL issued so far answer 403 (as an expired signed URL does).
     pub fn expire_redirects(&self) {
         self.state.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Behave like a server without multi-range support: a `Range` with several ranges is
+    /// dropped and the whole blob answered with 200.
+    pub fn ignore_multi_range(&self, on: bool) {
+        self.state.ignore_multi_range.store(on, Ordering::SeqCst);
+    }
+
+    /// Requests that asked for several ranges at once.
+    pub fn multi_range_requests(&self) -> usize {
+        self.state.multi_range_requests.load(Ordering::SeqCst)
     }
 
     /// Requests received.
@@ -265,8 +280,18 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
             let _ = write_simple(&mut stream, "502 Bad Gateway", "");
             return;
         };
+        let multi_range = headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("range") && v.contains(','));
+        if multi_range {
+            state.multi_range_requests.fetch_add(1, Ordering::SeqCst);
+        }
+        let drop_range = multi_range && state.ignore_multi_range.load(Ordering::SeqCst);
         let mut forwarded = format!("{method} {target} HTTP/1.1\r\n");
         for (k, v) in &headers {
+            if drop_range && k.eq_ignore_ascii_case("range") {
+                continue;
+            }
             if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("keep-alive") {
                 forwarded.push_str(&format!("{k}: {v}\r\n"));
             }
@@ -285,7 +310,13 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
             return;
         };
         let head_text = String::from_utf8_lossy(&response[..split]).into_owned();
-        let response_body = &response[split + 4..];
+        let mut response_body = response[split + 4..].to_vec();
+        if fault == Some(Fault::CorruptBody) {
+            let middle = response_body.len() / 2;
+            if let Some(b) = response_body.get_mut(middle) {
+                *b ^= 0x5a;
+            }
+        }
         let mut head = String::new();
         for (i, line) in head_text.split("\r\n").enumerate() {
             if i > 0 {
@@ -324,7 +355,7 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
             }
             _ => stream
                 .write_all(head.as_bytes())
-                .and_then(|()| stream.write_all(response_body))
+                .and_then(|()| stream.write_all(&response_body))
                 .and_then(|()| stream.flush()),
         };
         if sent.is_err() {

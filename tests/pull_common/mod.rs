@@ -117,41 +117,67 @@ pub struct TestLazysnap {
 
 impl TestLazysnap {
     pub fn start() -> TestLazysnap {
+        Self::start_with_config("")
+    }
+
+    /// Starts `lazysnap serve` with `config_toml` as its configuration file.
+    pub fn start_with_config(config_toml: &str) -> TestLazysnap {
         let dir = tempfile::Builder::new()
             .prefix("ls-serve-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let log = std::fs::File::create(dir.path().join("lazysnap.log")).expect("log");
+        std::fs::write(dir.path().join("config.toml"), config_toml).expect("config");
+        let mut started = TestLazysnap { dir, child: None };
+        started.spawn();
+        started
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("lazysnap.log"))
+            .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
             .arg("serve")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
             .arg("--root")
-            .arg(dir.path().join("root"))
+            .arg(dir.join("root"))
             .arg("--address")
-            .arg(dir.path().join("lazysnap.sock"))
+            .arg(dir.join("lazysnap.sock"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
             .expect("spawn lazysnap serve");
-        let mut started = TestLazysnap {
-            dir,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::os::unix::net::UnixStream::connect(started.socket()).is_ok() {
-                return started;
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
             }
-            if let Some(Ok(Some(status))) = started.child.as_mut().map(|c| c.try_wait()) {
-                panic!("lazysnap serve exited ({status}):\n{}", started.log());
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("lazysnap serve exited ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "lazysnap serve is not listening after 30 s:\n{}",
-                started.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills `lazysnap serve` with SIGKILL (its FUSE mounts go stale) and starts it again on the
+    /// same root, socket and configuration.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn();
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -1,0 +1,158 @@
+//! Link profiles for the bench: parsing `unlimited`, `20mbit:50ms`, `500kbit:200ms`, `1gbit` into
+//! the test bed's [`LinkProfile`] (rate, and round-trip time split into two one-way delays).
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::testbed::LinkProfile;
+
+use super::BenchError;
+
+/// One emulated link as the user wrote it, with the profile it stands for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkSpec {
+    /// The text given on the command line, normalized (`unlimited`, `20mbit:50ms`).
+    pub label: String,
+    /// Throughput limit in bits per second; `None` for unlimited.
+    pub rate_bits_per_sec: Option<u64>,
+    /// Round-trip time added by the link.
+    pub rtt: Duration,
+}
+
+impl LinkSpec {
+    /// Parses `unlimited`, `RATE`, `RATE:RTT` or `unlimited:RTT`, where RATE is a number with
+    /// `kbit`, `mbit` or `gbit` and RTT a number with `ms` or `s` (the round-trip time).
+    pub fn parse(text: &str) -> Result<Self, BenchError> {
+        let bad = |reason: &str| BenchError::BadLink {
+            spec: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let trimmed = text.trim().to_ascii_lowercase();
+        if trimmed.is_empty() {
+            return Err(bad("empty"));
+        }
+        let (rate_text, rtt_text) = match trimmed.split_once(':') {
+            Some((rate, rtt)) => (rate, Some(rtt)),
+            None => (trimmed.as_str(), None),
+        };
+        let rate_bits_per_sec = if rate_text == "unlimited" {
+            None
+        } else {
+            Some(parse_rate(rate_text).ok_or_else(|| {
+                bad("the rate must be `unlimited` or a number with kbit, mbit or gbit")
+            })?)
+        };
+        let rtt = match rtt_text {
+            None => Duration::ZERO,
+            Some(rtt) => parse_duration(rtt)
+                .ok_or_else(|| bad("the round-trip time must be a number with ms or s"))?,
+        };
+        if rtt > Duration::from_secs(10) {
+            return Err(bad("round-trip times above 10 s are not useful here"));
+        }
+        Ok(Self {
+            label: trimmed,
+            rate_bits_per_sec,
+            rtt,
+        })
+    }
+
+    /// The test bed profile: shared rate limit per direction, half the RTT as one-way delay.
+    pub fn profile(&self) -> LinkProfile {
+        LinkProfile {
+            rate_bytes_per_sec: self.rate_bits_per_sec.map(|bits| (bits / 8).max(1)),
+            one_way_delay: self.rtt / 2,
+        }
+    }
+
+    /// A file-name-safe form of the label.
+    pub fn slug(&self) -> String {
+        self.label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect()
+    }
+}
+
+impl fmt::Display for LinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+fn parse_rate(text: &str) -> Option<u64> {
+    let (number, multiplier) = [
+        ("gbit", 1_000_000_000f64),
+        ("mbit", 1_000_000f64),
+        ("kbit", 1_000f64),
+    ]
+    .iter()
+    .find_map(|(suffix, mult)| text.strip_suffix(suffix).map(|n| (n, *mult)))?;
+    let value: f64 = number.trim().parse().ok()?;
+    if !value.is_finite() || value <= 0.0 {
+        return None;
+    }
+    let bits = value * multiplier;
+    (8.0..1e15).contains(&bits).then_some(bits as u64)
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        return None;
+    };
+    let value: f64 = number.trim().parse().ok()?;
+    if !value.is_finite() || !(0.0..=1e6).contains(&value) {
+        return None;
+    }
+    Some(Duration::from_secs_f64(value * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rates_and_round_trip_times() {
+        let link = LinkSpec::parse("20mbit:50ms").unwrap();
+        assert_eq!(link.rate_bits_per_sec, Some(20_000_000));
+        assert_eq!(link.rtt, Duration::from_millis(50));
+        assert_eq!(link.profile().rate_bytes_per_sec, Some(2_500_000));
+        assert_eq!(link.profile().one_way_delay, Duration::from_millis(25));
+        assert_eq!(link.slug(), "20mbit-50ms");
+
+        let unlimited = LinkSpec::parse("unlimited").unwrap();
+        assert_eq!(unlimited.profile(), LinkProfile::unlimited());
+        assert_eq!(
+            LinkSpec::parse("1.5Gbit:0.2s").unwrap().rtt,
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            LinkSpec::parse("500kbit").unwrap().rate_bits_per_sec,
+            Some(500_000)
+        );
+        assert_eq!(
+            LinkSpec::parse("unlimited:30ms").unwrap().rtt,
+            Duration::from_millis(30)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_links_with_the_expected_form() {
+        for bad in [
+            "",
+            "fast",
+            "20mb:50ms",
+            "20mbit:50",
+            "-3mbit",
+            "0mbit",
+            "10mbit:60s",
+        ] {
+            let err = LinkSpec::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("20mbit:50ms"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,677 @@
+//! `lazysnap bench`: container startup latency (pull, create + run until the workload is ready)
+//! of lazysnap against containerd's default overlayfs pull, on loopback links emulated in front
+//! of a local registry. Starts everything itself on 127.0.0.1 (registry, link emulators,
+//! `lazysnap serve` then containerd, runc), every measured run cold, and tears it all down.
+//!
+//! ```no_run
+//! use lazysnap::bench::{run_bench, BenchOptions};
+//! let options = BenchOptions::new("/usr/local/bin/lazysnap".into());
+//! let report = run_bench(&options, &|line| eprintln!("{line}")).unwrap();
+//! print!("{}", lazysnap::bench::render_table(&report));
+//! ```
+
+mod image;
+mod link;
+mod procs;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::image::OciLayout;
+use crate::testbed::images::{push_layout_image, write_image, ImageOptions};
+use crate::testbed::{
+    require_program, ContainerdOptions, ContainerdServer, LinkEmulator, RegistryServer,
+    TestbedError,
+};
+
+pub use image::{READY_MARKER, STARTUP_FILES, WORKLOAD};
+pub use link::LinkSpec;
+pub use report::{
+    compute_speedups, median, render_svg, render_table, BenchReport, ImageReport, Mode, ModeResult,
+    RunResult, Summary,
+};
+
+use procs::{run_timed, tail, ServeProcess};
+
+/// Repository the sample image is pushed to.
+const REPOSITORY: &str = "bench/app";
+/// containerd namespace the bench pulls into.
+const NAMESPACE: &str = "lazysnap-bench";
+/// Layer digest annotation that marks a layer as lazily pullable eStargz.
+const TOC_ANNOTATION: &str = crate::estargz::TOC_DIGEST_ANNOTATION;
+
+/// Errors of the bench; each names the step and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("lazysnap bench must run as root: it starts containerd and runc and mounts FUSE and overlay filesystems (rerun with sudo)")]
+    NotRoot,
+    #[error("{0}")]
+    Missing(String),
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Step { what: String, detail: String },
+    #[error("invalid link {spec:?}: {reason} (write e.g. `unlimited`, `20mbit:50ms` or `500kbit:200ms`: rate, then round-trip time)")]
+    BadLink { spec: String, reason: String },
+    #[error("invalid option: {0}")]
+    Invalid(String),
+    #[error("interrupted; everything the bench started has been stopped")]
+    Interrupted,
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `lazysnap` binary to run as `serve`, `pull` and `convert`.
+    pub lazysnap_bin: PathBuf,
+    /// Links to emulate, each measured with every mode.
+    pub links: Vec<LinkSpec>,
+    /// Cold runs per link and mode (the table shows medians).
+    pub runs: usize,
+    /// Size of the sample app layer's file content in MB.
+    pub layer_mb: u64,
+    /// Give the converter the workload's startup files as a prefetch list.
+    pub prefetch: bool,
+    /// lazysnap's background fill of the rest of each layer (`[fetch] background_fill`).
+    pub background_fill: bool,
+    /// Deadline for each pull, run or conversion.
+    pub step_timeout: Duration,
+}
+
+impl BenchOptions {
+    /// Defaults: links `unlimited` and `20mbit:50ms`, 3 runs, a 40 MB app layer, prefetch list
+    /// on, background fill on (lazysnap's default), 10 minutes per step.
+    pub fn new(lazysnap_bin: PathBuf) -> Self {
+        Self {
+            lazysnap_bin,
+            links: vec![
+                LinkSpec {
+                    label: "unlimited".into(),
+                    rate_bits_per_sec: None,
+                    rtt: Duration::ZERO,
+                },
+                LinkSpec {
+                    label: "20mbit:50ms".into(),
+                    rate_bits_per_sec: Some(20_000_000),
+                    rtt: Duration::from_millis(50),
+                },
+            ],
+            runs: 3,
+            layer_mb: 40,
+            prefetch: true,
+            background_fill: true,
+            step_timeout: Duration::from_secs(600),
+        }
+    }
+
+    fn validate(&self) -> Result<(), BenchError> {
+        if self.links.is_empty() {
+            return Err(BenchError::Invalid("give at least one --link".into()));
+        }
+        if self.runs == 0 || self.runs > 100 {
+            return Err(BenchError::Invalid(format!(
+                "--runs {} must be between 1 and 100",
+                self.runs
+            )));
+        }
+        if self.layer_mb == 0 || self.layer_mb > 4096 {
+            return Err(BenchError::Invalid(format!(
+                "--layer-mb {} must be between 1 and 4096",
+                self.layer_mb
+            )));
+        }
+        Ok(())
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM stop the bench between steps (tearing everything down) instead of
+/// killing it with containerd, mounts and the registry left behind.
+pub fn install_interrupt_handler() -> Result<(), BenchError> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(note_interrupt),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.map_err(|errno| BenchError::Io {
+            context: format!("installing the {signal} handler"),
+            source: std::io::Error::from(errno),
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_interrupted() -> Result<(), BenchError> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(BenchError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// Fails with a message naming what to install when the bench cannot run here.
+pub fn check_environment(options: &BenchOptions) -> Result<(), BenchError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(BenchError::NotRoot);
+    }
+    for (program, package) in [
+        ("/usr/bin/containerd", "containerd"),
+        ("/usr/bin/ctr", "containerd"),
+        ("/usr/sbin/runc", "runc"),
+        ("/usr/bin/docker-registry", "docker-registry"),
+        ("/usr/bin/curl", "curl"),
+        ("/bin/busybox", "busybox-static"),
+    ] {
+        require_program(program, package)?;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(BenchError::Missing(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) and install fuse3".into(),
+        ));
+    }
+    if !options.lazysnap_bin.is_file() {
+        return Err(BenchError::Missing(format!(
+            "the lazysnap binary {} does not exist: build it with `cargo build --release`",
+            options.lazysnap_bin.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Detaches every mount left under the bench's work dir when dropped (declared after the temp
+/// dir so it runs before the dir is removed).
+struct UnmountGuard(PathBuf);
+
+impl Drop for UnmountGuard {
+    fn drop(&mut self) {
+        procs::unmount_under(&self.0);
+    }
+}
+
+/// Runs the whole bench and returns what it measured. `progress` gets one line per step.
+pub fn run_bench(
+    options: &BenchOptions,
+    progress: &dyn Fn(&str),
+) -> Result<BenchReport, BenchError> {
+    options.validate()?;
+    check_environment(options)?;
+    let state_parent = std::env::temp_dir();
+    let work = tempfile::Builder::new()
+        .prefix("lazysnap-bench-")
+        .tempdir_in(&state_parent)
+        .map_err(procs::io_error(format!(
+            "creating a work dir in {}",
+            state_parent.display()
+        )))?;
+    let _unmount = UnmountGuard(work.path().to_path_buf());
+    let mut notes = Vec::new();
+
+    progress("starting the registry on 127.0.0.1");
+    let registry = RegistryServer::start()?;
+    check_interrupted()?;
+
+    progress(&format!(
+        "generating the sample image (busybox + {} MB app layer)",
+        options.layer_mb
+    ));
+    let sample = image::sample_image(options.layer_mb)?;
+    let workload: Vec<String> = WORKLOAD.iter().map(|s| s.to_string()).collect();
+    let layout_error = |e: crate::image::ImageError| BenchError::Step {
+        what: "writing the sample image layout".into(),
+        detail: e.to_string(),
+    };
+    let gzip_layout = OciLayout::create(&work.path().join("gzip-layout")).map_err(layout_error)?;
+    write_image(
+        &gzip_layout,
+        &sample.layers,
+        &ImageOptions {
+            cmd: workload.clone(),
+            ..ImageOptions::default()
+        },
+        Some("gzip"),
+    )?;
+    push_layout_image(
+        &gzip_layout,
+        Some("gzip"),
+        &registry.host(),
+        REPOSITORY,
+        "gzip",
+    )?;
+    check_interrupted()?;
+
+    let prefetch_list: Vec<String> = if options.prefetch {
+        STARTUP_FILES.iter().map(|s| s.to_string()).collect()
+    } else {
+        Vec::new()
+    };
+    progress("converting the sample image to eStargz with `lazysnap convert`");
+    let converter = convert_sample(
+        options,
+        &registry,
+        work.path(),
+        &sample,
+        &prefetch_list,
+        &workload,
+        &mut notes,
+        progress,
+    )?;
+    let gzip_layers = image::registry_layers(&registry.url(), REPOSITORY, "gzip")?;
+    let estargz_layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
+    let image_report = ImageReport {
+        gzip_reference: format!("{}/{REPOSITORY}:gzip", registry.host()),
+        estargz_reference: format!("{}/{REPOSITORY}:estargz", registry.host()),
+        layers: sample.layers.len(),
+        app_bytes: sample.app_bytes,
+        app_files: sample.app_files,
+        gzip_bytes: gzip_layers.iter().map(|l| l.size).sum(),
+        estargz_bytes: estargz_layers.iter().map(|l| l.size).sum(),
+        workload: workload.clone(),
+        prefetch_list: prefetch_list.clone(),
+        converter,
+    };
+
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], registry.port()));
+    let mut results = Vec::new();
+    for link in &options.links {
+        let emulator = LinkEmulator::start(upstream, link.profile())?;
+        let host = format!("127.0.0.1:{}", emulator.addr().port());
+        let mut per_mode: Vec<(Mode, Vec<RunResult>)> =
+            vec![(Mode::Overlayfs, Vec::new()), (Mode::Lazysnap, Vec::new())];
+        for run_index in 0..options.runs {
+            for (mode, runs) in per_mode.iter_mut() {
+                check_interrupted()?;
+                progress(&format!(
+                    "link {link}: {} run {}/{}",
+                    mode.name(),
+                    run_index + 1,
+                    options.runs
+                ));
+                let measured = measure_once(
+                    options,
+                    work.path(),
+                    &registry,
+                    &host,
+                    link,
+                    *mode,
+                    run_index,
+                )?;
+                progress(&format!(
+                    "  pull {:.2} s, create+run {:.2} s, {:.1} MB fetched{}",
+                    measured.pull_secs,
+                    measured.run_secs,
+                    measured.fetched_bytes as f64 / 1e6,
+                    measured
+                        .lazy_layers
+                        .map(|lazy| format!(", {lazy}/{} layers lazy", measured.layers))
+                        .unwrap_or_default()
+                ));
+                if *mode == Mode::Lazysnap && measured.lazy_layers == Some(0) {
+                    let note = format!(
+                        "link {link}: no layer was mounted lazily (lazysnap fell back to fetch + unpack for every layer)"
+                    );
+                    if !notes.contains(&note) {
+                        notes.push(note);
+                    }
+                }
+                runs.push(measured);
+            }
+        }
+        drop(emulator);
+        for (mode, runs) in per_mode {
+            results.push(ModeResult {
+                link: link.label.clone(),
+                mode,
+                median: Summary::of(&runs),
+                runs,
+                speedup: None,
+            });
+        }
+    }
+    compute_speedups(&mut results);
+    let finished_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(BenchReport {
+        lazysnap_version: env!("CARGO_PKG_VERSION").to_string(),
+        finished_unix,
+        runs_per_mode: options.runs,
+        image: image_report,
+        state_dir: state_parent.display().to_string(),
+        background_fill: options.background_fill,
+        results,
+        notes,
+    })
+}
+
+/// Converts the pushed gzip image to `…:estargz` with `lazysnap convert`; when the binary fails
+/// or writes layers without the TOC annotation, converts in-process instead and says so in
+/// `notes`. Returns the converter used.
+#[allow(clippy::too_many_arguments)]
+fn convert_sample(
+    options: &BenchOptions,
+    registry: &RegistryServer,
+    work: &Path,
+    sample: &image::SampleImage,
+    prefetch_list: &[String],
+    workload: &[String],
+    notes: &mut Vec<String>,
+    progress: &dyn Fn(&str),
+) -> Result<String, BenchError> {
+    let source = format!("{}/{REPOSITORY}:gzip", registry.host());
+    let target = format!("{}/{REPOSITORY}:estargz", registry.host());
+    let mut command = Command::new(&options.lazysnap_bin);
+    command.arg("convert");
+    if !prefetch_list.is_empty() {
+        let list = work.join("prefetch-list.txt");
+        image::write_prefetch_list(&list, prefetch_list)?;
+        command.arg("--prefetch-list").arg(list);
+    }
+    command.arg(&source).arg(&target);
+    let by_binary = run_timed(command, "lazysnap convert", options.step_timeout, None)
+        .and_then(|finished| finished.success("lazysnap convert"))
+        .and_then(|_| {
+            let layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
+            if layers
+                .iter()
+                .all(|layer| layer.annotations.contains_key(TOC_ANNOTATION))
+            {
+                Ok(())
+            } else {
+                Err(BenchError::Step {
+                    what: "lazysnap convert".into(),
+                    detail: format!("the converted layers lack the {TOC_ANNOTATION} annotation"),
+                })
+            }
+        });
+    check_interrupted()?;
+    match by_binary {
+        Ok(()) => Ok("lazysnap convert".into()),
+        Err(err) => {
+            let first_line = err
+                .to_string()
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
+            notes.push(format!(
+                "`lazysnap convert` could not convert the sample image ({first_line}); the bench \
+                 used the in-process eStargz writer (same format and options) instead"
+            ));
+            progress("`lazysnap convert` failed; converting with the in-process eStargz writer");
+            let layout =
+                OciLayout::create(&work.join("estargz-layout")).map_err(|e| BenchError::Step {
+                    what: "creating the eStargz layout".into(),
+                    detail: e.to_string(),
+                })?;
+            image::write_estargz_image(&layout, sample, prefetch_list, workload, "estargz")?;
+            push_layout_image(
+                &layout,
+                Some("estargz"),
+                &registry.host(),
+                REPOSITORY,
+                "estargz",
+            )?;
+            Ok("builtin".into())
+        }
+    }
+}
+
+/// The `lazysnap serve` config of a measured run.
+fn serve_config(options: &BenchOptions) -> String {
+    format!(
+        "# written by lazysnap bench\n[fetch]\nbackground_fill = {}\n",
+        options.background_fill
+    )
+}
+
+/// One cold measurement: fresh `lazysnap serve` (new root and cache), then a fresh containerd,
+/// pull, then `ctr run --rm` until the ready line; everything stopped afterwards.
+fn measure_once(
+    options: &BenchOptions,
+    work: &Path,
+    registry: &RegistryServer,
+    host: &str,
+    link: &LinkSpec,
+    mode: Mode,
+    run_index: usize,
+) -> Result<RunResult, BenchError> {
+    let _span = tracing::info_span!(
+        "bench_run",
+        link = %link,
+        mode = mode.name(),
+        run = run_index
+    )
+    .entered();
+    let dir = work.join(format!("{}-{}-{}", link.slug(), mode.name(), run_index));
+    let mut serve = ServeProcess::start(
+        &options.lazysnap_bin,
+        &dir.join("lazysnap"),
+        &serve_config(options),
+    )?;
+    let containerd = ContainerdServer::start(&ContainerdOptions {
+        snapshotter_socket: Some(serve.socket()),
+        ..ContainerdOptions::default()
+    })?;
+    let with_logs = |err: BenchError| match err {
+        BenchError::Step { what, detail } => BenchError::Step {
+            what,
+            detail: format!(
+                "{detail}\ncontainerd log (last lines):\n{}\nlazysnap serve log (last lines):\n{}",
+                tail(&containerd.log(), 15),
+                tail(&serve.log(), 15)
+            ),
+        },
+        other => other,
+    };
+    let (reference, snapshotter) = match mode {
+        Mode::Overlayfs => (format!("{host}/{REPOSITORY}:gzip"), "overlayfs"),
+        Mode::Lazysnap => (format!("{host}/{REPOSITORY}:estargz"), "lazysnap"),
+    };
+
+    let before = registry_get_bytes(&registry.log());
+    let pull = match mode {
+        Mode::Overlayfs => {
+            let mut command = containerd.ctr();
+            command.args([
+                "-n",
+                NAMESPACE,
+                "images",
+                "pull",
+                "--plain-http",
+                &reference,
+            ]);
+            command
+        }
+        Mode::Lazysnap => {
+            let mut command = Command::new(&options.lazysnap_bin);
+            command
+                .arg("pull")
+                .arg("--containerd")
+                .arg(containerd.address())
+                .args(["--namespace", NAMESPACE, "--snapshotter", "lazysnap"])
+                .arg(&reference);
+            command
+        }
+    };
+    let pull_what = format!("pulling {reference} ({})", mode.name());
+    let pulled = run_timed(pull, &pull_what, options.step_timeout, None)
+        .and_then(|finished| finished.success(&pull_what))
+        .map_err(with_logs)?;
+    let (lazy_layers, layers) = match mode {
+        Mode::Overlayfs => (None, image_layer_count(&pulled.stdout)),
+        Mode::Lazysnap => {
+            let layer_lines: Vec<&str> = pulled
+                .stdout
+                .lines()
+                .filter(|line| line.starts_with("sha256:"))
+                .collect();
+            let lazy = layer_lines
+                .iter()
+                .filter(|line| line.contains("  lazy  "))
+                .count();
+            (Some(lazy), layer_lines.len())
+        }
+    };
+    check_interrupted()?;
+
+    let mut run = containerd.ctr();
+    run.args([
+        "-n",
+        NAMESPACE,
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        &reference,
+        "lazysnap-bench",
+    ])
+    .args(WORKLOAD);
+    let run_what = format!("ctr run {reference} ({})", mode.name());
+    let ran = run_timed(run, &run_what, options.step_timeout, Some(READY_MARKER))
+        .and_then(|finished| finished.success(&run_what))
+        .map_err(with_logs)?;
+    let after = registry_get_bytes(&registry.log());
+    let ready_after = ran.ready_after.ok_or_else(|| {
+        with_logs(BenchError::Step {
+            what: run_what.clone(),
+            detail: format!(
+                "the workload exited 0 without printing {READY_MARKER:?}; stdout: {}",
+                tail(&ran.stdout, 10)
+            ),
+        })
+    })?;
+    drop(containerd);
+    serve.stop();
+
+    let pull_secs = pulled.elapsed.as_secs_f64();
+    let run_secs = ready_after.as_secs_f64();
+    Ok(RunResult {
+        pull_secs,
+        run_secs,
+        total_secs: pull_secs + run_secs,
+        fetched_bytes: after.saturating_sub(before),
+        ready: true,
+        lazy_layers,
+        layers,
+    })
+}
+
+/// Layers `ctr images pull` reported (its final status lists `layer-sha256:…` lines).
+fn image_layer_count(ctr_output: &str) -> usize {
+    let mut digests: Vec<&str> = ctr_output
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("layer-sha256:"))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_hexdigit()).next())
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    digests.len()
+}
+
+/// Sum of the body bytes of every `GET /v2/…` line in the registry's access log.
+pub fn registry_get_bytes(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains("\"GET /v2/"))
+        .filter_map(|line| {
+            let after_request = line.split("\" ").nth(1)?;
+            let mut fields = after_request.split_whitespace();
+            let _status: u16 = fields.next()?.parse().ok()?;
+            fields.next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Writes `results.json`, `startup.svg` and `table.txt` into `dir` (created); returns the paths.
+pub fn write_results(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(procs::io_error(format!(
+        "creating the output dir {}",
+        dir.display()
+    )))?;
+    let json = serde_json::to_vec_pretty(report).map_err(|e| BenchError::Step {
+        what: "serializing results.json".into(),
+        detail: e.to_string(),
+    })?;
+    let files = [
+        (dir.join("results.json"), json),
+        (dir.join("startup.svg"), render_svg(report).into_bytes()),
+        (dir.join("table.txt"), render_table(report).into_bytes()),
+    ];
+    let mut written = Vec::new();
+    for (path, bytes) in files {
+        std::fs::write(&path, bytes)
+            .map_err(procs::io_error(format!("writing {}", path.display())))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_get_bytes_from_the_access_log() {
+        let log = concat!(
+            "127.0.0.1 - - [22/Nov/2026:03:00:00 +0000] \"GET /v2/bench/app/blobs/sha256:aa HTTP/1.1\" 200 1000 \"\" \"containerd/1.6\"\n",
+            "127.0.0.1 - - [22/Nov/2026:03:00:01 +0000] \"GET /v2/bench/app/blobs/sha256:bb HTTP/1.1\" 206 24 \"\" \"lazysnap\"\n",
+            "127.0.0.1 - - [22/Nov/2026:03:00:01 +0000] \"HEAD /v2/bench/app/manifests/gzip HTTP/1.1\" 200 900 \"\" \"ctr\"\n",
+            "time=\"x\" level=info msg=\"response completed\" http.request.method=GET\n",
+            "127.0.0.1 - - [22/Nov/2026:03:00:02 +0000] \"GET /v2/bench/app/manifests/gzip HTTP/1.1\" 200 500 \"\" \"ctr\"\n",
+        );
+        assert_eq!(registry_get_bytes(log), 1524);
+    }
+
+    #[test]
+    fn counts_layers_in_ctr_pull_output() {
+        let out = "elapsed: 1.0 s total: 10 MiB\n\
+                   layer-sha256:abc123:   done |+++|\n\
+                   layer-sha256:def456:   done |+++|\n\
+                   config-sha256:0123:    done\n\
+                   layer-sha256:abc123:   done |+++|\n";
+        assert_eq!(image_layer_count(out), 2);
+    }
+
+    #[test]
+    fn serve_config_is_a_valid_lazysnap_config() {
+        let mut options = BenchOptions::new("/bin/true".into());
+        options.background_fill = false;
+        let config = crate::config::Config::parse(&serve_config(&options), "bench").unwrap();
+        assert!(!config.fetch.background_fill);
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let mut options = BenchOptions::new("/bin/true".into());
+        options.runs = 0;
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--runs"));
+        options.runs = 1;
+        options.links.clear();
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--link"));
+    }
+}

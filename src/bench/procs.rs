@@ -1,0 +1,303 @@
+//! Processes the bench starts and times: `lazysnap serve` as a guard that stops it and unmounts
+//! what it left, commands run to completion under a deadline, and a container run timed until its
+//! ready line appears on stdout. Every process is ended by its own pid, never by name.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+
+/// A `lazysnap serve` process with its own root (so its cache starts empty) and socket; on drop
+/// it gets SIGTERM (SIGKILL after 10 s) and every mount under its directory is detached.
+pub struct ServeProcess {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `lazysnap_bin serve` with state in `dir` (created) and `config_toml` as its config
+    /// file; waits until its socket accepts connections.
+    pub fn start(lazysnap_bin: &Path, dir: &Path, config_toml: &str) -> Result<Self, BenchError> {
+        std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_toml)
+            .map_err(io_error(format!("writing {}", config.display())))?;
+        let log = std::fs::File::create(dir.join("lazysnap.log"))
+            .map_err(io_error("creating the lazysnap serve log"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("duplicating the lazysnap serve log handle"))?;
+        let child = Command::new(lazysnap_bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--address")
+            .arg(dir.join("lazysnap.sock"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_error(format!(
+                "spawning {} serve",
+                lazysnap_bin.display()
+            )))?;
+        let mut serve = Self {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(serve.socket()).is_ok() {
+                return Ok(serve);
+            }
+            if let Some(Ok(Some(status))) = serve.child.as_mut().map(Child::try_wait) {
+                return Err(BenchError::Step {
+                    what: "lazysnap serve".into(),
+                    detail: format!("exited with {status}; log:\n{}", tail(&serve.log(), 30)),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Step {
+                    what: "lazysnap serve".into(),
+                    detail: format!(
+                        "not listening on {} after 30 s; log:\n{}",
+                        serve.socket().display(),
+                        tail(&serve.log(), 30)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The snapshotter socket containerd's proxy plugin connects to.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("lazysnap.sock")
+    }
+
+    /// Everything `lazysnap serve` logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("lazysnap.log")).unwrap_or_default()
+    }
+
+    /// Stops the process and detaches its mounts (idempotent).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        unmount_under(&self.dir);
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Detaches every mount point under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| point.replace("\\040", " "))
+        .filter(|point| point == &prefix || point.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// From spawn to exit.
+    pub elapsed: Duration,
+    /// From spawn to the first stdout line equal to the marker, if one was asked for and seen.
+    pub ready_after: Option<Duration>,
+}
+
+impl Finished {
+    /// Fails with the command's output unless it exited 0.
+    pub fn success(self, what: &str) -> Result<Self, BenchError> {
+        if self.status.success() {
+            Ok(self)
+        } else {
+            Err(BenchError::Step {
+                what: what.to_string(),
+                detail: format!(
+                    "{}\nstdout: {}\nstderr: {}",
+                    self.status,
+                    tail(&self.stdout, 20),
+                    tail(&self.stderr, 20)
+                ),
+            })
+        }
+    }
+}
+
+/// Runs `command` to completion (killing it after `timeout`), capturing its output; with
+/// `ready_marker`, also notes when a stdout line equal to it appeared.
+pub fn run_timed(
+    mut command: Command,
+    what: &str,
+    timeout: Duration,
+    ready_marker: Option<&str>,
+) -> Result<Finished, BenchError> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = command
+        .spawn()
+        .map_err(io_error(format!("spawning {what}")))?;
+    let (lines_tx, lines_rx) = mpsc::channel::<(Instant, String)>();
+    let stdout_reader = child.stdout.take().map(|stdout| {
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = lines_tx.send((Instant::now(), line.clone()));
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        })
+    });
+    let stderr_reader = child.stderr.take().map(|mut stderr| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = stderr.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    });
+    let deadline = started + timeout;
+    let mut ready_after = None;
+    let status = loop {
+        while let Ok((at, line)) = lines_rx.try_recv() {
+            if ready_after.is_none() && ready_marker == Some(line.trim()) {
+                ready_after = Some(at.duration_since(started));
+            }
+        }
+        if super::check_interrupted().is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BenchError::Interrupted);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BenchError::Step {
+                    what: what.to_string(),
+                    detail: format!("did not finish within {timeout:?}; killed"),
+                });
+            }
+            Err(source) => {
+                return Err(BenchError::Io {
+                    context: format!("waiting for {what}"),
+                    source,
+                })
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    let stdout = stdout_reader
+        .and_then(|reader| reader.join().ok())
+        .unwrap_or_default();
+    while let Ok((at, line)) = lines_rx.try_recv() {
+        if ready_after.is_none() && ready_marker == Some(line.trim()) {
+            ready_after = Some(at.duration_since(started));
+        }
+    }
+    let stderr = stderr_reader
+        .and_then(|reader| reader.join().ok())
+        .unwrap_or_default();
+    Ok(Finished {
+        status,
+        stdout,
+        stderr,
+        elapsed,
+        ready_after,
+    })
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let context = context.into();
+    move |source| BenchError::Io { context, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_timed_sees_the_ready_line_before_exit() {
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", "echo starting; echo ready; sleep 0.3; echo done"]);
+        let finished = run_timed(command, "sh", Duration::from_secs(10), Some("ready"))
+            .unwrap()
+            .success("sh")
+            .unwrap();
+        let ready = finished.ready_after.expect("ready seen");
+        assert!(ready < finished.elapsed);
+        assert!(finished.stdout.contains("done"));
+    }
+
+    #[test]
+    fn run_timed_kills_after_the_timeout_and_reports_failures() {
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", "sleep 30"]);
+        let err = run_timed(command, "sleeper", Duration::from_millis(200), None).unwrap_err();
+        assert!(err.to_string().contains("sleeper"), "{err}");
+
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", "echo oops >&2; exit 3"]);
+        let err = run_timed(command, "failing", Duration::from_secs(10), None)
+            .unwrap()
+            .success("failing step")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("failing step") && err.contains("oops"),
+            "{err}"
+        );
+    }
+}

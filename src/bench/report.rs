@@ -1,0 +1,491 @@
+//! Bench results: per-run measurements, medians and speedups (serialized as results.json), the
+//! text table printed to stdout, and a hand-written SVG bar chart (no fonts or plotting crates).
+
+use serde::{Deserialize, Serialize};
+
+/// How the image was pulled and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// containerd's default: `ctr images pull` of the gzip image (fetch all, unpack to overlayfs).
+    Overlayfs,
+    /// `lazysnap pull --snapshotter lazysnap` of the eStargz image, then run through lazysnap.
+    Lazysnap,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Overlayfs => "overlayfs",
+            Mode::Lazysnap => "lazysnap",
+        }
+    }
+}
+
+/// One cold measurement (fresh containerd, fresh lazysnap root and cache).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The pull command, from spawn to exit (overlayfs: fetch and unpack everything).
+    pub pull_secs: f64,
+    /// `ctr run` from spawn until the workload's ready line appeared (create + start + the
+    /// workload's reads).
+    pub run_secs: f64,
+    /// `pull_secs + run_secs`.
+    pub total_secs: f64,
+    /// Body bytes the registry served (GETs) from the start of the pull until the ready line.
+    pub fetched_bytes: u64,
+    /// The container printed the ready line and exited 0.
+    pub ready: bool,
+    /// Layers `lazysnap pull` reported as lazy (mounted remotely); `None` for overlayfs.
+    pub lazy_layers: Option<usize>,
+    /// Layers in the image.
+    pub layers: usize,
+}
+
+/// Medians over the runs of one mode on one link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub pull_secs: f64,
+    pub run_secs: f64,
+    pub total_secs: f64,
+    pub fetched_bytes: u64,
+}
+
+impl Summary {
+    /// Per-field medians of `runs` (zeros when empty).
+    pub fn of(runs: &[RunResult]) -> Self {
+        Self {
+            pull_secs: median(runs.iter().map(|r| r.pull_secs).collect()),
+            run_secs: median(runs.iter().map(|r| r.run_secs).collect()),
+            total_secs: median(runs.iter().map(|r| r.total_secs).collect()),
+            fetched_bytes: median(runs.iter().map(|r| r.fetched_bytes as f64).collect()).round()
+                as u64,
+        }
+    }
+}
+
+/// One mode on one link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeResult {
+    pub link: String,
+    pub mode: Mode,
+    pub runs: Vec<RunResult>,
+    pub median: Summary,
+    /// overlayfs median total divided by this mode's median total, on the same link.
+    pub speedup: Option<f64>,
+}
+
+/// The image the bench ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageReport {
+    /// gzip image as containerd's default pull sees it.
+    pub gzip_reference: String,
+    /// eStargz image pulled lazily.
+    pub estargz_reference: String,
+    pub layers: usize,
+    /// Bytes of file content in the app layer and how many files.
+    pub app_bytes: u64,
+    pub app_files: usize,
+    /// Sum of compressed layer sizes.
+    pub gzip_bytes: u64,
+    pub estargz_bytes: u64,
+    /// The container's command.
+    pub workload: Vec<String>,
+    /// Paths given to the converter as the prefetch list (empty: none).
+    pub prefetch_list: Vec<String>,
+    /// `lazysnap convert` (the binary) or `builtin` (the in-process eStargz writer, used when the
+    /// binary could not convert; see `notes`).
+    pub converter: String,
+}
+
+/// Everything one `lazysnap bench` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub lazysnap_version: String,
+    /// Unix seconds when the bench finished.
+    pub finished_unix: u64,
+    pub runs_per_mode: usize,
+    pub image: ImageReport,
+    /// Where containerd and lazysnap kept their state (a disk path makes unpacking slower).
+    pub state_dir: String,
+    /// lazysnap's background fill setting during the runs.
+    pub background_fill: bool,
+    pub results: Vec<ModeResult>,
+    /// Anything the reader should know (fallbacks, warnings).
+    pub notes: Vec<String>,
+}
+
+/// The median of `values` (mean of the middle two for an even count; 0 when empty).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// Fills in each result's speedup against the overlayfs result on the same link.
+pub fn compute_speedups(results: &mut [ModeResult]) {
+    let baselines: Vec<(String, f64)> = results
+        .iter()
+        .filter(|r| r.mode == Mode::Overlayfs)
+        .map(|r| (r.link.clone(), r.median.total_secs))
+        .collect();
+    for result in results.iter_mut() {
+        result.speedup = baselines
+            .iter()
+            .find(|(link, _)| *link == result.link)
+            .and_then(|(_, base)| {
+                (result.median.total_secs > 0.0).then(|| base / result.median.total_secs)
+            });
+    }
+}
+
+fn megabytes(bytes: u64) -> f64 {
+    bytes as f64 / 1_000_000.0
+}
+
+/// `lazy/total` layers of the runs of a lazysnap result (`-` for overlayfs; the fewest lazy
+/// layers of any run, so a run that fell back shows).
+fn lazy_layers(result: &ModeResult) -> String {
+    let lazy = result.runs.iter().filter_map(|r| r.lazy_layers).min();
+    let layers = result.runs.iter().map(|r| r.layers).max().unwrap_or(0);
+    match lazy {
+        Some(lazy) => format!("{lazy}/{layers}"),
+        None => "-".to_string(),
+    }
+}
+
+/// The table printed to stdout: one row per link and mode, medians.
+pub fn render_table(report: &BenchReport) -> String {
+    let headers = [
+        "link",
+        "mode",
+        "pull s",
+        "create+run s",
+        "total s",
+        "MB fetched",
+        "lazy layers",
+        "speedup",
+    ];
+    let rows: Vec<[String; 8]> = report
+        .results
+        .iter()
+        .map(|r| {
+            [
+                r.link.clone(),
+                r.mode.name().to_string(),
+                format!("{:.2}", r.median.pull_secs),
+                format!("{:.2}", r.median.run_secs),
+                format!("{:.2}", r.median.total_secs),
+                format!("{:.1}", megabytes(r.median.fetched_bytes)),
+                lazy_layers(r),
+                match (r.mode, r.speedup) {
+                    (Mode::Overlayfs, _) => "1.00x".to_string(),
+                    (_, Some(s)) => format!("{s:.2}x"),
+                    (_, None) => "-".to_string(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row.iter()) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths.iter()).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            if i < 2 {
+                text.push_str(&format!("{cell:<width$}"));
+            } else {
+                text.push_str(&format!("{cell:>width$}"));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&headers.map(String::from), &mut out);
+    line(&widths.map(|w| "-".repeat(w)), &mut out);
+    for row in &rows {
+        line(row, &mut out);
+    }
+    out
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A grouped, stacked bar chart: per link one bar per mode, pull (dark) under create+run (light),
+/// the median total written above each bar.
+pub fn render_svg(report: &BenchReport) -> String {
+    const WIDTH: f64 = 760.0;
+    const HEIGHT: f64 = 420.0;
+    const LEFT: f64 = 64.0;
+    const RIGHT: f64 = 24.0;
+    const TOP: f64 = 56.0;
+    const BOTTOM: f64 = 72.0;
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let plot_h = HEIGHT - TOP - BOTTOM;
+
+    let mut links: Vec<&str> = Vec::new();
+    for result in &report.results {
+        if !links.contains(&result.link.as_str()) {
+            links.push(&result.link);
+        }
+    }
+    let max_total = report
+        .results
+        .iter()
+        .map(|r| r.median.total_secs)
+        .fold(0.0f64, f64::max);
+    let scale_max = nice_ceiling(max_total.max(0.1));
+    let y_of = |secs: f64| TOP + plot_h - (secs / scale_max) * plot_h;
+
+    let mut svg = String::new();
+    svg.push_str(&format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
+         viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    ));
+    svg.push_str(&format!(
+        "<rect width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">\
+         Container startup: pull + create/run to ready (median of {} run{})</text>\n",
+        WIDTH / 2.0,
+        report.runs_per_mode,
+        if report.runs_per_mode == 1 { "" } else { "s" }
+    ));
+    // Axis and grid.
+    for step in 0..=4 {
+        let secs = scale_max * f64::from(step) / 4.0;
+        let y = y_of(secs);
+        svg.push_str(&format!(
+            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            format_seconds(secs)
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"16\" y=\"{:.1}\" transform=\"rotate(-90 16 {:.1})\" text-anchor=\"middle\">seconds</text>\n",
+        TOP + plot_h / 2.0,
+        TOP + plot_h / 2.0
+    ));
+    let group_w = plot_w / links.len().max(1) as f64;
+    let bar_w = (group_w / 4.0).min(90.0);
+    for (group, link) in links.iter().enumerate() {
+        let center = LEFT + group_w * (group as f64 + 0.5);
+        let modes: Vec<&ModeResult> = report.results.iter().filter(|r| r.link == *link).collect();
+        let count = modes.len().max(1) as f64;
+        for (i, result) in modes.iter().enumerate() {
+            let x =
+                center - bar_w * count / 2.0 - 4.0 * (count - 1.0) / 2.0 + i as f64 * (bar_w + 4.0);
+            let (dark, light) = match result.mode {
+                Mode::Overlayfs => ("#7f8c8d", "#bdc3c7"),
+                Mode::Lazysnap => ("#1f6fb2", "#8cc0ea"),
+            };
+            let pull_top = y_of(result.median.pull_secs);
+            let total_top = y_of(result.median.pull_secs + result.median.run_secs);
+            let base = y_of(0.0);
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{pull_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{dark}\"><title>{} pull {:.2} s</title></rect>\n\
+                 <rect x=\"{x:.1}\" y=\"{total_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\"><title>{} create+run {:.2} s</title></rect>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s{}</text>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n",
+                (base - pull_top).max(0.0),
+                result.mode.name(),
+                result.median.pull_secs,
+                (pull_top - total_top).max(0.0),
+                result.mode.name(),
+                result.median.run_secs,
+                x + bar_w / 2.0,
+                total_top - 5.0,
+                result.median.total_secs,
+                match (result.mode, result.speedup) {
+                    (Mode::Lazysnap, Some(speedup)) => format!(" ({speedup:.1}x)"),
+                    _ => String::new(),
+                },
+                x + bar_w / 2.0,
+                base + 14.0,
+                result.mode.name(),
+            ));
+        }
+        svg.push_str(&format!(
+            "<text x=\"{center:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>\n",
+            TOP + plot_h + 32.0,
+            xml_escape(link)
+        ));
+    }
+    // Legend.
+    let legend_y = HEIGHT - 16.0;
+    for (i, (color, label)) in [
+        ("#7f8c8d", "overlayfs pull"),
+        ("#bdc3c7", "overlayfs create+run"),
+        ("#1f6fb2", "lazysnap pull"),
+        ("#8cc0ea", "lazysnap create+run"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = LEFT + i as f64 * 165.0;
+        svg.push_str(&format!(
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"{legend_y:.1}\">{label}</text>\n",
+            legend_y - 10.0,
+            x + 16.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<line x1=\"{LEFT}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n</svg>\n",
+        y_of(0.0),
+        WIDTH - RIGHT,
+        y_of(0.0)
+    ));
+    svg
+}
+
+/// The smallest of 1, 2, 2.5, 5 × 10^k at or above `value`.
+fn nice_ceiling(value: f64) -> f64 {
+    let exponent = value.log10().floor();
+    let base = 10f64.powf(exponent);
+    for factor in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if base * factor >= value {
+            return base * factor;
+        }
+    }
+    base * 10.0
+}
+
+fn format_seconds(secs: f64) -> String {
+    let text = format!("{secs:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pull: f64, run: f64, bytes: u64) -> RunResult {
+        RunResult {
+            pull_secs: pull,
+            run_secs: run,
+            total_secs: pull + run,
+            fetched_bytes: bytes,
+            ready: true,
+            lazy_layers: None,
+            layers: 2,
+        }
+    }
+
+    fn sample_report() -> BenchReport {
+        let mut results = vec![
+            ModeResult {
+                link: "20mbit:50ms".into(),
+                mode: Mode::Overlayfs,
+                runs: vec![run(10.0, 1.0, 20_000_000), run(12.0, 1.0, 20_000_000)],
+                median: Summary::of(&[run(10.0, 1.0, 20_000_000), run(12.0, 1.0, 20_000_000)]),
+                speedup: None,
+            },
+            ModeResult {
+                link: "20mbit:50ms".into(),
+                mode: Mode::Lazysnap,
+                runs: vec![RunResult {
+                    lazy_layers: Some(2),
+                    ..run(0.5, 1.5, 2_000_000)
+                }],
+                median: Summary::of(&[run(0.5, 1.5, 2_000_000)]),
+                speedup: None,
+            },
+        ];
+        compute_speedups(&mut results);
+        BenchReport {
+            lazysnap_version: "0.1.0".into(),
+            finished_unix: 0,
+            runs_per_mode: 2,
+            image: ImageReport {
+                gzip_reference: "127.0.0.1:1/bench/app:gzip".into(),
+                estargz_reference: "127.0.0.1:1/bench/app:estargz".into(),
+                layers: 2,
+                app_bytes: 40_000_000,
+                app_files: 100,
+                gzip_bytes: 20_000_000,
+                estargz_bytes: 21_000_000,
+                workload: vec!["/bin/sh".into()],
+                prefetch_list: vec![],
+                converter: "builtin".into(),
+            },
+            state_dir: "/tmp".into(),
+            background_fill: true,
+            results,
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn medians_and_speedups() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+        let report = sample_report();
+        assert_eq!(report.results[0].median.total_secs, 12.0);
+        assert_eq!(report.results[1].speedup, Some(6.0));
+    }
+
+    #[test]
+    fn table_has_one_row_per_mode_with_speedup() {
+        let table = render_table(&sample_report());
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("link") && lines[0].contains("MB fetched"));
+        assert!(lines[2].contains("overlayfs") && lines[2].contains("1.00x"));
+        assert!(
+            lines[3].contains("lazysnap") && lines[3].contains("6.00x"),
+            "{table}"
+        );
+        assert!(
+            lines[3].contains("2.0") && lines[3].contains("2/2"),
+            "{table}"
+        );
+        assert!(lines[2].contains(" - "), "{table}");
+    }
+
+    #[test]
+    fn svg_is_well_formed_and_labels_every_bar() {
+        let svg = render_svg(&sample_report());
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect").count(), 1 + 4 + 4);
+        assert!(svg.contains("12.00 s") && svg.contains("2.00 s (6.0x)"));
+        assert!(svg.contains("20mbit:50ms"));
+        let json = serde_json::to_string(&sample_report()).unwrap();
+        let back: BenchReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sample_report());
+    }
+
+    #[test]
+    fn nice_ceiling_rounds_up() {
+        assert_eq!(nice_ceiling(7.3), 10.0);
+        assert_eq!(nice_ceiling(1.7), 2.0);
+        assert_eq!(nice_ceiling(23.0), 25.0);
+        assert_eq!(nice_ceiling(0.4), 0.5);
+        assert_eq!(format_seconds(1.25), "1.25");
+        assert_eq!(format_seconds(5.0), "5");
+        assert_eq!(format_seconds(0.0), "0");
+    }
+}

@@ -1,0 +1,504 @@
+//! A remote layer's life: locate its blob, read footer and TOC (digest checked), build the FUSE
+//! index, mount it with a fetching content source, check its health, and unmount it.
+
+mod index;
+mod unpack;
+
+pub use index::build_index;
+pub use unpack::{unpack_layer, UnpackError};
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::runtime::Handle;
+use tracing::Instrument;
+
+use crate::blob::BlobSource;
+use crate::cache::ChunkCache;
+use crate::estargz::{self, FormatError};
+use crate::fetch::{FetchOptions, LayerFetchStats, LayerReader};
+use crate::image::{self, Descriptor, Manifest, Platform};
+use crate::registry::{Client, Reference, RegistryError};
+use crate::snapshotter::remote::{
+    LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers,
+};
+
+/// Why a layer could not be mounted or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("layer {digest} is not lazily pullable: {source}")]
+    Format {
+        digest: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error("image: {0}")]
+    Image(#[from] image::ImageError),
+    #[error("chunk cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("layer {digest} is not in image {image}")]
+    NotInImage { digest: String, image: String },
+    #[error("TOC entry {entry:?} cannot be indexed: {source}")]
+    Index {
+        entry: String,
+        #[source]
+        source: lazysnap_fuse::IndexError,
+    },
+    #[error("invalid TOC: {detail}")]
+    Toc { detail: String },
+    #[error("mounting layer at {mountpoint}: {source}")]
+    Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: lazysnap_fuse::FuseError,
+    },
+    #[error("layer at {0} is not mounted by this process")]
+    NotMounted(PathBuf),
+    #[error("layer blob {digest} is unreachable: {detail}")]
+    Unhealthy { digest: String, detail: String },
+}
+
+impl LayerError {
+    /// True when the layer can never be mounted lazily (not eStargz), as opposed to a failure
+    /// that may pass (registry down).
+    pub fn is_not_lazy(&self) -> bool {
+        matches!(
+            self,
+            LayerError::Format { .. } | LayerError::NotInImage { .. }
+        )
+    }
+}
+
+/// Where a remote layer lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteLayerSpec {
+    /// The image (its repository locates the blob).
+    pub image: Reference,
+    /// The layer blob's descriptor (digest, size, annotations).
+    pub layer: Descriptor,
+}
+
+impl RemoteLayerSpec {
+    /// The TOC digest annotation of the layer, if any.
+    pub fn toc_digest(&self) -> Option<&str> {
+        self.layer
+            .annotations
+            .get(estargz::TOC_DIGEST_ANNOTATION)
+            .map(String::as_str)
+    }
+}
+
+/// Settings of a [`LayerManager`].
+#[derive(Debug, Clone)]
+pub struct LayerManagerOptions {
+    pub fetch: FetchOptions,
+    pub mount: lazysnap_fuse::MountOptions,
+    /// Platform chosen from image indexes.
+    pub platform: Platform,
+}
+
+impl Default for LayerManagerOptions {
+    fn default() -> Self {
+        Self {
+            fetch: FetchOptions::default(),
+            mount: lazysnap_fuse::MountOptions::default(),
+            platform: Platform::host(),
+        }
+    }
+}
+
+/// A layer mounted through FUSE; unmounted (and its background fetches stopped) on drop.
+pub struct MountedLayer {
+    spec: RemoteLayerSpec,
+    toc_digest: String,
+    reader: Arc<LayerReader>,
+    handle: Option<lazysnap_fuse::MountHandle>,
+    mountpoint: PathBuf,
+}
+
+impl MountedLayer {
+    /// What the layer is.
+    pub fn spec(&self) -> &RemoteLayerSpec {
+        &self.spec
+    }
+
+    /// The verified TOC digest.
+    pub fn toc_digest(&self) -> &str {
+        &self.toc_digest
+    }
+
+    /// Where the layer's root is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// What the layer fetched and served so far.
+    pub fn stats(&self) -> LayerFetchStats {
+        self.reader.stats()
+    }
+
+    /// Stops fetching and unmounts, reporting unmount errors.
+    pub fn unmount(mut self) -> Result<(), LayerError> {
+        self.reader.shutdown();
+        match self.handle.take() {
+            Some(handle) => handle.unmount().map_err(|source| LayerError::Mount {
+                mountpoint: self.mountpoint.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        self.reader.shutdown();
+    }
+}
+
+/// Mounts remote layers, all sharing one registry client and one chunk cache.
+pub struct LayerManager {
+    client: Client,
+    cache: Arc<ChunkCache>,
+    runtime: Handle,
+    options: LayerManagerOptions,
+    /// Layers mounted through the [`RemoteLayers`] hook, by mountpoint.
+    mounted: Mutex<HashMap<PathBuf, MountedLayer>>,
+    /// Manifests already resolved, by image reference.
+    manifests: Mutex<HashMap<String, Arc<Manifest>>>,
+}
+
+impl LayerManager {
+    /// A manager whose fetch tasks run on `runtime`.
+    pub fn new(
+        client: Client,
+        cache: Arc<ChunkCache>,
+        runtime: Handle,
+        options: LayerManagerOptions,
+    ) -> Self {
+        Self {
+            client,
+            cache,
+            runtime,
+            options,
+            mounted: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry client layers are fetched with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The image manifest of `image` for the configured platform (indexes resolved).
+    pub async fn image_manifest(&self, image: &Reference) -> Result<Arc<Manifest>, LayerError> {
+        let key = image.to_string();
+        if let Some(found) = lock(&self.manifests).get(&key) {
+            return Ok(found.clone());
+        }
+        let location = image::ImageLocation::Registry(image.clone());
+        let manifest = Arc::new(
+            image::resolve_image(&self.client, &location, &self.options.platform)
+                .await?
+                .manifest,
+        );
+        lock(&self.manifests).insert(key, manifest.clone());
+        Ok(manifest)
+    }
+
+    /// Finds layer `digest` of `image` (size and annotations come from the manifest).
+    pub async fn locate(
+        &self,
+        image: &Reference,
+        digest: &str,
+    ) -> Result<RemoteLayerSpec, LayerError> {
+        let manifest = self.image_manifest(image).await?;
+        let layer = manifest
+            .layers
+            .iter()
+            .find(|layer| layer.digest == digest)
+            .cloned()
+            .ok_or_else(|| LayerError::NotInImage {
+                digest: digest.to_string(),
+                image: image.to_string(),
+            })?;
+        Ok(RemoteLayerSpec {
+            image: image.clone(),
+            layer,
+        })
+    }
+
+    /// Mounts `spec` lazily at `mountpoint` (an existing empty directory) and starts its
+    /// prefetch. Fails with [`LayerError::Format`] when the layer is not eStargz/zstd:chunked.
+    pub async fn mount(
+        &self,
+        spec: &RemoteLayerSpec,
+        mountpoint: &Path,
+    ) -> Result<MountedLayer, LayerError> {
+        let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
+        self.mount_traced(spec, mountpoint).instrument(span).await
+    }
+
+    async fn mount_traced(
+        &self,
+        spec: &RemoteLayerSpec,
+        mountpoint: &Path,
+    ) -> Result<MountedLayer, LayerError> {
+        let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
+            &spec.image,
+            &spec.layer.digest,
+            spec.layer.size,
+        ));
+        let toc = estargz::open_layer(blob.as_ref(), spec.toc_digest())
+            .await
+            .map_err(|source| LayerError::Format {
+                digest: spec.layer.digest.clone(),
+                source,
+            })?;
+        let (index, files) = build_index(&toc)?;
+        let reader = LayerReader::new(
+            blob,
+            toc.compression(),
+            files,
+            self.cache.clone(),
+            self.options.fetch.clone(),
+            self.runtime.clone(),
+            short_digest(&spec.layer.digest),
+        );
+        let mut mount_options = self.options.mount.clone();
+        mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
+        let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
+        let target = mountpoint.to_path_buf();
+        let handle = tokio::task::spawn_blocking(move || {
+            lazysnap_fuse::mount(index, source, &target, &mount_options)
+        })
+        .await
+        .map_err(|join| LayerError::Toc {
+            detail: format!("mount task failed: {join}"),
+        })?
+        .map_err(|source| LayerError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })?;
+        reader.start_prefetch(toc.prefetch_range());
+        tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
+        Ok(MountedLayer {
+            spec: spec.clone(),
+            toc_digest: toc.toc_digest().to_string(),
+            reader,
+            handle: Some(handle),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    /// Checks that the blob of a mounted layer is still reachable (one small ranged read,
+    /// which also refreshes tokens, redirects and connections).
+    pub async fn check(&self, spec: &RemoteLayerSpec) -> Result<(), LayerError> {
+        let blob = self
+            .client
+            .blob(&spec.image, &spec.layer.digest, spec.layer.size);
+        let end = spec.layer.size.min(1);
+        blob.read_range(0..end)
+            .await
+            .map(|_| ())
+            .map_err(|e| LayerError::Unhealthy {
+                digest: spec.layer.digest.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Fetch statistics of every layer mounted through the hook, by mountpoint.
+    pub fn mounted_stats(&self) -> BTreeMap<PathBuf, (String, LayerFetchStats)> {
+        lock(&self.mounted)
+            .iter()
+            .map(|(path, layer)| {
+                (
+                    path.clone(),
+                    (layer.spec.layer.digest.clone(), layer.stats()),
+                )
+            })
+            .collect()
+    }
+
+    async fn mount_located(
+        &self,
+        locator: &LayerLocator,
+        mountpoint: &Path,
+    ) -> Result<(), RemoteLayerError> {
+        let image = Reference::parse(&locator.image_ref)
+            .map_err(|e| RemoteLayerError::Declined(format!("image reference: {e}")))?;
+        let mut spec = self
+            .locate(&image, &locator.layer_digest)
+            .await
+            .map_err(to_remote_error)?;
+        if let Some(toc_digest) = &locator.toc_digest {
+            spec.layer.annotations.insert(
+                estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                toc_digest.clone(),
+            );
+        }
+        if spec.toc_digest().is_none() {
+            return Err(RemoteLayerError::Declined(format!(
+                "layer {} has no {} annotation: not eStargz / zstd:chunked",
+                spec.layer.digest,
+                estargz::TOC_DIGEST_ANNOTATION
+            )));
+        }
+        let layer = self
+            .mount(&spec, mountpoint)
+            .await
+            .map_err(to_remote_error)?;
+        lock(&self.mounted).insert(mountpoint.to_path_buf(), layer);
+        Ok(())
+    }
+}
+
+fn to_remote_error(error: LayerError) -> RemoteLayerError {
+    if error.is_not_lazy() {
+        RemoteLayerError::Declined(error.to_string())
+    } else {
+        RemoteLayerError::Failed(error.to_string())
+    }
+}
+
+#[async_trait]
+impl RemoteLayers for LayerManager {
+    async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
+        self.mount_located(&request.locator, &request.mountpoint)
+            .await
+    }
+
+    async fn check_layer(
+        &self,
+        mountpoint: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteLayerError> {
+        let spec = lock(&self.mounted)
+            .get(mountpoint)
+            .map(|layer| layer.spec.clone());
+        match spec {
+            Some(spec) => self.check(&spec).await.map_err(to_remote_error),
+            None => Err(RemoteLayerError::Failed(
+                LayerError::NotMounted(mountpoint.to_path_buf()).to_string(),
+            )),
+        }
+    }
+
+    async fn restore_layer(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteLayerError> {
+        let locator = LayerLocator::from_labels(labels).ok_or_else(|| {
+            RemoteLayerError::Declined(format!(
+                "snapshot at {} has no layer locator labels",
+                mountpoint.display()
+            ))
+        })?;
+        detach_stale_mount(mountpoint);
+        self.mount_located(&locator, mountpoint).await
+    }
+
+    async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {
+        let layer = lock(&self.mounted).remove(mountpoint);
+        match layer {
+            Some(layer) => tokio::task::spawn_blocking(move || layer.unmount())
+                .await
+                .map_err(|e| RemoteLayerError::Failed(format!("unmount task: {e}")))?
+                .map_err(|e| RemoteLayerError::Failed(e.to_string())),
+            None => {
+                detach_stale_mount(mountpoint);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Lazily detaches whatever is mounted at `path` (a FUSE mount left by a previous process).
+pub fn detach_stale_mount(path: &Path) {
+    if is_mountpoint(path) {
+        if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot detach stale mount");
+        }
+    }
+}
+
+/// True when `path` is listed as a mountpoint in /proc/self/mountinfo.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount| unescape_mountinfo(mount) == wanted)
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The first 12 hex digits of a digest, for names and logs.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, hex)| hex);
+    hex.chars().take(12).collect()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl LayerManager {
+    /// A manager set up from the daemon's configuration: registry client, shared chunk cache
+    /// and fetch settings; fetch tasks run on `runtime`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        runtime: Handle,
+    ) -> Result<Self, LayerError> {
+        let client = Client::new(crate::registry::ClientConfig {
+            hosts_dir: Some(config.registry.config_path.clone()),
+            docker_config: (!config.registry.docker_config.as_os_str().is_empty())
+                .then(|| config.registry.docker_config.clone()),
+            plain_http: config.registry.plain_http,
+            request_timeout: std::time::Duration::from_secs(config.fetch.request_timeout_secs),
+            read_deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
+            ..crate::registry::ClientConfig::default()
+        })?;
+        let mut cache_options = crate::cache::CacheOptions::new(config.cache_dir());
+        cache_options.max_bytes = config.cache.max_bytes;
+        cache_options.memory_bytes = config.cache.memory_bytes;
+        cache_options.high_watermark_pct = Some(config.cache.high_watermark_pct);
+        cache_options.low_watermark_pct = Some(config.cache.low_watermark_pct);
+        let cache = ChunkCache::open(cache_options)?;
+        let fetch = FetchOptions {
+            deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
+            prefetch: config.fetch.prefetch,
+            background: config.fetch.background_fill,
+            concurrency: config.fetch.background_concurrency.max(1) as usize,
+            bandwidth: (config.fetch.background_bandwidth > 0)
+                .then_some(config.fetch.background_bandwidth),
+            ..FetchOptions::default()
+        };
+        Ok(Self::new(
+            client,
+            cache,
+            runtime,
+            LayerManagerOptions {
+                fetch,
+                ..LayerManagerOptions::default()
+            },
+        ))
+    }
+}

@@ -1,0 +1,159 @@
+//! `lazysnap bench` end to end: the real binary starts a registry, a link emulator, `lazysnap
+//! serve` and containerd on loopback, runs the sample workload once per mode on a small image,
+//! and writes results.json / startup.svg / table.txt. Checks shape and success, not timings.
+
+use std::path::Path;
+use std::process::Command;
+
+fn require_root_and_tools() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the bench test starts containerd and runc and mounts filesystems: run it as root"
+    );
+    for program in [
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/bin/docker-registry",
+        "/bin/busybox",
+    ] {
+        assert!(
+            Path::new(program).is_file(),
+            "{program} is missing: run scripts/install-deps.sh"
+        );
+    }
+}
+
+fn lazysnap_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("lazysnap-bench-"))
+        .count()
+}
+
+#[test]
+fn bench_runs_both_modes_and_writes_results() {
+    require_root_and_tools();
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args([
+            "bench",
+            "--runs",
+            "1",
+            "--link",
+            "unlimited",
+            "--layer-mb",
+            "4",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .expect("run lazysnap bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "lazysnap bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+
+    // The table: header, rule, one row per mode.
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("link"))
+        .unwrap_or_else(|| panic!("no table in:\n{stdout}"));
+    for column in [
+        "mode",
+        "pull s",
+        "create+run s",
+        "total s",
+        "MB fetched",
+        "speedup",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("unlimited") && l.contains("overlayfs")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("unlimited") && l.contains("lazysnap")),
+        "{stdout}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["runs_per_mode"], 1);
+    let image = &json["image"];
+    assert_eq!(image["layers"], 2);
+    assert!(image["app_bytes"].as_u64().unwrap() >= 4_000_000, "{image}");
+    assert!(image["gzip_bytes"].as_u64().unwrap() > 1_000_000, "{image}");
+    assert!(
+        image["estargz_bytes"].as_u64().unwrap() > 1_000_000,
+        "{image}"
+    );
+    assert!(image["workload"][2]
+        .as_str()
+        .unwrap()
+        .contains("echo ready"));
+
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{json}");
+    let modes: Vec<&str> = results
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["overlayfs", "lazysnap"]);
+    for result in results {
+        assert_eq!(result["link"], "unlimited");
+        let runs = result["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1);
+        let run = &runs[0];
+        assert_eq!(run["ready"], true, "{result}");
+        assert_eq!(run["layers"], 2, "{result}");
+        for field in ["pull_secs", "run_secs", "total_secs"] {
+            let value = run[field].as_f64().unwrap();
+            assert!(value > 0.0 && value.is_finite(), "{field} in {result}");
+            assert_eq!(result["median"][field].as_f64().unwrap(), value);
+        }
+        let total = run["total_secs"].as_f64().unwrap();
+        let parts = run["pull_secs"].as_f64().unwrap() + run["run_secs"].as_f64().unwrap();
+        assert!((total - parts).abs() < 1e-9, "{result}");
+        assert!(result["speedup"].as_f64().unwrap() > 0.0, "{result}");
+    }
+    // The overlayfs pull downloads every layer in full.
+    let overlay_bytes = results[0]["runs"][0]["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        overlay_bytes >= image["gzip_bytes"].as_u64().unwrap(),
+        "{json}"
+    );
+    assert!(results[0]["runs"][0]["lazy_layers"].is_null());
+    assert!(results[1]["runs"][0]["lazy_layers"].as_u64().is_some());
+
+    let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("overlayfs") && svg.contains("lazysnap") && svg.contains("unlimited"));
+    let table = std::fs::read_to_string(out.path().join("table.txt")).unwrap();
+    assert!(table.starts_with("link"));
+
+    // Torn down: nothing of the bench stays mounted.
+    assert_eq!(lazysnap_mounts(), 0);
+}
+
+#[test]
+fn bench_rejects_a_bad_link_naming_the_expected_form() {
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(["bench", "--link", "fast"])
+        .output()
+        .expect("run lazysnap bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"fast\"") && stderr.contains("20mbit:50ms"),
+        "{stderr}"
+    );
+}

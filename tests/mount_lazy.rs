@@ -1,0 +1,359 @@
+//! `lazysnap mount` end to end, as a user runs it: real registry on loopback, images converted by
+//! `lazysnap convert` and by ctr-remote (the fixtures), real FUSE and overlayfs, as root.
+//! The lazily mounted tree must equal the same image mounted the non-lazy way (downloaded and
+//! unpacked), and a small read must cost only the TOC and the chunks it touches.
+
+mod pull_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lazysnap::image::OciLayout;
+use lazysnap::testbed::images::{self, ImageOptions};
+use lazysnap::testbed::RegistryServer;
+
+fn require_root_and_fuse() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests mount FUSE and overlayfs: run them as root (sudo scripts/test.sh)"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: install fuse3 and load the fuse module"
+    );
+}
+
+fn lazysnap(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(args)
+        .env("LAZYSNAP_LOG", "warn")
+        .output()
+        .expect("running lazysnap");
+    output
+}
+
+fn lazysnap_ok(args: &[&str]) -> String {
+    let output = lazysnap(args);
+    assert!(
+        output.status.success(),
+        "lazysnap {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A `lazysnap mount` that is undone when dropped, even when the test fails.
+struct Mounted {
+    dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(image: &str, work: &Path, name: &str, extra: &[&str]) -> Mounted {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state_dir = work.join("state");
+        // One cache per daemon: a chunk cache directory belongs to one process at a time.
+        let cache_dir = work.join(format!("cache-{name}"));
+        let mut args = vec![
+            "mount",
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(image);
+        args.push(dir.to_str().unwrap());
+        lazysnap_ok(&args);
+        Mounted { dir, state_dir }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = lazysnap_ok(&[
+            "status",
+            "--json",
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let output = lazysnap(&[
+            "umount",
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+            self.dir.to_str().unwrap(),
+        ]);
+        if !output.status.success() && !std::thread::panicking() {
+            panic!("umount failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+    }
+}
+
+/// Directories a tar implies (parents of its entries) without an entry of their own: their
+/// mtime is not defined by the layer.
+fn implied_dirs(tar: &[u8]) -> std::collections::HashSet<String> {
+    let mut archive = tar::Archive::new(tar);
+    let mut explicit = std::collections::HashSet::new();
+    let mut parents = std::collections::HashSet::new();
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        let path = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        if entry.header().entry_type().is_dir() {
+            explicit.insert(path.clone());
+        }
+        let mut parent = Path::new(&path).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            parents.insert(dir.to_string_lossy().into_owned());
+            parent = dir.parent();
+        }
+    }
+    parents.difference(&explicit).cloned().collect()
+}
+
+/// The tree listing of `root` with the undefined mtimes of `implied` directories left out.
+fn listing(root: &Path, implied: &std::collections::HashSet<String>) -> Vec<String> {
+    images::tree_listing(root)
+        .unwrap()
+        .into_iter()
+        .map(|line| {
+            let path = line.split(" dir ").next().unwrap_or_default();
+            if line.contains(" dir ") && implied.contains(path) {
+                line.split(' ')
+                    .filter(|field| !field.starts_with("mtime="))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                line
+            }
+        })
+        .collect()
+}
+
+/// The layer directories of a mount (base first), checking each layer's mode in `status`.
+fn layer_dirs(mounted: &Mounted, mode: &str) -> Vec<PathBuf> {
+    let status = mounted.status_json();
+    let ours = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["dir"].as_str() == Some(mounted.dir.to_str().unwrap()))
+        .expect("status lists the mount")
+        .clone();
+    ours["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            assert_eq!(layer["mode"], mode, "{ours:#}");
+            PathBuf::from(layer["path"].as_str().unwrap())
+        })
+        .collect()
+}
+
+fn push_generated(
+    registry: &RegistryServer,
+    work: &Path,
+    layers: &[Vec<u8>],
+    repo: &str,
+) -> String {
+    let layout_dir = work.join(format!("layout-{repo}"));
+    let layout = OciLayout::create(&layout_dir).unwrap();
+    images::write_image(&layout, layers, &ImageOptions::default(), Some("src")).unwrap();
+    images::push_layout_image(&layout, Some("src"), &registry.host(), repo, "src").unwrap();
+    format!("{}/{repo}:src", registry.host())
+}
+
+#[test]
+fn lazily_mounted_image_equals_the_unpacked_image() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layers = vec![
+        images::busybox_layer().unwrap(),
+        images::every_entry_type_layer().unwrap(),
+    ];
+    let source = push_generated(&registry, work.path(), &layers, "app");
+    let esgz = format!("{}/app:esgz", registry.host());
+    let zstd = format!("{}/app:zstd", registry.host());
+    lazysnap_ok(&["convert", &source, &esgz]);
+    lazysnap_ok(&["convert", "--zstdchunked", &source, &zstd]);
+
+    let unpacked = Mounted::new(&source, work.path(), "plain", &[]);
+    let lazy = Mounted::new(&esgz, work.path(), "esgz", &[]);
+    let lazy_zstd = Mounted::new(&zstd, work.path(), "zstd", &[]);
+    // Layer by layer, the lazy FUSE layers (eStargz and zstd:chunked) hold exactly the tree of
+    // the downloaded-and-unpacked layers: entries, modes, owners, mtimes, contents, link
+    // targets, devices, xattrs, whiteouts as char 0/0 and the opaque xattr.
+    let plain_layers = layer_dirs(&unpacked, "unpacked");
+    for lazy_mount in [&lazy, &lazy_zstd] {
+        let lazy_layers = layer_dirs(lazy_mount, "lazy");
+        assert_eq!(lazy_layers.len(), plain_layers.len());
+        for ((lazy_dir, plain_dir), tar) in lazy_layers.iter().zip(&plain_layers).zip(&layers) {
+            let implied = implied_dirs(tar);
+            let expected = listing(plain_dir, &implied);
+            assert!(expected.len() > 5, "{expected:?}");
+            assert_eq!(listing(lazy_dir, &implied), expected);
+        }
+    }
+    // Through overlayfs, the merged view reads the same.
+    for path in ["etc/motd", "bin/busybox"] {
+        assert_eq!(
+            std::fs::read(lazy.dir.join(path)).unwrap(),
+            std::fs::read(unpacked.dir.join(path)).unwrap(),
+            "{path}"
+        );
+    }
+
+    // The busybox from the lazy mount runs.
+    let out = Command::new(lazy.dir.join("bin/busybox"))
+        .args(["echo", "hello from a lazy layer"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a lazy layer\n"
+    );
+}
+
+#[test]
+fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // ~64 MiB of incompressible-ish data in 16 files, plus one small file.
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..16u64 {
+        let data = images::pseudo_random_bytes(4 << 20, i + 1);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, format!("big/{i}.bin"), &data[..])
+            .unwrap();
+    }
+    let small = b"small file content\n".repeat(200);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(small.len() as u64);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "etc/small.conf", &small[..])
+        .unwrap();
+    let layer = tar.into_inner().unwrap();
+    let source = push_generated(&registry, work.path(), &[layer], "big");
+    let esgz = format!("{}/big:esgz", registry.host());
+    lazysnap_ok(&["convert", &source, &esgz]);
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&images::fetch_manifest(&registry.host(), "big", "esgz").unwrap())
+            .unwrap();
+    let layer_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
+
+    let mounted = Mounted::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
+    let before = registry.blob_bytes_served(&layer_digest);
+    assert_eq!(
+        std::fs::read(mounted.dir.join("etc/small.conf")).unwrap(),
+        small
+    );
+    let total = registry.blob_bytes_served(&layer_digest);
+    let for_read = total - before;
+    // The TOC (read at mount) is small; the small file is one chunk of a few KiB compressed.
+    assert!(
+        total < 1 << 20,
+        "mount + one small read fetched {total} of {layer_size} bytes"
+    );
+    assert!(for_read < 64 << 10, "the read fetched {for_read} bytes");
+}
+
+#[test]
+fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let orig = runtime.block_on(pull_common::push_fixture(
+        &registry.host(),
+        "orig",
+        "fixture",
+        "orig",
+    ));
+    let unpacked = Mounted::new(&orig, work.path(), "orig", &[]);
+    let source_tars: Vec<Vec<u8>> = ["layer-B.tar", "layer-A.tar"]
+        .iter()
+        .map(|name| {
+            std::fs::read(Path::new(pull_common::FIXTURES).join("orig").join(name)).unwrap()
+        })
+        .collect();
+    let plain_layers = layer_dirs(&unpacked, "unpacked");
+    for variant in ["esgz", "esgz-1m", "esgz-prio", "zstdchunked"] {
+        let image = runtime.block_on(pull_common::push_fixture(
+            &registry.host(),
+            variant,
+            "fixture",
+            variant,
+        ));
+        let lazy = Mounted::new(&image, work.path(), variant, &["--no-prefetch"]);
+        let lazy_layers = layer_dirs(&lazy, "lazy");
+        for ((lazy_dir, plain_dir), tar) in lazy_layers.iter().zip(&plain_layers).zip(&source_tars)
+        {
+            let implied = implied_dirs(tar);
+            assert_eq!(
+                listing(lazy_dir, &implied),
+                listing(plain_dir, &implied),
+                "fixture {variant}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(lazy.dir.join("data/text.txt")).unwrap().len(),
+            102400
+        );
+    }
+}
+
+#[test]
+fn a_stopped_registry_gives_eio_for_uncached_files_and_recovers() {
+    require_root_and_fuse();
+    let mut registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(pull_common::push_fixture(
+        &registry.host(),
+        "esgz",
+        "fixture",
+        "esgz",
+    ));
+    let mounted = Mounted::new(
+        &image,
+        work.path(),
+        "outage",
+        &["--no-prefetch", "--read-deadline", "3"],
+    );
+    let cached = mounted.dir.join("data/small/file-001");
+    let uncached = mounted.dir.join("data/small/file-299");
+    assert_eq!(std::fs::read(&cached).unwrap(), b"small file 001\n");
+
+    registry.stop();
+    // Drop the kernel's page cache so the read reaches lazysnap and its chunk cache.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&cached).unwrap(), b"small file 001\n");
+    let started = std::time::Instant::now();
+    let error = std::fs::read(&uncached).expect_err("the registry is down");
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    // Bounded: the read deadline is 3 s; a hang would sit here for ever.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+
+    registry.restart().unwrap();
+    assert_eq!(std::fs::read(&uncached).unwrap(), b"small file 299\n");
+}

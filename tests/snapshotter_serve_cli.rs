@@ -1,0 +1,89 @@
+//! `lazysnap serve` as users run it: config keys it rejects are named, the config's root and
+//! address are used, a second server on a live socket is refused, SIGTERM stops it cleanly.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn lazysnap() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+}
+
+#[test]
+fn unknown_config_key_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[fetch]\nprefetch = true\nbandwith = 5\n").unwrap();
+    let out = lazysnap()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bandwith"), "{stderr}");
+    assert!(stderr.contains("config.toml"), "{stderr}");
+}
+
+#[test]
+fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "serve creates its socket with mode 0660 under a root-owned dir: run as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    let socket = dir.path().join("run/lazysnap.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = \"{}\"\naddress = \"{}\"\n",
+            root.display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut server = lazysnap()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..300 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !up {
+        let _ = server.kill();
+        panic!("lazysnap serve did not listen on {}", socket.display());
+    }
+    assert!(root.join("metadata.db").is_file());
+
+    let second = lazysnap()
+        .args(["serve", "--root"])
+        .arg(dir.path().join("other"))
+        .arg("--address")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another server is listening"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(!socket.exists());
+}
