@@ -232,3 +232,44 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
         "{stderr}"
     );
 }
+
+/// The product path: `lazysnap serve` with real remote layers, `lazysnap pull` of the eStargz
+/// fixture, `ctr run`. Both layers are lazy; the registry serves only part of each layer blob.
+#[test]
+fn pull_cli_estargz_through_lazysnap_serve_is_lazy_and_runs() {
+    require_root_and_containerd();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let lazysnap = TestLazysnap::start();
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    let namespace = "pullesgz";
+
+    let stdout = lazysnap_pull(&containerd, namespace, "lazysnap", &image);
+    let layer_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("sha256:"))
+        .collect();
+    assert_eq!(layer_lines.len(), 2, "{stdout}");
+    assert!(
+        layer_lines.iter().all(|l| l.contains("  lazy  ")),
+        "every eStargz layer is mounted lazily:\n{stdout}\nlazysnap log:\n{}",
+        lazysnap.log()
+    );
+
+    let out = containerd.run(
+        namespace,
+        "lazysnap",
+        &image,
+        &["cat", "/data/one-byte.txt"],
+    );
+    assert_eq!(out, "x", "lazysnap log:\n{}", lazysnap.log());
+    // Layer A (14 MB uncompressed, 168233 bytes compressed) was read only in part.
+    let layer_a = "sha256:beb145bfbc1d2335bbaa76f52247d4053a246f6ea94ab3557c1318f73e9a2126";
+    let served = registry.blob_bytes_served(layer_a);
+    eprintln!("layer A: the registry served {served} of its 168233 bytes");
+    assert!(
+        served < 168_233,
+        "layer A should be fetched partly, the registry served {served} bytes"
+    );
+}
