@@ -1,6 +1,7 @@
 //! `lazysnap bench` end to end: the real binary starts a registry, a link emulator, `lazysnap
 //! serve` and containerd on loopback, runs the sample workload once per mode on a small image,
-//! and writes results.json / startup.svg / table.txt. Checks shape and success, not timings.
+//! and writes results.json / startup.svg / table.txt. Checks shape, success, lazy mounts and
+//! registry bytes, never timings.
 
 use std::path::Path;
 use std::process::Command;
@@ -45,6 +46,7 @@ fn bench_runs_both_modes_and_writes_results() {
             "unlimited",
             "--layer-mb",
             "4",
+            "--no-background-fill",
             "--out",
         ])
         .arg(out.path())
@@ -132,7 +134,11 @@ fn bench_runs_both_modes_and_writes_results() {
         "{json}"
     );
     assert!(results[0]["runs"][0]["lazy_layers"].is_null());
-    assert!(results[1]["runs"][0]["lazy_layers"].as_u64().is_some());
+    // lazysnap mounted both eStargz layers lazily and fetched less than the whole image.
+    assert_eq!(image["converter"], "lazysnap convert", "{json}");
+    assert_eq!(results[1]["runs"][0]["lazy_layers"], 2, "{json}");
+    let lazy_bytes = results[1]["runs"][0]["fetched_bytes"].as_u64().unwrap();
+    assert!(lazy_bytes > 0 && lazy_bytes < overlay_bytes, "{json}");
 
     let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

@@ -345,6 +345,14 @@ pub fn run_bench(
         }
     }
     compute_speedups(&mut results);
+    if options.background_fill {
+        notes.push(
+            "MB fetched counts what the registry sent until the ready line, including lazysnap's \
+             background fill of the rest of each layer (and bytes still queued in the link \
+             emulator); --no-background-fill shows only what startup needed"
+                .to_string(),
+        );
+    }
     let finished_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
