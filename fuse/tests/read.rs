@@ -190,42 +190,53 @@ fn concurrent_readers_get_correct_bytes() {
 fn busybox_executes_from_the_mount() {
     let busybox =
         std::fs::read("/bin/busybox").expect("/bin/busybox (package busybox-static) is required");
-    let mut source = MemorySource::default();
-    source.insert(1, busybox.clone());
-    let mut b = IndexBuilder::new(root());
-    b.add("bin/busybox", file(busybox.len(), 1, 0o755)).unwrap();
-    b.add(
-        "bin/sh",
-        NewNode {
-            kind: NodeKind::Symlink {
-                target: "busybox".into(),
+    // Daemon-served reads, with passthrough negotiated or not (no local file is offered).
+    for passthrough in [false, true] {
+        let mut source = MemorySource::default();
+        source.insert(1, busybox.clone());
+        let mut b = IndexBuilder::new(root());
+        b.add("bin/busybox", file(busybox.len(), 1, 0o755)).unwrap();
+        b.add(
+            "bin/sh",
+            NewNode {
+                kind: NodeKind::Symlink {
+                    target: "busybox".into(),
+                },
+                attr: NodeAttr::new(0o777, 0, 0, 0),
+                xattrs: vec![],
             },
-            attr: NodeAttr::new(0o777, 0, 0, 0),
-            xattrs: vec![],
-        },
-    )
-    .unwrap();
-    let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
+        )
+        .unwrap();
+        let mnt = TestMount::new(
+            b.build(),
+            Arc::new(source),
+            &MountOptions {
+                passthrough,
+                ..test_options()
+            },
+        );
 
-    let out = Command::new(mnt.path("bin/busybox"))
-        .args(["echo", "hello from the layer"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "busybox failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the layer\n"
-    );
-    // Through the symlink, as a shell.
-    let out = Command::new(mnt.path("bin/sh"))
-        .args(["-c", "echo $((6*7))"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+        let out = Command::new(mnt.path("bin/busybox"))
+            .args(["echo", "hello from the layer"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "busybox failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from the layer\n"
+        );
+        // Through the symlink, as a shell.
+        let out = Command::new(mnt.path("bin/sh"))
+            .args(["-c", "echo $((6*7))"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+        assert_eq!(mnt.handle.stats().passthrough_opens, 0);
+    }
 }
 
 #[test]
