@@ -101,7 +101,10 @@ async fn run() {
     let seq_ranges: Vec<(u64, u64)> = (0..BLOB_SIZE.div_ceil(SEQ_CHUNK))
         .map(|i| (i * SEQ_CHUNK, ((i + 1) * SEQ_CHUNK).min(BLOB_SIZE)))
         .collect();
-    if let Some(t) = (0..3).filter_map(|_| curl_ranges(dir.path(), &url, &seq_ranges)).min() {
+    if let Some(t) = (0..3)
+        .filter_map(|_| curl_ranges(dir.path(), &url, &seq_ranges))
+        .min()
+    {
         println!(
             "curl sequential 1 MiB ranged requests (one connection): {t:.2?} = {:.0} MB/s",
             mb_per_s(BLOB_SIZE, t)

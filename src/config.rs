@@ -21,7 +21,8 @@
 //! max_bytes = 10737418240
 //! # In-memory tier in bytes (default 64 MiB).
 //! memory_bytes = 67108864
-//! # Eviction starts above high_watermark_pct of max_bytes and stops below low_watermark_pct.
+//! # Disk-usage watermarks of the filesystem holding the cache (like kubelet's image GC): when it
+//! # is fuller than high_watermark_pct, chunks are evicted until it is below low_watermark_pct.
 //! high_watermark_pct = 90
 //! low_watermark_pct = 80
 //!
@@ -118,9 +119,9 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Memory tier in bytes (default 64 MiB).
     pub memory_bytes: u64,
-    /// Eviction starts above this percentage of `max_bytes` (default 90).
+    /// Eviction starts when the cache's filesystem is fuller than this percentage (default 90).
     pub high_watermark_pct: u8,
-    /// Eviction stops below this percentage (default 80).
+    /// Watermark eviction stops below this percentage of the filesystem (default 80).
     pub low_watermark_pct: u8,
 }
 

@@ -355,7 +355,7 @@ pub fn encode() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// The listening socket could not be opened.
-    #[error("cannot listen for metrics on {addr}: {source} (pick a free loopback port in metrics.address)")]
+    #[error("cannot listen for metrics on {addr}: {source} (pick a free loopback port for metrics_address in the config)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

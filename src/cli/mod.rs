@@ -17,14 +17,9 @@ mod serve;
 #[derive(Parser)]
 #[command(name = "lazysnap", version, about)]
 struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        global = true,
-        default_value = "text",
-        env = "LAZYSNAP_LOG_FORMAT"
-    )]
-    log_format: String,
+    /// Log format: text or json (default: `log_format` of `serve --config`, else text).
+    #[arg(long, global = true, env = "LAZYSNAP_LOG_FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,7 +48,12 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    let log_format = match (&cli.log_format, &cli.command) {
+        (Some(format), _) => format.clone(),
+        (None, Command::Serve(args)) => serve::configured_log_format(args),
+        (None, _) => "text".to_string(),
+    };
+    init_logging(&log_format);
     let result = match cli.command {
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -27,6 +27,19 @@ pub struct ServeArgs {
     address: Option<PathBuf>,
 }
 
+/// The `log_format` of the configuration file, "text" when there is none (errors in the file are
+/// reported later by `run`, once logging is set up).
+pub fn configured_log_format(args: &ServeArgs) -> String {
+    let config = args
+        .config
+        .as_deref()
+        .and_then(|path| Config::load(path).ok());
+    match config.map(|c| c.log_format) {
+        Some(lazysnap::config::LogFormat::Json) => "json".to_string(),
+        _ => "text".to_string(),
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,

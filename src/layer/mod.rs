@@ -105,7 +105,12 @@ impl Default for LayerManagerOptions {
     fn default() -> Self {
         Self {
             fetch: FetchOptions::default(),
-            mount: lazysnap_fuse::MountOptions::default(),
+            mount: lazysnap_fuse::MountOptions {
+                observer: Some(lazysnap_fuse::OpObserver(Arc::new(
+                    crate::metrics::observe_fuse_op,
+                ))),
+                ..lazysnap_fuse::MountOptions::default()
+            },
             platform: Platform::host(),
         }
     }
@@ -421,10 +426,8 @@ impl RemoteLayers for LayerManager {
 
 /// Lazily detaches whatever is mounted at `path` (a FUSE mount left by a previous process).
 pub fn detach_stale_mount(path: &Path) {
-    if is_mountpoint(path) {
-        if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot detach stale mount");
-        }
+    if let Err(e) = lazysnap_fuse::detach_stale_mount(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot detach stale mount");
     }
 }
 
