@@ -11,14 +11,17 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 fixtures="${FIXTURES_DIR:-../shared/fixtures}"
 [ -d "$fixtures" ] || fixtures=/work/shared/fixtures
 
+run_smoke_loop() {
+    echo "fuzz.sh: $1; running the stable fuzz smoke loop instead" >&2
+    export FUZZ_ITERATIONS="${FUZZ_ITERATIONS:-$((seconds * 100))}"
+    exec cargo test --test estargz_fuzz_smoke
+}
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-    echo "fuzz.sh: no nightly toolchain; running the stable fuzz smoke loop instead" >&2
-    export FUZZ_ITERATIONS="${FUZZ_ITERATIONS:-$((seconds * 20))}"
-    exec cargo test --release --test estargz_fuzz_smoke
+    run_smoke_loop "no nightly toolchain"
 fi
 [ -f fuzz/Cargo.lock ] || cp Cargo.lock fuzz/Cargo.lock
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    cargo +nightly install cargo-fuzz --locked
+    cargo +nightly install cargo-fuzz --locked || run_smoke_loop "cannot install cargo-fuzz"
 fi
 
 corpus="fuzz/corpus"
