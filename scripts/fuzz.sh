@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-60}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 fixtures="${FIXTURES_DIR:-../shared/fixtures}"
-[ -d "$fixtures" ] || fixtures=/work/shared/fixtures
 
 run_smoke_loop() {
     echo "fuzz.sh: $1; running the stable fuzz smoke loop instead" >&2

@@ -2,7 +2,6 @@
 //! truncated fixture blobs, wrong TOC digests, and hand-made TOCs breaking each rule.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use lazysnap::blob::MemoryBlob;
@@ -13,12 +12,7 @@ use lazysnap::estargz::{
 use sha2::{Digest, Sha256};
 
 fn fixture(variant: &str, prefix: &str) -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let dir = if dir.exists() {
-        dir
-    } else {
-        PathBuf::from("/work/shared/fixtures")
-    };
+    let dir = lazysnap::testbed::fixtures_dir();
     let dir = dir.join(variant);
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -2,7 +2,7 @@
 //! TOC digest, verifies, and describes exactly the tree of its source tar (expected/*.jsonl).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lazysnap::blob::{BlobSource, FileBlob};
 use lazysnap::estargz::{
@@ -13,16 +13,12 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if dir.join("fixtures.json").exists() {
-        return dir;
-    }
-    let shared = PathBuf::from("/work/shared/fixtures");
+    let dir = lazysnap::testbed::fixtures_dir();
     assert!(
-        shared.join("fixtures.json").exists(),
-        "fixtures missing: expected ../shared/fixtures/fixtures.json next to the crate"
+        dir.join("fixtures.json").exists(),
+        "fixtures missing: expected ../shared/fixtures/fixtures.json next to the repository"
     );
-    shared
+    dir
 }
 
 struct FixtureLayer {

@@ -3,7 +3,7 @@
 //! parsers are exercised in every CI run even without nightly. `FUZZ_ITERATIONS` sets the
 //! mutations per target (default 300); `scripts/fuzz.sh` runs the real fuzzers when it can.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lazysnap::estargz::{build_layer, fuzzing, BuildOptions, Compression};
 
@@ -33,12 +33,7 @@ fn iterations() -> usize {
 }
 
 fn fixtures() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if dir.exists() {
-        dir
-    } else {
-        PathBuf::from("/work/shared/fixtures")
-    }
+    lazysnap::testbed::fixtures_dir()
 }
 
 /// One random edit: flip bytes (biased towards the tail, where footers and TOCs live), truncate,

@@ -587,12 +587,7 @@ fn decompressed_reader_sniffs_gzip_zstd_and_plain() {
 
 #[test]
 fn converting_the_fixture_source_layer_matches_ctr_remote_toc_semantics() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let dir = if dir.exists() {
-        dir
-    } else {
-        PathBuf::from("/work/shared/fixtures")
-    };
+    let dir = lazysnap::testbed::fixtures_dir();
     let tar = std::fs::read(dir.join("orig/layer-A.tar")).unwrap();
     let mut out = Vec::new();
     let built = build_layer(&tar[..], &mut out, &BuildOptions::default()).unwrap();

@@ -292,9 +292,7 @@ fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
     let unpacked = Mounted::new(&orig, work.path(), "orig", &[]);
     let source_tars: Vec<Vec<u8>> = ["layer-B.tar", "layer-A.tar"]
         .iter()
-        .map(|name| {
-            std::fs::read(Path::new(pull_common::FIXTURES).join("orig").join(name)).unwrap()
-        })
+        .map(|name| std::fs::read(pull_common::fixtures().join("orig").join(name)).unwrap())
         .collect();
     let plain_layers = layer_dirs(&unpacked, "unpacked");
     for variant in ["esgz", "esgz-1m", "esgz-prio", "zstdchunked"] {

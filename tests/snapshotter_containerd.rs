@@ -12,7 +12,10 @@ use std::time::Duration;
 use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
 use sha2::{Digest, Sha256};
 
-const FIXTURE: &str = "/work/shared/fixtures/orig";
+/// The fixture image used here, from `../shared/fixtures`.
+fn fixture() -> std::path::PathBuf {
+    lazysnap::testbed::fixtures_dir().join("orig")
+}
 const IMAGE: &str = "docker.io/library/lazysnap-fixture:orig";
 
 /// `lazysnap serve` as a child process; SIGKILLed on drop.
@@ -92,8 +95,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes an OCI image-layout tar (oci-layout, index.json naming the image, blobs) of the
 /// fixture image: manifest, config and both layer blobs.
 fn build_oci_archive(path: &Path) {
-    let manifest = std::fs::read(Path::new(FIXTURE).join("manifest.json")).unwrap();
-    let config = std::fs::read(Path::new(FIXTURE).join("config.json")).unwrap();
+    let manifest = std::fs::read(fixture().join("manifest.json")).unwrap();
+    let config = std::fs::read(fixture().join("config.json")).unwrap();
     let manifest_json: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let manifest_hex = sha256_hex(&manifest);
     let index = serde_json::json!({
@@ -127,7 +130,7 @@ fn build_oci_archive(path: &Path) {
             .unwrap()
             .strip_prefix("sha256:")
             .unwrap();
-        let blob = std::fs::read(Path::new(FIXTURE).join(format!("{hex}.blob"))).unwrap();
+        let blob = std::fs::read(fixture().join(format!("{hex}.blob"))).unwrap();
         add(&format!("blobs/sha256/{hex}"), &blob);
     }
     builder.into_inner().unwrap().flush().unwrap();
@@ -245,7 +248,7 @@ fn containerd_imports_and_runs_through_lazysnap_and_survives_kill9() {
     let text = run_container(&containerd, "e2e-2", "cat /data/text.txt");
     assert_eq!(text.len(), 102400);
     assert!(
-        text.as_bytes() == file_from_tar(&Path::new(FIXTURE).join("layer-A.tar"), "data/text.txt"),
+        text.as_bytes() == file_from_tar(&fixture().join("layer-A.tar"), "data/text.txt"),
         "/data/text.txt differs from the fixture's layer A"
     );
 

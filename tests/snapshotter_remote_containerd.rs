@@ -24,7 +24,10 @@ use lazysnap::snapshotter::{
 };
 use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
-const FIXTURE: &str = "/work/shared/fixtures/esgz";
+/// The fixture image used here, from `../shared/fixtures`.
+fn fixture() -> std::path::PathBuf {
+    lazysnap::testbed::fixtures_dir().join("esgz")
+}
 /// Layer A of the fixture (the /data tree): the hook declines it, so containerd unpacks it.
 const DECLINED_LAYER: &str =
     "sha256:beb145bfbc1d2335bbaa76f52247d4053a246f6ea94ab3557c1318f73e9a2126";
@@ -57,13 +60,13 @@ impl RemoteLayers for MaterializingRemote {
             return Err(RemoteLayerError::Declined("test declines layer A".into()));
         }
         let hex = locator.layer_digest.trim_start_matches("sha256:");
-        let toc = std::fs::read(Path::new(FIXTURE).join(format!("{hex}.toc.json"))).unwrap();
+        let toc = std::fs::read(fixture().join(format!("{hex}.toc.json"))).unwrap();
         assert_eq!(
             locator.toc_digest.as_deref(),
             Some(format!("sha256:{}", sha256_hex(&toc)).as_str()),
             "the TOC digest annotation reaches the hook"
         );
-        let blob = Path::new(FIXTURE).join(format!("{hex}.blob"));
+        let blob = fixture().join(format!("{hex}.blob"));
         let mountpoint = request.mountpoint.clone();
         tokio::task::spawn_blocking(move || unpack_layer(&blob, &mountpoint))
             .await
@@ -181,7 +184,7 @@ fn push_blob(registry: &RegistryServer, repo: &str, digest: &str, file: &Path) {
 }
 
 fn push_fixture(registry: &RegistryServer, repo: &str, tag: &str) {
-    let dir = Path::new(FIXTURE);
+    let dir = fixture();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     let config_digest = manifest["config"]["digest"].as_str().unwrap();

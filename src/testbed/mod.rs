@@ -18,6 +18,7 @@ pub use registry::{RegistryOptions, RegistryServer};
 pub use token_server::{TokenServer, TokenServerOptions};
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 
 /// Errors starting or driving test-bed components.
 #[derive(Debug, thiserror::Error)]
@@ -65,4 +66,9 @@ pub fn require_program(program: &'static str, package: &'static str) -> Result<(
     } else {
         Err(TestbedError::Missing { program, package })
     }
+}
+
+/// The interoperability fixtures made by ctr-remote: `../shared/fixtures` beside the repository.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }

@@ -12,7 +12,10 @@ use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
-pub const FIXTURES: &str = "/work/shared/fixtures";
+/// The fixtures directory, `../shared/fixtures` beside the repository.
+pub fn fixtures() -> PathBuf {
+    lazysnap::testbed::fixtures_dir()
+}
 
 /// Fails loudly (never skips) when the test cannot run here.
 pub fn require_root_and_containerd() {
@@ -31,7 +34,7 @@ pub fn require_root_and_containerd() {
 
 /// The fixture image directory (`orig`, `esgz`, ...).
 pub fn fixture_dir(variant: &str) -> PathBuf {
-    let dir = Path::new(FIXTURES).join(variant);
+    let dir = fixtures().join(variant);
     assert!(
         dir.join("manifest.json").is_file(),
         "fixture {} is missing (expected ../shared/fixtures)",
