@@ -3,7 +3,7 @@
 # `ctr-remote image convert --estargz`, same image, same gzip level, same machine, one run.
 #
 # The image has one ~200 MB layer of mixed data (Python stdlib and docs: many small text files;
-# a shared library tree: binaries; random and zero-filled files). Both tools read the source
+# random and zero-filled files). Both tools read the source
 # from local storage where possible: lazysnap from an OCI layout (and, second figure, from a
 # registry on 127.0.0.1), ctr-remote from containerd's content store after `ctr images pull`.
 # Usage: sudo scripts/bench-convert.sh [LEVEL]   (default level 9, ctr-remote's default)
@@ -77,7 +77,6 @@ rootfs="$work/rootfs"
 mkdir -p "$rootfs/usr/lib" "$rootfs/usr/share" "$rootfs/data"
 cp -a /usr/lib/python3.11 "$rootfs/usr/lib/" 2>/dev/null || true
 cp -a /usr/share/doc "$rootfs/usr/share/" 2>/dev/null || true
-cp -a /usr/lib/gcc "$rootfs/usr/lib/" 2>/dev/null || true
 head -c $((30 * 1024 * 1024)) /dev/urandom >"$rootfs/data/random.bin"
 head -c $((10 * 1024 * 1024)) /dev/zero >"$rootfs/data/zeros.bin"
 for i in $(seq 200); do head -c $((i * 97)) /dev/urandom >"$rootfs/data/small-$i"; done

@@ -16,6 +16,7 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     export FUZZ_ITERATIONS="${FUZZ_ITERATIONS:-$((seconds * 20))}"
     exec cargo test --release --test estargz_fuzz_smoke
 fi
+[ -f fuzz/Cargo.lock ] || cp Cargo.lock fuzz/Cargo.lock
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo +nightly install cargo-fuzz --locked
 fi
@@ -46,7 +47,7 @@ tar -C "$scratch/t" --format=pax -cf "$corpus/tar_input/seed.tar" dir
 status=0
 for target in footer toc_json layer_blob tar_input; do
     echo "== fuzzing $target for ${seconds}s"
-    if ! cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$corpus/$target" -- \
+    if ! cargo +nightly fuzz run "$target" "$corpus/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=400000 -timeout=20; then
         echo "fuzz target $target FAILED (crash input under fuzz/artifacts/$target)" >&2
         status=1

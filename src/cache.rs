@@ -175,6 +175,8 @@ pub struct ChunkCache {
     pending: Mutex<HashMap<Key, Vec<FillSender>>>,
     counters: Counters,
     temp_seq: AtomicU64,
+    /// When (seconds since open, plus one) watermark eviction was last logged.
+    watermark_logged: AtomicU64,
     opened: Instant,
     _lock: File,
 }
@@ -286,6 +288,7 @@ impl ChunkCache {
             pending: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             temp_seq: AtomicU64::new(0),
+            watermark_logged: AtomicU64::new(0),
             opened: Instant::now(),
             _lock: lock_file,
             opts,
@@ -302,7 +305,7 @@ impl ChunkCache {
                 "chunk cache opened"
             );
         }
-        cache.enforce_watermarks();
+        cache.enforce_watermarks(None);
         Ok(cache)
     }
 
@@ -456,7 +459,7 @@ impl ChunkCache {
             self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         }
         self.insert_memory(key, data);
-        self.enforce_watermarks();
+        self.enforce_watermarks(Some(&key));
         Ok(())
     }
 
@@ -715,8 +718,9 @@ impl ChunkCache {
         metrics::set_cache_bytes(bytes_now);
     }
 
-    /// If the filesystem is above the high watermark, evicts down to the low one.
-    fn enforce_watermarks(&self) {
+    /// If the filesystem is above the high watermark, evicts down to the low one (never `keep`,
+    /// the chunk just stored).
+    fn enforce_watermarks(&self, keep: Option<&Key>) {
         let (Some(high), Some(low)) = (self.opts.high_watermark_pct, self.opts.low_watermark_pct)
         else {
             return;
@@ -738,15 +742,21 @@ impl ChunkCache {
         let to_free = used.saturating_sub(low_bytes);
         let mut disk = lock(&self.disk);
         let target = disk.bytes.saturating_sub(to_free);
-        let evicted = self.evict_locked(&mut disk, target, None);
+        let evicted = self.evict_locked(&mut disk, target, keep);
         self.note_evictions(evicted, disk.bytes);
-        tracing::info!(
-            used_pct = used * 100 / capacity,
-            high,
-            low,
-            evicted,
-            "disk above the high watermark: evicted chunks"
-        );
+        let now = self.now_secs() + 1;
+        let last = self.watermark_logged.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= 10 {
+            self.watermark_logged.store(now, Ordering::Relaxed);
+            tracing::info!(
+                used_pct = used * 100 / capacity,
+                high,
+                low,
+                evicted,
+                remaining_bytes = disk.bytes,
+                "disk above the high watermark: evicted chunks"
+            );
+        }
     }
 }
 
@@ -1012,17 +1022,22 @@ mod tests {
     }
 
     #[test]
-    fn watermark_below_current_usage_evicts_down_to_empty() {
+    fn watermark_below_current_usage_evicts_all_but_the_newest_chunk() {
         // high = 1 %: any real filesystem is above it, so every insert triggers eviction
-        // down to "low" = 0 %, which the cache can never reach: it empties itself.
+        // down to "low" = 0 %, which the cache can never reach: it keeps only the chunk just
+        // stored.
         let dir = tempfile::tempdir().unwrap();
         let mut o = opts(dir.path(), 1 << 20, 0);
         o.high_watermark_pct = Some(1);
         o.low_watermark_pct = Some(0);
         let cache = ChunkCache::open(o).unwrap();
         let a = Bytes::from(vec![1u8; 100]);
+        let b = Bytes::from(vec![2u8; 100]);
         cache.insert(&digest_of(&a), a.clone()).unwrap();
-        assert_eq!(cache.stats().disk_entries, 0);
-        assert!(cache.stats().evictions >= 1);
+        cache.insert(&digest_of(&b), b.clone()).unwrap();
+        assert_eq!(cache.stats().disk_entries, 1);
+        assert!(cache.contains(&digest_of(&b)));
+        assert!(!cache.contains(&digest_of(&a)));
+        assert_eq!(cache.stats().evictions, 1);
     }
 }

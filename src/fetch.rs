@@ -388,8 +388,7 @@ impl LayerReader {
     }
 
     /// Reads `size` bytes of file `content` at `offset` and waits for the result (tests, tools;
-    /// FUSE uses [`ContentSource::read`]). Must not be called from a runtime worker thread when
-    /// chunks need fetching on a current-thread runtime.
+    /// FUSE uses [`ContentSource::read`]).
     pub async fn read_async(
         &self,
         content: ContentId,
@@ -597,7 +596,11 @@ impl Inner {
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             match self.cache.begin_fill(&c.digest) {
                 Ok(Fill::Leader(guard, waiter)) => {
-                    leaders.push(((index, ci), guard));
+                    // Another reader may have stored it between the lookup and the claim.
+                    match self.cache.get(&c.digest) {
+                        Some(data) => guard.complete(Ok(data)),
+                        None => leaders.push(((index, ci), guard)),
+                    }
                     waits.push((slot, ci, waiter));
                 }
                 Ok(Fill::Follower(waiter)) => waits.push((slot, ci, waiter)),
@@ -703,7 +706,10 @@ impl Inner {
         let fetched = self.fetch_ranges(ranges, kind).await;
         let buffers = match fetched {
             Ok(buffers) => buffers,
-            Err(message) => {
+            // Dropping the guards wakes waiters with `Abandoned`: readers in other layers then
+            // fetch the chunks themselves instead of failing because this layer went away.
+            Err(None) => return,
+            Err(Some(message)) => {
                 for (_, members) in runs {
                     for (_, (_, guard)) in members {
                         guard.complete(Err(FillError::Fetch(message.clone())));
@@ -765,12 +771,12 @@ impl Inner {
     }
 
     /// Reads `ranges` from the blob with per-attempt timeouts and bounded retries of transient
-    /// failures, all within the deadline.
+    /// failures, all within the deadline. `Err(None)` means this reader was shut down.
     async fn fetch_ranges(
         &self,
         ranges: Vec<Range<u64>>,
         kind: FetchKind,
-    ) -> Result<Vec<Bytes>, String> {
+    ) -> Result<Vec<Bytes>, Option<String>> {
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let give_up_at = Instant::now() + self.opts.deadline;
         let mut attempt: u32 = 0;
@@ -779,10 +785,10 @@ impl Inner {
             let remaining = give_up_at.saturating_duration_since(now);
             if remaining.is_zero() {
                 metrics::record_fetch_error("timeout");
-                return Err(format!(
+                return Err(Some(format!(
                     "no answer within the deadline of {:?}",
                     self.opts.deadline
-                ));
+                )));
             }
             let span = tracing::info_span!(
                 "fetch",
@@ -802,7 +808,7 @@ impl Inner {
             };
             let outcome = tokio::select! {
                 r = tokio::time::timeout(self.opts.attempt_timeout.min(remaining), request).instrument(span) => r,
-                _ = self.cancel.cancelled() => return Err("layer reader shut down".into()),
+                _ = self.cancel.cancelled() => return Err(None),
             };
             let (message, retryable) = match outcome {
                 Ok(Ok(buffers)) => {
@@ -836,13 +842,13 @@ impl Inner {
             };
             tracing::warn!(layer = %self.layer, kind = kind.as_str(), attempt, error = %message, retryable, "range request failed");
             if !retryable || attempt >= self.opts.retries {
-                return Err(message);
+                return Err(Some(message));
             }
             attempt += 1;
             let backoff = Duration::from_millis(100u64 << attempt.min(6));
             tokio::select! {
                 _ = tokio::time::sleep(backoff.min(give_up_at.saturating_duration_since(Instant::now()))) => {}
-                _ = self.cancel.cancelled() => return Err("layer reader shut down".into()),
+                _ = self.cancel.cancelled() => return Err(None),
             }
         }
     }

@@ -100,24 +100,104 @@ struct Metrics {
     fuse_op_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
     verify_failures: Family<ChunkLabels, Counter>,
     fallbacks: Family<ReasonLabel, Counter>,
+    /// Handles resolved once so hot paths neither allocate labels nor take the family lock.
+    hot: HotHandles,
+}
+
+struct HotHandles {
+    memory_hits: Counter,
+    disk_hits: Counter,
+    /// Per [`FetchKind`]: bytes, requests, latency.
+    fetch: [(Counter, Counter, Histogram); 3],
+    /// FUSE operations the filesystem issues most, by name.
+    fuse_ops: Vec<(&'static str, Histogram)>,
+}
+
+/// FUSE operations whose latency histograms are resolved up front.
+const COMMON_FUSE_OPS: &[&str] = &[
+    "lookup",
+    "getattr",
+    "open",
+    "read",
+    "release",
+    "readdir",
+    "readdirplus",
+    "readlink",
+    "getxattr",
+    "listxattr",
+    "statfs",
+    "opendir",
+    "releasedir",
+    "forget",
+];
+
+fn kind_index(kind: FetchKind) -> usize {
+    match kind {
+        FetchKind::OnDemand => 0,
+        FetchKind::Prefetch => 1,
+        FetchKind::Background => 2,
+    }
 }
 
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("lazysnap");
+        let fetched_bytes: Family<KindLabel, Counter> = Family::default();
+        let fetch_requests: Family<KindLabel, Counter> = Family::default();
+        let fetch_latency: Family<KindLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let cache_hits: Family<TierLabel, Counter> = Family::default();
+        let fuse_op_latency: Family<OpLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let tier = |t: CacheTier| {
+            cache_hits
+                .get_or_create(&TierLabel {
+                    tier: t.as_str().to_string(),
+                })
+                .clone()
+        };
+        let per_kind = |k: FetchKind| {
+            let label = KindLabel {
+                kind: k.as_str().to_string(),
+            };
+            (
+                fetched_bytes.get_or_create(&label).clone(),
+                fetch_requests.get_or_create(&label).clone(),
+                fetch_latency.get_or_create(&label).clone(),
+            )
+        };
+        let hot = HotHandles {
+            memory_hits: tier(CacheTier::Memory),
+            disk_hits: tier(CacheTier::Disk),
+            fetch: [
+                per_kind(FetchKind::OnDemand),
+                per_kind(FetchKind::Prefetch),
+                per_kind(FetchKind::Background),
+            ],
+            fuse_ops: COMMON_FUSE_OPS
+                .iter()
+                .map(|&op| {
+                    let h = fuse_op_latency
+                        .get_or_create(&OpLabel { op: op.to_string() })
+                        .clone();
+                    (op, h)
+                })
+                .collect(),
+        };
         let metrics = Metrics {
             registry: Registry::default(),
-            fetched_bytes: Family::default(),
-            fetch_requests: Family::default(),
+            fetched_bytes,
+            fetch_requests,
             fetch_errors: Family::default(),
-            cache_hits: Family::default(),
+            cache_hits,
             cache_misses: Counter::default(),
             cache_evictions: Counter::default(),
             cache_bytes: Gauge::default(),
-            fetch_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            fuse_op_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            fetch_latency,
+            fuse_op_latency,
             verify_failures: Family::default(),
             fallbacks: Family::default(),
+            hot,
         };
         registry.register(
             "fetched_bytes",
@@ -185,15 +265,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// Counts `bytes` of compressed chunk data fetched for `kind`, and one request.
 pub fn record_fetch(kind: FetchKind, bytes: u64, latency: Duration) {
-    let label = KindLabel {
-        kind: kind.as_str().to_string(),
-    };
-    METRICS.fetched_bytes.get_or_create(&label).inc_by(bytes);
-    METRICS.fetch_requests.get_or_create(&label).inc();
-    METRICS
-        .fetch_latency
-        .get_or_create(&label)
-        .observe(latency.as_secs_f64());
+    let (bytes_counter, requests, histogram) = &METRICS.hot.fetch[kind_index(kind)];
+    bytes_counter.inc_by(bytes);
+    requests.inc();
+    histogram.observe(latency.as_secs_f64());
 }
 
 /// Counts one failed range request; `reason` is a short stable word (e.g. `timeout`).
@@ -208,12 +283,10 @@ pub fn record_fetch_error(reason: &str) {
 
 /// Counts one cache hit in `tier`.
 pub fn record_cache_hit(tier: CacheTier) {
-    METRICS
-        .cache_hits
-        .get_or_create(&TierLabel {
-            tier: tier.as_str().to_string(),
-        })
-        .inc();
+    match tier {
+        CacheTier::Memory => METRICS.hot.memory_hits.inc(),
+        CacheTier::Disk => METRICS.hot.disk_hits.inc(),
+    };
 }
 
 /// Counts one cache miss.
@@ -236,10 +309,14 @@ pub fn set_cache_bytes(bytes: u64) {
 /// Records how long one FUSE operation (`op` such as `read`, `lookup`) took. The FUSE crate does
 /// not depend on this crate; the layer module calls this from its recorder.
 pub fn observe_fuse_op(op: &str, latency: Duration) {
-    METRICS
-        .fuse_op_latency
-        .get_or_create(&OpLabel { op: op.to_string() })
-        .observe(latency.as_secs_f64());
+    let seconds = latency.as_secs_f64();
+    match METRICS.hot.fuse_ops.iter().find(|(name, _)| *name == op) {
+        Some((_, histogram)) => histogram.observe(seconds),
+        None => METRICS
+            .fuse_op_latency
+            .get_or_create(&OpLabel { op: op.to_string() })
+            .observe(seconds),
+    }
 }
 
 /// Counts a chunk whose bytes did not match its digest, naming the layer and the chunk digest.

@@ -3,16 +3,15 @@
 //! parses every layer's footer and TOC and returns the digest in our annotation.
 //! Needs root, containerd and ctr-remote (scripts/install-deps.sh); fails loudly without them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
 
 use lazysnap::image::{self, Manifest, OciLayout};
 use lazysnap::testbed::images::{
     busybox_layer, every_entry_type_layer, fetch_manifest, push_layout_image, write_image,
     ImageOptions,
 };
-use lazysnap::testbed::RegistryServer;
+use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
 fn lazysnap(args: &[&str]) -> Output {
     // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
@@ -32,88 +31,25 @@ fn lazysnap(args: &[&str]) -> Output {
     output
 }
 
-/// A standalone containerd with its root, state and socket in a temp dir; killed on drop.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Self {
-        assert!(
-            Path::new("/usr/bin/containerd").is_file()
-                && Path::new("/usr/bin/ctr-remote").is_file(),
-            "containerd and ctr-remote are required: run scripts/install-deps.sh"
-        );
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test runs containerd and needs root"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("lazysnap-containerd-")
-            .tempdir()
-            .unwrap();
-        let d = dir.path().display();
-        let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{d}/containerd.sock\"\n\
-             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n"
-        );
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("/usr/bin/containerd")
-            .arg("--config")
-            .arg(dir.path().join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let me = Self { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !me.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                me.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        me
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> String {
-        let output = Command::new(program)
-            .arg("--address")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{program} {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // containerd leaves overlay mounts of unpacked snapshots behind only while running
-        // containers; none are started here.
-    }
+/// Runs `ctr-remote --address <containerd> ARGS…`; returns stdout, failing with the output.
+fn ctr_remote(containerd: &ContainerdServer, args: &[&str]) -> String {
+    assert!(
+        Path::new("/usr/bin/ctr-remote").is_file(),
+        "ctr-remote is required: run scripts/install-deps.sh (Debian stargz-snapshotter)"
+    );
+    let output = Command::new("/usr/bin/ctr-remote")
+        .arg("--address")
+        .arg(containerd.address())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ctr-remote {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        containerd.log()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -130,7 +66,11 @@ fn ctr_remote_reads_the_toc_of_every_converted_layer() {
     .unwrap();
     let host = registry.host();
     push_layout_image(&layout, Some("v1"), &host, "src/every", "v1").unwrap();
-    let containerd = Containerd::start();
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs containerd and needs root"
+    );
+    let containerd = ContainerdServer::start(&ContainerdOptions::default()).unwrap();
 
     for (tag, extra) in [("esgz", None), ("zstd", Some("--zstdchunked"))] {
         let dst = format!("{host}/dst/every:{tag}");
@@ -141,7 +81,9 @@ fn ctr_remote_reads_the_toc_of_every_converted_layer() {
         assert!(lazysnap(&args).status.success());
 
         // containerd's normal pull and unpack accept the image.
-        containerd.run("/usr/bin/ctr", &["images", "pull", "--plain-http", &dst]);
+        containerd
+            .ctr_ok(&["images", "pull", "--plain-http", &dst])
+            .unwrap();
 
         let manifest: Manifest = image::parse_json(
             "m",
@@ -154,7 +96,7 @@ fn ctr_remote_reads_the_toc_of_every_converted_layer() {
                 get.push("--zstdchunked");
             }
             get.push(&layer.digest);
-            let digest = containerd.run("/usr/bin/ctr-remote", &get);
+            let digest = ctr_remote(&containerd, &get);
             assert_eq!(
                 digest.trim(),
                 layer.annotations["containerd.io/snapshot/stargz/toc.digest"],

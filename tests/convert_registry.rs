@@ -192,6 +192,24 @@ fn converts_every_entry_type_image_to_estargz_with_a_prefetch_list() {
         "--reuse changed the image"
     );
     assert_eq!(manifest.layers.len(), 2);
+
+    // Into another repository of the same registry, kept layers are mounted, not uploaded.
+    let mounted = lazysnap(&[
+        "convert",
+        "--reuse",
+        &format!("{host}/dst/every:esgz"),
+        &format!("{host}/other/every:mounted"),
+    ]);
+    assert_ok(&mounted);
+    let mounted_text = String::from_utf8_lossy(&mounted.stdout);
+    assert_eq!(
+        mounted_text.matches(" reused,").count(),
+        2,
+        "{mounted_text}"
+    );
+    assert!(!mounted_text.contains(", pushed"), "{mounted_text}");
+    let third = fetch_manifest(&registry.url(), "other/every", "mounted").unwrap();
+    assert_eq!(image::sha256_digest(&first), image::sha256_digest(&third));
 }
 
 #[test]

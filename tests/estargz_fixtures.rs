@@ -261,3 +261,29 @@ fn reader_futures_are_send_so_callers_can_spawn_them() {
     let layer = rt.block_on(open);
     assert!(layer.is_err());
 }
+
+#[tokio::test]
+async fn our_footers_are_byte_identical_to_ctr_remote_footers() {
+    use lazysnap::estargz::footer::{estargz_footer, zstd_footer, Footer};
+    for fixture in fixture_layers() {
+        let bytes = std::fs::read(&fixture.file).unwrap();
+        let blob = FileBlob::open(&fixture.file).unwrap();
+        let layer = open_layer(&blob, None).await.unwrap();
+        match layer.footer() {
+            Footer::Estargz { toc_offset } => {
+                assert_eq!(bytes[bytes.len() - 51..], estargz_footer(toc_offset));
+            }
+            Footer::ZstdChunked {
+                toc_offset,
+                compressed_len,
+                uncompressed_len,
+            } => {
+                assert_eq!(
+                    bytes[bytes.len() - 48..],
+                    zstd_footer(toc_offset, compressed_len, uncompressed_len)
+                );
+            }
+            other => panic!("{}: unexpected footer {other:?}", fixture.variant),
+        }
+    }
+}

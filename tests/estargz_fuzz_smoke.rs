@@ -165,3 +165,85 @@ fn fuzz_layer_blob() {
 fn fuzz_tar_input() {
     run("tar_input", &[small_tar()], fuzzing::tar_input, 4);
 }
+
+/// Structure-aware TOC mutations: valid JSON whose entries get hostile field values (huge,
+/// negative or overlapping offsets, escaping names, wrong types), so validation runs deep.
+#[test]
+fn fuzz_toc_json_structured() {
+    use serde_json::{json, Value};
+    let mut seeds: Vec<Value> = Vec::new();
+    for variant in ["esgz", "zstdchunked"] {
+        for entry in std::fs::read_dir(fixtures().join(variant)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.to_string_lossy().ends_with(".toc.json") {
+                seeds.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
+            }
+        }
+    }
+    let keys = [
+        "name",
+        "type",
+        "size",
+        "offset",
+        "innerOffset",
+        "chunkOffset",
+        "chunkSize",
+        "chunkDigest",
+        "digest",
+        "linkName",
+        "mode",
+        "uid",
+        "devMajor",
+        "modtime",
+        "xattrs",
+    ];
+    let values = [
+        json!(0),
+        json!(1),
+        json!(-1),
+        json!(u64::MAX),
+        json!(1u64 << 40),
+        json!(4194304),
+        json!("../../etc/passwd"),
+        json!("/abs"),
+        json!("data/text.txt"),
+        json!("chunk"),
+        json!("hardlink"),
+        json!("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+        json!(null),
+        json!({"user.x": "!!"}),
+        json!([1, 2]),
+    ];
+    let mut rng = Rng(5);
+    for _ in 0..iterations() {
+        let mut toc = seeds[rng.below(seeds.len())].clone();
+        let Some(entries) = toc["entries"].as_array_mut() else {
+            continue;
+        };
+        for _ in 0..1 + rng.below(3) {
+            let n = entries.len();
+            match rng.below(6) {
+                0 if n > 1 => {
+                    // Duplicate an entry somewhere else.
+                    let e = entries[rng.below(n)].clone();
+                    entries.insert(rng.below(n), e);
+                }
+                1 if n > 1 => {
+                    entries.remove(rng.below(n));
+                }
+                2 if n > 1 => {
+                    // Copy one entry's offset to another (overlapping chunks).
+                    let from = entries[rng.below(n)]["offset"].clone();
+                    entries[rng.below(n)]["offset"] = from;
+                }
+                _ if n > 0 => {
+                    let key = keys[rng.below(keys.len())];
+                    let value = values[rng.below(values.len())].clone();
+                    entries[rng.below(n)][key] = value;
+                }
+                _ => {}
+            }
+        }
+        fuzzing::toc_json(&serde_json::to_vec(&toc).unwrap());
+    }
+}

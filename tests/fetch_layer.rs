@@ -136,6 +136,25 @@ struct Controls {
     refuse: AtomicBool,
     /// Flip the byte at this blob offset in answers (u64::MAX: off).
     corrupt_at: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Controls);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a Controls) -> Self {
+        let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct TestBlob {
@@ -177,6 +196,7 @@ impl BlobSource for TestBlob {
         Box::pin(async move {
             let c = &self.controls;
             c.requests.lock().unwrap().push(range.clone());
+            let _in_flight = InFlight::new(c);
             if c.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
@@ -826,4 +846,87 @@ fn inconsistent_chunk_lists_read_as_eio() {
         "bad-toc",
     );
     assert_eq!(read_blocking(&r, 0, 0, 10), Err(libc::EIO));
+}
+
+#[test]
+fn background_fill_respects_its_concurrency_limit() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<Vec<u8>> = (0..8).map(|i| pseudo_random(100 + i, 2 * CHUNK)).collect();
+    let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"CL");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    controls.delay_ms.store(50, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = FetchOptions {
+        background: true,
+        concurrency: 2,
+        max_request_bytes: CHUNK as u64,
+        ..quiet_options()
+    };
+    let r = reader(&rt, blob, &layer, Compression::Gzip, &cache, opts, "limits");
+    r.start_prefetch(None);
+    wait_until("background fill done", || r.stats().background_done);
+    assert_eq!(controls.requests().len(), 16);
+    let max = controls.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&max),
+        "{max} background requests in flight at once"
+    );
+    for (i, content) in contents.iter().enumerate() {
+        assert_eq!(
+            &read_blocking(&r, i as u64, 0, 1 << 20).unwrap()[..],
+            &content[..]
+        );
+    }
+    assert_eq!(controls.requests().len(), 16);
+}
+
+#[test]
+fn a_layer_shutting_down_mid_fetch_does_not_fail_readers_of_other_layers() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = pseudo_random(120, CHUNK);
+    let layer_a = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"A");
+    let layer_b = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"BB");
+    let (blob_a, ctl_a) = TestBlob::new(layer_a.blob.clone());
+    let (blob_b, ctl_b) = TestBlob::new(layer_b.blob.clone());
+    // Layer B's source stalls, so its background fill holds the shared chunk's fill.
+    ctl_b.hang.store(true, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let rb = reader(
+        &rt,
+        blob_b,
+        &layer_b,
+        Compression::Gzip,
+        &cache,
+        FetchOptions {
+            background: true,
+            ..quiet_options()
+        },
+        "b",
+    );
+    rb.start_prefetch(None);
+    wait_until("layer B fetching", || !ctl_b.requests().is_empty());
+    let ra = reader(
+        &rt,
+        blob_a,
+        &layer_a,
+        Compression::Gzip,
+        &cache,
+        quiet_options(),
+        "a",
+    );
+    let pending = {
+        let ra = Arc::clone(&ra);
+        std::thread::spawn(move || read_blocking(&ra, 0, 0, 100))
+    };
+    // A's read waits on B's fetch of the same chunk; then B goes away.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        ctl_a.requests().is_empty(),
+        "A should have joined B's fetch"
+    );
+    rb.shutdown();
+    assert_eq!(&pending.join().unwrap().unwrap()[..], &shared[..100]);
+    assert_eq!(ctl_a.requests().len(), 1);
 }

@@ -274,3 +274,48 @@ fn twenty_concurrent_containers_share_each_chunk_fetch() {
         );
     }
 }
+
+#[test]
+fn a_second_image_with_the_same_files_fetches_none_of_their_chunks() {
+    require_root_and_containerd();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Same files, same 4 MiB chunking, different layer blobs (different order and landmark).
+    let first = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let second = runtime.block_on(push_fixture(
+        &registry.host(),
+        "esgz-prio",
+        "fixture",
+        "prio",
+    ));
+    let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    assert_pulled_lazily(&lazysnap_pull(&containerd, "dedup", &first), &lazysnap);
+    assert_pulled_lazily(&lazysnap_pull(&containerd, "dedup", &second), &lazysnap);
+    let read_big = ["/bin/sh", "-c", "cat /data/big-9m.bin | wc -c"];
+    assert_eq!(
+        containerd
+            .run("dedup", "lazysnap", &first, &read_big)
+            .trim(),
+        "9437184"
+    );
+    let first_layers = layer_digests("esgz");
+    let first_cost: u64 = first_layers
+        .iter()
+        .map(|(d, _)| registry.blob_bytes_served(d))
+        .sum();
+    assert_eq!(
+        containerd
+            .run("dedup", "lazysnap", &second, &read_big)
+            .trim(),
+        "9437184"
+    );
+    for (digest, size) in layer_digests("esgz-prio") {
+        let served = registry.blob_bytes_served(&digest);
+        // Only the footer and TOC (read at mount): every chunk came from the shared cache.
+        assert!(
+            served < 24 * 1024,
+            "layer {digest} of the second image fetched {served} of {size} bytes (the first image cost {first_cost})"
+        );
+    }
+}

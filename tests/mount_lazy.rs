@@ -3,6 +3,8 @@
 //! The lazily mounted tree must equal the same image mounted the non-lazy way (downloaded and
 //! unpacked), and a small read must cost only the TOC and the chunks it touches.
 
+mod pull_common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -273,4 +275,85 @@ fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
         "mount + one small read fetched {total} of {layer_size} bytes"
     );
     assert!(for_read < 64 << 10, "the read fetched {for_read} bytes");
+}
+
+#[test]
+fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let orig = runtime.block_on(pull_common::push_fixture(
+        &registry.host(),
+        "orig",
+        "fixture",
+        "orig",
+    ));
+    let unpacked = Mounted::new(&orig, work.path(), "orig", &[]);
+    let source_tars: Vec<Vec<u8>> = ["layer-B.tar", "layer-A.tar"]
+        .iter()
+        .map(|name| {
+            std::fs::read(Path::new(pull_common::FIXTURES).join("orig").join(name)).unwrap()
+        })
+        .collect();
+    let plain_layers = layer_dirs(&unpacked, "unpacked");
+    for variant in ["esgz", "esgz-1m", "esgz-prio", "zstdchunked"] {
+        let image = runtime.block_on(pull_common::push_fixture(
+            &registry.host(),
+            variant,
+            "fixture",
+            variant,
+        ));
+        let lazy = Mounted::new(&image, work.path(), variant, &["--no-prefetch"]);
+        let lazy_layers = layer_dirs(&lazy, "lazy");
+        for ((lazy_dir, plain_dir), tar) in lazy_layers.iter().zip(&plain_layers).zip(&source_tars)
+        {
+            let implied = implied_dirs(tar);
+            assert_eq!(
+                listing(lazy_dir, &implied),
+                listing(plain_dir, &implied),
+                "fixture {variant}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(lazy.dir.join("data/text.txt")).unwrap().len(),
+            102400
+        );
+    }
+}
+
+#[test]
+fn a_stopped_registry_gives_eio_for_uncached_files_and_recovers() {
+    require_root_and_fuse();
+    let mut registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(pull_common::push_fixture(
+        &registry.host(),
+        "esgz",
+        "fixture",
+        "esgz",
+    ));
+    let mounted = Mounted::new(
+        &image,
+        work.path(),
+        "outage",
+        &["--no-prefetch", "--read-deadline", "3"],
+    );
+    let cached = mounted.dir.join("data/small/file-001");
+    let uncached = mounted.dir.join("data/small/file-299");
+    assert_eq!(std::fs::read(&cached).unwrap(), b"small file 001\n");
+
+    registry.stop();
+    // Drop the kernel's page cache so the read reaches lazysnap and its chunk cache.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&cached).unwrap(), b"small file 001\n");
+    let started = std::time::Instant::now();
+    let error = std::fs::read(&uncached).expect_err("the registry is down");
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    // Bounded: the read deadline is 3 s; a hang would sit here for ever.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+
+    registry.restart().unwrap();
+    assert_eq!(std::fs::read(&uncached).unwrap(), b"small file 299\n");
 }

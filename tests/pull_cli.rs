@@ -232,3 +232,51 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
         "{stderr}"
     );
 }
+
+/// The product path: `lazysnap serve` with real remote layers, `lazysnap pull` of the eStargz
+/// fixture, `ctr run`. Both layers are lazy; the registry serves only part of each layer blob.
+#[test]
+fn pull_cli_estargz_through_lazysnap_serve_is_lazy_and_runs() {
+    require_root_and_containerd();
+    let registry = RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let lazysnap = TestLazysnap::start();
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    let namespace = "pullesgz";
+
+    let stdout = lazysnap_pull(&containerd, namespace, "lazysnap", &image);
+    let layer_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("sha256:"))
+        .collect();
+    assert_eq!(layer_lines.len(), 2, "{stdout}");
+    assert!(
+        layer_lines.iter().all(|l| l.contains("  lazy  ")),
+        "every eStargz layer is mounted lazily:\n{stdout}\nlazysnap log:\n{}",
+        lazysnap.log()
+    );
+
+    let out = containerd.run(
+        namespace,
+        "lazysnap",
+        &image,
+        &["cat", "/data/one-byte.txt"],
+    );
+    assert_eq!(out, "x", "lazysnap log:\n{}", lazysnap.log());
+    // Nobody downloaded a layer blob whole: every layer GET the registry answered was a ranged
+    // read (206) by lazysnap's lazy reader, none a full 200 like an unpacking pull.
+    for layer in [
+        "sha256:d7ffa78de5dc9f584ede75dd4055684882f6e559f9e9ccea9e3289e5d97bd03f",
+        "sha256:beb145bfbc1d2335bbaa76f52247d4053a246f6ea94ab3557c1318f73e9a2126",
+    ] {
+        let gets = registry.blob_gets(layer);
+        assert!(!gets.is_empty(), "lazysnap read layer {layer} remotely");
+        assert!(
+            gets.iter().all(|(status, _)| *status == 206),
+            "layer {layer} GETs: {gets:?}"
+        );
+        let served: u64 = gets.iter().map(|(_, bytes)| bytes).sum();
+        eprintln!("layer {layer}: {} ranged GETs, {served} bytes", gets.len());
+    }
+}

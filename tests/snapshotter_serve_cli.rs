@@ -1,5 +1,5 @@
 //! `lazysnap serve` as users run it: config keys it rejects are named, the config's root and
-//! address are used, a second server on a live socket is refused, SIGTERM stops it cleanly.
+//! address are used, the metrics endpoint answers on the configured loopback port, a second server on a live socket is refused, SIGTERM stops it cleanly.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -34,10 +34,11 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     let root = dir.path().join("state");
     let socket = dir.path().join("run/lazysnap.sock");
     let config = dir.path().join("config.toml");
+    let metrics_port = lazysnap::testbed::free_port().unwrap();
     std::fs::write(
         &config,
         format!(
-            "root = \"{}\"\naddress = \"{}\"\n",
+            "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n",
             root.display(),
             socket.display()
         ),
@@ -63,6 +64,13 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
         panic!("lazysnap serve did not listen on {}", socket.display());
     }
     assert!(root.join("metadata.db").is_file());
+    let metrics = Command::new("curl")
+        .args(["-sSf"])
+        .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .output()
+        .unwrap();
+    assert!(metrics.status.success(), "metrics endpoint answers");
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("# EOF"));
 
     let second = lazysnap()
         .args(["serve", "--root"])

@@ -17,7 +17,7 @@ use fuser::{
 
 use crate::handles::{OpenMode, OpenTable};
 use crate::index::{system_time, Index, Inode, Kind, FLAG_OPAQUE};
-use crate::ContentSource;
+use crate::{ContentId, ContentSource};
 
 /// Block size reported in attributes and statfs.
 const BLOCK_SIZE: u32 = 4096;
@@ -97,6 +97,18 @@ pub(crate) struct FsConfig {
     pub(crate) passthrough: bool,
     pub(crate) userxattr: bool,
     pub(crate) observer: Option<OpObserver>,
+    pub(crate) open_observer: Option<OpenObserver>,
+}
+
+/// Called with the [`ContentId`] of every regular file opened through the mount, in order (a
+/// recording mount for access-order optimization; the receiver dedups).
+#[derive(Clone)]
+pub struct OpenObserver(pub Arc<dyn Fn(ContentId) + Send + Sync>);
+
+impl std::fmt::Debug for OpenObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenObserver")
+    }
 }
 
 /// Receives the duration of every FUSE operation the filesystem answers, by operation name
@@ -247,7 +259,8 @@ impl LayerFs {
 
     /// Opens `ino` through FUSE passthrough if the source has it on disk. Returns the reply back
     /// when passthrough does not apply.
-    fn try_open_passthrough(&self, ino: u64, content: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+    fn try_open_passthrough(&self, ino: u64, inode: &Inode, reply: ReplyOpen) -> Option<ReplyOpen> {
+        let content = inode.data;
         if !self.config.passthrough || !self.passthrough_live.load(Ordering::Relaxed) {
             return Some(reply);
         }
@@ -268,6 +281,18 @@ impl LayerFs {
         let Some(file) = self.source.local_file(content) else {
             return Some(reply);
         };
+        // A backing file of another length would serve wrong bytes or a short file.
+        match file.metadata() {
+            Ok(meta) if meta.is_file() && meta.len() == inode.size => {}
+            Ok(meta) => {
+                tracing::warn!(ino, content, expected = inode.size, actual = meta.len(), "local file offered for passthrough has the wrong size; reading through the source");
+                return Some(reply);
+            }
+            Err(err) => {
+                tracing::warn!(ino, content, error = %err, "cannot stat the local file offered for passthrough");
+                return Some(reply);
+            }
+        }
         let backing = match reply.open_backing(&file) {
             Ok(backing) => Arc::new(backing),
             Err(err) => {
@@ -392,7 +417,10 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         bump(&self.counters.opens);
-        let Some(reply) = self.try_open_passthrough(ino.0, inode.data, reply) else {
+        if let Some(observer) = &self.config.open_observer {
+            (observer.0)(inode.data);
+        }
+        let Some(reply) = self.try_open_passthrough(ino.0, inode, reply) else {
             return;
         };
         match self.handles.open_cached(ino.0) {

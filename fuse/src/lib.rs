@@ -37,12 +37,12 @@ mod handles;
 mod index;
 mod mount;
 
-pub use fs::{FsStats, OpObserver};
+pub use fs::{FsStats, OpObserver, OpenObserver};
 pub use index::{
     Index, IndexBuilder, IndexError, NewNode, NodeAttr, NodeInfo, NodeKind, NodeKindInfo,
     OPAQUE_MARKER, ROOT_INO, WHITEOUT_PREFIX,
 };
-pub use mount::{mount, FuseError, MountHandle, MountOptions};
+pub use mount::{detach_stale_mount, mount, FuseError, MountHandle, MountOptions};
 
 /// Identifies the content of a regular file for a [`ContentSource`]; chosen by whoever builds the
 /// index (e.g. the position of the file in the layer's TOC). Hard links share one id.

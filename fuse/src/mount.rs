@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, Session, SessionACL};
 
-use crate::fs::{Counters, FsConfig, FsStats, LayerFs, OpObserver};
+use crate::fs::{Counters, FsConfig, FsStats, LayerFs, OpObserver, OpenObserver};
 use crate::{ContentSource, Index};
 
 /// How long `unmount` waits for the session threads to stop after a successful unmount before
@@ -45,6 +45,8 @@ pub struct MountOptions {
     pub read_ahead_kb: Option<u32>,
     /// Called with every operation's duration (e.g. to feed a latency histogram).
     pub observer: Option<OpObserver>,
+    /// Called with the content id of every regular file opened (access recording).
+    pub open_observer: Option<OpenObserver>,
 }
 
 impl Default for MountOptions {
@@ -59,6 +61,7 @@ impl Default for MountOptions {
             threads: 4,
             read_ahead_kb: Some(1024),
             observer: None,
+            open_observer: None,
         }
     }
 }
@@ -97,6 +100,12 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     counters: Arc<Counters>,
     passthrough_live: Arc<AtomicBool>,
+    /// Device number of the mounted filesystem and a duplicate of its /dev/fuse descriptor
+    /// (which reports POLLERR once the filesystem is gone): together they tell whether the
+    /// mount point still holds this layer, so a later mount at the same path (which may even
+    /// reuse the device number) is never unmounted by this handle.
+    dev: Option<u64>,
+    connection: Option<OwnedFd>,
 }
 
 /// Mounts `index` at `mountpoint`, serving file contents from `source`.
@@ -125,6 +134,7 @@ pub fn mount(
             source,
         })?;
 
+    keep_request_buffers_lazy();
     let device: OwnedFd = OpenOptions::new()
         .read(true)
         .write(true)
@@ -149,6 +159,7 @@ pub fn mount(
             passthrough: opts.passthrough,
             userxattr: opts.userxattr,
             observer: opts.observer.clone(),
+            open_observer: opts.open_observer.clone(),
         },
         Arc::clone(&counters),
         Arc::clone(&passthrough_live),
@@ -162,11 +173,13 @@ pub fn mount(
     };
     config.acl = acl;
 
+    let connection = device.try_clone().ok();
     let started = Session::from_fd(fs, device, acl, config).and_then(Session::spawn);
     match started {
         Ok(session) => {
-            if let Some(kb) = opts.read_ahead_kb {
-                if let Err(err) = set_read_ahead(&mountpoint, kb) {
+            let dev = std::fs::metadata(&mountpoint).map(|m| m.dev()).ok();
+            if let (Some(kb), Some(dev)) = (opts.read_ahead_kb, dev) {
+                if let Err(err) = set_read_ahead(dev, kb) {
                     tracing::warn!(error = %err, "could not raise the mount's readahead; sequential reads use the kernel default");
                 }
             }
@@ -179,6 +192,8 @@ pub fn mount(
                 mountpoint,
                 counters,
                 passthrough_live,
+                dev,
+                connection,
             })
         }
         Err(source) => {
@@ -221,8 +236,22 @@ impl MountHandle {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             }
         })?;
+        let alive = self.connection.as_ref().is_none_or(connection_alive);
+        let still_ours = alive
+            && match (self.dev, std::fs::metadata(&self.mountpoint)) {
+                (Some(dev), Ok(meta)) => meta.dev() == dev,
+                // Unknown device, or the mount point cannot be stat'ed: try anyway.
+                _ => true,
+            };
         // SAFETY: `path` is a valid NUL-terminated string.
-        let rc = unsafe { libc::umount2(path.as_ptr(), 0) };
+        let rc = if still_ours {
+            unsafe { libc::umount2(path.as_ptr(), 0) }
+        } else {
+            0
+        };
+        if !still_ours {
+            tracing::info!("mount point no longer holds this layer (already unmounted)");
+        }
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
@@ -268,10 +297,26 @@ impl Drop for MountHandle {
     }
 }
 
-/// Sets `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb` of the filesystem mounted at `mountpoint`.
-fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(mountpoint)?.dev();
+/// fuser gives every session thread a 16 MiB request buffer (`calloc`). glibc's dynamic mmap
+/// threshold rises to that size after the first such buffer is freed, after which new buffers
+/// come from the heap and are zeroed page by page: 16 MiB resident per thread instead of the few
+/// KiB requests touch. A fixed threshold of 8 MiB keeps them mmap-backed (lazily zero), which
+/// measured ~16 MiB less RSS per mount; smaller allocations are unaffected.
+fn keep_request_buffers_lazy() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator tuning; M_MMAP_THRESHOLD accepts this value.
+            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20) } != 1 {
+                tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused");
+            }
+        });
+    }
+}
+
+/// Sets `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb` of the filesystem with device number `dev`.
+fn set_read_ahead(dev: u64, kb: u32) -> std::io::Result<()> {
     let bdi = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         libc::major(dev),
@@ -279,6 +324,40 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     );
     std::fs::write(&bdi, kb.to_string())
         .map_err(|e| std::io::Error::new(e.kind(), format!("{bdi}: {e}")))
+}
+
+/// Whether the FUSE connection behind `device` still exists (the filesystem is not gone).
+fn connection_alive(device: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: device.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, zero timeout.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return !(rc > 0 && pfd.revents & libc::POLLERR != 0);
+    }
+}
+
+/// Lazily unmounts whatever is mounted at `mountpoint` (e.g. a layer left behind by a daemon
+/// that crashed: its accesses fail with ENOTCONN). Returns false when nothing was mounted there.
+pub fn detach_stale_mount(mountpoint: &Path) -> Result<bool, FuseError> {
+    let _span =
+        tracing::info_span!("fuse_detach_stale", mountpoint = %mountpoint.display()).entered();
+    match detach(mountpoint) {
+        Ok(()) => Ok(true),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {
+            Ok(false)
+        }
+        Err(source) => Err(FuseError::Unmount {
+            path: mountpoint.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn detach(mountpoint: &Path) -> std::io::Result<()> {

@@ -190,42 +190,53 @@ fn concurrent_readers_get_correct_bytes() {
 fn busybox_executes_from_the_mount() {
     let busybox =
         std::fs::read("/bin/busybox").expect("/bin/busybox (package busybox-static) is required");
-    let mut source = MemorySource::default();
-    source.insert(1, busybox.clone());
-    let mut b = IndexBuilder::new(root());
-    b.add("bin/busybox", file(busybox.len(), 1, 0o755)).unwrap();
-    b.add(
-        "bin/sh",
-        NewNode {
-            kind: NodeKind::Symlink {
-                target: "busybox".into(),
+    // Daemon-served reads, with passthrough negotiated or not (no local file is offered).
+    for passthrough in [false, true] {
+        let mut source = MemorySource::default();
+        source.insert(1, busybox.clone());
+        let mut b = IndexBuilder::new(root());
+        b.add("bin/busybox", file(busybox.len(), 1, 0o755)).unwrap();
+        b.add(
+            "bin/sh",
+            NewNode {
+                kind: NodeKind::Symlink {
+                    target: "busybox".into(),
+                },
+                attr: NodeAttr::new(0o777, 0, 0, 0),
+                xattrs: vec![],
             },
-            attr: NodeAttr::new(0o777, 0, 0, 0),
-            xattrs: vec![],
-        },
-    )
-    .unwrap();
-    let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
+        )
+        .unwrap();
+        let mnt = TestMount::new(
+            b.build(),
+            Arc::new(source),
+            &MountOptions {
+                passthrough,
+                ..test_options()
+            },
+        );
 
-    let out = Command::new(mnt.path("bin/busybox"))
-        .args(["echo", "hello from the layer"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "busybox failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the layer\n"
-    );
-    // Through the symlink, as a shell.
-    let out = Command::new(mnt.path("bin/sh"))
-        .args(["-c", "echo $((6*7))"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+        let out = Command::new(mnt.path("bin/busybox"))
+            .args(["echo", "hello from the layer"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "busybox failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from the layer\n"
+        );
+        // Through the symlink, as a shell.
+        let out = Command::new(mnt.path("bin/sh"))
+            .args(["-c", "echo $((6*7))"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+        assert_eq!(mnt.handle.stats().passthrough_opens, 0);
+    }
 }
 
 #[test]
@@ -237,10 +248,13 @@ fn passthrough_serves_local_files_and_falls_back_otherwise() {
     let mut source = MemorySource::default();
     source.insert(1, data.clone());
     source.insert(2, b"remote only".to_vec());
-    source.local_files.insert(1, local);
+    source.local_files.insert(1, local.clone());
+    source.insert(3, data[..1000].to_vec());
+    source.local_files.insert(3, local);
     let mut b = IndexBuilder::new(root());
     b.add("local", file(data.len(), 1, 0o644)).unwrap();
     b.add("remote", file(11, 2, 0o644)).unwrap();
+    b.add("wrong-size", file(1000, 3, 0o644)).unwrap();
     let source = Arc::new(source);
     let mnt = TestMount::new(
         b.build(),
@@ -277,6 +291,13 @@ fn passthrough_serves_local_files_and_falls_back_otherwise() {
     );
 
     assert_eq!(std::fs::read(mnt.path("remote")).unwrap(), b"remote only");
+    assert!(source.reads.load(Ordering::Relaxed) > reads_before);
+
+    // A local file of the wrong size is never used as the backing file.
+    let reads_before = source.reads.load(Ordering::Relaxed);
+    let passthrough_before = mnt.handle.stats().passthrough_opens;
+    assert!(std::fs::read(mnt.path("wrong-size")).unwrap() == data[..1000]);
+    assert_eq!(mnt.handle.stats().passthrough_opens, passthrough_before);
     assert!(source.reads.load(Ordering::Relaxed) > reads_before);
 
     // Exec/mmap through passthrough too.
@@ -447,4 +468,68 @@ fn mmap_reads_match() {
     // SAFETY: unmapping what was mapped above.
     unsafe { libc::munmap(ptr, data.len()) };
     assert!(equal, "mmap'ed bytes match");
+}
+
+#[test]
+fn open_observer_records_access_order() {
+    let mut source = MemorySource::default();
+    let mut b = IndexBuilder::new(root());
+    for id in 0..3u64 {
+        source.insert(id, vec![id as u8; 10]);
+        b.add(&format!("dir/f{id}"), file(10, id, 0o644)).unwrap();
+    }
+    let seen: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let opts = MountOptions {
+        open_observer: Some(lazysnap_fuse::OpenObserver(Arc::new(move |id| {
+            sink.lock().unwrap().push(id)
+        }))),
+        ..test_options()
+    };
+    let mnt = TestMount::new(b.build(), Arc::new(source), &opts);
+    for id in [2, 0, 2] {
+        assert_eq!(
+            std::fs::read(mnt.path(&format!("dir/f{id}"))).unwrap(),
+            vec![id as u8; 10]
+        );
+    }
+    let _ = std::fs::metadata(mnt.path("dir/f1")).unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![2, 0, 2],
+        "opens in order; a stat is not an access"
+    );
+}
+
+#[test]
+fn detach_stale_mount_clears_a_leftover_mount() {
+    common::require_fuse_root();
+    let mut source = MemorySource::default();
+    source.insert(1, b"x".to_vec());
+    let mut b = IndexBuilder::new(root());
+    b.add("f", file(1, 1, 0o644)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().canonicalize().unwrap();
+    assert!(
+        !lazysnap_fuse::detach_stale_mount(&path).unwrap(),
+        "nothing mounted yet"
+    );
+    let handle = mount(b.build(), Arc::new(source), &path, &test_options()).unwrap();
+    assert!(is_mounted(&path));
+    assert!(lazysnap_fuse::detach_stale_mount(&path).unwrap());
+    assert!(!is_mounted(&path));
+    // A new mount takes the path; dropping the old handle must leave it alone.
+    let mut source = MemorySource::default();
+    source.insert(1, b"new".to_vec());
+    let mut b = IndexBuilder::new(root());
+    b.add("g", file(3, 1, 0o644)).unwrap();
+    let newer = mount(b.build(), Arc::new(source), &path, &test_options()).unwrap();
+    handle.unmount().unwrap();
+    assert!(
+        is_mounted(&path),
+        "the old handle did not unmount the newer mount"
+    );
+    assert_eq!(std::fs::read(path.join("g")).unwrap(), b"new");
+    newer.unmount().unwrap();
+    assert!(!is_mounted(&path));
 }

@@ -48,6 +48,9 @@ pub struct MountArgs {
     /// Do not prefetch prioritized files or fill the rest in the background.
     #[arg(long)]
     no_prefetch: bool,
+    /// Longest a read may wait for the registry before it fails with EIO, in seconds.
+    #[arg(long, default_value_t = 30)]
+    read_deadline: u64,
     /// Stay in the foreground instead of detaching (logs to stderr; Ctrl-C unmounts).
     #[arg(long)]
     foreground: bool,
@@ -215,6 +218,7 @@ async fn mount_and_wait(
     let client = Client::new(ClientConfig {
         hosts_dir: args.hosts_dir.clone(),
         plain_http: args.plain_http,
+        read_deadline: Duration::from_secs(args.read_deadline),
         ..ClientConfig::default()
     })?;
     let mut cache_options = CacheOptions::new(&args.cache_dir);
@@ -222,6 +226,7 @@ async fn mount_and_wait(
     let cache = ChunkCache::open(cache_options)
         .with_context(|| format!("opening the cache at {}", args.cache_dir.display()))?;
     let fetch = FetchOptions {
+        deadline: Duration::from_secs(args.read_deadline),
         prefetch: !args.no_prefetch,
         background: !args.no_prefetch,
         ..FetchOptions::default()

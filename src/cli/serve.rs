@@ -51,11 +51,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("creating root {}", config.root.display()))?;
-    if !config.metrics_address.is_empty() {
-        warn!(
-            address = %config.metrics_address,
-            "metrics_address is set but this build has no metrics endpoint; counters are logged instead"
-        );
+    if let Some(addr) = config.metrics_socket_addr() {
+        // Bind now so a taken port is an error at start, not a log line later.
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding metrics_address {addr} (pick a free loopback port)")
+        })?;
+        info!(%addr, "Prometheus metrics on http://{addr}/metrics");
+        tokio::spawn(lazysnap::metrics::serve_listener(listener));
     }
     let options = ServiceOptions::new(&config.root);
     let service = tokio::task::spawn_blocking(move || Service::open(options, remote))
@@ -83,6 +85,7 @@ pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Res
     };
     let stats_service = service.clone();
     snapshotter::serve(listener, service, shutdown).await?;
+    stats_service.shutdown().await;
     let stats = stats_service.stats();
     info!(
         remote_mounted = stats.remote_mounted,

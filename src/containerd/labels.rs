@@ -24,6 +24,9 @@ pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// CRI snapshot label: the digest of the image manifest.
 pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Layer annotation (passed on as a snapshot label) with the TOC digest of an eStargz or
+/// zstd:chunked layer: the mark of a lazily pullable layer.
+pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Prefix of the layer annotations containerd passes on to snapshotters as labels.
 pub const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 /// Largest key + value containerd accepts for one label.

@@ -13,7 +13,7 @@ pub use client::{Containerd, Prepared, WriteOutcome};
 
 /// Errors talking to containerd or pulling an image into it; each names the call, the blob or
 /// the layer concerned.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ContainerdError {
     /// The socket could not be dialed.
     #[error(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use super::client::{Containerd, Prepared};
@@ -263,32 +263,87 @@ async fn pull_under_lease(
     }
 
     let layer_digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
-    let mut reports = Vec::with_capacity(layers.len());
-    for (i, layer) in layers.iter().enumerate() {
-        let ctx = LayerContext {
-            containerd,
-            source,
-            options,
-            index: i,
-            layer,
-            diff_id: &diff_ids[i],
-            chain_id: &chain[i],
-            parent: if i == 0 { "" } else { &chain[i - 1] },
-            layer_digests: &layer_digests,
-            manifest_digest: &manifest_fetched.digest,
-            progress: progress.as_ref(),
-            content_labels: with_source(HashMap::new()),
-        };
-        let (outcome, fetched_bytes) = ctx.pull_layer().await?;
-        progress.layer_done(i, outcome);
-        reports.push(LayerReport {
-            digest: layer.digest.clone(),
-            size: layer.size,
-            chain_id: chain[i].clone(),
-            outcome,
-            fetched_bytes,
-        });
-    }
+    let content_labels = with_source(HashMap::new());
+    // Layers without a TOC annotation cannot be mounted lazily: start fetching their blobs into
+    // the content store now, a few at a time, while earlier layers are prepared and unpacked
+    // (containerd's own pull overlaps fetch and unpack the same way).
+    let already_unpacked = match chain.last() {
+        Some(top_chain) => {
+            containerd
+                .snapshot_exists(&options.snapshotter, top_chain)
+                .await?
+        }
+        None => true,
+    };
+    let limiter = tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY);
+    let prefetches: Vec<Option<SharedFetch<'_>>> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            if already_unpacked || layer.annotations.contains_key(labels::TOC_DIGEST) {
+                return None;
+            }
+            let request = BlobFetch {
+                containerd,
+                source,
+                index: i,
+                layer,
+                diff_id: &diff_ids[i],
+                content_labels: content_labels.clone(),
+                progress: progress.as_ref(),
+            };
+            let limiter = &limiter;
+            let fetch: BoxFuture<'_, Result<u64, ContainerdError>> = async move {
+                let _permit = limiter.acquire().await.map_err(|_| {
+                    ContainerdError::Protocol("blob prefetch limiter closed".to_string())
+                })?;
+                request.run().await
+            }
+            .boxed();
+            Some(fetch.shared())
+        })
+        .collect();
+    let driver = futures::future::join_all(prefetches.iter().flatten().cloned());
+
+    let prepare_in_order = async {
+        let mut reports = Vec::with_capacity(layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            let ctx = LayerContext {
+                containerd,
+                source,
+                options,
+                index: i,
+                layer,
+                diff_id: &diff_ids[i],
+                chain_id: &chain[i],
+                parent: if i == 0 { "" } else { &chain[i - 1] },
+                layer_digests: &layer_digests,
+                manifest_digest: &manifest_fetched.digest,
+                progress: progress.as_ref(),
+                content_labels: content_labels.clone(),
+                prefetch: prefetches.get(i).cloned().flatten(),
+            };
+            let (outcome, fetched_bytes) = ctx.pull_layer().await?;
+            progress.layer_done(i, outcome);
+            reports.push(LayerReport {
+                digest: layer.digest.clone(),
+                size: layer.size,
+                chain_id: chain[i].clone(),
+                outcome,
+                fetched_bytes,
+            });
+        }
+        Ok::<_, ContainerdError>(reports)
+    };
+    // Drive the prefetches while preparing; a failed prepare drops the prefetches still running.
+    let reports = {
+        futures::pin_mut!(prepare_in_order);
+        futures::pin_mut!(driver);
+        match futures::future::select(prepare_in_order, driver).await {
+            futures::future::Either::Left((reports, _)) => reports?,
+            futures::future::Either::Right((_, prepare_in_order)) => prepare_in_order.await?,
+        }
+    };
 
     let target = ProtoDescriptor {
         media_type: top.media_type.clone(),
@@ -301,7 +356,7 @@ async fn pull_under_lease(
         .await?;
     Ok(PullReport {
         target_digest: top.digest,
-        manifest_digest: manifest_fetched.digest,
+        manifest_digest: manifest_fetched.digest.clone(),
         config_digest: manifest.config.digest.clone(),
         top_chain_id,
         layers: reports,
@@ -347,6 +402,51 @@ struct LayerContext<'a> {
     manifest_digest: &'a str,
     progress: &'a dyn PullProgress,
     content_labels: HashMap<String, String>,
+    /// The blob fetch started ahead for this layer, if any.
+    prefetch: Option<SharedFetch<'a>>,
+}
+
+/// A layer blob fetch into the content store that several parties may await.
+type SharedFetch<'a> = futures::future::Shared<BoxFuture<'a, Result<u64, ContainerdError>>>;
+
+/// Layer blobs fetched ahead at the same time.
+const PREFETCH_CONCURRENCY: usize = 3;
+
+/// Fetches one layer blob into containerd's content store (labelled with its diff ID), unless
+/// containerd already has it.
+struct BlobFetch<'a> {
+    containerd: &'a Containerd,
+    source: &'a dyn ImageSource,
+    index: usize,
+    layer: &'a Descriptor,
+    diff_id: &'a str,
+    content_labels: HashMap<String, String>,
+    progress: &'a dyn PullProgress,
+}
+
+impl BlobFetch<'_> {
+    /// Returns the bytes written (0 when containerd already had the blob).
+    async fn run(self) -> Result<u64, ContainerdError> {
+        let digest = &self.layer.digest;
+        let mut content_labels = self.content_labels;
+        content_labels.insert(labels::UNCOMPRESSED.to_string(), self.diff_id.to_string());
+        if self.containerd.content_labels(digest).await?.is_some() {
+            self.containerd
+                .update_content_labels(digest, &content_labels)
+                .await?;
+            return Ok(0);
+        }
+        let stream = self.source.blob_stream(digest, self.layer.size).await?;
+        let (index, progress) = (self.index, self.progress);
+        let mut written = 0u64;
+        self.containerd
+            .write_content(digest, self.layer.size, content_labels, stream, |n| {
+                written += n;
+                progress.layer_bytes(index, n);
+            })
+            .await?;
+        Ok(written)
+    }
 }
 
 /// Attempts at Prepare when containerd reports AlreadyExists but the target is not found
@@ -441,25 +541,22 @@ impl LayerContext<'_> {
     ) -> Result<u64, ContainerdError> {
         let digest = &self.layer.digest;
         tracing::info!(layer = %digest, size = self.layer.size, "layer falls back: fetching and unpacking");
-        let mut content_labels = self.content_labels.clone();
-        content_labels.insert(labels::UNCOMPRESSED.to_string(), self.diff_id.to_string());
-        let mut written = 0u64;
-        let already = self.containerd.content_labels(digest).await?.is_some();
-        if already {
-            self.containerd
-                .update_content_labels(digest, &content_labels)
-                .await?;
-        } else {
-            let stream = self.source.blob_stream(digest, self.layer.size).await?;
-            let index = self.index;
-            let progress = self.progress;
-            self.containerd
-                .write_content(digest, self.layer.size, content_labels, stream, |n| {
-                    written += n;
-                    progress.layer_bytes(index, n);
-                })
-                .await?;
-        }
+        let written = match &self.prefetch {
+            Some(started) => started.clone().await?,
+            None => {
+                BlobFetch {
+                    containerd: self.containerd,
+                    source: self.source,
+                    index: self.index,
+                    layer: self.layer,
+                    diff_id: self.diff_id,
+                    content_labels: self.content_labels.clone(),
+                    progress: self.progress,
+                }
+                .run()
+                .await?
+            }
+        };
         let layer = ProtoDescriptor {
             media_type: self.layer.media_type.clone(),
             digest: digest.clone(),

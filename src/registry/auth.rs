@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use reqwest::header::HeaderValue;
+use tracing::Instrument as _;
 
 use super::reference::DOCKER_HUB;
 use super::RegistryError;
@@ -391,6 +392,7 @@ pub(crate) struct AuthStore {
     credentials: tokio::sync::Mutex<HashMap<String, Option<Credentials>>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     basic_hosts: Mutex<HashSet<String>>,
+    fetch_lock: tokio::sync::Mutex<()>,
 }
 
 impl AuthStore {
@@ -400,6 +402,7 @@ impl AuthStore {
             credentials: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             basic_hosts: Mutex::new(HashSet::new()),
+            fetch_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -444,20 +447,38 @@ impl AuthStore {
         host: &str,
         scope: &str,
         www_authenticate: &[String],
+        sent: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Result<HeaderValue, RegistryError> {
         let challenges: Vec<Challenge> = www_authenticate
             .iter()
             .flat_map(|h| parse_challenges(h))
             .collect();
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(host.to_string(), scope.to_string()));
+        // One token fetch at a time: requests refused together share the new token.
+        let _fetching = self.fetch_lock.lock().await;
+        {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (host.to_string(), scope.to_string());
+            match tokens.get(&key) {
+                Some(t) if t.expires > Instant::now() && Some(&t.header) != sent => {
+                    return Ok(t.header.clone());
+                }
+                _ => {
+                    tokens.remove(&key);
+                }
+            }
+        }
         let credentials = self.credentials(host).await?;
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let span = tracing::info_span!(
+                "registry.token",
+                host,
+                scope,
+                realm = bearer.params.get("realm").map_or("", String::as_str)
+            );
             let header = self
                 .fetch_token(http, host, scope, bearer, credentials.as_ref(), timeout)
+                .instrument(span)
                 .await?;
             return Ok(header);
         }
@@ -507,8 +528,6 @@ impl AuthStore {
             }
         }
         let service = challenge.params.get("service");
-        let span = tracing::info_span!("registry.token", host, realm = %url.as_str(), scope);
-        let _guard = span.enter();
         let request = match credentials {
             Some(Credentials::IdentityToken(refresh)) => {
                 let mut form = vec![
@@ -572,10 +591,7 @@ impl AuthStore {
             return Err(failure.error);
         }
         let body = response.bytes().await.map_err(|e| {
-            RegistryError::Unavailable(format!(
-                "token service for {host}: body broken off: {}",
-                e.is_body()
-            ))
+            super::retry::transport_failure(&format!("token service for {host}"), &e).error
         })?;
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
             RegistryError::Auth(format!(

@@ -365,6 +365,7 @@ impl Client {
                     host,
                     request.scope,
                     &challenges,
+                    authorization.as_ref(),
                     self.inner.config.request_timeout,
                 )
                 .await
@@ -1282,6 +1283,29 @@ mod tests {
             Some(MEDIA_TYPE_DOCKER_MANIFEST)
         );
         assert_eq!(media_type_from_json(b"nope"), None);
+    }
+
+    #[tokio::test]
+    async fn unreadable_ca_from_hosts_toml_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join("example.com");
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            "server = \"https://example.com\"\nca = \"missing.pem\"\n",
+        )
+        .unwrap();
+        let client = Client::new(ClientConfig {
+            hosts_dir: Some(dir.path().to_path_buf()),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let reference = Reference::parse("example.com/app:1").unwrap();
+        let err = client.get_manifest(&reference).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Config(ref m) if m.contains("missing.pem")),
+            "{err:?}"
+        );
     }
 
     #[test]

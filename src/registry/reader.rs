@@ -12,6 +12,7 @@ use reqwest::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::StreamReader;
+use tracing::Instrument as _;
 
 use super::client::{header_str, identity_headers, pull_scope, Client};
 use super::multipart::parse_content_range;
@@ -43,6 +44,8 @@ struct State {
     size: Option<u64>,
     verifier: Option<DigestVerifier>,
     backoff: Backoff,
+    /// Offset at the last failure: progress since then resets the retry budget.
+    failed_at: Option<u64>,
     done: bool,
 }
 
@@ -69,6 +72,7 @@ impl BlobReader {
             size,
             verifier: Some(verifier),
             backoff,
+            failed_at: None,
             done: false,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
@@ -116,7 +120,6 @@ async fn open_at(
 ) -> Result<reqwest::Response, RegistryError> {
     let scope = pull_scope(&reference.repository);
     let span = tracing::info_span!("registry.blob_stream", registry = %reference.registry, repository = %reference.repository, digest, offset);
-    let _entered = span.enter();
     client
         .with_endpoints(
             reference,
@@ -163,6 +166,7 @@ async fn open_at(
                 }
             },
         )
+        .instrument(span)
         .await
 }
 
@@ -213,6 +217,11 @@ async fn next_chunk(st: &mut State) -> Result<Option<Bytes>, RegistryError> {
             ))),
         };
         st.response = None;
+        if st.failed_at != Some(st.offset) {
+            // Progress since the last failure: a fresh retry budget and deadline.
+            st.backoff = Backoff::new(st.client.config());
+            st.failed_at = Some(st.offset);
+        }
         tracing::warn!(digest = %st.digest, offset = st.offset, error = %failure.error, "blob stream broken; resuming");
         st.backoff.wait(failure).await?;
     }

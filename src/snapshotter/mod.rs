@@ -6,6 +6,22 @@
 //! (one transaction per call) and a directory per snapshot under `<root>/snapshots/<id>/`
 //! (`fs/` is the layer contents or, for a remote layer, a FUSE mountpoint; `work/` is overlay's
 //! workdir). Remote layers are asked for through the [`RemoteLayers`] hook.
+//!
+//! Starting it in a program or a test (the layer module passes its FUSE-backed hook instead of
+//! [`NoRemoteLayers`]):
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use lazysnap::snapshotter::{serve, NoRemoteLayers, Service, ServiceOptions};
+//!
+//! let service = Service::open(ServiceOptions::new("/var/lib/lazysnap"), Arc::new(NoRemoteLayers))?;
+//! service.restore_remote_layers().await?; // remount remote layers after a restart
+//! let listener = tokio::net::UnixListener::bind("/run/lazysnap/lazysnap.sock")?;
+//! serve(listener, service.clone(), async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! service.shutdown().await;
+//! # Ok(()) }
+//! ```
 
 pub mod filter;
 pub mod mounts;

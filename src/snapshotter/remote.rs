@@ -159,6 +159,11 @@ pub trait RemoteLayers: Send + Sync + 'static {
     /// Unmounts and frees the layer mounted at `mountpoint` (Remove and Cleanup call this before
     /// deleting the directory). Must succeed when nothing is mounted there.
     async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError>;
+
+    /// Called once when `lazysnap serve` stops (after in-flight gRPC calls drained): stop
+    /// prefetch and background work. Mounts may stay for running containers; the next start
+    /// restores them through [`RemoteLayers::restore_layer`]. The default does nothing.
+    async fn shutdown(&self) {}
 }
 
 /// The hook used when lazy pulling is off or unavailable: declines every layer, so containerd

@@ -17,7 +17,9 @@ use super::filter::{matches_any, Filter};
 use super::mounts::{snapshot_mounts, OverlayOptions};
 use super::proto::snapshots as pb;
 use super::proto::Mount;
-use super::remote::{LayerLocator, RemoteLayerRequest, RemoteLayers, TARGET_REF_LABEL};
+use super::remote::{
+    LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers, TARGET_REF_LABEL,
+};
 use super::store::{now_nanos, Kind, MetadataStore, SnapshotInfo, SnapshotRecord, StoreError};
 
 /// containerd's limit on one label's key + value length.
@@ -164,6 +166,11 @@ impl Service {
         })
     }
 
+    /// Tells the remote-layer hook the daemon stops (see [`RemoteLayers::shutdown`]).
+    pub async fn shutdown(&self) {
+        self.inner.remote.shutdown().await;
+    }
+
     /// The remote-layer counters.
     pub fn stats(&self) -> ServiceStats {
         let i = &self.inner;
@@ -249,8 +256,9 @@ impl Service {
                             "target snapshot {target:?}"
                         )))
                     }
-                    Err(RemoteAttempt::Fallback(reason)) => {
+                    Err(RemoteAttempt::Fallback { kind, reason }) => {
                         self.inner.remote_fallbacks.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::record_fallback(kind);
                         warn!(key, target = %target, reason = %reason,
                             "layer falls back to a normal snapshot (containerd fetches and unpacks it)");
                     }
@@ -295,7 +303,10 @@ impl Service {
         labels: &BTreeMap<String, String>,
         locator: LayerLocator,
     ) -> Result<(), RemoteAttempt> {
-        let fallback = |e: SnapshotError| RemoteAttempt::Fallback(e.to_string());
+        let fallback = |e: SnapshotError| RemoteAttempt::Fallback {
+            kind: "snapshotter_error",
+            reason: e.to_string(),
+        };
         let (target_owned, parent_owned) = (target.to_string(), parent.to_string());
         let (id, mountpoint, name) = self
             .blocking(move |s| {
@@ -356,7 +367,14 @@ impl Service {
         {
             let dir = self.dir(id);
             let _ = self.blocking(move |_| remove_dir_quietly(&dir)).await;
-            return Err(RemoteAttempt::Fallback(err.to_string()));
+            let kind = match err {
+                RemoteLayerError::Declined(_) => "declined",
+                RemoteLayerError::Failed(_) => "remote_failed",
+            };
+            return Err(RemoteAttempt::Fallback {
+                kind,
+                reason: err.to_string(),
+            });
         }
 
         let record = SnapshotRecord {
@@ -791,7 +809,11 @@ enum RemoteAttempt {
     /// The target snapshot already exists: answer AlreadyExists.
     TargetExists,
     /// Fall back to a normal snapshot, for this reason.
-    Fallback(String),
+    Fallback {
+        /// Short stable word for the fallback metric.
+        kind: &'static str,
+        reason: String,
+    },
 }
 
 /// Parses a snapshot directory name (`<id>`, `new-<id>`) into its id.

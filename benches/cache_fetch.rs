@@ -1,0 +1,157 @@
+//! Benchmarks of the chunk cache and the layer reader's cached path: latency of a cached read
+//! through `LayerReader::read` (memory tier and disk tier) and chunk insert throughput.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lazysnap::blob::{BlobSource, MemoryBlob};
+use lazysnap::cache::{CacheOptions, ChunkCache};
+use lazysnap::estargz::{ChunkInfo, Compression};
+use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
+use lazysnap_fuse::ContentSource;
+use sha2::{Digest, Sha256};
+
+const CHUNK: usize = 4 << 20;
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 29) as u8
+        })
+        .collect()
+}
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A layer holding one file of `chunks` 4 MiB chunks, fully read once so it is cached.
+fn cached_reader(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    memory_bytes: u64,
+    chunks: usize,
+) -> Arc<LayerReader> {
+    let content = pseudo_random(chunks * CHUNK, 5);
+    let mut blob = Vec::new();
+    let mut infos = Vec::new();
+    for (i, piece) in content.chunks(CHUNK).enumerate() {
+        let start = blob.len() as u64;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(piece).unwrap();
+        blob.extend_from_slice(&enc.finish().unwrap());
+        infos.push(ChunkInfo {
+            compressed: start..blob.len() as u64,
+            inner_offset: 0,
+            file_offset: (i * CHUNK) as u64,
+            len: piece.len() as u64,
+            digest: digest(piece),
+        });
+    }
+    let cache = ChunkCache::open(CacheOptions {
+        memory_bytes,
+        ..CacheOptions::new(dir)
+    })
+    .unwrap();
+    let blob: Arc<dyn BlobSource> = Arc::new(MemoryBlob(Bytes::from(blob)));
+    let reader = LayerReader::new(
+        blob,
+        Compression::Gzip,
+        vec![FileChunks {
+            name: "bench".into(),
+            size: content.len() as u64,
+            chunks: infos,
+        }],
+        cache,
+        FetchOptions {
+            prefetch: false,
+            background: false,
+            activity: OnDemandActivity::new(),
+            ..FetchOptions::default()
+        },
+        rt.handle().clone(),
+        "bench",
+    );
+    let mut offset = 0;
+    while offset < content.len() as u64 {
+        let got = rt.block_on(reader.read_async(0, offset, 1 << 20)).unwrap();
+        offset += got.len() as u64;
+    }
+    reader
+}
+
+fn cached_reads(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("cached_read");
+    group.measurement_time(Duration::from_secs(4));
+    for (tier, memory_bytes) in [("memory", 64u64 << 20), ("disk", 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = cached_reader(&rt, dir.path(), memory_bytes, 4);
+        for size in [4096u32, 128 << 10] {
+            group.throughput(Throughput::Bytes(u64::from(size)));
+            let mut offset = 0u64;
+            group.bench_function(BenchmarkId::new(tier, size), |b| {
+                b.iter(|| {
+                    // Cached reads answer synchronously on the calling thread.
+                    reader.read(
+                        0,
+                        offset,
+                        size,
+                        Box::new(|r| {
+                            black_box(r.unwrap());
+                        }),
+                    );
+                    offset = (offset + u64::from(size)) % (4 * CHUNK as u64 - u64::from(size));
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn inserts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cache_insert");
+    group.measurement_time(Duration::from_secs(6));
+    for size in [64usize << 10, CHUNK] {
+        let count = 48;
+        let chunks: Vec<(String, Bytes)> = (0..count)
+            .map(|i| {
+                let data = pseudo_random(size, i as u64 + 100);
+                (digest(&data), Bytes::from(data))
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        // A bound of a third of the set: every insert writes a file and evicts one.
+        let cache = ChunkCache::open(CacheOptions {
+            max_bytes: (size * count / 3) as u64,
+            memory_bytes: 0,
+            ..CacheOptions::new(dir.path())
+        })
+        .unwrap();
+        let mut i = 0;
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter(|| {
+                let (d, data) = &chunks[i % count];
+                cache.insert(d, data.clone()).unwrap();
+                i += 1;
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cached_reads, inserts);
+criterion_main!(benches);
