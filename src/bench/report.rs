@@ -271,8 +271,9 @@ pub fn render_svg(report: &BenchReport) -> String {
         if report.runs_per_mode == 1 { "" } else { "s" }
     ));
     // Axis and grid.
-    for step in 0..=4 {
-        let secs = scale_max * f64::from(step) / 4.0;
+    let steps = grid_steps(scale_max);
+    for step in 0..=steps {
+        let secs = scale_max * f64::from(step) / f64::from(steps);
         let y = y_of(secs);
         svg.push_str(&format!(
             "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n\
@@ -307,7 +308,7 @@ pub fn render_svg(report: &BenchReport) -> String {
             svg.push_str(&format!(
                 "<rect x=\"{x:.1}\" y=\"{pull_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{dark}\"><title>{} pull {:.2} s</title></rect>\n\
                  <rect x=\"{x:.1}\" y=\"{total_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\"><title>{} create+run {:.2} s</title></rect>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s{}</text>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s</text>\n{}\
                  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n",
                 (base - pull_top).max(0.0),
                 result.mode.name(),
@@ -319,7 +320,11 @@ pub fn render_svg(report: &BenchReport) -> String {
                 total_top - 5.0,
                 result.median.total_secs,
                 match (result.mode, result.speedup) {
-                    (Mode::Lazysnap, Some(speedup)) => format!(" ({speedup:.1}x)"),
+                    (Mode::Lazysnap, Some(speedup)) => format!(
+                        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\" fill=\"#1f6fb2\">{speedup:.1}x</text>\n",
+                        x + bar_w / 2.0,
+                        total_top - 20.0
+                    ),
                     _ => String::new(),
                 },
                 x + bar_w / 2.0,
@@ -359,6 +364,16 @@ pub fn render_svg(report: &BenchReport) -> String {
         y_of(0.0)
     ));
     svg
+}
+
+/// Grid intervals for a [`nice_ceiling`] value, so every tick is a round number.
+fn grid_steps(scale_max: f64) -> u32 {
+    let leading = scale_max / 10f64.powf(scale_max.log10().floor());
+    if (leading - 2.0).abs() < 1e-9 {
+        4
+    } else {
+        5
+    }
 }
 
 /// The smallest of 1, 2, 2.5, 5 × 10^k at or above `value`.
@@ -471,7 +486,7 @@ mod tests {
         let svg = render_svg(&sample_report());
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect").count(), 1 + 4 + 4);
-        assert!(svg.contains("12.00 s") && svg.contains("2.00 s (6.0x)"));
+        assert!(svg.contains("12.00 s") && svg.contains("2.00 s") && svg.contains(">6.0x<"));
         assert!(svg.contains("20mbit:50ms"));
         let json = serde_json::to_string(&sample_report()).unwrap();
         let back: BenchReport = serde_json::from_str(&json).unwrap();
@@ -485,6 +500,9 @@ mod tests {
         assert_eq!(nice_ceiling(23.0), 25.0);
         assert_eq!(nice_ceiling(0.4), 0.5);
         assert_eq!(format_seconds(1.25), "1.25");
+        assert_eq!(grid_steps(25.0), 5);
+        assert_eq!(grid_steps(20.0), 4);
+        assert_eq!(grid_steps(10.0), 5);
         assert_eq!(format_seconds(5.0), "5");
         assert_eq!(format_seconds(0.0), "0");
     }

@@ -40,9 +40,19 @@ pub struct BenchArgs {
     /// One quick run (unlimited and 20mbit:50ms, 1 run each) with an explanation of the table.
     #[arg(long)]
     demo: bool,
+    /// Measure nothing: print the table of a saved results.json (and with --out, render the
+    /// plot again).
+    #[arg(long, value_name = "FILE", conflicts_with = "demo")]
+    from_results: Option<PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.from_results {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let report: BenchReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a lazysnap bench results.json", path.display()))?;
+        return print_and_write(&report, args.out.as_deref(), false);
+    }
     let lazysnap_bin =
         std::env::current_exe().context("finding the lazysnap binary to run as serve/pull")?;
     let mut options = BenchOptions::new(lazysnap_bin);
@@ -72,17 +82,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", demo_intro(&options));
     }
     let report = bench::run_bench(&options, &|line| eprintln!("bench: {line}"))?;
-
     println!();
-    print!("{}", bench::render_table(&report));
+    print_and_write(&report, args.out.as_deref(), args.demo)
+}
+
+fn print_and_write(
+    report: &BenchReport,
+    out: Option<&std::path::Path>,
+    explain: bool,
+) -> anyhow::Result<ExitCode> {
+    print!("{}", bench::render_table(report));
     for note in &report.notes {
         println!("note: {note}");
     }
-    if args.demo {
-        println!("\n{}", demo_explanation(&report));
+    if explain {
+        println!("\n{}", demo_explanation(report));
     }
-    if let Some(dir) = &args.out {
-        let written = bench::write_results(&report, dir)?;
+    if let Some(dir) = out {
+        let written = bench::write_results(report, dir)?;
         for path in written {
             eprintln!("bench: wrote {}", path.display());
         }
