@@ -8,7 +8,6 @@ mod bench;
 mod convert;
 mod inspect;
 mod mount;
-mod optimize;
 mod pull;
 mod serve;
 
@@ -40,8 +39,6 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Show mounted layers and what was fetched.
     Status(mount::StatusArgs),
-    /// Profile an image's workload and convert it with the files it reads first prioritized.
-    Optimize(optimize::OptimizeArgs),
     /// Measure container startup latency against containerd's overlayfs pull.
     Bench(bench::BenchArgs),
 }
@@ -62,7 +59,6 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => mount::run_umount(args),
         Command::Status(args) => mount::run_status(args),
-        Command::Optimize(args) => optimize::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
