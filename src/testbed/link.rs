@@ -130,9 +130,9 @@ async fn relay(
     delay: Duration,
     bucket: Arc<TokenBucket>,
 ) {
-    let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(queue_slots(&bucket, delay));
     let reader = async move {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; SLOT_BYTES as usize];
         loop {
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -159,6 +159,20 @@ async fn relay(
         let _ = to.shutdown().await;
     };
     tokio::join!(reader, writer);
+}
+
+/// Read size of the relay; the queue holds slots of at most this many bytes.
+const SLOT_BYTES: u64 = 16 * 1024;
+
+/// How many reads may wait in one direction: about twice the link's bandwidth-delay product
+/// (what a real path holds in flight), at least 16, so a slow link pushes back on the sender
+/// instead of swallowing megabytes the link could not yet have carried.
+fn queue_slots(bucket: &TokenBucket, delay: Duration) -> usize {
+    let in_flight = match bucket.rate {
+        Some(rate) => (rate as f64 * delay.as_secs_f64() * 2.0) as u64 / SLOT_BYTES,
+        None => 64,
+    };
+    usize::try_from(in_flight).unwrap_or(usize::MAX).max(16)
 }
 
 /// Byte-rate limiter shared by every connection in one direction.
