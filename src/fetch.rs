@@ -229,6 +229,10 @@ impl Drop for Reply {
     }
 }
 
+/// Largest decompressed chunk accepted (decoding allocates this much up front). Writers chunk
+/// files at a few MiB; a TOC declaring more is refused rather than trusted with memory.
+const MAX_CHUNK_LEN: u64 = 1 << 30;
+
 fn check_file(file: &FileChunks, blob_size: u64) -> Result<(), String> {
     if file.size == 0 {
         return Ok(());
@@ -243,6 +247,12 @@ fn check_file(file: &FileChunks, blob_size: u64) -> Result<(), String> {
         }
         if c.len == 0 {
             return Err(format!("empty chunk at file offset {}", c.file_offset));
+        }
+        if c.len > MAX_CHUNK_LEN {
+            return Err(format!(
+                "chunk at file offset {} declares {} bytes, more than the {MAX_CHUNK_LEN} a chunk may hold",
+                c.file_offset, c.len
+            ));
         }
         if c.compressed.start >= c.compressed.end || c.compressed.end > blob_size {
             return Err(format!(
