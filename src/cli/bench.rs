@@ -21,7 +21,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 40)]
     layer_mb: u64,
     /// Convert without a prefetch list (by default the workload's startup files are
-    /// prioritized, as `lazysnap optimize` would do).
+    /// prioritized).
     #[arg(long)]
     no_prefetch_list: bool,
     /// Turn off lazysnap's background fill of the rest of each layer during the runs.
