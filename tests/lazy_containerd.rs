@@ -14,26 +14,6 @@ use pull_common::*;
 /// No prefetch or background fill: every byte fetched is one a container asked for.
 const ON_DEMAND_ONLY: &str = "[fetch]\nprefetch = false\nbackground_fill = false\n";
 
-fn lazysnap_pull(containerd: &TestContainerd, namespace: &str, image: &str) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .arg("pull")
-        .arg("--containerd")
-        .arg(containerd.socket())
-        .arg("--namespace")
-        .arg(namespace)
-        .arg(image)
-        .output()
-        .expect("run lazysnap pull");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "lazysnap pull failed:\n{}\nstdout: {stdout}\ncontainerd log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        containerd.log()
-    );
-    stdout
-}
-
 fn layer_digests(variant: &str) -> Vec<(String, u64)> {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture_dir(variant).join("manifest.json")).unwrap())
@@ -74,7 +54,7 @@ fn esgz_fixture_runs_lazily_and_fetches_only_what_it_reads() {
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let namespace = "lazy";
 
-    let stdout = lazysnap_pull(&containerd, namespace, &image);
+    let stdout = lazysnap_pull(&containerd, namespace, "lazysnap", &image);
     assert_pulled_lazily(&stdout, &lazysnap);
     let out = containerd.run(
         namespace,
@@ -116,7 +96,7 @@ fn zstdchunked_fixture_runs_through_lazysnap_pull() {
     ));
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
-    let stdout = lazysnap_pull(&containerd, "zstd", &image);
+    let stdout = lazysnap_pull(&containerd, "zstd", "lazysnap", &image);
     assert_pulled_lazily(&stdout, &lazysnap);
     let out = containerd.run(
         "zstd",
@@ -185,7 +165,7 @@ fn containers_start_after_lazysnap_is_killed_and_restarted() {
     let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
     let mut lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
-    let stdout = lazysnap_pull(&containerd, "restart", &image);
+    let stdout = lazysnap_pull(&containerd, "restart", "lazysnap", &image);
     assert_pulled_lazily(&stdout, &lazysnap);
     let before = containerd.run(
         "restart",
@@ -233,7 +213,7 @@ fn twenty_concurrent_containers_share_each_chunk_fetch() {
     let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
-    let stdout = lazysnap_pull(&containerd, "many", &image);
+    let stdout = lazysnap_pull(&containerd, "many", "lazysnap", &image);
     assert_pulled_lazily(&stdout, &lazysnap);
 
     let outputs: Vec<String> = std::thread::scope(|scope| {
@@ -290,8 +270,14 @@ fn a_second_image_with_the_same_files_fetches_none_of_their_chunks() {
     ));
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
-    assert_pulled_lazily(&lazysnap_pull(&containerd, "dedup", &first), &lazysnap);
-    assert_pulled_lazily(&lazysnap_pull(&containerd, "dedup", &second), &lazysnap);
+    assert_pulled_lazily(
+        &lazysnap_pull(&containerd, "dedup", "lazysnap", &first),
+        &lazysnap,
+    );
+    assert_pulled_lazily(
+        &lazysnap_pull(&containerd, "dedup", "lazysnap", &second),
+        &lazysnap,
+    );
     let read_big = ["/bin/sh", "-c", "cat /data/big-9m.bin | wc -c"];
     assert_eq!(
         containerd

@@ -8,33 +8,6 @@ use std::process::Command;
 use lazysnap::testbed::RegistryServer;
 use pull_common::*;
 
-fn lazysnap_pull(
-    containerd: &TestContainerd,
-    namespace: &str,
-    snapshotter: &str,
-    image: &str,
-) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .arg("pull")
-        .arg("--containerd")
-        .arg(containerd.socket())
-        .arg("--namespace")
-        .arg(namespace)
-        .arg("--snapshotter")
-        .arg(snapshotter)
-        .arg(image)
-        .output()
-        .expect("run lazysnap pull");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "lazysnap pull failed:\n{}\nstdout: {stdout}\ncontainerd log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        containerd.log()
-    );
-    stdout
-}
-
 #[test]
 fn pull_cli_overlayfs_then_ctr_run_prints_the_file() {
     require_root_and_containerd();

@@ -273,3 +273,32 @@ pub async fn push_fixture(host: &str, variant: &str, repo: &str, tag: &str) -> S
         .expect("pushing the manifest");
     image
 }
+
+/// Runs `lazysnap pull` (the binary) of `image` into `containerd` with `snapshotter`; returns its
+/// stdout, panicking with its stderr and containerd's log on failure.
+pub fn lazysnap_pull(
+    containerd: &TestContainerd,
+    namespace: &str,
+    snapshotter: &str,
+    image: &str,
+) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .arg("pull")
+        .arg("--containerd")
+        .arg(containerd.socket())
+        .arg("--namespace")
+        .arg(namespace)
+        .arg("--snapshotter")
+        .arg(snapshotter)
+        .arg(image)
+        .output()
+        .expect("run lazysnap pull");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "lazysnap pull failed:\n{}\nstdout: {stdout}\ncontainerd log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        containerd.log()
+    );
+    stdout
+}
