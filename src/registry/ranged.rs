@@ -44,14 +44,14 @@ struct BlobInner {
 /// Smallest piece that counts as a sequential read for read-ahead.
 const READAHEAD_MIN_PIECE: u64 = 64 << 10;
 
+/// A background fetch of one read-ahead piece.
+type PieceTask = tokio::task::JoinHandle<Result<Bytes, RegistryError>>;
+
 /// Pieces fetched ahead of a sequential reader, in order.
 #[derive(Default)]
 struct Readahead {
     expected_next: u64,
-    pending: std::collections::VecDeque<(
-        Range<u64>,
-        tokio::task::JoinHandle<Result<Bytes, RegistryError>>,
-    )>,
+    pending: std::collections::VecDeque<(Range<u64>, PieceTask)>,
 }
 
 impl Readahead {
@@ -165,11 +165,7 @@ impl RemoteBlob {
 
     /// Takes the read-ahead piece for `range` if one is pending, and schedules the following
     /// pieces when the reads are sequential.
-    fn readahead(
-        &self,
-        range: Range<u64>,
-        depth: usize,
-    ) -> Option<tokio::task::JoinHandle<Result<Bytes, RegistryError>>> {
+    fn readahead(&self, range: Range<u64>, depth: usize) -> Option<PieceTask> {
         let mut ahead = self
             .inner
             .readahead
