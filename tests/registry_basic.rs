@@ -197,3 +197,38 @@ async fn large_file_upload_streams_monolithically() {
         .await;
     assert!(matches!(bad, Err(RegistryError::Invalid(_))), "{bad:?}");
 }
+
+#[tokio::test]
+async fn sequential_readahead_returns_exact_pieces() {
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let client = Client::new(ClientConfig {
+        sequential_readahead: 4,
+        ..test_config()
+    })
+    .unwrap();
+    let repo = Reference::parse(&format!("{}/seq/blob:v1", registry.host())).unwrap();
+    let data = pattern(3_000_000, 11);
+    let digest = sha256_digest(&data);
+    client
+        .push_blob_bytes(&repo, &digest, Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    let blob = client.blob(&repo, &digest, data.len() as u64);
+    let piece = 100_000u64;
+    let mut offset = 0u64;
+    while offset < data.len() as u64 {
+        let end = (offset + piece).min(data.len() as u64);
+        let got = blob.read(offset..end).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &data[offset as usize..end as usize],
+            "piece at {offset}"
+        );
+        offset = end;
+    }
+    // A jump elsewhere drops the read-ahead and still reads the right bytes.
+    let got = blob.read(1_234_567..1_334_567).await.unwrap();
+    assert_eq!(&got[..], &data[1_234_567..1_334_567]);
+    let got = blob.read(10..20).await.unwrap();
+    assert_eq!(&got[..], &data[10..20]);
+}

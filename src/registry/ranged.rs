@@ -38,6 +38,37 @@ struct BlobInner {
     size: u64,
     scope: String,
     redirect: Mutex<Option<RememberedRedirect>>,
+    readahead: Mutex<Readahead>,
+}
+
+/// Smallest piece that counts as a sequential read for read-ahead.
+const READAHEAD_MIN_PIECE: u64 = 64 << 10;
+
+/// A background fetch of one read-ahead piece.
+type PieceTask = tokio::task::JoinHandle<Result<Bytes, RegistryError>>;
+
+/// Pieces fetched ahead of a sequential reader, in order.
+#[derive(Default)]
+struct Readahead {
+    expected_next: u64,
+    pending: std::collections::VecDeque<(Range<u64>, PieceTask)>,
+}
+
+impl Readahead {
+    fn clear(&mut self) {
+        for (_, task) in self.pending.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for BlobInner {
+    fn drop(&mut self) {
+        self.readahead
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
 }
 
 #[derive(Clone)]
@@ -96,6 +127,7 @@ impl RemoteBlob {
                 size,
                 scope,
                 redirect: Mutex::new(None),
+                readahead: Mutex::new(Readahead::default()),
             }),
         }
     }
@@ -116,6 +148,53 @@ impl RemoteBlob {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
+        let depth = self.inner.client.config().sequential_readahead;
+        if depth > 0 && range.end - range.start >= READAHEAD_MIN_PIECE {
+            if let Some(task) = self.readahead(range.clone(), depth) {
+                match task.await {
+                    Ok(Ok(bytes)) => return Ok(bytes),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "read-ahead piece failed; reading directly")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.read_direct(range).await
+    }
+
+    /// Takes the read-ahead piece for `range` if one is pending, and schedules the following
+    /// pieces when the reads are sequential.
+    fn readahead(&self, range: Range<u64>, depth: usize) -> Option<PieceTask> {
+        let mut ahead = self
+            .inner
+            .readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let hit = if ahead.pending.front().is_some_and(|(r, _)| *r == range) {
+            ahead.pending.pop_front().map(|(_, task)| task)
+        } else {
+            ahead.clear();
+            None
+        };
+        let sequential = hit.is_some() || range.start == ahead.expected_next;
+        ahead.expected_next = range.end;
+        if sequential {
+            let len = range.end - range.start;
+            let mut next = ahead.pending.back().map_or(range.end, |(r, _)| r.end);
+            while ahead.pending.len() < depth && next < self.inner.size {
+                let piece = next..(next + len).min(self.inner.size);
+                next = piece.end;
+                let this = self.clone();
+                let target = piece.clone();
+                let task = tokio::spawn(async move { this.read_direct(target).await });
+                ahead.pending.push_back((piece, task));
+            }
+        }
+        hit
+    }
+
+    async fn read_direct(&self, range: Range<u64>) -> Result<Bytes, RegistryError> {
         let mut parts = self.fetch(vec![range]).await?;
         parts
             .pop()
