@@ -3,8 +3,11 @@
 //! parses every layer's footer and TOC and returns the digest in our annotation.
 //! Needs root, containerd and ctr-remote (scripts/install-deps.sh); fails loudly without them.
 
+mod cli_common;
+use cli_common::*;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use lazysnap::image::{self, Manifest, OciLayout};
 use lazysnap::testbed::images::{
@@ -12,24 +15,6 @@ use lazysnap::testbed::images::{
     ImageOptions,
 };
 use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
-
-fn lazysnap(args: &[&str]) -> Output {
-    // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
-    let bin =
-        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
-    let output = Command::new(bin)
-        .args(args)
-        .env("LAZYSNAP_LOG", "warn")
-        .output()
-        .expect("running lazysnap");
-    eprintln!(
-        "$ lazysnap {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 /// Runs `ctr-remote --address <containerd> ARGS…`; returns stdout, failing with the output.
 fn ctr_remote(containerd: &ContainerdServer, args: &[&str]) -> String {

@@ -1,7 +1,8 @@
 //! `lazysnap convert` with OCI image layouts (`oci:DIR[:TAG]`) as source and destination, and
 //! multi-platform indexes (`--platform`, `--all-platforms`), run as a user runs it.
 
-use std::process::{Command, Output};
+mod cli_common;
+use cli_common::*;
 
 use lazysnap::image::{self, Index, Manifest, OciLayout, Platform};
 use lazysnap::testbed::images::{
@@ -9,28 +10,6 @@ use lazysnap::testbed::images::{
     write_index, ImageOptions, LayerCompression,
 };
 use lazysnap::testbed::RegistryServer;
-
-fn lazysnap(args: &[&str]) -> Output {
-    // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
-    let bin =
-        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
-    let output = Command::new(bin)
-        .args(args)
-        .env("LAZYSNAP_LOG", "warn")
-        .output()
-        .expect("running lazysnap");
-    eprintln!(
-        "$ lazysnap {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn assert_ok(output: &Output) {
-    assert!(output.status.success(), "lazysnap failed: {output:?}");
-}
 
 /// A layout tagged `multi` with an index over linux/amd64 (OCI, gzip) and linux/arm64 (Docker
 /// media types, uncompressed) images, each with a marker file naming its platform.

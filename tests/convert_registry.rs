@@ -2,8 +2,11 @@
 //! registry: every tar entry type survives (GNU tar extracts the same tree), `inspect --verify`
 //! accepts the result, `--reuse` is a no-op on a converted image, and a missing image is named.
 
+mod cli_common;
+use cli_common::*;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use lazysnap::image::{self, ImageConfig, Manifest, OciLayout};
 use lazysnap::testbed::images::{
@@ -12,28 +15,6 @@ use lazysnap::testbed::images::{
     ImageOptions, LayerCompression,
 };
 use lazysnap::testbed::RegistryServer;
-
-fn lazysnap(args: &[&str]) -> Output {
-    // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
-    let bin =
-        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
-    let output = Command::new(bin)
-        .args(args)
-        .env("LAZYSNAP_LOG", "warn")
-        .output()
-        .expect("running lazysnap");
-    eprintln!(
-        "$ lazysnap {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn assert_ok(output: &Output) {
-    assert!(output.status.success(), "lazysnap failed: {output:?}");
-}
 
 /// Pushes a busybox + every-entry-type image to `src_repo:v1`; returns the source layer tars.
 fn push_source_image(registry: &RegistryServer, dir: &Path, src_repo: &str) -> Vec<Vec<u8>> {

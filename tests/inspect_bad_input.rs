@@ -1,28 +1,11 @@
 //! `lazysnap inspect` on bad input: a corrupted eStargz layer names the entry and offset and
 //! exits non-zero; a plain tar.gz is not mistaken for eStargz.
 
-use std::process::{Command, Output};
+mod cli_common;
+use cli_common::*;
 
 use lazysnap::image::{self, Manifest, OciLayout};
 use lazysnap::testbed::images::{every_entry_type_layer, write_image, ImageOptions};
-
-fn lazysnap(args: &[&str]) -> Output {
-    // LAZYSNAP_BIN lets a run pin a copy of the binary (the target dir may be shared).
-    let bin =
-        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
-    let output = Command::new(bin)
-        .args(args)
-        .env("LAZYSNAP_LOG", "warn")
-        .output()
-        .expect("running lazysnap");
-    eprintln!(
-        "$ lazysnap {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 #[test]
 fn corrupt_chunk_is_named_with_entry_and_offset() {

@@ -3,10 +3,13 @@
 //! The lazily mounted tree must equal the same image mounted the non-lazy way (downloaded and
 //! unpacked), and a small read must cost only the TOC and the chunks it touches.
 
+mod cli_common;
+use cli_common::*;
+
 mod pull_common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use lazysnap::image::OciLayout;
 use lazysnap::testbed::images::{self, ImageOptions};
@@ -21,26 +24,6 @@ fn require_root_and_fuse() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: install fuse3 and load the fuse module"
     );
-}
-
-fn lazysnap(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(args)
-        .env("LAZYSNAP_LOG", "warn")
-        .output()
-        .expect("running lazysnap");
-    output
-}
-
-fn lazysnap_ok(args: &[&str]) -> String {
-    let output = lazysnap(args);
-    assert!(
-        output.status.success(),
-        "lazysnap {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A `lazysnap mount` that is undone when dropped, even when the test fails.
