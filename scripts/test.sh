@@ -22,7 +22,7 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 # One summary line over every test binary.
-awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "lazysnap tests: %d passed, %d failed, %d ignored\n", p, f, i }' "$log"
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
 if ((status != 0)); then
     echo "test.sh: FAILED (cargo test exit status $status)" >&2
 fi

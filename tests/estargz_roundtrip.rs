@@ -189,7 +189,7 @@ fn every_entry_tar() -> Vec<u8> {
     add(
         &mut b,
         &mut header(EntryType::Regular, 3, 0o644),
-        "root/pax-placeholder",
+        "root/pax-short-name",
         b"pax",
     );
     add(

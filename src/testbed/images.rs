@@ -276,7 +276,7 @@ pub fn every_entry_type_layer() -> Result<Vec<u8>, TestbedError> {
     )?;
     t.pax(&[("path", PAX_UTF8_NAME.as_bytes())])?;
     t.file(
-        "pax-placeholder-name",
+        "pax-short-name",
         &ROOT.with_mode(0o644),
         b"pax path\n",
     )?;
