@@ -507,9 +507,9 @@ impl IndexBuilder {
     }
 }
 
-/// Hands the builder's freed temporary maps back to the kernel (glibc keeps them otherwise; they
-/// are ~as large as the index itself for 100k entries).
-fn release_freed_memory() {
+/// Hands freed heap memory back to the kernel (glibc keeps it otherwise): the builder's temporary
+/// maps, or a parsed TOC once its index is built, are ~as large as the index for 100k entries.
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe {

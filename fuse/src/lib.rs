@@ -39,8 +39,8 @@ mod mount;
 
 pub use fs::{FsStats, OpObserver, OpenObserver};
 pub use index::{
-    Index, IndexBuilder, IndexError, NewNode, NodeAttr, NodeInfo, NodeKind, NodeKindInfo,
-    OPAQUE_MARKER, ROOT_INO, WHITEOUT_PREFIX,
+    release_freed_memory, Index, IndexBuilder, IndexError, NewNode, NodeAttr, NodeInfo, NodeKind,
+    NodeKindInfo, OPAQUE_MARKER, ROOT_INO, WHITEOUT_PREFIX,
 };
 pub use mount::{detach_stale_mount, mount, FuseError, MountHandle, MountOptions};
 

@@ -292,9 +292,13 @@ impl LayerManager {
         })?;
         reader.start_prefetch(toc.prefetch_range());
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
+        let toc_digest = toc.toc_digest().to_string();
+        // The parsed TOC is no longer needed: the index and chunk lists hold what reads use.
+        drop(toc);
+        lazysnap_fuse::release_freed_memory();
         Ok(MountedLayer {
             spec: spec.clone(),
-            toc_digest: toc.toc_digest().to_string(),
+            toc_digest,
             reader,
             handle: Some(handle),
             mountpoint: mountpoint.to_path_buf(),

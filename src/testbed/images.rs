@@ -275,11 +275,7 @@ pub fn every_entry_type_layer() -> Result<Vec<u8>, TestbedError> {
         "こんにちは\n".as_bytes(),
     )?;
     t.pax(&[("path", PAX_UTF8_NAME.as_bytes())])?;
-    t.file(
-        "pax-short-name",
-        &ROOT.with_mode(0o644),
-        b"pax path\n",
-    )?;
+    t.file("pax-short-name", &ROOT.with_mode(0o644), b"pax path\n")?;
     t.dir("many", &ROOT)?;
     for i in 0..64 {
         t.file(
