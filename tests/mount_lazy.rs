@@ -257,6 +257,10 @@ fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
         total < 1 << 20,
         "mount + one small read fetched {total} of {layer_size} bytes"
     );
+    assert!(
+        for_read > 0,
+        "the small file's chunk came from the registry"
+    );
     assert!(for_read < 64 << 10, "the read fetched {for_read} bytes");
 }
 

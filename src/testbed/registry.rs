@@ -112,10 +112,14 @@ impl RegistryServer {
 
     /// Access-log lines for GETs of blob `digest` (`sha256:…`): (status, body bytes) each.
     pub fn blob_gets(&self, digest: &str) -> Vec<(u16, u64)> {
-        let needle = format!("/blobs/{digest} HTTP/");
+        // Clients may add a query (containerd's `?ns=<host>` for mirrors).
+        let needles = [
+            format!("/blobs/{digest} HTTP/"),
+            format!("/blobs/{digest}?"),
+        ];
         self.log()
             .lines()
-            .filter(|line| line.contains("\"GET ") && line.contains(&needle))
+            .filter(|line| line.contains("\"GET ") && needles.iter().any(|n| line.contains(n)))
             .filter_map(parse_status_and_bytes)
             .collect()
     }
