@@ -182,7 +182,7 @@ fn pull_cli_lazy_layers_are_not_fetched_and_run() {
     drop(containerd);
     let _ = stop.send(());
     let _ = runtime.block_on(server);
-    unmount_under(dir.path());
+    lazysnap::testbed::unmount_under(dir.path());
 }
 
 /// containerd's CRI plugin pulls the eStargz image through lazysnap: its Prepare labels (CRI's
@@ -269,5 +269,5 @@ fn cri_pull_image_mounts_layers_lazily() {
     drop(containerd);
     let _ = stop.send(());
     let _ = runtime.block_on(server);
-    unmount_under(dir.path());
+    lazysnap::testbed::unmount_under(dir.path());
 }

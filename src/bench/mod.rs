@@ -201,7 +201,7 @@ struct UnmountGuard(PathBuf);
 
 impl Drop for UnmountGuard {
     fn drop(&mut self) {
-        procs::unmount_under(&self.0);
+        crate::testbed::unmount_under(&self.0);
     }
 }
 

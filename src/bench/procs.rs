@@ -105,31 +105,13 @@ impl ServeProcess {
                 }
             }
         }
-        unmount_under(&self.dir);
+        crate::testbed::unmount_under(&self.dir);
     }
 }
 
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Detaches every mount point under `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|point| point.replace("\\040", " "))
-        .filter(|point| point == &prefix || point.starts_with(&format!("{prefix}/")))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
-    for point in points {
-        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

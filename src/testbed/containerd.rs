@@ -138,7 +138,7 @@ impl ContainerdServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         kill_shims_of(&self.address());
-        unmount_under(self.dir.path());
+        super::unmount_under(self.dir.path());
     }
 }
 
@@ -213,24 +213,6 @@ fn kill_shims_of(address: &Path) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-    }
-}
-
-/// Lazily unmounts every mount below `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut targets: Vec<String> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|t| t.replace("\\040", " "))
-        .filter(|t| t.starts_with(&prefix))
-        .collect();
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    for target in targets {
-        let _ = nix::mount::umount2(target.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -72,3 +72,23 @@ pub fn require_program(program: &'static str, package: &'static str) -> Result<(
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }
+
+/// Lazily detaches every mount point at or below `dir`, deepest first (what a test bed component
+/// mounted there, even after its process died).
+pub fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let below = format!("{prefix}/");
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| point.replace("\\040", " "))
+        .filter(|point| *point == prefix || point.starts_with(&below))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}

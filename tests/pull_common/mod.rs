@@ -210,25 +210,7 @@ impl Drop for TestLazysnap {
                 }
             }
         }
-        unmount_under(self.dir.path());
-    }
-}
-
-/// Lazily unmounts every mount point under `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| p.replace("\\040", " "))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for point in points {
-        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        lazysnap::testbed::unmount_under(self.dir.path());
     }
 }
 
