@@ -47,9 +47,7 @@ fn assert_pulled_lazily(stdout: &str, lazysnap: &TestLazysnap) {
 #[test]
 fn esgz_fixture_runs_lazily_and_fetches_only_what_it_reads() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let (registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let namespace = "lazy";
@@ -87,14 +85,7 @@ fn esgz_fixture_runs_lazily_and_fetches_only_what_it_reads() {
 #[test]
 fn zstdchunked_fixture_runs_through_lazysnap_pull() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(
-        &registry.host(),
-        "zstdchunked",
-        "fixture",
-        "zstd",
-    ));
+    let (_registry, image) = registry_with_fixture("zstdchunked", "fixture", "zstd");
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let stdout = lazysnap_pull(&containerd, "zstd", "lazysnap", &image);
@@ -111,14 +102,7 @@ fn zstdchunked_fixture_runs_through_lazysnap_pull() {
 #[test]
 fn ctr_remote_rpull_uses_the_stargz_labels() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(
-        &registry.host(),
-        "esgz-prio",
-        "fixture",
-        "prio",
-    ));
+    let (registry, image) = registry_with_fixture("esgz-prio", "fixture", "prio");
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let output = Command::new("/usr/bin/ctr-remote")
@@ -161,9 +145,7 @@ fn ctr_remote_rpull_uses_the_stargz_labels() {
 #[test]
 fn containers_start_after_lazysnap_is_killed_and_restarted() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let (_registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
     let mut lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let stdout = lazysnap_pull(&containerd, "restart", "lazysnap", &image);
@@ -209,9 +191,7 @@ fn containers_start_after_lazysnap_is_killed_and_restarted() {
 #[test]
 fn twenty_concurrent_containers_share_each_chunk_fetch() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let (registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
     let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let stdout = lazysnap_pull(&containerd, "many", "lazysnap", &image);

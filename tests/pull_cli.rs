@@ -11,9 +11,7 @@ use pull_common::*;
 #[test]
 fn pull_cli_overlayfs_then_ctr_run_prints_the_file() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "orig", "fixture", "orig"));
+    let (registry, image) = registry_with_fixture("orig", "fixture", "orig");
     let containerd = TestContainerd::start(None);
     let namespace = "pullcli";
 
@@ -63,9 +61,7 @@ fn pull_cli_names_the_socket_when_containerd_is_absent() {
 #[test]
 fn pull_cli_through_lazysnap_serve_plain_gzip_falls_back_and_runs() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "orig", "fixture", "orig"));
+    let (_registry, image) = registry_with_fixture("orig", "fixture", "orig");
     // lazysnap first: containerd connects to its proxy plugins at start.
     let lazysnap = TestLazysnap::start();
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
@@ -211,9 +207,7 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
 #[test]
 fn pull_cli_estargz_through_lazysnap_serve_is_lazy_and_runs() {
     require_root_and_containerd();
-    let registry = RegistryServer::start().expect("start registry");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
+    let (registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
     let lazysnap = TestLazysnap::start();
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let namespace = "pullesgz";

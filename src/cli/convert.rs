@@ -2,14 +2,13 @@
 //! registry or an OCI layout, with a progress bar per layer.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lazysnap::estargz::Compression;
 use lazysnap::image::{
     convert_image, ConvertOptions, ConvertProgress, ImageLocation, LayerAction, LayerReport,
@@ -163,13 +162,8 @@ struct Bars {
 
 impl Bars {
     fn new() -> Self {
-        let target = if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
         Self {
-            multi: MultiProgress::with_draw_target(target),
+            multi: MultiProgress::with_draw_target(super::progress_target()),
             bars: Mutex::new(HashMap::new()),
         }
     }

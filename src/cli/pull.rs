@@ -1,14 +1,13 @@
 //! `lazysnap pull IMAGE`: pulls an image into containerd through a snapshotter (lazily through
 //! lazysnap), with a progress line per layer; prints one summary line per layer at the end.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use lazysnap::containerd::pull::{pull, LayerOutcome, PullOptions, PullProgress};
 use lazysnap::containerd::registry_source::RegistrySource;
@@ -119,13 +118,8 @@ struct BarProgress {
 
 impl BarProgress {
     fn new() -> Self {
-        let target = if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
         Self {
-            multi: MultiProgress::with_draw_target(target),
+            multi: MultiProgress::with_draw_target(super::progress_target()),
             bars: Mutex::new(Vec::new()),
         }
     }

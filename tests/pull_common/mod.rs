@@ -284,3 +284,16 @@ pub fn lazysnap_pull(
     );
     stdout
 }
+
+/// Starts a test-bed registry and pushes fixture `variant` to it as `repo:tag`; returns the
+/// registry and the image reference.
+pub fn registry_with_fixture(
+    variant: &str,
+    repo: &str,
+    tag: &str,
+) -> (lazysnap::testbed::RegistryServer, String) {
+    let registry = lazysnap::testbed::RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let image = runtime.block_on(push_fixture(&registry.host(), variant, repo, tag));
+    (registry, image)
+}
