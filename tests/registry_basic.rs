@@ -199,13 +199,9 @@ async fn large_file_upload_streams_monolithically() {
 }
 
 #[tokio::test]
-async fn sequential_readahead_returns_exact_pieces() {
+async fn sequential_reads_share_one_streamed_response() {
     let registry = RegistryServer::start().expect("docker-registry must be installed");
-    let client = Client::new(ClientConfig {
-        sequential_readahead: 4,
-        ..test_config()
-    })
-    .unwrap();
+    let client = Client::new(test_config()).unwrap();
     let repo = Reference::parse(&format!("{}/seq/blob:v1", registry.host())).unwrap();
     let data = pattern(3_000_000, 11);
     let digest = sha256_digest(&data);
@@ -226,9 +222,29 @@ async fn sequential_readahead_returns_exact_pieces() {
         );
         offset = end;
     }
-    // A jump elsewhere drops the read-ahead and still reads the right bytes.
+    // The first piece is read on its own; the other 29 come from one streamed window.
+    let gets = registry.blob_gets(&digest);
+    assert!(
+        !gets.is_empty() && gets.len() <= 2,
+        "30 sequential reads took {} requests: {gets:?}",
+        gets.len()
+    );
+    // A jump elsewhere still reads the right bytes.
     let got = blob.read(1_234_567..1_334_567).await.unwrap();
     assert_eq!(&got[..], &data[1_234_567..1_334_567]);
     let got = blob.read(10..20).await.unwrap();
     assert_eq!(&got[..], &data[10..20]);
+    // With streaming off every piece is its own request.
+    let unstreamed = Client::new(ClientConfig {
+        sequential_window: 0,
+        ..test_config()
+    })
+    .unwrap()
+    .blob(&repo, &digest, data.len() as u64);
+    let before = registry.blob_gets(&digest).len();
+    for start in [0u64, piece, 2 * piece] {
+        let got = unstreamed.read(start..start + piece).await.unwrap();
+        assert_eq!(&got[..], &data[start as usize..(start + piece) as usize]);
+    }
+    assert_eq!(registry.blob_gets(&digest).len(), before + 3);
 }

@@ -111,6 +111,47 @@ async fn transient_faults_are_retried_and_reads_are_correct() {
 }
 
 #[tokio::test]
+async fn sequential_streams_survive_faults_with_exact_bytes() {
+    let bed = bed().await;
+    let size = bed.data.len() as u64;
+    let piece = 64 * 1024u64;
+    for fault in [
+        Fault::ResetMidBody,
+        Fault::TruncateBody,
+        Fault::WrongContentRange,
+        Fault::Stall(Duration::from_secs(3)),
+        Fault::Status(503),
+    ] {
+        let blob = bed.client.blob(&bed.repo, &bed.digest, size);
+        let before = bed.proxy.faults_injected();
+        let requests_before = bed.proxy.requests();
+        let mut offset = 0u64;
+        while offset < size {
+            let end = (offset + piece).min(size);
+            if offset == piece {
+                // The second sequential read opens the streamed window: it meets the fault.
+                bed.proxy.inject(BLOBS, fault.clone());
+            }
+            let got = blob.read_range(offset..end).await;
+            bed.expect(got, offset..end);
+            offset = end;
+        }
+        assert_eq!(
+            bed.proxy.faults_injected(),
+            before + 1,
+            "{fault:?} was not hit"
+        );
+        // Ten pieces: the first alone, the rest from windows (the faulted one, a direct
+        // read of the piece it broke, a new window), not a request each.
+        let requests = bed.proxy.requests() - requests_before;
+        assert!(
+            requests < 8,
+            "{fault:?}: {requests} requests for 10 sequential pieces"
+        );
+    }
+}
+
+#[tokio::test]
 async fn persistent_5xx_is_unavailable() {
     let bed = bed().await;
     // 404 is NotFound at once, not retried.

@@ -115,10 +115,10 @@ pub struct ClientConfig {
     pub max_ranges_per_request: usize,
     /// Concurrent single-range requests when multi-range is not available.
     pub range_concurrency: usize,
-    /// Read-ahead depth of a [`RemoteBlob`] read sequentially in pieces of at least 64 KiB:
-    /// that many following pieces are fetched in the background. 0 (the default) turns it
-    /// off; callers with their own prefetch (the fetch scheduler) leave it off.
-    pub sequential_readahead: usize,
+    /// Longest streamed response serving a [`RemoteBlob`] read sequentially in pieces of at
+    /// least 64 KiB: such reads share one response (4 MiB, doubling up to this) instead of a
+    /// request each, and only the bytes read are pulled from it. 0 turns streaming off.
+    pub sequential_window: u64,
 }
 
 impl Default for ClientConfig {
@@ -139,7 +139,7 @@ impl Default for ClientConfig {
             mirror_cooldown: Duration::from_secs(30),
             max_ranges_per_request: 64,
             range_concurrency: 8,
-            sequential_readahead: 0,
+            sequential_window: 64 << 20,
         }
     }
 }

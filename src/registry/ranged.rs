@@ -4,10 +4,12 @@
 //! remembered and re-resolved on 403 or expiry, and every answer's range and length is checked.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt as _, TryStreamExt as _};
 use reqwest::header::{HeaderValue, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::StatusCode;
@@ -18,7 +20,7 @@ use super::client::{
 };
 use super::multipart::{byteranges_boundary, parse_byteranges, parse_content_range};
 use super::reference::Reference;
-use super::retry::{status_failure, Failure};
+use super::retry::{status_failure, transport_failure, Failure};
 use super::RegistryError;
 use crate::blob::{check_range, BlobError, BlobFuture, BlobSource};
 
@@ -38,37 +40,36 @@ struct BlobInner {
     size: u64,
     scope: String,
     redirect: Mutex<Option<RememberedRedirect>>,
-    readahead: Mutex<Readahead>,
+    sequential: Sequential,
 }
 
-/// Smallest piece that counts as a sequential read for read-ahead.
-const READAHEAD_MIN_PIECE: u64 = 64 << 10;
+/// Reads at least this long that continue where the previous read ended are served from one
+/// streamed response (a "window") instead of a request each.
+const SEQUENTIAL_MIN_READ: u64 = 64 << 10;
+/// Length of the first window; each following one doubles, up to `ClientConfig::sequential_window`.
+const FIRST_WINDOW: u64 = 4 << 20;
 
-/// A background fetch of one read-ahead piece.
-type PieceTask = tokio::task::JoinHandle<Result<Bytes, RegistryError>>;
+/// Sequential-read detection and the open window of a blob.
+struct Sequential {
+    /// Where the last read of the blob ended (`u64::MAX` before the first).
+    next_read: AtomicU64,
+    slot: tokio::sync::Mutex<WindowSlot>,
+}
 
-/// Pieces fetched ahead of a sequential reader, in order.
 #[derive(Default)]
-struct Readahead {
-    expected_next: u64,
-    pending: std::collections::VecDeque<(Range<u64>, PieceTask)>,
+struct WindowSlot {
+    window: Option<Window>,
+    /// Length of the last window opened: the next one doubles it.
+    last_len: u64,
 }
 
-impl Readahead {
-    fn clear(&mut self) {
-        for (_, task) in self.pending.drain(..) {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for BlobInner {
-    fn drop(&mut self) {
-        self.readahead
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
+/// A ranged response being read as the reader advances: bytes `position..end` of the blob are
+/// still to come, the first of them in `leftover`.
+struct Window {
+    response: reqwest::Response,
+    position: u64,
+    end: u64,
+    leftover: Bytes,
 }
 
 #[derive(Clone)]
@@ -127,7 +128,10 @@ impl RemoteBlob {
                 size,
                 scope,
                 redirect: Mutex::new(None),
-                readahead: Mutex::new(Readahead::default()),
+                sequential: Sequential {
+                    next_read: AtomicU64::new(u64::MAX),
+                    slot: tokio::sync::Mutex::new(WindowSlot::default()),
+                },
             }),
         }
     }
@@ -148,50 +152,147 @@ impl RemoteBlob {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let depth = self.inner.client.config().sequential_readahead;
-        if depth > 0 && range.end - range.start >= READAHEAD_MIN_PIECE {
-            if let Some(task) = self.readahead(range.clone(), depth) {
-                match task.await {
-                    Ok(Ok(bytes)) => return Ok(bytes),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "read-ahead piece failed; reading directly")
+        let max_window = self.inner.client.config().sequential_window;
+        if max_window > 0 && range.end - range.start >= SEQUENTIAL_MIN_READ {
+            let sequential = &self.inner.sequential;
+            let previous_end = sequential.next_read.swap(range.end, Ordering::Relaxed);
+            if previous_end == range.start {
+                // A reader already streaming keeps the window; a concurrent one reads directly.
+                if let Ok(mut slot) = sequential.slot.try_lock() {
+                    match self
+                        .read_streamed(&mut slot, range.clone(), max_window)
+                        .await
+                    {
+                        Ok(bytes) => return Ok(bytes),
+                        Err(e) => {
+                            slot.window = None;
+                            tracing::debug!(error = %e, "streamed sequential read failed; reading the range directly");
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         }
         self.read_direct(range).await
     }
 
-    /// Takes the read-ahead piece for `range` if one is pending, and schedules the following
-    /// pieces when the reads are sequential.
-    fn readahead(&self, range: Range<u64>, depth: usize) -> Option<PieceTask> {
-        let mut ahead = self
-            .inner
-            .readahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let hit = if ahead.pending.front().is_some_and(|(r, _)| *r == range) {
-            ahead.pending.pop_front().map(|(_, task)| task)
-        } else {
-            ahead.clear();
-            None
-        };
-        let sequential = hit.is_some() || range.start == ahead.expected_next;
-        ahead.expected_next = range.end;
-        if sequential {
-            let len = range.end - range.start;
-            let mut next = ahead.pending.back().map_or(range.end, |(r, _)| r.end);
-            while ahead.pending.len() < depth && next < self.inner.size {
-                let piece = next..(next + len).min(self.inner.size);
-                next = piece.end;
-                let this = self.clone();
-                let target = piece.clone();
-                let task = tokio::spawn(async move { this.read_direct(target).await });
-                ahead.pending.push_back((piece, task));
+    /// Serves `range` from the open window, opening a new (longer) one where it ends or when
+    /// the reader is elsewhere. Any failure leaves the caller to read the range directly.
+    async fn read_streamed(
+        &self,
+        slot: &mut WindowSlot,
+        range: Range<u64>,
+        max_window: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let chunk_deadline = self.inner.client.config().request_timeout;
+        let mut out = BytesMut::new();
+        let mut at = range.start;
+        while at < range.end {
+            let usable = slot
+                .window
+                .as_ref()
+                .is_some_and(|w| w.position == at && w.position < w.end);
+            if !usable {
+                slot.window = None;
+                let len = (slot.last_len.saturating_mul(2))
+                    .clamp(FIRST_WINDOW, max_window.max(FIRST_WINDOW))
+                    .max(range.end - at);
+                let window_range = at..(at + len).min(self.inner.size);
+                slot.last_len = window_range.end - window_range.start;
+                slot.window = Some(self.open_window(window_range).await?);
             }
+            let Some(window) = slot.window.as_mut() else {
+                continue;
+            };
+            if window.leftover.is_empty() {
+                let what = || {
+                    format!(
+                        "blob {} streamed at byte {}",
+                        self.inner.digest, window.position
+                    )
+                };
+                window.leftover =
+                    match tokio::time::timeout(chunk_deadline, window.response.chunk()).await {
+                        Ok(Ok(Some(bytes)))
+                            if bytes.len() as u64 <= window.end - window.position =>
+                        {
+                            bytes
+                        }
+                        Ok(Ok(Some(_))) => {
+                            return Err(RegistryError::Corrupt(format!(
+                                "{}: more bytes than asked for",
+                                what()
+                            )))
+                        }
+                        Ok(Ok(None)) => {
+                            return Err(RegistryError::Unavailable(format!(
+                                "{}: response ended early",
+                                what()
+                            )))
+                        }
+                        Ok(Err(e)) => return Err(transport_failure(&what(), &e).error),
+                        Err(_) => {
+                            return Err(RegistryError::Unavailable(format!(
+                                "{}: no data for {chunk_deadline:?}",
+                                what()
+                            )))
+                        }
+                    };
+            }
+            let wanted = usize::try_from(range.end - at).unwrap_or(usize::MAX);
+            let piece = window.leftover.split_to(wanted.min(window.leftover.len()));
+            window.position += piece.len() as u64;
+            at += piece.len() as u64;
+            if out.is_empty() && at == range.end {
+                return Ok(piece);
+            }
+            if out.is_empty() {
+                out.reserve(usize::try_from(range.end - range.start).unwrap_or(0));
+            }
+            out.extend_from_slice(&piece);
         }
-        hit
+        Ok(out.freeze())
+    }
+
+    /// Starts a ranged GET of `range` whose body is read as the reader advances: only the
+    /// headers are awaited here, the body has no overall deadline (each piece has one).
+    async fn open_window(&self, range: Range<u64>) -> Result<Window, RegistryError> {
+        let span = tracing::info_span!(
+            "registry.open_window",
+            registry = %self.inner.reference.registry,
+            repository = %self.inner.reference.repository,
+            digest = %self.inner.digest,
+            first = range.start,
+            bytes = range.end - range.start,
+        );
+        let range = &range;
+        let config = self.inner.client.config();
+        let long_body = config.read_deadline.saturating_mul(1000);
+        self.inner
+            .client
+            .with_endpoints(
+                &self.inner.reference,
+                |c| c.pull,
+                "streaming blob ranges",
+                |endpoint| async move {
+                    let what =
+                        self.what(&endpoint, &format!("window {}..{}", range.start, range.end));
+                    let header = range_header(std::slice::from_ref(range))
+                        .ok_or_else(|| Failure::fatal(RegistryError::Invalid(what.clone())))?;
+                    let response = self.ranged_get(&endpoint, header, long_body).await?;
+                    if response.status() != StatusCode::PARTIAL_CONTENT {
+                        return Err(status_failure(&what, response.status(), response.headers()));
+                    }
+                    self.check_content_range(&response, range, &what)?;
+                    Ok(Window {
+                        response,
+                        position: range.start,
+                        end: range.end,
+                        leftover: Bytes::new(),
+                    })
+                },
+            )
+            .instrument(span)
+            .await
     }
 
     async fn read_direct(&self, range: Range<u64>) -> Result<Bytes, RegistryError> {
@@ -306,6 +407,7 @@ impl RemoteBlob {
         &self,
         endpoint: &Endpoint,
         range: HeaderValue,
+        timeout: Duration,
     ) -> Result<reqwest::Response, Failure> {
         let mut headers = identity_headers();
         headers.insert(RANGE, range);
@@ -334,7 +436,7 @@ impl RemoteBlob {
             match self
                 .inner
                 .client
-                .get_redirected(endpoint, &r.url, headers.clone(), config.request_timeout)
+                .get_redirected(endpoint, &r.url, headers.clone(), timeout)
                 .await
             {
                 Ok(response)
@@ -367,7 +469,7 @@ impl RemoteBlob {
                 &self.inner.digest,
                 headers,
                 &self.inner.scope,
-                config.request_timeout,
+                timeout,
             )
             .await?;
         if let Some(url) = redirected {
@@ -391,27 +493,39 @@ impl RemoteBlob {
         )
     }
 
+    /// A 206 answer must carry exactly the asked-for single range of a blob of the known size.
+    fn check_content_range(
+        &self,
+        response: &reqwest::Response,
+        range: &Range<u64>,
+        what: &str,
+    ) -> Result<(), Failure> {
+        let content_range = header_str(response.headers(), CONTENT_RANGE.as_str());
+        let expected = (range.start, range.end - 1);
+        match content_range.as_deref().and_then(parse_content_range) {
+            Some((s, e, total))
+                if (s, e) == expected && total.is_none_or(|t| t == self.inner.size) =>
+            {
+                Ok(())
+            }
+            _ => Err(Failure::transient(RegistryError::Corrupt(format!(
+                "{what}: answered Content-Range {content_range:?}, expected bytes {}-{}/{}",
+                expected.0, expected.1, self.inner.size
+            )))),
+        }
+    }
+
     async fn single(&self, endpoint: &Endpoint, range: Range<u64>) -> Result<Bytes, Failure> {
         let what = self.what(endpoint, &format!("bytes {}..{}", range.start, range.end));
         let header = range_header(std::slice::from_ref(&range))
             .ok_or_else(|| Failure::fatal(RegistryError::Invalid(what.clone())))?;
-        let response = self.ranged_get(endpoint, header).await?;
+        let response = self
+            .ranged_get(endpoint, header, self.inner.client.config().request_timeout)
+            .await?;
         let len = range.end - range.start;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let content_range = header_str(response.headers(), CONTENT_RANGE.as_str());
-                let parsed = content_range.as_deref().and_then(parse_content_range);
-                let expected = (range.start, range.end - 1);
-                match parsed {
-                    Some((s, e, total))
-                        if (s, e) == expected && total.is_none_or(|t| t == self.inner.size) => {}
-                    _ => {
-                        return Err(Failure::transient(RegistryError::Corrupt(format!(
-                        "{what}: answered Content-Range {content_range:?}, expected bytes {}-{}/{}",
-                        expected.0, expected.1, self.inner.size
-                    ))))
-                    }
-                }
+                self.check_content_range(&response, &range, &what)?;
                 read_body_exact(response, len, &what).await
             }
             StatusCode::OK
@@ -451,7 +565,9 @@ impl RemoteBlob {
         let what = self.what(endpoint, &format!("{} ranges", ranges.len()));
         let header = range_header(ranges)
             .ok_or_else(|| Failure::fatal(RegistryError::Invalid(what.clone())))?;
-        let response = self.ranged_get(endpoint, header).await?;
+        let response = self
+            .ranged_get(endpoint, header, self.inner.client.config().request_timeout)
+            .await?;
         let wanted: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
