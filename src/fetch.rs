@@ -308,7 +308,7 @@ impl LayerReader {
                     continue;
                 }
                 for (ci, c) in file.chunks.iter().enumerate() {
-                    if seen.insert(c.digest.as_str()) {
+                    if seen.insert(c.digest) {
                         layer_chunks.push((fi, ci));
                     }
                 }
@@ -605,7 +605,7 @@ impl Inner {
             }
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             match self.cache.begin_fill(&c.digest) {
-                Ok(Fill::Leader(guard, waiter)) => {
+                Fill::Leader(guard, waiter) => {
                     // Another reader may have stored it between the lookup and the claim.
                     match self.cache.get(&c.digest) {
                         Some(data) => guard.complete(Ok(data)),
@@ -613,11 +613,7 @@ impl Inner {
                     }
                     waits.push((slot, ci, waiter));
                 }
-                Ok(Fill::Follower(waiter)) => waits.push((slot, ci, waiter)),
-                Err(e) => {
-                    tracing::error!(layer = %self.layer, file = %self.files[index].name, error = %e, "bad chunk digest");
-                    return Err(libc::EIO);
-                }
+                Fill::Follower(waiter) => waits.push((slot, ci, waiter)),
             }
         }
         if !leaders.is_empty() {
@@ -666,7 +662,7 @@ impl Inner {
                 return Ok(data);
             }
             let waiter = match self.cache.begin_fill(digest) {
-                Ok(Fill::Leader(guard, waiter)) => {
+                Fill::Leader(guard, waiter) => {
                     let inner = Arc::clone(self);
                     self.runtime.spawn(async move {
                         inner
@@ -680,8 +676,7 @@ impl Inner {
                     });
                     waiter
                 }
-                Ok(Fill::Follower(waiter)) => waiter,
-                Err(_) => return Err(libc::EIO),
+                Fill::Follower(waiter) => waiter,
             };
             match waiter.wait().await {
                 Ok(data) => return Ok(data),
@@ -882,7 +877,7 @@ impl Inner {
             if self.cache.contains(digest) {
                 continue;
             }
-            if let Ok(Fill::Leader(guard, _)) = self.cache.begin_fill(digest) {
+            if let Fill::Leader(guard, _) = self.cache.begin_fill(digest) {
                 // A chunk cached between the check and the claim needs no fetch.
                 if let Some(data) = self.cache.get(digest) {
                     guard.complete(Ok(data));
@@ -1023,6 +1018,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estargz::ChunkDigest;
 
     #[test]
     fn runs_coalesce_adjacent_and_respect_limits() {
@@ -1048,7 +1044,7 @@ mod tests {
             inner_offset: 0,
             file_offset: off,
             len,
-            digest: String::new(),
+            digest: ChunkDigest::from_bytes([0; 32]),
         };
         let file = |size, chunks| FileChunks {
             name: "f".into(),

@@ -11,10 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobFuture, BlobSource, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
-use lazysnap::estargz::{ChunkInfo, Compression};
+use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
 use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
 use lazysnap_fuse::ContentSource;
-use sha2::{Digest, Sha256};
 
 // ---------- fixtures: a blob of compressed chunk members ----------
 
@@ -50,8 +49,8 @@ fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
     }
 }
 
-fn digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+fn digest(data: &[u8]) -> ChunkDigest {
+    ChunkDigest::of(data)
 }
 
 /// Builds a blob: a junk header, then each file's chunks as separate members, then a trailer.
