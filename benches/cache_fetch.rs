@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lazysnap::blob::{BlobSource, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
-use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
+use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
 use lazysnap_fuse::ContentSource;
 
 const CHUNK: usize = 4 << 20;
@@ -61,14 +61,12 @@ fn cached_reader(
     })
     .unwrap();
     let blob: Arc<dyn BlobSource> = Arc::new(MemoryBlob(Bytes::from(blob)));
+    let mut files = LayerFiles::new();
+    files.push("bench", content.len() as u64, &infos).unwrap();
     let reader = LayerReader::new(
         blob,
         Compression::Gzip,
-        vec![FileChunks {
-            name: "bench".into(),
-            size: content.len() as u64,
-            chunks: infos,
-        }],
+        files,
         cache,
         FetchOptions {
             prefetch: false,
