@@ -1,5 +1,5 @@
 //! Turns a layer's normalized TOC into the FUSE index (overlayfs whiteouts converted) and the
-//! per-file chunk lists the fetch path serves; the content id of a file is its position in them.
+//! per-file fetch metadata ([`LayerFiles`]); the content id of a file is its position there.
 
 use lazysnap_fuse::{Index, IndexBuilder, NewNode, NodeAttr, NodeKind};
 
