@@ -10,10 +10,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lazysnap::blob::{BlobSource, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
-use lazysnap::estargz::{ChunkInfo, Compression};
-use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
+use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
+use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
 use lazysnap_fuse::ContentSource;
-use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 4 << 20;
 
@@ -29,8 +28,8 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+fn digest(data: &[u8]) -> ChunkDigest {
+    ChunkDigest::of(data)
 }
 
 /// A layer holding one file of `chunks` 4 MiB chunks, fully read once so it is cached.
@@ -62,14 +61,12 @@ fn cached_reader(
     })
     .unwrap();
     let blob: Arc<dyn BlobSource> = Arc::new(MemoryBlob(Bytes::from(blob)));
+    let mut files = LayerFiles::new();
+    files.push("bench", content.len() as u64, &infos).unwrap();
     let reader = LayerReader::new(
         blob,
         Compression::Gzip,
-        vec![FileChunks {
-            name: "bench".into(),
-            size: content.len() as u64,
-            chunks: infos,
-        }],
+        files,
         cache,
         FetchOptions {
             prefetch: false,
@@ -126,7 +123,7 @@ fn inserts(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(6));
     for size in [64usize << 10, CHUNK] {
         let count = 48;
-        let chunks: Vec<(String, Bytes)> = (0..count)
+        let chunks: Vec<(ChunkDigest, Bytes)> = (0..count)
             .map(|i| {
                 let data = pseudo_random(size, i as u64 + 100);
                 (digest(&data), Bytes::from(data))

@@ -31,13 +31,10 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::estargz::ChunkDigest;
 use crate::metrics::{self, CacheTier};
-
-/// Binary form of a `sha256:<hex>` chunk digest.
-type Key = [u8; 32];
 
 /// Delivers a fill's result to one waiter.
 type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
@@ -84,9 +81,6 @@ impl CacheOptions {
 /// Errors of the chunk cache; each names the digest or path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    /// The key is not a `sha256:<64 hex digits>` digest.
-    #[error("invalid chunk digest {digest:?}: expected sha256:<64 hex digits>")]
-    InvalidDigest { digest: String },
     /// A filesystem operation failed.
     #[error("cache: cannot {action} {}: {source}", path.display())]
     Io {
@@ -102,7 +96,11 @@ pub enum CacheError {
     Locked { dir: PathBuf },
     /// A chunk larger than the whole disk bound cannot be stored.
     #[error("chunk {digest} of {len} bytes exceeds the cache size bound of {max} bytes; raise the cache size")]
-    TooLarge { digest: String, len: u64, max: u64 },
+    TooLarge {
+        digest: ChunkDigest,
+        len: u64,
+        max: u64,
+    },
 }
 
 /// Why a singleflight fill ended without data; shared by every reader that waited for it.
@@ -145,12 +143,12 @@ struct DiskEntry {
 }
 
 struct DiskIndex {
-    lru: LruCache<Key, DiskEntry>,
+    lru: LruCache<ChunkDigest, DiskEntry>,
     bytes: u64,
 }
 
 struct MemoryTier {
-    lru: LruCache<Key, Bytes>,
+    lru: LruCache<ChunkDigest, Bytes>,
     bytes: u64,
 }
 
@@ -172,7 +170,7 @@ pub struct ChunkCache {
     tmp_dir: PathBuf,
     disk: Mutex<DiskIndex>,
     memory: Mutex<MemoryTier>,
-    pending: Mutex<HashMap<Key, Vec<FillSender>>>,
+    pending: Mutex<HashMap<ChunkDigest, Vec<FillSender>>>,
     counters: Counters,
     temp_seq: AtomicU64,
     /// When (seconds since open, plus one) watermark eviction was last logged.
@@ -201,21 +199,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (every critical section
     // only moves entries), so poisoning is ignored.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Parses `sha256:<64 hex>` (either case) into its 32 bytes.
-fn parse_digest(digest: &str) -> Result<Key, CacheError> {
-    let invalid = || CacheError::InvalidDigest {
-        digest: digest.chars().take(100).collect(),
-    };
-    let hex_part = digest.strip_prefix("sha256:").ok_or_else(invalid)?;
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut key).map_err(|_| invalid())?;
-    Ok(key)
-}
-
-fn sha256_key(data: &[u8]) -> Key {
-    Sha256::digest(data).into()
 }
 
 impl ChunkCache {
@@ -314,41 +297,36 @@ impl ChunkCache {
         &self.opts
     }
 
-    fn chunk_path(&self, key: &Key) -> PathBuf {
-        let hex = hex::encode(key);
+    fn chunk_path(&self, key: &ChunkDigest) -> PathBuf {
+        let hex = key.hex();
         self.chunks_dir.join(&hex[..2]).join(hex)
     }
 
     /// Whether the chunk is cached (memory or disk). Does not change recency.
-    pub fn contains(&self, digest: &str) -> bool {
-        let Ok(key) = parse_digest(digest) else {
-            return false;
-        };
-        lock(&self.memory).lru.contains(&key) || lock(&self.disk).lru.contains(&key)
+    pub fn contains(&self, digest: &ChunkDigest) -> bool {
+        lock(&self.memory).lru.contains(digest) || lock(&self.disk).lru.contains(digest)
     }
 
     /// The whole chunk, if cached. A disk hit is loaded into the memory tier.
-    pub fn get(&self, digest: &str) -> Option<Bytes> {
-        let key = parse_digest(digest).ok()?;
-        if let Some(data) = self.memory_hit(&key) {
+    pub fn get(&self, digest: &ChunkDigest) -> Option<Bytes> {
+        if let Some(data) = self.memory_hit(digest) {
             return Some(data);
         }
-        let data = self.load_from_disk(&key)?;
-        self.insert_memory(key, data.clone());
+        let data = self.load_from_disk(digest)?;
+        self.insert_memory(*digest, data.clone());
         Some(data)
     }
 
     /// `len` bytes of the chunk from `offset` (fewer at its end), if cached. From disk only the
     /// asked range is read (once the entry is verified), so a partial read of a big chunk costs
     /// one `pread`.
-    pub fn read_at(&self, digest: &str, offset: u64, len: usize) -> Option<Bytes> {
-        let key = parse_digest(digest).ok()?;
-        if let Some(data) = self.memory_hit(&key) {
+    pub fn read_at(&self, digest: &ChunkDigest, offset: u64, len: usize) -> Option<Bytes> {
+        if let Some(data) = self.memory_hit(digest) {
             return Some(slice_clamped(&data, offset, len));
         }
         let (size, verified, touched) = {
             let mut disk = lock(&self.disk);
-            match disk.lru.get(&key) {
+            match disk.lru.get(digest) {
                 Some(e) => (e.size, e.verified, e.touched),
                 None => {
                     drop(disk);
@@ -358,15 +336,15 @@ impl ChunkCache {
             }
         };
         if !verified {
-            let data = self.load_from_disk(&key)?;
-            self.insert_memory(key, data.clone());
+            let data = self.load_from_disk(digest)?;
+            self.insert_memory(*digest, data.clone());
             return Some(slice_clamped(&data, offset, len));
         }
-        let path = self.chunk_path(&key);
+        let path = self.chunk_path(digest);
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) => {
-                self.forget_missing(&key, &path, &e);
+                self.forget_missing(digest, &path, &e);
                 self.note_miss();
                 return None;
             }
@@ -383,11 +361,11 @@ impl ChunkCache {
             _ => false,
         };
         if !read_ok {
-            self.remove_corrupt(&key, "size differs from the index or read failed");
+            self.remove_corrupt(digest, "size differs from the index or read failed");
             self.note_miss();
             return None;
         }
-        self.maybe_touch(&key, &file, touched);
+        self.maybe_touch(digest, &file, touched);
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
         Some(Bytes::from(buf))
@@ -395,17 +373,16 @@ impl ChunkCache {
 
     /// An open file holding exactly the chunk's bytes (for FUSE passthrough of single-chunk
     /// files). The descriptor stays valid if the chunk is evicted later.
-    pub fn open_file(&self, digest: &str) -> Option<File> {
-        let key = parse_digest(digest).ok()?;
+    pub fn open_file(&self, digest: &ChunkDigest) -> Option<File> {
         let (size, verified) = {
             let mut disk = lock(&self.disk);
-            let e = disk.lru.get(&key)?;
+            let e = disk.lru.get(digest)?;
             (e.size, e.verified)
         };
         if !verified {
-            self.load_from_disk(&key)?;
+            self.load_from_disk(digest)?;
         }
-        let file = File::open(self.chunk_path(&key)).ok()?;
+        let file = File::open(self.chunk_path(digest)).ok()?;
         match file.metadata() {
             Ok(m) if m.len() == size => Some(file),
             _ => None,
@@ -416,12 +393,12 @@ impl ChunkCache {
     /// layer does, through `estargz::decode_chunk`); the cache never checks it again for entries
     /// it wrote itself. The file is written under `tmp/` and renamed into place, then least
     /// recently used chunks are evicted to keep within the bounds.
-    pub fn insert(&self, digest: &str, data: Bytes) -> Result<(), CacheError> {
-        let key = parse_digest(digest)?;
+    pub fn insert(&self, digest: &ChunkDigest, data: Bytes) -> Result<(), CacheError> {
+        let key = *digest;
         let len = data.len() as u64;
         if len > self.opts.max_bytes {
             return Err(CacheError::TooLarge {
-                digest: digest.to_string(),
+                digest: key,
                 len,
                 max: self.opts.max_bytes,
             });
@@ -492,45 +469,42 @@ impl ChunkCache {
     /// Joins or starts the fill of a chunk: the first caller becomes the [`Fill::Leader`] and
     /// must fetch it and call [`FillGuard::complete`]; callers arriving before that wait for the
     /// leader's result. Every caller gets a [`FillWaiter`].
-    pub fn begin_fill(self: &Arc<Self>, digest: &str) -> Result<Fill, CacheError> {
-        let key = parse_digest(digest)?;
+    pub fn begin_fill(self: &Arc<Self>, digest: &ChunkDigest) -> Fill {
         let (tx, rx) = oneshot::channel();
         let mut pending = lock(&self.pending);
         let waiter = FillWaiter(rx);
-        match pending.get_mut(&key) {
+        match pending.get_mut(digest) {
             Some(waiters) => {
                 waiters.push(tx);
-                Ok(Fill::Follower(waiter))
+                Fill::Follower(waiter)
             }
             None => {
-                pending.insert(key, vec![tx]);
-                Ok(Fill::Leader(
+                pending.insert(*digest, vec![tx]);
+                Fill::Leader(
                     FillGuard {
                         cache: Arc::clone(self),
-                        key,
+                        digest: *digest,
                         finished: false,
                     },
                     waiter,
-                ))
+                )
             }
         }
     }
 
     /// Whether a fill of the chunk is under way.
-    pub fn is_filling(&self, digest: &str) -> bool {
-        parse_digest(digest)
-            .map(|key| lock(&self.pending).contains_key(&key))
-            .unwrap_or(false)
+    pub fn is_filling(&self, digest: &ChunkDigest) -> bool {
+        lock(&self.pending).contains_key(digest)
     }
 
-    fn finish_fill(&self, key: &Key, result: Result<Bytes, FillError>) {
+    fn finish_fill(&self, key: &ChunkDigest, result: Result<Bytes, FillError>) {
         let waiters = lock(&self.pending).remove(key).unwrap_or_default();
         for tx in waiters {
             let _ = tx.send(result.clone());
         }
     }
 
-    fn memory_hit(&self, key: &Key) -> Option<Bytes> {
+    fn memory_hit(&self, key: &ChunkDigest) -> Option<Bytes> {
         let data = lock(&self.memory).lru.get(key).cloned()?;
         // Keep the disk copy of a hot chunk from being evicted first.
         lock(&self.disk).lru.promote(key);
@@ -545,7 +519,7 @@ impl ChunkCache {
     }
 
     /// Reads a whole chunk file, checking its size and (for entries found at open) its digest.
-    fn load_from_disk(&self, key: &Key) -> Option<Bytes> {
+    fn load_from_disk(&self, key: &ChunkDigest) -> Option<Bytes> {
         let (size, verified, touched) = {
             let mut disk = lock(&self.disk);
             match disk.lru.get(key) {
@@ -579,7 +553,7 @@ impl ChunkCache {
             return None;
         };
         if !verified {
-            if sha256_key(&data) != *key {
+            if ChunkDigest::of(&data) != *key {
                 self.remove_corrupt(key, "content does not match its digest");
                 self.note_miss();
                 return None;
@@ -594,7 +568,7 @@ impl ChunkCache {
         Some(Bytes::from(data))
     }
 
-    fn insert_memory(&self, key: Key, data: Bytes) {
+    fn insert_memory(&self, key: ChunkDigest, data: Bytes) {
         let budget = self.opts.memory_bytes;
         let len = data.len() as u64;
         if len == 0 || len > budget / 2 {
@@ -618,7 +592,7 @@ impl ChunkCache {
     }
 
     /// Refreshes the file's mtime (the restart-time recency order) at most once a minute.
-    fn maybe_touch(&self, key: &Key, file: &File, touched: u64) {
+    fn maybe_touch(&self, key: &ChunkDigest, file: &File, touched: u64) {
         let now = self.now_secs();
         if touched != 0 && now.saturating_sub(touched) < TOUCH_INTERVAL_SECS {
             return;
@@ -632,7 +606,7 @@ impl ChunkCache {
 
     /// The index says a chunk is on disk but opening it failed: drop the entry if the file is
     /// really gone (checked under the lock, as renames and unlinks happen under it).
-    fn forget_missing(&self, key: &Key, path: &Path, err: &io::Error) {
+    fn forget_missing(&self, key: &ChunkDigest, path: &Path, err: &io::Error) {
         let mut disk = lock(&self.disk);
         if !path.exists() {
             if let Some(e) = disk.lru.pop(key) {
@@ -642,7 +616,7 @@ impl ChunkCache {
         }
     }
 
-    fn remove_corrupt(&self, key: &Key, why: &str) {
+    fn remove_corrupt(&self, key: &ChunkDigest, why: &str) {
         let path = self.chunk_path(key);
         let mut disk = lock(&self.disk);
         if let Some(e) = disk.lru.pop(key) {
@@ -685,7 +659,7 @@ impl ChunkCache {
 
     /// Evicts least recently used chunks until at most `target` bytes remain (never `keep`).
     /// Unlinks happen under the index lock so they cannot race a rename of the same digest.
-    fn evict_locked(&self, disk: &mut DiskIndex, target: u64, keep: Option<&Key>) -> u64 {
+    fn evict_locked(&self, disk: &mut DiskIndex, target: u64, keep: Option<&ChunkDigest>) -> u64 {
         let mut evicted = 0;
         while disk.bytes > target {
             let Some((key, entry)) = disk.lru.pop_lru() else {
@@ -720,7 +694,7 @@ impl ChunkCache {
 
     /// If the filesystem is above the high watermark, evicts down to the low one (never `keep`,
     /// the chunk just stored).
-    fn enforce_watermarks(&self, keep: Option<&Key>) {
+    fn enforce_watermarks(&self, keep: Option<&ChunkDigest>) {
         let (Some(high), Some(low)) = (self.opts.high_watermark_pct, self.opts.low_watermark_pct)
         else {
             return;
@@ -768,7 +742,7 @@ fn slice_clamped(data: &Bytes, offset: u64, len: usize) -> Bytes {
 }
 
 /// Lists `(digest, size, mtime)` of the chunk files; removes files whose names are not digests.
-fn scan_chunks(chunks_dir: &Path) -> Result<Vec<(Key, u64, SystemTime)>, CacheError> {
+fn scan_chunks(chunks_dir: &Path) -> Result<Vec<(ChunkDigest, u64, SystemTime)>, CacheError> {
     let mut found = Vec::new();
     for shard in 0..=255u8 {
         let shard_name = hex::encode([shard]);
@@ -781,7 +755,7 @@ fn scan_chunks(chunks_dir: &Path) -> Result<Vec<(Key, u64, SystemTime)>, CacheEr
             let key = name
                 .to_str()
                 .filter(|n| n.len() == 64 && n.starts_with(&shard_name))
-                .and_then(|n| parse_digest(&format!("sha256:{n}")).ok());
+                .and_then(ChunkDigest::from_hex);
             let meta = entry.metadata().ok().filter(|m| m.is_file());
             match (key, meta) {
                 (Some(key), Some(meta)) => {
@@ -810,7 +784,7 @@ pub enum Fill {
 /// the waiters with [`FillError::Abandoned`].
 pub struct FillGuard {
     cache: Arc<ChunkCache>,
-    key: Key,
+    digest: ChunkDigest,
     finished: bool,
 }
 
@@ -819,19 +793,20 @@ impl FillGuard {
     /// caller inserts the chunk into the cache before completing, so later readers hit it.
     pub fn complete(mut self, result: Result<Bytes, FillError>) {
         self.finished = true;
-        self.cache.finish_fill(&self.key, result);
+        self.cache.finish_fill(&self.digest, result);
     }
 
     /// The chunk digest this guard fills.
-    pub fn digest(&self) -> String {
-        format!("sha256:{}", hex::encode(self.key))
+    pub fn digest(&self) -> ChunkDigest {
+        self.digest
     }
 }
 
 impl Drop for FillGuard {
     fn drop(&mut self) {
         if !self.finished {
-            self.cache.finish_fill(&self.key, Err(FillError::Abandoned));
+            self.cache
+                .finish_fill(&self.digest, Err(FillError::Abandoned));
         }
     }
 }
@@ -850,8 +825,13 @@ impl FillWaiter {
 mod tests {
     use super::*;
 
-    fn digest_of(data: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    fn digest_of(data: &[u8]) -> ChunkDigest {
+        ChunkDigest::of(data)
+    }
+
+    fn chunk_file(dir: &Path, digest: &ChunkDigest) -> PathBuf {
+        let hex = digest.hex();
+        dir.join("chunks/sha256").join(&hex[..2]).join(hex)
     }
 
     fn opts(dir: &Path, max: u64, mem: u64) -> CacheOptions {
@@ -874,7 +854,9 @@ mod tests {
         assert_eq!(cache.get(&d).unwrap(), data);
         assert_eq!(cache.read_at(&d, 4990, 100).unwrap(), data.slice(4990..));
         assert_eq!(cache.read_at(&d, 6000, 10).unwrap().len(), 0);
-        let hex = &d["sha256:".len()..];
+        // The file name is the digest's hex, as caches written by earlier versions have it.
+        let text = d.to_string();
+        let hex = &text["sha256:".len()..];
         assert!(dir
             .path()
             .join("chunks/sha256")
@@ -894,30 +876,11 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_digests() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
-        for bad in [
-            "",
-            "sha256:",
-            "sha256:zz",
-            "md5:00",
-            "sha256:../../etc/passwd",
-        ] {
-            assert!(matches!(
-                cache.insert(bad, Bytes::from_static(b"x")),
-                Err(CacheError::InvalidDigest { .. })
-            ));
-            assert!(cache.get(bad).is_none());
-        }
-    }
-
-    #[test]
     fn size_bound_evicts_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(opts(dir.path(), 3000, 0)).unwrap();
         let chunks: Vec<Bytes> = (0..5u8).map(|i| Bytes::from(vec![i; 1000])).collect();
-        let digests: Vec<String> = chunks.iter().map(|c| digest_of(c)).collect();
+        let digests: Vec<ChunkDigest> = chunks.iter().map(|c| digest_of(c)).collect();
         for i in 0..3 {
             cache.insert(&digests[i], chunks[i].clone()).unwrap();
         }
@@ -954,8 +917,7 @@ mod tests {
         }
         // Simulate a crash: a leftover temp file and a chunk file cut short.
         std::fs::write(dir.path().join("tmp/123-0.part"), b"partial").unwrap();
-        let hex = &dt["sha256:".len()..];
-        let torn_path = dir.path().join("chunks/sha256").join(&hex[..2]).join(hex);
+        let torn_path = chunk_file(dir.path(), &dt);
         std::fs::write(&torn_path, vec![8u8; 10]).unwrap();
         let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 1 << 20)).unwrap();
         assert!(!dir.path().join("tmp/123-0.part").exists());
@@ -970,13 +932,12 @@ mod tests {
     fn reopen_with_smaller_bound_evicts_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let chunks: Vec<Bytes> = (0..4u8).map(|i| Bytes::from(vec![i; 1000])).collect();
-        let digests: Vec<String> = chunks.iter().map(|c| digest_of(c)).collect();
+        let digests: Vec<ChunkDigest> = chunks.iter().map(|c| digest_of(c)).collect();
         {
             let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
             for (i, c) in chunks.iter().enumerate() {
                 cache.insert(&digests[i], c.clone()).unwrap();
-                let hex = &digests[i]["sha256:".len()..];
-                let path = dir.path().join("chunks/sha256").join(&hex[..2]).join(hex);
+                let path = chunk_file(dir.path(), &digests[i]);
                 let when = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
                 File::open(path).unwrap().set_modified(when).unwrap();
             }
@@ -993,10 +954,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
         let d = digest_of(b"abc");
-        let Fill::Leader(guard, leader_wait) = cache.begin_fill(&d).unwrap() else {
+        let Fill::Leader(guard, leader_wait) = cache.begin_fill(&d) else {
             panic!("first caller must lead");
         };
-        let Fill::Follower(follower_wait) = cache.begin_fill(&d).unwrap() else {
+        let Fill::Follower(follower_wait) = cache.begin_fill(&d) else {
             panic!("second caller must follow");
         };
         assert!(cache.is_filling(&d));
@@ -1005,7 +966,7 @@ mod tests {
         assert_eq!(&follower_wait.wait().await.unwrap()[..], b"abc");
         assert!(!cache.is_filling(&d));
 
-        let Fill::Leader(guard, wait) = cache.begin_fill(&d).unwrap() else {
+        let Fill::Leader(guard, wait) = cache.begin_fill(&d) else {
             panic!("a new fill starts after completion");
         };
         drop(guard);

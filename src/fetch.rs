@@ -13,6 +13,7 @@
 //! fills the rest of the layer in the background: lowest priority, paused while any on-demand
 //! read is in flight ([`OnDemandActivity`]), with per-layer concurrency and bandwidth limits.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -32,13 +33,10 @@ use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
 use crate::estargz::{self, ChunkInfo, Compression};
 use crate::metrics::{self, FetchKind};
 
-/// One regular file of a layer: its name (for messages), size and chunks in file order.
-#[derive(Debug, Clone)]
-pub struct FileChunks {
-    pub name: String,
-    pub size: u64,
-    pub chunks: Vec<ChunkInfo>,
-}
+mod layer_files;
+
+use layer_files::FileRecord;
+pub use layer_files::{LayerFiles, LayerFilesFull};
 
 /// Counts on-demand reads waiting for the network, node-wide; background fill pauses while it is
 /// non-zero. One process-global instance is the default ([`OnDemandActivity::global`]).
@@ -182,8 +180,8 @@ struct Counters {
     background_done: AtomicBool,
 }
 
-/// Position of a chunk: (file index, chunk index within the file).
-type ChunkRef = (usize, usize);
+/// Position of a chunk in the layer's chunk array ([`LayerFiles`] holds at most `u32::MAX`).
+type ChunkRef = usize;
 
 /// Reads a layer's files chunk by chunk from a blob through the shared cache.
 pub struct LayerReader {
@@ -194,11 +192,12 @@ struct Inner {
     layer: String,
     blob: Arc<dyn BlobSource>,
     compression: Compression,
-    files: Vec<FileChunks>,
-    /// Why a file's chunk list is unusable (its reads fail with EIO), per file.
-    file_errors: Vec<Option<String>>,
-    /// Distinct chunks of the layer in blob order.
-    layer_chunks: Vec<ChunkRef>,
+    files: LayerFiles,
+    /// Why a file's chunk list is unusable (its reads fail with EIO), by file index, sorted;
+    /// nearly always empty.
+    file_errors: Vec<(usize, String)>,
+    /// Distinct chunks of the layer in blob order, as [`ChunkRef`]s (stored in 4 bytes each).
+    layer_chunks: Vec<u32>,
     cache: Arc<ChunkCache>,
     opts: FetchOptions,
     runtime: Handle,
@@ -233,12 +232,14 @@ impl Drop for Reply {
 /// files at a few MiB; a TOC declaring more is refused rather than trusted with memory.
 const MAX_CHUNK_LEN: u64 = 1 << 30;
 
-fn check_file(file: &FileChunks, blob_size: u64) -> Result<(), String> {
-    if file.size == 0 {
+/// Checks that `chunks` (sorted by file offset) cover a file of `size` bytes exactly, each within
+/// the blob and the chunk size limit.
+fn check_file(size: u64, chunks: &[ChunkInfo], blob_size: u64) -> Result<(), String> {
+    if size == 0 {
         return Ok(());
     }
     let mut expected = 0u64;
-    for c in &file.chunks {
+    for c in chunks {
         if c.file_offset != expected {
             return Err(format!(
                 "chunk at file offset {} does not follow the previous one ending at {expected}",
@@ -264,24 +265,49 @@ fn check_file(file: &FileChunks, blob_size: u64) -> Result<(), String> {
             .checked_add(c.len)
             .ok_or_else(|| "chunk lengths overflow".to_string())?;
     }
-    if expected != file.size {
+    if expected != size {
         return Err(format!(
-            "chunks cover {expected} bytes but the file has {}",
-            file.size
+            "chunks cover {expected} bytes but the file has {size}"
         ));
     }
     Ok(())
 }
 
+/// The chunks of the usable, non-empty files, each digest once (its first occurrence), in blob
+/// order: what prefetch and background fill walk.
+fn distinct_chunks_in_blob_order(files: &LayerFiles, file_errors: &[(usize, String)]) -> Vec<u32> {
+    let mut seen = HashSet::new();
+    let mut distinct = Vec::new();
+    for (index, record) in files.records().iter().enumerate() {
+        if record.size == 0
+            || file_errors
+                .binary_search_by_key(&index, |(i, _)| *i)
+                .is_ok()
+        {
+            continue;
+        }
+        let positions = record.first_chunk..record.first_chunk.saturating_add(record.chunk_count);
+        for (at, chunk) in positions.zip(files.chunks_of(record)) {
+            if seen.insert(&chunk.digest) {
+                distinct.push(at);
+            }
+        }
+    }
+    let chunks = files.all_chunks();
+    distinct.sort_by_key(|&at| chunks.get(at as usize).map_or(0, |c| c.compressed.start));
+    distinct.shrink_to_fit();
+    distinct
+}
+
 impl LayerReader {
-    /// A reader for `files` (a [`ContentId`] is an index into it) of the layer stored in `blob`.
+    /// A reader for `files` (a [`ContentId`] is a file index in it) of the layer stored in `blob`.
     /// Files whose chunk lists are inconsistent are logged and read as EIO. Tasks run on
     /// `runtime`; `layer_name` names the layer in logs and metrics.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         blob: Arc<dyn BlobSource>,
         compression: Compression,
-        mut files: Vec<FileChunks>,
+        mut files: LayerFiles,
         cache: Arc<ChunkCache>,
         opts: FetchOptions,
         runtime: Handle,
@@ -289,32 +315,17 @@ impl LayerReader {
     ) -> Arc<LayerReader> {
         let layer = layer_name.into();
         let blob_size = blob.size();
-        let mut file_errors = Vec::with_capacity(files.len());
-        for file in &mut files {
-            if !file.chunks.is_sorted_by_key(|c| c.file_offset) {
-                file.chunks.sort_by_key(|c| c.file_offset);
-            }
-            let error = check_file(file, blob_size).err();
-            if let Some(e) = &error {
-                tracing::error!(layer = %layer, file = %file.name, error = %e, "file has an unusable chunk list; its reads fail");
-            }
-            file_errors.push(error);
-        }
-        let mut layer_chunks: Vec<ChunkRef> = Vec::new();
-        {
-            let mut seen = std::collections::HashSet::new();
-            for (fi, file) in files.iter().enumerate() {
-                if file_errors[fi].is_some() || file.size == 0 {
-                    continue;
-                }
-                for (ci, c) in file.chunks.iter().enumerate() {
-                    if seen.insert(c.digest.as_str()) {
-                        layer_chunks.push((fi, ci));
-                    }
-                }
+        files.shrink_to_fit();
+        files.sort_chunks();
+        let mut file_errors = Vec::new();
+        for (index, record) in files.records().iter().enumerate() {
+            if let Err(e) = check_file(record.size, files.chunks_of(record), blob_size) {
+                let name = files.name(index).unwrap_or_default();
+                tracing::error!(layer = %layer, file = %name, error = %e, "file has an unusable chunk list; its reads fail");
+                file_errors.push((index, e));
             }
         }
-        layer_chunks.sort_by_key(|&(fi, ci)| files[fi].chunks[ci].compressed.start);
+        let layer_chunks = distinct_chunks_in_blob_order(&files, &file_errors);
         let concurrency = opts.concurrency.max(1);
         Arc::new(LayerReader {
             inner: Arc::new(Inner {
@@ -370,10 +381,9 @@ impl LayerReader {
             .inner
             .layer_chunks
             .iter()
-            .filter(|&&(fi, ci)| {
-                self.inner
-                    .cache
-                    .contains(&self.inner.files[fi].chunks[ci].digest)
+            .filter(|&&at| {
+                let chunk = self.inner.chunk(at as ChunkRef);
+                self.inner.cache.contains(&chunk.digest)
             })
             .count() as u64;
         LayerFetchStats {
@@ -428,28 +438,27 @@ impl ContentSource for LayerReader {
     fn read(&self, content: ContentId, offset: u64, size: u32, done: ReadDone) {
         let reply = Reply(Some(done));
         let inner = &self.inner;
-        let Some(index) = usize::try_from(content)
+        let Some((index, file)) = usize::try_from(content)
             .ok()
-            .filter(|&i| i < inner.files.len())
+            .and_then(|i| Some((i, inner.files.record(i)?)))
         else {
             tracing::error!(layer = %inner.layer, content, "read of an unknown content id");
             inner.counters.read_errors.fetch_add(1, Ordering::Relaxed);
             reply.send(Err(libc::EIO));
             return;
         };
-        if let Some(e) = &inner.file_errors[index] {
-            tracing::error!(layer = %inner.layer, file = %inner.files[index].name, error = %e, "read of a file with an unusable chunk list");
+        if let Some(e) = inner.file_error(index) {
+            tracing::error!(layer = %inner.layer, file = %inner.file_name(index), error = %e, "read of a file with an unusable chunk list");
             inner.counters.read_errors.fetch_add(1, Ordering::Relaxed);
             reply.send(Err(libc::EIO));
             return;
         }
-        let file = &inner.files[index];
         let end = offset.saturating_add(u64::from(size)).min(file.size);
         if offset >= end {
             reply.send(Ok(Bytes::new()));
             return;
         }
-        if let Some(data) = inner.read_cached(index, offset, end) {
+        if let Some(data) = inner.read_cached(&file, offset, end) {
             reply.send(Ok(data));
             return;
         }
@@ -459,7 +468,7 @@ impl ContentSource for LayerReader {
             let deadline = task_inner.opts.deadline;
             let result = match tokio::time::timeout(
                 deadline,
-                task_inner.read_slow(index, offset, end),
+                task_inner.read_slow(index, file, offset, end),
             )
             .await
             {
@@ -467,7 +476,7 @@ impl ContentSource for LayerReader {
                 Err(_) => {
                     tracing::error!(
                         layer = %task_inner.layer,
-                        file = %task_inner.files[index].name,
+                        file = %task_inner.file_name(index),
                         offset,
                         ?deadline,
                         "read missed its deadline"
@@ -487,8 +496,8 @@ impl ContentSource for LayerReader {
     }
 
     fn local_file(&self, content: ContentId) -> Option<std::fs::File> {
-        let file = self.inner.files.get(usize::try_from(content).ok()?)?;
-        match file.chunks.as_slice() {
+        let file = self.inner.files.record(usize::try_from(content).ok()?)?;
+        match self.inner.files.chunks_of(&file) {
             [only] if only.file_offset == 0 && only.len == file.size && file.size > 0 => {
                 self.inner.cache.open_file(&only.digest)
             }
@@ -550,24 +559,38 @@ fn error_reason(e: &BlobError) -> &'static str {
 }
 
 impl Inner {
-    fn chunk(&self, (fi, ci): ChunkRef) -> &ChunkInfo {
-        &self.files[fi].chunks[ci]
+    fn chunk(&self, at: ChunkRef) -> &ChunkInfo {
+        &self.files.all_chunks()[at]
     }
 
-    /// Index range of the chunks of file `index` that `[offset, end)` touches.
-    fn span(&self, index: usize, offset: u64, end: u64) -> Range<usize> {
-        let chunks = &self.files[index].chunks;
+    /// Why file `index` cannot be read, if it cannot.
+    fn file_error(&self, index: usize) -> Option<&str> {
+        let found = self
+            .file_errors
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()?;
+        self.file_errors.get(found).map(|(_, e)| e.as_str())
+    }
+
+    /// Name of file `index`, for messages.
+    fn file_name(&self, index: usize) -> &str {
+        self.files.name(index).unwrap_or("<unknown file>")
+    }
+
+    /// The chunks of `file` that `[offset, end)` touches, as positions in the layer's chunk array.
+    fn span(&self, file: &FileRecord, offset: u64, end: u64) -> Range<ChunkRef> {
+        let chunks = self.files.chunks_of(file);
         let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
         let last = chunks.partition_point(|c| c.file_offset < end);
-        first..last.max(first)
+        let base = file.chunk_range().start;
+        base + first..base + last.max(first)
     }
 
     /// Answers from the cache alone, or `None` if any chunk is missing.
-    fn read_cached(&self, index: usize, offset: u64, end: u64) -> Option<Bytes> {
-        let file = &self.files[index];
-        let span = self.span(index, offset, end);
+    fn read_cached(&self, file: &FileRecord, offset: u64, end: u64) -> Option<Bytes> {
+        let span = self.span(file, offset, end);
         let mut parts = Vec::with_capacity(span.len());
-        for c in &file.chunks[span] {
+        for c in self.files.all_chunks().get(span)? {
             let (start, len) = part_of(c, offset, end);
             match self.cache.read_at(&c.digest, start, len) {
                 Some(b) if b.len() == len => {
@@ -584,15 +607,16 @@ impl Inner {
     async fn read_slow(
         self: &Arc<Self>,
         index: usize,
+        file: FileRecord,
         offset: u64,
         end: u64,
     ) -> Result<Bytes, i32> {
-        let span = self.span(index, offset, end);
+        let span = self.span(&file, offset, end);
         let mut parts: Vec<Option<Bytes>> = vec![None; span.len()];
         let mut waits = Vec::new();
         let mut leaders = Vec::new();
-        for (slot, ci) in span.clone().enumerate() {
-            let c = &self.files[index].chunks[ci];
+        for (slot, at) in span.enumerate() {
+            let c = self.chunk(at);
             let (start, len) = part_of(c, offset, end);
             if let Some(b) = self
                 .cache
@@ -605,19 +629,15 @@ impl Inner {
             }
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             match self.cache.begin_fill(&c.digest) {
-                Ok(Fill::Leader(guard, waiter)) => {
+                Fill::Leader(guard, waiter) => {
                     // Another reader may have stored it between the lookup and the claim.
                     match self.cache.get(&c.digest) {
                         Some(data) => guard.complete(Ok(data)),
-                        None => leaders.push(((index, ci), guard)),
+                        None => leaders.push((at, guard)),
                     }
-                    waits.push((slot, ci, waiter));
+                    waits.push((slot, at, waiter));
                 }
-                Ok(Fill::Follower(waiter)) => waits.push((slot, ci, waiter)),
-                Err(e) => {
-                    tracing::error!(layer = %self.layer, file = %self.files[index].name, error = %e, "bad chunk digest");
-                    return Err(libc::EIO);
-                }
+                Fill::Follower(waiter) => waits.push((slot, at, waiter)),
             }
         }
         if !leaders.is_empty() {
@@ -634,14 +654,14 @@ impl Inner {
                     .await;
             });
         }
-        for (slot, ci, waiter) in waits {
-            let c = &self.files[index].chunks[ci];
+        for (slot, at, waiter) in waits {
+            let c = self.chunk(at);
             let data = match waiter.wait().await {
                 Ok(data) => data,
                 // The fetching task went away (another layer shut down): fetch it ourselves.
-                Err(FillError::Abandoned) => self.obtain_chunk((index, ci)).await?,
+                Err(FillError::Abandoned) => self.obtain_chunk(at).await?,
                 Err(e) => {
-                    tracing::error!(layer = %self.layer, file = %self.files[index].name, chunk = %c.digest, error = %e, "read failed");
+                    tracing::error!(layer = %self.layer, file = %self.file_name(index), chunk = %c.digest, error = %e, "read failed");
                     return Err(libc::EIO);
                 }
             };
@@ -666,7 +686,7 @@ impl Inner {
                 return Ok(data);
             }
             let waiter = match self.cache.begin_fill(digest) {
-                Ok(Fill::Leader(guard, waiter)) => {
+                Fill::Leader(guard, waiter) => {
                     let inner = Arc::clone(self);
                     self.runtime.spawn(async move {
                         inner
@@ -680,8 +700,7 @@ impl Inner {
                     });
                     waiter
                 }
-                Ok(Fill::Follower(waiter)) => waiter,
-                Err(_) => return Err(libc::EIO),
+                Fill::Follower(waiter) => waiter,
             };
             match waiter.wait().await {
                 Ok(data) => return Ok(data),
@@ -753,9 +772,9 @@ impl Inner {
 
     /// Decompresses and verifies one chunk; stores it in the cache if it is right.
     fn decode_and_store(&self, at: ChunkRef, compressed: &[u8]) -> Result<Bytes, FillError> {
-        let file = &self.files[at.0];
         let chunk = self.chunk(at);
-        match estargz::decode_chunk(self.compression, &file.name, chunk, compressed) {
+        let file = self.file_name(self.files.file_of_chunk(at));
+        match estargz::decode_chunk(self.compression, file, chunk, compressed) {
             Ok(data) => {
                 let data = Bytes::from(data);
                 if let Err(e) = self.cache.insert(&chunk.digest, data.clone()) {
@@ -771,7 +790,7 @@ impl Inner {
                 tracing::error!(
                     layer = %self.layer,
                     chunk = %chunk.digest,
-                    file = %file.name,
+                    file = %file,
                     error = %e,
                     "chunk failed verification; not served, not cached"
                 );
@@ -882,7 +901,7 @@ impl Inner {
             if self.cache.contains(digest) {
                 continue;
             }
-            if let Ok(Fill::Leader(guard, _)) = self.cache.begin_fill(digest) {
+            if let Fill::Leader(guard, _) = self.cache.begin_fill(digest) {
                 // A chunk cached between the check and the claim needs no fetch.
                 if let Some(data) = self.cache.get(digest) {
                     guard.complete(Ok(data));
@@ -900,7 +919,7 @@ impl Inner {
         let wanted: Vec<ChunkRef> = self
             .layer_chunks
             .iter()
-            .copied()
+            .map(|&at| at as ChunkRef)
             .filter(|&at| {
                 let c = &self.chunk(at).compressed;
                 c.start >= range.start && c.start < range.end
@@ -959,7 +978,7 @@ impl Inner {
                 // Next batch: consecutive chunks not cached, within one request's size.
                 let mut batch: Vec<ChunkRef> = Vec::new();
                 while i < self.layer_chunks.len() {
-                    let at = self.layer_chunks[i];
+                    let at = self.layer_chunks[i] as ChunkRef;
                     let c = self.chunk(at);
                     if self.cache.contains(&c.digest) || self.cache.is_filling(&c.digest) {
                         i += 1;
@@ -1023,6 +1042,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estargz::ChunkDigest;
 
     #[test]
     fn runs_coalesce_adjacent_and_respect_limits() {
@@ -1041,24 +1061,40 @@ mod tests {
         assert_eq!(shared.len(), 1);
     }
 
-    #[test]
-    fn chunk_lists_are_checked() {
-        let chunk = |off: u64, len: u64, c: Range<u64>| ChunkInfo {
-            compressed: c,
+    fn chunk(off: u64, len: u64, compressed: Range<u64>) -> ChunkInfo {
+        ChunkInfo {
+            digest: ChunkDigest::of(&compressed.start.to_le_bytes()),
+            compressed,
             inner_offset: 0,
             file_offset: off,
             len,
-            digest: String::new(),
-        };
-        let file = |size, chunks| FileChunks {
-            name: "f".into(),
-            size,
-            chunks,
-        };
-        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5), chunk(4, 6, 5..9)]), 100).is_ok());
-        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5)]), 100).is_err());
-        assert!(check_file(&file(10, vec![chunk(0, 4, 0..5), chunk(5, 5, 5..9)]), 100).is_err());
-        assert!(check_file(&file(4, vec![chunk(0, 4, 0..500)]), 100).is_err());
-        assert!(check_file(&file(0, vec![]), 100).is_ok());
+        }
+    }
+
+    #[test]
+    fn chunk_lists_are_checked() {
+        assert!(check_file(10, &[chunk(0, 4, 0..5), chunk(4, 6, 5..9)], 100).is_ok());
+        assert!(check_file(10, &[chunk(0, 4, 0..5)], 100).is_err());
+        assert!(check_file(10, &[chunk(0, 4, 0..5), chunk(5, 5, 5..9)], 100).is_err());
+        assert!(check_file(4, &[chunk(0, 4, 0..500)], 100).is_err());
+        assert!(check_file(0, &[], 100).is_ok());
+    }
+
+    #[test]
+    fn distinct_chunks_skip_repeats_empty_and_unusable_files_in_blob_order() {
+        let mut files = LayerFiles::new();
+        let shared = chunk(0, 4, 50..60);
+        files
+            .push("late", 8, &[chunk(0, 4, 70..80), chunk(4, 4, 80..90)])
+            .unwrap();
+        files.push("empty", 0, &[]).unwrap();
+        files
+            .push("shared-a", 4, std::slice::from_ref(&shared))
+            .unwrap();
+        files.push("broken", 4, &[chunk(0, 4, 10..20)]).unwrap();
+        files.push("shared-b", 4, &[shared]).unwrap();
+        let errors = vec![(3, "broken chunk list".to_string())];
+        // Positions in the flat chunk array: late = 0, 1; shared-a = 2; broken = 3; shared-b = 4.
+        assert_eq!(distinct_chunks_in_blob_order(&files, &errors), [2, 0, 1]);
     }
 }

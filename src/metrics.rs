@@ -15,6 +15,8 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::estargz::ChunkDigest;
+
 /// Why chunk bytes were fetched; the `kind` label of `lazysnap_fetched_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FetchKind {
@@ -320,7 +322,7 @@ pub fn observe_fuse_op(op: &str, latency: Duration) {
 }
 
 /// Counts a chunk whose bytes did not match its digest, naming the layer and the chunk digest.
-pub fn record_verify_failure(layer: &str, chunk: &str) {
+pub fn record_verify_failure(layer: &str, chunk: &ChunkDigest) {
     METRICS
         .verify_failures
         .get_or_create(&ChunkLabels {
@@ -454,7 +456,8 @@ mod tests {
         record_fetch(FetchKind::OnDemand, 10, Duration::from_millis(3));
         record_cache_hit(CacheTier::Memory);
         record_cache_miss();
-        record_verify_failure("layer-x", "sha256:00");
+        let chunk = ChunkDigest::from_bytes([0xab; 32]);
+        record_verify_failure("layer-x", &chunk);
         record_fallback("not_estargz");
         observe_fuse_op("read", Duration::from_micros(20));
         let text = encode();
@@ -462,7 +465,7 @@ mod tests {
             "lazysnap_fetched_bytes_total{kind=\"on_demand\"}",
             "lazysnap_cache_hits_total{tier=\"memory\"}",
             "lazysnap_cache_misses_total",
-            "lazysnap_chunk_verify_failures_total{layer=\"layer-x\",chunk=\"sha256:00\"}",
+            &format!("lazysnap_chunk_verify_failures_total{{layer=\"layer-x\",chunk=\"{chunk}\"}}"),
             "lazysnap_fallbacks_total{reason=\"not_estargz\"}",
             "lazysnap_fuse_op_duration_seconds_bucket{",
             "lazysnap_fetch_duration_seconds_count{kind=\"on_demand\"}",

@@ -6,16 +6,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use lazysnap::cache::{CacheOptions, ChunkCache};
-use sha2::{Digest, Sha256};
+use lazysnap::estargz::ChunkDigest;
 
-fn chunk(i: usize) -> (String, Bytes) {
+fn chunk(i: usize) -> (ChunkDigest, Bytes) {
     let data: Vec<u8> = (0..(1000 + i * 37))
         .map(|j| (j as u8).wrapping_mul(i as u8 | 1))
         .collect();
-    (
-        format!("sha256:{}", hex::encode(Sha256::digest(&data))),
-        Bytes::from(data),
-    )
+    (ChunkDigest::of(&data), Bytes::from(data))
 }
 
 #[test]
@@ -28,7 +25,7 @@ fn concurrent_inserts_reads_and_evictions_never_return_wrong_bytes() {
         ..CacheOptions::new(dir.path())
     })
     .unwrap();
-    let chunks: Arc<Vec<(String, Bytes)>> = Arc::new((0..40).map(chunk).collect());
+    let chunks: Arc<Vec<(ChunkDigest, Bytes)>> = Arc::new((0..40).map(chunk).collect());
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let cache = Arc::clone(&cache);

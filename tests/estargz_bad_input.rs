@@ -282,6 +282,25 @@ async fn chunk_layout_violations_are_refused() {
         )])
     });
     expect_bad_entry(blob, "orphan", "orphan chunk").await;
+    // Chunk digests that are not sha256, or not hex: refused naming the entry.
+    let sha512 = format!("sha512:{}", "ab".repeat(64));
+    let short = format!("sha256:{}", &d["sha256:".len()..][..62]);
+    for (file, bad) in [("sha512.txt", sha512), ("short.txt", short)] {
+        let blob = crafted_blob(&[data], |o| {
+            toc(&[format!(
+                r#"{{"name":"{file}","type":"reg","size":10,"offset":{},"digest":"{d}","chunkDigest":"{bad}"}}"#,
+                o[0]
+            )])
+        });
+        match open(blob, None).await {
+            Err(FormatError::BadEntry { name, reason, .. }) => {
+                assert_eq!(name, file, "{reason}");
+                assert!(reason.contains("sha256:<64 hex digits>"), "{reason}");
+                assert!(reason.contains(&bad[..60]), "{reason}");
+            }
+            other => panic!("{file}: expected BadEntry, got {other:?}"),
+        }
+    }
     // Unknown type, bad xattr encoding, bad modtime.
     let blob = crafted_blob(&[], |_| {
         toc(&[r#"{"name":"s","type":"socket"}"#.to_string()])

@@ -11,17 +11,34 @@ use std::time::Duration;
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobFuture, BlobSource, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
-use lazysnap::estargz::{ChunkInfo, Compression};
-use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
+use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
+use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
 use lazysnap_fuse::ContentSource;
-use sha2::{Digest, Sha256};
 
 // ---------- fixtures: a blob of compressed chunk members ----------
 
 struct TestLayer {
     blob: Bytes,
-    files: Vec<FileChunks>,
+    files: Vec<TestFile>,
     contents: Vec<Vec<u8>>,
+}
+
+/// One file of a [`TestLayer`], kept apart so tests can inspect and break its chunk list.
+struct TestFile {
+    name: String,
+    size: u64,
+    chunks: Vec<ChunkInfo>,
+}
+
+impl TestLayer {
+    /// The files as a reader takes them.
+    fn layer_files(&self) -> LayerFiles {
+        let mut files = LayerFiles::new();
+        for f in &self.files {
+            files.push(&f.name, f.size, &f.chunks).unwrap();
+        }
+        files
+    }
 }
 
 fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
@@ -50,8 +67,8 @@ fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
     }
 }
 
-fn digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+fn digest(data: &[u8]) -> ChunkDigest {
+    ChunkDigest::of(data)
 }
 
 /// Builds a blob: a junk header, then each file's chunks as separate members, then a trailer.
@@ -77,7 +94,7 @@ fn build_layer(
                 digest: digest(piece),
             });
         }
-        files.push(FileChunks {
+        files.push(TestFile {
             name: format!("file{i}"),
             size: content.len() as u64,
             chunks,
@@ -100,7 +117,7 @@ fn add_packed_file(layer: &mut TestLayer, compression: Compression, a: Vec<u8>, 
     blob.extend_from_slice(&compress(compression, &both));
     let end = blob.len() as u64;
     blob.extend_from_slice(b"TRAILER");
-    layer.files.push(FileChunks {
+    layer.files.push(TestFile {
         name: "packed".into(),
         size: both.len() as u64,
         chunks: vec![
@@ -261,7 +278,7 @@ fn reader(
     LayerReader::new(
         blob,
         compression,
-        layer.files.clone(),
+        layer.layer_files(),
         Arc::clone(cache),
         opts,
         rt.handle().clone(),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lazysnap::blob::BlobSource;
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{self, BuildOptions, Compression, EntryKind};
-use lazysnap::fetch::{FetchOptions, FileChunks, LayerReader, OnDemandActivity};
+use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
 use lazysnap::registry::{Client, ClientConfig, Reference};
 use lazysnap::testbed::RegistryServer;
 use lazysnap_fuse::ContentSource;
@@ -84,15 +84,11 @@ fn open_reader(
         .block_on(estargz::open_layer(blob.as_ref(), Some(&pushed.toc_digest)))
         .unwrap();
     let mut names = Vec::new();
-    let mut files = Vec::new();
+    let mut files = LayerFiles::new();
     for e in toc.entries() {
         if e.kind == EntryKind::Reg {
             names.push(e.path.clone());
-            files.push(FileChunks {
-                name: e.path.clone(),
-                size: e.size,
-                chunks: e.chunks.clone(),
-            });
+            files.push(&e.path, e.size, &e.chunks).unwrap();
         }
     }
     let opts = FetchOptions {

@@ -6,6 +6,7 @@
 //! [`ChunkInfo`]s say which compressed bytes to fetch; [`decode_chunk`] turns those bytes into
 //! verified file data. [`build_layer`] writes a layer from an uncompressed tar stream.
 
+mod chunk_digest;
 mod decompress;
 pub mod footer;
 #[doc(hidden)]
@@ -21,6 +22,7 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
+pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
 pub use reader::{
     layer_from_toc_json, open_layer, parse_toc_json, verify_layer, Entry, EntryKind, Landmark,
@@ -127,8 +129,8 @@ pub struct ChunkInfo {
     pub file_offset: u64,
     /// Decompressed length of the chunk.
     pub len: u64,
-    /// `sha256:<hex>` of the decompressed chunk.
-    pub digest: String,
+    /// sha256 of the decompressed chunk.
+    pub digest: ChunkDigest,
 }
 
 /// Largest initial buffer reserved for a chunk; bigger chunks grow as real data arrives, so a
@@ -163,7 +165,7 @@ pub fn decode_chunk(
         },
     };
     result.map_err(|e| bad(format!("cannot decompress {} bytes: {e}", chunk.len)))?;
-    let actual = sha256_digest(&out);
+    let actual = ChunkDigest::of(&out);
     if actual != chunk.digest {
         return Err(bad(format!(
             "digest mismatch: TOC says {}, data is {actual}",

@@ -13,8 +13,8 @@ use super::footer::{parse_footer, Footer, MAX_FOOTER_SIZE};
 use super::timefmt::parse_rfc3339;
 use super::toc::{Toc, TocEntry};
 use super::{
-    decode_chunk, ChunkInfo, Compression, FormatError, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
-    TOC_TAR_NAME,
+    decode_chunk, ChunkDigest, ChunkInfo, Compression, FormatError, NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
 use crate::blob::BlobSource;
 
@@ -727,18 +727,16 @@ fn make_chunk(
     if e.offset == 0 {
         return Err(entry_err("file data has no compressed offset".into()));
     }
-    let digest = if !e.chunk_digest.is_empty() {
-        e.chunk_digest.clone()
+    let digest_text = if !e.chunk_digest.is_empty() {
+        e.chunk_digest.as_str()
     } else if let Some(d) = file_digest.filter(|d| !d.is_empty() && len == size) {
-        d.to_string()
+        d
     } else {
         return Err(entry_err("chunk has no chunkDigest".into()));
     };
-    if !check_digest(&digest) {
-        return Err(entry_err(format!(
-            "chunk digest {digest:?} is not sha256:<hex>"
-        )));
-    }
+    let digest = digest_text
+        .parse::<ChunkDigest>()
+        .map_err(|invalid| entry_err(invalid.to_string()))?;
     Ok(ChunkInfo {
         compressed: e.offset..extent_end(e.offset),
         inner_offset: e.inner_offset,

@@ -1,28 +1,27 @@
 //! Turns a layer's normalized TOC into the FUSE index (overlayfs whiteouts converted) and the
-//! per-file chunk lists the fetch path serves; the content id of a file is its position in them.
+//! per-file fetch metadata ([`LayerFiles`]); the content id of a file is its position there.
 
 use lazysnap_fuse::{Index, IndexBuilder, NewNode, NodeAttr, NodeKind};
 
 use crate::estargz::{Entry, EntryKind, LayerToc};
-use crate::fetch::FileChunks;
+use crate::fetch::LayerFiles;
 
 use super::LayerError;
 
-/// Builds the FUSE index of `toc`; content id `n` is `files[n]`.
-pub fn build_index(toc: &LayerToc) -> Result<(Index, Vec<FileChunks>), LayerError> {
+/// Builds the FUSE index of `toc`; content id `n` is file `n` of the [`LayerFiles`].
+pub fn build_index(toc: &LayerToc) -> Result<(Index, LayerFiles), LayerError> {
     let root_mtime = toc.entries().iter().map(|e| e.mtime).max().unwrap_or(0);
     let mut builder = IndexBuilder::new(NodeAttr::new(0o755, 0, 0, root_mtime));
-    let mut files = Vec::new();
+    let mut files = sized_for(toc);
     for entry in toc.entries() {
         let kind = match entry.kind {
             EntryKind::Dir => NodeKind::Dir,
             EntryKind::Reg => {
-                let content = files.len() as u64;
-                files.push(FileChunks {
-                    name: entry.path.clone(),
-                    size: entry.size,
-                    chunks: entry.chunks.clone(),
-                });
+                let content = files
+                    .push(&entry.path, entry.size, &entry.chunks)
+                    .map_err(|e| LayerError::Toc {
+                        detail: e.to_string(),
+                    })?;
                 NodeKind::File {
                     size: entry.size,
                     content,
@@ -61,6 +60,17 @@ pub fn build_index(toc: &LayerToc) -> Result<(Index, Vec<FileChunks>), LayerErro
             })?;
     }
     Ok((builder.build(), files))
+}
+
+/// Empty [`LayerFiles`] with room for exactly the regular files of `toc`.
+fn sized_for(toc: &LayerToc) -> LayerFiles {
+    let (mut files, mut chunks, mut name_bytes) = (0usize, 0usize, 0usize);
+    for entry in toc.entries().iter().filter(|e| e.kind == EntryKind::Reg) {
+        files += 1;
+        chunks = chunks.saturating_add(entry.chunks.len());
+        name_bytes = name_bytes.saturating_add(entry.path.len());
+    }
+    LayerFiles::with_capacity(files, chunks, name_bytes)
 }
 
 fn link_target(entry: &Entry) -> Result<String, LayerError> {
