@@ -21,8 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +30,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use lru::LruCache;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
 
 use crate::estargz::ChunkDigest;
@@ -94,6 +94,9 @@ pub enum CacheError {
     /// Another process (or another `ChunkCache` in this one) has the directory open.
     #[error("cache directory {} is in use by another lazysnap process (lock {}); use a separate --cache-dir", dir.display(), dir.join("lock").display())]
     Locked { dir: PathBuf },
+    /// The chunks of a file concatenate to other bytes than the file digest says.
+    #[error("the chunks of file {digest} do not add up to it (its TOC's file digest disagrees with its chunk digests); reading it through its chunks")]
+    AssembledMismatch { digest: ChunkDigest },
     /// A chunk larger than the whole disk bound cannot be stored.
     #[error("chunk {digest} of {len} bytes exceeds the cache size bound of {max} bytes; raise the cache size")]
     TooLarge {
@@ -355,16 +358,15 @@ impl ChunkCache {
             self.note_miss();
             return None;
         };
-        let mut buf = vec![0u8; want];
-        let read_ok = match file.metadata() {
-            Ok(meta) if meta.len() == size => file.read_exact_at(&mut buf, start).is_ok(),
-            _ => false,
+        let buf = match file.metadata() {
+            Ok(meta) if meta.len() == size => read_exact_range(&file, start, want).ok(),
+            _ => None,
         };
-        if !read_ok {
+        let Some(buf) = buf else {
             self.remove_corrupt(digest, "size differs from the index or read failed");
             self.note_miss();
             return None;
-        }
+        };
         self.maybe_touch(digest, &file, touched);
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
@@ -379,14 +381,27 @@ impl ChunkCache {
             let e = disk.lru.get(digest)?;
             (e.size, e.verified)
         };
-        if !verified {
-            self.load_from_disk(digest)?;
-        }
         let file = File::open(self.chunk_path(digest)).ok()?;
-        match file.metadata() {
-            Ok(m) if m.len() == size => Some(file),
-            _ => None,
+        if !file.metadata().is_ok_and(|m| m.len() == size) {
+            return None;
         }
+        if !verified {
+            // Hashed through a small buffer: these files can be whole large files.
+            if digest_of_file(&file).ok()? != *digest {
+                self.remove_corrupt(digest, "content does not match its digest");
+                return None;
+            }
+            if let Some(e) = lock(&self.disk).lru.peek_mut(digest) {
+                e.verified = true;
+            }
+        }
+        Some(file)
+    }
+
+    /// Puts a verified chunk in the memory tier only, so readers find it before
+    /// [`insert`](Self::insert) has written it to disk.
+    pub fn remember(&self, digest: &ChunkDigest, data: Bytes) {
+        self.insert_memory(*digest, data);
     }
 
     /// Stores a chunk. The caller must have verified that `data` hashes to `digest` (the fetch
@@ -410,34 +425,136 @@ impl ChunkCache {
         };
         if !already {
             let tmp = self.write_temp(&data)?;
-            let mut disk = lock(&self.disk);
-            if let Err(source) = fs::rename(&tmp, &path) {
-                drop(disk);
-                let _ = fs::remove_file(&tmp);
-                return Err(CacheError::Io {
-                    action: "rename a temp file to",
-                    path,
-                    source,
-                });
-            }
-            if let Some(old) = disk.lru.put(
-                key,
-                DiskEntry {
-                    size: len,
-                    verified: true,
-                    touched: self.now_secs(),
-                },
-            ) {
-                disk.bytes = disk.bytes.saturating_sub(old.size);
-            }
-            disk.bytes += len;
-            let evicted = self.evict_locked(&mut disk, self.opts.max_bytes, Some(&key));
-            self.note_evictions(evicted, disk.bytes);
-            self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+            self.install(key, &tmp, len)?;
         }
         self.insert_memory(key, data);
         self.enforce_watermarks(Some(&key));
         Ok(())
+    }
+
+    /// Renames the complete temp file `tmp` of `len` bytes into place as entry `key`, then
+    /// evicts to keep within the disk bound.
+    fn install(&self, key: ChunkDigest, tmp: &Path, len: u64) -> Result<(), CacheError> {
+        let path = self.chunk_path(&key);
+        let mut disk = lock(&self.disk);
+        if let Err(source) = fs::rename(tmp, &path) {
+            drop(disk);
+            let _ = fs::remove_file(tmp);
+            return Err(CacheError::Io {
+                action: "rename a temp file to",
+                path,
+                source,
+            });
+        }
+        if let Some(old) = disk.lru.put(
+            key,
+            DiskEntry {
+                size: len,
+                verified: true,
+                touched: self.now_secs(),
+            },
+        ) {
+            disk.bytes = disk.bytes.saturating_sub(old.size);
+        }
+        disk.bytes += len;
+        let evicted = self.evict_locked(&mut disk, self.opts.max_bytes, Some(&key));
+        self.note_evictions(evicted, disk.bytes);
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes sure the entry `whole` exists and is the concatenation of the cached chunks `parts`
+    /// — the backing file for FUSE passthrough of a file made of several chunks: writes it if it
+    /// is missing, and either way checks that the parts are `size` bytes hashing to `whole` (a
+    /// TOC whose file digest disagrees with its chunks gets an error and stores nothing).
+    /// Streams through a small buffer; the parts stay cached. `Ok(false)`: a part is missing.
+    pub fn assemble(
+        &self,
+        whole: &ChunkDigest,
+        parts: &[ChunkDigest],
+        size: u64,
+    ) -> Result<bool, CacheError> {
+        if size > self.opts.max_bytes / 2 {
+            return Err(CacheError::TooLarge {
+                digest: *whole,
+                len: size,
+                max: self.opts.max_bytes / 2,
+            });
+        }
+        // Present already (another layer's file): the parts must still be shown to make it.
+        let present = lock(&self.disk).lru.contains(whole) && self.chunk_path(whole).exists();
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp_dir
+            .join(format!("{}-{seq}.part", std::process::id()));
+        let io_error = |action, source| CacheError::Io {
+            action,
+            path: tmp.clone(),
+            source,
+        };
+        let written = (|| {
+            let mut out = if present {
+                None
+            } else {
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .map_err(|e| io_error("create the assembled file", e))?;
+                Some(file)
+            };
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            for part in parts {
+                let Ok(mut file) = File::open(self.chunk_path(part)) else {
+                    return Ok(None);
+                };
+                loop {
+                    let n = file
+                        .read(&mut buf)
+                        .map_err(|e| io_error("read a chunk into the assembled file", e))?;
+                    let Some(piece) = buf.get(..n).filter(|p| !p.is_empty()) else {
+                        break;
+                    };
+                    hasher.update(piece);
+                    if let Some(out) = out.as_mut() {
+                        out.write_all(piece)
+                            .map_err(|e| io_error("write the assembled file", e))?;
+                    }
+                    total += n as u64;
+                }
+            }
+            if let Some(out) = out.as_ref().filter(|_| self.opts.sync_writes) {
+                out.sync_data()
+                    .map_err(|e| io_error("sync the assembled file", e))?;
+            }
+            Ok(Some((
+                total,
+                ChunkDigest::from_bytes(hasher.finalize().into()),
+            )))
+        })();
+        match written {
+            Ok(Some((total, digest))) if total == size && digest == *whole => {
+                if !present {
+                    self.install(*whole, &tmp, size)?;
+                    self.enforce_watermarks(Some(whole));
+                }
+                Ok(true)
+            }
+            Ok(Some(_)) => {
+                let _ = fs::remove_file(&tmp);
+                Err(CacheError::AssembledMismatch { digest: *whole })
+            }
+            Ok(None) => {
+                let _ = fs::remove_file(&tmp);
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
 
     /// Counters and sizes.
@@ -541,10 +658,7 @@ impl ChunkCache {
             }
         };
         let data = match (file.metadata(), usize::try_from(size)) {
-            (Ok(meta), Ok(len)) if meta.len() == size => {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, 0).ok().map(|()| buf)
-            }
+            (Ok(meta), Ok(len)) if meta.len() == size => read_exact_range(&file, 0, len).ok(),
             _ => None,
         };
         let Some(data) = data else {
@@ -821,6 +935,41 @@ impl FillWaiter {
     }
 }
 
+/// The sha256 of everything in `file`, read through a 1 MiB buffer at explicit offsets (the
+/// file position is left alone).
+fn digest_of_file(file: &File) -> io::Result<ChunkDigest> {
+    use std::os::unix::fs::FileExt as _;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        match file.read_at(&mut buf, offset)? {
+            0 => break,
+            n => {
+                hasher.update(buf.get(..n).unwrap_or_default());
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(ChunkDigest::from_bytes(hasher.finalize().into()))
+}
+
+/// `len` bytes of `file` from `offset`, read into a fresh buffer without zero-filling it first.
+fn read_exact_range(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut reader = file;
+    reader.seek(io::SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    reader.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() == len {
+        Ok(buf)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("read {} of {len} bytes", buf.len()),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -925,6 +1074,54 @@ mod tests {
         assert_eq!(cache.get(&dg).unwrap(), good);
         assert!(cache.read_at(&dt, 0, 5).is_none());
         assert!(!torn_path.exists());
+        assert_eq!(cache.stats().corrupt_removed, 1);
+    }
+
+    #[test]
+    fn assembled_files_are_checked_written_once_and_reverified_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; 1500])).collect();
+        let keys: Vec<ChunkDigest> = parts.iter().map(|p| digest_of(p)).collect();
+        let whole_bytes: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let whole = digest_of(&whole_bytes);
+        let read_all = |file: File| {
+            let mut data = Vec::new();
+            (&file).read_to_end(&mut data).unwrap();
+            data
+        };
+        {
+            let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+            cache.insert(&keys[0], parts[0].clone()).unwrap();
+            cache.insert(&keys[1], parts[1].clone()).unwrap();
+            // A part missing: nothing written.
+            assert!(!cache.assemble(&whole, &keys, 4500).unwrap());
+            assert!(!cache.contains(&whole));
+            cache.insert(&keys[2], parts[2].clone()).unwrap();
+            // Parts that do not make the claimed file: an error, nothing stored.
+            let other = digest_of(b"something else");
+            assert!(matches!(
+                cache.assemble(&other, &keys, 4500),
+                Err(CacheError::AssembledMismatch { .. })
+            ));
+            assert!(!cache.contains(&other));
+            assert!(cache.assemble(&whole, &keys, 4500).unwrap());
+            assert_eq!(read_all(cache.open_file(&whole).unwrap()), whole_bytes);
+            // Present already: checked against the parts, not rewritten.
+            let inserts = cache.stats().inserts;
+            assert!(cache.assemble(&whole, &keys, 4500).unwrap());
+            assert_eq!(cache.stats().inserts, inserts);
+            // Parts in another order do not make it.
+            let swapped = [keys[1], keys[0], keys[2]];
+            assert!(cache.assemble(&whole, &swapped, 4500).is_err());
+            assert!(cache.contains(&whole));
+        }
+        // After a restart the entry is unverified: opening it hashes it first.
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        assert_eq!(read_all(cache.open_file(&whole).unwrap()), whole_bytes);
+        drop(cache);
+        std::fs::write(chunk_file(dir.path(), &whole), vec![0u8; 4500]).unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        assert!(cache.open_file(&whole).is_none());
         assert_eq!(cache.stats().corrupt_removed, 1);
     }
 

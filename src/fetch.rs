@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::blob::{BlobError, BlobSource};
 use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
-use crate::estargz::{self, ChunkInfo, Compression};
+use crate::estargz::{self, ChunkDigest, ChunkInfo, Compression};
 use crate::metrics::{self, FetchKind};
 
 mod layer_files;
@@ -164,6 +164,8 @@ pub struct LayerFetchStats {
     pub prefetch_done: bool,
     /// Background fill has finished.
     pub background_done: bool,
+    /// Files of several chunks assembled into one cache file for FUSE passthrough.
+    pub files_assembled: u64,
 }
 
 #[derive(Default)]
@@ -178,6 +180,7 @@ struct Counters {
     read_errors: AtomicU64,
     prefetch_done: AtomicBool,
     background_done: AtomicBool,
+    files_assembled: AtomicU64,
 }
 
 /// Position of a chunk in the layer's chunk array ([`LayerFiles`] holds at most `u32::MAX`).
@@ -206,6 +209,18 @@ struct Inner {
     cancel: CancellationToken,
     background_slots: Arc<Semaphore>,
     bandwidth_next: Mutex<Option<Instant>>,
+    /// Passthrough of files of several chunks: the file being assembled (one at a time per
+    /// layer) and the files whose chunks were shown to make their assembled cache file.
+    assembly: Mutex<Assembly>,
+}
+
+#[derive(Default)]
+struct Assembly {
+    running: bool,
+    /// Sorted.
+    proven: Vec<u32>,
+    /// Files that cannot be assembled (a lying file digest, too large): not tried again. Sorted.
+    refused: Vec<u32>,
 }
 
 /// Calls a [`ReadDone`] exactly once: with the result, or with EIO if dropped unanswered (a task
@@ -343,6 +358,7 @@ impl LayerReader {
                 cancel: CancellationToken::new(),
                 background_slots: Arc::new(Semaphore::new(concurrency)),
                 bandwidth_next: Mutex::new(None),
+                assembly: Mutex::new(Assembly::default()),
             }),
         })
     }
@@ -399,6 +415,7 @@ impl LayerReader {
             read_errors: c.read_errors.load(Ordering::Relaxed),
             prefetch_done: c.prefetch_done.load(Ordering::SeqCst),
             background_done: c.background_done.load(Ordering::SeqCst),
+            files_assembled: c.files_assembled.load(Ordering::Relaxed),
         }
     }
 
@@ -496,12 +513,27 @@ impl ContentSource for LayerReader {
     }
 
     fn local_file(&self, content: ContentId) -> Option<std::fs::File> {
-        let file = self.inner.files.record(usize::try_from(content).ok()?)?;
+        let index = usize::try_from(content).ok()?;
+        let file = self.inner.files.record(index)?;
         match self.inner.files.chunks_of(&file) {
             [only] if only.file_offset == 0 && only.len == file.size && file.size > 0 => {
                 self.inner.cache.open_file(&only.digest)
             }
-            _ => None,
+            [] | [_] => None,
+            chunks => {
+                let whole = self.inner.files.file_digest(index)?;
+                if self.inner.assembled(index) {
+                    if let Some(backing) = self.inner.cache.open_file(&whole) {
+                        return Some(backing);
+                    }
+                }
+                // Once every chunk is here, assemble the file (or check the assembled file
+                // another layer left) so that later opens pass through.
+                if chunks.iter().all(|c| self.inner.cache.contains(&c.digest)) {
+                    self.inner.start_assembly(index, whole);
+                }
+                None
+            }
         }
     }
 }
@@ -559,6 +591,69 @@ fn error_reason(e: &BlobError) -> &'static str {
 }
 
 impl Inner {
+    fn assembly(&self) -> std::sync::MutexGuard<'_, Assembly> {
+        self.assembly.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether file `index`'s chunks were shown to make its assembled cache file.
+    fn assembled(&self, index: usize) -> bool {
+        u32::try_from(index).is_ok_and(|i| self.assembly().proven.binary_search(&i).is_ok())
+    }
+
+    /// Assembles file `index` (all of whose chunks are cached) into the cache entry `whole` on
+    /// the blocking pool, unless this layer is already assembling one.
+    fn start_assembly(self: &Arc<Self>, index: usize, whole: ChunkDigest) {
+        let Ok(file) = u32::try_from(index) else {
+            return;
+        };
+        {
+            let mut assembly = self.assembly();
+            if assembly.running || assembly.refused.binary_search(&file).is_ok() {
+                return;
+            }
+            assembly.running = true;
+        }
+        let inner = Arc::clone(self);
+        self.runtime.spawn_blocking(move || {
+            let parts: Vec<ChunkDigest> = inner
+                .files
+                .chunks(index)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.digest)
+                .collect();
+            let size = inner.files.size(index).unwrap_or(0);
+            let result = inner.cache.assemble(&whole, &parts, size);
+            {
+                let mut assembly = inner.assembly();
+                assembly.running = false;
+                let list = match &result {
+                    Ok(true) => Some(&mut assembly.proven),
+                    Ok(false) => None,
+                    Err(_) => Some(&mut assembly.refused),
+                };
+                if let Some(list) = list {
+                    if let Err(at) = list.binary_search(&file) {
+                        list.insert(at, file);
+                    }
+                }
+            }
+            match result {
+                Ok(true) => {
+                    inner
+                        .counters
+                        .files_assembled
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(layer = %inner.layer, file = %inner.file_name(index), size, "file assembled for passthrough");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(layer = %inner.layer, file = %inner.file_name(index), error = %e, "cannot assemble a file for passthrough; reading it through its chunks")
+                }
+            }
+        });
+    }
+
     fn chunk(&self, at: ChunkRef) -> &ChunkInfo {
         &self.files.all_chunks()[at]
     }
@@ -759,10 +854,7 @@ impl Inner {
                 let compressed = buffer.slice(from..to);
                 let inner = Arc::clone(self);
                 decodes.spawn_blocking_on(
-                    move || {
-                        let result = inner.decode_and_store(at, &compressed);
-                        guard.complete(result);
-                    },
+                    move || inner.decode_and_store(at, &compressed, guard),
                     &self.runtime,
                 );
             }
@@ -770,17 +862,19 @@ impl Inner {
         while decodes.join_next().await.is_some() {}
     }
 
-    /// Decompresses and verifies one chunk; stores it in the cache if it is right.
-    fn decode_and_store(&self, at: ChunkRef, compressed: &[u8]) -> Result<Bytes, FillError> {
+    /// Decompresses and verifies one chunk and completes its fill. Good bytes go to the memory
+    /// tier and to the waiting readers first, and are written to disk after, off their path.
+    fn decode_and_store(&self, at: ChunkRef, compressed: &[u8], guard: FillGuard) {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
         match estargz::decode_chunk(self.compression, file, chunk, compressed) {
             Ok(data) => {
                 let data = Bytes::from(data);
-                if let Err(e) = self.cache.insert(&chunk.digest, data.clone()) {
+                self.cache.remember(&chunk.digest, data.clone());
+                guard.complete(Ok(data.clone()));
+                if let Err(e) = self.cache.insert(&chunk.digest, data) {
                     tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
                 }
-                Ok(data)
             }
             Err(e) => {
                 self.counters
@@ -794,7 +888,7 @@ impl Inner {
                     error = %e,
                     "chunk failed verification; not served, not cached"
                 );
-                Err(FillError::Verify(e.to_string()))
+                guard.complete(Err(FillError::Verify(e.to_string())));
             }
         }
     }

@@ -28,14 +28,19 @@ struct TestFile {
     name: String,
     size: u64,
     chunks: Vec<ChunkInfo>,
+    /// A whole-file digest other than the content's (a lying TOC).
+    file_digest: Option<ChunkDigest>,
 }
 
 impl TestLayer {
     /// The files as a reader takes them.
     fn layer_files(&self) -> LayerFiles {
         let mut files = LayerFiles::new();
-        for f in &self.files {
-            files.push(&f.name, f.size, &f.chunks).unwrap();
+        for (f, content) in self.files.iter().zip(&self.contents) {
+            let id = files.push(&f.name, f.size, &f.chunks).unwrap();
+            if f.chunks.len() > 1 {
+                files.set_file_digest(id, f.file_digest.unwrap_or_else(|| digest(content)));
+            }
         }
         files
     }
@@ -98,6 +103,7 @@ fn build_layer(
             name: format!("file{i}"),
             size: content.len() as u64,
             chunks,
+            file_digest: None,
         });
     }
     blob.extend_from_slice(b"TRAILER-TOC-AND-FOOTER");
@@ -136,6 +142,7 @@ fn add_packed_file(layer: &mut TestLayer, compression: Compression, a: Vec<u8>, 
                 digest: digest(&b),
             },
         ],
+        file_digest: None,
     });
     layer.contents.push(both);
     layer.blob = Bytes::from(blob);
@@ -810,8 +817,21 @@ fn shutdown_stops_background_fill() {
     assert!(after < 20);
 }
 
+/// Asks for file `index`'s local file until the layer has assembled `assembled` files.
+fn local_file_once_assembled(r: &LayerReader, index: u64, assembled: u64) -> Option<std::fs::File> {
+    for _ in 0..500 {
+        let file = r.local_file(index);
+        if r.stats().files_assembled >= assembled {
+            return r.local_file(index);
+        }
+        drop(file);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("file {index} was not assembled within 10 s");
+}
+
 #[test]
-fn single_chunk_files_offer_a_local_file_for_passthrough() {
+fn cached_files_offer_a_local_file_for_passthrough() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let contents = vec![pseudo_random(90, 500), pseudo_random(91, 2500)];
@@ -828,16 +848,70 @@ fn single_chunk_files_offer_a_local_file_for_passthrough() {
         "local",
     );
     assert!(r.local_file(0).is_none(), "not cached yet");
+    assert!(r.local_file(1).is_none(), "not cached yet");
     read_blocking(&r, 0, 0, 1000).unwrap();
     read_blocking(&r, 1, 0, 5000).unwrap();
     let file = r.local_file(0).expect("single cached chunk");
     let mut data = Vec::new();
     std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
     assert_eq!(data, contents[0]);
-    assert!(
-        r.local_file(1).is_none(),
-        "multi-chunk files are not one local file"
+    // A file of three chunks: the first open once all are cached assembles it in the
+    // background; later opens get the assembled file.
+    assert_eq!(r.stats().files_assembled, 0);
+    let file = local_file_once_assembled(&r, 1, 1).expect("assembled multi-chunk file");
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
+    assert_eq!(data, contents[1]);
+    // A second layer with the same file checks the assembled file against its own chunks
+    // (without writing it again) before it passes through too.
+    let (blob, _c) = TestBlob::new(layer.blob.clone());
+    let again = reader(
+        &rt,
+        blob,
+        &layer,
+        Compression::Gzip,
+        &cache,
+        quiet_options(),
+        "local-again",
     );
+    let file = local_file_once_assembled(&again, 1, 1).expect("checked assembled file");
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
+    assert_eq!(data, contents[1]);
+}
+
+#[test]
+fn files_whose_digest_disagrees_with_their_chunks_are_never_assembled() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let contents = vec![pseudo_random(92, 2500), pseudo_random(93, 3500)];
+    let mut layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"LD");
+    // File 0 claims file 1's content digest: assembling it must not store its bytes under it.
+    layer.files[0].file_digest = Some(digest(&contents[1]));
+    let (blob, _c) = TestBlob::new(layer.blob.clone());
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let r = reader(
+        &rt,
+        blob,
+        &layer,
+        Compression::Gzip,
+        &cache,
+        quiet_options(),
+        "lying",
+    );
+    assert_eq!(read_blocking(&r, 0, 0, 5000).unwrap(), contents[0]);
+    read_blocking(&r, 1, 0, 5000).unwrap();
+    // File 1 gets assembled; file 0 never is, and file 1's entry keeps file 1's bytes.
+    let file = local_file_once_assembled(&r, 1, 1).expect("file 1 assembled");
+    for _ in 0..20 {
+        assert!(r.local_file(0).is_none());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(r.stats().files_assembled, 1);
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
+    assert_eq!(data, contents[1]);
+    assert_eq!(read_blocking(&r, 0, 0, 5000).unwrap(), contents[0]);
 }
 
 #[test]

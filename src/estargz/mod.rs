@@ -154,7 +154,7 @@ pub fn decode_chunk(
     let mut out = Vec::with_capacity(len.min(MAX_CHUNK_PREALLOC as usize));
     let result = match compression {
         Compression::Gzip => read_exact_after(
-            flate2::read::MultiGzDecoder::new(compressed),
+            flate2::bufread::MultiGzDecoder::new(compressed),
             chunk.inner_offset,
             chunk.len,
             &mut out,

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use lazysnap_fuse::ContentId;
 
-use crate::estargz::ChunkInfo;
+use crate::estargz::{ChunkDigest, ChunkInfo};
 
 /// The regular files of a layer as the fetch path needs them: each file's size and chunks in
 /// file order, and its name (for messages only). File `n`, the FUSE [`ContentId`] `n`, is the
@@ -19,6 +19,9 @@ pub struct LayerFiles {
     /// Every file's name, concatenated; file `n`'s name ends at byte `name_ends[n]`.
     names: String,
     name_ends: Vec<u32>,
+    /// Whole-file digests of files made of several chunks, by file, sorted: the names of their
+    /// assembled passthrough backing files in the cache.
+    file_digests: Vec<(u32, ChunkDigest)>,
 }
 
 /// Where one file's chunks lie in [`LayerFiles`], and its size.
@@ -62,6 +65,7 @@ impl LayerFiles {
             records: Vec::with_capacity(files),
             names: String::with_capacity(name_bytes),
             name_ends: Vec::with_capacity(files),
+            file_digests: Vec::new(),
         }
     }
 
@@ -97,6 +101,31 @@ impl LayerFiles {
         self.names.push_str(name);
         self.name_ends.push(name_end);
         Ok(ContentId::from(content))
+    }
+
+    /// Records the digest of the whole content of the file `content` (the TOC's file digest),
+    /// for a file of several chunks; files are recorded in the order they were pushed.
+    pub fn set_file_digest(&mut self, content: ContentId, digest: ChunkDigest) {
+        let Ok(file) = u32::try_from(content) else {
+            return;
+        };
+        if self
+            .file_digests
+            .last()
+            .is_none_or(|&(last, _)| last < file)
+        {
+            self.file_digests.push((file, digest));
+        }
+    }
+
+    /// The whole-file digest recorded for file `file`, if any.
+    pub fn file_digest(&self, file: usize) -> Option<ChunkDigest> {
+        let file = u32::try_from(file).ok()?;
+        let at = self
+            .file_digests
+            .binary_search_by_key(&file, |&(f, _)| f)
+            .ok()?;
+        self.file_digests.get(at).map(|&(_, digest)| digest)
     }
 
     /// Number of files.

@@ -22,6 +22,13 @@ pub fn build_index(toc: &LayerToc) -> Result<(Index, LayerFiles), LayerError> {
                     .map_err(|e| LayerError::Toc {
                         detail: e.to_string(),
                     })?;
+                if entry.chunks.len() > 1 {
+                    // The name of the file's assembled backing file for passthrough; a file
+                    // without a usable digest is read through its chunks only.
+                    if let Some(digest) = entry.digest.as_deref().and_then(|d| d.parse().ok()) {
+                        files.set_file_digest(content, digest);
+                    }
+                }
                 NodeKind::File {
                     size: entry.size,
                     content,
