@@ -8,6 +8,8 @@ mod bench;
 mod convert;
 mod inspect;
 mod mount;
+mod mount_daemon;
+mod mount_socket;
 mod pull;
 mod serve;
 
@@ -41,6 +43,9 @@ enum Command {
     Status(mount::StatusArgs),
     /// Measure container startup latency against containerd's overlayfs pull.
     Bench(bench::BenchArgs),
+    /// The daemon `lazysnap mount` starts for a cache directory (not run by hand).
+    #[command(hide = true)]
+    MountDaemon(mount_daemon::DaemonArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Umount(args) => mount::run_umount(args),
         Command::Status(args) => mount::run_status(args),
         Command::Bench(args) => bench::run(args),
+        Command::MountDaemon(args) => mount_daemon::run(args),
     };
     match result {
         Ok(code) => code,
