@@ -344,11 +344,13 @@ impl Daemon {
             Ok(mounted) => mounted,
             Err(error) => {
                 lock(&self.inner).mounting.remove(&dir);
+                tracing::warn!(image = %request.image, dir = %dir.display(), error = format!("{error:#}"), "mount failed");
                 return Reply::Error {
                     message: format!("{error:#}"),
                 };
             }
         };
+        tracing::info!(image = %request.image, dir = %dir.display(), "mounted");
         let state = self.state_of(&mounted);
         if let Err(error) = write_state(&mounted.state_path, &state) {
             lock(&self.inner).mounting.remove(&dir);
@@ -372,7 +374,8 @@ impl Daemon {
         let Some(mounted) = taken else {
             return Reply::Error {
                 message: format!(
-                    "{} is not mounted by the mount daemon (pid {}) of {}",
+                    "{} is not mounted by the mount daemon (pid {}) of {}: it was unmounted \
+                     already (by someone else?); its state file is stale and can be removed",
                     dir.display(),
                     std::process::id(),
                     self.cache_dir.display()
@@ -390,6 +393,7 @@ impl Daemon {
             }
         }
         mounted.teardown(false).await;
+        tracing::info!(dir = %dir.display(), "unmounted");
         let mut inner = lock(&self.inner);
         Reply::Unmounted {
             daemon_exiting: self.retire_if_idle(&mut inner, 1),
