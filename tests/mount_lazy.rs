@@ -37,7 +37,8 @@ impl Mounted {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let state_dir = work.join("state");
-        // One cache per daemon: a chunk cache directory belongs to one process at a time.
+        // A cache (so a mount daemon) of its own per mount: what a mount fetches does not
+        // depend on what the others read (tests/mount_shared.rs shares one).
         let cache_dir = work.join(format!("cache-{name}"));
         let mut args = vec![
             "mount",

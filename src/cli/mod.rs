@@ -8,6 +8,8 @@ mod bench;
 mod convert;
 mod inspect;
 mod mount;
+mod mount_daemon;
+mod mount_socket;
 mod pull;
 mod serve;
 
@@ -41,6 +43,9 @@ enum Command {
     Status(mount::StatusArgs),
     /// Measure container startup latency against containerd's overlayfs pull.
     Bench(bench::BenchArgs),
+    /// The daemon `lazysnap mount` starts for a cache directory (not run by hand).
+    #[command(hide = true)]
+    MountDaemon(mount_daemon::DaemonArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Umount(args) => mount::run_umount(args),
         Command::Status(args) => mount::run_status(args),
         Command::Bench(args) => bench::run(args),
+        Command::MountDaemon(args) => mount_daemon::run(args),
     };
     match result {
         Ok(code) => code,
@@ -73,8 +79,10 @@ pub fn main() -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: the mount daemon's stderr is its log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

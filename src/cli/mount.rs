@@ -1,25 +1,28 @@
-//! `lazysnap mount IMAGE DIR`, `lazysnap umount DIR`, `lazysnap status`: an image mounted lazily
-//! and read-only without containerd. `mount` starts a detached daemon that serves the layers'
-//! FUSE mounts and stacks them with overlayfs at DIR; its state file tells `status` and `umount`
-//! where it is and what it fetched.
+//! `lazysnap mount IMAGE DIR`, `lazysnap umount DIR`, `lazysnap status`: images mounted lazily
+//! and read-only without containerd. Every mount with the same cache directory is hosted by one
+//! detached mount daemon that owns that cache ([`super::mount_daemon`]); these commands find it
+//! (or start it) through its socket ([`super::mount_socket`]). One state file per mount directory
+//! tells `status` and `umount` which daemon hosts it and what it fetched.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::Arc;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use lazysnap::cache::{CacheOptions, ChunkCache};
-use lazysnap::estargz;
-use lazysnap::fetch::FetchOptions;
-use lazysnap::image::{self, ImageLocation, Platform};
-use lazysnap::layer::{self, LayerManager, LayerManagerOptions, RemoteLayerSpec};
-use lazysnap::registry::{Client, ClientConfig, Reference};
+use lazysnap::image;
+use lazysnap::layer;
 
-/// Environment variable marking the detached daemon process.
-const DAEMON_ENV: &str = "LAZYSNAP_MOUNT_DAEMON";
+use super::mount_daemon;
+use super::mount_socket::{self, DaemonConnection, MountRequest, Reply, Request};
+
+/// The cache size bound of a daemon started without `--cache-size`.
+const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+/// How long a mount may take in the daemon (resolving, TOCs, unpacking non-eStargz layers).
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an unmount may take in the daemon, and the daemon to exit after its last one.
+const UMOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args)]
 pub struct MountArgs {
@@ -27,13 +30,18 @@ pub struct MountArgs {
     image: String,
     /// Existing directory to mount the image's root filesystem at (read-only).
     dir: PathBuf,
-    /// Chunk cache directory, shared by every mount and by `lazysnap serve`.
+    /// Chunk cache directory. All mounts with the same cache dir are served by one mount daemon
+    /// that owns it: the first mount starts the daemon, later ones join it through the socket
+    /// <cache-dir>/mount.sock (mode 0600, root only; daemon log <cache-dir>/mount-daemon.log), and
+    /// it exits when its last image is unmounted. A `lazysnap serve` needs a cache dir of its own.
     #[arg(long, default_value = "/var/lib/lazysnap/cache")]
     cache_dir: PathBuf,
-    /// Chunk cache size bound, e.g. 10GiB, 512MiB or bytes.
-    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
-    cache_size: u64,
-    /// Where mount daemons keep their state files.
+    /// Chunk cache size bound, e.g. 10GiB, 512MiB or bytes [default: 10GiB]. Set by the mount
+    /// that starts the daemon; a later mount with another value gets a warning and the running
+    /// daemon's bound.
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Where the mount state files go (one per mount directory).
     #[arg(long, default_value = "/run/lazysnap/mounts")]
     state_dir: PathBuf,
     /// Platform to choose from an image index (default: this machine's).
@@ -51,7 +59,8 @@ pub struct MountArgs {
     /// Longest a read may wait for the registry before it fails with EIO, in seconds.
     #[arg(long, default_value_t = 30)]
     read_deadline: u64,
-    /// Stay in the foreground instead of detaching (logs to stderr; Ctrl-C unmounts).
+    /// Be the mount daemon in the foreground instead of starting a detached one (logs to
+    /// stderr; later mounts with the same cache dir join it; Ctrl-C unmounts them all).
     #[arg(long)]
     foreground: bool,
 }
@@ -60,14 +69,14 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// A directory mounted by `lazysnap mount`.
     dir: PathBuf,
-    /// Where mount daemons keep their state files.
+    /// Where the mount state files are.
     #[arg(long, default_value = "/run/lazysnap/mounts")]
     state_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// Where mount daemons keep their state files.
+    /// Where the mount state files are.
     #[arg(long, default_value = "/run/lazysnap/mounts")]
     state_dir: PathBuf,
     /// Print JSON instead of a table.
@@ -75,33 +84,36 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// What a mount daemon publishes about itself.
+/// What the mount daemon publishes about one mount (the file `<state-dir>/<hash of dir>.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MountState {
-    pid: u32,
-    image: String,
-    dir: PathBuf,
-    ready: bool,
-    error: Option<String>,
-    layers: Vec<LayerState>,
-    cache_bytes: u64,
-    cache_limit: u64,
+pub(super) struct MountState {
+    /// The mount daemon's pid (shared by every mount of its cache dir).
+    pub pid: u32,
+    pub image: String,
+    pub dir: PathBuf,
+    /// The daemon's socket; absent in files written before daemons were shared.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    pub layers: Vec<LayerState>,
+    /// The shared cache's bytes on disk and bound.
+    pub cache_bytes: u64,
+    pub cache_limit: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LayerState {
-    digest: String,
+pub(super) struct LayerState {
+    pub digest: String,
     /// "lazy" (FUSE) or "unpacked" (not eStargz: downloaded and unpacked).
-    mode: String,
+    pub mode: String,
     /// The layer's directory (an overlayfs lower dir).
-    path: PathBuf,
-    size: u64,
-    on_demand_bytes: u64,
-    prefetch_bytes: u64,
-    background_bytes: u64,
-    fetched_chunks: u64,
-    total_chunks: u64,
-    cache_hits: u64,
+    pub path: PathBuf,
+    pub size: u64,
+    pub on_demand_bytes: u64,
+    pub prefetch_bytes: u64,
+    pub background_bytes: u64,
+    pub fetched_chunks: u64,
+    pub total_chunks: u64,
+    pub cache_hits: u64,
 }
 
 pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -122,319 +134,91 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
+        // Its daemon died (SIGKILL): what it left mounted is dead.
+        release_stale(&state_path, &dir);
     }
-    if args.foreground || std::env::var_os(DAEMON_ENV).is_some() {
-        return serve_mount(args, dir, state_path);
-    }
-    spawn_daemon(&dir, &state_path)
-}
-
-/// Starts this program again as a detached daemon and waits until it reports ready or failed.
-fn spawn_daemon(dir: &Path, state_path: &Path) -> anyhow::Result<ExitCode> {
-    let state_dir = state_path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
-    let _ = std::fs::remove_file(state_path);
-    let log_path = state_path.with_extension("log");
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding the lazysnap executable")?;
-    let mut child = Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(DAEMON_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the mount daemon")?;
-    let started = Instant::now();
-    loop {
-        if let Some(state) = read_state(state_path) {
-            if state.ready {
-                eprintln!(
-                    "mounted {} at {} ({} layers; `lazysnap status`, `lazysnap umount {}`)",
-                    state.image,
-                    dir.display(),
-                    state.layers.len(),
-                    dir.display()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            if let Some(error) = state.error {
-                bail!("{error}");
-            }
-        }
-        if let Some(status) = child.try_wait().context("watching the mount daemon")? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("mount daemon exited with {status}:\n{log}");
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!(
-                "mount daemon not ready after 5 minutes; see {}",
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The daemon: mounts every layer, stacks them at `dir`, publishes state, and unmounts on
-/// SIGTERM / SIGINT or when `dir` is unmounted by someone else.
-fn serve_mount(args: MountArgs, dir: PathBuf, state_path: PathBuf) -> anyhow::Result<ExitCode> {
-    if std::env::var_os(DAEMON_ENV).is_some() {
-        let _ = nix::unistd::setsid();
-    }
-    let runtime = super::runtime()?;
-    let mut state = MountState {
-        pid: std::process::id(),
+    std::fs::create_dir_all(&args.cache_dir)
+        .with_context(|| format!("creating the cache directory {}", args.cache_dir.display()))?;
+    let cache_dir = args
+        .cache_dir
+        .canonicalize()
+        .with_context(|| format!("cache directory {}", args.cache_dir.display()))?;
+    let state_dir = std::path::absolute(&args.state_dir)
+        .with_context(|| format!("state directory {}", args.state_dir.display()))?;
+    let request = MountRequest {
         image: args.image.clone(),
         dir: dir.clone(),
-        ready: false,
-        error: None,
-        layers: Vec::new(),
-        cache_bytes: 0,
-        cache_limit: args.cache_size,
+        state_dir,
+        platform: args.platform.clone(),
+        plain_http: args.plain_http,
+        hosts_dir: args
+            .hosts_dir
+            .as_ref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("--hosts-dir")?,
+        no_prefetch: args.no_prefetch,
+        read_deadline: args.read_deadline,
     };
-    let result = runtime.block_on(mount_and_wait(&args, &dir, &state_path, &mut state));
-    if let Err(error) = &result {
-        state.error = Some(format!("{error:#}"));
-        let _ = write_state(&state_path, &state);
-    } else {
-        let _ = std::fs::remove_file(&state_path);
+    let cache_size = args.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
+    if args.foreground {
+        return match mount_socket::live_daemon_or_lock(&cache_dir)? {
+            Ok(daemon) => bail!(
+                "--foreground: the mount daemon (pid {}) already serves {}; mount without \
+                 --foreground to add this image to it, or use another --cache-dir",
+                daemon.pid,
+                cache_dir.display()
+            ),
+            Err(starter) => mount_daemon::run_foreground(cache_dir, cache_size, starter, request),
+        };
     }
-    result.map(|()| ExitCode::SUCCESS)
+    let mut daemon = mount_socket::connect_or_start(&cache_dir, cache_size)?;
+    if let Some(asked) = args.cache_size {
+        if asked != daemon.cache_limit {
+            eprintln!(
+                "lazysnap: warning: --cache-size {} does not apply: the mount daemon (pid {}) of {} \
+                 is running with a bound of {}, shared by all its mounts; to change it, unmount \
+                 every image mounted with this cache dir and mount again",
+                human_bytes(asked),
+                daemon.pid,
+                cache_dir.display(),
+                human_bytes(daemon.cache_limit)
+            );
+        }
+    }
+    match daemon.request(&Request::Mount(request), MOUNT_TIMEOUT)? {
+        Reply::Mounted { image, layers } => {
+            eprintln!(
+                "mounted {image} at {} ({layers} layers; mount daemon pid {}; `lazysnap status`, `lazysnap umount {}`)",
+                dir.display(),
+                daemon.pid,
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Error { message } => bail!("{message}"),
+        other => bail!("the mount daemon answered a mount with {other:?}"),
+    }
 }
 
-async fn mount_and_wait(
-    args: &MountArgs,
-    dir: &Path,
-    state_path: &Path,
-    state: &mut MountState,
-) -> anyhow::Result<()> {
-    let platform = match &args.platform {
-        Some(text) => Platform::parse(text)?,
-        None => Platform::host(),
-    };
-    let client = Client::new(ClientConfig {
-        hosts_dir: args.hosts_dir.clone(),
-        plain_http: args.plain_http,
-        read_deadline: Duration::from_secs(args.read_deadline),
-        ..ClientConfig::default()
-    })?;
-    let mut cache_options = CacheOptions::new(&args.cache_dir);
-    cache_options.max_bytes = args.cache_size;
-    let cache = ChunkCache::open(cache_options)
-        .with_context(|| format!("opening the cache at {}", args.cache_dir.display()))?;
-    let fetch = FetchOptions {
-        deadline: Duration::from_secs(args.read_deadline),
-        prefetch: !args.no_prefetch,
-        background: !args.no_prefetch,
-        ..FetchOptions::default()
-    };
-    let manager = LayerManager::new(
-        client.clone(),
-        cache.clone(),
-        tokio::runtime::Handle::current(),
-        LayerManagerOptions {
-            fetch,
-            platform: platform.clone(),
-            ..LayerManagerOptions::default()
-        },
-    );
-    let reference = Reference::parse(&args.image)?;
-    let resolved = image::resolve_image(
-        &client,
-        &ImageLocation::Registry(reference.clone()),
-        &platform,
-    )
-    .await
-    .with_context(|| format!("resolving {}", args.image))?;
-
-    let work = state_path.with_extension("d");
-    let _ = std::fs::remove_dir_all(&work);
-    let mut lazy_layers = Vec::new();
-    let mut lower_dirs = Vec::new();
-    for (position, descriptor) in resolved.manifest.layers.iter().enumerate() {
-        let spec = RemoteLayerSpec {
-            image: reference.clone(),
-            layer: descriptor.clone(),
-        };
-        let mountpoint = work.join(position.to_string());
-        std::fs::create_dir_all(&mountpoint)
-            .with_context(|| format!("creating {}", mountpoint.display()))?;
-        let mounted = if spec.toc_digest().is_some() {
-            match manager.mount(&spec, &mountpoint).await {
-                Ok(mounted) => Some(mounted),
-                Err(e) if e.is_not_lazy() => {
-                    tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            None
-        };
-        match mounted {
-            Some(mounted) => {
-                lower_dirs.push(mountpoint);
-                lazy_layers.push(Some(mounted));
-            }
-            None => {
-                let unpacked = unpack_cached(&client, &spec, &args.cache_dir).await?;
-                lower_dirs.push(unpacked);
-                lazy_layers.push(None);
-            }
-        }
-    }
-    stack_layers(&lower_dirs, dir)?;
-    state.ready = true;
-    refresh_state(
-        state,
-        &resolved.manifest.layers,
-        &lower_dirs,
-        &lazy_layers,
-        &cache,
-    );
-    write_state(state_path, state)?;
-
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = tick.tick() => {
-                if !layer::is_mountpoint(dir) {
-                    tracing::info!(dir = %dir.display(), "unmounted externally; stopping");
-                    break;
-                }
-                refresh_state(state, &resolved.manifest.layers, &lower_dirs, &lazy_layers, &cache);
-                let _ = write_state(state_path, state);
-            }
-        }
-    }
+/// Undoes what a dead daemon left for `dir`: the stacked image, the layers' FUSE mounts (their
+/// connections are gone), the work directory and the state file.
+fn release_stale(state_path: &Path, dir: &Path) {
     if layer::is_mountpoint(dir) {
         if let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(dir = %dir.display(), error = %e, "unmounting the image");
+            tracing::warn!(dir = %dir.display(), error = %e, "detaching a stale mount");
         }
     }
-    for mounted in lazy_layers.into_iter().flatten() {
-        let mountpoint = mounted.mountpoint().to_path_buf();
-        if let Err(e) = tokio::task::spawn_blocking(move || mounted.unmount()).await? {
-            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmounting a layer");
+    let work = state_path.with_extension("d");
+    if let Ok(entries) = std::fs::read_dir(&work) {
+        for entry in entries.flatten() {
+            if layer::is_mountpoint(&entry.path()) {
+                layer::detach_stale_mount(&entry.path());
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-    Ok(())
-}
-
-/// Downloads and unpacks a layer that cannot be mounted lazily, once per digest.
-async fn unpack_cached(
-    client: &Client,
-    spec: &RemoteLayerSpec,
-    cache_dir: &Path,
-) -> anyhow::Result<PathBuf> {
-    let hex = image::digest_hex(&spec.layer.digest)?;
-    let dest = cache_dir.join("unpacked").join(hex);
-    if dest.is_dir() {
-        return Ok(dest);
-    }
-    eprintln!(
-        "layer {} is not eStargz: downloading and unpacking it",
-        layer::short_digest(&spec.layer.digest)
-    );
-    let reader = client
-        .blob_reader(&spec.image, &spec.layer.digest)
-        .await
-        .with_context(|| format!("downloading layer {}", spec.layer.digest))?;
-    let sync_reader = tokio_util::io::SyncIoBridge::new(reader);
-    let target = dest.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let tar = estargz::decompressed_reader(sync_reader)?;
-        layer::unpack_layer(tar, &target, "trusted.overlay.opaque")?;
-        Ok(())
-    })
-    .await??;
-    Ok(dest)
-}
-
-/// Stacks `lower_dirs` (base first) read-only at `dir`: a bind mount for one layer, overlayfs
-/// for more.
-fn stack_layers(lower_dirs: &[PathBuf], dir: &Path) -> anyhow::Result<()> {
-    use nix::mount::{mount, MsFlags};
-    match lower_dirs {
-        [] => bail!("the image has no layers"),
-        [only] => {
-            mount(
-                Some(only.as_path()),
-                dir,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .with_context(|| format!("bind-mounting {} at {}", only.display(), dir.display()))?;
-            mount(
-                None::<&str>,
-                dir,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .with_context(|| format!("making {} read-only", dir.display()))?;
-        }
-        _ => {
-            let lowers: Vec<String> = lower_dirs
-                .iter()
-                .rev()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let options = format!("lowerdir={}", lowers.join(":"));
-            mount(
-                Some("overlay"),
-                dir,
-                Some("overlay"),
-                MsFlags::MS_RDONLY,
-                Some(options.as_str()),
-            )
-            .with_context(|| format!("mounting overlayfs at {} ({options})", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-fn refresh_state(
-    state: &mut MountState,
-    descriptors: &[image::Descriptor],
-    paths: &[PathBuf],
-    layers: &[Option<layer::MountedLayer>],
-    cache: &Arc<ChunkCache>,
-) {
-    state.layers = descriptors
-        .iter()
-        .zip(paths)
-        .zip(layers)
-        .map(|((descriptor, path), mounted)| {
-            let stats = mounted.as_ref().map(|m| m.stats()).unwrap_or_default();
-            LayerState {
-                digest: descriptor.digest.clone(),
-                mode: if mounted.is_some() {
-                    "lazy"
-                } else {
-                    "unpacked"
-                }
-                .to_string(),
-                path: path.clone(),
-                size: descriptor.size,
-                on_demand_bytes: stats.on_demand_bytes,
-                prefetch_bytes: stats.prefetch_bytes,
-                background_bytes: stats.background_bytes,
-                fetched_chunks: stats.fetched_chunks,
-                total_chunks: stats.total_chunks,
-                cache_hits: stats.cache_hits,
-            }
-        })
-        .collect();
-    state.cache_bytes = cache.stats().disk_bytes;
+    let _ = std::fs::remove_file(state_path);
 }
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
@@ -450,25 +234,61 @@ pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
             args.state_dir.display()
         );
     };
-    if layer::is_mountpoint(&dir) {
-        nix::mount::umount2(&dir, nix::mount::MntFlags::empty())
-            .or_else(|_| nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH))
-            .with_context(|| format!("unmounting {}", dir.display()))?;
-    }
     if process_alive(state.pid) {
-        let pid = nix::unistd::Pid::from_raw(state.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let started = Instant::now();
-        while process_alive(state.pid) {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("mount daemon {} did not stop within 30 s", state.pid);
+        match &state.socket {
+            Some(socket) => {
+                if let Some(mut daemon) = DaemonConnection::connect(socket)? {
+                    if daemon.pid == state.pid {
+                        let reply = daemon
+                            .request(&Request::Umount { dir: dir.clone() }, UMOUNT_TIMEOUT)?;
+                        drop(daemon);
+                        match reply {
+                            Reply::Unmounted { daemon_exiting } => {
+                                if daemon_exiting {
+                                    wait_for_exit(state.pid)?;
+                                }
+                                eprintln!("unmounted {}", dir.display());
+                                return Ok(ExitCode::SUCCESS);
+                            }
+                            Reply::Error { message } => bail!("{message}"),
+                            other => bail!("the mount daemon answered an unmount with {other:?}"),
+                        }
+                    }
+                }
+                // Nobody (or another daemon) answers for this state file's pid: its daemon
+                // died and the pid was reused.
             }
-            std::thread::sleep(Duration::from_millis(50));
+            None => {
+                // A daemon from before daemons were shared: it hosts this mount only.
+                if layer::is_mountpoint(&dir) {
+                    nix::mount::umount2(&dir, nix::mount::MntFlags::empty())
+                        .or_else(|_| nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH))
+                        .with_context(|| format!("unmounting {}", dir.display()))?;
+                }
+                let pid = nix::unistd::Pid::from_raw(state.pid as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                wait_for_exit(state.pid)?;
+            }
         }
     }
-    let _ = std::fs::remove_file(&state_path);
+    release_stale(&state_path, &dir);
     eprintln!("unmounted {}", dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits (bounded) for a mount daemon to exit.
+fn wait_for_exit(pid: u32) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while process_alive(pid) {
+        if started.elapsed() > UMOUNT_TIMEOUT {
+            bail!(
+                "mount daemon {pid} did not exit within {} s after its last unmount; `kill {pid}`",
+                UMOUNT_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -532,7 +352,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn state_file(state_dir: &Path, dir: &Path) -> PathBuf {
+pub(super) fn state_file(state_dir: &Path, dir: &Path) -> PathBuf {
     let digest = image::sha256_digest(dir.as_os_str().as_encoded_bytes());
     state_dir.join(format!("{}.json", layer::short_digest(&digest)))
 }
@@ -542,7 +362,7 @@ fn read_state(path: &Path) -> Option<MountState> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn write_state(path: &Path, state: &MountState) -> anyhow::Result<()> {
+pub(super) fn write_state(path: &Path, state: &MountState) -> anyhow::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -552,8 +372,16 @@ fn write_state(path: &Path, state: &MountState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True while `pid` runs (a zombie waiting to be reaped has exited).
 fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Parses `10GiB`, `512MiB`, `4096`, `1.5G` into bytes.

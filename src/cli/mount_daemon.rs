@@ -1,0 +1,718 @@
+//! The mount daemon: one process per cache directory that owns the chunk cache and hosts every
+//! `lazysnap mount` using it. It answers on `<cache dir>/mount.sock` (protocol in
+//! [`super::mount_socket`]), mounts each image's layers (FUSE per eStargz layer, overlayfs at the
+//! mount directory), keeps one state file per mount, and exits when its last mount is gone, or
+//! unmounts everything on SIGTERM / SIGINT.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use lazysnap::cache::{CacheError, CacheOptions, ChunkCache};
+use lazysnap::estargz;
+use lazysnap::fetch::FetchOptions;
+use lazysnap::image::{self, ImageLocation, Platform};
+use lazysnap::layer::{self, LayerManager, LayerManagerOptions, MountedLayer, RemoteLayerSpec};
+use lazysnap::registry::{Client, ClientConfig, Reference};
+
+use super::mount::{parse_size, state_file, write_state, LayerState, MountState};
+use super::mount_socket::{self, MountRequest, Reply, Request, StarterLock};
+
+/// How long a daemon with no mount and no client stays up (a client that started it and died).
+const IDLE_GRACE: Duration = Duration::from_secs(30);
+/// How long a new daemon waits for the cache lock held by a daemon that is still exiting.
+const CACHE_LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long an exiting daemon lets clients read their last replies and mounts in progress end.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// `lazysnap mount-daemon` (hidden): what `lazysnap mount` starts in the background.
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    /// The chunk cache directory this daemon owns; it listens on `<cache_dir>/mount.sock`.
+    #[arg(long)]
+    cache_dir: PathBuf,
+    /// Chunk cache size bound.
+    #[arg(long, value_parser = parse_size)]
+    cache_size: u64,
+}
+
+/// Runs a detached daemon (its own session) until its last mount is gone.
+pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let _ = nix::unistd::setsid();
+    let runtime = super::runtime()?;
+    runtime.block_on(serve(args.cache_dir, args.cache_size, None))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazysnap mount --foreground`: this process becomes the daemon of `cache_dir` (other mounts
+/// may join it) and mounts `request` first; Ctrl-C unmounts everything.
+pub fn run_foreground(
+    cache_dir: PathBuf,
+    cache_size: u64,
+    starter: StarterLock,
+    request: MountRequest,
+) -> anyhow::Result<ExitCode> {
+    let runtime = super::runtime()?;
+    runtime.block_on(serve(cache_dir, cache_size, Some((starter, request))))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's shared state.
+struct Daemon {
+    cache: Arc<ChunkCache>,
+    cache_dir: PathBuf,
+    cache_limit: u64,
+    socket: PathBuf,
+    inner: Mutex<Inner>,
+    /// Wakes the main loop when the daemon retires (stops accepting) or fails in the foreground.
+    retired: tokio::sync::Notify,
+}
+
+struct Inner {
+    /// Mounted images by their directory.
+    mounts: BTreeMap<PathBuf, ImageMount>,
+    /// Directories being mounted right now.
+    mounting: HashSet<PathBuf>,
+    /// Open client connections.
+    connections: usize,
+    /// False once the daemon stopped listening (its socket is gone).
+    accepting: bool,
+    /// Since when no client was connected.
+    idle_since: Instant,
+    /// Why a `--foreground` daemon's first mount failed.
+    fatal: Option<anyhow::Error>,
+}
+
+fn lock(mutex: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn serve(
+    cache_dir: PathBuf,
+    cache_limit: u64,
+    foreground: Option<(StarterLock, MountRequest)>,
+) -> anyhow::Result<()> {
+    let socket = mount_socket::socket_path(&cache_dir);
+    let cache = open_cache(&cache_dir, cache_limit, &socket).await?;
+    // Holding the cache lock means no other daemon of this cache is alive: a socket file left
+    // there is stale.
+    let listener = bind(&socket)?;
+    tracing::info!(socket = %socket.display(), cache = %cache_dir.display(), "mount daemon listening");
+    let daemon = Arc::new(Daemon {
+        cache,
+        cache_dir,
+        cache_limit,
+        socket,
+        inner: Mutex::new(Inner {
+            mounts: BTreeMap::new(),
+            mounting: HashSet::new(),
+            connections: 0,
+            accepting: true,
+            idle_since: Instant::now(),
+            fatal: None,
+        }),
+        retired: tokio::sync::Notify::new(),
+    });
+    if let Some((starter, request)) = foreground {
+        drop(starter);
+        // The first mount counts as a client, so the daemon does not retire before it is done.
+        lock(&daemon.inner).connections += 1;
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let reply = daemon.mount(request.clone()).await;
+            let mut inner = lock(&daemon.inner);
+            inner.connections -= 1;
+            match reply {
+                Reply::Mounted { image, layers } => eprintln!(
+                    "mounted {image} at {} ({layers} layers; Ctrl-C unmounts)",
+                    request.dir.display()
+                ),
+                Reply::Error { message } => {
+                    inner.fatal = Some(anyhow::anyhow!(message));
+                    daemon.stop_accepting(&mut inner);
+                }
+                other => tracing::warn!(?other, "unexpected mount reply"),
+            }
+        });
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: unmounting everything"); break }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: unmounting everything"); break }
+            _ = daemon.retired.notified() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let mut inner = lock(&daemon.inner);
+                    if inner.accepting {
+                        inner.connections += 1;
+                        tokio::spawn(daemon.clone().handle_connection(stream));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tick.tick() => daemon.tick().await,
+        }
+    }
+    {
+        let mut inner = lock(&daemon.inner);
+        daemon.stop_accepting(&mut inner);
+    }
+    drop(listener);
+    daemon.finish().await;
+    let fatal = lock(&daemon.inner).fatal.take();
+    match fatal {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Opens the cache, waiting a little for a daemon that is exiting to release it.
+async fn open_cache(
+    cache_dir: &Path,
+    cache_limit: u64,
+    socket: &Path,
+) -> anyhow::Result<Arc<ChunkCache>> {
+    let started = Instant::now();
+    loop {
+        let mut options = CacheOptions::new(cache_dir);
+        options.max_bytes = cache_limit;
+        match tokio::task::spawn_blocking(move || ChunkCache::open(options)).await? {
+            Ok(cache) => return Ok(cache),
+            Err(CacheError::Locked { .. }) if started.elapsed() < CACHE_LOCK_WAIT => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e @ CacheError::Locked { .. }) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "the mount daemon cannot own {}: its lock is held by a process that does \
+                         not answer on {} (a `lazysnap serve`?); stop that process or mount with \
+                         another --cache-dir",
+                        cache_dir.display(),
+                        socket.display()
+                    )
+                })
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("opening the cache at {}", cache_dir.display()))
+            }
+        }
+    }
+}
+
+/// Listens on `socket`, readable and writable by root only.
+fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing the stale socket {}", socket.display()))
+        }
+    }
+    // Created 0600 from the start: nobody else may connect between bind and chmod.
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    umask(previous);
+    let listener = listener.with_context(|| {
+        format!(
+            "listening on {} (a socket path must be under 108 bytes: use a shorter --cache-dir)",
+            socket.display()
+        )
+    })?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", socket.display()))?;
+    Ok(listener)
+}
+
+impl Daemon {
+    /// Stops listening: removes the socket so the next `lazysnap mount` starts a new daemon.
+    fn stop_accepting(&self, inner: &mut Inner) {
+        if inner.accepting {
+            inner.accepting = false;
+            if let Err(e) = std::fs::remove_file(&self.socket) {
+                tracing::warn!(socket = %self.socket.display(), error = %e, "removing the socket");
+            }
+            self.retired.notify_one();
+        }
+    }
+
+    /// Retires when nothing is mounted or being mounted and no client but `own` connections is
+    /// connected. True when it did.
+    fn retire_if_idle(&self, inner: &mut Inner, own: usize) -> bool {
+        if inner.accepting
+            && inner.mounts.is_empty()
+            && inner.mounting.is_empty()
+            && inner.connections <= own
+        {
+            tracing::info!("no mount left: exiting");
+            self.stop_accepting(inner);
+            return true;
+        }
+        false
+    }
+
+    async fn handle_connection(self: Arc<Self>, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        loop {
+            let mut line = String::new();
+            let reply = match (&mut reader).take(MAX_REQUEST).read_line(&mut line).await {
+                Ok(0) => break,
+                Ok(_) if !line.ends_with('\n') => Reply::Error {
+                    message: format!("request longer than {MAX_REQUEST} bytes or cut short"),
+                },
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => self.handle(request).await,
+                    Err(e) => Reply::Error {
+                        message: format!("unreadable request to the mount daemon: {e}"),
+                    },
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a request");
+                    break;
+                }
+            };
+            let closing = matches!(reply, Reply::Error { .. }) && !line.ends_with('\n');
+            let mut text = serde_json::to_string(&reply).unwrap_or_else(|e| {
+                format!(r#"{{"reply":"error","message":"encoding the reply: {e}"}}"#)
+            });
+            text.push('\n');
+            if write.write_all(text.as_bytes()).await.is_err() || closing {
+                break;
+            }
+        }
+        let mut inner = lock(&self.inner);
+        inner.connections -= 1;
+        inner.idle_since = Instant::now();
+        self.retire_if_idle(&mut inner, 0);
+    }
+
+    async fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::Hello => {
+                let inner = lock(&self.inner);
+                Reply::Hello {
+                    pid: std::process::id(),
+                    cache_dir: self.cache_dir.clone(),
+                    cache_limit: self.cache_limit,
+                    mounts: inner.mounts.len(),
+                }
+            }
+            Request::Mount(request) => self.mount(request).await,
+            Request::Umount { dir } => self.umount(&dir).await,
+        }
+    }
+
+    async fn mount(&self, request: MountRequest) -> Reply {
+        let dir = request.dir.clone();
+        {
+            let mut inner = lock(&self.inner);
+            if inner.mounts.contains_key(&dir) || inner.mounting.contains(&dir) {
+                return Reply::Error {
+                    message: format!(
+                        "{} is already mounted by lazysnap (pid {}): `lazysnap umount {}` first",
+                        dir.display(),
+                        std::process::id(),
+                        dir.display()
+                    ),
+                };
+            }
+            inner.mounting.insert(dir.clone());
+        }
+        let result = mount_image(&self.cache, &self.cache_dir, &request).await;
+        let mounted = match result {
+            Ok(mounted) => mounted,
+            Err(error) => {
+                lock(&self.inner).mounting.remove(&dir);
+                tracing::warn!(image = %request.image, dir = %dir.display(), error = format!("{error:#}"), "mount failed");
+                return Reply::Error {
+                    message: format!("{error:#}"),
+                };
+            }
+        };
+        tracing::info!(image = %request.image, dir = %dir.display(), "mounted");
+        let state = self.state_of(&mounted);
+        if let Err(error) = write_state(&mounted.state_path, &state) {
+            lock(&self.inner).mounting.remove(&dir);
+            mounted.teardown(true).await;
+            return Reply::Error {
+                message: format!("{error:#}"),
+            };
+        }
+        let reply = Reply::Mounted {
+            image: mounted.image.clone(),
+            layers: mounted.lower_dirs.len(),
+        };
+        let mut inner = lock(&self.inner);
+        inner.mounting.remove(&dir);
+        inner.mounts.insert(dir, mounted);
+        reply
+    }
+
+    async fn umount(&self, dir: &Path) -> Reply {
+        let taken = lock(&self.inner).mounts.remove(dir);
+        let Some(mounted) = taken else {
+            return Reply::Error {
+                message: format!(
+                    "{} is not mounted by the mount daemon (pid {}) of {}: it was unmounted \
+                     already (by someone else?); its state file is stale and can be removed",
+                    dir.display(),
+                    std::process::id(),
+                    self.cache_dir.display()
+                ),
+            };
+        };
+        if layer::is_mountpoint(dir) {
+            let unmounted = nix::mount::umount2(dir, nix::mount::MntFlags::empty())
+                .or_else(|_| nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH));
+            if let Err(e) = unmounted {
+                lock(&self.inner).mounts.insert(dir.to_path_buf(), mounted);
+                return Reply::Error {
+                    message: format!("unmounting {}: {e}", dir.display()),
+                };
+            }
+        }
+        mounted.teardown(false).await;
+        tracing::info!(dir = %dir.display(), "unmounted");
+        let mut inner = lock(&self.inner);
+        Reply::Unmounted {
+            daemon_exiting: self.retire_if_idle(&mut inner, 1),
+        }
+    }
+
+    /// Once a second: drops mounts whose directory was unmounted by someone else and refreshes
+    /// the state files.
+    async fn tick(&self) {
+        let gone: Vec<ImageMount> = {
+            let mut inner = lock(&self.inner);
+            let dirs: Vec<PathBuf> = inner
+                .mounts
+                .keys()
+                .filter(|dir| !layer::is_mountpoint(dir))
+                .cloned()
+                .collect();
+            dirs.iter()
+                .filter_map(|dir| inner.mounts.remove(dir))
+                .collect()
+        };
+        let any_gone = !gone.is_empty();
+        for mounted in gone {
+            tracing::info!(dir = %mounted.dir.display(), "unmounted externally; releasing its layers");
+            mounted.teardown(false).await;
+        }
+        // Written under the lock: a mount taken out of the map (and its state file removed)
+        // must not have its file written again afterwards.
+        let mut inner = lock(&self.inner);
+        for mounted in inner.mounts.values() {
+            if let Err(e) = write_state(&mounted.state_path, &self.state_of(mounted)) {
+                tracing::warn!(path = %mounted.state_path.display(), error = %e, "writing a state file");
+            }
+        }
+        if any_gone || inner.idle_since.elapsed() > IDLE_GRACE {
+            self.retire_if_idle(&mut inner, 0);
+        }
+    }
+
+    /// After the main loop: lets clients read their last replies and mounts in progress end
+    /// (bounded), then unmounts whatever is still mounted.
+    async fn finish(&self) {
+        let started = Instant::now();
+        while started.elapsed() < DRAIN_WAIT {
+            {
+                let inner = lock(&self.inner);
+                if inner.connections == 0 && inner.mounting.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let all: Vec<ImageMount> = std::mem::take(&mut lock(&self.inner).mounts)
+            .into_values()
+            .collect();
+        for mounted in all {
+            mounted.teardown(true).await;
+        }
+    }
+
+    fn state_of(&self, mounted: &ImageMount) -> MountState {
+        MountState {
+            pid: std::process::id(),
+            image: mounted.image.clone(),
+            dir: mounted.dir.clone(),
+            socket: Some(self.socket.clone()),
+            layers: mounted.layer_states(),
+            cache_bytes: self.cache.stats().disk_bytes,
+            cache_limit: self.cache_limit,
+        }
+    }
+}
+
+/// One image mounted at one directory.
+struct ImageMount {
+    image: String,
+    dir: PathBuf,
+    state_path: PathBuf,
+    /// Holds the layers' mountpoints: `<state file>.d/<position>`.
+    work: PathBuf,
+    descriptors: Vec<image::Descriptor>,
+    /// Layer directories, base first (FUSE mountpoints or unpacked trees).
+    lower_dirs: Vec<PathBuf>,
+    /// The FUSE layer of each lower dir, `None` for an unpacked one.
+    layers: Vec<Option<MountedLayer>>,
+    /// Whether `dir` has the stacked image mounted on it.
+    stacked: bool,
+}
+
+impl ImageMount {
+    fn layer_states(&self) -> Vec<LayerState> {
+        self.descriptors
+            .iter()
+            .zip(&self.lower_dirs)
+            .zip(&self.layers)
+            .map(|((descriptor, path), mounted)| {
+                let stats = mounted.as_ref().map(|m| m.stats()).unwrap_or_default();
+                LayerState {
+                    digest: descriptor.digest.clone(),
+                    mode: if mounted.is_some() {
+                        "lazy"
+                    } else {
+                        "unpacked"
+                    }
+                    .to_string(),
+                    path: path.clone(),
+                    size: descriptor.size,
+                    on_demand_bytes: stats.on_demand_bytes,
+                    prefetch_bytes: stats.prefetch_bytes,
+                    background_bytes: stats.background_bytes,
+                    fetched_chunks: stats.fetched_chunks,
+                    total_chunks: stats.total_chunks,
+                    cache_hits: stats.cache_hits,
+                }
+            })
+            .collect()
+    }
+
+    /// Unmounts the stacked image (when `unmount_dir` and it is still there) and every layer,
+    /// and removes the work directory and state file. Problems are logged: there is nothing
+    /// left to undo.
+    async fn teardown(self, unmount_dir: bool) {
+        if unmount_dir && self.stacked && layer::is_mountpoint(&self.dir) {
+            if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "unmounting the image");
+            }
+        }
+        for mounted in self.layers.into_iter().flatten() {
+            let mountpoint = mounted.mountpoint().to_path_buf();
+            match tokio::task::spawn_blocking(move || mounted.unmount()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmounting a layer")
+                }
+                Err(e) => {
+                    tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount task")
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+        let _ = std::fs::remove_file(&self.state_path);
+    }
+}
+
+/// Mounts every layer of `request.image` and stacks them read-only at `request.dir`; on failure
+/// undoes what it did.
+async fn mount_image(
+    cache: &Arc<ChunkCache>,
+    cache_dir: &Path,
+    request: &MountRequest,
+) -> anyhow::Result<ImageMount> {
+    let state_path = state_file(&request.state_dir, &request.dir);
+    let mut mounted = ImageMount {
+        image: request.image.clone(),
+        dir: request.dir.clone(),
+        work: state_path.with_extension("d"),
+        state_path,
+        descriptors: Vec::new(),
+        lower_dirs: Vec::new(),
+        layers: Vec::new(),
+        stacked: false,
+    };
+    match mount_layers(&mut mounted, cache, cache_dir, request).await {
+        Ok(()) => Ok(mounted),
+        Err(error) => {
+            mounted.teardown(true).await;
+            Err(error)
+        }
+    }
+}
+
+async fn mount_layers(
+    mounted: &mut ImageMount,
+    cache: &Arc<ChunkCache>,
+    cache_dir: &Path,
+    request: &MountRequest,
+) -> anyhow::Result<()> {
+    let platform = match &request.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    let client = Client::new(ClientConfig {
+        hosts_dir: request.hosts_dir.clone(),
+        plain_http: request.plain_http,
+        read_deadline: Duration::from_secs(request.read_deadline),
+        ..ClientConfig::default()
+    })?;
+    let fetch = FetchOptions {
+        deadline: Duration::from_secs(request.read_deadline),
+        prefetch: !request.no_prefetch,
+        background: !request.no_prefetch,
+        ..FetchOptions::default()
+    };
+    let manager = LayerManager::new(
+        client.clone(),
+        cache.clone(),
+        tokio::runtime::Handle::current(),
+        LayerManagerOptions {
+            fetch,
+            platform: platform.clone(),
+            ..LayerManagerOptions::default()
+        },
+    );
+    let reference = Reference::parse(&request.image)?;
+    let resolved = image::resolve_image(
+        &client,
+        &ImageLocation::Registry(reference.clone()),
+        &platform,
+    )
+    .await
+    .with_context(|| format!("resolving {}", request.image))?;
+
+    let _ = std::fs::remove_dir_all(&mounted.work);
+    for (position, descriptor) in resolved.manifest.layers.iter().enumerate() {
+        let spec = RemoteLayerSpec {
+            image: reference.clone(),
+            layer: descriptor.clone(),
+        };
+        let mountpoint = mounted.work.join(position.to_string());
+        std::fs::create_dir_all(&mountpoint)
+            .with_context(|| format!("creating {}", mountpoint.display()))?;
+        let lazy = if spec.toc_digest().is_some() {
+            match manager.mount(&spec, &mountpoint).await {
+                Ok(layer) => Some(layer),
+                Err(e) if e.is_not_lazy() => {
+                    tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let lower = match &lazy {
+            Some(_) => mountpoint,
+            None => unpack_cached(&client, &spec, cache_dir).await?,
+        };
+        mounted.descriptors.push(descriptor.clone());
+        mounted.lower_dirs.push(lower);
+        mounted.layers.push(lazy);
+    }
+    stack_layers(&mounted.lower_dirs, &mounted.dir)?;
+    mounted.stacked = true;
+    Ok(())
+}
+
+/// Downloads and unpacks a layer that cannot be mounted lazily, once per digest.
+async fn unpack_cached(
+    client: &Client,
+    spec: &RemoteLayerSpec,
+    cache_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let hex = image::digest_hex(&spec.layer.digest)?;
+    let dest = cache_dir.join("unpacked").join(hex);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    tracing::info!(
+        layer = %layer::short_digest(&spec.layer.digest),
+        "layer is not eStargz: downloading and unpacking it"
+    );
+    let reader = client
+        .blob_reader(&spec.image, &spec.layer.digest)
+        .await
+        .with_context(|| format!("downloading layer {}", spec.layer.digest))?;
+    let sync_reader = tokio_util::io::SyncIoBridge::new(reader);
+    let target = dest.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let tar = estargz::decompressed_reader(sync_reader)?;
+        layer::unpack_layer(tar, &target, "trusted.overlay.opaque")?;
+        Ok(())
+    })
+    .await??;
+    Ok(dest)
+}
+
+/// Stacks `lower_dirs` (base first) read-only at `dir`: a bind mount for one layer, overlayfs
+/// for more.
+fn stack_layers(lower_dirs: &[PathBuf], dir: &Path) -> anyhow::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    match lower_dirs {
+        [] => bail!("the image has no layers"),
+        [only] => {
+            mount(
+                Some(only.as_path()),
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mounting {} at {}", only.display(), dir.display()))?;
+            let read_only = mount(
+                None::<&str>,
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
+            if let Err(e) = read_only {
+                let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+                return Err(e).with_context(|| format!("making {} read-only", dir.display()));
+            }
+        }
+        _ => {
+            let lowers: Vec<String> = lower_dirs
+                .iter()
+                .rev()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let options = format!("lowerdir={}", lowers.join(":"));
+            mount(
+                Some("overlay"),
+                dir,
+                Some("overlay"),
+                MsFlags::MS_RDONLY,
+                Some(options.as_str()),
+            )
+            .with_context(|| format!("mounting overlayfs at {} ({options})", dir.display()))?;
+        }
+    }
+    Ok(())
+}
