@@ -343,3 +343,74 @@ fn a_stopped_registry_gives_eio_for_uncached_files_and_recovers() {
     registry.restart().unwrap();
     assert_eq!(std::fs::read(&uncached).unwrap(), b"small file 299\n");
 }
+
+/// The passthrough counters of the (single) layer of `mounted`: (files assembled, opens).
+fn passthrough_counters(mounted: &Mounted) -> (u64, u64) {
+    let status = mounted.status_json();
+    let ours = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| Path::new(s["dir"].as_str().unwrap()) == mounted.dir.canonicalize().unwrap())
+        .unwrap()
+        .clone();
+    let layer = &ours["layers"][0];
+    (
+        layer["files_assembled"].as_u64().unwrap(),
+        layer["passthrough_opens"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn files_of_several_chunks_pass_through_once_cached() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = images::pseudo_random_bytes(5 << 20, 77);
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "data/big.bin", &data[..])
+        .unwrap();
+    let source = push_generated(
+        &registry,
+        work.path(),
+        &[tar.into_inner().unwrap()],
+        "multi",
+    );
+    let esgz = format!("{}/multi:esgz", registry.host());
+    lazysnap_ok(&["convert", "--chunk-size", "1048576", &source, &esgz]);
+
+    let mounted = Mounted::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
+    let path = mounted.dir.join("data/big.bin");
+    // The first read fetches the six chunks through the daemon.
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert_eq!(passthrough_counters(&mounted), (0, 0));
+    // An open with every chunk cached assembles the file in the background; once assembled,
+    // opens are served by passthrough from the cache, with the same bytes.
+    let mut waited = 0;
+    loop {
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        let (assembled, opens) = passthrough_counters(&mounted);
+        if assembled == 1 && opens >= 1 {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 200, "not passed through after {waited} opens: {assembled} assembled, {opens} passthrough opens");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+
+    // Mounted with --no-passthrough, the same cached file is read through the daemon only.
+    let plain = Mounted::new(
+        &esgz,
+        work.path(),
+        "plain",
+        &["--no-prefetch", "--no-passthrough"],
+    );
+    assert_eq!(std::fs::read(plain.dir.join("data/big.bin")).unwrap(), data);
+    assert_eq!(std::fs::read(plain.dir.join("data/big.bin")).unwrap(), data);
+    assert_eq!(passthrough_counters(&plain).1, 0);
+}

@@ -56,6 +56,9 @@ pub struct MountArgs {
     /// Do not prefetch prioritized files or fill the rest in the background.
     #[arg(long)]
     no_prefetch: bool,
+    /// Serve every read through the daemon, never by FUSE passthrough from the cache.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Longest a read may wait for the registry before it fails with EIO, in seconds.
     #[arg(long, default_value_t = 30)]
     read_deadline: u64,
@@ -114,6 +117,12 @@ pub(super) struct LayerState {
     pub fetched_chunks: u64,
     pub total_chunks: u64,
     pub cache_hits: u64,
+    /// Files of several chunks assembled in the cache for passthrough.
+    #[serde(default)]
+    pub files_assembled: u64,
+    /// Opens served by FUSE passthrough (reads bypass the daemon).
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -158,6 +167,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
             .transpose()
             .context("--hosts-dir")?,
         no_prefetch: args.no_prefetch,
+        no_passthrough: args.no_passthrough,
         read_deadline: args.read_deadline,
     };
     let cache_size = args.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
@@ -324,8 +334,16 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             human_bytes(state.cache_limit)
         );
         println!(
-            "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
-            "LAYER", "MODE", "SIZE", "ON-DEMAND", "PREFETCH", "BACKGROUND", "FETCHED", "CACHE-HITS"
+            "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
+            "LAYER",
+            "MODE",
+            "SIZE",
+            "ON-DEMAND",
+            "PREFETCH",
+            "BACKGROUND",
+            "FETCHED",
+            "CACHE-HITS",
+            "PASSTHROUGH"
         );
         for layer in &state.layers {
             let fetched = if layer.total_chunks == 0 {
@@ -337,7 +355,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 )
             };
             println!(
-                "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+                "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
                 layer::short_digest(&layer.digest),
                 layer.mode,
                 human_bytes(layer.size),
@@ -345,7 +363,8 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 human_bytes(layer.prefetch_bytes),
                 human_bytes(layer.background_bytes),
                 fetched,
-                layer.cache_hits
+                layer.cache_hits,
+                layer.passthrough_opens
             );
         }
     }

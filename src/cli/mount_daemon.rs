@@ -491,6 +491,10 @@ impl ImageMount {
             .zip(&self.layers)
             .map(|((descriptor, path), mounted)| {
                 let stats = mounted.as_ref().map(|m| m.stats()).unwrap_or_default();
+                let passthrough_opens = mounted
+                    .as_ref()
+                    .and_then(|m| m.fs_stats())
+                    .map_or(0, |s| s.passthrough_opens);
                 LayerState {
                     digest: descriptor.digest.clone(),
                     mode: if mounted.is_some() {
@@ -507,6 +511,8 @@ impl ImageMount {
                     fetched_chunks: stats.fetched_chunks,
                     total_chunks: stats.total_chunks,
                     cache_hits: stats.cache_hits,
+                    files_assembled: stats.files_assembled,
+                    passthrough_opens,
                 }
             })
             .collect()
@@ -591,10 +597,17 @@ async fn mount_layers(
         client.clone(),
         cache.clone(),
         tokio::runtime::Handle::current(),
-        LayerManagerOptions {
-            fetch,
-            platform: platform.clone(),
-            ..LayerManagerOptions::default()
+        {
+            let defaults = LayerManagerOptions::default();
+            LayerManagerOptions {
+                fetch,
+                platform: platform.clone(),
+                mount: lazysnap_fuse::MountOptions {
+                    passthrough: !request.no_passthrough,
+                    ..defaults.mount.clone()
+                },
+                ..defaults
+            }
         },
     );
     let reference = Reference::parse(&request.image)?;

@@ -146,6 +146,11 @@ impl MountedLayer {
         self.reader.stats()
     }
 
+    /// The FUSE filesystem's counters (opens, passthrough opens), while mounted.
+    pub fn fs_stats(&self) -> Option<lazysnap_fuse::FsStats> {
+        self.handle.as_ref().map(|h| h.stats())
+    }
+
     /// Stops fetching and unmounts, reporting unmount errors.
     pub fn unmount(mut self) -> Result<(), LayerError> {
         self.reader.shutdown();
