@@ -597,17 +597,13 @@ async fn mount_layers(
         client.clone(),
         cache.clone(),
         tokio::runtime::Handle::current(),
-        {
-            let defaults = LayerManagerOptions::default();
-            LayerManagerOptions {
-                fetch,
-                platform: platform.clone(),
-                mount: lazysnap_fuse::MountOptions {
-                    passthrough: !request.no_passthrough,
-                    ..defaults.mount.clone()
-                },
-                ..defaults
-            }
+        LayerManagerOptions {
+            fetch,
+            platform: platform.clone(),
+            mount: lazysnap_fuse::MountOptions {
+                passthrough: !request.no_passthrough,
+                ..LayerManagerOptions::default().mount
+            },
         },
     );
     let reference = Reference::parse(&request.image)?;
