@@ -1,5 +1,6 @@
 //! Benchmarks of the chunk cache and the layer reader's cached path: latency of a cached read
-//! through `LayerReader::read` (memory tier and disk tier) and chunk insert throughput.
+//! through `LayerReader::read` (memory tier and disk tier), chunk insert throughput, and the
+//! decompress-and-verify step every fetched chunk goes through (`estargz::decode_chunk`).
 
 use std::hint::black_box;
 use std::io::Write;
@@ -150,5 +151,48 @@ fn inserts(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cached_reads, inserts);
+/// `decode_chunk` of one 1 MiB chunk: incompressible and text-like data, gzip and zstd.
+fn decodes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode_chunk");
+    let len = 1 << 20;
+    let random = pseudo_random(len, 9);
+    let text: Vec<u8> = b"lazily pulled layers read only what they need\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect();
+    for (data_name, data) in [("random", &random), ("text", &text)] {
+        for compression in [Compression::Gzip, Compression::Zstd] {
+            let compressed = match compression {
+                Compression::Gzip => {
+                    let mut enc =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                    enc.write_all(data).unwrap();
+                    enc.finish().unwrap()
+                }
+                Compression::Zstd => zstd::encode_all(&data[..], 3).unwrap(),
+            };
+            let info = ChunkInfo {
+                compressed: 0..compressed.len() as u64,
+                inner_offset: 0,
+                file_offset: 0,
+                len: data.len() as u64,
+                digest: digest(data),
+            };
+            group.throughput(Throughput::Bytes(len as u64));
+            let name = format!("{compression:?}-{data_name}").to_lowercase();
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    lazysnap::estargz::decode_chunk(compression, "bench", &info, &compressed)
+                        .unwrap()
+                        .len()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cached_reads, inserts, decodes);
 criterion_main!(benches);

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Measures a lazily mounted layer as `lazysnap mount` serves it, over loopback:
 #   - daemon RSS with one layer of N entries mounted (default 100k) and per 100k entries,
-#   - cold read latency of a 1 MiB file and of a 4 KiB file (nothing cached, no prefetch),
-#   - warm (chunk-cached) sequential read throughput of a 256 MiB file vs the same bytes on disk.
+#   - cold read latency of 1 MiB and 4 KiB files (nothing cached, no prefetch; median of READS
+#     files each), beside the registry's own time for a ranged GET of the same size (curl),
+#   - sequential read of a BIG_MIB file (default 1024) once its chunks are cached, with FUSE
+#     passthrough (the file assembled in the cache) and without (--no-passthrough), vs the same
+#     bytes on local disk; the page cache is dropped before each timed read.
 # Uses a registry on 127.0.0.1 and a release build. Run as root: sudo scripts/bench-layer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +14,8 @@ export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 bash scripts/install-deps.sh >/dev/null
 
 entries=${ENTRIES:-100000}
+big_mib=${BIG_MIB:-1024}
+reads=${READS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --quiet --release --bin lazysnap
 lazysnap="$CARGO_TARGET_DIR/release/lazysnap"
@@ -18,7 +23,9 @@ lazysnap="$CARGO_TARGET_DIR/release/lazysnap"
 work=$(mktemp -d /tmp/lazysnap-bench-layer.XXXXXX)
 registry_pid=""
 cleanup() {
-    "$lazysnap" umount --state-dir "$work/state" "$work/mnt" >/dev/null 2>&1 || true
+    for m in "$work/mnt" "$work/plain"; do
+        "$lazysnap" umount --state-dir "$work/state" "$m" >/dev/null 2>&1 || true
+    done
     [[ -n "$registry_pid" ]] && kill "$registry_pid" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -43,33 +50,45 @@ YAML
 registry_pid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 
-echo "== generating a layer: $entries small files, a 1 MiB, a 4 KiB and a 256 MiB file"
-python3 - "$work/oci" "$entries" <<'PY'
-import gzip, hashlib, io, json, os, sys, tarfile
-out, n = sys.argv[1], int(sys.argv[2])
+echo "== generating a layer: $entries small files, $reads files of 1 MiB and of 4 KiB, a $big_mib MiB file"
+python3 - "$work/oci" "$entries" "$reads" "$big_mib" <<'PY'
+import hashlib, io, json, os, sys, tarfile
+out, n, reads, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 os.makedirs(f"{out}/blobs/sha256")
 def blob(data):
     d = hashlib.sha256(data).hexdigest()
     open(f"{out}/blobs/sha256/{d}", "wb").write(data)
     return "sha256:" + d, len(data)
-buf = io.BytesIO()
-with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-    def add(name, data):
-        info = tarfile.TarInfo(name); info.size = len(data); info.mtime = 1700000000
-        t.addfile(info, io.BytesIO(data))
+class Stream:
+    # Random bytes generated as the tar writer reads them: the big file never sits in memory.
+    def __init__(self, size): self.left = size
+    def read(self, k):
+        k = min(k, self.left); self.left -= k
+        return os.urandom(k)
+tar_path = f"{out}/layer.tar"
+with tarfile.open(tar_path, mode="w", format=tarfile.PAX_FORMAT) as t:
+    def add(name, size, data):
+        info = tarfile.TarInfo(name); info.size = size; info.mtime = 1700000000
+        t.addfile(info, data)
     for i in range(n):
-        add(f"many/d{i // 1000:03d}/f{i:06d}", b"x%d\n" % i)
-    add("read/one-mib.bin", os.urandom(1 << 20))
-    add("read/four-kib.txt", b"k" * 4096)
-    add("read/big.bin", os.urandom(256 << 20))
-tar = buf.getvalue()
-diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-layer, size = blob(gzip.compress(tar, 1))
-config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+        body = b"x%d\n" % i
+        add(f"many/d{i // 1000:03d}/f{i:06d}", len(body), io.BytesIO(body))
+    for i in range(reads):
+        add(f"read/one-mib-{i}.bin", 1 << 20, Stream(1 << 20))
+        add(f"read/four-kib-{i}.txt", 4096, Stream(4096))
+    add("read/big.bin", big_mib << 20, Stream(big_mib << 20))
+h = hashlib.sha256()
+with open(tar_path, "rb") as f:
+    for piece in iter(lambda: f.read(1 << 20), b""):
+        h.update(piece)
+layer = "sha256:" + h.hexdigest()
+size = os.path.getsize(tar_path)
+os.rename(tar_path, f"{out}/blobs/sha256/{h.hexdigest()}")
+config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer]}}).encode()
 cd, cs = blob(config)
 manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": size}]}).encode()
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": size}]}).encode()
 md, ms = blob(manifest)
 json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
     "digest": md, "size": ms, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}, open(f"{out}/index.json", "w"))
@@ -79,44 +98,83 @@ PY
 image="127.0.0.1:$port/bench/layer:esgz"
 echo "== converting with lazysnap convert"
 "$lazysnap" convert "oci:$work/oci:latest" "$image" 2>/dev/null
+rm -rf "$work/oci"
+read -r layer_blob layer_size < <(curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:$port/v2/bench/layer/manifests/esgz" |
+    python3 -c 'import json,sys; l = json.load(sys.stdin)["layers"][0]; print(l["digest"], l["size"])')
 
-mkdir -p "$work/mnt"
+mkdir -p "$work/mnt" "$work/plain"
 "$lazysnap" mount --no-prefetch --cache-dir "$work/cache" --state-dir "$work/state" "$image" "$work/mnt" 2>/dev/null
 pid=$("$lazysnap" status --json --state-dir "$work/state" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])')
 rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 
-time_read() { python3 - "$1" <<'PY'
+# Prints the milliseconds each file took to open and read to its end.
+time_reads() { python3 - "$@" <<'PY'
 import sys, time
-t = time.perf_counter()
-with open(sys.argv[1], "rb") as f:
-    while f.read(1 << 20):
-        pass
-print(f"{(time.perf_counter() - t) * 1000:.2f}")
+for path in sys.argv[1:]:
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    print(f"{(time.perf_counter() - t) * 1000:.3f}")
 PY
 }
-cold_1m=$(time_read "$work/mnt/read/one-mib.bin")
-cold_4k=$(time_read "$work/mnt/read/four-kib.txt")
+median() { sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
+# Median milliseconds of ranged GETs of $1 bytes of the layer blob over one kept-alive connection.
+registry_ms() {
+    python3 - "http://127.0.0.1:$port/v2/bench/layer/blobs/$layer_blob" "$1" "$work/curl.cfg" "$layer_size" <<'PY'
+import random, sys
+url, size, cfg, blob_size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+with open(cfg, "w") as f:
+    for i in range(21):
+        start = random.randrange(0, max(1, blob_size - size))
+        f.write(("next\n" if i else "") + f'url = "{url}"\nrange = "{start}-{start + size - 1}"\n'
+                'output = "/dev/null"\nsilent\nwrite-out = "%{time_total}\\n"\n')
+PY
+    curl -K "$work/curl.cfg" | tail -n +2 | awk '{print $1 * 1000}' | median
+}
+cold_1m=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/one-mib-$i.bin"; done) | median)
+cold_4k=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/four-kib-$i.txt"; done) | median)
+rtt_1m=$(registry_ms $((1 << 20)))
+rtt_4k=$(registry_ms 4096)
 ls -R "$work/mnt/many" >/dev/null
 rss_walked_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 
-# Warm read: fetch the big file once (into the chunk cache), drop the page cache, read again.
-time_read "$work/mnt/read/big.bin" >/dev/null
-cp "$work/mnt/read/big.bin" "$work/big-local.bin"
+big="read/big.bin"
+cold_big_ms=$(time_reads "$work/mnt/$big")
+# With every chunk cached, an open assembles the file in the cache; later opens pass through.
+for _ in $(seq 600); do
+    time_reads "$work/mnt/$big" >/dev/null
+    assembled=$("$lazysnap" status --json --state-dir "$work/state" | python3 -c 'import json,sys; print(sum(l["files_assembled"] for s in json.load(sys.stdin) for l in s["layers"]))')
+    [[ "$assembled" -ge 1 ]] && break
+    sleep 0.5
+done
 sync; echo 3 >/proc/sys/vm/drop_caches
-warm_ms=$(time_read "$work/mnt/read/big.bin")
+passthrough_ms=$(time_reads "$work/mnt/$big")
+# The same daemon and cache, mounted without passthrough: reads go through the daemon.
+"$lazysnap" mount --no-prefetch --no-passthrough --cache-dir "$work/cache" --state-dir "$work/state" "$image" "$work/plain" 2>/dev/null
+time_reads "$work/plain/$big" >/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
-local_ms=$(time_read "$work/big-local.bin")
+daemon_ms=$(time_reads "$work/plain/$big")
+cp "$work/mnt/$big" "$work/big-local.bin"
+sync; echo 3 >/proc/sys/vm/drop_caches
+local_ms=$(time_reads "$work/big-local.bin")
 
-python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$warm_ms" "$local_ms" <<'PY'
+python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$rtt_1m" "$rtt_4k" \
+    "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" <<'PY'
 import sys
-n, rss, walked, c1m, c4k, warm, local = sys.argv[1:]
-n = int(n); rss = int(rss); walked = int(walked)
-print(f"entries in the layer           {n}")
-print(f"daemon RSS, mounted            {rss / 1024:.1f} MiB ({rss / 1024 / n * 100000:.1f} MiB per 100k entries)")
-print(f"daemon RSS, after ls -R        {walked / 1024:.1f} MiB")
-print(f"cold read 1 MiB file           {float(c1m):.2f} ms")
-print(f"cold read 4 KiB file           {float(c4k):.2f} ms")
-mb = 256
-print(f"warm read 256 MiB (cached)     {mb / (float(warm) / 1000):.0f} MiB/s")
-print(f"same file on local disk        {mb / (float(local) / 1000):.0f} MiB/s  (ratio {float(local) / float(warm):.2f})")
+n, rss, walked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+c1m, c4k, r1m, r4k = (float(v) for v in sys.argv[4:8])
+mib = int(sys.argv[8])
+cold_big, passthrough, daemon, local = (float(v) for v in sys.argv[9:13])
+rate = lambda ms: mib / (ms / 1000)
+print(f"entries in the layer             {n}")
+print(f"daemon RSS, mounted              {rss / 1024:.1f} MiB")
+print(f"daemon RSS, after ls -R          {walked / 1024:.1f} MiB")
+print(f"cold read 1 MiB file (median)    {c1m:.2f} ms; registry GET of 1 MiB (curl) {r1m:.2f} ms; ours beyond it {c1m - r1m:.2f} ms")
+print(f"cold read 4 KiB file (median)    {c4k:.2f} ms; registry GET of 4 KiB (curl) {r4k:.2f} ms; ours beyond it {c4k - r4k:.2f} ms")
+print(f"first read of {mib} MiB (fetch)   {rate(cold_big):.0f} MiB/s")
+print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({local / passthrough:.2f}x local disk)")
+print(f"cached {mib} MiB, through daemon  {rate(daemon):.0f} MiB/s ({local / daemon:.2f}x local disk)")
+print(f"same file on local disk          {rate(local):.0f} MiB/s")
 PY

@@ -867,7 +867,10 @@ impl Inner {
     fn decode_and_store(&self, at: ChunkRef, compressed: &[u8], guard: FillGuard) {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
-        match estargz::decode_chunk(self.compression, file, chunk, compressed) {
+        let span = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len);
+        let decoded =
+            span.in_scope(|| estargz::decode_chunk(self.compression, file, chunk, compressed));
+        match decoded {
             Ok(data) => {
                 let data = Bytes::from(data);
                 self.cache.remember(&chunk.digest, data.clone());

@@ -80,8 +80,15 @@ fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: the mount daemon's stderr is its log file.
+    // LAZYSNAP_LOG_SPANS=1 also logs each span as it closes, with its duration (where the time
+    // of a mount, a fetch or a gRPC call went).
+    let span_events = match std::env::var("LAZYSNAP_LOG_SPANS").as_deref() {
+        Ok("1") | Ok("true") => tracing_subscriber::fmt::format::FmtSpan::CLOSE,
+        _ => tracing_subscriber::fmt::format::FmtSpan::NONE,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(span_events)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {

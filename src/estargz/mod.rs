@@ -150,22 +150,17 @@ pub fn decode_chunk(
         offset: chunk.compressed.start,
         reason,
     };
-    let len = usize::try_from(chunk.len).map_err(|_| bad("chunk too large".into()))?;
-    let mut out = Vec::with_capacity(len.min(MAX_CHUNK_PREALLOC as usize));
     let result = match compression {
-        Compression::Gzip => read_exact_after(
+        Compression::Gzip => decode_and_hash(
             flate2::bufread::MultiGzDecoder::new(compressed),
             chunk.inner_offset,
             chunk.len,
-            &mut out,
         ),
-        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(compressed) {
-            Ok(decoder) => read_exact_after(decoder, chunk.inner_offset, chunk.len, &mut out),
-            Err(e) => Err(e),
-        },
+        Compression::Zstd => zstd::stream::read::Decoder::with_buffer(compressed)
+            .and_then(|decoder| decode_and_hash(decoder, chunk.inner_offset, chunk.len)),
     };
-    result.map_err(|e| bad(format!("cannot decompress {} bytes: {e}", chunk.len)))?;
-    let actual = ChunkDigest::of(&out);
+    let (out, actual) =
+        result.map_err(|e| bad(format!("cannot decompress {} bytes: {e}", chunk.len)))?;
     if actual != chunk.digest {
         return Err(bad(format!(
             "digest mismatch: TOC says {}, data is {actual}",
@@ -175,17 +170,12 @@ pub fn decode_chunk(
     Ok(out)
 }
 
-/// `sha256:<hex>` of `data`.
-pub(crate) fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-fn read_exact_after(
+/// Skips `skip` decompressed bytes, then reads exactly `len` more and hashes them.
+fn decode_and_hash(
     mut reader: impl Read,
     skip: u64,
     len: u64,
-    out: &mut Vec<u8>,
-) -> std::io::Result<()> {
+) -> std::io::Result<(Vec<u8>, ChunkDigest)> {
     let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())?;
     if skipped != skip {
         return Err(std::io::Error::new(
@@ -193,12 +183,82 @@ fn read_exact_after(
             format!("data ends after {skipped} bytes, before the inner offset {skip}"),
         ));
     }
-    let read = (&mut reader).take(len).read_to_end(out)?;
+    let mut out = Vec::with_capacity(usize::try_from(len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0));
+    let read = (&mut reader).take(len).read_to_end(&mut out)?;
     if read as u64 != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("data ends after {read} of {len} bytes"),
-        ));
+        return Err(short_read(read as u64, len));
     }
-    Ok(())
+    let digest = ChunkDigest::of(&out);
+    Ok((out, digest))
+}
+
+fn short_read(read: u64, len: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("data ends after {read} of {len} bytes"),
+    )
+}
+
+/// `sha256:<hex>` of `data`.
+pub(crate) fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn chunk_of(data: &[u8], compressed: &[u8], inner_offset: u64) -> ChunkInfo {
+        ChunkInfo {
+            compressed: 0..compressed.len() as u64,
+            inner_offset,
+            file_offset: 0,
+            len: data.len() as u64,
+            digest: ChunkDigest::of(data),
+        }
+    }
+
+    #[test]
+    fn chunks_decode_and_verify_and_short_or_wrong_data_is_an_error() {
+        for len in [1, 256 << 10, 3 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            for compression in [Compression::Gzip, Compression::Zstd] {
+                let compressed = match compression {
+                    Compression::Gzip => gzip(&data),
+                    Compression::Zstd => zstd::encode_all(&data[..], 1).unwrap(),
+                };
+                let chunk = chunk_of(&data, &compressed, 0);
+                let out = decode_chunk(compression, "f", &chunk, &compressed).unwrap();
+                assert!(out == data, "{len} {compression:?}");
+                // A wrong digest, and data cut short, are errors.
+                let mut wrong = chunk.clone();
+                wrong.digest = ChunkDigest::of(b"other");
+                let err = decode_chunk(compression, "f", &wrong, &compressed).unwrap_err();
+                assert!(err.to_string().contains("digest mismatch"), "{err}");
+                let mut longer = chunk.clone();
+                longer.len += 1;
+                let err = decode_chunk(compression, "f", &longer, &compressed).unwrap_err();
+                assert!(err.to_string().contains("data ends after"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_at_an_inner_offset_of_a_member_decodes() {
+        let first = vec![1u8; 1000];
+        let second: Vec<u8> = (0..(600 << 10)).map(|i| (i % 7) as u8).collect();
+        let both = [first.clone(), second.clone()].concat();
+        let compressed = gzip(&both);
+        let chunk = chunk_of(&second, &compressed, first.len() as u64);
+        let out = decode_chunk(Compression::Gzip, "f", &chunk, &compressed).unwrap();
+        assert!(out == second);
+    }
 }
