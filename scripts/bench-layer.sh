@@ -5,7 +5,7 @@
 #     files each), beside the registry's own time for a ranged GET of the same size (curl),
 #   - sequential read of a BIG_MIB file (default 1024) once its chunks are cached, with FUSE
 #     passthrough (the file assembled in the cache) and without (--no-passthrough), vs the same
-#     bytes on local disk; the page cache is dropped before each timed read.
+#     bytes on local disk; the page cache is dropped before each timed read (median of 3).
 # Uses a registry on 127.0.0.1 and a release build. Run as root: sudo scripts/bench-layer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,16 +149,20 @@ for _ in $(seq 600); do
     [[ "$assembled" -ge 1 ]] && break
     sleep 0.5
 done
-sync; echo 3 >/proc/sys/vm/drop_caches
-passthrough_ms=$(time_reads "$work/mnt/$big")
+# Median of 3 reads of $1, each after dropping the page cache.
+cold_cache_ms() {
+    for _ in 1 2 3; do
+        sync; echo 3 >/proc/sys/vm/drop_caches
+        time_reads "$1"
+    done | median
+}
+passthrough_ms=$(cold_cache_ms "$work/mnt/$big")
 # The same daemon and cache, mounted without passthrough: reads go through the daemon.
 "$lazysnap" mount --no-prefetch --no-passthrough --cache-dir "$work/cache" --state-dir "$work/state" "$image" "$work/plain" 2>/dev/null
 time_reads "$work/plain/$big" >/dev/null
-sync; echo 3 >/proc/sys/vm/drop_caches
-daemon_ms=$(time_reads "$work/plain/$big")
+daemon_ms=$(cold_cache_ms "$work/plain/$big")
 cp "$work/mnt/$big" "$work/big-local.bin"
-sync; echo 3 >/proc/sys/vm/drop_caches
-local_ms=$(time_reads "$work/big-local.bin")
+local_ms=$(cold_cache_ms "$work/big-local.bin")
 
 python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$rtt_1m" "$rtt_4k" \
     "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" <<'PY'

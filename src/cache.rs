@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileExt as _;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,12 @@ use tokio::sync::oneshot;
 
 use crate::estargz::ChunkDigest;
 use crate::metrics::{self, CacheTier};
+
+/// Chunk files kept open for reads ([`ChunkCache::read_at`]).
+const OPEN_FILES: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(64) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
 
 /// Delivers a fill's result to one waiter.
 type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
@@ -174,6 +181,9 @@ pub struct ChunkCache {
     disk: Mutex<DiskIndex>,
     memory: Mutex<MemoryTier>,
     pending: Mutex<HashMap<ChunkDigest, Vec<FillSender>>>,
+    /// Descriptors of recently read chunk files, kept open so that sequential reads of a chunk
+    /// keep the kernel's readahead going; dropped when their chunk leaves the cache.
+    open_files: Mutex<LruCache<ChunkDigest, Arc<File>>>,
     counters: Counters,
     temp_seq: AtomicU64,
     /// When (seconds since open, plus one) watermark eviction was last logged.
@@ -277,6 +287,7 @@ impl ChunkCache {
             watermark_logged: AtomicU64::new(0),
             opened: Instant::now(),
             _lock: lock_file,
+            open_files: Mutex::new(LruCache::new(OPEN_FILES)),
             opts,
         });
         {
@@ -343,13 +354,35 @@ impl ChunkCache {
             self.insert_memory(*digest, data.clone());
             return Some(slice_clamped(&data, offset, len));
         }
-        let path = self.chunk_path(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                self.forget_missing(digest, &path, &e);
-                self.note_miss();
-                return None;
+        let kept_open = lock(&self.open_files).get(digest).cloned();
+        let file = match kept_open {
+            Some(file) => file,
+            None => {
+                let path = self.chunk_path(digest);
+                let file = match File::open(&path) {
+                    Ok(f) if f.metadata().is_ok_and(|m| m.len() == size) => {
+                        // Reads of a chunk usually go on to its end: start reading it all now.
+                        let _ = nix::fcntl::posix_fadvise(
+                            &f,
+                            0,
+                            0,
+                            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                        );
+                        Arc::new(f)
+                    }
+                    Ok(_) => {
+                        self.remove_corrupt(digest, "size differs from the index");
+                        self.note_miss();
+                        return None;
+                    }
+                    Err(e) => {
+                        self.forget_missing(digest, &path, &e);
+                        self.note_miss();
+                        return None;
+                    }
+                };
+                lock(&self.open_files).put(*digest, Arc::clone(&file));
+                file
             }
         };
         let start = offset.min(size);
@@ -358,15 +391,12 @@ impl ChunkCache {
             self.note_miss();
             return None;
         };
-        let buf = match file.metadata() {
-            Ok(meta) if meta.len() == size => read_exact_range(&file, start, want).ok(),
-            _ => None,
-        };
-        let Some(buf) = buf else {
-            self.remove_corrupt(digest, "size differs from the index or read failed");
+        let mut buf = vec![0u8; want];
+        if file.read_exact_at(&mut buf, start).is_err() {
+            self.remove_corrupt(digest, "read failed");
             self.note_miss();
             return None;
-        };
+        }
         self.maybe_touch(digest, &file, touched);
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
@@ -722,6 +752,7 @@ impl ChunkCache {
     /// really gone (checked under the lock, as renames and unlinks happen under it).
     fn forget_missing(&self, key: &ChunkDigest, path: &Path, err: &io::Error) {
         let mut disk = lock(&self.disk);
+        lock(&self.open_files).pop(key);
         if !path.exists() {
             if let Some(e) = disk.lru.pop(key) {
                 disk.bytes = disk.bytes.saturating_sub(e.size);
@@ -736,6 +767,7 @@ impl ChunkCache {
         if let Some(e) = disk.lru.pop(key) {
             disk.bytes = disk.bytes.saturating_sub(e.size);
         }
+        lock(&self.open_files).pop(key);
         let _ = fs::remove_file(&path);
         drop(disk);
         self.counters
@@ -785,6 +817,7 @@ impl ChunkCache {
                 break;
             }
             disk.bytes = disk.bytes.saturating_sub(entry.size);
+            lock(&self.open_files).pop(&key);
             let path = self.chunk_path(&key);
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -938,7 +971,6 @@ impl FillWaiter {
 /// The sha256 of everything in `file`, read through a 1 MiB buffer at explicit offsets (the
 /// file position is left alone).
 fn digest_of_file(file: &File) -> io::Result<ChunkDigest> {
-    use std::os::unix::fs::FileExt as _;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0u64;

@@ -40,8 +40,9 @@ pub struct MountOptions {
     pub userxattr: bool,
     /// Number of threads reading FUSE requests (reads never block them).
     pub threads: usize,
-    /// Kernel readahead for the mount in KiB (its bdi `read_ahead_kb`); larger values make
-    /// sequential reads arrive in bigger requests (up to 1 MiB). None keeps the kernel default.
+    /// Kernel readahead for the mount in KiB (its bdi `read_ahead_kb`): sequential reads arrive
+    /// as requests of up to 1 MiB, with this much in flight at once (4 MiB by default, which
+    /// keeps the daemon's threads and the cache's disk reads busy). None keeps the default.
     pub read_ahead_kb: Option<u32>,
     /// Called with every operation's duration (e.g. to feed a latency histogram).
     pub observer: Option<OpObserver>,
@@ -59,7 +60,7 @@ impl Default for MountOptions {
             passthrough: true,
             userxattr: false,
             threads: 4,
-            read_ahead_kb: Some(1024),
+            read_ahead_kb: Some(4096),
             observer: None,
             open_observer: None,
         }
