@@ -15,17 +15,6 @@ use lazysnap::image::OciLayout;
 use lazysnap::testbed::images::{self, ImageOptions};
 use lazysnap::testbed::RegistryServer;
 
-fn require_root_and_fuse() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests mount FUSE and overlayfs: run them as root (sudo scripts/test.sh)"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: install fuse3 and load the fuse module"
-    );
-}
-
 /// A `lazysnap mount` that is undone when dropped, even when the test fails.
 struct Mounted {
     dir: PathBuf,

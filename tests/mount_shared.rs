@@ -13,17 +13,6 @@ use lazysnap::image::OciLayout;
 use lazysnap::testbed::images::{self, ImageOptions};
 use lazysnap::testbed::RegistryServer;
 
-fn require_root_and_fuse() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests mount FUSE and overlayfs: run them as root (sudo scripts/test.sh)"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: install fuse3 and load the fuse module"
-    );
-}
-
 /// One test's directories: every mount shares `cache` and `state`. On drop, whatever is still
 /// mounted below the work dir is detached and the daemons seen are killed, even when the test
 /// failed half way.

@@ -39,3 +39,15 @@ pub fn lazysnap_ok(args: &[&str]) -> String {
     assert_ok(&output);
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Fails loudly unless the test can mount FUSE and overlayfs (root, /dev/fuse).
+pub fn require_root_and_fuse() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests mount FUSE and overlayfs: run them as root (sudo scripts/test.sh)"
+    );
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: install fuse3 and load the fuse module"
+    );
+}
