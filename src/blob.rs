@@ -14,6 +14,9 @@ use bytes::Bytes;
 /// A boxed future returned by [`BlobSource`] methods.
 pub type BlobFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BlobError>> + Send + 'a>>;
 
+/// A range's bytes as they arrive ([`BlobSource::read_range_stream`]).
+pub type BlobStream = futures::stream::BoxStream<'static, Result<Bytes, BlobError>>;
+
 /// Why a blob read failed, classified so callers can decide whether to retry, fall back or fail.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -43,6 +46,16 @@ pub trait BlobSource: Send + Sync {
     /// Reads exactly `range` (end exclusive).
     fn read_range(&self, range: Range<u64>) -> BlobFuture<'_, Bytes>;
 
+    /// Reads exactly `range` as a stream of pieces in order, so a caller can work on the first
+    /// bytes while the rest arrive. The pieces add up to the range or the stream ends with an
+    /// error. The default yields the whole range as one piece.
+    fn read_range_stream(&self, range: Range<u64>) -> BlobFuture<'_, BlobStream> {
+        Box::pin(async move {
+            let bytes = self.read_range(range).await?;
+            Ok(Box::pin(futures::stream::once(async move { Ok(bytes) })) as BlobStream)
+        })
+    }
+
     /// Reads several ranges, returning one buffer per range in the same order. The default reads
     /// them one after another; remote implementations coalesce or use multi-range requests.
     fn read_ranges(&self, ranges: Vec<Range<u64>>) -> BlobFuture<'_, Vec<Bytes>> {
@@ -62,6 +75,9 @@ impl<T: BlobSource + ?Sized> BlobSource for Arc<T> {
     }
     fn read_range(&self, range: Range<u64>) -> BlobFuture<'_, Bytes> {
         (**self).read_range(range)
+    }
+    fn read_range_stream(&self, range: Range<u64>) -> BlobFuture<'_, BlobStream> {
+        (**self).read_range_stream(range)
     }
     fn read_ranges(&self, ranges: Vec<Range<u64>>) -> BlobFuture<'_, Vec<Bytes>> {
         (**self).read_ranges(ranges)

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::blob::{BlobError, BlobSource};
 use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
-use crate::estargz::{self, ChunkDigest, ChunkInfo, Compression};
+use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression};
 use crate::metrics::{self, FetchKind};
 
 mod layer_files;
@@ -181,6 +181,16 @@ struct Counters {
     prefetch_done: AtomicBool,
     background_done: AtomicBool,
     files_assembled: AtomicU64,
+}
+
+/// How a streamed chunk request ended.
+enum Streamed {
+    /// The bytes arrived and were decoded, rightly or not (a verdict on the chunk).
+    Decoded(Result<Vec<u8>, estargz::FormatError>),
+    /// The request failed before a verdict.
+    Failed,
+    /// The reader is shutting down.
+    Cancelled,
 }
 
 /// Position of a chunk in the layer's chunk array ([`LayerFiles`] holds at most `u32::MAX`).
@@ -820,6 +830,21 @@ impl Inner {
         if claimed.is_empty() {
             return;
         }
+        let give_up_at = Instant::now() + self.opts.deadline;
+        let mut attempts_used = 0;
+        // One chunk a reader waits for: decode it while it streams in (the first attempt).
+        if kind == FetchKind::OnDemand && claimed.len() == 1 {
+            if let Some((at, guard)) = claimed.pop() {
+                match self.stream_chunk(at, kind).await {
+                    Streamed::Decoded(result) => return self.store_decoded(at, result, guard),
+                    Streamed::Cancelled => return,
+                    Streamed::Failed => {
+                        claimed.push((at, guard));
+                        attempts_used = 1;
+                    }
+                }
+            }
+        }
         claimed.sort_by_key(|(at, _)| self.chunk(*at).compressed.start);
         let items = claimed
             .into_iter()
@@ -827,7 +852,9 @@ impl Inner {
             .collect();
         let runs = build_runs(items, max_bytes, max_gap);
         let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
-        let fetched = self.fetch_ranges(ranges, kind).await;
+        let fetched = self
+            .fetch_ranges(ranges, kind, attempts_used, give_up_at)
+            .await;
         let buffers = match fetched {
             Ok(buffers) => buffers,
             // Dropping the guards wakes waiters with `Abandoned`: readers in other layers then
@@ -862,14 +889,81 @@ impl Inner {
         while decodes.join_next().await.is_some() {}
     }
 
-    /// Decompresses and verifies one chunk and completes its fill. Good bytes go to the memory
-    /// tier and to the waiting readers first, and are written to disk after, off their path.
+    /// Fetches one chunk with one request whose body is decoded as it arrives, so decompressing
+    /// and hashing overlap the transfer. Any failure before a verdict leaves the chunk to the
+    /// buffered path and its retries.
+    async fn stream_chunk(&self, at: ChunkRef, kind: FetchKind) -> Streamed {
+        let chunk = self.chunk(at);
+        let file = self.file_name(self.files.file_of_chunk(at));
+        let range = chunk.compressed.clone();
+        let span = tracing::info_span!(
+            "fetch",
+            layer = %self.layer,
+            kind = kind.as_str(),
+            requests = 1,
+            bytes = range.end - range.start,
+            first = range.start,
+            streamed = true
+        );
+        let started = Instant::now();
+        let attempt = async {
+            let mut decoder = match ChunkDecoder::new(self.compression, file, chunk) {
+                Ok(decoder) => decoder,
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut body = self.blob.read_range_stream(range.clone()).await?;
+            while let Some(piece) = futures::StreamExt::next(&mut body).await {
+                let piece: Bytes = piece?;
+                if let Err(e) = decoder.feed(&piece) {
+                    return Ok(Err(e));
+                }
+            }
+            Ok::<_, BlobError>(decoder.finish())
+        };
+        let bound = self.opts.attempt_timeout.min(self.opts.deadline);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(bound, attempt).instrument(span) => r,
+            _ = self.cancel.cancelled() => return Streamed::Cancelled,
+        };
+        match outcome {
+            Ok(Ok(result)) => {
+                self.count_fetched(kind, range.end - range.start, started.elapsed());
+                Streamed::Decoded(result)
+            }
+            Ok(Err(e)) => {
+                metrics::record_fetch_error(error_reason(&e));
+                tracing::warn!(layer = %self.layer, error = %e, "streamed chunk request failed; retrying it");
+                Streamed::Failed
+            }
+            Err(_) => {
+                metrics::record_fetch_error("timeout");
+                tracing::warn!(layer = %self.layer, timeout = ?bound, "streamed chunk request timed out; retrying it");
+                Streamed::Failed
+            }
+        }
+    }
+
+    /// Decompresses and verifies one chunk from its buffered bytes and completes its fill.
     fn decode_and_store(&self, at: ChunkRef, compressed: &[u8], guard: FillGuard) {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
         let span = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len);
         let decoded =
             span.in_scope(|| estargz::decode_chunk(self.compression, file, chunk, compressed));
+        self.store_decoded(at, decoded, guard);
+    }
+
+    /// Completes a chunk's fill with its decoded bytes or the reason they are wrong. Good bytes
+    /// go to the memory tier and to the waiting readers first, and are written to disk after,
+    /// off their path.
+    fn store_decoded(
+        &self,
+        at: ChunkRef,
+        decoded: Result<Vec<u8>, estargz::FormatError>,
+        guard: FillGuard,
+    ) {
+        let chunk = self.chunk(at);
+        let file = self.file_name(self.files.file_of_chunk(at));
         match decoded {
             Ok(data) => {
                 let data = Bytes::from(data);
@@ -902,10 +996,10 @@ impl Inner {
         &self,
         ranges: Vec<Range<u64>>,
         kind: FetchKind,
+        mut attempt: u32,
+        give_up_at: Instant,
     ) -> Result<Vec<Bytes>, Option<String>> {
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        let give_up_at = Instant::now() + self.opts.deadline;
-        let mut attempt: u32 = 0;
         loop {
             let now = Instant::now();
             let remaining = give_up_at.saturating_duration_since(now);

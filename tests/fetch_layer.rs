@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use lazysnap::blob::{BlobError, BlobFuture, BlobSource, MemoryBlob};
+use lazysnap::blob::{BlobError, BlobFuture, BlobSource, BlobStream, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
 use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
@@ -160,6 +160,10 @@ struct Controls {
     refuse: AtomicBool,
     /// Flip the byte at this blob offset in answers (u64::MAX: off).
     corrupt_at: AtomicU64,
+    /// Streamed reads deliver half their bytes, then fail (this many more times).
+    break_streams: AtomicU64,
+    /// Streamed reads started.
+    streams: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -239,6 +243,28 @@ impl BlobSource for TestBlob {
                 return Ok(Bytes::from(v));
             }
             Ok(data)
+        })
+    }
+
+    /// Pieces of 100 bytes; half the range and then an error while `break_streams` lasts.
+    fn read_range_stream(&self, range: Range<u64>) -> BlobFuture<'_, BlobStream> {
+        Box::pin(async move {
+            self.controls.streams.fetch_add(1, Ordering::SeqCst);
+            let data = self.read_range(range).await?;
+            let broken = self
+                .controls
+                .break_streams
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let keep = if broken { data.len() / 2 } else { data.len() };
+            let mut pieces: Vec<Result<Bytes, BlobError>> = (0..keep)
+                .step_by(100)
+                .map(|at| Ok(data.slice(at..(at + 100).min(keep))))
+                .collect();
+            if broken {
+                pieces.push(Err(BlobError::Unavailable("connection reset".into())));
+            }
+            Ok(Box::pin(futures::stream::iter(pieces)) as BlobStream)
         })
     }
 }
@@ -912,6 +938,55 @@ fn files_whose_digest_disagrees_with_their_chunks_are_never_assembled() {
     std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
     assert_eq!(data, contents[1]);
     assert_eq!(read_blocking(&r, 0, 0, 5000).unwrap(), contents[0]);
+}
+
+#[test]
+fn a_chunk_streams_in_pieces_and_a_broken_stream_is_retried_whole() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let content = pseudo_random(40, 3 * CHUNK);
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        let layer = build_layer(vec![content.clone()], CHUNK, compression, b"ST");
+        let (blob, controls) = TestBlob::new(layer.blob.clone());
+        let cache = cache_in(
+            dir.path().join(format!("{compression:?}")).as_path(),
+            1 << 30,
+            0,
+        );
+        let r = reader(
+            &rt,
+            blob,
+            &layer,
+            compression,
+            &cache,
+            quiet_options(),
+            "stream",
+        );
+        // A read waiting on one chunk streams it (in 100-byte pieces here).
+        assert_eq!(
+            &read_blocking(&r, 0, 10, 100).unwrap()[..],
+            &content[10..110]
+        );
+        assert_eq!(controls.streams.load(Ordering::SeqCst), 1);
+        // A stream broken half way: the chunk is fetched again, and reads right.
+        controls.break_streams.store(1, Ordering::SeqCst);
+        let at = CHUNK as u64 + 7;
+        assert_eq!(
+            &read_blocking(&r, 0, at, 200).unwrap()[..],
+            &content[at as usize..at as usize + 200]
+        );
+        assert_eq!(controls.break_streams.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            controls.count_covering(&layer.files[0].chunks[1].compressed),
+            2
+        );
+        // Corrupt bytes arriving by stream are refused like buffered ones.
+        let last = &layer.files[0].chunks[2];
+        let middle = (last.compressed.start + last.compressed.end) / 2;
+        controls.corrupt_at.store(middle, Ordering::SeqCst);
+        assert_eq!(read_blocking(&r, 0, 2 * CHUNK as u64, 10), Err(libc::EIO));
+        assert!(!cache.contains(&last.digest));
+    }
 }
 
 #[test]

@@ -152,6 +152,41 @@ async fn sequential_streams_survive_faults_with_exact_bytes() {
 }
 
 #[tokio::test]
+async fn streamed_ranges_arrive_whole_or_end_in_an_error() {
+    let bed = bed().await;
+    let blob = bed
+        .client
+        .blob(&bed.repo, &bed.digest, bed.data.len() as u64);
+    let range = 1000..401_000u64;
+    let collect = |blob: lazysnap::registry::RemoteBlob, range: std::ops::Range<u64>| async move {
+        let mut stream = blob.read_stream(range).await?;
+        let mut got = Vec::new();
+        while let Some(piece) = futures::StreamExt::next(&mut stream).await {
+            got.extend_from_slice(&piece?);
+        }
+        Ok::<_, BlobError>(got)
+    };
+    let got = collect(blob.clone(), range.clone()).await.unwrap();
+    assert_eq!(&got[..], &bed.data[1000..401_000]);
+    // A body broken off or cut short ends the stream with an error, never a short success.
+    for fault in [Fault::ResetMidBody, Fault::TruncateBody] {
+        let before = bed.proxy.faults_injected();
+        bed.proxy.inject(BLOBS, fault.clone());
+        let got = collect(blob.clone(), range.clone()).await;
+        assert!(
+            got.is_err(),
+            "{fault:?}: {} bytes",
+            got.map_or(0, |g| g.len())
+        );
+        assert_eq!(
+            bed.proxy.faults_injected(),
+            before + 1,
+            "{fault:?} was not hit"
+        );
+    }
+}
+
+#[tokio::test]
 async fn persistent_5xx_is_unavailable() {
     let bed = bed().await;
     // 404 is NotFound at once, not retried.

@@ -6,6 +6,7 @@
 //! [`ChunkInfo`]s say which compressed bytes to fetch; [`decode_chunk`] turns those bytes into
 //! verified file data. [`build_layer`] writes a layer from an uncompressed tar stream.
 
+mod chunk_decoder;
 mod chunk_digest;
 mod decompress;
 pub mod footer;
@@ -17,11 +18,11 @@ mod timefmt;
 pub mod toc;
 mod writer;
 
-use std::io::Read;
 use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
+pub use chunk_decoder::ChunkDecoder;
 pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
 pub use reader::{
@@ -133,10 +134,6 @@ pub struct ChunkInfo {
     pub digest: ChunkDigest,
 }
 
-/// Largest initial buffer reserved for a chunk; bigger chunks grow as real data arrives, so a
-/// lying TOC cannot make us allocate.
-const MAX_CHUNK_PREALLOC: u64 = 16 << 20;
-
 /// Decompresses one chunk from its compressed bytes (`compressed` covers `chunk.compressed`) and
 /// verifies its digest. Never returns unverified bytes; never allocates more than `chunk.len`.
 pub fn decode_chunk(
@@ -145,58 +142,9 @@ pub fn decode_chunk(
     chunk: &ChunkInfo,
     compressed: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
-    let bad = |reason: String| FormatError::BadChunk {
-        name: name.to_string(),
-        offset: chunk.compressed.start,
-        reason,
-    };
-    let result = match compression {
-        Compression::Gzip => decode_and_hash(
-            flate2::bufread::MultiGzDecoder::new(compressed),
-            chunk.inner_offset,
-            chunk.len,
-        ),
-        Compression::Zstd => zstd::stream::read::Decoder::with_buffer(compressed)
-            .and_then(|decoder| decode_and_hash(decoder, chunk.inner_offset, chunk.len)),
-    };
-    let (out, actual) =
-        result.map_err(|e| bad(format!("cannot decompress {} bytes: {e}", chunk.len)))?;
-    if actual != chunk.digest {
-        return Err(bad(format!(
-            "digest mismatch: TOC says {}, data is {actual}",
-            chunk.digest
-        )));
-    }
-    Ok(out)
-}
-
-/// Skips `skip` decompressed bytes, then reads exactly `len` more and hashes them.
-fn decode_and_hash(
-    mut reader: impl Read,
-    skip: u64,
-    len: u64,
-) -> std::io::Result<(Vec<u8>, ChunkDigest)> {
-    let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())?;
-    if skipped != skip {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("data ends after {skipped} bytes, before the inner offset {skip}"),
-        ));
-    }
-    let mut out = Vec::with_capacity(usize::try_from(len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0));
-    let read = (&mut reader).take(len).read_to_end(&mut out)?;
-    if read as u64 != len {
-        return Err(short_read(read as u64, len));
-    }
-    let digest = ChunkDigest::of(&out);
-    Ok((out, digest))
-}
-
-fn short_read(read: u64, len: u64) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::UnexpectedEof,
-        format!("data ends after {read} of {len} bytes"),
-    )
+    let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
+    decoder.feed(compressed)?;
+    decoder.finish()
 }
 
 /// `sha256:<hex>` of `data`.

@@ -22,7 +22,7 @@ use super::multipart::{byteranges_boundary, parse_byteranges, parse_content_rang
 use super::reference::Reference;
 use super::retry::{status_failure, transport_failure, Failure};
 use super::RegistryError;
-use crate::blob::{check_range, BlobError, BlobFuture, BlobSource};
+use crate::blob::{check_range, BlobError, BlobFuture, BlobSource, BlobStream};
 
 /// Blobs up to this size are accepted whole when a server ignores `Range`.
 const WHOLE_BODY_FALLBACK_LIMIT: u64 = 4 << 20;
@@ -293,6 +293,35 @@ impl RemoteBlob {
             )
             .instrument(span)
             .await
+    }
+
+    /// Starts a ranged GET of exactly `range` and returns its body as it arrives. Its length is
+    /// checked as it streams: an early end or extra bytes end the stream with an error.
+    pub async fn read_stream(&self, range: Range<u64>) -> Result<BlobStream, RegistryError> {
+        check_range(&range, self.inner.size).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let window = self.open_window(range).await?;
+        let digest = self.inner.digest.clone();
+        let stream =
+            futures::stream::try_unfold((window, digest), |(mut window, digest)| async move {
+                let what = || format!("blob {digest} streamed at byte {}", window.position);
+                match window.response.chunk().await {
+                    Ok(Some(bytes)) if bytes.len() as u64 <= window.end - window.position => {
+                        window.position += bytes.len() as u64;
+                        Ok(Some((bytes, (window, digest))))
+                    }
+                    Ok(Some(_)) => Err(BlobError::Corrupt(format!(
+                        "{}: more bytes than asked for",
+                        what()
+                    ))),
+                    Ok(None) if window.position == window.end => Ok(None),
+                    Ok(None) => Err(BlobError::Unavailable(format!(
+                        "{}: response ended early",
+                        what()
+                    ))),
+                    Err(e) => Err(BlobError::from(transport_failure(&what(), &e).error)),
+                }
+            });
+        Ok(Box::pin(stream))
     }
 
     async fn read_direct(&self, range: Range<u64>) -> Result<Bytes, RegistryError> {
@@ -667,6 +696,10 @@ impl BlobSource for RemoteBlob {
 
     fn read_ranges(&self, ranges: Vec<Range<u64>>) -> BlobFuture<'_, Vec<Bytes>> {
         Box::pin(async move { self.read_many(ranges).await.map_err(BlobError::from) })
+    }
+
+    fn read_range_stream(&self, range: Range<u64>) -> BlobFuture<'_, BlobStream> {
+        Box::pin(async move { self.read_stream(range).await.map_err(BlobError::from) })
     }
 }
 
