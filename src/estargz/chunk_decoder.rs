@@ -50,7 +50,7 @@ impl Write for ChunkSink {
 
 enum Decompressor {
     Gzip(Box<flate2::write::MultiGzDecoder<ChunkSink>>),
-    Zstd(zstd::stream::write::Decoder<'static, ChunkSink>),
+    Zstd(Box<zstd::stream::write::Decoder<'static, ChunkSink>>),
 }
 
 impl Decompressor {
@@ -89,7 +89,7 @@ impl<'a> ChunkDecoder<'a> {
                 Decompressor::Gzip(Box::new(flate2::write::MultiGzDecoder::new(sink)))
             }
             Compression::Zstd => zstd::stream::write::Decoder::new(sink)
-                .map(Decompressor::Zstd)
+                .map(|d| Decompressor::Zstd(Box::new(d)))
                 .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
         };
         Ok(ChunkDecoder {
