@@ -39,6 +39,9 @@
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
 //! request_timeout_secs = 30
+//! # Serve files whose bytes are all cached by FUSE passthrough (the kernel reads the cache file;
+//! # needs Linux 6.9+, falls back by itself); false sends every read through lazysnap.
+//! passthrough = true
 //!
 //! [registry]
 //! # containerd-style hosts.toml tree (<dir>/<host>/hosts.toml), as containerd's config_path.
@@ -141,6 +144,8 @@ pub struct FetchConfig {
     pub read_deadline_secs: u64,
     /// HTTP request timeout in seconds (default 30).
     pub request_timeout_secs: u64,
+    /// FUSE passthrough for files whose bytes are all cached (default true).
+    pub passthrough: bool,
 }
 
 /// `[registry]`: how registries are reached.
@@ -190,6 +195,7 @@ impl Default for FetchConfig {
             background_bandwidth: 0,
             read_deadline_secs: 30,
             request_timeout_secs: 30,
+            passthrough: true,
         }
     }
 }
@@ -327,6 +333,13 @@ mod tests {
     fn packaged_example_parses_to_defaults() {
         let text = include_str!("../packaging/config.toml");
         assert_eq!(Config::parse(text, "packaging").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn passthrough_can_be_turned_off() {
+        let config = Config::parse("[fetch]\npassthrough = false\n", "f").unwrap();
+        assert!(!config.fetch.passthrough);
+        assert!(Config::default().fetch.passthrough);
     }
 
     #[test]

@@ -509,6 +509,10 @@ impl LayerManager {
             runtime,
             LayerManagerOptions {
                 fetch,
+                mount: lazysnap_fuse::MountOptions {
+                    passthrough: config.fetch.passthrough,
+                    ..LayerManagerOptions::default().mount
+                },
                 ..LayerManagerOptions::default()
             },
         ))
