@@ -99,7 +99,6 @@ fn init_logging(format: &str) {
 }
 
 /// Builds the multi-threaded tokio runtime every async subcommand runs on.
-#[allow(dead_code)] // used by the subcommands as they land
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

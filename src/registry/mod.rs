@@ -116,8 +116,9 @@ pub struct ClientConfig {
     /// Concurrent single-range requests when multi-range is not available.
     pub range_concurrency: usize,
     /// Longest streamed response serving a [`RemoteBlob`] read sequentially in pieces of at
-    /// least 64 KiB: such reads share one response (4 MiB, doubling up to this) instead of a
-    /// request each, and only the bytes read are pulled from it. 0 turns streaming off.
+    /// least 64 KiB: such reads share one response (the first 4 MiB long, the next ones this
+    /// long) instead of a request each, and only the bytes read are pulled from it. 0 turns
+    /// streaming off.
     pub sequential_window: u64,
 }
 
@@ -139,7 +140,7 @@ impl Default for ClientConfig {
             mirror_cooldown: Duration::from_secs(30),
             max_ranges_per_request: 64,
             range_concurrency: 8,
-            sequential_window: 64 << 20,
+            sequential_window: 1 << 30,
         }
     }
 }

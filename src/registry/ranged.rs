@@ -46,7 +46,9 @@ struct BlobInner {
 /// Reads at least this long that continue where the previous read ended are served from one
 /// streamed response (a "window") instead of a request each.
 const SEQUENTIAL_MIN_READ: u64 = 64 << 10;
-/// Length of the first window; each following one doubles, up to `ClientConfig::sequential_window`.
+/// Length of a blob's first window; the following ones are `ClientConfig::sequential_window`
+/// long (only the bytes read are pulled from a window, so length costs nothing; each new window
+/// costs a round trip).
 const FIRST_WINDOW: u64 = 4 << 20;
 
 /// Sequential-read detection and the open window of a blob.
@@ -59,8 +61,8 @@ struct Sequential {
 #[derive(Default)]
 struct WindowSlot {
     window: Option<Window>,
-    /// Length of the last window opened: the next one doubles it.
-    last_len: u64,
+    /// Whether a window was opened before (the next ones are long).
+    opened_before: bool,
 }
 
 /// A ranged response being read as the reader advances: bytes `position..end` of the blob are
@@ -193,11 +195,14 @@ impl RemoteBlob {
                 .is_some_and(|w| w.position == at && w.position < w.end);
             if !usable {
                 slot.window = None;
-                let len = (slot.last_len.saturating_mul(2))
-                    .clamp(FIRST_WINDOW, max_window.max(FIRST_WINDOW))
-                    .max(range.end - at);
+                let len = if slot.opened_before {
+                    max_window.max(FIRST_WINDOW)
+                } else {
+                    FIRST_WINDOW
+                }
+                .max(range.end - at);
                 let window_range = at..(at + len).min(self.inner.size);
-                slot.last_len = window_range.end - window_range.start;
+                slot.opened_before = true;
                 slot.window = Some(self.open_window(window_range).await?);
             }
             let Some(window) = slot.window.as_mut() else {
