@@ -135,6 +135,8 @@ PY
 }
 cold_1m=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/one-mib-$i.bin"; done) | median)
 cold_4k=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/four-kib-$i.txt"; done) | median)
+# The same files again, now in the page cache: what the reading process itself costs.
+warm_1m=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/one-mib-$i.bin"; done) | median)
 rtt_1m=$(registry_ms $((1 << 20)))
 rtt_4k=$(registry_ms 4096)
 ls -R "$work/mnt/many" >/dev/null
@@ -165,17 +167,19 @@ cp "$work/mnt/$big" "$work/big-local.bin"
 local_ms=$(cold_cache_ms "$work/big-local.bin")
 
 python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$rtt_1m" "$rtt_4k" \
-    "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" <<'PY'
+    "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" "$warm_1m" <<'PY'
 import sys
 n, rss, walked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 c1m, c4k, r1m, r4k = (float(v) for v in sys.argv[4:8])
 mib = int(sys.argv[8])
 cold_big, passthrough, daemon, local = (float(v) for v in sys.argv[9:13])
+w1m = float(sys.argv[13])
 rate = lambda ms: mib / (ms / 1000)
 print(f"entries in the layer             {n}")
 print(f"daemon RSS, mounted              {rss / 1024:.1f} MiB")
 print(f"daemon RSS, after ls -R          {walked / 1024:.1f} MiB")
 print(f"cold read 1 MiB file (median)    {c1m:.2f} ms; registry GET of 1 MiB (curl) {r1m:.2f} ms; ours beyond it {c1m - r1m:.2f} ms")
+print(f"same 1 MiB files, page-cached    {w1m:.2f} ms (the reading process's own cost)")
 print(f"cold read 4 KiB file (median)    {c4k:.2f} ms; registry GET of 4 KiB (curl) {r4k:.2f} ms; ours beyond it {c4k - r4k:.2f} ms")
 print(f"first read of {mib} MiB (fetch)   {rate(cold_big):.0f} MiB/s")
 print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({local / passthrough:.2f}x local disk)")
