@@ -429,9 +429,15 @@ impl ChunkCache {
     }
 
     /// Puts a verified chunk in the memory tier only, so readers find it before
-    /// [`insert`](Self::insert) has written it to disk.
-    pub fn remember(&self, digest: &ChunkDigest, data: Bytes) {
+    /// [`insert`](Self::insert) has written it to disk. False when the tier cannot hold it (too
+    /// large for its budget): then only `insert` makes it findable.
+    pub fn remember(&self, digest: &ChunkDigest, data: Bytes) -> bool {
+        let len = data.len() as u64;
+        if len == 0 || len > self.opts.memory_bytes / 2 {
+            return false;
+        }
         self.insert_memory(*digest, data);
+        true
     }
 
     /// Stores a chunk. The caller must have verified that `data` hashes to `digest` (the fetch

@@ -836,7 +836,14 @@ impl Inner {
         if kind == FetchKind::OnDemand && claimed.len() == 1 {
             if let Some((at, guard)) = claimed.pop() {
                 match self.stream_chunk(at, kind).await {
-                    Streamed::Decoded(result) => return self.store_decoded(at, result, guard),
+                    Streamed::Decoded(result) => {
+                        // Readers are answered here; the disk write goes to the blocking pool.
+                        if let Some(data) = self.store_decoded(at, result, guard) {
+                            let inner = Arc::clone(self);
+                            self.runtime.spawn_blocking(move || inner.persist(at, data));
+                        }
+                        return;
+                    }
                     Streamed::Cancelled => return,
                     Streamed::Failed => {
                         claimed.push((at, guard));
@@ -950,28 +957,35 @@ impl Inner {
         let span = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len);
         let decoded =
             span.in_scope(|| estargz::decode_chunk(self.compression, file, chunk, compressed));
-        self.store_decoded(at, decoded, guard);
+        if let Some(data) = self.store_decoded(at, decoded, guard) {
+            self.persist(at, data);
+        }
     }
 
     /// Completes a chunk's fill with its decoded bytes or the reason they are wrong. Good bytes
-    /// go to the memory tier and to the waiting readers first, and are written to disk after,
-    /// off their path.
+    /// go to the memory tier and to the waiting readers, and are returned to be written to disk
+    /// after, off the readers' path.
+    /// Returns good bytes for [`persist`](Self::persist).
     fn store_decoded(
         &self,
         at: ChunkRef,
         decoded: Result<Vec<u8>, estargz::FormatError>,
         guard: FillGuard,
-    ) {
+    ) -> Option<Bytes> {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
         match decoded {
             Ok(data) => {
                 let data = Bytes::from(data);
-                self.cache.remember(&chunk.digest, data.clone());
-                guard.complete(Ok(data.clone()));
-                if let Err(e) = self.cache.insert(&chunk.digest, data) {
-                    tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
+                if self.cache.remember(&chunk.digest, data.clone()) {
+                    guard.complete(Ok(data.clone()));
+                    return Some(data);
                 }
+                // Not held in memory: on disk before the fill ends, so that no reader arriving
+                // between the two fetches it again.
+                self.persist(at, data.clone());
+                guard.complete(Ok(data));
+                None
             }
             Err(e) => {
                 self.counters
@@ -986,7 +1000,16 @@ impl Inner {
                     "chunk failed verification; not served, not cached"
                 );
                 guard.complete(Err(FillError::Verify(e.to_string())));
+                None
             }
+        }
+    }
+
+    /// Writes a verified chunk to the disk cache (blocking I/O).
+    fn persist(&self, at: ChunkRef, data: Bytes) {
+        let chunk = self.chunk(at);
+        if let Err(e) = self.cache.insert(&chunk.digest, data) {
+            tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
         }
     }
 
