@@ -843,6 +843,13 @@ fn shutdown_stops_background_fill() {
     assert!(after < 20);
 }
 
+/// Everything in `file`.
+fn file_bytes(file: &std::fs::File) -> Vec<u8> {
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &*file, &mut data).unwrap();
+    data
+}
+
 /// Asks for file `index`'s local file until the layer has assembled `assembled` files.
 fn local_file_once_assembled(r: &LayerReader, index: u64, assembled: u64) -> Option<std::fs::File> {
     for _ in 0..500 {
@@ -878,16 +885,12 @@ fn cached_files_offer_a_local_file_for_passthrough() {
     read_blocking(&r, 0, 0, 1000).unwrap();
     read_blocking(&r, 1, 0, 5000).unwrap();
     let file = r.local_file(0).expect("single cached chunk");
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
-    assert_eq!(data, contents[0]);
+    assert_eq!(file_bytes(&file), contents[0]);
     // A file of three chunks: the first open once all are cached assembles it in the
     // background; later opens get the assembled file.
     assert_eq!(r.stats().files_assembled, 0);
     let file = local_file_once_assembled(&r, 1, 1).expect("assembled multi-chunk file");
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
-    assert_eq!(data, contents[1]);
+    assert_eq!(file_bytes(&file), contents[1]);
     // A second layer with the same file checks the assembled file against its own chunks
     // (without writing it again) before it passes through too.
     let (blob, _c) = TestBlob::new(layer.blob.clone());
@@ -901,9 +904,7 @@ fn cached_files_offer_a_local_file_for_passthrough() {
         "local-again",
     );
     let file = local_file_once_assembled(&again, 1, 1).expect("checked assembled file");
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
-    assert_eq!(data, contents[1]);
+    assert_eq!(file_bytes(&file), contents[1]);
 }
 
 #[test]
@@ -934,9 +935,7 @@ fn files_whose_digest_disagrees_with_their_chunks_are_never_assembled() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(r.stats().files_assembled, 1);
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
-    assert_eq!(data, contents[1]);
+    assert_eq!(file_bytes(&file), contents[1]);
     assert_eq!(read_blocking(&r, 0, 0, 5000).unwrap(), contents[0]);
 }
 
