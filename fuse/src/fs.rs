@@ -604,6 +604,22 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
+    /// No ioctls: ENOTTY, the answer for "not a terminal" that callers such as `isatty` after
+    /// every Python `open` expect (fuser's default would log a warning for each).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let _timer = self.timer("statfs");
         let blocks = self

@@ -533,3 +533,19 @@ fn detach_stale_mount_clears_a_leftover_mount() {
     newer.unmount().unwrap();
     assert!(!is_mounted(&path));
 }
+
+#[test]
+fn ioctls_are_not_a_terminal() {
+    let mut source = MemorySource::default();
+    source.insert(1, b"text".to_vec());
+    let mut b = IndexBuilder::new(root());
+    b.add("t", file(4, 1, 0o644)).unwrap();
+    let mnt = TestMount::new(b.build(), Arc::new(source), &test_options());
+    let f = File::open(mnt.path("t")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: isatty only queries the open descriptor.
+    let tty = unsafe { libc::isatty(f.as_raw_fd()) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(tty, 0);
+    assert_eq!(errno, Some(libc::ENOTTY));
+}
