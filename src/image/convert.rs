@@ -162,14 +162,16 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
+    /// As the user wrote it (`oci:DIR[:TAG]` or a reference).
     fn name(&self) -> String {
         match self {
-            Source::Registry { reference, .. } => reference.to_string(),
-            Source::Layout { layout, tag } => match tag {
-                Some(tag) => format!("oci:{}:{tag}", layout.dir().display()),
-                None => format!("oci:{}", layout.dir().display()),
+            Source::Registry { reference, .. } => ImageLocation::Registry(reference.clone()),
+            Source::Layout { layout, tag } => ImageLocation::Layout {
+                dir: layout.dir().to_path_buf(),
+                tag: tag.clone(),
             },
         }
+        .to_string()
     }
 
     /// The top-level descriptor and bytes (manifest or index).
@@ -315,14 +317,16 @@ enum Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// As the user wrote it (`oci:DIR[:TAG]` or a reference).
     fn name(&self) -> String {
         match self {
-            Sink::Registry { reference, .. } => reference.to_string(),
-            Sink::Layout { layout, tag } => match tag {
-                Some(tag) => format!("oci:{}:{tag}", layout.dir().display()),
-                None => format!("oci:{}", layout.dir().display()),
+            Sink::Registry { reference, .. } => ImageLocation::Registry(reference.clone()),
+            Sink::Layout { layout, tag } => ImageLocation::Layout {
+                dir: layout.dir().to_path_buf(),
+                tag: tag.clone(),
             },
         }
+        .to_string()
     }
 
     async fn has_blob(&self, digest: &str) -> Result<bool, ImageError> {
