@@ -485,17 +485,20 @@ impl ContentSource for LayerReader {
             reply.send(Ok(Bytes::new()));
             return;
         }
-        if let Some(data) = inner.read_cached(&file, offset, end) {
-            reply.send(Ok(data));
-            return;
-        }
+        let found = match inner.read_cached(&file, offset, end) {
+            Ok(data) => {
+                reply.send(Ok(data));
+                return;
+            }
+            Err(found) => found,
+        };
         let activity = inner.opts.activity.enter();
         let task_inner = Arc::clone(inner);
         inner.runtime.spawn(async move {
             let deadline = task_inner.opts.deadline;
             let result = match tokio::time::timeout(
                 deadline,
-                task_inner.read_slow(index, file, offset, end),
+                task_inner.read_slow(index, file, offset, end, found),
             )
             .await
             {
@@ -691,43 +694,53 @@ impl Inner {
         base + first..base + last.max(first)
     }
 
-    /// Answers from the cache alone, or `None` if any chunk is missing.
-    fn read_cached(&self, file: &FileRecord, offset: u64, end: u64) -> Option<Bytes> {
+    /// Answers from the cache alone; when a chunk is missing, the parts found before it (for
+    /// [`read_slow`](Self::read_slow), which goes on from there).
+    fn read_cached(&self, file: &FileRecord, offset: u64, end: u64) -> Result<Bytes, Vec<Bytes>> {
         let span = self.span(file, offset, end);
         let mut parts = Vec::with_capacity(span.len());
-        for c in self.files.all_chunks().get(span)? {
+        for c in self.files.all_chunks().get(span).unwrap_or_default() {
             let (start, len) = part_of(c, offset, end);
             match self.cache.read_at(&c.digest, start, len) {
                 Some(b) if b.len() == len => {
                     self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                     parts.push(b);
                 }
-                _ => return None,
+                _ => return Err(parts),
             }
         }
-        Some(concat(parts))
+        Ok(concat(parts))
     }
 
-    /// Fetches what is missing (coalesced, singleflight) and assembles the answer.
+    /// Fetches what is missing (coalesced, singleflight) and assembles the answer. `found`: the
+    /// first parts, already read from the cache by [`read_cached`](Self::read_cached), which
+    /// missed the chunk right after them.
     async fn read_slow(
         self: &Arc<Self>,
         index: usize,
         file: FileRecord,
         offset: u64,
         end: u64,
+        found: Vec<Bytes>,
     ) -> Result<Bytes, i32> {
         let span = self.span(&file, offset, end);
-        let mut parts: Vec<Option<Bytes>> = vec![None; span.len()];
+        let known_missing = found.len();
+        let mut parts: Vec<Option<Bytes>> = found.into_iter().map(Some).collect();
+        parts.resize(span.len(), None);
         let mut waits = Vec::new();
         let mut leaders = Vec::new();
-        for (slot, at) in span.enumerate() {
+        for (slot, at) in span.enumerate().skip(known_missing) {
             let c = self.chunk(at);
             let (start, len) = part_of(c, offset, end);
-            if let Some(b) = self
-                .cache
-                .read_at(&c.digest, start, len)
-                .filter(|b| b.len() == len)
-            {
+            // The chunk read_cached just missed is not looked up again: the claim below rechecks.
+            let cached = if slot == known_missing {
+                None
+            } else {
+                self.cache
+                    .read_at(&c.digest, start, len)
+                    .filter(|b| b.len() == len)
+            };
+            if let Some(b) = cached {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 parts[slot] = Some(b);
                 continue;
