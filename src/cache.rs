@@ -519,10 +519,7 @@ impl ChunkCache {
         }
         // Present already (another layer's file): the parts must still be shown to make it.
         let present = lock(&self.disk).lru.contains(whole) && self.chunk_path(whole).exists();
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp_dir
-            .join(format!("{}-{seq}.part", std::process::id()));
+        let tmp = self.temp_path();
         let io_error = |action, source| CacheError::Io {
             action,
             path: tmp.clone(),
@@ -782,11 +779,15 @@ impl ChunkCache {
         tracing::error!(path = %path.display(), reason = why, "removed a corrupt cached chunk; it will be refetched");
     }
 
-    fn write_temp(&self, data: &[u8]) -> Result<PathBuf, CacheError> {
+    /// A fresh name under `tmp/` for a file being written.
+    fn temp_path(&self) -> PathBuf {
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp_dir
-            .join(format!("{}-{seq}.part", std::process::id()));
+        self.tmp_dir
+            .join(format!("{}-{seq}.part", std::process::id()))
+    }
+
+    fn write_temp(&self, data: &[u8]) -> Result<PathBuf, CacheError> {
+        let tmp = self.temp_path();
         let result = (|| {
             let mut file = fs::OpenOptions::new()
                 .write(true)
