@@ -74,6 +74,35 @@ struct Window {
     leftover: Bytes,
 }
 
+impl Window {
+    /// The next piece of the body (`position` is where it starts; the caller advances it), or
+    /// `None` once the whole window has arrived. A body longer than the window, or ending
+    /// before it, is an error.
+    async fn next_piece(&mut self, digest: &str) -> Result<Option<Bytes>, RegistryError> {
+        match self.response.chunk().await {
+            Ok(Some(bytes)) if bytes.len() as u64 <= self.end - self.position => Ok(Some(bytes)),
+            Ok(Some(_)) => Err(RegistryError::Corrupt(format!(
+                "blob {digest} streamed at byte {}: more bytes than asked for",
+                self.position
+            ))),
+            Ok(None) if self.position == self.end => Ok(None),
+            Ok(None) => Err(self.ended_early(digest)),
+            Err(e) => Err(transport_failure(
+                &format!("blob {digest} streamed at byte {}", self.position),
+                &e,
+            )
+            .error),
+        }
+    }
+
+    fn ended_early(&self, digest: &str) -> RegistryError {
+        RegistryError::Unavailable(format!(
+            "blob {digest} streamed at byte {}: response ended early",
+            self.position
+        ))
+    }
+}
+
 #[derive(Clone)]
 struct RememberedRedirect {
     api_base: String,
@@ -209,36 +238,17 @@ impl RemoteBlob {
                 continue;
             };
             if window.leftover.is_empty() {
-                let what = || {
-                    format!(
-                        "blob {} streamed at byte {}",
-                        self.inner.digest, window.position
-                    )
-                };
+                let digest = &self.inner.digest;
                 window.leftover =
-                    match tokio::time::timeout(chunk_deadline, window.response.chunk()).await {
-                        Ok(Ok(Some(bytes)))
-                            if bytes.len() as u64 <= window.end - window.position =>
-                        {
-                            bytes
-                        }
-                        Ok(Ok(Some(_))) => {
-                            return Err(RegistryError::Corrupt(format!(
-                                "{}: more bytes than asked for",
-                                what()
-                            )))
-                        }
-                        Ok(Ok(None)) => {
-                            return Err(RegistryError::Unavailable(format!(
-                                "{}: response ended early",
-                                what()
-                            )))
-                        }
-                        Ok(Err(e)) => return Err(transport_failure(&what(), &e).error),
+                    match tokio::time::timeout(chunk_deadline, window.next_piece(digest)).await {
+                        Ok(Ok(Some(bytes))) => bytes,
+                        // Not reached: a window is only read while bytes remain in it.
+                        Ok(Ok(None)) => return Err(window.ended_early(digest)),
+                        Ok(Err(e)) => return Err(e),
                         Err(_) => {
                             return Err(RegistryError::Unavailable(format!(
-                                "{}: no data for {chunk_deadline:?}",
-                                what()
+                                "blob {digest} streamed at byte {}: no data for {chunk_deadline:?}",
+                                window.position
                             )))
                         }
                     };
@@ -308,24 +318,15 @@ impl RemoteBlob {
         let digest = self.inner.digest.clone();
         let stream =
             futures::stream::try_unfold((window, digest), |(mut window, digest)| async move {
-                let what = || format!("blob {digest} streamed at byte {}", window.position);
-                match window.response.chunk().await {
-                    Ok(Some(bytes)) if bytes.len() as u64 <= window.end - window.position => {
+                match window.next_piece(&digest).await? {
+                    Some(bytes) => {
                         window.position += bytes.len() as u64;
                         Ok(Some((bytes, (window, digest))))
                     }
-                    Ok(Some(_)) => Err(BlobError::Corrupt(format!(
-                        "{}: more bytes than asked for",
-                        what()
-                    ))),
-                    Ok(None) if window.position == window.end => Ok(None),
-                    Ok(None) => Err(BlobError::Unavailable(format!(
-                        "{}: response ended early",
-                        what()
-                    ))),
-                    Err(e) => Err(BlobError::from(transport_failure(&what(), &e).error)),
+                    None => Ok::<_, RegistryError>(None),
                 }
-            });
+            })
+            .map_err(BlobError::from);
         Ok(Box::pin(stream))
     }
 
