@@ -25,6 +25,13 @@ else
     echo "install-deps: all Debian packages present (${PACKAGES[*]})"
 fi
 
+# FUSE and overlayfs as kernel modules, where they are not built in (root only; tests say
+# clearly what is missing if this does not help).
+if [[ $(id -u) -eq 0 ]]; then
+    [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
+    grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
     for dir in "${HOME:-/root}/.cargo/bin" /root/.cargo/bin; do
         if [[ -x "$dir/cargo" ]]; then
