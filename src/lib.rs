@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod blob;
+pub mod buffer_pool;
 pub mod cache;
 pub mod config;
 pub mod containerd;

@@ -1,17 +1,32 @@
-//! [`ChunkDecoder`]: decompresses one chunk from its compressed bytes as they arrive, hashing the
-//! chunk's bytes as they come out, and verifies length and digest at the end. The one way chunks
-//! are decoded: from a whole buffer ([`super::decode_chunk`]) or from a response body as it
-//! streams in (so decoding overlaps the transfer).
+//! [`ChunkDecoder`]: decompresses one chunk from its compressed bytes as they arrive and verifies
+//! length and digest at the end. The one way chunks are decoded: from a whole buffer
+//! ([`super::decode_chunk`]) or from a response body as it streams in. zstd is decompressed (and
+//! hashed) as it arrives; gzip is gathered and inflated in one call at the end, with libdeflate,
+//! which is several times faster than a streaming inflater and so ends sooner even on loopback.
 
 use std::io::Write;
 
 use sha2::{Digest as _, Sha256};
 
 use super::{ChunkDigest, ChunkInfo, Compression, FormatError};
+use crate::buffer_pool;
 
 /// Largest initial buffer reserved for a chunk; bigger chunks grow as real data arrives, so a
 /// lying TOC cannot make us allocate.
 const MAX_CHUNK_PREALLOC: u64 = 16 << 20;
+
+/// Compressed bytes of a gzip chunk, gathered for one inflate call, in a pooled buffer.
+struct Gathered(Vec<u8>);
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        buffer_pool::give_back(std::mem::take(&mut self.0));
+    }
+}
+
+/// Room left after a gzip chunk for the tar padding and headers that follow it in its member, when
+/// the member's own size is not known (its range ends in another member).
+const TRAILING_TAR_SLACK: u64 = 64 << 10;
 
 /// Where decompressed bytes go: the first `skip` are dropped (the chunk's inner offset in its
 /// compressed member), the next `want` are kept and hashed, the rest ignored.
@@ -24,9 +39,110 @@ struct ChunkSink {
 }
 
 impl ChunkSink {
+    fn for_chunk(chunk: &ChunkInfo) -> ChunkSink {
+        ChunkSink {
+            skip: chunk.inner_offset,
+            want: chunk.len,
+            out: buffer_pool::take(usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+            hasher: Sha256::new(),
+        }
+    }
+
     fn complete(&self) -> bool {
         self.out.len() as u64 == self.want
     }
+
+    /// The chunk's bytes, if all of them arrived and they hash to its digest.
+    fn verified(self, name: &str, chunk: &ChunkInfo) -> Result<Vec<u8>, FormatError> {
+        if !self.complete() {
+            return Err(bad(
+                name,
+                chunk,
+                if self.skip > 0 {
+                    format!(
+                        "data ends {} bytes before the inner offset {}",
+                        self.skip, chunk.inner_offset
+                    )
+                } else {
+                    format!("data ends after {} of {} bytes", self.out.len(), self.want)
+                },
+            ));
+        }
+        check_digest(name, chunk, self.hasher.finalize().into())?;
+        Ok(self.out)
+    }
+}
+
+fn check_digest(name: &str, chunk: &ChunkInfo, actual: [u8; 32]) -> Result<(), FormatError> {
+    let actual = ChunkDigest::from_bytes(actual);
+    if actual != chunk.digest {
+        return Err(bad(
+            name,
+            chunk,
+            format!(
+                "digest mismatch: TOC says {}, data is {actual}",
+                chunk.digest
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Inflates a gzip chunk from all its compressed bytes and verifies it. The member holding the
+/// chunk is inflated in one libdeflate call, into a buffer sized by the gzip trailer (or with
+/// [`TRAILING_TAR_SLACK`] to spare): eStargz writers put the tar padding and the headers of the
+/// entries that follow a file's last chunk in the same member, and a chunk's range usually holds
+/// just that member. Anything else (a chunk
+/// spanning members, a range of several members, corrupt data) goes through the streaming
+/// decoder, which also names what is wrong.
+fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let needed = chunk.inner_offset.checked_add(chunk.len);
+    let member_len = compressed
+        .len()
+        .checked_sub(4)
+        .and_then(|at| compressed.get(at..))
+        .and_then(|trailer| <[u8; 4]>::try_from(trailer).ok())
+        .map_or(0, |isize| u64::from(u32::from_le_bytes(isize)));
+    let fits = needed
+        .map(|needed| {
+            (
+                needed,
+                needed.saturating_add(TRAILING_TAR_SLACK).max(member_len),
+            )
+        })
+        .filter(|&(_, out_len)| out_len <= MAX_CHUNK_PREALLOC)
+        .and_then(|(needed, out_len)| {
+            Some((
+                usize::try_from(needed).ok()?,
+                usize::try_from(out_len).ok()?,
+            ))
+        });
+    if let Some((needed, out_len)) = fits {
+        let mut out = buffer_pool::take_filled(out_len);
+        let inflated = libdeflater::Decompressor::new().gzip_decompress(compressed, &mut out);
+        if inflated.is_ok_and(|n| n >= needed) {
+            out.truncate(needed);
+            let skip = usize::try_from(chunk.inner_offset).unwrap_or(0);
+            if skip > 0 {
+                out.drain(..skip);
+            }
+            check_digest(name, chunk, Sha256::digest(&out).into())?;
+            return Ok(out);
+        }
+        buffer_pool::give_back(out);
+    }
+    let mut decoder = flate2::write::MultiGzDecoder::new(ChunkSink::for_chunk(chunk));
+    decoder
+        .write_all(compressed)
+        .and_then(|()| decoder.try_finish())
+        .map_err(|e| {
+            bad(
+                name,
+                chunk,
+                format!("cannot decompress {} bytes: {e}", chunk.len),
+            )
+        })?;
+    std::mem::take(decoder.get_mut()).verified(name, chunk)
 }
 
 impl Write for ChunkSink {
@@ -49,17 +165,9 @@ impl Write for ChunkSink {
 }
 
 enum Decompressor {
-    Gzip(Box<flate2::write::MultiGzDecoder<ChunkSink>>),
+    /// gzip: gathered, inflated at the end by [`inflate_gzip`].
+    Gzip(Gathered),
     Zstd(Box<zstd::stream::write::Decoder<'static, ChunkSink>>),
-}
-
-impl Decompressor {
-    fn sink(&self) -> &ChunkSink {
-        match self {
-            Decompressor::Gzip(d) => d.get_ref(),
-            Decompressor::Zstd(d) => d.get_ref(),
-        }
-    }
 }
 
 /// Decodes one chunk of a file named `name` (for errors) from compressed bytes fed in order.
@@ -76,19 +184,14 @@ impl<'a> ChunkDecoder<'a> {
         name: &'a str,
         chunk: &'a ChunkInfo,
     ) -> Result<ChunkDecoder<'a>, FormatError> {
-        let sink = ChunkSink {
-            skip: chunk.inner_offset,
-            want: chunk.len,
-            out: Vec::with_capacity(
-                usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0),
-            ),
-            hasher: Sha256::new(),
-        };
         let decompressor = match compression {
             Compression::Gzip => {
-                Decompressor::Gzip(Box::new(flate2::write::MultiGzDecoder::new(sink)))
+                let range = chunk.compressed.end.saturating_sub(chunk.compressed.start);
+                Decompressor::Gzip(Gathered(buffer_pool::take(
+                    usize::try_from(range.min(MAX_CHUNK_PREALLOC)).unwrap_or(0),
+                )))
             }
-            Compression::Zstd => zstd::stream::write::Decoder::new(sink)
+            Compression::Zstd => zstd::stream::write::Decoder::new(ChunkSink::for_chunk(chunk))
                 .map(|d| Decompressor::Zstd(Box::new(d)))
                 .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
         };
@@ -99,56 +202,59 @@ impl<'a> ChunkDecoder<'a> {
         })
     }
 
-    /// Decompresses the next compressed bytes. Once the chunk is complete, more input (the rest
-    /// of a member shared with later chunks) is not decompressed.
+    /// Takes the next compressed bytes. Once a zstd chunk is complete, more input (the rest of a
+    /// frame shared with later chunks) is not decompressed.
     pub fn feed(&mut self, compressed: &[u8]) -> Result<(), FormatError> {
-        if self.decompressor.sink().complete() {
-            return Ok(());
+        match &mut self.decompressor {
+            Decompressor::Gzip(gathered) => {
+                gathered.0.extend_from_slice(compressed);
+                Ok(())
+            }
+            Decompressor::Zstd(d) if !d.get_ref().complete() => {
+                d.write_all(compressed).map_err(|e| {
+                    bad(
+                        self.name,
+                        self.chunk,
+                        format!("cannot decompress {} bytes: {e}", self.chunk.len),
+                    )
+                })
+            }
+            Decompressor::Zstd(_) => Ok(()),
         }
-        let result = match &mut self.decompressor {
-            Decompressor::Gzip(d) => d.write_all(compressed),
-            Decompressor::Zstd(d) => d.write_all(compressed),
-        };
-        result.map_err(|e| self.bad(format!("cannot decompress {} bytes: {e}", self.chunk.len)))
     }
 
     /// Ends the input: the chunk must have all its bytes, hashing to its digest.
-    pub fn finish(mut self) -> Result<Vec<u8>, FormatError> {
-        if !self.decompressor.sink().complete() {
-            let flushed = match &mut self.decompressor {
-                Decompressor::Gzip(d) => d.try_finish(),
-                Decompressor::Zstd(d) => d.flush(),
-            };
-            flushed.map_err(|e| {
-                self.bad(format!("cannot decompress {} bytes: {e}", self.chunk.len))
-            })?;
+    pub fn finish(self) -> Result<Vec<u8>, FormatError> {
+        match self.decompressor {
+            Decompressor::Gzip(gathered) => inflate_gzip(self.name, self.chunk, &gathered.0),
+            Decompressor::Zstd(mut d) => {
+                if !d.get_ref().complete() {
+                    d.flush().map_err(|e| {
+                        bad(
+                            self.name,
+                            self.chunk,
+                            format!("cannot decompress {} bytes: {e}", self.chunk.len),
+                        )
+                    })?;
+                }
+                std::mem::take(d.get_mut()).verified(self.name, self.chunk)
+            }
         }
-        let sink = std::mem::take(match &mut self.decompressor {
-            Decompressor::Gzip(d) => d.get_mut(),
-            Decompressor::Zstd(d) => d.get_mut(),
-        });
-        if !sink.complete() {
-            return Err(self.bad(if sink.skip > 0 {
-                format!(
-                    "data ends {} bytes before the inner offset {}",
-                    sink.skip, self.chunk.inner_offset
-                )
-            } else {
-                format!("data ends after {} of {} bytes", sink.out.len(), sink.want)
-            }));
-        }
-        let actual = ChunkDigest::from_bytes(sink.hasher.finalize().into());
-        if actual != self.chunk.digest {
-            return Err(self.bad(format!(
-                "digest mismatch: TOC says {}, data is {actual}",
-                self.chunk.digest
-            )));
-        }
-        Ok(sink.out)
     }
 
-    fn bad(&self, reason: String) -> FormatError {
-        bad(self.name, self.chunk, reason)
+    /// Decodes a chunk from all its compressed bytes at once (gzip without gathering a copy).
+    pub fn decode_whole(
+        compression: Compression,
+        name: &str,
+        chunk: &ChunkInfo,
+        compressed: &[u8],
+    ) -> Result<Vec<u8>, FormatError> {
+        if compression == Compression::Gzip {
+            return inflate_gzip(name, chunk, compressed);
+        }
+        let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
+        decoder.feed(compressed)?;
+        decoder.finish()
     }
 }
 

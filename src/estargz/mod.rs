@@ -142,9 +142,7 @@ pub fn decode_chunk(
     chunk: &ChunkInfo,
     compressed: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
-    let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
-    decoder.feed(compressed)?;
-    decoder.finish()
+    ChunkDecoder::decode_whole(compression, name, chunk, compressed)
 }
 
 /// `sha256:<hex>` of `data`.
@@ -208,5 +206,46 @@ mod tests {
         let chunk = chunk_of(&second, &compressed, first.len() as u64);
         let out = decode_chunk(Compression::Gzip, "f", &chunk, &compressed).unwrap();
         assert!(out == second);
+    }
+
+    #[test]
+    fn gzip_chunks_decode_whatever_their_members_hold_around_them() {
+        let first: Vec<u8> = (0..(300 << 10)).map(|i| (i % 13) as u8).collect();
+        let second: Vec<u8> = (0..(200 << 10)).map(|i| (i % 5) as u8).collect();
+        let shared = gzip(&[first.clone(), second.clone()].concat());
+        // A chunk that is only the start of its member (the member goes on with another file).
+        let chunk = chunk_of(&first, &shared, 0);
+        assert!(decode_chunk(Compression::Gzip, "f", &chunk, &shared).unwrap() == first);
+        // A chunk followed by another member (the next file's tar header in eStargz).
+        let followed = [gzip(&first), gzip(b"next header")].concat();
+        let chunk = chunk_of(&first, &followed, 0);
+        assert!(decode_chunk(Compression::Gzip, "f", &chunk, &followed).unwrap() == first);
+        // A chunk spanning two members.
+        let spanning = [gzip(&first), gzip(&second)].concat();
+        let both = [first.clone(), second.clone()].concat();
+        let chunk = chunk_of(&both, &spanning, 0);
+        assert!(decode_chunk(Compression::Gzip, "f", &chunk, &spanning).unwrap() == both);
+        // Fed in pieces as a response streams in, the same bytes come out.
+        let mut decoder = ChunkDecoder::new(Compression::Gzip, "f", &chunk).unwrap();
+        for piece in spanning.chunks(7777) {
+            decoder.feed(piece).unwrap();
+        }
+        assert!(decoder.finish().unwrap() == both);
+        // A flipped byte inside the deflate data is an error naming the chunk, never bytes.
+        let mut corrupt = gzip(&first);
+        let middle = corrupt.len() / 2;
+        corrupt[middle] ^= 0x55;
+        let chunk = chunk_of(&first, &corrupt, 0);
+        let err = decode_chunk(Compression::Gzip, "f", &chunk, &corrupt).unwrap_err();
+        assert!(err.to_string().contains("f"), "{err}");
+        // Cut short: an error too.
+        let whole = gzip(&first);
+        let cut = &whole[..whole.len() - 100];
+        let chunk = chunk_of(&first, cut, 0);
+        let err = decode_chunk(Compression::Gzip, "f", &chunk, cut).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot decompress") || err.to_string().contains("data ends"),
+            "{err}"
+        );
     }
 }
