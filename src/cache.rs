@@ -34,6 +34,7 @@ use lru::LruCache;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
 
+use crate::buffer_pool;
 use crate::estargz::ChunkDigest;
 use crate::metrics::{self, CacheTier};
 
@@ -391,7 +392,7 @@ impl ChunkCache {
             self.note_miss();
             return None;
         };
-        let mut buf = vec![0u8; want];
+        let mut buf = buffer_pool::take_filled(want);
         if file.read_exact_at(&mut buf, start).is_err() {
             self.remove_corrupt(digest, "read failed");
             self.note_miss();
@@ -400,7 +401,7 @@ impl ChunkCache {
         self.maybe_touch(digest, &file, touched);
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
-        Some(Bytes::from(buf))
+        Some(buffer_pool::into_bytes(buf))
     }
 
     /// An open file holding exactly the chunk's bytes (for FUSE passthrough of single-chunk
@@ -462,8 +463,10 @@ impl ChunkCache {
         if !already {
             let tmp = self.write_temp(&data)?;
             self.install(key, &tmp, len)?;
+            // On disk now: a chunk remembered until here leaves the memory tier, which keeps the
+            // chunks read again (loaded by `get`), and its buffer goes back to be reused.
+            self.forget_memory(&key);
         }
-        self.insert_memory(key, data);
         self.enforce_watermarks(Some(&key));
         Ok(())
     }
@@ -713,6 +716,13 @@ impl ChunkCache {
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
         Some(Bytes::from(data))
+    }
+
+    fn forget_memory(&self, key: &ChunkDigest) {
+        let mut mem = lock(&self.memory);
+        if let Some(old) = mem.lru.pop(key) {
+            mem.bytes = mem.bytes.saturating_sub(old.len() as u64);
+        }
     }
 
     fn insert_memory(&self, key: ChunkDigest, data: Bytes) {
@@ -1058,9 +1068,18 @@ mod tests {
 
         let cache2_dir = tempfile::tempdir().unwrap();
         let mem_cache = ChunkCache::open(opts(cache2_dir.path(), 1 << 20, 1 << 20)).unwrap();
-        mem_cache.insert(&d, data.clone()).unwrap();
+        // Remembered, a chunk is read from memory until it is on disk; then it leaves the tier.
+        assert!(mem_cache.remember(&d, data.clone()));
         assert_eq!(mem_cache.read_at(&d, 10, 10).unwrap(), data.slice(10..20));
         assert_eq!(mem_cache.stats().memory_hits, 1);
+        mem_cache.insert(&d, data.clone()).unwrap();
+        assert_eq!(mem_cache.stats().memory_bytes, 0);
+        assert_eq!(mem_cache.read_at(&d, 10, 10).unwrap(), data.slice(10..20));
+        assert_eq!(mem_cache.stats().disk_hits, 1);
+        // A chunk read again whole (`get`) is loaded into the memory tier and served from it.
+        assert_eq!(mem_cache.get(&d).unwrap(), data);
+        assert_eq!(mem_cache.read_at(&d, 10, 10).unwrap(), data.slice(10..20));
+        assert_eq!(mem_cache.stats().memory_hits, 2);
     }
 
     #[test]
