@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Measures a lazily mounted layer as `lazysnap mount` serves it, over loopback:
 #   - daemon RSS with one layer of N entries mounted (default 100k) and per 100k entries,
-#   - cold read latency of 1 MiB and 4 KiB files (nothing cached, no prefetch; median of READS
-#     files each), beside the registry's own time for a ranged GET of the same size (curl),
+#   - cold read latency of 1 MiB files (random bytes, and a program binary that compresses about
+#     3x) and of 4 KiB files (nothing cached, no prefetch; READS files each). Each read is paired
+#     with a ranged GET of the same size from the registry by curl just before it (without its
+#     connection setup: the daemon's connection is kept alive), and the median of the differences
+#     is what lazysnap adds to the registry's own answer,
 #   - sequential read of a BIG_MIB file (default 1024) once its chunks are cached, with FUSE
 #     passthrough (the file assembled in the cache) and without (--no-passthrough), vs the same
 #     bytes on local disk; the page cache is dropped before each timed read (median of 3).
@@ -15,7 +18,7 @@ bash scripts/install-deps.sh >/dev/null
 
 entries=${ENTRIES:-100000}
 big_mib=${BIG_MIB:-1024}
-reads=${READS:-10}
+reads=${READS:-31}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --quiet --release --bin lazysnap
 lazysnap="$CARGO_TARGET_DIR/release/lazysnap"
@@ -73,9 +76,12 @@ with tarfile.open(tar_path, mode="w", format=tarfile.PAX_FORMAT) as t:
     for i in range(n):
         body = b"x%d\n" % i
         add(f"many/d{i // 1000:03d}/f{i:06d}", len(body), io.BytesIO(body))
+    program = open("/usr/bin/docker-registry", "rb").read()
     for i in range(reads):
         add(f"read/one-mib-{i}.bin", 1 << 20, Stream(1 << 20))
         add(f"read/four-kib-{i}.txt", 4096, Stream(4096))
+        at = i * (len(program) - (1 << 20)) // reads
+        add(f"read/program-{i}.bin", 1 << 20, io.BytesIO(program[at:at + (1 << 20)]))
     add("read/big.bin", big_mib << 20, Stream(big_mib << 20))
 h = hashlib.sha256()
 with open(tar_path, "rb") as f:
@@ -120,25 +126,41 @@ for path in sys.argv[1:]:
 PY
 }
 median() { sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
-# Median milliseconds of ranged GETs of $1 bytes of the layer blob over one kept-alive connection.
-registry_ms() {
-    python3 - "http://127.0.0.1:$port/v2/bench/layer/blobs/$layer_blob" "$1" "$work/curl.cfg" "$layer_size" <<'PY'
-import random, sys
-url, size, cfg, blob_size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-with open(cfg, "w") as f:
-    for i in range(21):
+# For each file $2..: a ranged GET of $1 bytes at a random offset of the layer blob (curl, timed
+# on a kept-alive connection as the daemon's is), then a cold read of the file. Prints
+# "read_ms registry_ms" a line.
+cold_pairs() {
+    python3 - "http://127.0.0.1:$port/v2/bench/layer/blobs/$layer_blob" "$layer_size" "$@" <<'PY'
+import random, subprocess, sys, time
+url, blob_size, size, paths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+for path in paths:
+    args = ["curl", "-fsS"]
+    for i in range(2):  # the first GET opens the connection, the second is timed
         start = random.randrange(0, max(1, blob_size - size))
-        f.write(("next\n" if i else "") + f'url = "{url}"\nrange = "{start}-{start + size - 1}"\n'
-                'output = "/dev/null"\nsilent\nwrite-out = "%{time_total}\\n"\n')
+        args += (["--next"] if i else []) + ["-o", "/dev/null", "-r", f"{start}-{start + size - 1}",
+                                             "-w", "%{time_total}\\n", url]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout.split()
+    registry_ms = float(out[1]) * 1000
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    print(f"{(time.perf_counter() - t) * 1000:.3f} {registry_ms:.3f}")
 PY
-    curl -K "$work/curl.cfg" | tail -n +2 | awk '{print $1 * 1000}' | median
 }
-cold_1m=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/one-mib-$i.bin"; done) | median)
-cold_4k=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/four-kib-$i.txt"; done) | median)
-# The same files again, now in the page cache: what the reading process itself costs.
-warm_1m=$(time_reads $(for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/one-mib-$i.bin"; done) | median)
-rtt_1m=$(registry_ms $((1 << 20)))
-rtt_4k=$(registry_ms 4096)
+# Medians (ms) of cold_pairs lines: the reads, the registry's GETs, and their differences.
+pair_medians() {
+    python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+print(*(f"{statistics.median(v):.2f}" for v in ([r for r, _ in rows], [g for _, g in rows], [r - g for r, g in rows])))'
+}
+files() { for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/$1-$i.$2"; done; }
+read -r cold_1m rtt_1m beyond_1m < <(cold_pairs $((1 << 20)) $(files one-mib bin) | pair_medians)
+read -r cold_code rtt_code beyond_code < <(cold_pairs $((1 << 20)) $(files program bin) | pair_medians)
+read -r cold_4k rtt_4k beyond_4k < <(cold_pairs 4096 $(files four-kib txt) | pair_medians)
+# The same 1 MiB files again, now in the page cache: what the reading process itself costs.
+warm_1m=$(time_reads $(files one-mib bin) | median)
 ls -R "$work/mnt/many" >/dev/null
 rss_walked_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 
@@ -167,20 +189,23 @@ cp "$work/mnt/$big" "$work/big-local.bin"
 local_ms=$(cold_cache_ms "$work/big-local.bin")
 
 python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$rtt_1m" "$rtt_4k" \
-    "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" "$warm_1m" <<'PY'
+    "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" "$warm_1m" \
+    "$beyond_1m" "$beyond_4k" "$cold_code" "$rtt_code" "$beyond_code" <<'PY'
 import sys
 n, rss, walked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 c1m, c4k, r1m, r4k = (float(v) for v in sys.argv[4:8])
 mib = int(sys.argv[8])
 cold_big, passthrough, daemon, local = (float(v) for v in sys.argv[9:13])
-w1m = float(sys.argv[13])
+w1m, b1m, b4k, ccode, rcode, bcode = (float(v) for v in sys.argv[13:19])
 rate = lambda ms: mib / (ms / 1000)
 print(f"entries in the layer             {n}")
 print(f"daemon RSS, mounted              {rss / 1024:.1f} MiB")
 print(f"daemon RSS, after ls -R          {walked / 1024:.1f} MiB")
-print(f"cold read 1 MiB file (median)    {c1m:.2f} ms; registry GET of 1 MiB (curl) {r1m:.2f} ms; ours beyond it {c1m - r1m:.2f} ms")
+print("cold reads (medians): the read; the registry's ranged GET of the same size just before it; their difference")
+print(f"  1 MiB of random bytes          {c1m:.2f} ms; registry {r1m:.2f} ms; ours beyond it {b1m:.2f} ms")
+print(f"  1 MiB of a program binary      {ccode:.2f} ms; registry {rcode:.2f} ms; ours beyond it {bcode:.2f} ms")
+print(f"  4 KiB                          {c4k:.2f} ms; registry {r4k:.2f} ms; ours beyond it {b4k:.2f} ms")
 print(f"same 1 MiB files, page-cached    {w1m:.2f} ms (the reading process's own cost)")
-print(f"cold read 4 KiB file (median)    {c4k:.2f} ms; registry GET of 4 KiB (curl) {r4k:.2f} ms; ours beyond it {c4k - r4k:.2f} ms")
 print(f"first read of {mib} MiB (fetch)   {rate(cold_big):.0f} MiB/s")
 print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({local / passthrough:.2f}x local disk)")
 print(f"cached {mib} MiB, through daemon  {rate(daemon):.0f} MiB/s ({local / daemon:.2f}x local disk)")
