@@ -526,6 +526,33 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
+    /// Nothing to write back on close: the layer is read-only (fuser's default would log a
+    /// warning for the first close of each mount).
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let _timer = self.timer("flush");
+        reply.ok();
+    }
+
+    /// Nothing to sync: the layer is read-only.
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _timer = self.timer("fsync");
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _timer = self.timer("opendir");
         match self.index.inode(ino.0) {
