@@ -151,7 +151,7 @@ fn inserts(c: &mut Criterion) {
     group.finish();
 }
 
-/// `decode_chunk` of one 1 MiB chunk: incompressible and text-like data, gzip and zstd.
+/// `decode_chunk` of one 1 MiB chunk: incompressible, text-like and program data, gzip and zstd.
 fn decodes(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_chunk");
     let len = 1 << 20;
@@ -162,7 +162,10 @@ fn decodes(c: &mut Criterion) {
         .cycle()
         .take(len)
         .collect();
-    for (data_name, data) in [("random", &random), ("text", &text)] {
+    // A program binary (this benchmark's own), which compresses like most of an image's files.
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let program: Vec<u8> = exe.iter().copied().cycle().skip(len).take(len).collect();
+    for (data_name, data) in [("random", &random), ("text", &text), ("program", &program)] {
         for compression in [Compression::Gzip, Compression::Zstd] {
             let compressed = match compression {
                 Compression::Gzip => {

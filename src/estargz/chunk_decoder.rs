@@ -1,5 +1,5 @@
-//! [`ChunkDecoder`]: decompresses one chunk from its compressed bytes as they arrive and verifies
-//! length and digest at the end. The one way chunks are decoded: from a whole buffer
+//! [`ChunkDecoder`]: decompresses one chunk from its compressed bytes, fed as they arrive, and
+//! verifies length and digest at the end. The one way chunks are decoded: from a whole buffer
 //! ([`super::decode_chunk`]) or from a response body as it streams in. zstd is decompressed (and
 //! hashed) as it arrives; gzip is gathered and inflated in one call at the end, with libdeflate,
 //! which is several times faster than a streaming inflater and so ends sooner even on loopback.
@@ -92,9 +92,8 @@ fn check_digest(name: &str, chunk: &ChunkInfo, actual: [u8; 32]) -> Result<(), F
 /// chunk is inflated in one libdeflate call, into a buffer sized by the gzip trailer (or with
 /// [`TRAILING_TAR_SLACK`] to spare): eStargz writers put the tar padding and the headers of the
 /// entries that follow a file's last chunk in the same member, and a chunk's range usually holds
-/// just that member. Anything else (a chunk
-/// spanning members, a range of several members, corrupt data) goes through the streaming
-/// decoder, which also names what is wrong.
+/// just that member. Anything else (a chunk spanning members, a range of several members, corrupt
+/// data) goes through the streaming decoder, which also names what is wrong.
 fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
     let needed = chunk.inner_offset.checked_add(chunk.len);
     let member_len = compressed
