@@ -16,39 +16,18 @@ const POOLED_MIN: usize = 64 << 10;
 const POOLED_MAX: usize = 8 << 20;
 
 /// Idle buffers and their total capacity.
-#[derive(Default)]
 struct Spare {
     buffers: Vec<Vec<u8>>,
     bytes: usize,
 }
 
-/// A pool of idle buffers; the process shares [`POOL`].
+/// A pool of idle buffers; the process shares [`POOL`] (tests make their own).
 pub struct BufferPool {
     spare: Mutex<Spare>,
 }
 
-/// The process-wide pool behind [`take`], [`take_filled`], [`give_back`] and [`into_bytes`].
-static POOL: BufferPool = BufferPool::new();
-
-/// An empty buffer with room for at least `capacity` bytes (see [`BufferPool::take`]).
-pub fn take(capacity: usize) -> Vec<u8> {
-    POOL.take(capacity)
-}
-
-/// A zero-filled buffer of `len` bytes (see [`BufferPool::take_filled`]).
-pub fn take_filled(len: usize) -> Vec<u8> {
-    POOL.take_filled(len)
-}
-
-/// Keeps `buffer` for reuse (see [`BufferPool::give_back`]).
-pub fn give_back(buffer: Vec<u8>) {
-    POOL.give_back(buffer)
-}
-
-/// `buffer` as [`Bytes`] given back on their last drop (see [`BufferPool::into_bytes`]).
-pub fn into_bytes(buffer: Vec<u8>) -> Bytes {
-    POOL.into_bytes(buffer)
-}
+/// The process-wide pool.
+pub static POOL: BufferPool = BufferPool::new();
 
 impl BufferPool {
     pub const fn new() -> BufferPool {

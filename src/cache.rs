@@ -392,7 +392,7 @@ impl ChunkCache {
             self.note_miss();
             return None;
         };
-        let mut buf = buffer_pool::take_filled(want);
+        let mut buf = buffer_pool::POOL.take_filled(want);
         if file.read_exact_at(&mut buf, start).is_err() {
             self.remove_corrupt(digest, "read failed");
             self.note_miss();
@@ -401,7 +401,7 @@ impl ChunkCache {
         self.maybe_touch(digest, &file, touched);
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         metrics::record_cache_hit(CacheTier::Disk);
-        Some(buffer_pool::into_bytes(buf))
+        Some(buffer_pool::POOL.into_bytes(buf))
     }
 
     /// An open file holding exactly the chunk's bytes (for FUSE passthrough of single-chunk

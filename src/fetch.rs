@@ -989,7 +989,7 @@ impl Inner {
         let file = self.file_name(self.files.file_of_chunk(at));
         match decoded {
             Ok(data) => {
-                let data = crate::buffer_pool::into_bytes(data);
+                let data = crate::buffer_pool::POOL.into_bytes(data);
                 if self.cache.remember(&chunk.digest, data.clone()) {
                     guard.complete(Ok(data.clone()));
                     return Some(data);

@@ -9,7 +9,7 @@ use std::io::Write;
 use sha2::{Digest as _, Sha256};
 
 use super::{ChunkDigest, ChunkInfo, Compression, FormatError};
-use crate::buffer_pool;
+use crate::buffer_pool::POOL;
 
 /// Largest initial buffer reserved for a chunk; bigger chunks grow as real data arrives, so a
 /// lying TOC cannot make us allocate.
@@ -20,7 +20,7 @@ struct Gathered(Vec<u8>);
 
 impl Drop for Gathered {
     fn drop(&mut self) {
-        buffer_pool::give_back(std::mem::take(&mut self.0));
+        POOL.give_back(std::mem::take(&mut self.0));
     }
 }
 
@@ -43,7 +43,7 @@ impl ChunkSink {
         ChunkSink {
             skip: chunk.inner_offset,
             want: chunk.len,
-            out: buffer_pool::take(usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+            out: POOL.take(usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
             hasher: Sha256::new(),
         }
     }
@@ -68,13 +68,16 @@ impl ChunkSink {
                 },
             ));
         }
-        check_digest(name, chunk, self.hasher.finalize().into())?;
+        check_digest(
+            name,
+            chunk,
+            ChunkDigest::from_bytes(self.hasher.finalize().into()),
+        )?;
         Ok(self.out)
     }
 }
 
-fn check_digest(name: &str, chunk: &ChunkInfo, actual: [u8; 32]) -> Result<(), FormatError> {
-    let actual = ChunkDigest::from_bytes(actual);
+fn check_digest(name: &str, chunk: &ChunkInfo, actual: ChunkDigest) -> Result<(), FormatError> {
     if actual != chunk.digest {
         return Err(bad(
             name,
@@ -117,7 +120,7 @@ fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<
             ))
         });
     if let Some((needed, out_len)) = fits {
-        let mut out = buffer_pool::take_filled(out_len);
+        let mut out = POOL.take_filled(out_len);
         let inflated = libdeflater::Decompressor::new().gzip_decompress(compressed, &mut out);
         if inflated.is_ok_and(|n| n >= needed) {
             out.truncate(needed);
@@ -125,10 +128,10 @@ fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<
             if skip > 0 {
                 out.drain(..skip);
             }
-            check_digest(name, chunk, Sha256::digest(&out).into())?;
+            check_digest(name, chunk, ChunkDigest::of(&out))?;
             return Ok(out);
         }
-        buffer_pool::give_back(out);
+        POOL.give_back(out);
     }
     let mut decoder = flate2::write::MultiGzDecoder::new(ChunkSink::for_chunk(chunk));
     decoder
@@ -186,9 +189,9 @@ impl<'a> ChunkDecoder<'a> {
         let decompressor = match compression {
             Compression::Gzip => {
                 let range = chunk.compressed.end.saturating_sub(chunk.compressed.start);
-                Decompressor::Gzip(Gathered(buffer_pool::take(
-                    usize::try_from(range.min(MAX_CHUNK_PREALLOC)).unwrap_or(0),
-                )))
+                Decompressor::Gzip(Gathered(
+                    POOL.take(usize::try_from(range.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+                ))
             }
             Compression::Zstd => zstd::stream::write::Decoder::new(ChunkSink::for_chunk(chunk))
                 .map(|d| Decompressor::Zstd(Box::new(d)))
