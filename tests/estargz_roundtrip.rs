@@ -509,6 +509,46 @@ fn output_bytes_do_not_depend_on_thread_count() {
     assert!(out == build(&tar, &opts(Compression::Gzip), 1).0);
 }
 
+/// Re-converting an eStargz layer (its tar holds a TOC and a landmark) gives a layer with one
+/// landmark and one TOC, the new ones, and the same files.
+#[tokio::test]
+async fn reconverting_an_estargz_layer_drops_its_toc_and_landmark() {
+    let tar = every_entry_tar();
+    let (first, _) = build(&tar, &opts(Compression::Gzip), 2);
+    let mut again_tar = Vec::new();
+    decompressed_reader(std::io::Cursor::new(first.clone()))
+        .unwrap()
+        .read_to_end(&mut again_tar)
+        .unwrap();
+    let original = open_layer(&MemoryBlob(Bytes::from(first.clone())), None)
+        .await
+        .unwrap();
+    let paths = |layer: &lazysnap::estargz::LayerToc| -> Vec<String> {
+        layer.entries().iter().map(|e| e.path.clone()).collect()
+    };
+    for prioritized in [vec![], vec!["root/big.bin".to_string()]] {
+        let mut o = opts(Compression::Gzip);
+        o.prioritized = prioritized.clone();
+        let (out, built) = build(&again_tar, &o, 2);
+        let blob = MemoryBlob(Bytes::from(out));
+        let layer = open_layer(&blob, Some(&built.toc_digest))
+            .await
+            .unwrap_or_else(|e| panic!("prioritized {prioritized:?}: {e}"));
+        let want = if prioritized.is_empty() {
+            Landmark::NoPrefetch
+        } else {
+            Landmark::Prefetch
+        };
+        assert_eq!(layer.landmark(), Some(want));
+        let mut got = paths(&layer);
+        let mut expected = paths(&original);
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "prioritized {prioritized:?}");
+        verify_layer(&blob, &layer).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn prioritized_files_come_first_with_parents_then_the_prefetch_landmark() {
     let tar = every_entry_tar();

@@ -362,6 +362,14 @@ impl MemberData for SpoolData<'_> {
     }
 }
 
+/// Whether `member` is a TOC or landmark of an eStargz input (re-converting an eStargz layer):
+/// this layer gets its own, and a second landmark would make it unmountable lazily.
+fn is_estargz_metadata(member: &RawMember) -> bool {
+    normalize_name(&member.meta.name).is_ok_and(|name| {
+        [TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK].contains(&name.as_str())
+    })
+}
+
 fn check_member_names(member: &RawMember) -> Result<(), FormatError> {
     let bad = |reason: String| FormatError::BadTar {
         name: member.meta.name.clone(),
@@ -397,6 +405,9 @@ impl<'a> Layout<'a> {
             self.add_landmark(NO_PREFETCH_LANDMARK)?;
             while let Some(member) = stream.next_member()? {
                 check_member_names(&member)?;
+                if is_estargz_metadata(&member) {
+                    continue;
+                }
                 self.add_member(&member, &mut stream)?;
             }
             stream.drain()?;
@@ -633,6 +644,9 @@ impl Spool {
         let mut buf = vec![0u8; 1 << 20];
         while let Some(member) = stream.next_member()? {
             check_member_names(&member)?;
+            if is_estargz_metadata(&member) {
+                continue;
+            }
             writer
                 .write_all(&member.header)
                 .map_err(io("writing the spool file"))?;
