@@ -526,8 +526,9 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    /// Nothing to write back on close: the layer is read-only (fuser's default would log a
-    /// warning for the first close of each mount).
+    /// Nothing to write back on close: the layer is read-only. ENOSYS (the first time; the
+    /// close itself still succeeds) makes the kernel stop sending FLUSH on this mount, which
+    /// spares every later close a round trip to the daemon.
     fn flush(
         &self,
         _req: &Request,
@@ -537,10 +538,11 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         let _timer = self.timer("flush");
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
-    /// Nothing to sync: the layer is read-only.
+    /// Nothing to sync: the layer is read-only. As with flush, ENOSYS turns FSYNC off for the
+    /// mount while fsync(2) itself succeeds.
     fn fsync(
         &self,
         _req: &Request,
@@ -550,7 +552,7 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         let _timer = self.timer("fsync");
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
