@@ -48,6 +48,26 @@ impl BufferPool {
     /// An empty buffer with room for at least `capacity` bytes: the smallest idle one that fits,
     /// or a new one.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut buffer = self.take_spare(capacity);
+        buffer.clear();
+        buffer
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (zeros, or what its last user left):
+    /// for callers that overwrite all of it. A pooled buffer is not zeroed again.
+    pub fn take_sized(&self, len: usize) -> Vec<u8> {
+        let mut buffer = self.take_spare(len);
+        if buffer.len() >= len {
+            buffer.truncate(len);
+        } else {
+            buffer.resize(len, 0);
+        }
+        buffer
+    }
+
+    /// The smallest idle buffer with room for `capacity` bytes, still holding what its last
+    /// user wrote (its length is how much of it is initialized), or a new empty one.
+    fn take_spare(&self, capacity: usize) -> Vec<u8> {
         if capacity >= POOLED_MIN {
             let mut spare = self.spare();
             let best = spare
@@ -66,22 +86,15 @@ impl BufferPool {
         Vec::with_capacity(capacity)
     }
 
-    /// A zero-filled buffer of `len` bytes, from the pool where one fits.
-    pub fn take_filled(&self, len: usize) -> Vec<u8> {
-        let mut buffer = self.take(len);
-        buffer.resize(len, 0);
-        buffer
-    }
-
     /// Keeps `buffer` for reuse if the pool has room for it.
-    pub fn give_back(&self, mut buffer: Vec<u8>) {
+    pub fn give_back(&self, buffer: Vec<u8>) {
         let capacity = buffer.capacity();
         if !(POOLED_MIN..=POOLED_MAX).contains(&capacity) {
             return;
         }
         let mut spare = self.spare();
         if spare.bytes + capacity <= SPARE_BYTES_MAX {
-            buffer.clear();
+            // Its length stays: that much is initialized, so take_sized need not zero it again.
             spare.bytes += capacity;
             spare.buffers.push(buffer);
         }
@@ -127,7 +140,7 @@ mod tests {
     #[test]
     fn buffers_come_back_once_their_bytes_are_dropped_and_the_pool_stays_bounded() {
         let pool: &'static BufferPool = Box::leak(Box::new(BufferPool::new()));
-        let first = pool.take_filled(1 << 20);
+        let first = pool.take_sized(1 << 20);
         let address = first.as_ptr();
         let bytes = pool.into_bytes(first);
         let slice = bytes.slice(10..20);
@@ -139,6 +152,16 @@ mod tests {
         let again = pool.take(1 << 20);
         assert_eq!(again.as_ptr(), address, "the dropped buffer is reused");
         assert!(again.is_empty());
+        // A sized buffer has its length, from the pool or new (then zeroed).
+        pool.give_back(again);
+        let sized = pool.take_sized(300 << 10);
+        assert_eq!((sized.as_ptr(), sized.len()), (address, 300 << 10));
+        pool.give_back(sized);
+        let grown = pool.take_sized(900 << 10);
+        assert_eq!((grown.as_ptr(), grown.len()), (address, 900 << 10));
+        assert!(grown[300 << 10..].iter().all(|&b| b == 0));
+        let fresh = pool.take_sized(3 << 20);
+        assert!(fresh.len() == 3 << 20 && fresh.iter().all(|&b| b == 0));
         // The smallest idle buffer that fits is handed out.
         pool.give_back(Vec::with_capacity(4 << 20));
         pool.give_back(Vec::with_capacity(2 << 20));

@@ -392,7 +392,7 @@ impl ChunkCache {
             self.note_miss();
             return None;
         };
-        let mut buf = buffer_pool::POOL.take_filled(want);
+        let mut buf = buffer_pool::POOL.take_sized(want);
         if file.read_exact_at(&mut buf, start).is_err() {
             self.remove_corrupt(digest, "read failed");
             self.note_miss();

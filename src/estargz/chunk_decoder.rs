@@ -120,7 +120,7 @@ fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<
             ))
         });
     if let Some((needed, out_len)) = fits {
-        let mut out = POOL.take_filled(out_len);
+        let mut out = POOL.take_sized(out_len);
         let inflated = libdeflater::Decompressor::new().gzip_decompress(compressed, &mut out);
         if inflated.is_ok_and(|n| n >= needed) {
             out.truncate(needed);
@@ -172,20 +172,21 @@ enum Decompressor {
     Zstd(Box<zstd::stream::write::Decoder<'static, ChunkSink>>),
 }
 
-/// Decodes one chunk of a file named `name` (for errors) from compressed bytes fed in order.
-pub struct ChunkDecoder<'a> {
-    name: &'a str,
-    chunk: &'a ChunkInfo,
+/// Decodes one chunk of a file named `name` (for errors) from compressed bytes fed in order. It
+/// owns what it needs, so a chunk received on one thread can be finished on another.
+pub struct ChunkDecoder {
+    name: String,
+    chunk: ChunkInfo,
     decompressor: Decompressor,
 }
 
-impl<'a> ChunkDecoder<'a> {
+impl ChunkDecoder {
     /// A decoder for `chunk`, whose compressed bytes (`chunk.compressed`) will be fed.
     pub fn new(
         compression: Compression,
-        name: &'a str,
-        chunk: &'a ChunkInfo,
-    ) -> Result<ChunkDecoder<'a>, FormatError> {
+        name: &str,
+        chunk: &ChunkInfo,
+    ) -> Result<ChunkDecoder, FormatError> {
         let decompressor = match compression {
             Compression::Gzip => {
                 let range = chunk.compressed.end.saturating_sub(chunk.compressed.start);
@@ -198,8 +199,8 @@ impl<'a> ChunkDecoder<'a> {
                 .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
         };
         Ok(ChunkDecoder {
-            name,
-            chunk,
+            name: name.to_string(),
+            chunk: chunk.clone(),
             decompressor,
         })
     }
@@ -215,8 +216,8 @@ impl<'a> ChunkDecoder<'a> {
             Decompressor::Zstd(d) if !d.get_ref().complete() => {
                 d.write_all(compressed).map_err(|e| {
                     bad(
-                        self.name,
-                        self.chunk,
+                        &self.name,
+                        &self.chunk,
                         format!("cannot decompress {} bytes: {e}", self.chunk.len),
                     )
                 })
@@ -228,18 +229,18 @@ impl<'a> ChunkDecoder<'a> {
     /// Ends the input: the chunk must have all its bytes, hashing to its digest.
     pub fn finish(self) -> Result<Vec<u8>, FormatError> {
         match self.decompressor {
-            Decompressor::Gzip(gathered) => inflate_gzip(self.name, self.chunk, &gathered.0),
+            Decompressor::Gzip(gathered) => inflate_gzip(&self.name, &self.chunk, &gathered.0),
             Decompressor::Zstd(mut d) => {
                 if !d.get_ref().complete() {
                     d.flush().map_err(|e| {
                         bad(
-                            self.name,
-                            self.chunk,
+                            &self.name,
+                            &self.chunk,
                             format!("cannot decompress {} bytes: {e}", self.chunk.len),
                         )
                     })?;
                 }
-                std::mem::take(d.get_mut()).verified(self.name, self.chunk)
+                std::mem::take(d.get_mut()).verified(&self.name, &self.chunk)
             }
         }
     }
