@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lazysnap_fuse::{ContentId, ContentSource, ReadDone};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::blob::{BlobError, BlobSource};
+use crate::buffer_pool::POOL;
 use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
 use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression};
 use crate::metrics::{self, FetchKind};
@@ -183,12 +184,12 @@ struct Counters {
     files_assembled: AtomicU64,
 }
 
-/// How a streamed chunk request ended.
+/// How a streamed run request ended.
 enum Streamed {
-    /// The bytes arrived and were decoded, rightly or not (a verdict on the chunk).
-    Decoded(Result<Vec<u8>, estargz::FormatError>),
-    /// The request failed before a verdict.
-    Failed,
+    /// Every chunk of the run got its verdict (its fill is completed).
+    Done,
+    /// The request failed before these chunks had all their bytes: left to the buffered path.
+    Unfinished(Vec<(ChunkRef, FillGuard)>),
     /// The reader is shutting down.
     Cancelled,
 }
@@ -562,11 +563,12 @@ fn concat(parts: Vec<Bytes>) -> Bytes {
     if parts.len() == 1 {
         return parts.into_iter().next().unwrap_or_default();
     }
-    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    // Pooled: a fresh buffer of a read's size costs page faults on every read.
+    let mut out = POOL.take(parts.iter().map(Bytes::len).sum());
     for p in parts {
         out.extend_from_slice(&p);
     }
-    out.freeze()
+    POOL.into_bytes(out)
 }
 
 /// A coalesced request: its range and the chunks (with their ranges) it carries.
@@ -835,7 +837,7 @@ impl Inner {
     /// and completes its guard. Returns when every guard is completed.
     async fn fetch_chunks(
         self: &Arc<Self>,
-        mut claimed: Vec<(ChunkRef, FillGuard)>,
+        claimed: Vec<(ChunkRef, FillGuard)>,
         kind: FetchKind,
         max_gap: u64,
         max_bytes: u64,
@@ -844,37 +846,28 @@ impl Inner {
             return;
         }
         let give_up_at = Instant::now() + self.opts.deadline;
-        let mut attempts_used = 0;
-        // One chunk a reader waits for: decode it while it streams in (the first attempt).
-        if kind == FetchKind::OnDemand && claimed.len() == 1 {
-            if let Some((at, guard)) = claimed.pop() {
-                match self.stream_chunk(at, kind).await {
-                    Streamed::Decoded(result) => {
-                        // Readers are answered here; the disk write goes to the blocking pool.
-                        if let Some(data) = self.store_decoded(at, result, guard) {
-                            let inner = Arc::clone(self);
-                            self.runtime.spawn_blocking(move || inner.persist(at, data));
-                        }
-                        return;
-                    }
-                    Streamed::Cancelled => return,
-                    Streamed::Failed => {
-                        claimed.push((at, guard));
-                        attempts_used = 1;
-                    }
-                }
+        // First attempt: each run streams in and its chunks decode as their bytes arrive.
+        let streamed = futures::future::join_all(
+            self.runs_of(claimed, max_bytes, max_gap)
+                .into_iter()
+                .map(|(run, members)| self.stream_run(run, members, kind)),
+        )
+        .await;
+        let mut left = Vec::new();
+        for outcome in streamed {
+            match outcome {
+                Streamed::Done => {}
+                Streamed::Cancelled => return,
+                Streamed::Unfinished(chunks) => left.extend(chunks),
             }
         }
-        claimed.sort_by_key(|(at, _)| self.chunk(*at).compressed.start);
-        let items = claimed
-            .into_iter()
-            .map(|(at, guard)| (self.chunk(at).compressed.clone(), (at, guard)))
-            .collect();
-        let runs = build_runs(items, max_bytes, max_gap);
+        if left.is_empty() {
+            return;
+        }
+        // Retries fetch whole runs, then decode.
+        let runs = self.runs_of(left, max_bytes, max_gap);
         let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
-        let fetched = self
-            .fetch_ranges(ranges, kind, attempts_used, give_up_at)
-            .await;
+        let fetched = self.fetch_ranges(ranges, kind, 1, give_up_at).await;
         let buffers = match fetched {
             Ok(buffers) => buffers,
             // Dropping the guards wakes waiters with `Abandoned`: readers in other layers then
@@ -909,57 +902,163 @@ impl Inner {
         while decodes.join_next().await.is_some() {}
     }
 
-    /// Fetches one chunk with one request whose body is decoded as it arrives, so decompressing
-    /// and hashing overlap the transfer. Any failure before a verdict leaves the chunk to the
-    /// buffered path and its retries.
-    async fn stream_chunk(&self, at: ChunkRef, kind: FetchKind) -> Streamed {
-        let chunk = self.chunk(at);
-        let file = self.file_name(self.files.file_of_chunk(at));
-        let range = chunk.compressed.clone();
+    /// The claimed chunks in blob order, coalesced into runs (see [`build_runs`]).
+    fn runs_of(
+        &self,
+        mut claimed: Vec<(ChunkRef, FillGuard)>,
+        max_bytes: u64,
+        max_gap: u64,
+    ) -> Vec<Run<(ChunkRef, FillGuard)>> {
+        claimed.sort_by_key(|(at, _)| self.chunk(*at).compressed.start);
+        let items = claimed
+            .into_iter()
+            .map(|(at, guard)| (self.chunk(at).compressed.clone(), (at, guard)))
+            .collect();
+        build_runs(items, max_bytes, max_gap)
+    }
+
+    /// Fetches a run of chunks with one request whose body is decoded as it arrives: each chunk
+    /// is decoded and verified as soon as its last byte is in, on the blocking pool, so chunks
+    /// decode in parallel with the transfer and with each other. The last chunk of an on-demand
+    /// run is decoded right here, its reader being the one waiting. Chunks still short of bytes
+    /// when the request fails are left to the buffered path and its retries.
+    async fn stream_run(
+        self: &Arc<Self>,
+        run: Range<u64>,
+        members: Vec<(Range<u64>, (ChunkRef, FillGuard))>,
+        kind: FetchKind,
+    ) -> Streamed {
         let span = tracing::info_span!(
             "fetch",
             layer = %self.layer,
             kind = kind.as_str(),
             requests = 1,
-            bytes = range.end - range.start,
-            first = range.start,
+            chunks = members.len(),
+            bytes = run.end - run.start,
+            first = run.start,
             streamed = true
         );
         let started = Instant::now();
+        // Members (sorted by start) not yet begun, those receiving bytes, and, for an on-demand
+        // run, the last one complete, decoded after the transfer.
+        let mut waiting: std::collections::VecDeque<_> = members.into();
+        let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, ChunkDecoder)> = Vec::new();
+        let mut last: Option<(ChunkRef, FillGuard, ChunkDecoder)> = None;
+        let mut decodes = JoinSet::new();
         let attempt = async {
-            let mut decoder = match ChunkDecoder::new(self.compression, file, chunk) {
-                Ok(decoder) => decoder,
-                Err(e) => return Ok(Err(e)),
-            };
-            let mut body = self.blob.read_range_stream(range.clone()).await?;
+            let mut body = self.blob.read_range_stream(run.clone()).await?;
+            let mut at = run.start;
             while let Some(piece) = futures::StreamExt::next(&mut body).await {
                 let piece: Bytes = piece?;
-                if let Err(e) = decoder.feed(&piece) {
-                    return Ok(Err(e));
+                let end = at + piece.len() as u64;
+                while waiting.front().is_some_and(|(range, _)| range.start < end) {
+                    let Some((range, (chunk_at, guard))) = waiting.pop_front() else {
+                        break;
+                    };
+                    let file = self.file_name(self.files.file_of_chunk(chunk_at));
+                    match ChunkDecoder::new(self.compression, file, self.chunk(chunk_at)) {
+                        Ok(decoder) => receiving.push((range, chunk_at, guard, decoder)),
+                        Err(e) => drop(self.store_decoded(chunk_at, Err(e), guard)),
+                    }
                 }
+                let mut i = 0;
+                while let Some((range, _, _, decoder)) = receiving.get_mut(i) {
+                    let from = range.start.max(at);
+                    let to = range.end.min(end);
+                    let fed = match piece.get((from - at) as usize..(to - at) as usize) {
+                        Some(bytes) if from < to => decoder.feed(bytes),
+                        _ => Ok(()),
+                    };
+                    let complete = range.end <= end;
+                    if fed.is_err() || complete {
+                        let (_, chunk_at, guard, decoder) = receiving.swap_remove(i);
+                        if let Err(e) = fed {
+                            drop(self.store_decoded(chunk_at, Err(e), guard));
+                        } else if kind == FetchKind::OnDemand
+                            && waiting.is_empty()
+                            && receiving.is_empty()
+                        {
+                            last = Some((chunk_at, guard, decoder));
+                        } else {
+                            let inner = Arc::clone(self);
+                            decodes.spawn_blocking_on(
+                                move || inner.finish_and_store(chunk_at, decoder, guard),
+                                &self.runtime,
+                            );
+                        }
+                        continue;
+                    }
+                    i += 1;
+                }
+                at = end;
             }
-            Ok::<_, BlobError>(decoder.finish())
+            if waiting.is_empty() && receiving.is_empty() {
+                Ok(())
+            } else {
+                Err(BlobError::Corrupt(format!(
+                    "range response ended at byte {at} of {}..{}",
+                    run.start, run.end
+                )))
+            }
         };
         let bound = self.opts.attempt_timeout.min(self.opts.deadline);
         let outcome = tokio::select! {
             r = tokio::time::timeout(bound, attempt).instrument(span) => r,
             _ = self.cancel.cancelled() => return Streamed::Cancelled,
         };
-        match outcome {
-            Ok(Ok(result)) => {
-                self.count_fetched(kind, range.end - range.start, started.elapsed());
-                Streamed::Decoded(result)
+        if let Some((chunk_at, guard, decoder)) = last {
+            // Readers are answered here; the disk write goes to the blocking pool.
+            let decoded = self.decode_traced(chunk_at, || decoder.finish());
+            if let Some(data) = self.store_decoded(chunk_at, decoded, guard) {
+                let inner = Arc::clone(self);
+                self.runtime
+                    .spawn_blocking(move || inner.persist(chunk_at, data));
+            }
+        }
+        let failure = match outcome {
+            Ok(Ok(())) => {
+                self.count_fetched(kind, run.end - run.start, started.elapsed());
+                None
             }
             Ok(Err(e)) => {
                 metrics::record_fetch_error(error_reason(&e));
-                tracing::warn!(layer = %self.layer, error = %e, "streamed chunk request failed; retrying it");
-                Streamed::Failed
+                Some(e.to_string())
             }
             Err(_) => {
                 metrics::record_fetch_error("timeout");
-                tracing::warn!(layer = %self.layer, timeout = ?bound, "streamed chunk request timed out; retrying it");
-                Streamed::Failed
+                Some(format!("timed out after {bound:?}"))
             }
+        };
+        while decodes.join_next().await.is_some() {}
+        let unfinished: Vec<_> = waiting
+            .into_iter()
+            .map(|(_, member)| member)
+            .chain(receiving.into_iter().map(|(_, at, guard, _)| (at, guard)))
+            .collect();
+        match failure {
+            None => Streamed::Done,
+            Some(error) => {
+                tracing::warn!(layer = %self.layer, kind = kind.as_str(), error = %error, chunks = unfinished.len(), "streamed request failed; retrying its unfinished chunks");
+                Streamed::Unfinished(unfinished)
+            }
+        }
+    }
+
+    /// Decodes a chunk inside a `decode` span.
+    fn decode_traced(
+        &self,
+        at: ChunkRef,
+        decode: impl FnOnce() -> Result<Vec<u8>, estargz::FormatError>,
+    ) -> Result<Vec<u8>, estargz::FormatError> {
+        let chunk = self.chunk(at);
+        tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len).in_scope(decode)
+    }
+
+    /// Finishes a streamed chunk's decoding and verification and completes its fill (blocking).
+    fn finish_and_store(&self, at: ChunkRef, decoder: ChunkDecoder, guard: FillGuard) {
+        let decoded = self.decode_traced(at, || decoder.finish());
+        if let Some(data) = self.store_decoded(at, decoded, guard) {
+            self.persist(at, data);
         }
     }
 
@@ -967,9 +1066,9 @@ impl Inner {
     fn decode_and_store(&self, at: ChunkRef, compressed: &[u8], guard: FillGuard) {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
-        let span = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len);
-        let decoded =
-            span.in_scope(|| estargz::decode_chunk(self.compression, file, chunk, compressed));
+        let decoded = self.decode_traced(at, || {
+            estargz::decode_chunk(self.compression, file, chunk, compressed)
+        });
         if let Some(data) = self.store_decoded(at, decoded, guard) {
             self.persist(at, data);
         }
@@ -989,7 +1088,7 @@ impl Inner {
         let file = self.file_name(self.files.file_of_chunk(at));
         match decoded {
             Ok(data) => {
-                let data = crate::buffer_pool::POOL.into_bytes(data);
+                let data = POOL.into_bytes(data);
                 if self.cache.remember(&chunk.digest, data.clone()) {
                     guard.complete(Ok(data.clone()));
                     return Some(data);

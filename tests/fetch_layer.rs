@@ -988,6 +988,62 @@ fn a_chunk_streams_in_pieces_and_a_broken_stream_is_retried_whole() {
     }
 }
 
+/// A read of several cold chunks streams them in one request, each decoded as soon as its bytes
+/// are in; when that stream breaks, the chunks that had all their bytes keep their verdict and
+/// only the rest are fetched again.
+#[test]
+fn a_run_of_chunks_streams_in_one_request_and_a_break_refetches_only_the_unfinished() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let content = pseudo_random(41, 8 * CHUNK);
+    let four = 4 * CHUNK as u64;
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        let layer = build_layer(vec![content.clone()], CHUNK, compression, b"RN");
+        let (blob, controls) = TestBlob::new(layer.blob.clone());
+        let cache = cache_in(
+            dir.path().join(format!("{compression:?}")).as_path(),
+            1 << 30,
+            0,
+        );
+        let r = reader(
+            &rt,
+            blob,
+            &layer,
+            compression,
+            &cache,
+            quiet_options(),
+            "run",
+        );
+        let chunks = &layer.files[0].chunks;
+        let first_half = chunks[0].compressed.start..chunks[3].compressed.end;
+        assert_eq!(
+            &read_blocking(&r, 0, 0, four as u32).unwrap()[..],
+            &content[..four as usize]
+        );
+        assert_eq!(controls.streams.load(Ordering::SeqCst), 1);
+        assert_eq!(controls.requests(), vec![first_half]);
+        controls.break_streams.store(1, Ordering::SeqCst);
+        assert_eq!(
+            &read_blocking(&r, 0, four, four as u32).unwrap()[..],
+            &content[four as usize..]
+        );
+        assert_eq!(controls.break_streams.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            controls.count_covering(&chunks[4].compressed),
+            1,
+            "{compression:?}"
+        );
+        assert_eq!(
+            controls.count_covering(&chunks[7].compressed),
+            2,
+            "{compression:?}"
+        );
+        for c in chunks {
+            assert!(cache.contains(&c.digest));
+        }
+    }
+}
+
 #[test]
 fn inconsistent_chunk_lists_read_as_eio() {
     let rt = runtime();
