@@ -3,9 +3,10 @@
 #   - daemon RSS with one layer of N entries mounted (default 100k) and per 100k entries,
 #   - cold read latency of 1 MiB files (random bytes, and a program binary that compresses about
 #     3x) and of 4 KiB files (nothing cached, no prefetch; READS files each). Each read is paired
-#     with a ranged GET of the same size from the registry by curl just before it (on a
-#     kept-alive connection, as the daemon's is); what the reads take beyond the GETs, at the
-#     median and the lower quartile, is what lazysnap adds to the registry's own answer,
+#     with the one round trip it needs: a ranged GET by curl, just before it, of the compressed
+#     bytes the daemon fetches for that file (from the TOC; on a kept-alive connection, as the
+#     daemon's is). What the reads take beyond the GETs, at the median and the lower quartile, is
+#     what lazysnap adds to the registry's own answer,
 #   - sequential read of a BIG_MIB file (default 1024) once its chunks are cached, with FUSE
 #     passthrough (the file assembled in the cache) and without (--no-passthrough), vs the same
 #     bytes on local disk; the page cache is dropped before each timed read (median of 3).
@@ -126,21 +127,30 @@ for path in sys.argv[1:]:
 PY
 }
 median() { sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
-# For each file $2..: a ranged GET of $1 bytes at a random offset of the layer blob (curl, timed
-# on a kept-alive connection as the daemon's is), then a cold read of the file. Prints
-# "read_ms registry_ms" a line.
+# The layer's TOC, for the compressed byte range of each file.
+"$lazysnap" inspect --toc "$image" 2>/dev/null | sed -n '/^{/,$p' >"$work/toc.json"
+# For each file $1..: a ranged GET of the compressed bytes the daemon fetches for it (its chunks'
+# gzip members, from the TOC), timed by curl on a kept-alive connection as the daemon's is, then a
+# cold read of the file. Prints "read_ms registry_ms" a line.
 cold_pairs() {
-    python3 - "http://127.0.0.1:$port/v2/bench/layer/blobs/$layer_blob" "$layer_size" "$@" <<'PY'
-import random, subprocess, sys, time
-url, blob_size, size, paths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    python3 - "http://127.0.0.1:$port/v2/bench/layer/blobs/$layer_blob" "$work/toc.json" "$work/mnt" "$@" <<'PY'
+import json, subprocess, sys, time
+url, toc_path, root, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+entries = json.load(open(toc_path))["entries"]
+# A member ends where the next one starts; the last ones end at the TOC's own member.
+starts = sorted({e["offset"] for e in entries if e.get("offset")})
+following = dict(zip(starts, starts[1:]))
+ranges = {}
+for e in entries:
+    if e.get("offset") and e["type"] in ("reg", "chunk"):
+        first, last = ranges.get(e["name"], (e["offset"], e["offset"]))
+        ranges[e["name"]] = (min(first, e["offset"]), max(last, e["offset"]))
 for path in paths:
-    args = ["curl", "-fsS"]
-    for i in range(2):  # the first GET opens the connection, the second is timed
-        start = random.randrange(0, max(1, blob_size - size))
-        args += (["--next"] if i else []) + ["-o", "/dev/null", "-r", f"{start}-{start + size - 1}",
-                                             "-w", "%{time_total}\\n", url]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout.split()
-    registry_ms = float(out[1]) * 1000
+    first, last = ranges[path[len(root) + 1:]]
+    end = following[last]
+    args = ["curl", "-fsS", "-o", "/dev/null", "-r", "0-4095", url,  # opens the connection
+            "--next", "-o", "/dev/null", "-r", f"{first}-{end - 1}", "-w", "%{time_total}\\n", url]
+    registry_ms = float(subprocess.run(args, check=True, capture_output=True, text=True).stdout) * 1000
     t = time.perf_counter()
     with open(path, "rb") as f:
         while f.read(1 << 20):
@@ -161,9 +171,9 @@ med = statistics.median
 print(*(f"{v:.2f}" for v in (med(reads), med(gets), med(reads) - med(gets), p25(reads) - p25(gets))))'
 }
 files() { for i in $(seq 0 $((reads - 1))); do echo "$work/mnt/read/$1-$i.$2"; done; }
-read -r cold_1m rtt_1m beyond_1m low_1m < <(cold_pairs $((1 << 20)) $(files one-mib bin) | pair_medians)
-read -r cold_code rtt_code beyond_code low_code < <(cold_pairs $((1 << 20)) $(files program bin) | pair_medians)
-read -r cold_4k rtt_4k beyond_4k low_4k < <(cold_pairs 4096 $(files four-kib txt) | pair_medians)
+read -r cold_1m rtt_1m beyond_1m low_1m < <(cold_pairs $(files one-mib bin) | pair_medians)
+read -r cold_code rtt_code beyond_code low_code < <(cold_pairs $(files program bin) | pair_medians)
+read -r cold_4k rtt_4k beyond_4k low_4k < <(cold_pairs $(files four-kib txt) | pair_medians)
 # The same 1 MiB files again, now in the page cache: what the reading process itself costs.
 warm_1m=$(time_reads $(files one-mib bin) | median)
 ls -R "$work/mnt/many" >/dev/null
@@ -178,41 +188,48 @@ for _ in $(seq 600); do
     [[ "$assembled" -ge 1 ]] && break
     sleep 0.5
 done
-# Median of 3 reads of $1, each after dropping the page cache.
-cold_cache_ms() {
-    for _ in 1 2 3; do
-        sync; echo 3 >/proc/sys/vm/drop_caches
-        time_reads "$1"
-    done | median
-}
-passthrough_ms=$(cold_cache_ms "$work/mnt/$big")
 # The same daemon and cache, mounted without passthrough: reads go through the daemon.
 "$lazysnap" mount --no-prefetch --no-passthrough --cache-dir "$work/cache" --state-dir "$work/state" "$image" "$work/plain" 2>/dev/null
 time_reads "$work/plain/$big" >/dev/null
-daemon_ms=$(cold_cache_ms "$work/plain/$big")
 cp "$work/mnt/$big" "$work/big-local.bin"
-local_ms=$(cold_cache_ms "$work/big-local.bin")
+# ROUNDS rounds (default 5) of: passthrough, through the daemon, local disk, each read after
+# dropping the page cache. Ratios to local disk are taken within a round (the disk's own speed
+# drifts from one round to the next) and reported at their median.
+for _ in $(seq "${ROUNDS:-5}"); do
+    for f in "$work/mnt/$big" "$work/plain/$big" "$work/big-local.bin"; do
+        sync; echo 3 >/proc/sys/vm/drop_caches
+        time_reads "$f"
+    done | paste -sd' '
+done >"$work/cached.txt"
+read -r passthrough_ms daemon_ms local_ms pass_ratio daemon_ratio < <(python3 -c '
+import statistics, sys
+rounds = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+med = lambda v: statistics.median(v)
+print(*(med(r[i] for r in rounds) for i in range(3)),
+      med(r[2] / r[0] for r in rounds), med(r[2] / r[1] for r in rounds))' "$work/cached.txt")
 
 python3 - "$entries" "$rss_kib" "$rss_walked_kib" "$cold_1m" "$cold_4k" "$rtt_1m" "$rtt_4k" \
     "$big_mib" "$cold_big_ms" "$passthrough_ms" "$daemon_ms" "$local_ms" "$warm_1m" \
-    "$beyond_1m" "$beyond_4k" "$cold_code" "$rtt_code" "$beyond_code" "$low_1m" "$low_4k" "$low_code" <<'PY'
+    "$beyond_1m" "$beyond_4k" "$cold_code" "$rtt_code" "$beyond_code" "$low_1m" "$low_4k" "$low_code" \
+    "$pass_ratio" "$daemon_ratio" <<'PY'
 import sys
 n, rss, walked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 c1m, c4k, r1m, r4k = (float(v) for v in sys.argv[4:8])
 mib = int(sys.argv[8])
 cold_big, passthrough, daemon, local = (float(v) for v in sys.argv[9:13])
 w1m, b1m, b4k, ccode, rcode, bcode, l1m, l4k, lcode = (float(v) for v in sys.argv[13:22])
+pass_ratio, daemon_ratio = (float(v) for v in sys.argv[22:24])
 rate = lambda ms: mib / (ms / 1000)
 print(f"entries in the layer             {n}")
 print(f"daemon RSS, mounted              {rss / 1024:.1f} MiB")
 print(f"daemon RSS, after ls -R          {walked / 1024:.1f} MiB")
-print("cold reads: median read; median ranged GET of the same size from the registry; reads beyond GETs at the median / lower quartile")
+print("cold reads: median read; median ranged GET of the same compressed bytes from the registry; reads beyond GETs at the median / lower quartile")
 print(f"  1 MiB of random bytes          {c1m:.2f} ms; registry {r1m:.2f} ms; beyond {b1m:.2f} / {l1m:.2f} ms")
 print(f"  1 MiB of a program binary      {ccode:.2f} ms; registry {rcode:.2f} ms; beyond {bcode:.2f} / {lcode:.2f} ms")
 print(f"  4 KiB                          {c4k:.2f} ms; registry {r4k:.2f} ms; beyond {b4k:.2f} / {l4k:.2f} ms")
 print(f"same 1 MiB files, page-cached    {w1m:.2f} ms (the reading process's own cost)")
 print(f"first read of {mib} MiB (fetch)   {rate(cold_big):.0f} MiB/s")
-print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({local / passthrough:.2f}x local disk)")
-print(f"cached {mib} MiB, through daemon  {rate(daemon):.0f} MiB/s ({local / daemon:.2f}x local disk)")
+print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({pass_ratio:.2f}x local disk, median of rounds)")
+print(f"cached {mib} MiB, through daemon  {rate(daemon):.0f} MiB/s ({daemon_ratio:.2f}x local disk, median of rounds)")
 print(f"same file on local disk          {rate(local):.0f} MiB/s")
 PY
