@@ -8,9 +8,11 @@
 #     daemon's is). What the reads take beyond the GETs, at the median and the lower quartile, is
 #     what lazysnap adds to the registry's own answer,
 #   - sequential read of a BIG_MIB file (default 1024) once its chunks are cached, with FUSE
-#     passthrough (the file assembled in the cache) and without (--no-passthrough), vs the same
-#     bytes on local disk; the page cache is dropped before each timed read (median of 3).
-# Uses a registry on 127.0.0.1 and a release build. Run as root: sudo scripts/bench-layer.sh
+#     passthrough (the file assembled in the cache) and without (--no-passthrough), vs reading
+#     that assembled file directly from local disk; the page cache is dropped before each timed
+#     read, in ROUNDS interleaved rounds (default 5).
+# Uses a registry on 127.0.0.1 and a release build. CHUNK_SIZE sets `lazysnap convert
+# --chunk-size` (default 4 MiB). Run as root: sudo scripts/bench-layer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
@@ -19,7 +21,7 @@ bash scripts/install-deps.sh >/dev/null
 
 entries=${ENTRIES:-100000}
 big_mib=${BIG_MIB:-1024}
-reads=${READS:-51}
+reads=${READS:-101}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --quiet --release --bin lazysnap
 lazysnap="$CARGO_TARGET_DIR/release/lazysnap"
@@ -104,7 +106,7 @@ PY
 
 image="127.0.0.1:$port/bench/layer:esgz"
 echo "== converting with lazysnap convert"
-"$lazysnap" convert "oci:$work/oci:latest" "$image" 2>/dev/null
+"$lazysnap" convert ${CHUNK_SIZE:+--chunk-size "$CHUNK_SIZE"} "oci:$work/oci:latest" "$image" 2>/dev/null
 rm -rf "$work/oci"
 read -r layer_blob layer_size < <(curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
     "http://127.0.0.1:$port/v2/bench/layer/manifests/esgz" |
@@ -191,12 +193,19 @@ done
 # The same daemon and cache, mounted without passthrough: reads go through the daemon.
 "$lazysnap" mount --no-prefetch --no-passthrough --cache-dir "$work/cache" --state-dir "$work/state" "$image" "$work/plain" 2>/dev/null
 time_reads "$work/plain/$big" >/dev/null
-cp "$work/mnt/$big" "$work/big-local.bin"
+# Local disk: the file the passthrough reads, in the cache directory (the same blocks of the same
+# disk; a fresh copy would be read back from the host's cache, faster than anything else here).
+local_file=$(python3 -c '
+import json, sys
+entry = next(e for e in json.load(open(sys.argv[1]))["entries"] if e["name"] == sys.argv[2] and e["type"] == "reg")
+hex = entry["digest"].split(":")[1]
+print(f"{sys.argv[3]}/chunks/sha256/{hex[:2]}/{hex}")' "$work/toc.json" "$big" "$work/cache")
+[[ -f "$local_file" ]] || { echo "bench-layer.sh: the assembled file $local_file is missing" >&2; exit 1; }
 # ROUNDS rounds (default 5) of: passthrough, through the daemon, local disk, each read after
 # dropping the page cache. Ratios to local disk are taken within a round (the disk's own speed
 # drifts from one round to the next) and reported at their median.
 for _ in $(seq "${ROUNDS:-5}"); do
-    for f in "$work/mnt/$big" "$work/plain/$big" "$work/big-local.bin"; do
+    for f in "$work/mnt/$big" "$work/plain/$big" "$local_file"; do
         sync; echo 3 >/proc/sys/vm/drop_caches
         time_reads "$f"
     done | paste -sd' '
