@@ -242,3 +242,5 @@ print(f"cached {mib} MiB, passthrough     {rate(passthrough):.0f} MiB/s ({pass_r
 print(f"cached {mib} MiB, through daemon  {rate(daemon):.0f} MiB/s ({daemon_ratio:.2f}x local disk, median of rounds)")
 print(f"same file on local disk          {rate(local):.0f} MiB/s")
 PY
+echo "cached rounds, MiB/s (passthrough, through daemon, local disk):"
+awk -v mib="$big_mib" '{printf "  %.0f %.0f %.0f\n", mib / ($1 / 1000), mib / ($2 / 1000), mib / ($3 / 1000)}' "$work/cached.txt"
