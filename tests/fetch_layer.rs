@@ -939,28 +939,37 @@ fn files_whose_digest_disagrees_with_their_chunks_are_never_assembled() {
     assert_eq!(read_blocking(&r, 0, 0, 5000).unwrap(), contents[0]);
 }
 
+/// A reader of a layer holding one file, `content` in chunks of [`CHUNK`], whose blob source
+/// streams in 100-byte pieces under test controls; its cache (under `dir`, one per compression)
+/// keeps nothing in memory.
+fn streaming_reader(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    content: &[u8],
+    compression: Compression,
+) -> (TestLayer, Arc<Controls>, Arc<ChunkCache>, Arc<LayerReader>) {
+    let layer = build_layer(vec![content.to_vec()], CHUNK, compression, b"ST");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    let cache = cache_in(&dir.join(format!("{compression:?}")), 1 << 30, 0);
+    let r = reader(
+        rt,
+        blob,
+        &layer,
+        compression,
+        &cache,
+        quiet_options(),
+        "stream",
+    );
+    (layer, controls, cache, r)
+}
+
 #[test]
 fn a_chunk_streams_in_pieces_and_a_broken_stream_is_retried_whole() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let content = pseudo_random(40, 3 * CHUNK);
     for compression in [Compression::Gzip, Compression::Zstd] {
-        let layer = build_layer(vec![content.clone()], CHUNK, compression, b"ST");
-        let (blob, controls) = TestBlob::new(layer.blob.clone());
-        let cache = cache_in(
-            dir.path().join(format!("{compression:?}")).as_path(),
-            1 << 30,
-            0,
-        );
-        let r = reader(
-            &rt,
-            blob,
-            &layer,
-            compression,
-            &cache,
-            quiet_options(),
-            "stream",
-        );
+        let (layer, controls, cache, r) = streaming_reader(&rt, dir.path(), &content, compression);
         // A read waiting on one chunk streams it (in 100-byte pieces here).
         assert_eq!(
             &read_blocking(&r, 0, 10, 100).unwrap()[..],
@@ -998,22 +1007,7 @@ fn a_run_of_chunks_streams_in_one_request_and_a_break_refetches_only_the_unfinis
     let content = pseudo_random(41, 8 * CHUNK);
     let four = 4 * CHUNK as u64;
     for compression in [Compression::Gzip, Compression::Zstd] {
-        let layer = build_layer(vec![content.clone()], CHUNK, compression, b"RN");
-        let (blob, controls) = TestBlob::new(layer.blob.clone());
-        let cache = cache_in(
-            dir.path().join(format!("{compression:?}")).as_path(),
-            1 << 30,
-            0,
-        );
-        let r = reader(
-            &rt,
-            blob,
-            &layer,
-            compression,
-            &cache,
-            quiet_options(),
-            "run",
-        );
+        let (layer, controls, cache, r) = streaming_reader(&rt, dir.path(), &content, compression);
         let chunks = &layer.files[0].chunks;
         let first_half = chunks[0].compressed.start..chunks[3].compressed.end;
         assert_eq!(
