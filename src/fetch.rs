@@ -5,9 +5,10 @@
 //! is answered on the calling (FUSE) thread with no task hop; otherwise the reply moves to a tokio
 //! task and the FUSE thread returns at once. Missing chunks are claimed through the cache's
 //! singleflight table (chunk identity is the digest, so readers in other layers share a fetch),
-//! adjacent ones are coalesced into one range request, decoded and verified by
-//! [`estargz::decode_chunk`], stored in the cache and only then served. Every read has a deadline;
-//! the fetch behind it retries transient failures a bounded number of times.
+//! adjacent ones are coalesced into one range request whose body streams in: each chunk is decoded
+//! and verified ([`ChunkDecoder`]) as soon as its bytes are in, stored in the cache and only then
+//! served. Every read has a deadline; the fetch behind it retries transient failures a bounded
+//! number of times (retries fetch whole ranges, then decode with [`estargz::decode_chunk`]).
 //!
 //! [`LayerReader::start_prefetch`] fetches the prioritized range (few large requests) and then
 //! fills the rest of the layer in the background: lowest priority, paused while any on-demand
