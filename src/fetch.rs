@@ -8,7 +8,7 @@
 //! adjacent ones are coalesced into one range request whose body streams in: each chunk is decoded
 //! and verified ([`ChunkDecoder`]) as soon as its bytes are in, stored in the cache and only then
 //! served. Every read has a deadline; the fetch behind it retries transient failures a bounded
-//! number of times (retries fetch whole ranges, then decode with [`estargz::decode_chunk`]).
+//! number of times, for the chunks still missing.
 //!
 //! [`LayerReader::start_prefetch`] fetches the prioritized range (few large requests) and then
 //! fills the rest of the layer in the background: lowest priority, paused while any on-demand
@@ -102,9 +102,11 @@ impl Drop for ActivityGuard {
 pub struct FetchOptions {
     /// Longest time a read may wait for the network before it fails with EIO.
     pub deadline: Duration,
-    /// Longest time one range request may take before it is retried.
+    /// Longest time a range request may go without receiving a byte (before its first, or between
+    /// two) before it is retried.
     pub attempt_timeout: Duration,
-    /// Retries of a failed or timed-out range request (transient failures only), within `deadline`.
+    /// Retries of a failed or stalled range request (transient failures only); none is started
+    /// once `deadline` has passed since a chunk last arrived.
     pub retries: u32,
     /// Fetch the prioritized range when [`LayerReader::start_prefetch`] is called.
     pub prefetch: bool,
@@ -189,10 +191,34 @@ struct Counters {
 enum Streamed {
     /// Every chunk of the run got its verdict (its fill is completed).
     Done,
-    /// The request failed before these chunks had all their bytes: left to the buffered path.
-    Unfinished(Vec<(ChunkRef, FillGuard)>),
+    /// The request failed before these chunks had all their bytes.
+    Unfinished {
+        chunks: Vec<(ChunkRef, FillGuard)>,
+        failure: StreamFailure,
+        /// Some chunks of the run got their verdict before the failure.
+        progressed: bool,
+    },
     /// The reader is shutting down.
     Cancelled,
+}
+
+/// Why a streamed request failed.
+struct StreamFailure {
+    message: String,
+    /// Metric label (see [`metrics::record_fetch_error`]).
+    reason: &'static str,
+    /// Worth another request (the source is unavailable, slow, or sent bad bytes).
+    retryable: bool,
+}
+
+impl From<BlobError> for StreamFailure {
+    fn from(e: BlobError) -> StreamFailure {
+        StreamFailure {
+            reason: error_reason(&e),
+            retryable: matches!(e, BlobError::Unavailable(_) | BlobError::Corrupt(_)),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Position of a chunk in the layer's chunk array ([`LayerFiles`] holds at most `u32::MAX`).
@@ -834,8 +860,11 @@ impl Inner {
         }
     }
 
-    /// Fetches the claimed chunks (coalesced into runs), then decodes, verifies and stores each
-    /// and completes its guard. Returns when every guard is completed.
+    /// Fetches the claimed chunks, coalesced into runs streamed in one request each, and decodes,
+    /// verifies and stores each and completes its guard. Failed requests are retried (transient
+    /// failures only, `retries` times, with backoff) for the chunks still missing; a retry is
+    /// given up once `deadline` passes without any chunk arriving. Returns when every guard is
+    /// completed (or dropped, if this reader shuts down: waiters then fetch it themselves).
     async fn fetch_chunks(
         self: &Arc<Self>,
         claimed: Vec<(ChunkRef, FillGuard)>,
@@ -843,64 +872,54 @@ impl Inner {
         max_gap: u64,
         max_bytes: u64,
     ) {
-        if claimed.is_empty() {
-            return;
-        }
-        let give_up_at = Instant::now() + self.opts.deadline;
-        // First attempt: each run streams in and its chunks decode as their bytes arrive.
-        let streamed = futures::future::join_all(
-            self.runs_of(claimed, max_bytes, max_gap)
-                .into_iter()
-                .map(|(run, members)| self.stream_run(run, members, kind)),
-        )
-        .await;
-        let mut left = Vec::new();
-        for outcome in streamed {
-            match outcome {
-                Streamed::Done => {}
-                Streamed::Cancelled => return,
-                Streamed::Unfinished(chunks) => left.extend(chunks),
-            }
-        }
-        if left.is_empty() {
-            return;
-        }
-        // Retries fetch whole runs, then decode.
-        let runs = self.runs_of(left, max_bytes, max_gap);
-        let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
-        let fetched = self.fetch_ranges(ranges, kind, 1, give_up_at).await;
-        let buffers = match fetched {
-            Ok(buffers) => buffers,
-            // Dropping the guards wakes waiters with `Abandoned`: readers in other layers then
-            // fetch the chunks themselves instead of failing because this layer went away.
-            Err(None) => return,
-            Err(Some(message)) => {
-                for (_, members) in runs {
-                    for (_, (_, guard)) in members {
-                        guard.complete(Err(FillError::Fetch(message.clone())));
+        let mut pending = claimed;
+        let mut attempt = 0;
+        let mut give_up_at = Instant::now() + self.opts.deadline;
+        while !pending.is_empty() {
+            let streamed = futures::future::join_all(
+                self.runs_of(pending, max_bytes, max_gap)
+                    .into_iter()
+                    .map(|(run, members)| self.stream_run(run, members, kind, attempt)),
+            )
+            .await;
+            let mut left = Vec::new();
+            let mut last_failure = None;
+            let mut retryable = true;
+            for outcome in streamed {
+                match outcome {
+                    Streamed::Done => give_up_at = Instant::now() + self.opts.deadline,
+                    Streamed::Cancelled => return,
+                    Streamed::Unfinished {
+                        chunks,
+                        failure,
+                        progressed,
+                    } => {
+                        if progressed {
+                            give_up_at = Instant::now() + self.opts.deadline;
+                        }
+                        retryable &= failure.retryable;
+                        left.extend(chunks);
+                        last_failure = Some(failure.message);
                     }
+                }
+            }
+            pending = left;
+            let Some(message) = last_failure else { break };
+            attempt += 1;
+            let backoff = Duration::from_millis(100u64 << attempt.min(6));
+            let now = Instant::now();
+            if !retryable || attempt > self.opts.retries || now + backoff >= give_up_at {
+                tracing::warn!(layer = %self.layer, kind = kind.as_str(), attempts = attempt, chunks = pending.len(), error = %message, "giving up on these chunks");
+                for (_, guard) in pending {
+                    guard.complete(Err(FillError::Fetch(message.clone())));
                 }
                 return;
             }
-        };
-        let mut decodes = JoinSet::new();
-        for ((run, members), buffer) in runs.into_iter().zip(buffers) {
-            for (range, (at, guard)) in members {
-                let from = usize::try_from(range.start - run.start).unwrap_or(usize::MAX);
-                let to = usize::try_from(range.end - run.start).unwrap_or(usize::MAX);
-                if buffer.get(from..to).is_none() {
-                    guard.complete(Err(FillError::Fetch("short response".into())));
-                    continue;
-                }
-                let compressed = buffer.slice(from..to);
-                let inner = Arc::clone(self);
-                decodes.spawn_blocking_on(
-                    move || inner.decode_and_store(at, &compressed, guard),
-                    &self.runtime,
-                );
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.cancel.cancelled() => return,
             }
         }
-        while decodes.join_next().await.is_some() {}
     }
 
     /// The claimed chunks in blob order, coalesced into runs (see [`build_runs`]).
@@ -921,13 +940,15 @@ impl Inner {
     /// Fetches a run of chunks with one request whose body is decoded as it arrives: each chunk
     /// is decoded and verified as soon as its last byte is in, on the blocking pool, so chunks
     /// decode in parallel with the transfer and with each other. The last chunk of an on-demand
-    /// run is decoded right here, its reader being the one waiting. Chunks still short of bytes
-    /// when the request fails are left to the buffered path and its retries.
+    /// run is decoded right here, its reader being the one waiting. A request fails when no byte
+    /// arrives for `attempt_timeout` (so a slow link that keeps sending never times out); chunks
+    /// still short of bytes then are returned for another attempt.
     async fn stream_run(
         self: &Arc<Self>,
         run: Range<u64>,
         members: Vec<(Range<u64>, (ChunkRef, FillGuard))>,
         kind: FetchKind,
+        attempt: u32,
     ) -> Streamed {
         let span = tracing::info_span!(
             "fetch",
@@ -937,7 +958,7 @@ impl Inner {
             chunks = members.len(),
             bytes = run.end - run.start,
             first = run.start,
-            streamed = true
+            attempt
         );
         let started = Instant::now();
         // Members (sorted by start) not yet begun, those receiving bytes, and, for an on-demand
@@ -946,10 +967,22 @@ impl Inner {
         let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, ChunkDecoder)> = Vec::new();
         let mut last: Option<(ChunkRef, FillGuard, ChunkDecoder)> = None;
         let mut decodes = JoinSet::new();
-        let attempt = async {
-            let mut body = self.blob.read_range_stream(run.clone()).await?;
+        let mut verdicts = 0usize;
+        let stall = self.opts.attempt_timeout;
+        let stalled = || StreamFailure {
+            message: format!("no data for {stall:?}"),
+            reason: "timeout",
+            retryable: true,
+        };
+        let request = async {
+            let mut body = tokio::time::timeout(stall, self.blob.read_range_stream(run.clone()))
+                .await
+                .map_err(|_| stalled())??;
             let mut at = run.start;
-            while let Some(piece) = futures::StreamExt::next(&mut body).await {
+            while let Some(piece) = tokio::time::timeout(stall, futures::StreamExt::next(&mut body))
+                .await
+                .map_err(|_| stalled())?
+            {
                 let piece: Bytes = piece?;
                 let end = at + piece.len() as u64;
                 while waiting.front().is_some_and(|(range, _)| range.start < end) {
@@ -959,7 +992,10 @@ impl Inner {
                     let file = self.file_name(self.files.file_of_chunk(chunk_at));
                     match ChunkDecoder::new(self.compression, file, self.chunk(chunk_at)) {
                         Ok(decoder) => receiving.push((range, chunk_at, guard, decoder)),
-                        Err(e) => drop(self.store_decoded(chunk_at, Err(e), guard)),
+                        Err(e) => {
+                            verdicts += 1;
+                            drop(self.store_decoded(chunk_at, Err(e), guard));
+                        }
                     }
                 }
                 let mut i = 0;
@@ -972,6 +1008,7 @@ impl Inner {
                     };
                     let complete = range.end <= end;
                     if fed.is_err() || complete {
+                        verdicts += 1;
                         let (_, chunk_at, guard, decoder) = receiving.swap_remove(i);
                         if let Err(e) = fed {
                             drop(self.store_decoded(chunk_at, Err(e), guard));
@@ -996,15 +1033,14 @@ impl Inner {
             if waiting.is_empty() && receiving.is_empty() {
                 Ok(())
             } else {
-                Err(BlobError::Corrupt(format!(
+                Err(StreamFailure::from(BlobError::Corrupt(format!(
                     "range response ended at byte {at} of {}..{}",
                     run.start, run.end
-                )))
+                ))))
             }
         };
-        let bound = self.opts.attempt_timeout.min(self.opts.deadline);
         let outcome = tokio::select! {
-            r = tokio::time::timeout(bound, attempt).instrument(span) => r,
+            r = request.instrument(span) => r,
             _ = self.cancel.cancelled() => return Streamed::Cancelled,
         };
         if let Some((chunk_at, guard, decoder)) = last {
@@ -1017,17 +1053,13 @@ impl Inner {
             }
         }
         let failure = match outcome {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 self.count_fetched(kind, run.end - run.start, started.elapsed());
                 None
             }
-            Ok(Err(e)) => {
-                metrics::record_fetch_error(error_reason(&e));
-                Some(e.to_string())
-            }
-            Err(_) => {
-                metrics::record_fetch_error("timeout");
-                Some(format!("timed out after {bound:?}"))
+            Err(failure) => {
+                metrics::record_fetch_error(failure.reason);
+                Some(failure)
             }
         };
         while decodes.join_next().await.is_some() {}
@@ -1038,9 +1070,13 @@ impl Inner {
             .collect();
         match failure {
             None => Streamed::Done,
-            Some(error) => {
-                tracing::warn!(layer = %self.layer, kind = kind.as_str(), error = %error, chunks = unfinished.len(), "streamed request failed; retrying its unfinished chunks");
-                Streamed::Unfinished(unfinished)
+            Some(failure) => {
+                tracing::warn!(layer = %self.layer, kind = kind.as_str(), attempt, error = %failure.message, retryable = failure.retryable, chunks = unfinished.len(), "range request failed");
+                Streamed::Unfinished {
+                    chunks: unfinished,
+                    failure,
+                    progressed: verdicts > 0,
+                }
             }
         }
     }
@@ -1058,18 +1094,6 @@ impl Inner {
     /// Finishes a streamed chunk's decoding and verification and completes its fill (blocking).
     fn finish_and_store(&self, at: ChunkRef, decoder: ChunkDecoder, guard: FillGuard) {
         let decoded = self.decode_traced(at, || decoder.finish());
-        if let Some(data) = self.store_decoded(at, decoded, guard) {
-            self.persist(at, data);
-        }
-    }
-
-    /// Decompresses and verifies one chunk from its buffered bytes and completes its fill.
-    fn decode_and_store(&self, at: ChunkRef, compressed: &[u8], guard: FillGuard) {
-        let chunk = self.chunk(at);
-        let file = self.file_name(self.files.file_of_chunk(at));
-        let decoded = self.decode_traced(at, || {
-            estargz::decode_chunk(self.compression, file, chunk, compressed)
-        });
         if let Some(data) = self.store_decoded(at, decoded, guard) {
             self.persist(at, data);
         }
@@ -1123,89 +1147,6 @@ impl Inner {
         let chunk = self.chunk(at);
         if let Err(e) = self.cache.insert(&chunk.digest, data) {
             tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
-        }
-    }
-
-    /// Reads `ranges` from the blob with per-attempt timeouts and bounded retries of transient
-    /// failures, all within the deadline. `Err(None)` means this reader was shut down.
-    async fn fetch_ranges(
-        &self,
-        ranges: Vec<Range<u64>>,
-        kind: FetchKind,
-        mut attempt: u32,
-        give_up_at: Instant,
-    ) -> Result<Vec<Bytes>, Option<String>> {
-        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        loop {
-            let now = Instant::now();
-            let remaining = give_up_at.saturating_duration_since(now);
-            if remaining.is_zero() {
-                metrics::record_fetch_error("timeout");
-                return Err(Some(format!(
-                    "no answer within the deadline of {:?}",
-                    self.opts.deadline
-                )));
-            }
-            let span = tracing::info_span!(
-                "fetch",
-                layer = %self.layer,
-                kind = kind.as_str(),
-                requests = ranges.len(),
-                bytes = total,
-                first = ranges.first().map(|r| r.start).unwrap_or(0),
-                attempt
-            );
-            let request = async {
-                if let [only] = ranges.as_slice() {
-                    self.blob.read_range(only.clone()).await.map(|b| vec![b])
-                } else {
-                    self.blob.read_ranges(ranges.clone()).await
-                }
-            };
-            let outcome = tokio::select! {
-                r = tokio::time::timeout(self.opts.attempt_timeout.min(remaining), request).instrument(span) => r,
-                _ = self.cancel.cancelled() => return Err(None),
-            };
-            let (message, retryable) = match outcome {
-                Ok(Ok(buffers)) => {
-                    let lengths_ok = buffers.len() == ranges.len()
-                        && buffers
-                            .iter()
-                            .zip(&ranges)
-                            .all(|(b, r)| b.len() as u64 == r.end - r.start);
-                    if lengths_ok {
-                        self.count_fetched(kind, total, now.elapsed());
-                        return Ok(buffers);
-                    }
-                    metrics::record_fetch_error("corrupt");
-                    ("blob source returned wrong lengths".to_string(), true)
-                }
-                Ok(Err(e)) => {
-                    metrics::record_fetch_error(error_reason(&e));
-                    let retryable = matches!(e, BlobError::Unavailable(_) | BlobError::Corrupt(_));
-                    (e.to_string(), retryable)
-                }
-                Err(_) => {
-                    metrics::record_fetch_error("timeout");
-                    (
-                        format!(
-                            "request timed out after {:?}",
-                            self.opts.attempt_timeout.min(remaining)
-                        ),
-                        true,
-                    )
-                }
-            };
-            tracing::warn!(layer = %self.layer, kind = kind.as_str(), attempt, error = %message, retryable, "range request failed");
-            if !retryable || attempt >= self.opts.retries {
-                return Err(Some(message));
-            }
-            attempt += 1;
-            let backoff = Duration::from_millis(100u64 << attempt.min(6));
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.min(give_up_at.saturating_duration_since(Instant::now()))) => {}
-                _ = self.cancel.cancelled() => return Err(None),
-            }
         }
     }
 

@@ -164,6 +164,8 @@ struct Controls {
     break_streams: AtomicU64,
     /// Streamed reads started.
     streams: AtomicU64,
+    /// Streamed reads deliver their pieces at this many bytes per second (0: at once).
+    stream_bytes_per_sec: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -263,6 +265,16 @@ impl BlobSource for TestBlob {
                 .collect();
             if broken {
                 pieces.push(Err(BlobError::Unavailable("connection reset".into())));
+            }
+            let rate = self.controls.stream_bytes_per_sec.load(Ordering::SeqCst);
+            if rate > 0 {
+                let paced =
+                    futures::StreamExt::then(futures::stream::iter(pieces), move |p| async move {
+                        let len = p.as_ref().map_or(0, |b| b.len() as u64);
+                        tokio::time::sleep(Duration::from_micros(len * 1_000_000 / rate)).await;
+                        p
+                    });
+                return Ok(Box::pin(paced) as BlobStream);
             }
             Ok(Box::pin(futures::stream::iter(pieces)) as BlobStream)
         })
@@ -1036,6 +1048,41 @@ fn a_run_of_chunks_streams_in_one_request_and_a_break_refetches_only_the_unfinis
             assert!(cache.contains(&c.digest));
         }
     }
+}
+
+/// On a slow link a long run keeps streaming past `attempt_timeout`, which is for a request that
+/// stops sending, not for one that takes long: one request, never retried.
+#[test]
+fn a_slow_link_streams_a_long_run_past_the_attempt_timeout() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let content = pseudo_random(42, 8 * CHUNK);
+    let layer = build_layer(vec![content.clone()], CHUNK, Compression::Gzip, b"SL");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    // About 8 KB compressed at 10 KB/s: 0.8 s, in 100-byte pieces 10 ms apart.
+    controls
+        .stream_bytes_per_sec
+        .store(10_000, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let options = FetchOptions {
+        attempt_timeout: Duration::from_millis(300),
+        ..quiet_options()
+    };
+    let r = reader(
+        &rt,
+        blob,
+        &layer,
+        Compression::Gzip,
+        &cache,
+        options,
+        "slow",
+    );
+    assert_eq!(
+        &read_blocking(&r, 0, 0, (8 * CHUNK) as u32).unwrap()[..],
+        &content[..]
+    );
+    let run = layer.files[0].chunks[0].compressed.start..layer.files[0].chunks[7].compressed.end;
+    assert_eq!(controls.requests(), vec![run]);
 }
 
 #[test]
