@@ -904,7 +904,9 @@ impl Inner {
                 }
             }
             pending = left;
-            let Some(message) = last_failure else { break };
+            let Some(message) = last_failure.filter(|_| !pending.is_empty()) else {
+                break;
+            };
             attempt += 1;
             let backoff = Duration::from_millis(100u64 << attempt.min(6));
             let now = Instant::now();
@@ -1002,7 +1004,8 @@ impl Inner {
                 while let Some((range, _, _, decoder)) = receiving.get_mut(i) {
                     let from = range.start.max(at);
                     let to = range.end.min(end);
-                    let fed = match piece.get((from - at) as usize..(to - at) as usize) {
+                    let within = (from - at) as usize..to.saturating_sub(at) as usize;
+                    let fed = match piece.get(within) {
                         Some(bytes) if from < to => decoder.feed(bytes),
                         _ => Ok(()),
                     };
