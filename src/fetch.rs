@@ -1023,7 +1023,11 @@ impl Inner {
                         } else {
                             let inner = Arc::clone(self);
                             decodes.spawn_blocking_on(
-                                move || inner.finish_and_store(chunk_at, decoder, guard),
+                                move || {
+                                    if let Some(data) = inner.finish(chunk_at, decoder, guard) {
+                                        inner.persist(chunk_at, data);
+                                    }
+                                },
                                 &self.runtime,
                             );
                         }
@@ -1048,8 +1052,7 @@ impl Inner {
         };
         if let Some((chunk_at, guard, decoder)) = last {
             // Readers are answered here; the disk write goes to the blocking pool.
-            let decoded = self.decode_traced(chunk_at, || decoder.finish());
-            if let Some(data) = self.store_decoded(chunk_at, decoded, guard) {
+            if let Some(data) = self.finish(chunk_at, decoder, guard) {
                 let inner = Arc::clone(self);
                 self.runtime
                     .spawn_blocking(move || inner.persist(chunk_at, data));
@@ -1084,28 +1087,18 @@ impl Inner {
         }
     }
 
-    /// Decodes a chunk inside a `decode` span.
-    fn decode_traced(
-        &self,
-        at: ChunkRef,
-        decode: impl FnOnce() -> Result<Vec<u8>, estargz::FormatError>,
-    ) -> Result<Vec<u8>, estargz::FormatError> {
+    /// Finishes decoding and verifying a chunk whose bytes are all in (CPU work: a `decode`
+    /// span) and completes its fill with [`store_decoded`](Self::store_decoded).
+    fn finish(&self, at: ChunkRef, decoder: ChunkDecoder, guard: FillGuard) -> Option<Bytes> {
         let chunk = self.chunk(at);
-        tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len).in_scope(decode)
-    }
-
-    /// Finishes a streamed chunk's decoding and verification and completes its fill (blocking).
-    fn finish_and_store(&self, at: ChunkRef, decoder: ChunkDecoder, guard: FillGuard) {
-        let decoded = self.decode_traced(at, || decoder.finish());
-        if let Some(data) = self.store_decoded(at, decoded, guard) {
-            self.persist(at, data);
-        }
+        let decoded = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len)
+            .in_scope(|| decoder.finish());
+        self.store_decoded(at, decoded, guard)
     }
 
     /// Completes a chunk's fill with its decoded bytes or the reason they are wrong. Good bytes
     /// go to the memory tier and to the waiting readers, and are returned to be written to disk
-    /// after, off the readers' path.
-    /// Returns good bytes for [`persist`](Self::persist).
+    /// after, off the readers' path, by [`persist`](Self::persist).
     fn store_decoded(
         &self,
         at: ChunkRef,

@@ -959,19 +959,12 @@ fn streaming_reader(
     dir: &std::path::Path,
     content: &[u8],
     compression: Compression,
+    options: FetchOptions,
 ) -> (TestLayer, Arc<Controls>, Arc<ChunkCache>, Arc<LayerReader>) {
     let layer = build_layer(vec![content.to_vec()], CHUNK, compression, b"ST");
     let (blob, controls) = TestBlob::new(layer.blob.clone());
     let cache = cache_in(&dir.join(format!("{compression:?}")), 1 << 30, 0);
-    let r = reader(
-        rt,
-        blob,
-        &layer,
-        compression,
-        &cache,
-        quiet_options(),
-        "stream",
-    );
+    let r = reader(rt, blob, &layer, compression, &cache, options, "stream");
     (layer, controls, cache, r)
 }
 
@@ -981,7 +974,8 @@ fn a_chunk_streams_in_pieces_and_a_broken_stream_is_retried_whole() {
     let dir = tempfile::tempdir().unwrap();
     let content = pseudo_random(40, 3 * CHUNK);
     for compression in [Compression::Gzip, Compression::Zstd] {
-        let (layer, controls, cache, r) = streaming_reader(&rt, dir.path(), &content, compression);
+        let (layer, controls, cache, r) =
+            streaming_reader(&rt, dir.path(), &content, compression, quiet_options());
         // A read waiting on one chunk streams it (in 100-byte pieces here).
         assert_eq!(
             &read_blocking(&r, 0, 10, 100).unwrap()[..],
@@ -1019,7 +1013,8 @@ fn a_run_of_chunks_streams_in_one_request_and_a_break_refetches_only_the_unfinis
     let content = pseudo_random(41, 8 * CHUNK);
     let four = 4 * CHUNK as u64;
     for compression in [Compression::Gzip, Compression::Zstd] {
-        let (layer, controls, cache, r) = streaming_reader(&rt, dir.path(), &content, compression);
+        let (layer, controls, cache, r) =
+            streaming_reader(&rt, dir.path(), &content, compression, quiet_options());
         let chunks = &layer.files[0].chunks;
         let first_half = chunks[0].compressed.start..chunks[3].compressed.end;
         assert_eq!(
@@ -1057,26 +1052,16 @@ fn a_slow_link_streams_a_long_run_past_the_attempt_timeout() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let content = pseudo_random(42, 8 * CHUNK);
-    let layer = build_layer(vec![content.clone()], CHUNK, Compression::Gzip, b"SL");
-    let (blob, controls) = TestBlob::new(layer.blob.clone());
-    // About 8 KB compressed at 10 KB/s: 0.8 s, in 100-byte pieces 10 ms apart.
-    controls
-        .stream_bytes_per_sec
-        .store(10_000, Ordering::SeqCst);
-    let cache = cache_in(dir.path(), 1 << 30, 0);
     let options = FetchOptions {
         attempt_timeout: Duration::from_millis(300),
         ..quiet_options()
     };
-    let r = reader(
-        &rt,
-        blob,
-        &layer,
-        Compression::Gzip,
-        &cache,
-        options,
-        "slow",
-    );
+    let (layer, controls, _cache, r) =
+        streaming_reader(&rt, dir.path(), &content, Compression::Gzip, options);
+    // About 8 KB compressed at 10 KB/s: 0.8 s, in 100-byte pieces 10 ms apart.
+    controls
+        .stream_bytes_per_sec
+        .store(10_000, Ordering::SeqCst);
     assert_eq!(
         &read_blocking(&r, 0, 0, (8 * CHUNK) as u32).unwrap()[..],
         &content[..]
