@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lazysnap::blob::{BlobSource, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
-use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
+use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap_fuse::ContentSource;
 
 const CHUNK: usize = 4 << 20;
@@ -72,7 +72,7 @@ fn cached_reader(
         FetchOptions {
             prefetch: false,
             background: false,
-            activity: OnDemandActivity::new(),
+            scheduler: FetchScheduler::new(SchedulerOptions::default()),
             ..FetchOptions::default()
         },
         rt.handle().clone(),

@@ -15,11 +15,10 @@
 //! restarts through file mtimes (refreshed at most once a minute per chunk on disk hits).
 //!
 //! Eviction never breaks a reader: readers receive owned [`Bytes`] or an open file descriptor,
-//! and a read that finds its chunk gone is a miss the fetch layer refetches. The cache also holds
-//! the singleflight table ([`ChunkCache::begin_fill`]) so that one chunk is fetched once however
-//! many layers and readers want it.
+//! and a read that finds its chunk gone is a miss the fetch layer refetches. The cache holds data
+//! only: which chunks are being fetched, and by whom, is the fetch scheduler's
+//! ([`crate::fetch::ClaimTable`]).
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt as _;
@@ -32,7 +31,6 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use lru::LruCache;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::oneshot;
 
 use crate::buffer_pool;
 use crate::estargz::ChunkDigest;
@@ -43,9 +41,6 @@ const OPEN_FILES: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(64)
     Some(n) => n,
     None => std::num::NonZeroUsize::MIN,
 };
-
-/// Delivers a fill's result to one waiter.
-type FillSender = oneshot::Sender<Result<Bytes, FillError>>;
 
 /// How often (seconds) a disk hit refreshes the chunk file's mtime, which orders the LRU after a
 /// restart.
@@ -114,20 +109,6 @@ pub enum CacheError {
     },
 }
 
-/// Why a singleflight fill ended without data; shared by every reader that waited for it.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum FillError {
-    /// The blob source failed (after retries) or the deadline passed.
-    #[error("fetch failed: {0}")]
-    Fetch(String),
-    /// The fetched bytes did not decompress to the chunk digest.
-    #[error("chunk verification failed: {0}")]
-    Verify(String),
-    /// The fetching task ended without a result (cancelled or shut down).
-    #[error("fetch abandoned")]
-    Abandoned,
-}
-
 /// Counters and sizes of a [`ChunkCache`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -181,7 +162,6 @@ pub struct ChunkCache {
     tmp_dir: PathBuf,
     disk: Mutex<DiskIndex>,
     memory: Mutex<MemoryTier>,
-    pending: Mutex<HashMap<ChunkDigest, Vec<FillSender>>>,
     /// Descriptors of recently read chunk files, kept open so that sequential reads of a chunk
     /// keep the kernel's readahead going; dropped when their chunk leaves the cache.
     open_files: Mutex<LruCache<ChunkDigest, Arc<File>>>,
@@ -282,7 +262,6 @@ impl ChunkCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
-            pending: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             temp_seq: AtomicU64::new(0),
             watermark_logged: AtomicU64::new(0),
@@ -619,44 +598,6 @@ impl ChunkCache {
         }
     }
 
-    /// Joins or starts the fill of a chunk: the first caller becomes the [`Fill::Leader`] and
-    /// must fetch it and call [`FillGuard::complete`]; callers arriving before that wait for the
-    /// leader's result. Every caller gets a [`FillWaiter`].
-    pub fn begin_fill(self: &Arc<Self>, digest: &ChunkDigest) -> Fill {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = lock(&self.pending);
-        let waiter = FillWaiter(rx);
-        match pending.get_mut(digest) {
-            Some(waiters) => {
-                waiters.push(tx);
-                Fill::Follower(waiter)
-            }
-            None => {
-                pending.insert(*digest, vec![tx]);
-                Fill::Leader(
-                    FillGuard {
-                        cache: Arc::clone(self),
-                        digest: *digest,
-                        finished: false,
-                    },
-                    waiter,
-                )
-            }
-        }
-    }
-
-    /// Whether a fill of the chunk is under way.
-    pub fn is_filling(&self, digest: &ChunkDigest) -> bool {
-        lock(&self.pending).contains_key(digest)
-    }
-
-    fn finish_fill(&self, key: &ChunkDigest, result: Result<Bytes, FillError>) {
-        let waiters = lock(&self.pending).remove(key).unwrap_or_default();
-        for tx in waiters {
-            let _ = tx.send(result.clone());
-        }
-    }
-
     fn memory_hit(&self, key: &ChunkDigest) -> Option<Bytes> {
         let data = lock(&self.memory).lru.get(key).cloned()?;
         // Keep the disk copy of a hot chunk from being evicted first.
@@ -936,55 +877,6 @@ fn scan_chunks(chunks_dir: &Path) -> Result<Vec<(ChunkDigest, u64, SystemTime)>,
     Ok(found)
 }
 
-/// Result of [`ChunkCache::begin_fill`].
-pub enum Fill {
-    /// This caller fetches the chunk and completes the guard; the waiter receives the result.
-    Leader(FillGuard, FillWaiter),
-    /// Another caller is fetching the chunk; wait for its result.
-    Follower(FillWaiter),
-}
-
-/// Held by the one caller fetching a chunk. Dropping it without [`FillGuard::complete`] wakes
-/// the waiters with [`FillError::Abandoned`].
-pub struct FillGuard {
-    cache: Arc<ChunkCache>,
-    digest: ChunkDigest,
-    finished: bool,
-}
-
-impl FillGuard {
-    /// Hands the verified chunk (or why there is none) to every waiter and ends the fill. The
-    /// caller inserts the chunk into the cache before completing, so later readers hit it.
-    pub fn complete(mut self, result: Result<Bytes, FillError>) {
-        self.finished = true;
-        self.cache.finish_fill(&self.digest, result);
-    }
-
-    /// The chunk digest this guard fills.
-    pub fn digest(&self) -> ChunkDigest {
-        self.digest
-    }
-}
-
-impl Drop for FillGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.cache
-                .finish_fill(&self.digest, Err(FillError::Abandoned));
-        }
-    }
-}
-
-/// Receives the result of a fill.
-pub struct FillWaiter(oneshot::Receiver<Result<Bytes, FillError>>);
-
-impl FillWaiter {
-    /// Waits for the leader's result.
-    pub async fn wait(self) -> Result<Bytes, FillError> {
-        self.0.await.unwrap_or(Err(FillError::Abandoned))
-    }
-}
-
 /// The sha256 of everything in `file`, read through a 1 MiB buffer at explicit offsets (the
 /// file position is left alone).
 fn digest_of_file(file: &File) -> io::Result<ChunkDigest> {
@@ -1202,30 +1094,6 @@ mod tests {
         assert!(!cache.contains(&digests[1]));
         assert!(cache.contains(&digests[2]));
         assert!(cache.contains(&digests[3]));
-    }
-
-    #[tokio::test]
-    async fn singleflight_leader_and_followers_share_one_result() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
-        let d = digest_of(b"abc");
-        let Fill::Leader(guard, leader_wait) = cache.begin_fill(&d) else {
-            panic!("first caller must lead");
-        };
-        let Fill::Follower(follower_wait) = cache.begin_fill(&d) else {
-            panic!("second caller must follow");
-        };
-        assert!(cache.is_filling(&d));
-        guard.complete(Ok(Bytes::from_static(b"abc")));
-        assert_eq!(&leader_wait.wait().await.unwrap()[..], b"abc");
-        assert_eq!(&follower_wait.wait().await.unwrap()[..], b"abc");
-        assert!(!cache.is_filling(&d));
-
-        let Fill::Leader(guard, wait) = cache.begin_fill(&d) else {
-            panic!("a new fill starts after completion");
-        };
-        drop(guard);
-        assert!(matches!(wait.wait().await, Err(FillError::Abandoned)));
     }
 
     #[test]

@@ -33,8 +33,11 @@
 //! background_fill = true
 //! # Concurrent background range requests across all layers.
 //! background_concurrency = 2
-//! # Background bandwidth limit in bytes/s (0 = unlimited).
+//! # Background bandwidth limit in bytes/s across all layers (0 = unlimited).
 //! background_bandwidth = 0
+//! # Background fill starts only once no read has missed the cache (and no layer was mounted)
+//! # for this many seconds, so it never competes with a container's startup.
+//! background_quiet_secs = 5
 //! # Deadline of one on-demand read, in seconds: after it the process gets EIO.
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
@@ -138,8 +141,10 @@ pub struct FetchConfig {
     pub background_fill: bool,
     /// Concurrent background requests (default 2).
     pub background_concurrency: u32,
-    /// Background bandwidth in bytes/s, 0 = unlimited (default 0).
+    /// Background bandwidth in bytes/s across all layers, 0 = unlimited (default 0).
     pub background_bandwidth: u64,
+    /// Seconds without a cache miss or a mount before background fill starts (default 5).
+    pub background_quiet_secs: u64,
     /// On-demand read deadline in seconds (default 30).
     pub read_deadline_secs: u64,
     /// HTTP request timeout in seconds (default 30).
@@ -193,6 +198,7 @@ impl Default for FetchConfig {
             background_fill: true,
             background_concurrency: 2,
             background_bandwidth: 0,
+            background_quiet_secs: 5,
             read_deadline_secs: 30,
             request_timeout_secs: 30,
             passthrough: true,

@@ -3,27 +3,28 @@
 //!
 //! [`LayerReader`] implements [`lazysnap_fuse::ContentSource`]. A read whose chunks are all cached
 //! is answered on the calling (FUSE) thread with no task hop; otherwise the reply moves to a tokio
-//! task and the FUSE thread returns at once. Missing chunks are claimed through the cache's
-//! singleflight table (chunk identity is the digest, so readers in other layers share a fetch),
+//! task and the FUSE thread returns at once. Missing chunks are claimed through the scheduler's
+//! claim table (chunk identity is the digest, so readers in other layers share a fetch),
 //! adjacent ones are coalesced into one range request whose body streams in: each chunk is decoded
 //! and verified ([`ChunkDecoder`]) as soon as its bytes are in, stored in the cache and only then
 //! served. Every read has a deadline; the fetch behind it retries transient failures a bounded
 //! number of times, for the chunks still missing.
 //!
-//! [`LayerReader::start_prefetch`] fetches the prioritized range (few large requests) and then
-//! fills the rest of the layer in the background: lowest priority, paused while any on-demand
-//! read is in flight ([`OnDemandActivity`]), with per-layer concurrency and bandwidth limits.
+//! [`LayerReader::start_prefetch`] queues the prioritized range with the node-wide
+//! [`FetchScheduler`] and then fills the rest of the layer in the background; both stream in
+//! requests the scheduler sizes and admits (see its module for the priorities). Claims on chunks
+//! being fetched are the scheduler's ([`ClaimTable`]): an on-demand read overtakes a chunk a
+//! lower-priority stream holds.
 
 use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use lazysnap_fuse::{ContentId, ContentSource, ReadDone};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,71 +32,18 @@ use tracing::Instrument;
 
 use crate::blob::{BlobError, BlobSource};
 use crate::buffer_pool::POOL;
-use crate::cache::{ChunkCache, Fill, FillError, FillGuard};
+use crate::cache::ChunkCache;
 use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression};
 use crate::metrics::{self, FetchKind};
 
+mod claims;
 mod layer_files;
+mod scheduler;
 
+pub use claims::{ClaimTable, Claimed, FillError, FillGuard, FillWaiter};
 use layer_files::FileRecord;
 pub use layer_files::{LayerFiles, LayerFilesFull};
-
-/// Counts on-demand reads waiting for the network, node-wide; background fill pauses while it is
-/// non-zero. One process-global instance is the default ([`OnDemandActivity::global`]).
-#[derive(Debug, Default)]
-pub struct OnDemandActivity {
-    in_flight: AtomicUsize,
-    idle: Notify,
-}
-
-static GLOBAL_ACTIVITY: LazyLock<Arc<OnDemandActivity>> = LazyLock::new(Default::default);
-
-impl OnDemandActivity {
-    /// A separate tracker (tests, or isolating groups of layers).
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// The process-wide tracker shared by all layers by default.
-    pub fn global() -> Arc<Self> {
-        Arc::clone(&GLOBAL_ACTIVITY)
-    }
-
-    /// Marks one on-demand read as waiting until the guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> ActivityGuard {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        ActivityGuard(Arc::clone(self))
-    }
-
-    /// On-demand reads waiting now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    /// Returns once no on-demand read is waiting.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// See [`OnDemandActivity::enter`].
-pub struct ActivityGuard(Arc<OnDemandActivity>);
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
+pub use scheduler::{FetchScheduler, OnDemandGuard, Reservation, SchedulerOptions};
 
 /// Settings of a [`LayerReader`].
 #[derive(Debug, Clone)]
@@ -112,16 +60,11 @@ pub struct FetchOptions {
     pub prefetch: bool,
     /// Fill the rest of the layer in the background after the prefetch.
     pub background: bool,
-    /// Background fill bandwidth limit in bytes per second (`None`: unlimited).
-    pub bandwidth: Option<u64>,
-    /// Background fill range requests in flight at once.
-    pub concurrency: usize,
-    /// Largest coalesced request for on-demand and background reads.
+    /// Largest coalesced request for on-demand reads (lower priorities are sized by the
+    /// scheduler).
     pub max_request_bytes: u64,
-    /// Largest single request of the prefetch (the prioritized range is split beyond it).
-    pub max_prefetch_request_bytes: u64,
-    /// Tracker of on-demand reads that background fill yields to.
-    pub activity: Arc<OnDemandActivity>,
+    /// The node-wide scheduler: claims, priorities, the link estimate.
+    pub scheduler: Arc<FetchScheduler>,
 }
 
 impl Default for FetchOptions {
@@ -132,11 +75,8 @@ impl Default for FetchOptions {
             retries: 3,
             prefetch: true,
             background: true,
-            bandwidth: None,
-            concurrency: 2,
             max_request_bytes: 16 << 20,
-            max_prefetch_request_bytes: 256 << 20,
-            activity: OnDemandActivity::global(),
+            scheduler: FetchScheduler::global(),
         }
     }
 }
@@ -245,8 +185,6 @@ struct Inner {
     counters: Counters,
     prefetch_started: AtomicBool,
     cancel: CancellationToken,
-    background_slots: Arc<Semaphore>,
-    bandwidth_next: Mutex<Option<Instant>>,
     /// Passthrough of files of several chunks: the file being assembled (one at a time per
     /// layer) and the files whose chunks were shown to make their assembled cache file.
     assembly: Mutex<Assembly>,
@@ -379,7 +317,6 @@ impl LayerReader {
             }
         }
         let layer_chunks = distinct_chunks_in_blob_order(&files, &file_errors);
-        let concurrency = opts.concurrency.max(1);
         Arc::new(LayerReader {
             inner: Arc::new(Inner {
                 layer,
@@ -394,26 +331,28 @@ impl LayerReader {
                 counters: Counters::default(),
                 prefetch_started: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
-                background_slots: Arc::new(Semaphore::new(concurrency)),
-                bandwidth_next: Mutex::new(None),
                 assembly: Mutex::new(Assembly::default()),
             }),
         })
     }
 
     /// Starts, once, the prefetch of `range` (the compressed range of the prioritized files;
-    /// `None` when the layer has none) followed by background fill, as the options allow. Returns
-    /// at once; the work runs on the runtime until done or [`LayerReader::shutdown`].
+    /// `None` when the layer has none) followed by background fill, as the options allow. The
+    /// prefetch is queued with the scheduler at once, behind the layers mounted before; the call
+    /// returns at once and the work runs on the runtime until done or [`LayerReader::shutdown`].
     pub fn start_prefetch(&self, range: Option<Range<u64>>) {
         if self.inner.prefetch_started.swap(true, Ordering::SeqCst) {
             return;
         }
+        let scheduler = &self.inner.opts.scheduler;
+        scheduler.note_activity();
+        let ticket = range
+            .filter(|_| self.inner.opts.prefetch)
+            .map(|range| (range, scheduler.queue_prefetch()));
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {
-            if inner.opts.prefetch {
-                if let Some(range) = range {
-                    inner.prefetch(range).await;
-                }
+            if let Some((range, ticket)) = ticket {
+                inner.prefetch(range, ticket).await;
             }
             inner.counters.prefetch_done.store(true, Ordering::SeqCst);
             if inner.opts.background && !inner.cancel.is_cancelled() {
@@ -520,7 +459,7 @@ impl ContentSource for LayerReader {
             }
             Err(found) => found,
         };
-        let activity = inner.opts.activity.enter();
+        let activity = inner.opts.scheduler.on_demand();
         let task_inner = Arc::clone(inner);
         inner.runtime.spawn(async move {
             let deadline = task_inner.opts.deadline;
@@ -775,8 +714,8 @@ impl Inner {
                 continue;
             }
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-            match self.cache.begin_fill(&c.digest) {
-                Fill::Leader(guard, waiter) => {
+            match self.claims().claim(&c.digest, FetchKind::OnDemand) {
+                Claimed::Leader(guard, waiter) => {
                     // Another reader may have stored it between the lookup and the claim.
                     match self.cache.get(&c.digest) {
                         Some(data) => guard.complete(Ok(data)),
@@ -784,7 +723,13 @@ impl Inner {
                     }
                     waits.push((slot, at, waiter));
                 }
-                Fill::Follower(waiter) => waits.push((slot, at, waiter)),
+                // A prefetch or background stream has it but has not delivered it yet: this
+                // read does not wait behind that stream, it fetches the chunk itself.
+                Claimed::Overtake(guard, waiter) => {
+                    leaders.push((at, guard));
+                    waits.push((slot, at, waiter));
+                }
+                Claimed::Follower(waiter) => waits.push((slot, at, waiter)),
             }
         }
         if !leaders.is_empty() {
@@ -797,6 +742,7 @@ impl Inner {
                         FetchKind::OnDemand,
                         0,
                         inner.opts.max_request_bytes,
+                        None,
                     )
                     .await;
             });
@@ -832,8 +778,8 @@ impl Inner {
             if let Some(data) = self.cache.get(digest) {
                 return Ok(data);
             }
-            let waiter = match self.cache.begin_fill(digest) {
-                Fill::Leader(guard, waiter) => {
+            let waiter = match self.claims().claim(digest, FetchKind::OnDemand) {
+                Claimed::Leader(guard, waiter) | Claimed::Overtake(guard, waiter) => {
                     let inner = Arc::clone(self);
                     self.runtime.spawn(async move {
                         inner
@@ -842,12 +788,13 @@ impl Inner {
                                 FetchKind::OnDemand,
                                 0,
                                 inner.opts.max_request_bytes,
+                                None,
                             )
                             .await;
                     });
                     waiter
                 }
-                Fill::Follower(waiter) => waiter,
+                Claimed::Follower(waiter) => waiter,
             };
             match waiter.wait().await {
                 Ok(data) => return Ok(data),
@@ -871,6 +818,7 @@ impl Inner {
         kind: FetchKind,
         max_gap: u64,
         max_bytes: u64,
+        reservation: Option<Reservation>,
     ) {
         let mut pending = claimed;
         let mut attempt = 0;
@@ -879,7 +827,9 @@ impl Inner {
             let streamed = futures::future::join_all(
                 self.runs_of(pending, max_bytes, max_gap)
                     .into_iter()
-                    .map(|(run, members)| self.stream_run(run, members, kind, attempt)),
+                    .map(|(run, members)| {
+                        self.stream_run(run, members, kind, attempt, reservation.as_ref())
+                    }),
             )
             .await;
             let mut left = Vec::new();
@@ -951,6 +901,7 @@ impl Inner {
         members: Vec<(Range<u64>, (ChunkRef, FillGuard))>,
         kind: FetchKind,
         attempt: u32,
+        reservation: Option<&Reservation>,
     ) -> Streamed {
         let span = tracing::info_span!(
             "fetch",
@@ -976,6 +927,7 @@ impl Inner {
             reason: "timeout",
             retryable: true,
         };
+        let mut probe = self.opts.scheduler.request(kind);
         let request = async {
             let mut body = tokio::time::timeout(stall, self.blob.read_range_stream(run.clone()))
                 .await
@@ -987,6 +939,10 @@ impl Inner {
             {
                 let piece: Bytes = piece?;
                 let end = at + piece.len() as u64;
+                probe.received(piece.len() as u64);
+                if let Some(reservation) = reservation {
+                    reservation.received(piece.len() as u64);
+                }
                 while waiting.front().is_some_and(|(range, _)| range.start < end) {
                     let Some((range, (chunk_at, guard))) = waiting.pop_front() else {
                         break;
@@ -1157,15 +1113,19 @@ impl Inner {
         metrics::record_fetch(kind, bytes, latency);
     }
 
-    /// Claims the chunks that are neither cached nor being fetched.
-    fn claim(self: &Arc<Self>, chunks: &[ChunkRef]) -> Vec<(ChunkRef, FillGuard)> {
+    fn claims(&self) -> &Arc<ClaimTable> {
+        self.opts.scheduler.claims()
+    }
+
+    /// Claims, for a fetch of `kind`, the chunks that are neither cached nor being fetched.
+    fn claim(&self, chunks: &[ChunkRef], kind: FetchKind) -> Vec<(ChunkRef, FillGuard)> {
         let mut claimed = Vec::new();
         for &at in chunks {
             let digest = &self.chunk(at).digest;
             if self.cache.contains(digest) {
                 continue;
             }
-            if let Fill::Leader(guard, _) = self.cache.begin_fill(digest) {
+            if let Some(guard) = self.claims().try_lead(digest, kind) {
                 // A chunk cached between the check and the claim needs no fetch.
                 if let Some(data) = self.cache.get(digest) {
                     guard.complete(Ok(data));
@@ -1177,9 +1137,79 @@ impl Inner {
         claimed
     }
 
-    /// Fetches the chunks inside the prioritized range, in blob order, one request per
-    /// `max_prefetch_request_bytes`.
-    async fn prefetch(self: &Arc<Self>, range: Range<u64>) {
+    /// The next batch of `chunks` from `*i` for one lower-priority request: consecutive chunks
+    /// neither cached nor being fetched, spanning at most `max` compressed bytes (at least one
+    /// chunk). Advances `*i` past it.
+    fn next_batch(&self, chunks: &[ChunkRef], i: &mut usize, max: u64) -> Vec<ChunkRef> {
+        let mut batch: Vec<ChunkRef> = Vec::new();
+        while let Some(&at) = chunks.get(*i) {
+            let c = self.chunk(at);
+            if self.cache.contains(&c.digest) || self.claims().is_claimed(&c.digest) {
+                *i += 1;
+                if batch.is_empty() {
+                    continue;
+                }
+                break;
+            }
+            if let Some(&first) = batch.first() {
+                if c.compressed
+                    .end
+                    .saturating_sub(self.chunk(first).compressed.start)
+                    > max
+                {
+                    break;
+                }
+            }
+            batch.push(at);
+            *i += 1;
+        }
+        batch
+    }
+
+    /// Streams `chunks` (in order) at priority `kind`: batches sized by the scheduler, each
+    /// admitted before its chunks are claimed, several in flight as the window allows.
+    async fn stream_lower(self: &Arc<Self>, chunks: &[ChunkRef], kind: FetchKind) {
+        let scheduler = Arc::clone(&self.opts.scheduler);
+        let mut tasks = JoinSet::new();
+        let mut i = 0;
+        while i < chunks.len() && !self.cancel.is_cancelled() {
+            let max = scheduler.lower_request_bytes();
+            let batch = self.next_batch(chunks, &mut i, max);
+            if batch.is_empty() {
+                continue;
+            }
+            let bytes = batch
+                .iter()
+                .map(|&at| {
+                    let c = &self.chunk(at).compressed;
+                    c.end - c.start
+                })
+                .sum();
+            let reservation = tokio::select! {
+                r = scheduler.admit(kind, bytes) => r,
+                _ = self.cancel.cancelled() => break,
+            };
+            let claimed = self.claim(&batch, kind);
+            if claimed.is_empty() {
+                continue;
+            }
+            let inner = Arc::clone(self);
+            tasks.spawn_on(
+                async move {
+                    inner
+                        .fetch_chunks(claimed, kind, u64::MAX, max, Some(reservation))
+                        .await;
+                },
+                &self.runtime,
+            );
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Fetches the chunks inside the prioritized range, in blob (landmark) order, once the
+    /// prefetches queued before it are done.
+    async fn prefetch(self: &Arc<Self>, range: Range<u64>, ticket: scheduler::PrefetchTicket) {
         let wanted: Vec<ChunkRef> = self
             .layer_chunks
             .iter()
@@ -1191,108 +1221,27 @@ impl Inner {
             .collect();
         let span = tracing::info_span!("prefetch", layer = %self.layer, start = range.start, end = range.end, chunks = wanted.len());
         async {
-            let max = self.opts.max_prefetch_request_bytes.max(1);
-            let mut i = 0;
-            while i < wanted.len() && !self.cancel.is_cancelled() {
-                let first = self.chunk(wanted[i]).compressed.start;
-                let mut j = i;
-                while j < wanted.len()
-                    && (j == i || self.chunk(wanted[j]).compressed.end - first <= max)
-                {
-                    j += 1;
-                }
-                let claimed = self.claim(&wanted[i..j]);
-                self.fetch_chunks(claimed, FetchKind::Prefetch, u64::MAX, max)
-                    .await;
-                i = j;
-            }
+            let _turn = tokio::select! {
+                turn = ticket.turn() => turn,
+                _ = self.cancel.cancelled() => return,
+            };
+            self.stream_lower(&wanted, FetchKind::Prefetch).await;
             tracing::info!("prefetch finished");
         }
         .instrument(span)
         .await;
+        drop(ticket);
     }
 
-    /// Waits out the bandwidth limit for `bytes`.
-    async fn throttle(&self, bytes: u64) {
-        let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) else {
-            return;
-        };
-        let start = {
-            let mut next = self
-                .bandwidth_next
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + Duration::from_secs_f64(bytes as f64 / rate as f64));
-            start
-        };
-        tokio::time::sleep_until(start).await;
-    }
-
-    /// Fetches every chunk not yet cached, lowest priority: before each request it waits until
-    /// no on-demand read is in flight, for a concurrency slot and for the bandwidth budget.
+    /// Fetches every chunk not yet cached, lowest priority (the scheduler admits each request
+    /// only after the node's startup has gone quiet, within the node-wide concurrency and
+    /// bandwidth limits).
     async fn background_fill(self: &Arc<Self>) {
         let span = tracing::info_span!("background_fill", layer = %self.layer, chunks = self.layer_chunks.len());
         async {
-            let max = self.opts.max_request_bytes.max(1);
-            let mut tasks = JoinSet::new();
-            let mut i = 0;
-            while i < self.layer_chunks.len() {
-                // Next batch: consecutive chunks not cached, within one request's size.
-                let mut batch: Vec<ChunkRef> = Vec::new();
-                while i < self.layer_chunks.len() {
-                    let at = self.layer_chunks[i] as ChunkRef;
-                    let c = self.chunk(at);
-                    if self.cache.contains(&c.digest) || self.cache.is_filling(&c.digest) {
-                        i += 1;
-                        if batch.is_empty() {
-                            continue;
-                        }
-                        break;
-                    }
-                    if let Some(&first) = batch.first() {
-                        if c.compressed.end - self.chunk(first).compressed.start > max {
-                            break;
-                        }
-                    }
-                    batch.push(at);
-                    i += 1;
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let permit = tokio::select! {
-                    p = Arc::clone(&self.background_slots).acquire_owned() => p,
-                    _ = self.cancel.cancelled() => break,
-                };
-                let Ok(permit) = permit else { break };
-                tokio::select! {
-                    _ = self.opts.activity.wait_idle() => {}
-                    _ = self.cancel.cancelled() => break,
-                }
-                let bytes = batch
-                    .iter()
-                    .map(|&at| self.chunk(at).compressed.end - self.chunk(at).compressed.start)
-                    .sum();
-                tokio::select! {
-                    _ = self.throttle(bytes) => {}
-                    _ = self.cancel.cancelled() => break,
-                }
-                let claimed = self.claim(&batch);
-                let inner = Arc::clone(self);
-                tasks.spawn_on(
-                    async move {
-                        inner
-                            .fetch_chunks(claimed, FetchKind::Background, 0, max)
-                            .await;
-                        drop(permit);
-                    },
-                    &self.runtime,
-                );
-                while tasks.try_join_next().is_some() {}
-            }
-            while tasks.join_next().await.is_some() {}
+            let chunks: Vec<ChunkRef> =
+                self.layer_chunks.iter().map(|&at| at as ChunkRef).collect();
+            self.stream_lower(&chunks, FetchKind::Background).await;
             if !self.cancel.is_cancelled() {
                 self.counters.background_done.store(true, Ordering::SeqCst);
                 tracing::info!("background fill finished");

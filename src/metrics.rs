@@ -102,6 +102,10 @@ struct Metrics {
     fuse_op_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
     verify_failures: Family<ChunkLabels, Counter>,
     fallbacks: Family<ReasonLabel, Counter>,
+    on_demand_wait: Histogram,
+    on_demand_behind: Histogram,
+    link_rate: Gauge,
+    link_rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Handles resolved once so hot paths neither allocate labels nor take the family lock.
     hot: HotHandles,
 }
@@ -199,6 +203,11 @@ impl Metrics {
             fuse_op_latency,
             verify_failures: Family::default(),
             fallbacks: Family::default(),
+            on_demand_wait: latency_histogram(),
+            // 4 KiB .. 1 GiB
+            on_demand_behind: Histogram::new(exponential_buckets(4096.0, 4.0, 10)),
+            link_rate: Gauge::default(),
+            link_rtt: Gauge::default(),
             hot,
         };
         registry.register(
@@ -256,6 +265,26 @@ impl Metrics {
             "Layers the snapshotter could not mount lazily and handed to containerd's unpack, by reason",
             metrics.fallbacks.clone(),
         );
+        registry.register(
+            "on_demand_wait_seconds",
+            "How long reads that missed the cache waited for the network",
+            metrics.on_demand_wait.clone(),
+        );
+        registry.register(
+            "on_demand_behind_bytes",
+            "Prefetch and background bytes still in flight when an on-demand request was sent (what it may wait behind)",
+            metrics.on_demand_behind.clone(),
+        );
+        registry.register(
+            "link_estimate_bytes_per_second",
+            "The fetch scheduler's estimate of the registry link's throughput",
+            metrics.link_rate.clone(),
+        );
+        registry.register(
+            "link_estimate_rtt_seconds",
+            "The fetch scheduler's estimate of the registry link's round-trip time",
+            metrics.link_rtt.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -271,6 +300,22 @@ pub fn record_fetch(kind: FetchKind, bytes: u64, latency: Duration) {
     bytes_counter.inc_by(bytes);
     requests.inc();
     histogram.observe(latency.as_secs_f64());
+}
+
+/// Records how long a read that missed the cache waited for the network.
+pub fn record_on_demand_wait(latency: Duration) {
+    METRICS.on_demand_wait.observe(latency.as_secs_f64());
+}
+
+/// Records the lower-priority bytes in flight when an on-demand request was sent.
+pub fn record_on_demand_behind(bytes: u64) {
+    METRICS.on_demand_behind.observe(bytes as f64);
+}
+
+/// Publishes the fetch scheduler's link estimate.
+pub fn set_link_estimate(bytes_per_second: f64, rtt: Duration) {
+    METRICS.link_rate.set(bytes_per_second as i64);
+    METRICS.link_rtt.set(rtt.as_secs_f64());
 }
 
 /// Counts one failed range request; `reason` is a short stable word (e.g. `timeout`).

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobFuture, BlobSource, BlobStream, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
-use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
+use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap_fuse::ContentSource;
 
 // ---------- fixtures: a blob of compressed chunk members ----------
@@ -306,9 +306,27 @@ fn quiet_options() -> FetchOptions {
         attempt_timeout: Duration::from_secs(10),
         prefetch: false,
         background: false,
-        activity: OnDemandActivity::new(),
+        scheduler: TEST_SCHEDULER.with(Arc::clone),
         ..FetchOptions::default()
     }
+}
+
+thread_local! {
+    /// The scheduler of [`quiet_options`]: one per test (each test runs on a thread of its own),
+    /// shared by every layer the test builds with those options, as the daemon shares one node-wide.
+    static TEST_SCHEDULER: Arc<FetchScheduler> = scheduler(1, 2 * CHUNK as u64);
+}
+
+/// A scheduler of its own for one test: no quiet period, `concurrency` background requests,
+/// lower-priority requests of `window / 2` bytes.
+fn scheduler(concurrency: usize, window: u64) -> Arc<FetchScheduler> {
+    FetchScheduler::new(SchedulerOptions {
+        quiet_period: Duration::ZERO,
+        background_concurrency: concurrency,
+        min_window: window,
+        max_window: window,
+        ..SchedulerOptions::default()
+    })
 }
 
 fn reader(
@@ -722,6 +740,7 @@ fn prefetch_fetches_the_prioritized_range_in_one_request() {
     let cache = cache_in(dir.path(), 1 << 30, 0);
     let opts = FetchOptions {
         prefetch: true,
+        scheduler: scheduler(1, 1 << 20),
         ..quiet_options()
     };
     let r = reader(
@@ -767,12 +786,10 @@ fn background_fill_yields_to_on_demand_reads_then_fills_everything() {
     let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"BG");
     let (blob, controls) = TestBlob::new(layer.blob.clone());
     let cache = cache_in(dir.path(), 1 << 30, 0);
-    let activity = OnDemandActivity::new();
+    let scheduler = scheduler(1, 4 * CHUNK as u64);
     let opts = FetchOptions {
         background: true,
-        activity: Arc::clone(&activity),
-        max_request_bytes: 2 * CHUNK as u64,
-        concurrency: 1,
+        scheduler: Arc::clone(&scheduler),
         ..quiet_options()
     };
     let r = reader(
@@ -785,7 +802,7 @@ fn background_fill_yields_to_on_demand_reads_then_fills_everything() {
         "background",
     );
     // An on-demand read is in flight (e.g. in another layer) before the fill starts.
-    let waiting = activity.enter();
+    let waiting = scheduler.on_demand();
     r.start_prefetch(None);
     wait_until("prefetch phase done", || r.stats().prefetch_done);
     std::thread::sleep(Duration::from_millis(300));
@@ -827,8 +844,6 @@ fn shutdown_stops_background_fill() {
     let cache = cache_in(dir.path(), 1 << 30, 0);
     let opts = FetchOptions {
         background: true,
-        concurrency: 1,
-        max_request_bytes: CHUNK as u64,
         ..quiet_options()
     };
     let r = reader(
@@ -1096,36 +1111,53 @@ fn inconsistent_chunk_lists_read_as_eio() {
 }
 
 #[test]
-fn background_fill_respects_its_concurrency_limit() {
+fn background_fill_respects_its_concurrency_limit_across_layers() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let contents: Vec<Vec<u8>> = (0..8).map(|i| pseudo_random(100 + i, 2 * CHUNK)).collect();
     let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"CL");
+    // Two layers (as of two images) on one source, so that its count of requests in flight
+    // covers both: the window would allow two requests at once, the concurrency limit one.
     let (blob, controls) = TestBlob::new(layer.blob.clone());
     controls.delay_ms.store(50, Ordering::SeqCst);
     let cache = cache_in(dir.path(), 1 << 30, 0);
     let opts = FetchOptions {
         background: true,
-        concurrency: 2,
-        max_request_bytes: CHUNK as u64,
+        scheduler: scheduler(1, 4 * CHUNK as u64),
         ..quiet_options()
     };
-    let r = reader(&rt, blob, &layer, Compression::Gzip, &cache, opts, "limits");
-    r.start_prefetch(None);
-    wait_until("background fill done", || r.stats().background_done);
-    assert_eq!(controls.requests().len(), 16);
+    let readers: Vec<_> = ["limits-a", "limits-b"]
+        .into_iter()
+        .map(|name| {
+            let r = reader(
+                &rt,
+                Arc::clone(&blob) as Arc<dyn BlobSource>,
+                &layer,
+                Compression::Gzip,
+                &cache,
+                opts.clone(),
+                name,
+            );
+            r.start_prefetch(None);
+            r
+        })
+        .collect();
+    for r in &readers {
+        wait_until("background fill done", || r.stats().background_done);
+    }
     let max = controls.max_in_flight.load(Ordering::SeqCst);
-    assert!(
-        (1..=2).contains(&max),
-        "{max} background requests in flight at once"
-    );
+    assert_eq!(max, 1, "{max} background requests in flight at once");
+    for c in layer.files.iter().flat_map(|f| &f.chunks) {
+        assert_eq!(controls.count_covering(&c.compressed), 1);
+    }
+    let requests = controls.requests().len();
     for (i, content) in contents.iter().enumerate() {
         assert_eq!(
-            &read_blocking(&r, i as u64, 0, 1 << 20).unwrap()[..],
+            &read_blocking(&readers[1], i as u64, 0, 1 << 20).unwrap()[..],
             &content[..]
         );
     }
-    assert_eq!(controls.requests().len(), 16);
+    assert_eq!(controls.requests().len(), requests);
 }
 
 #[test]
@@ -1137,37 +1169,30 @@ fn a_layer_shutting_down_mid_fetch_does_not_fail_readers_of_other_layers() {
     let layer_b = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"BB");
     let (blob_a, ctl_a) = TestBlob::new(layer_a.blob.clone());
     let (blob_b, ctl_b) = TestBlob::new(layer_b.blob.clone());
-    // Layer B's source stalls, so its background fill holds the shared chunk's fill.
+    // Layer B's source stalls, so B's on-demand read holds the shared chunk's claim.
     ctl_b.hang.store(true, Ordering::SeqCst);
     let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = quiet_options();
     let rb = reader(
         &rt,
         blob_b,
         &layer_b,
         Compression::Gzip,
         &cache,
-        FetchOptions {
-            background: true,
-            ..quiet_options()
-        },
+        opts.clone(),
         "b",
     );
-    rb.start_prefetch(None);
+    let stuck = {
+        let rb = Arc::clone(&rb);
+        std::thread::spawn(move || read_blocking(&rb, 0, 0, 100))
+    };
     wait_until("layer B fetching", || !ctl_b.requests().is_empty());
-    let ra = reader(
-        &rt,
-        blob_a,
-        &layer_a,
-        Compression::Gzip,
-        &cache,
-        quiet_options(),
-        "a",
-    );
+    let ra = reader(&rt, blob_a, &layer_a, Compression::Gzip, &cache, opts, "a");
     let pending = {
         let ra = Arc::clone(&ra);
         std::thread::spawn(move || read_blocking(&ra, 0, 0, 100))
     };
-    // A's read waits on B's fetch of the same chunk; then B goes away.
+    // A's read waits on B's fetch of the same chunk (same priority); then B goes away.
     std::thread::sleep(Duration::from_millis(200));
     assert!(
         ctl_a.requests().is_empty(),
@@ -1176,4 +1201,40 @@ fn a_layer_shutting_down_mid_fetch_does_not_fail_readers_of_other_layers() {
     rb.shutdown();
     assert_eq!(&pending.join().unwrap().unwrap()[..], &shared[..100]);
     assert_eq!(ctl_a.requests().len(), 1);
+    // B's own read ends either way (EIO, or the copy A fetched): it must not hang.
+    let _ = stuck.join().unwrap();
+}
+
+#[test]
+fn an_on_demand_read_overtakes_a_stalled_background_fetch_of_its_chunk() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = pseudo_random(121, CHUNK);
+    let layer_a = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"A");
+    let layer_b = build_layer(vec![shared.clone()], CHUNK, Compression::Gzip, b"BB");
+    let (blob_a, ctl_a) = TestBlob::new(layer_a.blob.clone());
+    let (blob_b, ctl_b) = TestBlob::new(layer_b.blob.clone());
+    // Layer B's background fill claims the shared chunk and its source stalls.
+    ctl_b.hang.store(true, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = quiet_options();
+    let rb = reader(
+        &rt,
+        blob_b,
+        &layer_b,
+        Compression::Gzip,
+        &cache,
+        FetchOptions {
+            background: true,
+            ..opts.clone()
+        },
+        "b",
+    );
+    rb.start_prefetch(None);
+    wait_until("layer B fetching", || !ctl_b.requests().is_empty());
+    let ra = reader(&rt, blob_a, &layer_a, Compression::Gzip, &cache, opts, "a");
+    // A's read does not wait behind B's stalled stream: it fetches the chunk itself.
+    assert_eq!(&read_blocking(&ra, 0, 0, 100).unwrap()[..], &shared[..100]);
+    assert_eq!(ctl_a.requests().len(), 1);
+    rb.shutdown();
 }

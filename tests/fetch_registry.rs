@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lazysnap::blob::BlobSource;
 use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{self, BuildOptions, Compression, EntryKind};
-use lazysnap::fetch::{FetchOptions, LayerFiles, LayerReader, OnDemandActivity};
+use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap::registry::{Client, ClientConfig, Reference};
 use lazysnap::testbed::RegistryServer;
 use lazysnap_fuse::ContentSource;
@@ -97,7 +97,7 @@ fn open_reader(
         retries: 1,
         prefetch: false,
         background: false,
-        activity: OnDemandActivity::new(),
+        scheduler: FetchScheduler::new(SchedulerOptions::default()),
         ..FetchOptions::default()
     };
     let reader = LayerReader::new(

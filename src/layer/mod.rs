@@ -498,9 +498,13 @@ impl LayerManager {
             deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
             prefetch: config.fetch.prefetch,
             background: config.fetch.background_fill,
-            concurrency: config.fetch.background_concurrency.max(1) as usize,
-            bandwidth: (config.fetch.background_bandwidth > 0)
-                .then_some(config.fetch.background_bandwidth),
+            scheduler: crate::fetch::FetchScheduler::new(crate::fetch::SchedulerOptions {
+                quiet_period: std::time::Duration::from_secs(config.fetch.background_quiet_secs),
+                background_concurrency: config.fetch.background_concurrency.max(1) as usize,
+                background_bandwidth: (config.fetch.background_bandwidth > 0)
+                    .then_some(config.fetch.background_bandwidth),
+                ..crate::fetch::SchedulerOptions::default()
+            }),
             ..FetchOptions::default()
         };
         Ok(Self::new(
