@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::TestbedError;
 
@@ -111,10 +112,23 @@ async fn accept_loop(
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     let delay = profile.one_way_delay;
-                    tokio::join!(
-                        relay(client_read, server_write, delay, up),
-                        relay(server_read, client_write, delay, down),
-                    );
+                    // A client that goes away stops using the link one delay later (the time its
+                    // FIN takes to cross it): both directions and the upstream are dropped then,
+                    // so a finished run's response does not hold the link for the next one.
+                    let client_gone = CancellationToken::new();
+                    let relays = async {
+                        tokio::join!(
+                            relay(client_read, server_write, delay, up, Some(client_gone.clone())),
+                            relay(server_read, client_write, delay, down, None),
+                        )
+                    };
+                    tokio::select! {
+                        _ = relays => {}
+                        _ = async {
+                            client_gone.cancelled().await;
+                            tokio::time::sleep(delay).await;
+                        } => {}
+                    }
                 });
             }
         }
@@ -124,18 +138,25 @@ async fn accept_loop(
 
 /// Copies one direction: data read at time t is written no earlier than t + delay and only as
 /// fast as the shared bucket allows. Reading goes on while earlier data waits, as on a real link.
+/// `on_eof` is cancelled when the source closes.
 async fn relay(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
     bucket: Arc<TokenBucket>,
+    on_eof: Option<CancellationToken>,
 ) {
     let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(queue_slots(&bucket, delay));
     let reader = async move {
         let mut buf = vec![0u8; SLOT_BYTES as usize];
         loop {
             match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => {
+                    if let Some(eof) = on_eof {
+                        eof.cancel();
+                    }
+                    break;
+                }
                 Ok(n) => {
                     if queue
                         .send((Instant::now() + delay, buf[..n].to_vec()))
@@ -255,5 +276,31 @@ mod tests {
         conn.read_exact(&mut echoed).unwrap();
         writer.join().unwrap();
         assert_eq!(echoed, payload);
+    }
+
+    #[test]
+    fn a_client_that_disconnects_stops_using_the_link_and_its_upstream_is_closed() {
+        // An upstream that streams until its peer goes away, reporting when it noticed.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let (noticed_tx, noticed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let chunk = vec![7u8; 16 * 1024];
+            while stream.write_all(&chunk).is_ok() {}
+            let _ = noticed_tx.send(Instant::now());
+        });
+        let delay = Duration::from_millis(100);
+        let link = LinkEmulator::start(upstream, LinkProfile::new(1.0, delay * 2)).unwrap();
+        let mut conn = std::net::TcpStream::connect(link.addr()).unwrap();
+        let mut some = [0u8; 1000];
+        conn.read_exact(&mut some).unwrap();
+        drop(conn);
+        let closed = Instant::now();
+        // At 1 Mbit/s the upstream's buffered megabytes would take a minute to drain.
+        let noticed = noticed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the upstream was not closed after the client left");
+        assert!(noticed >= closed);
     }
 }
