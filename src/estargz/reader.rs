@@ -6,6 +6,7 @@ use std::io::Read;
 use std::ops::Range;
 
 use base64::Engine;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
@@ -170,24 +171,66 @@ fn blob_err(what: &str, range: &Range<u64>) -> impl FnOnce(crate::blob::BlobErro
     }
 }
 
+/// How much of a blob's end [`open_layer`] reads in its first request by default: the footer
+/// and, for most layers, the whole TOC, in one round trip.
+pub const DEFAULT_TAIL_GUESS: u64 = 256 << 10;
+
 /// Opens a layer: reads the footer and TOC (never the whole blob), checks the TOC digest
-/// against `expected_toc_digest` when given, and validates every entry.
+/// against `expected_toc_digest` when given, and validates every entry. One request of the last
+/// [`DEFAULT_TAIL_GUESS`] bytes, and a second only for the part of a larger TOC before them.
 pub async fn open_layer(
     blob: &dyn BlobSource,
     expected_toc_digest: Option<&str>,
 ) -> Result<LayerToc, FormatError> {
-    let span = tracing::debug_span!("estargz_open_layer", blob_size = blob.size());
-    open_layer_traced(blob, expected_toc_digest)
+    open_layer_with_tail(blob, expected_toc_digest, DEFAULT_TAIL_GUESS).await
+}
+
+/// [`open_layer`] reading the last `tail_guess` bytes first (a guess at footer + TOC: on a slow
+/// link a second round trip costs less than many bytes guessed too many).
+pub async fn open_layer_with_tail(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+    tail_guess: u64,
+) -> Result<LayerToc, FormatError> {
+    let span = tracing::debug_span!("estargz_open_layer", blob_size = blob.size(), tail_guess);
+    open_layer_traced(blob, expected_toc_digest, tail_guess)
         .instrument(span)
         .await
+}
+
+/// Bytes `range` of the blob whose last bytes, from `tail_start`, are `tail`: sliced from the
+/// tail where it covers them, the part before it fetched.
+async fn read_with_tail(
+    blob: &dyn BlobSource,
+    tail: &Bytes,
+    tail_start: u64,
+    range: Range<u64>,
+) -> Result<Bytes, FormatError> {
+    let within = |at: u64| usize::try_from(at.saturating_sub(tail_start)).unwrap_or(usize::MAX);
+    if range.start >= tail_start {
+        return Ok(tail.slice(within(range.start)..within(range.end).min(tail.len())));
+    }
+    let head_range = range.start..tail_start.min(range.end);
+    let head = blob
+        .read_range(head_range.clone())
+        .await
+        .map_err(blob_err("TOC", &head_range))?;
+    if range.end <= tail_start {
+        return Ok(head);
+    }
+    let mut joined = Vec::with_capacity(head.len() + within(range.end));
+    joined.extend_from_slice(&head);
+    joined.extend_from_slice(&tail[..within(range.end).min(tail.len())]);
+    Ok(Bytes::from(joined))
 }
 
 async fn open_layer_traced(
     blob: &dyn BlobSource,
     expected_toc_digest: Option<&str>,
+    tail_guess: u64,
 ) -> Result<LayerToc, FormatError> {
     let size = blob.size();
-    let tail_len = size.min(MAX_FOOTER_SIZE as u64);
+    let tail_len = size.min(tail_guess.max(MAX_FOOTER_SIZE as u64));
     let tail_range = size - tail_len..size;
     let tail = blob
         .read_range(tail_range.clone())
@@ -215,10 +258,7 @@ async fn open_layer_traced(
                     ),
                 });
             }
-            let bytes = blob
-                .read_range(range.clone())
-                .await
-                .map_err(blob_err("TOC", &range))?;
+            let bytes = read_with_tail(blob, &tail, tail_range.start, range).await?;
             read_toc_tar(&bytes, toc_offset)?
         }
         Footer::ZstdChunked {
@@ -244,10 +284,7 @@ async fn open_layer_traced(
                 });
             }
             let range = toc_offset - 8..toc_offset + compressed_len;
-            let bytes = blob
-                .read_range(range.clone())
-                .await
-                .map_err(blob_err("TOC", &range))?;
+            let bytes = read_with_tail(blob, &tail, tail_range.start, range).await?;
             read_zstd_toc(&bytes, toc_offset, compressed_len, uncompressed_len)?
         }
     };

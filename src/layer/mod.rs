@@ -180,6 +180,8 @@ pub struct LayerManager {
     mounted: Mutex<HashMap<PathBuf, MountedLayer>>,
     /// Manifests already resolved, by image reference.
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
+    /// TOCs read (or being read) ahead of their layer's Prepare, by image reference and layer.
+    tocs: Mutex<HashMap<(String, String), (std::time::Instant, TocCell)>>,
 }
 
 impl LayerManager {
@@ -197,6 +199,7 @@ impl LayerManager {
             options,
             mounted: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            tocs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -259,18 +262,43 @@ impl LayerManager {
         spec: &RemoteLayerSpec,
         mountpoint: &Path,
     ) -> Result<MountedLayer, LayerError> {
+        let toc = self.read_toc(spec).await?;
+        self.mount_toc(spec, &toc, mountpoint).await
+    }
+
+    /// Reads and checks the footer and TOC of `spec`'s blob: one request of the blob's tail,
+    /// sized to about two round trips of data, and a second only for a larger TOC.
+    async fn read_toc(&self, spec: &RemoteLayerSpec) -> Result<estargz::LayerToc, LayerError> {
+        let blob = self
+            .client
+            .blob(&spec.image, &spec.layer.digest, spec.layer.size);
+        let tail_guess = self
+            .options
+            .fetch
+            .scheduler
+            .window()
+            .clamp(estargz::DEFAULT_TAIL_GUESS, MAX_TAIL_GUESS);
+        estargz::open_layer_with_tail(&blob, spec.toc_digest(), tail_guess)
+            .await
+            .map_err(|source| LayerError::Format {
+                digest: spec.layer.digest.clone(),
+                source,
+            })
+    }
+
+    /// Mounts a layer whose TOC was read by [`read_toc`](Self::read_toc).
+    async fn mount_toc(
+        &self,
+        spec: &RemoteLayerSpec,
+        toc: &estargz::LayerToc,
+        mountpoint: &Path,
+    ) -> Result<MountedLayer, LayerError> {
         let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
             &spec.image,
             &spec.layer.digest,
             spec.layer.size,
         ));
-        let toc = estargz::open_layer(blob.as_ref(), spec.toc_digest())
-            .await
-            .map_err(|source| LayerError::Format {
-                digest: spec.layer.digest.clone(),
-                source,
-            })?;
-        let (index, files) = build_index(&toc)?;
+        let (index, files) = build_index(toc)?;
         let reader = LayerReader::new(
             blob,
             toc.compression(),
@@ -298,9 +326,6 @@ impl LayerManager {
         reader.start_prefetch(toc.prefetch_range());
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
         let toc_digest = toc.toc_digest().to_string();
-        // The parsed TOC is no longer needed: the index and chunk lists hold what reads use.
-        drop(toc);
-        lazysnap_fuse::release_freed_memory();
         Ok(MountedLayer {
             spec: spec.clone(),
             toc_digest,
@@ -363,14 +388,88 @@ impl LayerManager {
                 estargz::TOC_DIGEST_ANNOTATION
             )));
         }
-        let layer = self
-            .mount(&spec, mountpoint)
-            .await
-            .map_err(to_remote_error)?;
+        let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
+        let layer = async {
+            let toc = self
+                .toc_read_ahead(&image, &spec, &locator.image_layers)
+                .await?;
+            let mounted = self
+                .mount_toc(&spec, &toc, mountpoint)
+                .await
+                .map_err(to_remote_error);
+            lock(&self.tocs).remove(&(image.to_string(), spec.layer.digest.clone()));
+            // The parsed TOC is no longer needed: the index and chunk lists hold what reads use.
+            drop(toc);
+            lazysnap_fuse::release_freed_memory();
+            mounted
+        }
+        .instrument(span)
+        .await?;
         lock(&self.mounted).insert(mountpoint.to_path_buf(), layer);
         Ok(())
     }
+
+    /// The TOC of `spec`, read together with those of the image's other lazily pullable layers
+    /// not read yet (`image_layers`, from the Prepare labels): containerd prepares layers one
+    /// after another, so the first Prepare of an image reads every TOC at once and the later
+    /// ones find theirs ready. TOCs read ahead are kept for [`TOC_READ_AHEAD_TTL`].
+    async fn toc_read_ahead(
+        &self,
+        image: &Reference,
+        spec: &RemoteLayerSpec,
+        image_layers: &[String],
+    ) -> Result<Arc<estargz::LayerToc>, RemoteLayerError> {
+        let manifest = self.image_manifest(image).await.map_err(to_remote_error)?;
+        let others = image_layers
+            .iter()
+            .filter(|digest| **digest != spec.layer.digest)
+            .filter_map(|digest| manifest.layers.iter().find(|l| l.digest == *digest))
+            .filter(|layer| {
+                layer
+                    .annotations
+                    .contains_key(estargz::TOC_DIGEST_ANNOTATION)
+            })
+            .map(|layer| RemoteLayerSpec {
+                image: image.clone(),
+                layer: layer.clone(),
+            });
+        let jobs: Vec<_> = std::iter::once(spec.clone())
+            .chain(others)
+            .map(|spec| (self.toc_cell(image, &spec.layer.digest), spec))
+            .collect();
+        let mut results = futures::future::join_all(jobs.iter().map(|(cell, spec)| async move {
+            cell.get_or_init(|| async {
+                self.read_toc(spec)
+                    .await
+                    .map(Arc::new)
+                    .map_err(to_remote_error)
+            })
+            .await
+            .clone()
+        }))
+        .await;
+        results.swap_remove(0)
+    }
+
+    /// The read-ahead cell of one layer's TOC (created empty), dropping expired ones.
+    fn toc_cell(&self, image: &Reference, digest: &str) -> TocCell {
+        let mut tocs = lock(&self.tocs);
+        tocs.retain(|_, (created, _)| created.elapsed() < TOC_READ_AHEAD_TTL);
+        tocs.entry((image.to_string(), digest.to_string()))
+            .or_insert_with(|| (std::time::Instant::now(), TocCell::default()))
+            .1
+            .clone()
+    }
 }
+
+/// Largest first read of a blob's tail (footer and TOC).
+const MAX_TAIL_GUESS: u64 = 4 << 20;
+
+/// How long a TOC read ahead of its layer's Prepare is kept.
+const TOC_READ_AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A layer's TOC, read once by whichever Prepare comes first.
+type TocCell = Arc<tokio::sync::OnceCell<Result<Arc<estargz::LayerToc>, RemoteLayerError>>>;
 
 fn to_remote_error(error: LayerError) -> RemoteLayerError {
     if error.is_not_lazy() {
