@@ -13,7 +13,7 @@ use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{self, BuildOptions, Compression, EntryKind};
 use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap::registry::{Client, ClientConfig, Reference};
-use lazysnap::testbed::RegistryServer;
+use lazysnap::testbed::{LinkEmulator, LinkProfile, RegistryServer};
 use lazysnap_fuse::ContentSource;
 
 const CHUNK: u64 = 256 << 10;
@@ -70,7 +70,8 @@ fn build_and_push(
     }
 }
 
-/// Opens the layer's TOC through the registry and makes a reader over its regular files.
+/// Opens the layer's TOC through the registry and makes a reader over its regular files, with
+/// on-demand reads only.
 fn open_reader(
     rt: &tokio::runtime::Runtime,
     client: &Client,
@@ -78,6 +79,29 @@ fn open_reader(
     pushed: &Pushed,
     cache: &Arc<ChunkCache>,
     name: &str,
+) -> (Arc<LayerReader>, Vec<String>) {
+    let opts = FetchOptions {
+        deadline: Duration::from_secs(8),
+        attempt_timeout: Duration::from_secs(3),
+        retries: 1,
+        prefetch: false,
+        background: false,
+        scheduler: FetchScheduler::new(SchedulerOptions::default()),
+        ..FetchOptions::default()
+    };
+    open_reader_with(rt, client, repo, pushed, cache, name, opts)
+}
+
+/// [`open_reader`] with `opts`.
+#[allow(clippy::too_many_arguments)]
+fn open_reader_with(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    repo: &Reference,
+    pushed: &Pushed,
+    cache: &Arc<ChunkCache>,
+    name: &str,
+    opts: FetchOptions,
 ) -> (Arc<LayerReader>, Vec<String>) {
     let blob: Arc<dyn BlobSource> = Arc::new(client.blob(repo, &pushed.digest, pushed.size));
     let toc = rt
@@ -91,15 +115,6 @@ fn open_reader(
             files.push(&e.path, e.size, &e.chunks).unwrap();
         }
     }
-    let opts = FetchOptions {
-        deadline: Duration::from_secs(8),
-        attempt_timeout: Duration::from_secs(3),
-        retries: 1,
-        prefetch: false,
-        background: false,
-        scheduler: FetchScheduler::new(SchedulerOptions::default()),
-        ..FetchOptions::default()
-    };
     let reader = LayerReader::new(
         blob,
         toc.compression(),
@@ -210,4 +225,276 @@ fn lazy_reads_through_a_real_registry() {
     let stats = r2.stats();
     assert_eq!(stats.fetched_chunks, stats.total_chunks);
     assert!(stats.cache_hits > 0 && stats.on_demand_bytes > 0);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sixteen incompressible 256 KiB files `f00`..`f15`, in that order in the blob.
+fn sixteen_files() -> BTreeMap<String, Vec<u8>> {
+    (0..16)
+        .map(|i| (format!("f{i:02}"), pseudo_random(CHUNK as usize, 100 + i)))
+        .collect()
+}
+
+#[test]
+fn an_on_demand_read_is_answered_before_the_prefetch_stream_reaches_its_chunk() {
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    // 8 Mbit/s and 40 ms: prefetching the 4 MiB layer takes about four seconds.
+    let link = LinkEmulator::start(
+        registry.host().parse().unwrap(),
+        LinkProfile::new(8.0, Duration::from_millis(40)),
+    )
+    .unwrap();
+    let rt = runtime();
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let files = sixteen_files();
+    let pushed = build_and_push(
+        &rt,
+        &client,
+        &Reference::parse(&format!("{}/prio/layer", registry.host())).unwrap(),
+        &files,
+    );
+    let slow = Reference::parse(&format!("{}/prio/layer", link.addr())).unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(CacheOptions::new(cache_dir.path())).unwrap();
+    let opts = FetchOptions {
+        prefetch: true,
+        background: false,
+        scheduler: FetchScheduler::new(SchedulerOptions::default()),
+        ..FetchOptions::default()
+    };
+    let (reader, names) = open_reader_with(&rt, &client, &slow, &pushed, &cache, "prio", opts);
+    let toc_bytes = registry.blob_bytes_served(&pushed.digest);
+
+    // Every file is prioritized: the prefetch streams the whole layer in blob order.
+    reader.start_prefetch(Some(0..pushed.size));
+    wait_until("the prefetch streaming", || {
+        reader.stats().prefetch_bytes > 0
+    });
+    let last = names.iter().position(|n| n == "f15").unwrap();
+    let got = read_file(&reader, last, CHUNK as usize).unwrap();
+    assert!(got == files["f15"]);
+    let at_answer = reader.stats();
+    assert!(
+        !at_answer.prefetch_done,
+        "the read waited for the whole prefetch: {at_answer:?}"
+    );
+    assert!(
+        at_answer.on_demand_bytes >= CHUNK,
+        "the read's chunk came from its own request: {at_answer:?}"
+    );
+    assert!(
+        at_answer.prefetch_bytes + at_answer.on_demand_bytes < pushed.size,
+        "the prefetch had not reached the end of the blob: {at_answer:?}"
+    );
+
+    wait_until("the prefetch done", || reader.stats().prefetch_done);
+    // The prefetch skipped the chunk the read fetched: nothing was fetched twice.
+    let data_bytes = registry.blob_bytes_served(&pushed.digest) - toc_bytes;
+    assert!(
+        data_bytes <= pushed.size,
+        "{data_bytes} bytes fetched for a blob of {}",
+        pushed.size
+    );
+    for (path, data) in &files {
+        let index = names.iter().position(|n| n == path).unwrap();
+        assert!(read_file(&reader, index, data.len()).unwrap() == *data);
+    }
+}
+
+#[test]
+fn background_fill_starts_only_after_the_quiet_period() {
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let rt = runtime();
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let repo = Reference::parse(&format!("{}/quiet/layer", registry.host())).unwrap();
+    let files = sixteen_files();
+    let pushed = build_and_push(&rt, &client, &repo, &files);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(CacheOptions::new(cache_dir.path())).unwrap();
+    let quiet = Duration::from_secs(3);
+    let opts = FetchOptions {
+        prefetch: false,
+        background: true,
+        scheduler: FetchScheduler::new(SchedulerOptions {
+            quiet_period: quiet,
+            ..SchedulerOptions::default()
+        }),
+        ..FetchOptions::default()
+    };
+    let (reader, names) = open_reader_with(&rt, &client, &repo, &pushed, &cache, "quiet", opts);
+    reader.start_prefetch(None);
+    std::thread::sleep(quiet / 3);
+    assert_eq!(
+        reader.stats().requests,
+        0,
+        "background fill started at mount"
+    );
+    // A read (a container starting) restarts the quiet period.
+    let first = names.iter().position(|n| n == "f00").unwrap();
+    assert!(read_file(&reader, first, CHUNK as usize).unwrap() == files["f00"]);
+    std::thread::sleep(quiet / 3);
+    let stats = reader.stats();
+    assert_eq!(
+        (stats.requests, stats.background_bytes),
+        (1, 0),
+        "background fill started within the quiet period after a read"
+    );
+    wait_until("background fill done", || reader.stats().background_done);
+    let stats = reader.stats();
+    assert_eq!(stats.fetched_chunks, stats.total_chunks);
+}
+
+/// A 3-layer eStargz image pushed as `repo:v1`; returns its layer digests, base first.
+fn push_three_layer_image(
+    registry: &RegistryServer,
+    dir: &std::path::Path,
+    repo: &str,
+) -> Vec<String> {
+    use lazysnap::image::{convert_image, ConvertOptions, ImageLocation, NoProgress, OciLayout};
+    use lazysnap::testbed::images::{push_layout_image, write_image, ImageOptions};
+    let layout = OciLayout::create(&dir.join("oci")).unwrap();
+    let layers: Vec<Vec<u8>> = (0..3u64)
+        .map(|i| {
+            let mut files = BTreeMap::new();
+            files.insert(
+                format!("layer{i}/data.bin"),
+                pseudo_random(300 << 10, 40 + i),
+            );
+            tar_of(&files)
+        })
+        .collect();
+    write_image(&layout, &layers, &ImageOptions::default(), Some("src")).unwrap();
+    push_layout_image(&layout, Some("src"), &registry.host(), repo, "src").unwrap();
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let src = Reference::parse(&format!("{}/{repo}:src", registry.host())).unwrap();
+    let dst = Reference::parse(&format!("{}/{repo}:v1", registry.host())).unwrap();
+    let report = runtime()
+        .block_on(convert_image(
+            &client,
+            &ImageLocation::Registry(src),
+            &ImageLocation::Registry(dst),
+            &ConvertOptions::default(),
+            &NoProgress,
+        ))
+        .unwrap();
+    let manifest_bytes =
+        lazysnap::testbed::images::fetch_manifest(&registry.url(), repo, "v1").unwrap();
+    let manifest: lazysnap::image::Manifest =
+        lazysnap::image::parse_json("manifest", &manifest_bytes).unwrap();
+    drop(report);
+    manifest.layers.iter().map(|l| l.digest.clone()).collect()
+}
+
+#[test]
+fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
+    use lazysnap::layer::{LayerManager, LayerManagerOptions};
+    use lazysnap::snapshotter::remote::{
+        LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
+    };
+    use lazysnap::testbed::{Fault, FaultProxy, ProxyEvent};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts FUSE filesystems: run it as root"
+    );
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let dir = tempfile::tempdir().unwrap();
+    let layers = push_three_layer_image(&registry, dir.path(), "toc/app");
+    assert_eq!(layers.len(), 3);
+    // Each layer's first request is held 300 ms: a pull that waits for one layer's TOC before
+    // asking for the next shows as an answer between two arrivals.
+    let proxy = FaultProxy::start(&registry.host()).unwrap();
+    for digest in &layers {
+        proxy.inject(digest, Fault::Delay(Duration::from_millis(300)));
+    }
+    let rt = runtime();
+    let cache = ChunkCache::open(CacheOptions::new(dir.path().join("cache"))).unwrap();
+    let manager = LayerManager::new(
+        Client::new(ClientConfig::default()).unwrap(),
+        cache,
+        rt.handle().clone(),
+        LayerManagerOptions {
+            fetch: FetchOptions {
+                prefetch: false,
+                background: false,
+                scheduler: FetchScheduler::new(SchedulerOptions::default()),
+                ..FetchOptions::default()
+            },
+            ..LayerManagerOptions::default()
+        },
+    );
+    let image_ref = format!("{}/toc/app:v1", proxy.host());
+    let request = |i: usize| {
+        let mountpoint = dir.path().join(format!("mnt{i}"));
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        RemoteLayerRequest {
+            target: format!("target-{i}"),
+            key: format!("key-{i}"),
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            locator: LayerLocator {
+                image_ref: image_ref.clone(),
+                layer_digest: layers[i].clone(),
+                image_layers: layers[i..].to_vec(),
+                toc_digest: None,
+                source: LocatorSource::Stargz,
+            },
+            mountpoint,
+        }
+    };
+    let blob_events = || -> Vec<ProxyEvent> {
+        proxy
+            .events()
+            .into_iter()
+            .filter(|e| {
+                let (ProxyEvent::Arrived(t) | ProxyEvent::Answered(t)) = e;
+                layers.iter().any(|digest| t.contains(digest.as_str()))
+            })
+            .collect()
+    };
+    // containerd prepares the layers one after another.
+    rt.block_on(manager.mount_layer(&request(0))).unwrap();
+    let after_first = blob_events();
+    let first_answer = after_first
+        .iter()
+        .position(|e| matches!(e, ProxyEvent::Answered(_)))
+        .unwrap();
+    for digest in &layers {
+        assert!(
+            after_first[..first_answer]
+                .iter()
+                .any(|e| matches!(e, ProxyEvent::Arrived(t) if t.contains(digest.as_str()))),
+            "layer {digest}'s TOC was not asked for before the first answer: {after_first:?}"
+        );
+    }
+    for i in 1..3 {
+        rt.block_on(manager.mount_layer(&request(i))).unwrap();
+    }
+    assert_eq!(
+        blob_events().len(),
+        after_first.len(),
+        "later Prepares read their TOCs again"
+    );
+    for i in 0..3 {
+        let mountpoint = dir.path().join(format!("mnt{i}"));
+        assert!(mountpoint.join(format!("layer{i}/data.bin")).is_file());
+        rt.block_on(manager.unmount_layer(&mountpoint)).unwrap();
+    }
 }

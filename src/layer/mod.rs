@@ -266,19 +266,12 @@ impl LayerManager {
         self.mount_toc(spec, &toc, mountpoint).await
     }
 
-    /// Reads and checks the footer and TOC of `spec`'s blob: one request of the blob's tail,
-    /// sized to about two round trips of data, and a second only for a larger TOC.
+    /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]).
     async fn read_toc(&self, spec: &RemoteLayerSpec) -> Result<estargz::LayerToc, LayerError> {
         let blob = self
             .client
             .blob(&spec.image, &spec.layer.digest, spec.layer.size);
-        let tail_guess = self
-            .options
-            .fetch
-            .scheduler
-            .window()
-            .clamp(estargz::DEFAULT_TAIL_GUESS, MAX_TAIL_GUESS);
-        estargz::open_layer_with_tail(&blob, spec.toc_digest(), tail_guess)
+        estargz::open_layer(&blob, spec.toc_digest())
             .await
             .map_err(|source| LayerError::Format {
                 digest: spec.layer.digest.clone(),
@@ -461,9 +454,6 @@ impl LayerManager {
             .clone()
     }
 }
-
-/// Largest first read of a blob's tail (footer and TOC).
-const MAX_TAIL_GUESS: u64 = 4 << 20;
 
 /// How long a TOC read ahead of its layer's Prepare is kept.
 const TOC_READ_AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(120);

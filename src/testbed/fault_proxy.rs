@@ -30,6 +30,15 @@ pub enum Fault {
     WrongContentRange,
     /// Flip one byte in the middle of the body.
     CorruptBody,
+    /// Hold the request this long, then forward it normally.
+    Delay(Duration),
+}
+
+/// What the proxy saw, in order: a request arriving and its answer sent, by request target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyEvent {
+    Arrived(String),
+    Answered(String),
 }
 
 #[derive(Default)]
@@ -43,6 +52,16 @@ struct ProxyState {
     faults_injected: AtomicUsize,
     redirects_issued: AtomicUsize,
     redirects_refused: AtomicUsize,
+    events: Mutex<Vec<ProxyEvent>>,
+}
+
+impl ProxyState {
+    fn record(&self, event: ProxyEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
 }
 
 /// A running fault proxy; stopped on drop.
@@ -125,6 +144,15 @@ impl FaultProxy {
     /// Requests that asked for several ranges at once.
     pub fn multi_range_requests(&self) -> usize {
         self.state.multi_range_requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests arriving and answers sent so far, in order.
+    pub fn events(&self) -> Vec<ProxyEvent> {
+        self.state
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Requests received.
@@ -220,6 +248,7 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
         let mut parts = request_line.split_whitespace();
         let method = parts.next().unwrap_or("GET").to_string();
         let mut target = parts.next().unwrap_or("/").to_string();
+        state.record(ProxyEvent::Arrived(target.clone()));
 
         if let Some(rest) = target.strip_prefix("/_redirect/") {
             let (generation, original) = rest.split_once('/').unwrap_or(("", ""));
@@ -272,6 +301,7 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
                 std::thread::sleep(*duration);
                 return;
             }
+            Some(Fault::Delay(duration)) => std::thread::sleep(*duration),
             _ => {}
         }
 
@@ -361,6 +391,7 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
         if sent.is_err() {
             return;
         }
+        state.record(ProxyEvent::Answered(target));
     }
 }
 

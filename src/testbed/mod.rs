@@ -11,7 +11,7 @@ mod registry;
 mod token_server;
 
 pub use containerd::{ContainerdOptions, ContainerdServer};
-pub use fault_proxy::{Fault, FaultProxy};
+pub use fault_proxy::{Fault, FaultProxy, ProxyEvent};
 pub use htpasswd::{write_docker_config, write_htpasswd};
 pub use link::{LinkEmulator, LinkProfile};
 pub use registry::{RegistryOptions, RegistryServer};
