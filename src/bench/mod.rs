@@ -13,6 +13,7 @@
 mod image;
 mod link;
 mod procs;
+mod python_image;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,74 @@ pub struct BenchOptions {
     pub background_fill: bool,
     /// Deadline for each pull, run or conversion.
     pub step_timeout: Duration,
+    /// The image and workload measured.
+    pub image: BenchImage,
+    /// Where images built from Debian packages are kept between runs.
+    pub cache_dir: PathBuf,
+    /// Also measure lazysnap with background fill off (mode `lazysnap-nobg`).
+    pub compare_no_background: bool,
+    /// A stargz-snapshotter daemon (`containerd-stargz-grpc`) to measure beside lazysnap on the
+    /// same eStargz image (mode `stargz`).
+    pub stargz_grpc: Option<PathBuf>,
+}
+
+/// The image and workload a bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchImage {
+    /// busybox + a generated app layer whose workload reads a few small files.
+    Sample,
+    /// python3 from Debian packages (three layers), running `python3 -c 'print(1)'`.
+    Python3Print,
+    /// The same image running an app that imports json and hashlib and hashes a 4 MiB file.
+    Python3App,
+}
+
+impl BenchImage {
+    /// Parses `sample`, `python3-print` or `python3-app`.
+    pub fn parse(text: &str) -> Result<Self, BenchError> {
+        match text {
+            "sample" => Ok(Self::Sample),
+            "python3-print" => Ok(Self::Python3Print),
+            "python3-app" => Ok(Self::Python3App),
+            other => Err(BenchError::Invalid(format!(
+                "--image {other:?}: choose sample, python3-print or python3-app"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sample => "sample",
+            Self::Python3Print => "python3-print",
+            Self::Python3App => "python3-app",
+        }
+    }
+
+    /// The container's command.
+    pub fn workload(self) -> Vec<String> {
+        let argv: &[&str] = match self {
+            Self::Sample => &WORKLOAD,
+            Self::Python3Print => &["python3", "-c", "print(1)"],
+            Self::Python3App => &["python3", "/app/main.py"],
+        };
+        argv.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A line the workload must print, proving it read its files right.
+    pub fn expected_line(self) -> Option<String> {
+        match self {
+            Self::Python3App => Some(python_image::app_expected_output()),
+            Self::Sample | Self::Python3Print => None,
+        }
+    }
+
+    /// The stdout line that says the workload is ready.
+    pub fn ready_line(self) -> &'static str {
+        match self {
+            Self::Sample | Self::Python3App => READY_MARKER,
+            Self::Python3Print => "1",
+        }
+    }
 }
 
 impl BenchOptions {
@@ -110,6 +179,10 @@ impl BenchOptions {
             prefetch: true,
             background_fill: true,
             step_timeout: Duration::from_secs(600),
+            image: BenchImage::Sample,
+            cache_dir: PathBuf::from("/var/cache/lazysnap-bench"),
+            compare_no_background: false,
+            stargz_grpc: None,
         }
     }
 
@@ -227,12 +300,19 @@ pub fn run_bench(
     let registry = RegistryServer::start()?;
     check_interrupted()?;
 
-    progress(&format!(
-        "generating the sample image (busybox + {} MB app layer)",
-        options.layer_mb
-    ));
-    let sample = image::sample_image(options.layer_mb)?;
-    let workload: Vec<String> = WORKLOAD.iter().map(|s| s.to_string()).collect();
+    let sample = match options.image {
+        BenchImage::Sample => {
+            progress(&format!(
+                "generating the sample image (busybox + {} MB app layer)",
+                options.layer_mb
+            ));
+            image::sample_image(options.layer_mb)?
+        }
+        BenchImage::Python3Print | BenchImage::Python3App => {
+            python_image::python3_image(&options.cache_dir, progress)?
+        }
+    };
+    let workload = options.image.workload();
     let layout_error = |e: crate::image::ImageError| BenchError::Step {
         what: "writing the sample image layout".into(),
         detail: e.to_string(),
@@ -256,7 +336,7 @@ pub fn run_bench(
     )?;
     check_interrupted()?;
 
-    let prefetch_list: Vec<String> = if options.prefetch {
+    let prefetch_list: Vec<String> = if options.prefetch && options.image == BenchImage::Sample {
         STARTUP_FILES.iter().map(|s| s.to_string()).collect()
     } else {
         Vec::new()
@@ -294,6 +374,12 @@ pub fn run_bench(
         let host = format!("127.0.0.1:{}", emulator.addr().port());
         let mut per_mode: Vec<(Mode, Vec<RunResult>)> =
             vec![(Mode::Overlayfs, Vec::new()), (Mode::Lazysnap, Vec::new())];
+        if options.compare_no_background {
+            per_mode.push((Mode::LazysnapNoBackground, Vec::new()));
+        }
+        if options.stargz_grpc.is_some() {
+            per_mode.push((Mode::Stargz, Vec::new()));
+        }
         for run_index in 0..options.runs {
             for (mode, runs) in per_mode.iter_mut() {
                 check_interrupted()?;
@@ -322,7 +408,7 @@ pub fn run_bench(
                         .map(|lazy| format!(", {lazy}/{} layers lazy", measured.layers))
                         .unwrap_or_default()
                 ));
-                if *mode == Mode::Lazysnap && measured.lazy_layers == Some(0) {
+                if mode.is_lazysnap() && measured.lazy_layers == Some(0) {
                     let note = format!(
                         "link {link}: no layer was mounted lazily (lazysnap fell back to fetch + unpack for every layer)"
                     );
@@ -443,10 +529,10 @@ fn convert_sample(
 }
 
 /// The `lazysnap serve` config of a measured run.
-fn serve_config(options: &BenchOptions) -> String {
+fn serve_config(options: &BenchOptions, mode: Mode) -> String {
     format!(
         "# written by lazysnap bench\n[fetch]\nbackground_fill = {}\n",
-        options.background_fill
+        options.background_fill && mode != Mode::LazysnapNoBackground
     )
 }
 
@@ -469,15 +555,33 @@ fn measure_once(
     )
     .entered();
     let dir = work.join(format!("{}-{}-{}", link.slug(), mode.name(), run_index));
-    let mut serve = ServeProcess::start(
-        &options.lazysnap_bin,
-        &dir.join("lazysnap"),
-        &serve_config(options),
-    )?;
-    let containerd = ContainerdServer::start(&ContainerdOptions {
-        snapshotter_socket: Some(serve.socket()),
-        ..ContainerdOptions::default()
-    })?;
+    let (mut serve, containerd_options) = match (mode, &options.stargz_grpc) {
+        (Mode::Stargz, Some(stargz)) => {
+            let daemon = ServeProcess::start_stargz(stargz, &dir.join("stargz"))?;
+            let extra = format!(
+                "[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                daemon.socket().display()
+            );
+            let options = ContainerdOptions {
+                extra_config: Some(extra),
+                ..ContainerdOptions::default()
+            };
+            (daemon, options)
+        }
+        _ => {
+            let daemon = ServeProcess::start(
+                &options.lazysnap_bin,
+                &dir.join("lazysnap"),
+                &serve_config(options, mode),
+            )?;
+            let options = ContainerdOptions {
+                snapshotter_socket: Some(daemon.socket()),
+                ..ContainerdOptions::default()
+            };
+            (daemon, options)
+        }
+    };
+    let containerd = ContainerdServer::start(&containerd_options)?;
     let with_logs = |err: BenchError| match err {
         BenchError::Step { what, detail } => BenchError::Step {
             what,
@@ -491,7 +595,10 @@ fn measure_once(
     };
     let (reference, snapshotter) = match mode {
         Mode::Overlayfs => (format!("{host}/{REPOSITORY}:gzip"), "overlayfs"),
-        Mode::Lazysnap => (format!("{host}/{REPOSITORY}:estargz"), "lazysnap"),
+        Mode::Lazysnap | Mode::LazysnapNoBackground => {
+            (format!("{host}/{REPOSITORY}:estargz"), "lazysnap")
+        }
+        Mode::Stargz => (format!("{host}/{REPOSITORY}:estargz"), "stargz"),
     };
 
     let before = registry_get_bytes(&registry.log());
@@ -508,7 +615,17 @@ fn measure_once(
             ]);
             command
         }
-        Mode::Lazysnap => {
+        Mode::Stargz => {
+            let mut command = Command::new("/usr/bin/ctr-remote");
+            command
+                .arg("-a")
+                .arg(containerd.address())
+                .args(["-n", NAMESPACE, "images", "rpull", "--plain-http"])
+                .args(["--snapshotter", "stargz"])
+                .arg(&reference);
+            command
+        }
+        Mode::Lazysnap | Mode::LazysnapNoBackground => {
             let mut command = Command::new(&options.lazysnap_bin);
             command
                 .arg("pull")
@@ -524,8 +641,8 @@ fn measure_once(
         .and_then(|finished| finished.success(&pull_what))
         .map_err(with_logs)?;
     let (lazy_layers, layers) = match mode {
-        Mode::Overlayfs => (None, image_layer_count(&pulled.stdout)),
-        Mode::Lazysnap => {
+        Mode::Overlayfs | Mode::Stargz => (None, image_layer_count(&pulled.stdout)),
+        Mode::Lazysnap | Mode::LazysnapNoBackground => {
             let layer_lines: Vec<&str> = pulled
                 .stdout
                 .lines()
@@ -551,9 +668,10 @@ fn measure_once(
         &reference,
         "lazysnap-bench",
     ])
-    .args(WORKLOAD);
+    .args(options.image.workload());
     let run_what = format!("ctr run {reference} ({})", mode.name());
-    let ran = run_timed(run, &run_what, options.step_timeout, Some(READY_MARKER))
+    let ready_line = options.image.ready_line();
+    let ran = run_timed(run, &run_what, options.step_timeout, Some(ready_line))
         .and_then(|finished| finished.success(&run_what))
         .map_err(with_logs)?;
     let after = registry_get_bytes(&registry.log());
@@ -561,11 +679,22 @@ fn measure_once(
         with_logs(BenchError::Step {
             what: run_what.clone(),
             detail: format!(
-                "the workload exited 0 without printing {READY_MARKER:?}; stdout: {}",
+                "the workload exited 0 without printing {ready_line:?}; stdout: {}",
                 tail(&ran.stdout, 10)
             ),
         })
     })?;
+    if let Some(expected) = options.image.expected_line() {
+        if !ran.stdout.lines().any(|line| line == expected) {
+            return Err(with_logs(BenchError::Step {
+                what: run_what,
+                detail: format!(
+                    "the workload did not print {expected:?} (wrong bytes?); stdout: {}",
+                    tail(&ran.stdout, 10)
+                ),
+            }));
+        }
+    }
     drop(containerd);
     serve.stop();
 
@@ -661,7 +790,15 @@ mod tests {
     fn serve_config_is_a_valid_lazysnap_config() {
         let mut options = BenchOptions::new("/bin/true".into());
         options.background_fill = false;
-        let config = crate::config::Config::parse(&serve_config(&options), "bench").unwrap();
+        let config =
+            crate::config::Config::parse(&serve_config(&options, Mode::Lazysnap), "bench").unwrap();
+        assert!(!config.fetch.background_fill);
+        options.background_fill = true;
+        let config = crate::config::Config::parse(
+            &serve_config(&options, Mode::LazysnapNoBackground),
+            "bench",
+        )
+        .unwrap();
         assert!(!config.fetch.background_fill);
     }
 

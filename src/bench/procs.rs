@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use super::BenchError;
 
-/// A `lazysnap serve` process with its own root (so its cache starts empty) and socket; on drop
+/// The daemon's socket and log, in its directory.
+const SOCKET: &str = "snapshotter.sock";
+const LOG: &str = "daemon.log";
+
+/// A snapshotter daemon (`lazysnap serve`, or a peer's) with its own root (so its cache starts empty) and socket; on drop
 /// it gets SIGTERM (SIGKILL after 10 s) and every mount under its directory is detached.
 pub struct ServeProcess {
     child: Option<Child>,
     dir: PathBuf,
+    what: &'static str,
 }
 
 impl ServeProcess {
@@ -25,30 +30,48 @@ impl ServeProcess {
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml)
             .map_err(io_error(format!("writing {}", config.display())))?;
-        let log = std::fs::File::create(dir.join("lazysnap.log"))
-            .map_err(io_error("creating the lazysnap serve log"))?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_error("duplicating the lazysnap serve log handle"))?;
-        let child = Command::new(lazysnap_bin)
+        let mut command = Command::new(lazysnap_bin);
+        command
             .arg("serve")
             .arg("--config")
             .arg(&config)
             .arg("--root")
             .arg(dir.join("root"))
             .arg("--address")
-            .arg(dir.join("lazysnap.sock"))
+            .arg(dir.join(SOCKET));
+        Self::spawn(command, dir, "lazysnap serve")
+    }
+
+    /// Starts stargz-snapshotter's daemon (`containerd-stargz-grpc`, default settings) with its
+    /// root in `dir` (created); waits until its socket accepts connections.
+    pub fn start_stargz(stargz_bin: &Path, dir: &Path) -> Result<Self, BenchError> {
+        std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        let mut command = Command::new(stargz_bin);
+        command
+            .arg("--address")
+            .arg(dir.join(SOCKET))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .args(["--log-level", "info"]);
+        Self::spawn(command, dir, "containerd-stargz-grpc")
+    }
+
+    fn spawn(mut command: Command, dir: &Path, what: &'static str) -> Result<Self, BenchError> {
+        let log = std::fs::File::create(dir.join(LOG))
+            .map_err(io_error(format!("creating the {what} log")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error(format!("duplicating the {what} log handle")))?;
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(io_error(format!(
-                "spawning {} serve",
-                lazysnap_bin.display()
-            )))?;
+            .map_err(io_error(format!("spawning {what}")))?;
         let mut serve = Self {
             child: Some(child),
             dir: dir.to_path_buf(),
+            what,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -57,13 +80,13 @@ impl ServeProcess {
             }
             if let Some(Ok(Some(status))) = serve.child.as_mut().map(Child::try_wait) {
                 return Err(BenchError::Step {
-                    what: "lazysnap serve".into(),
+                    what: serve.what.into(),
                     detail: format!("exited with {status}; log:\n{}", tail(&serve.log(), 30)),
                 });
             }
             if Instant::now() > deadline {
                 return Err(BenchError::Step {
-                    what: "lazysnap serve".into(),
+                    what: serve.what.into(),
                     detail: format!(
                         "not listening on {} after 30 s; log:\n{}",
                         serve.socket().display(),
@@ -77,12 +100,12 @@ impl ServeProcess {
 
     /// The snapshotter socket containerd's proxy plugin connects to.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("lazysnap.sock")
+        self.dir.join(SOCKET)
     }
 
-    /// Everything `lazysnap serve` logged so far.
+    /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("lazysnap.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(LOG)).unwrap_or_default()
     }
 
     /// Stops the process and detaches its mounts (idempotent).

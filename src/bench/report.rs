@@ -11,6 +11,11 @@ pub enum Mode {
     Overlayfs,
     /// `lazysnap pull --snapshotter lazysnap` of the eStargz image, then run through lazysnap.
     Lazysnap,
+    /// The same with lazysnap's background fill off.
+    #[serde(rename = "lazysnap-nobg")]
+    LazysnapNoBackground,
+    /// `ctr-remote images rpull` of the same eStargz image through stargz-snapshotter's daemon.
+    Stargz,
 }
 
 impl Mode {
@@ -18,7 +23,14 @@ impl Mode {
         match self {
             Mode::Overlayfs => "overlayfs",
             Mode::Lazysnap => "lazysnap",
+            Mode::LazysnapNoBackground => "lazysnap-nobg",
+            Mode::Stargz => "stargz",
         }
+    }
+
+    /// Runs through lazysnap.
+    pub fn is_lazysnap(self) -> bool {
+        matches!(self, Mode::Lazysnap | Mode::LazysnapNoBackground)
     }
 }
 
@@ -301,6 +313,8 @@ pub fn render_svg(report: &BenchReport) -> String {
             let (dark, light) = match result.mode {
                 Mode::Overlayfs => ("#7f8c8d", "#bdc3c7"),
                 Mode::Lazysnap => ("#1f6fb2", "#8cc0ea"),
+                Mode::LazysnapNoBackground => ("#2e8b57", "#98d8b4"),
+                Mode::Stargz => ("#c0392b", "#f1a9a0"),
             };
             let pull_top = y_of(result.median.pull_secs);
             let total_top = y_of(result.median.pull_secs + result.median.run_secs);
@@ -320,7 +334,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                 total_top - 5.0,
                 result.median.total_secs,
                 match (result.mode, result.speedup) {
-                    (Mode::Lazysnap, Some(speedup)) => format!(
+                    (Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::Stargz, Some(speedup)) => format!(
                         "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\" fill=\"#1f6fb2\">{speedup:.1}x</text>\n",
                         x + bar_w / 2.0,
                         total_top - 20.0

@@ -40,6 +40,21 @@ pub struct BenchArgs {
     /// One quick run (unlimited and 20mbit:50ms, 1 run each) with an explanation of the table.
     #[arg(long)]
     demo: bool,
+    /// Image and workload: `sample` (busybox + generated app layer), `python3-print` or
+    /// `python3-app` (python3 from Debian packages, built once with debootstrap into
+    /// --cache-dir; `print(1)`, or an app importing json and hashlib that hashes a 4 MiB file).
+    #[arg(long, default_value = "sample", value_name = "IMAGE")]
+    image: String,
+    /// Where images built from Debian packages are kept between runs.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/lazysnap-bench")]
+    cache_dir: PathBuf,
+    /// Also measure lazysnap with background fill off (mode `lazysnap-nobg`).
+    #[arg(long)]
+    compare_no_background: bool,
+    /// Measure stargz-snapshotter beside lazysnap on the same eStargz image, with this
+    /// `containerd-stargz-grpc` binary (mode `stargz`; pulled with `ctr-remote images rpull`).
+    #[arg(long, value_name = "PATH")]
+    stargz_grpc: Option<PathBuf>,
     /// Measure nothing: print the table of a saved results.json (and with --out, render the
     /// plot again).
     #[arg(long, value_name = "FILE", conflicts_with = "demo")]
@@ -68,6 +83,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     options.prefetch = !args.no_prefetch_list;
     options.background_fill = !args.no_background_fill;
     options.step_timeout = std::time::Duration::from_secs(args.step_timeout.max(1));
+    options.image = lazysnap::bench::BenchImage::parse(&args.image)?;
+    options.cache_dir = args.cache_dir.clone();
+    options.compare_no_background = args.compare_no_background;
+    if let Some(path) = &args.stargz_grpc {
+        anyhow::ensure!(
+            path.is_file(),
+            "--stargz-grpc {}: no such file (build one with ../shared/peers/stargz/build.sh OUT)",
+            path.display()
+        );
+        options.stargz_grpc = Some(path.clone());
+    }
     if let Some(dir) = &args.state_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating --state-dir {}", dir.display()))?;
