@@ -38,6 +38,9 @@
 //! # Background fill starts only once no read has missed the cache (and no layer was mounted)
 //! # for this many seconds, so it never competes with a container's startup.
 //! background_quiet_secs = 5
+//! # On a read that misses the cache, also fetch the chunks that follow it in the layer (the next
+//! # files in TOC order), up to about one bandwidth-delay product: fewer round trips at startup.
+//! readahead = true
 //! # Deadline of one on-demand read, in seconds: after it the process gets EIO.
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
@@ -145,6 +148,8 @@ pub struct FetchConfig {
     pub background_bandwidth: u64,
     /// Seconds without a cache miss or a mount before background fill starts (default 5).
     pub background_quiet_secs: u64,
+    /// Read-ahead of the following chunks on a miss (default true).
+    pub readahead: bool,
     /// On-demand read deadline in seconds (default 30).
     pub read_deadline_secs: u64,
     /// HTTP request timeout in seconds (default 30).
@@ -199,6 +204,7 @@ impl Default for FetchConfig {
             background_concurrency: 2,
             background_bandwidth: 0,
             background_quiet_secs: 5,
+            readahead: true,
             read_deadline_secs: 30,
             request_timeout_secs: 30,
             passthrough: true,

@@ -63,6 +63,9 @@ pub struct FetchOptions {
     /// Largest coalesced request for on-demand reads (lower priorities are sized by the
     /// scheduler).
     pub max_request_bytes: u64,
+    /// On a miss, also fetch the chunks that follow in the blob, within
+    /// [`FetchScheduler::readahead_bytes`].
+    pub readahead: bool,
     /// The node-wide scheduler: claims, priorities, the link estimate.
     pub scheduler: Arc<FetchScheduler>,
 }
@@ -76,6 +79,7 @@ impl Default for FetchOptions {
             prefetch: true,
             background: true,
             max_request_bytes: 16 << 20,
+            readahead: true,
             scheduler: FetchScheduler::global(),
         }
     }
@@ -218,6 +222,10 @@ impl Drop for Reply {
         }
     }
 }
+
+/// Bytes between two chunks that read-ahead still takes as adjacent (tar headers of entries
+/// without content).
+const READ_AHEAD_MAX_GAP: u64 = 4096;
 
 /// Largest decompressed chunk accepted (decoding allocates this much up front). Writers chunk
 /// files at a few MiB; a TOC declaring more is refused rather than trusted with memory.
@@ -733,6 +741,9 @@ impl Inner {
             }
         }
         if !leaders.is_empty() {
+            if self.opts.readahead {
+                self.read_ahead(&mut leaders);
+            }
             // Detached: the fetch completes (and fills the cache) even if this read gives up.
             let inner = Arc::clone(self);
             self.runtime.spawn(async move {
@@ -769,6 +780,45 @@ impl Inner {
             }
         }
         Ok(concat(parts.into_iter().flatten().collect()))
+    }
+
+    /// Extends a miss's request with the chunks that follow it in the blob (the next files in
+    /// TOC order, which were packed together and are often opened together), up to about one
+    /// bandwidth-delay product of compressed bytes: on a slow link a round trip saved is worth
+    /// that many bytes. Stops at the first chunk cached, claimed, or not adjacent.
+    fn read_ahead(&self, leaders: &mut Vec<(ChunkRef, FillGuard)>) {
+        let Some(mut end) = leaders
+            .iter()
+            .map(|(at, _)| self.chunk(*at).compressed.end)
+            .max()
+        else {
+            return;
+        };
+        let budget = self.opts.scheduler.readahead_bytes();
+        let chunks = self.files.all_chunks();
+        let start = self.layer_chunks.partition_point(|&at| {
+            chunks
+                .get(at as usize)
+                .is_some_and(|c| c.compressed.start < end)
+        });
+        let mut added = 0u64;
+        for &at in &self.layer_chunks[start..] {
+            let at = at as ChunkRef;
+            let c = self.chunk(at);
+            let len = c.compressed.end - c.compressed.start;
+            if c.compressed.start > end.saturating_add(READ_AHEAD_MAX_GAP)
+                || added + len > budget
+                || self.cache.contains(&c.digest)
+            {
+                break;
+            }
+            let Some(guard) = self.claims().try_lead(&c.digest, FetchKind::OnDemand) else {
+                break;
+            };
+            leaders.push((at, guard));
+            added += len;
+            end = c.compressed.end;
+        }
     }
 
     /// One chunk, whoever fetches it; retries leadership if a fetch is abandoned.

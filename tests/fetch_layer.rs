@@ -306,6 +306,7 @@ fn quiet_options() -> FetchOptions {
         attempt_timeout: Duration::from_secs(10),
         prefetch: false,
         background: false,
+        readahead: false,
         scheduler: TEST_SCHEDULER.with(Arc::clone),
         ..FetchOptions::default()
     }
@@ -1237,4 +1238,56 @@ fn an_on_demand_read_overtakes_a_stalled_background_fetch_of_its_chunk() {
     assert_eq!(&read_blocking(&ra, 0, 0, 100).unwrap()[..], &shared[..100]);
     assert_eq!(ctl_a.requests().len(), 1);
     rb.shutdown();
+}
+
+#[test]
+fn a_miss_reads_ahead_the_files_that_follow_in_the_blob() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(130 + i, CHUNK)).collect();
+    let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"RA");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = FetchOptions {
+        readahead: true,
+        ..quiet_options()
+    };
+    let r = reader(
+        &rt,
+        blob,
+        &layer,
+        Compression::Gzip,
+        &cache,
+        opts,
+        "readahead",
+    );
+    // File 3 is cached already: read-ahead from file 0 stops before it.
+    assert_eq!(
+        &read_blocking(&r, 3, 0, 4096).unwrap()[..],
+        &contents[3][..]
+    );
+    assert_eq!(
+        &read_blocking(&r, 0, 0, 4096).unwrap()[..],
+        &contents[0][..]
+    );
+    assert_eq!(controls.requests().len(), 2);
+    let first = &layer.files[0].chunks[0].compressed;
+    let third = &layer.files[2].chunks[0].compressed;
+    assert_eq!(controls.requests()[1], first.start..third.end);
+    for i in [1, 2] {
+        assert_eq!(
+            &read_blocking(&r, i, 0, 4096).unwrap()[..],
+            &contents[i as usize][..]
+        );
+    }
+    assert_eq!(
+        controls.requests().len(),
+        2,
+        "files 1 and 2 came with file 0"
+    );
+    assert_eq!(
+        &read_blocking(&r, 4, 0, 4096).unwrap()[..],
+        &contents[4][..]
+    );
+    assert_eq!(controls.requests().len(), 3);
 }

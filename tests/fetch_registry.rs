@@ -86,6 +86,7 @@ fn open_reader(
         retries: 1,
         prefetch: false,
         background: false,
+        readahead: false,
         scheduler: FetchScheduler::new(SchedulerOptions::default()),
         ..FetchOptions::default()
     };

@@ -12,7 +12,8 @@ use lazysnap::testbed::RegistryServer;
 use pull_common::*;
 
 /// No prefetch or background fill: every byte fetched is one a container asked for.
-const ON_DEMAND_ONLY: &str = "[fetch]\nprefetch = false\nbackground_fill = false\n";
+const ON_DEMAND_ONLY: &str =
+    "[fetch]\nprefetch = false\nbackground_fill = false\nreadahead = false\n";
 
 fn layer_digests(variant: &str) -> Vec<(String, u64)> {
     let manifest: serde_json::Value =

@@ -53,7 +53,8 @@ pub struct MountArgs {
     /// containerd-style hosts.toml directory (mirrors, CA, headers).
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
-    /// Do not prefetch prioritized files or fill the rest in the background.
+    /// Fetch only what is read: no prefetch of prioritized files, no background fill and no
+    /// read-ahead of the files that follow a miss.
     #[arg(long)]
     no_prefetch: bool,
     /// Serve every read through the daemon, never by FUSE passthrough from the cache.

@@ -591,6 +591,7 @@ async fn mount_layers(
         deadline: Duration::from_secs(request.read_deadline),
         prefetch: !request.no_prefetch,
         background: !request.no_prefetch,
+        readahead: !request.no_prefetch,
         ..FetchOptions::default()
     };
     let manager = LayerManager::new(

@@ -52,6 +52,10 @@ impl Default for SchedulerOptions {
     }
 }
 
+/// Bounds of [`FetchScheduler::readahead_bytes`].
+const MIN_READ_AHEAD: u64 = 32 << 10;
+const MAX_READ_AHEAD: u64 = 512 << 10;
+
 /// See the module documentation.
 pub struct FetchScheduler {
     opts: SchedulerOptions,
@@ -189,6 +193,17 @@ impl FetchScheduler {
     /// always sent): half the window, so two requests keep the link busy.
     pub fn lower_request_bytes(&self) -> u64 {
         (self.window() / 2).max(1)
+    }
+
+    /// How many compressed bytes a miss may fetch beyond what was asked for: about one
+    /// bandwidth-delay product (what one round trip saved is worth), within 32..512 KiB.
+    pub fn readahead_bytes(&self) -> u64 {
+        let link = self.state().link;
+        let bdp = match (link.rtt, link.rate) {
+            (Some(rtt), Some(rate)) => (rtt * rate) as u64,
+            _ => 0,
+        };
+        bdp.clamp(MIN_READ_AHEAD, MAX_READ_AHEAD)
     }
 
     /// Queues a layer's prefetch; background fill waits while any is queued or running.

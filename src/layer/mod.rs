@@ -587,6 +587,7 @@ impl LayerManager {
             deadline: std::time::Duration::from_secs(config.fetch.read_deadline_secs),
             prefetch: config.fetch.prefetch,
             background: config.fetch.background_fill,
+            readahead: config.fetch.readahead,
             scheduler: crate::fetch::FetchScheduler::new(crate::fetch::SchedulerOptions {
                 quiet_period: std::time::Duration::from_secs(config.fetch.background_quiet_secs),
                 background_concurrency: config.fetch.background_concurrency.max(1) as usize,
