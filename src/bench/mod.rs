@@ -92,9 +92,18 @@ pub struct BenchOptions {
     pub cache_dir: PathBuf,
     /// Also measure lazysnap with background fill off (mode `lazysnap-nobg`).
     pub compare_no_background: bool,
-    /// A stargz-snapshotter daemon (`containerd-stargz-grpc`) to measure beside lazysnap on the
-    /// same eStargz image (mode `stargz`).
+    /// A stargz-snapshotter daemon (`containerd-stargz-grpc`) to measure beside lazysnap, on the
+    /// image stargz's own converter writes (mode `stargz`).
     pub stargz_grpc: Option<PathBuf>,
+    /// Extra `[fetch]` settings of `lazysnap serve` (`key = value` lines).
+    pub fetch_settings: Vec<String>,
+    /// Only these modes (`None`: overlayfs and lazysnap, plus those the options above add).
+    pub only_modes: Option<Vec<Mode>>,
+    /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
+    /// (its prioritized files first), instead of the unoptimized conversions.
+    pub optimized: bool,
+    /// `lazysnap convert --chunk-size` (`None`: its default).
+    pub chunk_size: Option<u64>,
 }
 
 /// The image and workload a bench measures.
@@ -183,7 +192,26 @@ impl BenchOptions {
             cache_dir: PathBuf::from("/var/cache/lazysnap-bench"),
             compare_no_background: false,
             stargz_grpc: None,
+            fetch_settings: Vec::new(),
+            only_modes: None,
+            optimized: false,
+            chunk_size: None,
         }
+    }
+
+    /// The modes measured, in order.
+    pub fn modes(&self) -> Vec<Mode> {
+        if let Some(only) = &self.only_modes {
+            return only.clone();
+        }
+        let mut modes = vec![Mode::Overlayfs, Mode::Lazysnap];
+        if self.compare_no_background {
+            modes.push(Mode::LazysnapNoBackground);
+        }
+        if self.stargz_grpc.is_some() {
+            modes.push(Mode::Stargz);
+        }
+        modes
     }
 
     fn validate(&self) -> Result<(), BenchError> {
@@ -195,6 +223,16 @@ impl BenchOptions {
                 "--runs {} must be between 1 and 100",
                 self.runs
             )));
+        }
+        if let Some(only) = &self.only_modes {
+            if only.is_empty() {
+                return Err(BenchError::Invalid("--modes names no mode".into()));
+            }
+            if only.contains(&Mode::Stargz) && self.stargz_grpc.is_none() {
+                return Err(BenchError::Invalid(
+                    "--modes stargz needs --stargz-grpc PATH".into(),
+                ));
+            }
         }
         if self.layer_mb == 0 || self.layer_mb > 4096 {
             return Err(BenchError::Invalid(format!(
@@ -352,6 +390,21 @@ pub fn run_bench(
         &mut notes,
         progress,
     )?;
+    if options.optimized {
+        progress("optimizing the image for the workload with `ctr-remote image optimize`");
+        convert_with_ctr_remote(options, &registry, Some(&workload))?;
+        notes.push(format!(
+            "every lazy mode runs on the image `ctr-remote image optimize` wrote for the workload \
+             (tag {OPTIMIZED_TAG}): its files first, then the prefetch landmark"
+        ));
+    } else if options.stargz_grpc.is_some() {
+        progress("converting the image with `ctr-remote image convert --estargz` for stargz");
+        convert_with_ctr_remote(options, &registry, None)?;
+        notes.push(format!(
+            "stargz runs on the image converted by its own tool (`ctr-remote image convert \
+             --estargz --oci`, tag {CTR_REMOTE_TAG}); lazysnap on the one `lazysnap convert` wrote"
+        ));
+    }
     let gzip_layers = image::registry_layers(&registry.url(), REPOSITORY, "gzip")?;
     let estargz_layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
     let image_report = ImageReport {
@@ -372,14 +425,11 @@ pub fn run_bench(
     for link in &options.links {
         let emulator = LinkEmulator::start(upstream, link.profile())?;
         let host = format!("127.0.0.1:{}", emulator.addr().port());
-        let mut per_mode: Vec<(Mode, Vec<RunResult>)> =
-            vec![(Mode::Overlayfs, Vec::new()), (Mode::Lazysnap, Vec::new())];
-        if options.compare_no_background {
-            per_mode.push((Mode::LazysnapNoBackground, Vec::new()));
-        }
-        if options.stargz_grpc.is_some() {
-            per_mode.push((Mode::Stargz, Vec::new()));
-        }
+        let mut per_mode: Vec<(Mode, Vec<RunResult>)> = options
+            .modes()
+            .into_iter()
+            .map(|m| (m, Vec::new()))
+            .collect();
         for run_index in 0..options.runs {
             for (mode, runs) in per_mode.iter_mut() {
                 check_interrupted()?;
@@ -473,6 +523,9 @@ fn convert_sample(
     let target = format!("{}/{REPOSITORY}:estargz", registry.host());
     let mut command = Command::new(&options.lazysnap_bin);
     command.arg("convert");
+    if let Some(chunk_size) = options.chunk_size {
+        command.arg("--chunk-size").arg(chunk_size.to_string());
+    }
     if !prefetch_list.is_empty() {
         let list = work.join("prefetch-list.txt");
         image::write_prefetch_list(&list, prefetch_list)?;
@@ -528,12 +581,79 @@ fn convert_sample(
     }
 }
 
+/// Tag of the image `ctr-remote image convert --estargz` wrote (what the stargz mode pulls).
+const CTR_REMOTE_TAG: &str = "ctr-remote";
+/// Tag of the image `ctr-remote image optimize` wrote (what every lazy mode pulls with
+/// `--optimized`).
+const OPTIMIZED_TAG: &str = "ctr-remote-opt";
+
+/// Converts the pushed gzip image with stargz's own converter, as a stargz user would: pulled
+/// into a scratch containerd, then `ctr-remote image convert --estargz --oci` (tag
+/// [`CTR_REMOTE_TAG`]) or, given the workload, `ctr-remote image optimize --oci` running it
+/// (tag [`OPTIMIZED_TAG`]), and pushed.
+fn convert_with_ctr_remote(
+    options: &BenchOptions,
+    registry: &RegistryServer,
+    optimize_for: Option<&[String]>,
+) -> Result<(), BenchError> {
+    require_program("/usr/bin/ctr-remote", "stargz-snapshotter")?;
+    let containerd = ContainerdServer::start(&ContainerdOptions::default())?;
+    let source = format!("{}/{REPOSITORY}:gzip", registry.host());
+    let tag = if optimize_for.is_some() {
+        OPTIMIZED_TAG
+    } else {
+        CTR_REMOTE_TAG
+    };
+    let target = format!("{}/{REPOSITORY}:{tag}", registry.host());
+    let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
+    let convert: Vec<String> = match optimize_for {
+        Some(workload) => {
+            let (entrypoint, args) = workload.split_at(workload.len().min(1));
+            vec![
+                "image".into(),
+                "optimize".into(),
+                "--oci".into(),
+                format!("--entrypoint={}", json(entrypoint)),
+                format!("--args={}", json(args)),
+                source.clone(),
+                target.clone(),
+            ]
+        }
+        None => ["image", "convert", "--estargz", "--oci", &source, &target]
+            .map(String::from)
+            .to_vec(),
+    };
+    let convert: Vec<&str> = convert.iter().map(String::as_str).collect();
+    let steps: [&[&str]; 3] = [
+        &["images", "pull", "--plain-http", &source],
+        &convert,
+        &["images", "push", "--plain-http", &target],
+    ];
+    for args in steps {
+        let mut command = Command::new("/usr/bin/ctr-remote");
+        command
+            .arg("-a")
+            .arg(containerd.address())
+            .args(["-n", NAMESPACE])
+            .args(args);
+        let what = format!("ctr-remote {}", args.join(" "));
+        run_timed(command, &what, options.step_timeout, None)?.success(&what)?;
+        check_interrupted()?;
+    }
+    Ok(())
+}
+
 /// The `lazysnap serve` config of a measured run.
 fn serve_config(options: &BenchOptions, mode: Mode) -> String {
-    format!(
+    let mut config = format!(
         "# written by lazysnap bench\n[fetch]\nbackground_fill = {}\n",
         options.background_fill && mode != Mode::LazysnapNoBackground
-    )
+    );
+    for setting in &options.fetch_settings {
+        config.push_str(setting);
+        config.push('\n');
+    }
+    config
 }
 
 /// One cold measurement: fresh `lazysnap serve` (new root and cache), then a fresh containerd,
@@ -595,10 +715,16 @@ fn measure_once(
     };
     let (reference, snapshotter) = match mode {
         Mode::Overlayfs => (format!("{host}/{REPOSITORY}:gzip"), "overlayfs"),
+        Mode::Lazysnap | Mode::LazysnapNoBackground if options.optimized => {
+            (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "lazysnap")
+        }
         Mode::Lazysnap | Mode::LazysnapNoBackground => {
             (format!("{host}/{REPOSITORY}:estargz"), "lazysnap")
         }
-        Mode::Stargz => (format!("{host}/{REPOSITORY}:estargz"), "stargz"),
+        Mode::Stargz if options.optimized => {
+            (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz")
+        }
+        Mode::Stargz => (format!("{host}/{REPOSITORY}:{CTR_REMOTE_TAG}"), "stargz"),
     };
 
     let before = registry_get_bytes(&registry.log());

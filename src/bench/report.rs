@@ -14,7 +14,8 @@ pub enum Mode {
     /// The same with lazysnap's background fill off.
     #[serde(rename = "lazysnap-nobg")]
     LazysnapNoBackground,
-    /// `ctr-remote images rpull` of the same eStargz image through stargz-snapshotter's daemon.
+    /// `ctr-remote images rpull` through stargz-snapshotter's daemon of the image stargz's own
+    /// converter (`ctr-remote image convert --estargz`) wrote.
     Stargz,
 }
 
@@ -26,6 +27,18 @@ impl Mode {
             Mode::LazysnapNoBackground => "lazysnap-nobg",
             Mode::Stargz => "stargz",
         }
+    }
+
+    /// Parses a mode name (see [`Mode::name`]).
+    pub fn parse(text: &str) -> Option<Mode> {
+        [
+            Mode::Overlayfs,
+            Mode::Lazysnap,
+            Mode::LazysnapNoBackground,
+            Mode::Stargz,
+        ]
+        .into_iter()
+        .find(|mode| mode.name() == text)
     }
 
     /// Runs through lazysnap.

@@ -51,10 +51,25 @@ pub struct BenchArgs {
     /// Also measure lazysnap with background fill off (mode `lazysnap-nobg`).
     #[arg(long)]
     compare_no_background: bool,
-    /// Measure stargz-snapshotter beside lazysnap on the same eStargz image, with this
-    /// `containerd-stargz-grpc` binary (mode `stargz`; pulled with `ctr-remote images rpull`).
+    /// Measure stargz-snapshotter beside lazysnap with this `containerd-stargz-grpc` binary
+    /// (mode `stargz`): on the image `ctr-remote image convert --estargz` writes, pulled with
+    /// `ctr-remote images rpull`.
     #[arg(long, value_name = "PATH")]
     stargz_grpc: Option<PathBuf>,
+    /// Only these modes, comma separated (overlayfs, lazysnap, lazysnap-nobg, stargz); without
+    /// overlayfs the table shows no speedups.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
+    /// (prioritized files first) instead of the unoptimized conversions.
+    #[arg(long)]
+    optimized: bool,
+    /// `lazysnap convert --chunk-size` for the lazysnap image (default: convert's).
+    #[arg(long, value_name = "BYTES")]
+    chunk_size: Option<u64>,
+    /// A `[fetch]` setting for lazysnap's runs, repeatable, e.g. `readahead=false`.
+    #[arg(long = "fetch-setting", value_name = "KEY=VALUE")]
+    fetch_settings: Vec<String>,
     /// Measure nothing: print the table of a saved results.json (and with --out, render the
     /// plot again).
     #[arg(long, value_name = "FILE", conflicts_with = "demo")]
@@ -86,6 +101,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     options.image = lazysnap::bench::BenchImage::parse(&args.image)?;
     options.cache_dir = args.cache_dir.clone();
     options.compare_no_background = args.compare_no_background;
+    options.optimized = args.optimized;
+    options.chunk_size = args.chunk_size;
+    if !args.modes.is_empty() {
+        let modes = args
+            .modes
+            .iter()
+            .map(|name| {
+                Mode::parse(name).with_context(|| {
+                    format!("--modes {name:?}: choose overlayfs, lazysnap, lazysnap-nobg or stargz")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        options.only_modes = Some(modes);
+    }
+    for setting in &args.fetch_settings {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--fetch-setting {setting:?}: write KEY=VALUE"))?;
+        options
+            .fetch_settings
+            .push(format!("{} = {}", key.trim(), value.trim()));
+    }
+    let probe = format!("[fetch]\n{}\n", options.fetch_settings.join("\n"));
+    lazysnap::config::Config::parse(&probe, "--fetch-setting")?;
     if let Some(path) = &args.stargz_grpc {
         anyhow::ensure!(
             path.is_file(),
