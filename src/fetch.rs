@@ -731,32 +731,27 @@ impl Inner {
                     }
                     waits.push((slot, at, waiter));
                 }
-                // A prefetch or background stream has it but has not delivered it yet: this
-                // read does not wait behind that stream, it fetches the chunk itself.
+                // A prefetch or background stream has it but has not delivered it yet: follow
+                // it, and fetch the chunk itself if the stream does not deliver in time.
                 Claimed::Overtake(guard, waiter) => {
-                    leaders.push((at, guard));
+                    self.overtake_if_late(at, guard);
                     waits.push((slot, at, waiter));
                 }
                 Claimed::Follower(waiter) => waits.push((slot, at, waiter)),
             }
         }
         if !leaders.is_empty() {
-            if self.opts.readahead {
+            // Read-ahead chunks may sit a tar header apart: they still share the request.
+            let max_gap = if self.opts.readahead {
                 self.read_ahead(&mut leaders);
-            }
+                READ_AHEAD_MAX_GAP
+            } else {
+                0
+            };
             // Detached: the fetch completes (and fills the cache) even if this read gives up.
             let inner = Arc::clone(self);
-            self.runtime.spawn(async move {
-                inner
-                    .fetch_chunks(
-                        leaders,
-                        FetchKind::OnDemand,
-                        0,
-                        inner.opts.max_request_bytes,
-                        None,
-                    )
-                    .await;
-            });
+            self.runtime
+                .spawn(async move { inner.fetch_on_demand(leaders, max_gap).await });
         }
         for (slot, at, waiter) in waits {
             let c = self.chunk(at);
@@ -780,6 +775,36 @@ impl Inner {
             }
         }
         Ok(concat(parts.into_iter().flatten().collect()))
+    }
+
+    /// Fetches chunk `at`, which a lower-priority stream holds, with an on-demand request of its
+    /// own unless that stream delivers it within the scheduler's patience.
+    fn overtake_if_late(self: &Arc<Self>, at: ChunkRef, guard: FillGuard) {
+        let c = &self.chunk(at).compressed;
+        let patience = self.opts.scheduler.overtake_patience(c.end - c.start);
+        let inner = Arc::clone(self);
+        self.runtime.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(patience) => {}
+                _ = inner.cancel.cancelled() => return,
+            }
+            if guard.is_pending() {
+                tracing::debug!(layer = %inner.layer, chunk = %guard.digest(), ?patience, "a lower-priority stream is late with a chunk a read waits for; fetching it on demand");
+                inner.fetch_on_demand(vec![(at, guard)], 0).await;
+            }
+        });
+    }
+
+    /// [`fetch_chunks`](Self::fetch_chunks) for reads a process waits on.
+    async fn fetch_on_demand(self: &Arc<Self>, claimed: Vec<(ChunkRef, FillGuard)>, max_gap: u64) {
+        self.fetch_chunks(
+            claimed,
+            FetchKind::OnDemand,
+            max_gap,
+            self.opts.max_request_bytes,
+            None,
+        )
+        .await;
     }
 
     /// Extends a miss's request with the chunks that follow it in the blob (the next files in
@@ -831,17 +856,8 @@ impl Inner {
             let waiter = match self.claims().claim(digest, FetchKind::OnDemand) {
                 Claimed::Leader(guard, waiter) | Claimed::Overtake(guard, waiter) => {
                     let inner = Arc::clone(self);
-                    self.runtime.spawn(async move {
-                        inner
-                            .fetch_chunks(
-                                vec![(at, guard)],
-                                FetchKind::OnDemand,
-                                0,
-                                inner.opts.max_request_bytes,
-                                None,
-                            )
-                            .await;
-                    });
+                    self.runtime
+                        .spawn(async move { inner.fetch_on_demand(vec![(at, guard)], 0).await });
                     waiter
                 }
                 Claimed::Follower(waiter) => waiter,

@@ -47,8 +47,8 @@ pub enum Claimed {
     Leader(FillGuard, FillWaiter),
     /// A fetch at this priority or a more urgent one is under way: wait for it.
     Follower(FillWaiter),
-    /// A lower-priority fetch holds it: this caller fetches it too, at its own priority, and the
-    /// first good copy ends the claim for every waiter.
+    /// A lower-priority fetch holds it: this caller may fetch it too, at its own priority (the
+    /// first good copy ends the claim for every waiter), or drop the guard and wait.
     Overtake(FillGuard, FillWaiter),
 }
 
@@ -180,6 +180,15 @@ impl FillGuard {
     /// The chunk this guard fetches.
     pub fn digest(&self) -> ChunkDigest {
         self.digest
+    }
+
+    /// Whether the claim is still waiting for data (no fetcher delivered it yet).
+    pub fn is_pending(&self) -> bool {
+        self.table
+            .lock()
+            .1
+            .get(&self.digest)
+            .is_some_and(|claim| claim.id == self.id)
     }
 }
 

@@ -7,7 +7,8 @@
 //! requests are admitted only while the bytes they have in flight stay within a window of about
 //! two round trips of data at the estimated rate ([`FetchScheduler::window`]), and are sized to
 //! half of it; an on-demand request never waits for admission, and a chunk it needs that a lower
-//! stream has claimed is fetched again by its own request ([`ClaimTable`]). Background fill in
+//! stream has claimed but not delivered in time ([`FetchScheduler::overtake_patience`]) is
+//! fetched again by its own request ([`ClaimTable`]). Background fill in
 //! addition waits until no on-demand read has missed the cache for `quiet_period` and every
 //! queued prefetch has finished, runs at most `background_concurrency` requests node-wide, and
 //! keeps to `background_bandwidth`. Layer prefetches take turns in the order they were queued
@@ -51,6 +52,10 @@ impl Default for SchedulerOptions {
         }
     }
 }
+
+/// [`FetchScheduler::overtake_patience`] before any estimate, and at most.
+const DEFAULT_OVERTAKE_PATIENCE: Duration = Duration::from_secs(1);
+const MAX_OVERTAKE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Bounds of [`FetchScheduler::readahead_bytes`].
 const MIN_READ_AHEAD: u64 = 32 << 10;
@@ -204,6 +209,20 @@ impl FetchScheduler {
             _ => 0,
         };
         bdp.clamp(MIN_READ_AHEAD, MAX_READ_AHEAD)
+    }
+
+    /// How long an on-demand read follows a lower-priority stream that holds its chunk (of
+    /// `bytes` compressed) before fetching it itself: twice what its own request would take.
+    /// The stream is usually about to deliver it (a prefetch streams files in the order the
+    /// workload reads them), and a second copy would share the link with the first; only a
+    /// stalled stream is worth overtaking.
+    pub fn overtake_patience(&self, bytes: u64) -> Duration {
+        let link = self.state().link;
+        let secs = match (link.rtt, link.rate) {
+            (Some(rtt), Some(rate)) if rate > 0.0 => 2.0 * (rtt + bytes as f64 / rate),
+            _ => DEFAULT_OVERTAKE_PATIENCE.as_secs_f64(),
+        };
+        Duration::from_secs_f64(secs.clamp(0.05, MAX_OVERTAKE_PATIENCE.as_secs_f64()))
     }
 
     /// Queues a layer's prefetch; background fill waits while any is queued or running.
