@@ -3,7 +3,7 @@
 //! the minbase system, what installing python3 adds to it, and an app layer (a script that
 //! imports json and hashlib and hashes a 4 MiB random file).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,12 +56,28 @@ pub fn python3_image(cache_dir: &Path, progress: &dyn Fn(&str)) -> Result<Sample
         .collect();
     let system = tar_of(&base, base_entries.iter())?;
     let full_entries = walk(&full)?;
-    let added = full_entries.iter().filter(|e| {
-        base_index
-            .get(e.relative.as_path())
-            .is_none_or(|b| b.differs(e))
-    });
-    let python = tar_of(&full, added)?;
+    // What installing python3 added or changed, with the parent directories of each (as image
+    // builders write layers: tools such as `ctr-remote image optimize` expect them).
+    let mut kept: HashSet<&Path> = HashSet::new();
+    for entry in &full_entries {
+        let changed = base_index
+            .get(entry.relative.as_path())
+            .is_none_or(|b| b.differs(entry));
+        if changed {
+            kept.extend(
+                entry
+                    .relative
+                    .ancestors()
+                    .filter(|p| !p.as_os_str().is_empty()),
+            );
+        }
+    }
+    let python = tar_of(
+        &full,
+        full_entries
+            .iter()
+            .filter(|e| kept.contains(e.relative.as_path())),
+    )?;
     let (app, app_bytes) = app_layer()?;
     Ok(SampleImage {
         layers: vec![system, python, app],
