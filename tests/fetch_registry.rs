@@ -458,6 +458,7 @@ fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
                 source: LocatorSource::Stargz,
             },
             mountpoint,
+            lower_dirs: Vec::new(),
         }
     };
     let blob_events = || -> Vec<ProxyEvent> {

@@ -84,6 +84,34 @@ fn esgz_fixture_runs_lazily_and_fetches_only_what_it_reads() {
 }
 
 #[test]
+fn a_containers_listing_shows_no_whiteout_of_a_lazy_layer() {
+    require_root_and_containerd();
+    let (_registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
+    let lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    let stdout = lazysnap_pull(&containerd, "wh", "lazysnap", &image);
+    assert_pulled_lazily(&stdout, &lazysnap);
+    // The data layer whites out data/wh-dir/deleted-file, which no layer below has: `ls -la`
+    // used to list the name and then fail to stat it.
+    let out = containerd.run(
+        "wh",
+        "lazysnap",
+        &image,
+        &[
+            "/bin/sh",
+            "-c",
+            "ls -a /data/wh-dir && ls -la /data/wh-dir >/dev/null && echo ok",
+        ],
+    );
+    assert_eq!(
+        out,
+        ".\n..\nkept.txt\nok\n",
+        "lazysnap log:\n{}",
+        lazysnap.log()
+    );
+}
+
+#[test]
 fn zstdchunked_fixture_runs_through_lazysnap_pull() {
     require_root_and_containerd();
     let (_registry, image) = registry_with_fixture("zstdchunked", "fixture", "zstd");

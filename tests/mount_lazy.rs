@@ -113,6 +113,25 @@ fn listing(root: &Path, implied: &std::collections::HashSet<String>) -> Vec<Stri
         .collect()
 }
 
+/// The listing of unpacked layer `at` of `plain_layers` (base first) as a lazy layer stacked on
+/// the ones before it holds it: without whiteouts of paths no layer below has (those only
+/// deleted nothing, and overlayfs would list them; see `lazysnap::layer::LowerLayers`).
+fn stacked_listing(
+    plain_layers: &[PathBuf],
+    at: usize,
+    implied: &std::collections::HashSet<String>,
+) -> Vec<String> {
+    let below =
+        lazysnap::layer::LowerLayers::new(plain_layers[..at].iter().rev().cloned().collect());
+    listing(&plain_layers[at], implied)
+        .into_iter()
+        .filter(|line| {
+            let path = line.split(' ').next().unwrap_or_default();
+            !(line.contains(" char ") && line.contains(" dev=0,0")) || below.has(path)
+        })
+        .collect()
+}
+
 /// The layer directories of a mount (base first), checking each layer's mode in `status`.
 fn layer_dirs(mounted: &Mounted, mode: &str) -> Vec<PathBuf> {
     let status = mounted.status_json();
@@ -167,14 +186,15 @@ fn lazily_mounted_image_equals_the_unpacked_image() {
     let lazy_zstd = Mounted::new(&zstd, work.path(), "zstd", &[]);
     // Layer by layer, the lazy FUSE layers (eStargz and zstd:chunked) hold exactly the tree of
     // the downloaded-and-unpacked layers: entries, modes, owners, mtimes, contents, link
-    // targets, devices, xattrs, whiteouts as char 0/0 and the opaque xattr.
+    // targets, devices, xattrs, whiteouts as char 0/0 (those of something below) and the opaque
+    // xattr.
     let plain_layers = layer_dirs(&unpacked, "unpacked");
     for lazy_mount in [&lazy, &lazy_zstd] {
         let lazy_layers = layer_dirs(lazy_mount, "lazy");
         assert_eq!(lazy_layers.len(), plain_layers.len());
-        for ((lazy_dir, plain_dir), tar) in lazy_layers.iter().zip(&plain_layers).zip(&layers) {
+        for (at, (lazy_dir, tar)) in lazy_layers.iter().zip(&layers).enumerate() {
             let implied = implied_dirs(tar);
-            let expected = listing(plain_dir, &implied);
+            let expected = stacked_listing(&plain_layers, at, &implied);
             assert!(expected.len() > 5, "{expected:?}");
             assert_eq!(listing(lazy_dir, &implied), expected);
         }
@@ -281,12 +301,11 @@ fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
         ));
         let lazy = Mounted::new(&image, work.path(), variant, &["--no-prefetch"]);
         let lazy_layers = layer_dirs(&lazy, "lazy");
-        for ((lazy_dir, plain_dir), tar) in lazy_layers.iter().zip(&plain_layers).zip(&source_tars)
-        {
+        for (at, (lazy_dir, tar)) in lazy_layers.iter().zip(&source_tars).enumerate() {
             let implied = implied_dirs(tar);
             assert_eq!(
                 listing(lazy_dir, &implied),
-                listing(plain_dir, &implied),
+                stacked_listing(&plain_layers, at, &implied),
                 "fixture {variant}"
             );
         }
@@ -402,4 +421,47 @@ fn files_of_several_chunks_pass_through_once_cached() {
     assert_eq!(std::fs::read(plain.dir.join("data/big.bin")).unwrap(), data);
     assert_eq!(std::fs::read(plain.dir.join("data/big.bin")).unwrap(), data);
     assert_eq!(passthrough_counters(&plain).1, 0);
+}
+
+/// Names in `dir` of a merged mount, each checked to stat (a listed name that does not stat is
+/// a whiteout overlayfs passed through).
+fn merged_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Err(e) = std::fs::symlink_metadata(entry.path()) {
+                panic!(
+                    "{name} is listed in {} but does not stat: {e}",
+                    dir.display()
+                );
+            }
+            name
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_whiteout_of_what_no_lower_layer_has_is_not_listed() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let esgz = runtime.block_on(pull_common::push_fixture(
+        &registry.host(),
+        "esgz",
+        "fixture",
+        "esgz",
+    ));
+    let lazy = Mounted::new(&esgz, work.path(), "esgz", &["--no-prefetch"]);
+    // The data layer's data/wh-dir holds kept.txt and a whiteout of deleted-file, which the base
+    // layer does not have (overlayfs lists a single layer's directory as it is).
+    for _ in 0..2 {
+        assert_eq!(merged_names(&lazy.dir.join("data/wh-dir")), ["kept.txt"]);
+    }
+    // The opaque directory still hides nothing it should show.
+    assert!(lazy.dir.join("data/opaque-dir").is_dir());
 }

@@ -47,6 +47,7 @@ impl RemoteLayers for FixtureRemoteLayers {
         &self,
         _mountpoint: &Path,
         _labels: &BTreeMap<String, String>,
+        _lower_dirs: &[std::path::PathBuf],
     ) -> Result<(), RemoteLayerError> {
         Ok(())
     }

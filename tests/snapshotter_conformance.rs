@@ -699,6 +699,7 @@ impl RemoteLayers for FakeRemote {
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
+        _lower_dirs: &[std::path::PathBuf],
     ) -> Result<(), RemoteLayerError> {
         assert!(labels.contains_key(STARGZ_DIGEST_LABEL));
         self.restored.lock().unwrap().push(mountpoint.to_path_buf());

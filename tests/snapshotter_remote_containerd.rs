@@ -82,6 +82,7 @@ impl RemoteLayers for MaterializingRemote {
         &self,
         _mountpoint: &Path,
         _labels: &BTreeMap<String, String>,
+        _lower_dirs: &[std::path::PathBuf],
     ) -> Result<(), RemoteLayerError> {
         Ok(())
     }

@@ -18,7 +18,9 @@ use lazysnap::cache::{CacheError, CacheOptions, ChunkCache};
 use lazysnap::estargz;
 use lazysnap::fetch::FetchOptions;
 use lazysnap::image::{self, ImageLocation, Platform};
-use lazysnap::layer::{self, LayerManager, LayerManagerOptions, MountedLayer, RemoteLayerSpec};
+use lazysnap::layer::{
+    self, LayerManager, LayerManagerOptions, LowerLayers, MountedLayer, RemoteLayerSpec,
+};
 use lazysnap::registry::{Client, ClientConfig, Reference};
 
 use super::mount::{parse_size, state_file, write_state, LayerState, MountState};
@@ -626,7 +628,9 @@ async fn mount_layers(
         std::fs::create_dir_all(&mountpoint)
             .with_context(|| format!("creating {}", mountpoint.display()))?;
         let lazy = if spec.toc_digest().is_some() {
-            match manager.mount(&spec, &mountpoint).await {
+            // The layers already stacked, nearest first, decide which whiteouts delete anything.
+            let below = LowerLayers::new(mounted.lower_dirs.iter().rev().cloned().collect());
+            match manager.mount(&spec, &mountpoint, &below).await {
                 Ok(layer) => Some(layer),
                 Err(e) if e.is_not_lazy() => {
                     tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");

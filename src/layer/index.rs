@@ -6,14 +6,36 @@ use lazysnap_fuse::{Index, IndexBuilder, NewNode, NodeAttr, NodeKind};
 use crate::estargz::{Entry, EntryKind, LayerToc};
 use crate::fetch::LayerFiles;
 
-use super::LayerError;
+use super::{LayerError, LowerLayers};
 
-/// Builds the FUSE index of `toc`; content id `n` is file `n` of the [`LayerFiles`].
-pub fn build_index(toc: &LayerToc) -> Result<(Index, LayerFiles), LayerError> {
+/// Prefix of a whiteout entry's name, and the name of the opaque-directory marker.
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Whether `path` is a whiteout of a path `lower` does not have (nothing to delete): such
+/// whiteouts are left out (see [`LowerLayers`]).
+fn deletes_nothing(path: &str, lower: &LowerLayers) -> bool {
+    let (dir, name) = path
+        .trim_end_matches('/')
+        .rsplit_once('/')
+        .unwrap_or(("", path));
+    match name.strip_prefix(WHITEOUT_PREFIX) {
+        Some(_) if name == OPAQUE_MARKER || name.starts_with(".wh..wh.") => false,
+        Some(target) => !lower.has(&format!("{dir}/{target}")),
+        None => false,
+    }
+}
+
+/// Builds the FUSE index of `toc` for a layer stacked on `lower`; content id `n` is file `n` of
+/// the [`LayerFiles`].
+pub fn build_index(toc: &LayerToc, lower: &LowerLayers) -> Result<(Index, LayerFiles), LayerError> {
     let root_mtime = toc.entries().iter().map(|e| e.mtime).max().unwrap_or(0);
     let mut builder = IndexBuilder::new(NodeAttr::new(0o755, 0, 0, root_mtime));
     let mut files = sized_for(toc);
     for entry in toc.entries() {
+        if deletes_nothing(&entry.path, lower) {
+            continue;
+        }
         let kind = match entry.kind {
             EntryKind::Dir => NodeKind::Dir,
             EntryKind::Reg => {

@@ -2,9 +2,11 @@
 //! index, mount it with a fetching content source, check its health, and unmount it.
 
 mod index;
+mod lower;
 mod unpack;
 
 pub use index::build_index;
+pub use lower::LowerLayers;
 pub use unpack::{unpack_layer, UnpackError};
 
 use std::collections::{BTreeMap, HashMap};
@@ -246,24 +248,22 @@ impl LayerManager {
         })
     }
 
-    /// Mounts `spec` lazily at `mountpoint` (an existing empty directory) and starts its
-    /// prefetch. Fails with [`LayerError::Format`] when the layer is not eStargz/zstd:chunked.
+    /// Mounts `spec` lazily at `mountpoint` (an existing empty directory), stacked on `lower`,
+    /// and starts its prefetch. Fails with [`LayerError::Format`] when the layer is not
+    /// eStargz/zstd:chunked.
     pub async fn mount(
         &self,
         spec: &RemoteLayerSpec,
         mountpoint: &Path,
+        lower: &LowerLayers,
     ) -> Result<MountedLayer, LayerError> {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
-        self.mount_traced(spec, mountpoint).instrument(span).await
-    }
-
-    async fn mount_traced(
-        &self,
-        spec: &RemoteLayerSpec,
-        mountpoint: &Path,
-    ) -> Result<MountedLayer, LayerError> {
-        let toc = self.read_toc(spec).await?;
-        self.mount_toc(spec, &toc, mountpoint).await
+        async {
+            let toc = self.read_toc(spec).await?;
+            self.mount_toc(spec, &toc, mountpoint, lower).await
+        }
+        .instrument(span)
+        .await
     }
 
     /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]).
@@ -279,19 +279,21 @@ impl LayerManager {
             })
     }
 
-    /// Mounts a layer whose TOC was read by [`read_toc`](Self::read_toc).
+    /// Mounts a layer whose TOC was read by [`read_toc`](Self::read_toc), stacked on `lower`
+    /// (whiteouts of what `lower` lacks are left out).
     async fn mount_toc(
         &self,
         spec: &RemoteLayerSpec,
         toc: &estargz::LayerToc,
         mountpoint: &Path,
+        lower: &LowerLayers,
     ) -> Result<MountedLayer, LayerError> {
         let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
             &spec.image,
             &spec.layer.digest,
             spec.layer.size,
         ));
-        let (index, files) = build_index(toc)?;
+        let (index, files) = build_index(toc, lower)?;
         let reader = LayerReader::new(
             blob,
             toc.compression(),
@@ -361,6 +363,7 @@ impl LayerManager {
         &self,
         locator: &LayerLocator,
         mountpoint: &Path,
+        lower: &LowerLayers,
     ) -> Result<(), RemoteLayerError> {
         let image = Reference::parse(&locator.image_ref)
             .map_err(|e| RemoteLayerError::Declined(format!("image reference: {e}")))?;
@@ -387,7 +390,7 @@ impl LayerManager {
                 .toc_read_ahead(&image, &spec, &locator.image_layers)
                 .await?;
             let mounted = self
-                .mount_toc(&spec, &toc, mountpoint)
+                .mount_toc(&spec, &toc, mountpoint, lower)
                 .await
                 .map_err(to_remote_error);
             lock(&self.tocs).remove(&(image.to_string(), spec.layer.digest.clone()));
@@ -472,7 +475,8 @@ fn to_remote_error(error: LayerError) -> RemoteLayerError {
 #[async_trait]
 impl RemoteLayers for LayerManager {
     async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
-        self.mount_located(&request.locator, &request.mountpoint)
+        let lower = LowerLayers::new(request.lower_dirs.clone());
+        self.mount_located(&request.locator, &request.mountpoint, &lower)
             .await
     }
 
@@ -496,6 +500,7 @@ impl RemoteLayers for LayerManager {
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
+        lower_dirs: &[PathBuf],
     ) -> Result<(), RemoteLayerError> {
         let locator = LayerLocator::from_labels(labels).ok_or_else(|| {
             RemoteLayerError::Declined(format!(
@@ -504,7 +509,8 @@ impl RemoteLayers for LayerManager {
             ))
         })?;
         detach_stale_mount(mountpoint);
-        self.mount_located(&locator, mountpoint).await
+        self.mount_located(&locator, mountpoint, &LowerLayers::new(lower_dirs.to_vec()))
+            .await
     }
 
     async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {

@@ -113,6 +113,8 @@ pub struct RemoteLayerRequest {
     pub locator: LayerLocator,
     /// An existing empty directory to mount the layer's root at (the snapshot's `fs/`).
     pub mountpoint: PathBuf,
+    /// The directories of the layers below (the parent chain), nearest first, all mounted.
+    pub lower_dirs: Vec<PathBuf>,
 }
 
 /// Why a remote mount did not happen. Either way Prepare falls back to a normal snapshot.
@@ -149,11 +151,13 @@ pub trait RemoteLayers: Send + Sync + 'static {
 
     /// Mounts again a layer recorded before a restart at `mountpoint` (which may hold a stale
     /// FUSE mount from the previous process: clean it first). `labels` are the stored labels,
-    /// including the locator labels.
+    /// including the locator labels; `lower_dirs` as in [`RemoteLayerRequest::lower_dirs`]
+    /// (restored before this one).
     async fn restore_layer(
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
+        lower_dirs: &[PathBuf],
     ) -> Result<(), RemoteLayerError>;
 
     /// Unmounts and frees the layer mounted at `mountpoint` (Remove and Cleanup call this before
@@ -184,6 +188,7 @@ impl RemoteLayers for NoRemoteLayers {
         &self,
         mountpoint: &Path,
         _labels: &BTreeMap<String, String>,
+        _lower_dirs: &[PathBuf],
     ) -> Result<(), RemoteLayerError> {
         Err(RemoteLayerError::Declined(format!(
             "remote layers are disabled; cannot remount {}",

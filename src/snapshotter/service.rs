@@ -187,6 +187,20 @@ impl Service {
         self.inner.snapshots_dir.join(id.to_string())
     }
 
+    /// The layer trees of snapshot `name` and its ancestors, nearest first (what overlayfs
+    /// stacks as lowerdirs); empty for "".
+    fn layer_dirs(&self, name: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+        if name.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.inner.store.begin()?;
+        Ok(txn
+            .chain_ids(name)?
+            .into_iter()
+            .map(|(id, _)| self.dir(id).join("fs"))
+            .collect())
+    }
+
     /// Runs blocking filesystem + metadata work off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -204,14 +218,27 @@ impl Service {
     /// Remounts every remote layer recorded in the metadata (after a restart). Returns how many
     /// were restored; failures are logged and counted.
     pub async fn restore_remote_layers(&self) -> Result<usize, SnapshotError> {
-        let records = self.blocking(|s| Ok(s.inner.store.all()?)).await?;
+        // Parents first: a layer's whiteouts are judged against the layers below it, mounted.
+        let records = self
+            .blocking(|s| {
+                let mut remote = Vec::new();
+                for (name, record) in s.inner.store.all()? {
+                    if record.remote {
+                        let lower_dirs = s.layer_dirs(&record.parent)?;
+                        remote.push((name, record, lower_dirs));
+                    }
+                }
+                remote.sort_by_key(|(_, _, lower)| lower.len());
+                Ok(remote)
+            })
+            .await?;
         let mut restored = 0;
-        for (name, record) in records.into_iter().filter(|(_, r)| r.remote) {
+        for (name, record, lower_dirs) in records {
             let mountpoint = self.dir(record.id).join("fs");
             match self
                 .inner
                 .remote
-                .restore_layer(&mountpoint, &record.labels)
+                .restore_layer(&mountpoint, &record.labels, &lower_dirs)
                 .await
             {
                 Ok(()) => {
@@ -308,7 +335,7 @@ impl Service {
             reason: e.to_string(),
         };
         let (target_owned, parent_owned) = (target.to_string(), parent.to_string());
-        let (id, mountpoint, name) = self
+        let (id, mountpoint, name, lower_dirs) = self
             .blocking(move |s| {
                 // containerd looks the result up by (snapshot.ref label, parent); one such
                 // snapshot is enough.
@@ -343,7 +370,8 @@ impl Service {
                         "creating {}",
                         mountpoint.display()
                     )))?;
-                Ok(Some((id, mountpoint, name)))
+                let lower_dirs = s.layer_dirs(&parent_owned)?;
+                Ok(Some((id, mountpoint, name, lower_dirs)))
             })
             .await
             .map_err(fallback)?
@@ -356,6 +384,7 @@ impl Service {
             labels: labels.clone(),
             locator,
             mountpoint: mountpoint.clone(),
+            lower_dirs,
         };
         let span = info_span!("remote_layer.mount", target, layer = %request.locator.layer_digest);
         if let Err(err) = self
