@@ -6,11 +6,8 @@ use lazysnap_fuse::{Index, IndexBuilder, NewNode, NodeAttr, NodeKind};
 use crate::estargz::{Entry, EntryKind, LayerToc};
 use crate::fetch::LayerFiles;
 
+use super::unpack::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 use super::{LayerError, LowerLayers};
-
-/// Prefix of a whiteout entry's name, and the name of the opaque-directory marker.
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Whether `path` is a whiteout of a path `lower` does not have (nothing to delete): such
 /// whiteouts are left out (see [`LowerLayers`]).

@@ -28,8 +28,9 @@ pub enum UnpackError {
     },
 }
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// Prefix of a whiteout entry's name, and the name of the opaque-directory marker (OCI).
+pub(super) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(super) const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Unpacks the uncompressed tar `input` into `dest` (which must not exist yet). The opaque
 /// marker becomes `opaque_xattr` (`trusted.overlay.opaque` or `user.overlay.opaque`) = `y`.
