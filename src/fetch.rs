@@ -1244,13 +1244,14 @@ impl Inner {
             if batch.is_empty() {
                 continue;
             }
+            // What the request spans: from the batch's first chunk to its furthest end.
+            let first = self.chunk(batch[0]).compressed.start;
             let bytes = batch
                 .iter()
-                .map(|&at| {
-                    let c = &self.chunk(at).compressed;
-                    c.end - c.start
-                })
-                .sum();
+                .map(|&at| self.chunk(at).compressed.end)
+                .max()
+                .unwrap_or(first)
+                .saturating_sub(first);
             let reservation = tokio::select! {
                 r = scheduler.admit(kind, bytes) => r,
                 _ = self.cancel.cancelled() => break,

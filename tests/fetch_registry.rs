@@ -70,17 +70,9 @@ fn build_and_push(
     }
 }
 
-/// Opens the layer's TOC through the registry and makes a reader over its regular files, with
-/// on-demand reads only.
-fn open_reader(
-    rt: &tokio::runtime::Runtime,
-    client: &Client,
-    repo: &Reference,
-    pushed: &Pushed,
-    cache: &Arc<ChunkCache>,
-    name: &str,
-) -> (Arc<LayerReader>, Vec<String>) {
-    let opts = FetchOptions {
+/// Reads of what a process asks for only: no prefetch, background fill or read-ahead.
+fn on_demand_only() -> FetchOptions {
+    FetchOptions {
         deadline: Duration::from_secs(8),
         attempt_timeout: Duration::from_secs(3),
         retries: 1,
@@ -89,13 +81,12 @@ fn open_reader(
         readahead: false,
         scheduler: FetchScheduler::new(SchedulerOptions::default()),
         ..FetchOptions::default()
-    };
-    open_reader_with(rt, client, repo, pushed, cache, name, opts)
+    }
 }
 
-/// [`open_reader`] with `opts`.
+/// Opens the layer's TOC through the registry and makes a reader over its regular files.
 #[allow(clippy::too_many_arguments)]
-fn open_reader_with(
+fn open_reader(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     repo: &Reference,
@@ -155,11 +146,7 @@ fn read_file(r: &LayerReader, content: usize, size: usize) -> Result<Vec<u8>, i3
 #[test]
 fn lazy_reads_through_a_real_registry() {
     let mut registry = RegistryServer::start().expect("docker-registry must be installed");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = Client::new(ClientConfig {
         request_timeout: Duration::from_secs(3),
         read_deadline: Duration::from_secs(4),
@@ -186,7 +173,15 @@ fn lazy_reads_through_a_real_registry() {
 
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ChunkCache::open(CacheOptions::new(cache_dir.path())).unwrap();
-    let (r1, names1) = open_reader(&rt, &client, &repo, &layer1, &cache, "layer1");
+    let (r1, names1) = open_reader(
+        &rt,
+        &client,
+        &repo,
+        &layer1,
+        &cache,
+        "layer1",
+        on_demand_only(),
+    );
     let index = |names: &[String], path: &str| names.iter().position(|n| n == path).unwrap();
 
     // One 4 KiB file costs the TOC (already read) plus at most two chunks.
@@ -206,7 +201,15 @@ fn lazy_reads_through_a_real_registry() {
     }
 
     // The second layer shares lib/shared.so: none of its chunks are fetched again.
-    let (r2, names2) = open_reader(&rt, &client, &repo, &layer2, &cache, "layer2");
+    let (r2, names2) = open_reader(
+        &rt,
+        &client,
+        &repo,
+        &layer2,
+        &cache,
+        "layer2",
+        on_demand_only(),
+    );
     let before = registry.blob_bytes_served(&layer2.digest);
     let got = read_file(&r2, index(&names2, "lib/shared.so"), shared.len()).unwrap();
     assert!(got == shared);
@@ -281,7 +284,7 @@ fn an_on_demand_read_is_answered_before_the_prefetch_stream_reaches_its_chunk() 
         scheduler: FetchScheduler::new(SchedulerOptions::default()),
         ..FetchOptions::default()
     };
-    let (reader, names) = open_reader_with(&rt, &client, &slow, &pushed, &cache, "prio", opts);
+    let (reader, names) = open_reader(&rt, &client, &slow, &pushed, &cache, "prio", opts);
     let toc_bytes = registry.blob_bytes_served(&pushed.digest);
 
     // Every file is prioritized: the prefetch streams the whole layer in blob order.
@@ -340,7 +343,7 @@ fn background_fill_starts_only_after_the_quiet_period() {
         }),
         ..FetchOptions::default()
     };
-    let (reader, names) = open_reader_with(&rt, &client, &repo, &pushed, &cache, "quiet", opts);
+    let (reader, names) = open_reader(&rt, &client, &repo, &pushed, &cache, "quiet", opts);
     reader.start_prefetch(None);
     std::thread::sleep(quiet / 3);
     assert_eq!(

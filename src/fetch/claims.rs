@@ -85,18 +85,8 @@ impl ClaimTable {
                 Claimed::Follower(waiter)
             }
             None => {
-                *next_id += 1;
-                let id = *next_id;
-                claims.insert(
-                    *digest,
-                    Claim {
-                        id,
-                        kind,
-                        fetchers: 1,
-                        waiters: vec![tx],
-                    },
-                );
-                Claimed::Leader(self.guard(digest, id), waiter)
+                let guard = self.start(next_id, claims, digest, kind, vec![tx]);
+                Claimed::Leader(guard, waiter)
             }
         }
     }
@@ -108,6 +98,18 @@ impl ClaimTable {
         if claims.contains_key(digest) {
             return None;
         }
+        Some(self.start(next_id, claims, digest, kind, Vec::new()))
+    }
+
+    /// Records a new claim on `digest` (under the table's lock) and returns its one fetcher.
+    fn start(
+        self: &Arc<Self>,
+        next_id: &mut u64,
+        claims: &mut HashMap<ChunkDigest, Claim>,
+        digest: &ChunkDigest,
+        kind: FetchKind,
+        waiters: Vec<FillSender>,
+    ) -> FillGuard {
         *next_id += 1;
         let id = *next_id;
         claims.insert(
@@ -116,10 +118,10 @@ impl ClaimTable {
                 id,
                 kind,
                 fetchers: 1,
-                waiters: Vec::new(),
+                waiters,
             },
         );
-        Some(self.guard(digest, id))
+        self.guard(digest, id)
     }
 
     /// Whether a fetch of the chunk is under way.

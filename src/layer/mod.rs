@@ -258,12 +258,15 @@ impl LayerManager {
         lower: &LowerLayers,
     ) -> Result<MountedLayer, LayerError> {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
-        async {
+        let mounted = async {
             let toc = self.read_toc(spec).await?;
             self.mount_toc(spec, &toc, mountpoint, lower).await
         }
         .instrument(span)
-        .await
+        .await;
+        // The parsed TOC went with the block: the index and chunk lists hold what reads use.
+        lazysnap_fuse::release_freed_memory();
+        mounted
     }
 
     /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]).
