@@ -345,10 +345,12 @@ impl LayerReader {
     }
 
     /// Starts, once, the prefetch of `range` (the compressed range of the prioritized files;
-    /// `None` when the layer has none) followed by background fill, as the options allow. The
+    /// `None` when the layer has none) but the chunks starting at the `skipped` offsets (sorted;
+    /// [`LayerToc::prefetch_skipped`](crate::estargz::LayerToc::prefetch_skipped)), followed by
+    /// background fill, as the options allow. The
     /// prefetch is queued with the scheduler at once, behind the layers mounted before; the call
     /// returns at once and the work runs on the runtime until done or [`LayerReader::shutdown`].
-    pub fn start_prefetch(&self, range: Option<Range<u64>>) {
+    pub fn start_prefetch(&self, range: Option<Range<u64>>, skipped: &[u64]) {
         if self.inner.prefetch_started.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -357,10 +359,11 @@ impl LayerReader {
         let ticket = range
             .filter(|_| self.inner.opts.prefetch)
             .map(|range| (range, scheduler.queue_prefetch()));
+        let skipped = skipped.to_vec();
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {
             if let Some((range, ticket)) = ticket {
-                inner.prefetch(range, ticket).await;
+                inner.prefetch(range, &skipped, ticket).await;
             }
             inner.counters.prefetch_done.store(true, Ordering::SeqCst);
             if inner.opts.background && !inner.cancel.is_cancelled() {
@@ -1274,16 +1277,23 @@ impl Inner {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// Fetches the chunks inside the prioritized range, in blob (landmark) order, once the
-    /// prefetches queued before it are done.
-    async fn prefetch(self: &Arc<Self>, range: Range<u64>, ticket: scheduler::PrefetchTicket) {
+    /// Fetches the chunks inside the prioritized range but the `skipped` ones, in blob (landmark)
+    /// order, once the prefetches queued before it are done.
+    async fn prefetch(
+        self: &Arc<Self>,
+        range: Range<u64>,
+        skipped: &[u64],
+        ticket: scheduler::PrefetchTicket,
+    ) {
         let wanted: Vec<ChunkRef> = self
             .layer_chunks
             .iter()
             .map(|&at| at as ChunkRef)
             .filter(|&at| {
                 let c = &self.chunk(at).compressed;
-                c.start >= range.start && c.start < range.end
+                c.start >= range.start
+                    && c.start < range.end
+                    && skipped.binary_search(&c.start).is_err()
             })
             .collect();
         let span = tracing::info_span!("prefetch", layer = %self.layer, start = range.start, end = range.end, chunks = wanted.len());

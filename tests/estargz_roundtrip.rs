@@ -671,3 +671,57 @@ fn converting_the_fixture_source_layer_matches_ctr_remote_toc_semantics() {
         assert_eq!(a, b);
     }
 }
+
+/// A recorded file read in two places is cut at the edges of what was read: the chunks outside
+/// are marked `lazysnap.skipPrefetch` (and only those), it comes first in record order, and
+/// every byte still reads back and verifies, for eStargz and zstd:chunked.
+#[tokio::test]
+async fn a_recorded_file_is_cut_around_what_was_read_and_the_rest_is_marked_skipped() {
+    let tar = every_entry_tar();
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        let mut o = opts(compression);
+        o.recorded = vec![
+            lazysnap::estargz::RecordedFile {
+                path: "root/big.bin".into(),
+                read: vec![1000..5000, 150_000..160_000],
+            },
+            lazysnap::estargz::RecordedFile {
+                path: "root/small/file-003".into(),
+                read: vec![],
+            },
+        ];
+        let (out, built) = build(&tar, &o, 2);
+        let blob = MemoryBlob(Bytes::from(out));
+        let layer = open_layer(&blob, Some(&built.toc_digest)).await.unwrap();
+        assert_eq!(layer.landmark(), Some(Landmark::Prefetch));
+        let regs: Vec<&str> = layer
+            .entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Reg)
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(&regs[..2], &["root/big.bin", "root/small/file-003"]);
+        let big = &layer.entries()[layer
+            .entries()
+            .iter()
+            .position(|e| e.path == "root/big.bin")
+            .unwrap()];
+        let read_starts = [1000u64, 150_000];
+        let edges: Vec<u64> = big.chunks.iter().map(|c| c.file_offset).collect();
+        for edge in [1000, 5000, 150_000, 160_000] {
+            assert!(edges.contains(&edge), "a chunk starts at {edge}: {edges:?}");
+        }
+        assert!(big.chunks.iter().all(|c| c.len <= CHUNK));
+        let skipped = layer.prefetch_skipped();
+        for c in &big.chunks {
+            let read = read_starts.contains(&c.file_offset);
+            assert_eq!(
+                skipped.binary_search(&c.compressed.start).is_err(),
+                read,
+                "chunk at {} ({compression:?})",
+                c.file_offset
+            );
+        }
+        verify_layer(&blob, &layer).await.unwrap();
+    }
+}

@@ -30,7 +30,7 @@ pub use reader::{
     EntryKind, Landmark, LayerToc, VerifyReport, DEFAULT_TAIL_GUESS, MAX_CHUNK_LEN, MAX_TOC_SIZE,
 };
 pub use toc::{Toc, TocEntry};
-pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer};
+pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer, RecordedFile};
 
 /// Layer annotation carrying the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";

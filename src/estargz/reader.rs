@@ -109,6 +109,7 @@ pub struct LayerToc {
     toc: Toc,
     entries: Vec<Entry>,
     prefetch_range: Option<Range<u64>>,
+    prefetch_skipped: Vec<u64>,
     landmark: Option<Landmark>,
     blob_size: u64,
     footer: Footer,
@@ -134,6 +135,11 @@ impl LayerToc {
     /// Compressed bytes holding the prioritized files (everything before `.prefetch.landmark`).
     pub fn prefetch_range(&self) -> Option<Range<u64>> {
         self.prefetch_range.clone()
+    }
+    /// Compressed start offsets, sorted, of the chunks in the prefetch range marked
+    /// `lazysnap.skipPrefetch` (parts of files the recorded workload did not read).
+    pub fn prefetch_skipped(&self) -> &[u64] {
+        &self.prefetch_skipped
     }
     /// The landmark the layer carries, if any.
     pub fn landmark(&self) -> Option<Landmark> {
@@ -327,6 +333,7 @@ pub fn layer_from_toc_json(
         toc,
         entries: normalized.entries,
         prefetch_range: normalized.prefetch_range,
+        prefetch_skipped: normalized.prefetch_skipped,
         landmark: normalized.landmark,
         blob_size,
         footer,
@@ -465,6 +472,7 @@ struct Normalized {
     entries: Vec<Entry>,
     landmark: Option<Landmark>,
     prefetch_range: Option<Range<u64>>,
+    prefetch_skipped: Vec<u64>,
 }
 
 /// Where the chunks of the open regular file go.
@@ -517,6 +525,7 @@ fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatError> {
     let mut places: Vec<ChunkPlace> = Vec::new();
     let mut landmark = None;
     let mut prefetch_range = None;
+    let mut prefetch_skipped = Vec::new();
     let mut open = OpenReg::None;
 
     let close = |open: &OpenReg, entries: &[Entry]| -> Result<(), FormatError> {
@@ -547,6 +556,9 @@ fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatError> {
     };
 
     for e in &toc.entries {
+        if e.skip_prefetch && landmark.is_none() && e.offset > 0 {
+            prefetch_skipped.push(e.offset);
+        }
         if e.kind == "chunk" {
             let (size, covered, display) = match &open {
                 OpenReg::None => {
@@ -726,10 +738,16 @@ fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatError> {
 
     resolve_hardlinks(&mut entries)?;
     check_overlaps(&mut places)?;
+    if prefetch_range.is_none() {
+        prefetch_skipped.clear();
+    }
+    prefetch_skipped.sort_unstable();
+    prefetch_skipped.dedup();
     Ok(Normalized {
         entries,
         landmark,
         prefetch_range,
+        prefetch_skipped,
     })
 }
 

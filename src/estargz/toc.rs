@@ -90,4 +90,13 @@ pub struct TocEntry {
         skip_serializing_if = "String::is_empty"
     )]
     pub chunk_digest: String,
+    /// lazysnap's mark on a chunk of the prioritized part that the recorded workload never read
+    /// (`lazysnap optimize` cuts partly read files around what was read): lazysnap's prefetch
+    /// leaves it out; other readers ignore the key and prefetch it with the rest.
+    #[serde(
+        rename = "lazysnap.skipPrefetch",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub skip_prefetch: bool,
 }

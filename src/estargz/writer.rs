@@ -49,6 +49,20 @@ pub struct BuildOptions {
     pub level: u32,
     /// Paths or globs (relative to `/`) to place first, in this order.
     pub prioritized: Vec<String>,
+    /// Files a recorded workload used (exact paths), placed first after the `prioritized`
+    /// matches, in this order.
+    pub recorded: Vec<RecordedFile>,
+}
+
+/// A file a recorded workload used (`lazysnap optimize`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedFile {
+    /// Path relative to `/`.
+    pub path: String,
+    /// The byte ranges read, sorted and disjoint, when only those are to be prefetched: the
+    /// file is cut into chunks at their edges and the chunks outside them are marked
+    /// `lazysnap.skipPrefetch`. Empty: the whole file is prefetched.
+    pub read: Vec<Range<u64>>,
 }
 
 impl Default for BuildOptions {
@@ -68,6 +82,7 @@ impl BuildOptions {
                 Compression::Zstd => DEFAULT_ZSTD_LEVEL,
             },
             prioritized: Vec::new(),
+            recorded: Vec::new(),
         }
     }
 
@@ -401,24 +416,24 @@ impl<'a> Layout<'a> {
 
     fn run<R: Read>(&mut self, input: R) -> Result<(), FormatError> {
         let mut stream = TarStream::new(input);
-        if self.opts.prioritized.is_empty() {
+        if self.opts.prioritized.is_empty() && self.opts.recorded.is_empty() {
             self.add_landmark(NO_PREFETCH_LANDMARK)?;
             while let Some(member) = stream.next_member()? {
                 check_member_names(&member)?;
                 if is_estargz_metadata(&member) {
                     continue;
                 }
-                self.add_member(&member, &mut stream)?;
+                self.add_member(&member, &mut stream, &[])?;
             }
             stream.drain()?;
         } else {
             let spool = Spool::read(&mut stream)?;
             stream.drain()?;
-            let order = spool.order(&self.opts.prioritized);
+            let order = spool.order(&self.opts.prioritized, &self.opts.recorded);
             for item in order {
                 match item {
                     Ordered::Landmark => self.add_landmark(PREFETCH_LANDMARK)?,
-                    Ordered::Member(i) => {
+                    Ordered::Member(i, read) => {
                         let Some(spooled) = spool.members.get(i) else {
                             continue;
                         };
@@ -440,7 +455,7 @@ impl<'a> Layout<'a> {
                             file: &spool.file,
                             pos: spooled.header.end,
                         };
-                        self.add_member(&member, &mut data)?;
+                        self.add_member(&member, &mut data, read)?;
                     }
                 }
             }
@@ -481,17 +496,19 @@ impl<'a> Layout<'a> {
             offset: 0,
         };
         let mut data = LandmarkData;
-        self.add_member(&member, &mut data)?;
+        self.add_member(&member, &mut data, &[])?;
         if let Some(last) = self.entries.last_mut() {
             last.toc.modtime.clear();
         }
         Ok(())
     }
 
+    /// Adds one tar member; a regular file is cut into chunks by [`plan_chunks`] around `read`.
     fn add_member(
         &mut self,
         member: &RawMember,
         data: &mut dyn MemberData,
+        read: &[Range<u64>],
     ) -> Result<(), FormatError> {
         let meta = &member.meta;
         let mut toc = toc_entry_for(meta);
@@ -536,10 +553,8 @@ impl<'a> Layout<'a> {
         let chunk_size = self.opts.chunk_size;
         let multi = size > chunk_size;
         let mut file_hasher = multi.then(Sha256::new);
-        let mut chunk_offset = 0u64;
         let first_index = self.entries.len();
-        while chunk_offset < size {
-            let len = chunk_size.min(size - chunk_offset);
+        for (chunk_offset, len, skip_prefetch) in plan_chunks(size, chunk_size, read) {
             let last = chunk_offset + len == size;
             let mut buf = Vec::with_capacity(len as usize + if last { 512 } else { 0 });
             buf.resize(len as usize, 0);
@@ -558,9 +573,10 @@ impl<'a> Layout<'a> {
                     ..TocEntry::default()
                 }
             };
-            if len == chunk_size {
+            if len == chunk_size || !last {
                 entry.chunk_size = len;
             }
+            entry.skip_prefetch = skip_prefetch;
             self.entries.push(PlannedEntry {
                 toc: entry,
                 member: Some(member),
@@ -576,7 +592,6 @@ impl<'a> Layout<'a> {
                 self.pending_digest_len = len as usize;
                 self.flush()?;
             }
-            chunk_offset += len;
         }
         let file_digest = match file_hasher {
             Some(h) => DigestSource::Known(format!("sha256:{}", hex::encode(h.finalize()))),
@@ -602,6 +617,31 @@ impl<'a> Layout<'a> {
     }
 }
 
+/// The chunks of a file of `size` bytes as `(offset, len, skip_prefetch)`: pieces of at most
+/// `chunk_size`, also cut at the edges of the `read` ranges, the pieces outside every range
+/// marked to be skipped by the prefetch (none when `read` is empty).
+fn plan_chunks(size: u64, chunk_size: u64, read: &[Range<u64>]) -> Vec<(u64, u64, bool)> {
+    let mut edges: Vec<u64> = read
+        .iter()
+        .flat_map(|r| [r.start, r.end])
+        .filter(|&e| e > 0 && e < size)
+        .collect();
+    edges.push(size);
+    edges.sort_unstable();
+    edges.dedup();
+    let mut chunks = Vec::new();
+    let mut start = 0u64;
+    for edge in edges {
+        let skip = !read.is_empty() && !read.iter().any(|r| r.start <= start && start < r.end);
+        while start < edge {
+            let len = chunk_size.max(1).min(edge - start);
+            chunks.push((start, len, skip));
+            start += len;
+        }
+    }
+    chunks
+}
+
 struct LandmarkData;
 
 impl MemberData for LandmarkData {
@@ -625,8 +665,9 @@ struct SpooledMember {
     offset: u64,
 }
 
-enum Ordered {
-    Member(usize),
+enum Ordered<'r> {
+    /// A member, with the ranges of it a recorded workload read (empty: all of it).
+    Member(usize, &'r [Range<u64>]),
     Landmark,
 }
 
@@ -678,9 +719,10 @@ impl Spool {
         Ok(Spool { file, members })
     }
 
-    /// Prioritized members (with their parent dirs and hardlink targets) in pattern order, the
-    /// prefetch landmark, then everything else in source order.
-    fn order(&self, patterns: &[String]) -> Vec<Ordered> {
+    /// Prioritized members (with their parent dirs and hardlink targets) in pattern order, then
+    /// the recorded files in their order, the prefetch landmark, then everything else in source
+    /// order.
+    fn order<'r>(&self, patterns: &[String], recorded: &'r [RecordedFile]) -> Vec<Ordered<'r>> {
         let mut by_path: HashMap<&str, usize> = HashMap::new();
         for (i, m) in self.members.iter().enumerate() {
             by_path.entry(m.path.as_str()).or_insert(i);
@@ -704,10 +746,23 @@ impl Spool {
                 }
             }
         }
+        for file in recorded {
+            let path = normalize_name(&file.path).unwrap_or_default();
+            if let Some(&i) = by_path.get(path.as_str()) {
+                let before = order.len();
+                self.take(i, &by_path, &mut taken, &mut order, 0);
+                let grew = order.len() > before;
+                if let Some(Ordered::Member(last, read)) = order.last_mut() {
+                    if *last == i && grew {
+                        *read = &file.read;
+                    }
+                }
+            }
+        }
         order.push(Ordered::Landmark);
         for (i, t) in taken.iter().enumerate() {
             if !t {
-                order.push(Ordered::Member(i));
+                order.push(Ordered::Member(i, &[]));
             }
         }
         order
@@ -718,7 +773,7 @@ impl Spool {
         i: usize,
         by_path: &HashMap<&str, usize>,
         taken: &mut [bool],
-        order: &mut Vec<Ordered>,
+        order: &mut Vec<Ordered<'_>>,
         depth: usize,
     ) {
         let Some(m) = self.members.get(i) else { return };
@@ -748,7 +803,7 @@ impl Spool {
         if let Some(slot) = taken.get_mut(i) {
             if !*slot {
                 *slot = true;
-                order.push(Ordered::Member(i));
+                order.push(Ordered::Member(i, &[]));
             }
         }
     }

@@ -26,7 +26,7 @@ use super::types::{
 };
 use super::{select_platform, ImageError, Platform};
 use crate::blob::{BlobSource, FileBlob};
-use crate::estargz::{self, BuildOptions, Compression, TOC_DIGEST_ANNOTATION};
+use crate::estargz::{self, BuildOptions, Compression, RecordedFile, TOC_DIGEST_ANNOTATION};
 use crate::registry::{Client, Reference, RegistryError};
 
 /// How to convert.
@@ -40,6 +40,10 @@ pub struct ConvertOptions {
     pub level: Option<u32>,
     /// Paths or globs to put first, in this order (the prefetched part).
     pub prioritized: Vec<String>,
+    /// Per tar layer (by position), the files a recorded workload used, placed first after the
+    /// `prioritized` matches (`lazysnap optimize`); a layer without any gets
+    /// `.no.prefetch.landmark` unless a pattern matches in it.
+    pub recorded: Vec<Vec<RecordedFile>>,
     /// Platform chosen from an index (unless `all_platforms`).
     pub platform: Platform,
     /// Convert every manifest of an index and write a new index.
@@ -59,6 +63,7 @@ impl Default for ConvertOptions {
             chunk_size: estargz::DEFAULT_CHUNK_SIZE,
             level: None,
             prioritized: Vec::new(),
+            recorded: Vec::new(),
             platform: Platform::host(),
             all_platforms: false,
             reuse: false,
@@ -69,7 +74,8 @@ impl Default for ConvertOptions {
 }
 
 impl ConvertOptions {
-    fn build_options(&self) -> BuildOptions {
+    /// The build options of the tar layer at `position`.
+    fn build_options(&self, position: usize) -> BuildOptions {
         let level = self.level.unwrap_or(match self.compression {
             Compression::Gzip => 9,
             Compression::Zstd => 3,
@@ -79,6 +85,7 @@ impl ConvertOptions {
             chunk_size: self.chunk_size,
             level,
             prioritized: self.prioritized.clone(),
+            recorded: self.recorded.get(position).cloned().unwrap_or_default(),
         }
     }
 }
@@ -602,21 +609,21 @@ impl Job<'_> {
                 config.rootfs.diff_ids.len()
             )));
         }
-        let mut diff_id_iter = config.rootfs.diff_ids.iter();
-        let work: Vec<(Descriptor, Option<String>)> = manifest
+        let mut diff_id_iter = config.rootfs.diff_ids.iter().enumerate();
+        let work: Vec<(Descriptor, Option<(usize, String)>)> = manifest
             .layers
             .iter()
             .map(|l| {
-                let diff_id = if is_layer(&l.media_type) {
-                    diff_id_iter.next().cloned()
+                let tar_layer = if is_layer(&l.media_type) {
+                    diff_id_iter.next().map(|(i, d)| (i, d.clone()))
                 } else {
                     None
                 };
-                (l.clone(), diff_id)
+                (l.clone(), tar_layer)
             })
             .collect();
         let layers: Vec<LayerReport> = futures::stream::iter(work)
-            .map(|(layer, diff_id)| async move { self.convert_layer(&layer, diff_id).await })
+            .map(|(layer, tar_layer)| async move { self.convert_layer(&layer, tar_layer).await })
             .buffered(self.opts.concurrency.max(1))
             .try_collect()
             .await?;
@@ -660,16 +667,18 @@ impl Job<'_> {
         ))
     }
 
+    /// Converts one layer; `tar_layer` is its position among the tar layers and its diff id
+    /// (`None` for a blob that is not a tar layer).
     async fn convert_layer(
         &self,
         layer: &Descriptor,
-        diff_id: Option<String>,
+        tar_layer: Option<(usize, String)>,
     ) -> Result<LayerReport, ImageError> {
         let digest = layer.digest.as_str();
         let span = info_span!("layer", digest = %digest, size = layer.size);
         async {
             self.progress.layer_started(digest, layer.size);
-            let Some(diff_id) = diff_id else {
+            let Some((position, diff_id)) = tar_layer else {
                 let uploaded = self.copy_blob(layer).await?;
                 let report = LayerReport {
                     source_digest: digest.to_string(),
@@ -688,7 +697,7 @@ impl Job<'_> {
                     return Ok(report);
                 }
             }
-            let report = self.rebuild(layer).await?;
+            let report = self.rebuild(layer, position).await?;
             self.progress.layer_finished(digest, &report);
             Ok(report)
         }
@@ -760,7 +769,11 @@ impl Job<'_> {
         }))
     }
 
-    async fn rebuild(&self, layer: &Descriptor) -> Result<LayerReport, ImageError> {
+    async fn rebuild(
+        &self,
+        layer: &Descriptor,
+        position: usize,
+    ) -> Result<LayerReport, ImageError> {
         let digest = layer.digest.clone();
         let input = self
             .source
@@ -768,7 +781,7 @@ impl Job<'_> {
             .await?;
         let output = self.tmp.join(format!("out-{}", digest.replace(':', "-")));
         self.progress.layer_phase(&digest, "converting");
-        let build = self.opts.build_options();
+        let build = self.opts.build_options(position);
         let built = {
             let input = input.clone();
             let output = output.clone();
@@ -1023,7 +1036,7 @@ mod tests {
 
     #[test]
     fn default_levels_follow_the_compression() {
-        let gzip = ConvertOptions::default().build_options();
+        let gzip = ConvertOptions::default().build_options(0);
         assert_eq!(
             (gzip.level, gzip.chunk_size),
             (9, estargz::DEFAULT_CHUNK_SIZE)
@@ -1032,13 +1045,13 @@ mod tests {
             compression: Compression::Zstd,
             ..Default::default()
         }
-        .build_options();
+        .build_options(0);
         assert_eq!(zstd.level, 3);
         let explicit = ConvertOptions {
             level: Some(1),
             ..Default::default()
         }
-        .build_options();
+        .build_options(0);
         assert_eq!(explicit.level, 1);
     }
 }

@@ -321,7 +321,7 @@ impl LayerManager {
             mountpoint: mountpoint.to_path_buf(),
             source,
         })?;
-        reader.start_prefetch(toc.prefetch_range());
+        reader.start_prefetch(toc.prefetch_range(), toc.prefetch_skipped());
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
         let toc_digest = toc.toc_digest().to_string();
         Ok(MountedLayer {
