@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+pub mod optimize;
 pub mod proto;
 pub mod registry;
 pub mod snapshotter;

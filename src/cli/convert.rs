@@ -11,8 +11,8 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lazysnap::estargz::Compression;
 use lazysnap::image::{
-    convert_image, ConvertOptions, ConvertProgress, ImageLocation, LayerAction, LayerReport,
-    Platform,
+    convert_image, ConvertOptions, ConvertProgress, ConvertReport, ImageLocation, LayerAction,
+    LayerReport, Platform,
 };
 use lazysnap::registry::{Client, ClientConfig};
 
@@ -22,6 +22,17 @@ pub struct ConvertArgs {
     pub src: String,
     /// Destination: a registry reference, or `oci:DIR[:TAG]`.
     pub dst: String,
+    /// File listing paths or globs (one per line, `#` comments) to put first, in order: these
+    /// files are prefetched when the image is pulled lazily.
+    #[arg(long)]
+    pub prefetch_list: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: ConvertFlags,
+}
+
+/// The options `convert` and `optimize` share.
+#[derive(clap::Args)]
+pub struct ConvertFlags {
     /// Platform to convert from an index (os/arch[/variant]); default: this host's.
     #[arg(long)]
     pub platform: Option<String>,
@@ -37,10 +48,6 @@ pub struct ConvertArgs {
     /// Compression level (default 9 for gzip, 3 for zstd).
     #[arg(long)]
     pub level: Option<u32>,
-    /// File listing paths or globs (one per line, `#` comments) to put first, in order: these
-    /// files are prefetched when the image is pulled lazily.
-    #[arg(long)]
-    pub prefetch_list: Option<PathBuf>,
     /// Keep layers that are already eStargz / zstd:chunked.
     #[arg(long)]
     pub reuse: bool,
@@ -58,42 +65,65 @@ pub struct ConvertArgs {
     pub concurrency: usize,
 }
 
+impl ConvertFlags {
+    /// The conversion these flags ask for (nothing prioritized).
+    pub fn options(&self) -> anyhow::Result<ConvertOptions> {
+        let platform = match &self.platform {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        };
+        Ok(ConvertOptions {
+            compression: if self.zstdchunked {
+                Compression::Zstd
+            } else {
+                Compression::Gzip
+            },
+            chunk_size: self.chunk_size,
+            level: self.level,
+            prioritized: Vec::new(),
+            recorded: Vec::new(),
+            platform,
+            all_platforms: self.all_platforms,
+            reuse: self.reuse,
+            temp_dir: self.temp_dir.clone(),
+            concurrency: self.concurrency.max(1),
+        })
+    }
+
+    /// The registry client these flags ask for.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Client::new(ClientConfig {
+            plain_http: self.plain_http,
+            hosts_dir: self.hosts_dir.clone(),
+            ..ClientConfig::default()
+        })
+        .context("setting up the registry client")
+    }
+}
+
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let src = ImageLocation::parse(&args.src).context("source image")?;
     let dst = ImageLocation::parse(&args.dst).context("destination image")?;
-    let platform = match &args.platform {
-        Some(p) => Platform::parse(p)?,
-        None => Platform::host(),
-    };
-    let prioritized = match &args.prefetch_list {
-        Some(path) => read_prefetch_list(path)?,
-        None => Vec::new(),
-    };
-    let opts = ConvertOptions {
-        compression: if args.zstdchunked {
-            Compression::Zstd
-        } else {
-            Compression::Gzip
-        },
-        chunk_size: args.chunk_size,
-        level: args.level,
-        prioritized,
-        platform,
-        all_platforms: args.all_platforms,
-        reuse: args.reuse,
-        temp_dir: args.temp_dir.clone(),
-        concurrency: args.concurrency.max(1),
-    };
-    let client = Client::new(ClientConfig {
-        plain_http: args.plain_http,
-        hosts_dir: args.hosts_dir.clone(),
-        ..ClientConfig::default()
-    })
-    .context("setting up the registry client")?;
+    let mut opts = args.flags.options()?;
+    if let Some(path) = &args.prefetch_list {
+        opts.prioritized = read_prefetch_list(path)?;
+    }
+    let client = args.flags.client()?;
+    convert_with_progress(&client, &src, &dst, &opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Converts with a progress bar per layer and prints what was written and how fast.
+pub fn convert_with_progress(
+    client: &Client,
+    src: &ImageLocation,
+    dst: &ImageLocation,
+    opts: &ConvertOptions,
+) -> anyhow::Result<ConvertReport> {
     let progress = Bars::new();
     let started = Instant::now();
     let report = super::runtime()?
-        .block_on(convert_image(&client, &src, &dst, &opts, &progress))
+        .block_on(convert_image(client, src, dst, opts, &progress))
         .with_context(|| format!("converting {src} to {dst}"))?;
     let elapsed = started.elapsed().as_secs_f64();
     progress.clear();
@@ -122,7 +152,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
             uncompressed as f64 / 1e6 / elapsed
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
 fn describe_layer(layer: &LayerReport) -> String {
@@ -155,13 +185,13 @@ fn read_prefetch_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// One indicatif bar per layer, drawn on stderr only when it is a terminal.
-struct Bars {
+pub struct Bars {
     multi: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
 }
 
 impl Bars {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             multi: MultiProgress::with_draw_target(super::progress_target()),
             bars: Mutex::new(HashMap::new()),
@@ -176,8 +206,15 @@ impl Bars {
         }
     }
 
-    fn clear(&self) {
+    pub fn clear(&self) {
         let _ = self.multi.clear();
+    }
+
+    /// Prints a line above the bars.
+    pub fn println(&self, text: &str) {
+        if self.multi.is_hidden() || self.multi.println(text).is_err() {
+            eprintln!("{text}");
+        }
     }
 }
 

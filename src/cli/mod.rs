@@ -10,6 +10,7 @@ mod inspect;
 mod mount;
 mod mount_daemon;
 mod mount_socket;
+mod optimize;
 mod pull;
 mod serve;
 
@@ -29,6 +30,9 @@ struct Cli {
 enum Command {
     /// Convert an image to eStargz (or zstd:chunked) and push it.
     Convert(convert::ConvertArgs),
+    /// Run an image's workload, record what it reads, and write the image as eStargz with that
+    /// first (prefetched when pulled lazily).
+    Optimize(optimize::OptimizeArgs),
     /// Show and verify the TOC of an eStargz / zstd:chunked layer blob or image.
     Inspect(inspect::InspectArgs),
     /// Run the containerd proxy snapshotter.
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
     init_logging(&log_format);
     let result = match cli.command {
         Command::Convert(args) => convert::run(args),
+        Command::Optimize(args) => optimize::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Pull(args) => pull::run(args),

@@ -57,6 +57,10 @@ pub struct MountArgs {
     /// read-ahead of the files that follow a miss.
     #[arg(long)]
     no_prefetch: bool,
+    /// Fetch the prioritized files and what is read, but never fill in the rest of the layers
+    /// in the background.
+    #[arg(long)]
+    no_background: bool,
     /// Serve every read through the daemon, never by FUSE passthrough from the cache.
     #[arg(long)]
     no_passthrough: bool,
@@ -168,6 +172,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
             .transpose()
             .context("--hosts-dir")?,
         no_prefetch: args.no_prefetch,
+        no_background: args.no_background,
         no_passthrough: args.no_passthrough,
         read_deadline: args.read_deadline,
     };

@@ -592,7 +592,7 @@ async fn mount_layers(
     let fetch = FetchOptions {
         deadline: Duration::from_secs(request.read_deadline),
         prefetch: !request.no_prefetch,
-        background: !request.no_prefetch,
+        background: !request.no_prefetch && !request.no_background,
         readahead: !request.no_prefetch,
         ..FetchOptions::default()
     };

@@ -60,6 +60,9 @@ pub struct MountRequest {
     pub plain_http: bool,
     pub hosts_dir: Option<PathBuf>,
     pub no_prefetch: bool,
+    /// No background fill (prefetch and reads only).
+    #[serde(default)]
+    pub no_background: bool,
     /// Never serve reads by FUSE passthrough.
     #[serde(default)]
     pub no_passthrough: bool,

@@ -326,6 +326,62 @@ pub fn busybox_layer() -> Result<Vec<u8>, TestbedError> {
     t.finish()
 }
 
+/// Size of `app/big.bin` in [`workload_layer`].
+pub const WORKLOAD_BIG_FILE_SIZE: usize = 8 << 20;
+
+/// The script [`workload_layer`] runs as its Cmd (over [`busybox_layer`]): it reads `app/b.txt`,
+/// `app/a.txt`, the first 4 KiB of `app/big.bin` and 8 KiB at 6 MiB into it, in that order.
+pub const WORKLOAD_SCRIPT: &str = "#!/bin/sh\ncat /app/b.txt\ncat /app/a.txt\nhead -c 4096 /app/big.bin | wc -c\ndd if=/app/big.bin bs=4096 skip=1536 count=2 status=none | wc -c\necho workload-done\n";
+
+/// What [`WORKLOAD_SCRIPT`] prints.
+pub const WORKLOAD_OUTPUT: &str = "bee\nay\n4096\n8192\nworkload-done\n";
+
+/// A layer for recording a workload (stacked on [`busybox_layer`]): `/app/run.sh`
+/// ([`WORKLOAD_SCRIPT`]), the files it reads, files it never touches (`app/c.txt`,
+/// `app/unused.bin`), and `/bin/dd`.
+pub fn workload_layer() -> Result<Vec<u8>, TestbedError> {
+    let mut t = LayerTar::new();
+    t.dir("bin", &ROOT)?;
+    t.link(
+        EntryType::Symlink,
+        "bin/dd",
+        "busybox",
+        &ROOT.with_mode(0o777),
+    )?;
+    t.dir("app", &ROOT)?;
+    t.file("app/c.txt", &ROOT.with_mode(0o644), b"sea\n")?;
+    t.file(
+        "app/unused.bin",
+        &ROOT.with_mode(0o644),
+        &pseudo_random_bytes(1 << 20, 11),
+    )?;
+    t.file("app/a.txt", &ROOT.with_mode(0o644), b"ay\n")?;
+    t.file(
+        "app/big.bin",
+        &ROOT.with_mode(0o644),
+        &pseudo_random_bytes(WORKLOAD_BIG_FILE_SIZE, 12),
+    )?;
+    t.file("app/b.txt", &ROOT.with_mode(0o644), b"bee\n")?;
+    t.file(
+        "app/run.sh",
+        &ROOT.with_mode(0o755),
+        WORKLOAD_SCRIPT.as_bytes(),
+    )?;
+    t.finish()
+}
+
+/// A layer whose files no workload reads: `data/notes.txt`.
+pub fn unread_layer() -> Result<Vec<u8>, TestbedError> {
+    let mut t = LayerTar::new();
+    t.dir("data", &ROOT)?;
+    t.file(
+        "data/notes.txt",
+        &ROOT.with_mode(0o644),
+        b"nobody reads this\n",
+    )?;
+    t.finish()
+}
+
 /// How generated layer blobs are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerCompression {
