@@ -208,6 +208,9 @@ impl BenchOptions {
         if self.compare_no_background {
             modes.push(Mode::LazysnapNoBackground);
         }
+        if self.optimized {
+            modes.push(Mode::LazysnapOptimized);
+        }
         if self.stargz_grpc.is_some() {
             modes.push(Mode::Stargz);
         }
@@ -393,9 +396,12 @@ pub fn run_bench(
     if options.optimized {
         progress("optimizing the image for the workload with `ctr-remote image optimize`");
         convert_with_ctr_remote(options, &registry, Some(&workload))?;
+        progress("optimizing the image for the workload with `lazysnap optimize`");
+        optimize_with_lazysnap(options, &registry, &workload, progress)?;
         notes.push(format!(
-            "every lazy mode runs on the image `ctr-remote image optimize` wrote for the workload \
-             (tag {OPTIMIZED_TAG}): its files first, then the prefetch landmark"
+            "lazysnap and stargz run on the image `ctr-remote image optimize` wrote for the \
+             workload (tag {OPTIMIZED_TAG}: its files first, then the prefetch landmark); \
+             lazysnap-opt on the one `lazysnap optimize` wrote (tag {LAZYSNAP_OPTIMIZED_TAG})"
         ));
     } else if options.stargz_grpc.is_some() {
         progress("converting the image with `ctr-remote image convert --estargz` for stargz");
@@ -587,6 +593,41 @@ const CTR_REMOTE_TAG: &str = "ctr-remote";
 /// `--optimized`).
 const OPTIMIZED_TAG: &str = "ctr-remote-opt";
 
+/// Tag of the image `lazysnap optimize` wrote (what the lazysnap-opt mode pulls).
+const LAZYSNAP_OPTIMIZED_TAG: &str = "lazysnap-opt";
+
+/// Optimizes the pushed gzip image for `workload` with `lazysnap optimize` (tag
+/// [`LAZYSNAP_OPTIMIZED_TAG`]), recording until the workload exits.
+fn optimize_with_lazysnap(
+    options: &BenchOptions,
+    registry: &RegistryServer,
+    workload: &[String],
+    progress: &dyn Fn(&str),
+) -> Result<(), BenchError> {
+    let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
+    let (entrypoint, args) = workload.split_at(workload.len().min(1));
+    let mut command = Command::new(&options.lazysnap_bin);
+    command
+        .arg("optimize")
+        .args(["--period", "120s"])
+        .arg(format!("--entrypoint={}", json(entrypoint)))
+        .arg(format!("--args={}", json(args)))
+        .arg(format!("{}/{REPOSITORY}:gzip", registry.host()))
+        .arg(format!(
+            "{}/{REPOSITORY}:{LAZYSNAP_OPTIMIZED_TAG}",
+            registry.host()
+        ));
+    if let Some(chunk_size) = options.chunk_size {
+        command.arg("--chunk-size").arg(chunk_size.to_string());
+    }
+    let what = "lazysnap optimize";
+    let finished = run_timed(command, what, options.step_timeout, None)?.success(what)?;
+    for line in finished.stdout.lines() {
+        progress(&format!("  {line}"));
+    }
+    check_interrupted()
+}
+
 /// Converts the pushed gzip image with stargz's own converter, as a stargz user would: pulled
 /// into a scratch containerd, then `ctr-remote image convert --estargz --oci` (tag
 /// [`CTR_REMOTE_TAG`]) or, given the workload, `ctr-remote image optimize --oci` running it
@@ -715,6 +756,10 @@ fn measure_once(
     };
     let (reference, snapshotter) = match mode {
         Mode::Overlayfs => (format!("{host}/{REPOSITORY}:gzip"), "overlayfs"),
+        Mode::LazysnapOptimized => (
+            format!("{host}/{REPOSITORY}:{LAZYSNAP_OPTIMIZED_TAG}"),
+            "lazysnap",
+        ),
         Mode::Lazysnap | Mode::LazysnapNoBackground if options.optimized => {
             (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "lazysnap")
         }
@@ -751,7 +796,7 @@ fn measure_once(
                 .arg(&reference);
             command
         }
-        Mode::Lazysnap | Mode::LazysnapNoBackground => {
+        Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
             let mut command = Command::new(&options.lazysnap_bin);
             command
                 .arg("pull")
@@ -768,7 +813,7 @@ fn measure_once(
         .map_err(with_logs)?;
     let (lazy_layers, layers) = match mode {
         Mode::Overlayfs | Mode::Stargz => (None, image_layer_count(&pulled.stdout)),
-        Mode::Lazysnap | Mode::LazysnapNoBackground => {
+        Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
             let layer_lines: Vec<&str> = pulled
                 .stdout
                 .lines()

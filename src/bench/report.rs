@@ -14,6 +14,9 @@ pub enum Mode {
     /// The same with lazysnap's background fill off.
     #[serde(rename = "lazysnap-nobg")]
     LazysnapNoBackground,
+    /// lazysnap on the image `lazysnap optimize` wrote for the workload.
+    #[serde(rename = "lazysnap-opt")]
+    LazysnapOptimized,
     /// `ctr-remote images rpull` through stargz-snapshotter's daemon of the image stargz's own
     /// converter (`ctr-remote image convert --estargz`) wrote.
     Stargz,
@@ -25,6 +28,7 @@ impl Mode {
             Mode::Overlayfs => "overlayfs",
             Mode::Lazysnap => "lazysnap",
             Mode::LazysnapNoBackground => "lazysnap-nobg",
+            Mode::LazysnapOptimized => "lazysnap-opt",
             Mode::Stargz => "stargz",
         }
     }
@@ -35,6 +39,7 @@ impl Mode {
             Mode::Overlayfs,
             Mode::Lazysnap,
             Mode::LazysnapNoBackground,
+            Mode::LazysnapOptimized,
             Mode::Stargz,
         ]
         .into_iter()
@@ -43,7 +48,10 @@ impl Mode {
 
     /// Runs through lazysnap.
     pub fn is_lazysnap(self) -> bool {
-        matches!(self, Mode::Lazysnap | Mode::LazysnapNoBackground)
+        matches!(
+            self,
+            Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized
+        )
     }
 }
 
@@ -327,6 +335,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                 Mode::Overlayfs => ("#7f8c8d", "#bdc3c7"),
                 Mode::Lazysnap => ("#1f6fb2", "#8cc0ea"),
                 Mode::LazysnapNoBackground => ("#2e8b57", "#98d8b4"),
+                Mode::LazysnapOptimized => ("#6a3d9a", "#cab2d6"),
                 Mode::Stargz => ("#c0392b", "#f1a9a0"),
             };
             let pull_top = y_of(result.median.pull_secs);
@@ -347,7 +356,13 @@ pub fn render_svg(report: &BenchReport) -> String {
                 total_top - 5.0,
                 result.median.total_secs,
                 match (result.mode, result.speedup) {
-                    (Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::Stargz, Some(speedup)) => format!(
+                    (
+                        Mode::Lazysnap
+                        | Mode::LazysnapNoBackground
+                        | Mode::LazysnapOptimized
+                        | Mode::Stargz,
+                        Some(speedup),
+                    ) => format!(
                         "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\" fill=\"#1f6fb2\">{speedup:.1}x</text>\n",
                         x + bar_w / 2.0,
                         total_top - 20.0
