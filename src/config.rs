@@ -45,6 +45,10 @@
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
 //! request_timeout_secs = 30
+//! # Kernel read-ahead of each lazy layer's mount in KiB (its bdi read_ahead_kb): what the kernel
+//! # asks for beyond what a process reads. Small keeps a cold start from fetching bytes nobody
+//! # reads (a page fault in a large binary otherwise pulls megabytes around it).
+//! kernel_read_ahead_kb = 32
 //! # Serve files whose bytes are all cached by FUSE passthrough (the kernel reads the cache file;
 //! # needs Linux 6.9+, falls back by itself); false sends every read through lazysnap.
 //! passthrough = true
@@ -156,6 +160,8 @@ pub struct FetchConfig {
     pub request_timeout_secs: u64,
     /// FUSE passthrough for files whose bytes are all cached (default true).
     pub passthrough: bool,
+    /// Kernel read-ahead of a lazy layer's mount in KiB (default 32).
+    pub kernel_read_ahead_kb: u32,
 }
 
 /// `[registry]`: how registries are reached.
@@ -208,6 +214,7 @@ impl Default for FetchConfig {
             read_deadline_secs: 30,
             request_timeout_secs: 30,
             passthrough: true,
+            kernel_read_ahead_kb: crate::layer::LAZY_READ_AHEAD_KB,
         }
     }
 }
@@ -310,6 +317,15 @@ impl Config {
                 "must be at least 1 (a read must never wait forever, nor fail at once)".into(),
             ));
         }
+        if !(4..=65536).contains(&self.fetch.kernel_read_ahead_kb) {
+            return Err(invalid(
+                "fetch.kernel_read_ahead_kb",
+                format!(
+                    "{} must be 4..=65536 (KiB; one page up to 64 MiB)",
+                    self.fetch.kernel_read_ahead_kb
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -352,6 +368,16 @@ mod tests {
         let config = Config::parse("[fetch]\npassthrough = false\n", "f").unwrap();
         assert!(!config.fetch.passthrough);
         assert!(Config::default().fetch.passthrough);
+    }
+
+    #[test]
+    fn kernel_read_ahead_is_checked() {
+        let config = Config::parse("[fetch]\nkernel_read_ahead_kb = 128\n", "f").unwrap();
+        assert_eq!(config.fetch.kernel_read_ahead_kb, 128);
+        let err = Config::parse("[fetch]\nkernel_read_ahead_kb = 0\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fetch.kernel_read_ahead_kb"), "{err}");
     }
 
     #[test]

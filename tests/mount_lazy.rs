@@ -272,6 +272,20 @@ fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
         "the small file's chunk came from the registry"
     );
     assert!(for_read < 64 << 10, "the read fetched {for_read} bytes");
+
+    // The kernel asks a lazy layer for little beyond what is read (fetch.kernel_read_ahead_kb).
+    use std::os::unix::fs::MetadataExt;
+    let layer_dir = &layer_dirs(&mounted, "lazy")[0];
+    let dev = std::fs::metadata(layer_dir).unwrap().dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&bdi).unwrap().trim(),
+        lazysnap::layer::LAZY_READ_AHEAD_KB.to_string()
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::image::{
     convert_image, is_layer, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
     ImageError, ImageLocation, ResolvedImage,
 };
-use crate::layer::{build_index, short_digest, LayerError, LowerLayers};
+use crate::layer::{build_index, short_digest, LayerError, LowerLayers, LAZY_READ_AHEAD_KB};
 use crate::registry::Client;
 
 pub use record::{AccessLog, Record, RecordError, RecordedAccess};
@@ -377,6 +377,8 @@ async fn record_run(
             // Every read must reach the recorder.
             passthrough: false,
             open_observer: Some(log.open_observer(position)),
+            // The kernel asks for what it will ask a lazy layer for.
+            read_ahead_kb: Some(LAZY_READ_AHEAD_KB),
             ..MountOptions::default()
         };
         let target = mountpoint.clone();

@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::estargz::RecordedFile;
 
-/// Reads closer than this are prefetched together (a gap this small costs less than a miss).
-pub const MERGE_GAP: u64 = 64 << 10;
+/// Reads closer than this are prefetched together (a gap this small costs less than a miss, and
+/// fewer, larger chunks compress better). On the python3 image at 10 Mbit/s, 16 KiB with
+/// [`WHOLE_FILE_MAX`] 64 KiB prefetched 2.26 MB for `print(1)`; 64 KiB with 1 MiB, 2.83 MB.
+pub const MERGE_GAP: u64 = 16 << 10;
 /// Files up to this size are prefetched whole, however little of them was read.
-pub const WHOLE_FILE_MAX: u64 = 1 << 20;
+pub const WHOLE_FILE_MAX: u64 = 64 << 10;
 /// Files of which at least this share (percent) was read are prefetched whole.
 pub const WHOLE_FILE_READ_PCT: u64 = 75;
 
@@ -301,10 +303,15 @@ mod tests {
             vec![0..4096, (4 << 20)..(4 << 20) + 8192]
         );
         // Gaps under MERGE_GAP close, and so do the ends near the file's edges.
-        let read = [(10_000, 20_000), (50_000, 60_000), (size - 100, size)];
+        let read = [
+            (5_000, 8_000),
+            (20_000, 30_000),
+            (100_000, 110_000),
+            (size - 100, size),
+        ];
         assert_eq!(
             prefetch_ranges(size, &read),
-            vec![0..60_000, (size - 100)..size]
+            vec![0..30_000, 100_000..110_000, (size - 100)..size]
         );
     }
 
