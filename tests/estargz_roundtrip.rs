@@ -685,6 +685,11 @@ async fn a_recorded_file_is_cut_around_what_was_read_and_the_rest_is_marked_skip
                 path: "root/big.bin".into(),
                 read: vec![1000..5000, 150_000..160_000],
             },
+            // Smaller than one chunk, yet cut in two: its file digest covers both.
+            lazysnap::estargz::RecordedFile {
+                path: "root/exact.bin".into(),
+                read: std::iter::once(0..1000).collect(),
+            },
             lazysnap::estargz::RecordedFile {
                 path: "root/small/file-003".into(),
                 read: vec![],
@@ -700,7 +705,10 @@ async fn a_recorded_file_is_cut_around_what_was_read_and_the_rest_is_marked_skip
             .filter(|e| e.kind == EntryKind::Reg)
             .map(|e| e.path.as_str())
             .collect();
-        assert_eq!(&regs[..2], &["root/big.bin", "root/small/file-003"]);
+        assert_eq!(
+            &regs[..3],
+            &["root/big.bin", "root/exact.bin", "root/small/file-003"]
+        );
         let big = &layer.entries()[layer
             .entries()
             .iter()

@@ -102,6 +102,8 @@ pub struct BenchOptions {
     /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
     /// (its prioritized files first), instead of the unoptimized conversions.
     pub optimized: bool,
+    /// Optimize for this image's workload instead of the measured one (`None`: the measured).
+    pub optimized_for: Option<BenchImage>,
     /// `lazysnap convert --chunk-size` (`None`: its default).
     pub chunk_size: Option<u64>,
 }
@@ -195,6 +197,7 @@ impl BenchOptions {
             fetch_settings: Vec::new(),
             only_modes: None,
             optimized: false,
+            optimized_for: None,
             chunk_size: None,
         }
     }
@@ -394,10 +397,18 @@ pub fn run_bench(
         progress,
     )?;
     if options.optimized {
+        let target = options.optimized_for.map(BenchImage::workload);
+        let target = target.as_deref().unwrap_or(&workload);
+        if target != workload.as_slice() {
+            notes.push(format!(
+                "the optimized images were made for another workload: {}",
+                target.join(" ")
+            ));
+        }
         progress("optimizing the image for the workload with `ctr-remote image optimize`");
-        convert_with_ctr_remote(options, &registry, Some(&workload))?;
+        convert_with_ctr_remote(options, &registry, Some(target))?;
         progress("optimizing the image for the workload with `lazysnap optimize`");
-        optimize_with_lazysnap(options, &registry, &workload, progress)?;
+        optimize_with_lazysnap(options, &registry, target, progress)?;
         notes.push(format!(
             "lazysnap and stargz run on the image `ctr-remote image optimize` wrote for the \
              workload (tag {OPTIMIZED_TAG}: its files first, then the prefetch landmark); \

@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// `ctr-remote images rpull`.
     #[arg(long, value_name = "PATH")]
     stargz_grpc: Option<PathBuf>,
-    /// Only these modes, comma separated (overlayfs, lazysnap, lazysnap-nobg, stargz); without
+    /// Only these modes, comma separated (overlayfs, lazysnap, lazysnap-nobg, lazysnap-opt,
+    /// stargz); without
     /// overlayfs the table shows no speedups.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     modes: Vec<String>,
@@ -64,6 +65,10 @@ pub struct BenchArgs {
     /// (prioritized files first) instead of the unoptimized conversions.
     #[arg(long)]
     optimized: bool,
+    /// With --optimized: optimize for this image's workload (python3-print or python3-app) instead
+    /// of the measured one, to see what a list made for one workload costs another.
+    #[arg(long, value_name = "IMAGE", requires = "optimized")]
+    optimized_for: Option<String>,
     /// `lazysnap convert --chunk-size` for the lazysnap image (default: convert's).
     #[arg(long, value_name = "BYTES")]
     chunk_size: Option<u64>,
@@ -102,6 +107,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     options.cache_dir = args.cache_dir.clone();
     options.compare_no_background = args.compare_no_background;
     options.optimized = args.optimized;
+    options.optimized_for = args
+        .optimized_for
+        .as_deref()
+        .map(lazysnap::bench::BenchImage::parse)
+        .transpose()?;
     options.chunk_size = args.chunk_size;
     if !args.modes.is_empty() {
         let modes = args

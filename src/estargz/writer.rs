@@ -551,10 +551,11 @@ impl<'a> Layout<'a> {
         self.flush()?;
         let size = meta.size;
         let chunk_size = self.opts.chunk_size;
-        let multi = size > chunk_size;
-        let mut file_hasher = multi.then(Sha256::new);
+        let chunks = plan_chunks(size, chunk_size, read);
+        // A file of one chunk takes its digest from the chunk's; any other is hashed whole.
+        let mut file_hasher = (chunks.len() > 1).then(Sha256::new);
         let first_index = self.entries.len();
-        for (chunk_offset, len, skip_prefetch) in plan_chunks(size, chunk_size, read) {
+        for (chunk_offset, len, skip_prefetch) in chunks {
             let last = chunk_offset + len == size;
             let mut buf = Vec::with_capacity(len as usize + if last { 512 } else { 0 });
             buf.resize(len as usize, 0);
