@@ -2,10 +2,11 @@
 # The real-image startup benchmark behind the README's tables: python3 from Debian 12's packages
 # (built once with debootstrap into the cache directory), both workloads, against containerd's
 # overlayfs and stargz-snapshotter's daemon (built from Debian 12 packages by
-# ../shared/peers/stargz/build.sh), unoptimized and optimized (ctr-remote image optimize), on the
+# ../shared/peers/stargz/build.sh), unoptimized and optimized (ctr-remote image optimize for
+# lazysnap and stargz, lazysnap optimize for lazysnap-opt, also for the other workload), on the
 # edge link (10 Mbit/s, 100 ms), a data-center link (100 Mbit/s, 20 ms) and loopback.
 #
-# Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 35 minutes)
+# Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 50 minutes)
 # Environment: RUNS (default 3), CACHE_DIR (default /var/cache/lazysnap-bench),
 #              STARGZ_GRPC (a containerd-stargz-grpc binary; built when unset),
 #              STATE_DIR (default /dev/shm: state on tmpfs, as in the README's figures).
@@ -48,8 +49,11 @@ bench() {
 all=overlayfs,lazysnap,lazysnap-nobg,stargz
 bench edge-app --image python3-app --link 10mbit:100ms --modes "$all"
 bench edge-print --image python3-print --link 10mbit:100ms --modes "$all"
-bench edge-app-opt --image python3-app --link 10mbit:100ms --optimized --modes lazysnap,lazysnap-nobg,stargz
-bench edge-print-opt --image python3-print --link 10mbit:100ms --optimized --modes lazysnap,lazysnap-nobg,stargz
+bench edge-app-opt --image python3-app --link 10mbit:100ms --optimized --modes lazysnap-opt,lazysnap,lazysnap-nobg,stargz
+bench edge-print-opt --image python3-print --link 10mbit:100ms --optimized --modes lazysnap-opt,lazysnap,lazysnap-nobg,stargz
+bench edge-print-opt-for-app --image python3-print --link 10mbit:100ms --optimized --optimized-for python3-app --modes lazysnap-opt,stargz
+bench fast-app-opt --image python3-app --link unlimited --link 100mbit:20ms --optimized --modes lazysnap-opt,stargz
+bench fast-print-opt --image python3-print --link unlimited --link 100mbit:20ms --optimized --modes lazysnap-opt,stargz
 bench fast-app --image python3-app --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz
 bench fast-print --image python3-print --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz
 echo "== tables: $out/*/table.txt" >&2

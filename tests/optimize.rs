@@ -452,3 +452,39 @@ fn the_optimized_image_runs_under_plain_containerd_and_ctr_remote_reads_its_tocs
         );
     }
 }
+
+/// The workload's environment, working directory and user come from the flags; zstd:chunked
+/// images are optimized the same way.
+#[test]
+fn workload_overrides_apply_and_zstd_chunked_is_optimized_too() {
+    require_runc();
+    let (registry, _src) = registry_with_workload_image();
+    let work = tempfile::tempdir().unwrap();
+    let host = registry.host();
+    let output = optimize(&[
+        "--zstdchunked",
+        "--env",
+        "GREETING=hello-from-env",
+        "--cwd",
+        "/app",
+        "--user",
+        "1234:5678",
+        "--entrypoint",
+        r#"["/bin/sh","-c"]"#,
+        "--args",
+        r#"["echo $GREETING; pwd; echo uid=$(busybox id -u) gid=$(busybox id -g); cat a.txt"]"#,
+        &format!("{host}/src/app:v1"),
+        &format!("{host}/opt/app:zstd"),
+    ]);
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in ["| hello-from-env", "| /app", "| uid=1234 gid=5678", "| ay"] {
+        assert!(
+            stderr.contains(line),
+            "the workload printed {line:?}: {stderr}"
+        );
+    }
+    let (manifest, tocs) = tocs(&registry, work.path(), "opt/app", "zstd");
+    assert!(manifest.layers[1].media_type.contains("zstd"));
+    assert_eq!(prioritized_files(&tocs[1]).unwrap(), vec!["app/a.txt"]);
+}
