@@ -1149,7 +1149,7 @@ impl Inner {
                 self.counters
                     .verify_failures
                     .fetch_add(1, Ordering::Relaxed);
-                metrics::record_verify_failure(&self.layer, &chunk.digest);
+                metrics::record_verify_failure(&self.layer, e.chunk_failure_reason());
                 tracing::error!(
                     layer = %self.layer,
                     chunk = %chunk.digest,

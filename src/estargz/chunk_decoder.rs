@@ -83,7 +83,7 @@ fn check_digest(name: &str, chunk: &ChunkInfo, actual: ChunkDigest) -> Result<()
             name,
             chunk,
             format!(
-                "digest mismatch: TOC says {}, data is {actual}",
+                "{DIGEST_MISMATCH}: TOC says {}, data is {actual}",
                 chunk.digest
             ),
         ));
@@ -260,6 +260,9 @@ impl ChunkDecoder {
         decoder.finish()
     }
 }
+
+/// How the reason of a chunk whose bytes decode but hash wrong starts.
+pub(super) const DIGEST_MISMATCH: &str = "digest mismatch";
 
 fn bad(name: &str, chunk: &ChunkInfo, reason: String) -> FormatError {
     FormatError::BadChunk {

@@ -117,6 +117,21 @@ pub enum FormatError {
     InvalidOption(String),
 }
 
+impl FormatError {
+    /// For a chunk that failed verification, a bounded label of why (`digest_mismatch`: it
+    /// decoded to other bytes; `undecodable`: it did not decode to its declared length).
+    pub fn chunk_failure_reason(&self) -> &'static str {
+        match self {
+            FormatError::BadChunk { reason, .. }
+                if reason.starts_with(chunk_decoder::DIGEST_MISMATCH) =>
+            {
+                "digest_mismatch"
+            }
+            _ => "undecodable",
+        }
+    }
+}
+
 /// One chunk of a regular file: where its compressed bytes lie in the blob, and what they decode
 /// to. This is what the fetch path needs from the TOC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +185,19 @@ mod tests {
             len: data.len() as u64,
             digest: ChunkDigest::of(data),
         }
+    }
+
+    #[test]
+    fn a_failed_chunk_names_a_bounded_reason() {
+        let data = b"some file data".repeat(100);
+        let compressed = gzip(&data);
+        let mut chunk = chunk_of(&data, &compressed, 0);
+        chunk.digest = ChunkDigest::of(b"other bytes");
+        let wrong = decode_chunk(Compression::Gzip, "f", &chunk, &compressed).unwrap_err();
+        assert_eq!(wrong.chunk_failure_reason(), "digest_mismatch");
+        let chunk = chunk_of(&data, b"not gzip at all", 0);
+        let garbage = decode_chunk(Compression::Gzip, "f", &chunk, b"not gzip at all").unwrap_err();
+        assert_eq!(garbage.chunk_failure_reason(), "undecodable");
     }
 
     #[test]
