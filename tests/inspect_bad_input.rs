@@ -67,3 +67,48 @@ fn corrupt_chunk_is_named_with_entry_and_offset() {
     let out = lazysnap(&["inspect", "--verify", truncated.to_str().unwrap()]);
     assert!(!out.status.success());
 }
+
+/// `lazysnap inspect --toc L | head -1`: the reader going away ends inspect quietly, with the
+/// status of a tool killed by SIGPIPE, never a panic.
+#[test]
+fn a_closed_stdout_ends_inspect_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = OciLayout::create(&dir.path().join("src")).unwrap();
+    write_image(
+        &src,
+        &[every_entry_type_layer().unwrap()],
+        &ImageOptions::default(),
+        Some("v1"),
+    )
+    .unwrap();
+    let dst_dir = dir.path().join("dst");
+    assert!(lazysnap(&[
+        "convert",
+        &format!("oci:{}:v1", dir.path().join("src").display()),
+        &format!("oci:{}:esgz", dst_dir.display()),
+    ])
+    .status
+    .success());
+    let bin =
+        std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
+    // A pipe whose reader is gone: every write fails with EPIPE, as after `| head -1` exits.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(bin)
+        .args([
+            "inspect",
+            "--toc",
+            &format!("oci:{}:esgz", dst_dir.display()),
+        ])
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        output.status.code() == Some(141),
+        "{:?}: {stderr}",
+        output.status
+    );
+}

@@ -157,7 +157,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", demo_intro(&options));
     }
     let report = bench::run_bench(&options, &|line| eprintln!("bench: {line}"))?;
-    println!();
+    out!("");
     print_and_write(&report, args.out.as_deref(), args.demo)
 }
 
@@ -168,10 +168,10 @@ fn print_and_write(
 ) -> anyhow::Result<ExitCode> {
     print!("{}", bench::render_table(report));
     for note in &report.notes {
-        println!("note: {note}");
+        out!("note: {note}");
     }
     if explain {
-        println!("\n{}", demo_explanation(report));
+        out!("\n{}", demo_explanation(report));
     }
     if let Some(dir) = out {
         let written = bench::write_results(report, dir)?;

@@ -135,18 +135,20 @@ pub fn convert_with_progress(
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into());
-        println!("image {} ({platform})", image.manifest.digest);
+        out!("image {} ({platform})", image.manifest.digest);
         for layer in &image.layers {
             uncompressed += layer.uncompressed_size;
-            println!("  {}", describe_layer(layer));
+            out!("  {}", describe_layer(layer));
         }
     }
-    println!(
+    out!(
         "converted {src} -> {}: {} {}",
-        report.target, report.descriptor.media_type, report.descriptor.digest
+        report.target,
+        report.descriptor.media_type,
+        report.descriptor.digest
     );
     if uncompressed > 0 && elapsed > 0.0 {
-        println!(
+        out!(
             "{:.1} MB uncompressed in {elapsed:.2} s: {:.1} MB/s",
             uncompressed as f64 / 1e6,
             uncompressed as f64 / 1e6 / elapsed

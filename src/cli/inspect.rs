@@ -72,7 +72,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         let resolved = image::resolve_image(&client, &location, &platform)
             .await
             .with_context(|| format!("resolving {location}"))?;
-        println!("image {location} manifest {}", resolved.descriptor.digest);
+        out!("image {location} manifest {}", resolved.descriptor.digest);
         let mut ok = true;
         for (i, (layer, blob)) in resolved
             .manifest
@@ -82,9 +82,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             .enumerate()
         {
             if !image::is_layer(&layer.media_type) {
-                println!(
+                out!(
                     "layer {i} {} ({}): not a tar layer, skipped",
-                    layer.digest, layer.media_type
+                    layer.digest,
+                    layer.media_type
                 );
                 continue;
             }
@@ -123,7 +124,7 @@ async fn inspect_layer(
     print_summary(name, &layer, expected_toc_digest);
     if args.toc {
         match serde_json::to_string_pretty(layer.toc()) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => out!("{json}"),
             Err(e) => {
                 eprintln!("lazysnap: {name}: cannot print the TOC: {e}");
                 return false;
@@ -132,7 +133,7 @@ async fn inspect_layer(
     }
     if args.verify {
         match estargz::verify_layer(blob, &layer).await {
-            Ok(report) => println!(
+            Ok(report) => out!(
                 "  verified: footer, TOC digest{}, {} chunks of {} files ({} bytes)",
                 if expected_toc_digest.is_some() {
                     " (matches the expected digest)"
@@ -173,18 +174,18 @@ fn print_summary(name: &str, layer: &LayerToc, expected: Option<&str>) {
         .prefetch_range()
         .map(|r| r.end.saturating_sub(r.start))
         .unwrap_or(0);
-    println!("{name}");
-    println!("  compression:       {compression}");
-    println!("  blob size:         {}", layer.blob_size());
-    println!("  TOC digest:        {}", layer.toc_digest());
+    out!("{name}");
+    out!("  compression:       {compression}");
+    out!("  blob size:         {}", layer.blob_size());
+    out!("  TOC digest:        {}", layer.toc_digest());
     if let Some(expected) = expected {
-        println!("  expected TOC:      {expected}");
+        out!("  expected TOC:      {expected}");
     }
-    println!(
+    out!(
         "  entries:           {} ({files} regular files, {bytes} bytes)",
         entries.len()
     );
-    println!("  chunks:            {chunks}");
-    println!("  landmark:          {landmark}");
-    println!("  prioritized bytes: {prioritized} (compressed)");
+    out!("  chunks:            {chunks}");
+    out!("  landmark:          {landmark}");
+    out!("  prioritized bytes: {prioritized} (compressed)");
 }

@@ -4,6 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for a command's output: a closed stdout (`lazysnap status | head -1`) ends the
+/// command quietly, as Unix tools do, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod convert;
 mod inspect;
@@ -117,5 +125,24 @@ pub fn progress_target() -> indicatif::ProgressDrawTarget {
         indicatif::ProgressDrawTarget::stderr()
     } else {
         indicatif::ProgressDrawTarget::hidden()
+    }
+}
+
+/// Writes one line of command output (see `out!`): exits with status 141, like a tool killed by
+/// SIGPIPE, when the reader went away; with 1 and a message on another write error.
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => {
+            eprintln!("lazysnap: error: writing to stdout: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -323,15 +323,15 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     states.sort_by(|a, b| a.dir.cmp(&b.dir));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&states)?);
+        out!("{}", serde_json::to_string_pretty(&states)?);
         return Ok(ExitCode::SUCCESS);
     }
     if states.is_empty() {
-        println!("no images mounted by `lazysnap mount`");
+        out!("no images mounted by `lazysnap mount`");
         return Ok(ExitCode::SUCCESS);
     }
     for state in &states {
-        println!(
+        out!(
             "{}  {}  (pid {}, cache {} of {})",
             state.dir.display(),
             state.image,
@@ -339,7 +339,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             human_bytes(state.cache_bytes),
             human_bytes(state.cache_limit)
         );
-        println!(
+        out!(
             "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
             "LAYER",
             "MODE",
@@ -360,7 +360,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     100.0 * layer.fetched_chunks as f64 / layer.total_chunks as f64
                 )
             };
-            println!(
+            out!(
                 "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
                 layer::short_digest(&layer.digest),
                 layer.mode,

@@ -147,15 +147,19 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
     if let Some(run) = &report.run {
-        println!("workload: {}", run.describe(stop));
+        out!("workload: {}", run.describe(stop));
     }
-    println!(
+    out!(
         "{:<20} {:>14} {:>22} {:>16} {:>16}",
-        "layer", "files used", "bytes read", "prefetch", "layer size"
+        "layer",
+        "files used",
+        "bytes read",
+        "prefetch",
+        "layer size"
     );
     let mut total = lazysnap::optimize::LayerUse::default();
     for layer in &report.layers {
-        println!(
+        out!(
             "{:<20} {:>14} {:>22} {:>16} {:>16}",
             lazysnap::layer::short_digest(&layer.source_digest),
             format!("{}/{}", layer.files_used, layer.files),
@@ -175,7 +179,7 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
     } else {
         0.0
     };
-    println!(
+    out!(
         "{:<20} {:>14} {:>22} {:>16} {:>16}",
         "total",
         format!("{}/{}", total.files_used, total.files),
@@ -183,11 +187,11 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
         mb(total.prefetch_bytes),
         mb(total.blob_size)
     );
-    println!(
+    out!(
         "the workload read {share:.1}% of the image's file bytes; {} (compressed) will be prefetched",
         mb(total.prefetch_bytes)
     );
-    println!(
+    out!(
         "wrote {dst}: {} ({} files recorded)",
         report.converted.descriptor.digest,
         report.record.accesses.len()

@@ -83,7 +83,7 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
         })?;
     progress.finish();
     for layer in &report.layers {
-        println!(
+        out!(
             "{}  {}  {}",
             layer.digest,
             layer.outcome.describe(),
@@ -100,7 +100,7 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|l| l.outcome == LayerOutcome::Unpacked)
         .count();
-    println!(
+    out!(
         "pulled {image_name} ({}): {} layers, {lazy} lazy, {unpacked} fetched+unpacked, \
          snapshotter {}",
         report.target_digest,
