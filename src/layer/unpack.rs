@@ -61,6 +61,10 @@ pub fn unpack_layer(input: impl Read, dest: &Path, opaque_xattr: &str) -> Result
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        if relative.parent() == Some(Path::new("")) && is_estargz_metadata(&file_name) {
+            // The TOC and landmark of an eStargz layer: a lazy mount hides them, so does this.
+            continue;
+        }
         if file_name == OPAQUE_MARKER {
             let dir = root.join(relative.parent().unwrap_or(Path::new("")));
             std::fs::create_dir_all(&dir).map_err(entry_error(&name))?;
@@ -245,6 +249,16 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> UnpackError {
     move |source| UnpackError::Io { context, source }
 }
 
+/// Whether a root entry named `name` is eStargz metadata rather than a file of the image.
+fn is_estargz_metadata(name: &str) -> bool {
+    [
+        crate::estargz::TOC_TAR_NAME,
+        crate::estargz::PREFETCH_LANDMARK,
+        crate::estargz::NO_PREFETCH_LANDMARK,
+    ]
+    .contains(&name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +277,29 @@ mod tests {
             builder.append_data(&mut header, path, *data).unwrap();
         }
         builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn the_toc_and_landmarks_of_an_estargz_layer_are_not_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("layer");
+        let tar = tar_with(&[
+            (".prefetch.landmark", b"\x0c"),
+            ("app/stargz.index.json", b"an ordinary file"),
+            ("app/run", b"x"),
+            ("stargz.index.json", b"{}"),
+        ]);
+        unpack_layer(&tar[..], &dest, "user.overlay.opaque").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dest)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["app"]);
+        assert!(
+            dest.join("app/stargz.index.json").is_file(),
+            "only the root ones are metadata"
+        );
     }
 
     #[test]
