@@ -7,10 +7,15 @@ use cli_common::*;
 use lazysnap::image::{self, Manifest, OciLayout};
 use lazysnap::testbed::images::{every_entry_type_layer, write_image, ImageOptions};
 
-#[test]
-fn corrupt_chunk_is_named_with_entry_and_offset() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = OciLayout::create(&dir.path().join("src")).unwrap();
+/// An image of the every-entry-type layer in an OCI layout under `dir`, converted by `lazysnap
+/// convert` into the layout `dir/dst` (tag `esgz`).
+fn converted_layout(
+    dir: &std::path::Path,
+) -> (
+    lazysnap::testbed::images::GeneratedImage,
+    std::path::PathBuf,
+) {
+    let src = OciLayout::create(&dir.join("src")).unwrap();
     let generated = write_image(
         &src,
         &[every_entry_type_layer().unwrap()],
@@ -18,13 +23,19 @@ fn corrupt_chunk_is_named_with_entry_and_offset() {
         Some("v1"),
     )
     .unwrap();
-    let dst_dir = dir.path().join("dst");
-    let out = lazysnap(&[
+    let dst_dir = dir.join("dst");
+    assert_ok(&lazysnap(&[
         "convert",
-        &format!("oci:{}:v1", dir.path().join("src").display()),
+        &format!("oci:{}:v1", dir.join("src").display()),
         &format!("oci:{}:esgz", dst_dir.display()),
-    ]);
-    assert!(out.status.success());
+    ]));
+    (generated, dst_dir)
+}
+
+#[test]
+fn corrupt_chunk_is_named_with_entry_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (generated, dst_dir) = converted_layout(dir.path());
     let dst = OciLayout::open(&dst_dir).unwrap();
     let top = dst.resolve(Some("esgz")).unwrap();
     let manifest: Manifest = image::parse_json("m", &dst.read_blob(&top.digest).unwrap()).unwrap();
@@ -56,6 +67,7 @@ fn corrupt_chunk_is_named_with_entry_and_offset() {
     assert!(stderr.contains("offset"), "{stderr}");
 
     // A plain gzip layer (the source) is refused with a footer error.
+    let src = OciLayout::open(&dir.path().join("src")).unwrap();
     let plain = src.blob_path(&generated.layers[0].digest).unwrap();
     let out = lazysnap(&["inspect", plain.to_str().unwrap()]);
     assert!(!out.status.success());
@@ -73,22 +85,7 @@ fn corrupt_chunk_is_named_with_entry_and_offset() {
 #[test]
 fn a_closed_stdout_ends_inspect_quietly() {
     let dir = tempfile::tempdir().unwrap();
-    let src = OciLayout::create(&dir.path().join("src")).unwrap();
-    write_image(
-        &src,
-        &[every_entry_type_layer().unwrap()],
-        &ImageOptions::default(),
-        Some("v1"),
-    )
-    .unwrap();
-    let dst_dir = dir.path().join("dst");
-    assert!(lazysnap(&[
-        "convert",
-        &format!("oci:{}:v1", dir.path().join("src").display()),
-        &format!("oci:{}:esgz", dst_dir.display()),
-    ])
-    .status
-    .success());
+    let (_, dst_dir) = converted_layout(dir.path());
     let bin =
         std::env::var("LAZYSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lazysnap").into());
     // A pipe whose reader is gone: every write fails with EPIPE, as after `| head -1` exits.

@@ -124,6 +124,26 @@ impl Default for LayerManagerOptions {
     }
 }
 
+/// Mounts a FUSE index served by `source` at `mountpoint` (off the async workers: mounting
+/// blocks).
+pub async fn mount_index(
+    index: lazysnap_fuse::Index,
+    source: Arc<dyn lazysnap_fuse::ContentSource>,
+    mountpoint: &Path,
+    options: lazysnap_fuse::MountOptions,
+) -> Result<lazysnap_fuse::MountHandle, LayerError> {
+    let target = mountpoint.to_path_buf();
+    tokio::task::spawn_blocking(move || lazysnap_fuse::mount(index, source, &target, &options))
+        .await
+        .map_err(|join| LayerError::Toc {
+            detail: format!("mount task failed: {join}"),
+        })?
+        .map_err(|source| LayerError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })
+}
+
 /// A layer mounted through FUSE; unmounted (and its background fetches stopped) on drop.
 pub struct MountedLayer {
     spec: RemoteLayerSpec,
@@ -315,18 +335,7 @@ impl LayerManager {
         let mut mount_options = self.options.mount.clone();
         mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
-        let target = mountpoint.to_path_buf();
-        let handle = tokio::task::spawn_blocking(move || {
-            lazysnap_fuse::mount(index, source, &target, &mount_options)
-        })
-        .await
-        .map_err(|join| LayerError::Toc {
-            detail: format!("mount task failed: {join}"),
-        })?
-        .map_err(|source| LayerError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            source,
-        })?;
+        let handle = mount_index(index, source, mountpoint, mount_options).await?;
         reader.start_prefetch(toc.prefetch_range(), toc.prefetch_skipped());
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
         let toc_digest = toc.toc_digest().to_string();

@@ -21,7 +21,9 @@ use crate::image::{
     convert_image, is_layer, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
     ImageError, ImageLocation, ResolvedImage,
 };
-use crate::layer::{build_index, short_digest, LayerError, LowerLayers, LAZY_READ_AHEAD_KB};
+use crate::layer::{
+    build_index, mount_index, short_digest, LayerError, LowerLayers, LAZY_READ_AHEAD_KB,
+};
 use crate::registry::Client;
 
 pub use record::{AccessLog, Record, RecordError, RecordedAccess};
@@ -145,17 +147,7 @@ pub async fn optimize_image(
             plain_opts.recorded.clear();
             plain_opts.reuse = true;
             let plain_report = convert_image(client, src, &plain, &plain_opts, progress).await?;
-            let digests: Vec<String> = plain_report
-                .images
-                .first()
-                .map(|i| {
-                    i.layers
-                        .iter()
-                        .filter(|l| !l.diff_id.is_empty())
-                        .map(|l| l.source_digest.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let digests = source_tar_layers(&plain_report);
             let resolved = resolve_image(client, &plain, &opts.convert.platform).await?;
             progress.phase("running the workload over recording mounts");
             let (record, outcome) = record_run(&resolved, &digests, work.path(), opts).await?;
@@ -202,16 +194,9 @@ fn tar_layers(resolved: &ResolvedImage) -> Vec<(String, Arc<dyn BlobSource>)> {
         .collect()
 }
 
-/// Per layer of the optimized image: its files, what the workload used, what is prefetched.
-async fn layer_use(
-    client: &Client,
-    dst: &ImageLocation,
-    convert: &ConvertOptions,
-    record: &Record,
-    converted: &ConvertReport,
-) -> Result<Vec<LayerUse>, OptimizeError> {
-    let resolved = resolve_image(client, dst, &convert.platform).await?;
-    let sources: Vec<String> = converted
+/// The source digests of the tar layers a conversion read, in order.
+fn source_tar_layers(report: &ConvertReport) -> Vec<String> {
+    report
         .images
         .first()
         .map(|i| {
@@ -221,7 +206,19 @@ async fn layer_use(
                 .map(|l| l.source_digest.clone())
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Per layer of the optimized image: its files, what the workload used, what is prefetched.
+async fn layer_use(
+    client: &Client,
+    dst: &ImageLocation,
+    convert: &ConvertOptions,
+    record: &Record,
+    converted: &ConvertReport,
+) -> Result<Vec<LayerUse>, OptimizeError> {
+    let resolved = resolve_image(client, dst, &convert.platform).await?;
+    let sources = source_tar_layers(converted);
     let mut out = Vec::new();
     for (position, (digest, blob)) in tar_layers(&resolved).into_iter().enumerate() {
         let toc =
@@ -381,18 +378,7 @@ async fn record_run(
             read_ahead_kb: Some(LAZY_READ_AHEAD_KB),
             ..MountOptions::default()
         };
-        let target = mountpoint.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            lazysnap_fuse::mount(index, source, &target, &options)
-        })
-        .await
-        .map_err(|join| LayerError::Toc {
-            detail: format!("mount task failed: {join}"),
-        })?
-        .map_err(|source| LayerError::Mount {
-            mountpoint: mountpoint.clone(),
-            source,
-        })?;
+        let handle = mount_index(index, source, &mountpoint, options).await?;
         mounts.readers.push(reader);
         mounts.handles.push(handle);
         lower_dirs.push(mountpoint);
