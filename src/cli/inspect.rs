@@ -188,4 +188,11 @@ fn print_summary(name: &str, layer: &LayerToc, expected: Option<&str>) {
     out!("  chunks:            {chunks}");
     out!("  landmark:          {landmark}");
     out!("  prioritized bytes: {prioritized} (compressed)");
+    if !layer.prefetch_skipped().is_empty() {
+        out!(
+            "  lazysnap prefetch: {} (compressed; {} chunks of partly read files left out)",
+            layer.prefetch_bytes(),
+            layer.prefetch_skipped().len()
+        );
+    }
 }

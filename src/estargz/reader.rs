@@ -141,6 +141,25 @@ impl LayerToc {
     pub fn prefetch_skipped(&self) -> &[u64] {
         &self.prefetch_skipped
     }
+    /// Compressed bytes lazysnap's prefetch fetches: the chunks of the prefetch range but the
+    /// [skipped](Self::prefetch_skipped) ones, each compressed member once.
+    pub fn prefetch_bytes(&self) -> u64 {
+        let Some(range) = self.prefetch_range.clone() else {
+            return 0;
+        };
+        let mut members: Vec<Range<u64>> = self
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter())
+            .map(|c| c.compressed.clone())
+            .filter(|c| {
+                range.contains(&c.start) && self.prefetch_skipped.binary_search(&c.start).is_err()
+            })
+            .collect();
+        members.sort_unstable_by_key(|c| c.start);
+        members.dedup_by_key(|c| c.start);
+        members.iter().map(|c| c.end - c.start).sum()
+    }
     /// The landmark the layer carries, if any.
     pub fn landmark(&self) -> Option<Landmark> {
         self.landmark

@@ -6,7 +6,6 @@
 pub mod record;
 pub mod workload;
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use tracing::Instrument;
 
 use crate::blob::BlobSource;
 use crate::cache::{CacheError, CacheOptions, ChunkCache};
-use crate::estargz::{self, EntryKind, FormatError, LayerToc};
+use crate::estargz::{self, EntryKind, FormatError};
 use crate::fetch::{FetchOptions, LayerReader};
 use crate::image::{
     convert_image, is_layer, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
@@ -236,7 +235,7 @@ async fn layer_use(
                 .map(|a| a.layer_digest.clone())
                 .or_else(|| sources.get(position).cloned())
                 .unwrap_or_default(),
-            prefetch_bytes: prefetch_bytes(&toc),
+            prefetch_bytes: toc.prefetch_bytes(),
             blob_size: blob.size(),
             ..LayerUse::default()
         };
@@ -251,29 +250,6 @@ async fn layer_use(
         out.push(usage);
     }
     Ok(out)
-}
-
-/// Compressed bytes lazysnap's prefetch fetches from a layer: the chunks of the prioritized
-/// range that are not marked to be skipped, each compressed member once.
-pub fn prefetch_bytes(toc: &LayerToc) -> u64 {
-    let Some(range) = toc.prefetch_range() else {
-        return 0;
-    };
-    let skipped = toc.prefetch_skipped();
-    let mut members: Vec<Range<u64>> = toc
-        .entries()
-        .iter()
-        .flat_map(|e| e.chunks.iter())
-        .map(|c| c.compressed.clone())
-        .filter(|c| {
-            c.start >= range.start
-                && c.start < range.end
-                && skipped.binary_search(&c.start).is_err()
-        })
-        .collect();
-    members.sort_unstable_by_key(|c| c.start);
-    members.dedup_by_key(|c| c.start);
-    members.iter().map(|c| c.end - c.start).sum()
 }
 
 /// The layers mounted for a recording run, and the overlay over them.
