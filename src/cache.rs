@@ -21,7 +21,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,6 +211,10 @@ impl ChunkCache {
         }
         let dir = opts.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        // Chunks are decompressed image data, some of images that need credentials: root only,
+        // also for a cache an older version created open to everyone.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("restrict to its owner the directory", &dir))?;
         let lock_path = dir.join("lock");
         let lock_file = fs::OpenOptions::new()
             .create(true)
@@ -514,6 +518,7 @@ impl ChunkCache {
                 let file = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| io_error("create the assembled file", e))?;
                 Some(file)
@@ -743,6 +748,7 @@ impl ChunkCache {
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&tmp)?;
             file.write_all(data)?;
             if self.opts.sync_writes {
@@ -930,6 +936,24 @@ mod tests {
             memory_bytes: mem,
             ..CacheOptions::new(dir)
         }
+    }
+
+    #[test]
+    fn the_cache_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = ChunkCache::open(opts(&root, 1 << 20, 0)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700, "an existing open cache dir is closed");
+        let data = Bytes::from_static(b"decompressed image data");
+        let d = digest_of(&data);
+        cache.insert(&d, data).unwrap();
+        let text = d.to_string();
+        let hex = &text["sha256:".len()..];
+        let file = root.join("chunks/sha256").join(&hex[..2]).join(hex);
+        assert_eq!(mode(&file), 0o600);
     }
 
     #[test]

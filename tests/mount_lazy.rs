@@ -273,6 +273,14 @@ fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
     );
     assert!(for_read < 64 << 10, "the read fetched {for_read} bytes");
 
+    // The chunk cache holds decompressed image data: root only.
+    use std::os::unix::fs::PermissionsExt;
+    let cache_mode = std::fs::metadata(work.path().join("cache-mnt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(cache_mode & 0o777, 0o700);
+
     // The kernel asks a lazy layer for little beyond what is read (fetch.kernel_read_ahead_kb).
     use std::os::unix::fs::MetadataExt;
     let layer_dir = &layer_dirs(&mounted, "lazy")[0];
