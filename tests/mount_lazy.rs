@@ -487,3 +487,63 @@ fn a_whiteout_of_what_no_lower_layer_has_is_not_listed() {
     // The opaque directory still hides nothing it should show.
     assert!(lazy.dir.join("data/opaque-dir").is_dir());
 }
+
+/// A tmpfs, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The mount daemon keeps the disk watermarks `serve` keeps: reading 64 MiB through a cache on
+/// a 40 MiB filesystem evicts instead of filling it, and every byte still reads right.
+#[test]
+fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| images::pseudo_random_bytes(4 << 20, 100 + i))
+        .collect();
+    let mut tar = tar::Builder::new(Vec::new());
+    for (i, data) in files.iter().enumerate() {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, format!("big/{i}.bin"), &data[..])
+            .unwrap();
+    }
+    let source = push_generated(&registry, work.path(), &[tar.into_inner().unwrap()], "fill");
+    let esgz = format!("{}/fill:esgz", registry.host());
+    lazysnap_ok(&["convert", &source, &esgz]);
+
+    let cache = work.path().join("cache-small");
+    std::fs::create_dir_all(&cache).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cache,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=40m"),
+    )
+    .unwrap();
+    let _tmpfs = Tmpfs(cache.clone());
+    let mounted = Mounted::new(&esgz, work.path(), "small", &["--no-background"]);
+    let mut fullest = 0.0f64;
+    for (i, data) in files.iter().enumerate() {
+        let read = std::fs::read(mounted.dir.join(format!("big/{i}.bin"))).unwrap();
+        assert!(read == *data, "big/{i}.bin read back wrong");
+        let stats = nix::sys::statvfs::statvfs(&cache).unwrap();
+        let used = 1.0 - stats.blocks_available() as f64 / stats.blocks() as f64;
+        fullest = fullest.max(used);
+    }
+    assert!(
+        fullest <= 0.95,
+        "the cache filesystem reached {:.0}% full",
+        fullest * 100.0
+    );
+    let log = std::fs::read_to_string(cache.join("mount-daemon.log")).unwrap_or_default();
+    assert!(!log.contains("No space left"), "{log}");
+}

@@ -195,6 +195,10 @@ async fn open_cache(
     loop {
         let mut options = CacheOptions::new(cache_dir);
         options.max_bytes = cache_limit;
+        // The disk watermarks `serve` keeps by default: a small filesystem never fills up.
+        let defaults = lazysnap::config::CacheConfig::default();
+        options.high_watermark_pct = Some(defaults.high_watermark_pct);
+        options.low_watermark_pct = Some(defaults.low_watermark_pct);
         match tokio::task::spawn_blocking(move || ChunkCache::open(options)).await? {
             Ok(cache) => return Ok(cache),
             Err(CacheError::Locked { .. }) if started.elapsed() < CACHE_LOCK_WAIT => {
