@@ -221,3 +221,51 @@ fn converts_all_platforms_of_an_index_registry_to_registry() {
         image::OCI_INDEX
     );
 }
+
+/// A layer holding a GNU sparse file (GNU tar `--sparse`, PAX 1.0) is refused with the file's
+/// real name and what to do, and nothing is written: never a file whose content is the sparse
+/// map.
+#[test]
+fn a_gnu_sparse_member_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let sparse = std::fs::File::create(files.join("sparse.bin")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    sparse.write_all_at(b"data in the middle", 1 << 29).unwrap();
+    let layer_tar = dir.path().join("layer.tar");
+    let status = std::process::Command::new("tar")
+        .args(["--sparse", "--format=pax", "-cf"])
+        .arg(&layer_tar)
+        .arg("-C")
+        .arg(&files)
+        .arg("sparse.bin")
+        .status()
+        .unwrap();
+    assert!(status.success(), "GNU tar is needed (Debian package tar)");
+    let layout = OciLayout::create(&dir.path().join("src")).unwrap();
+    write_image(
+        &layout,
+        &[std::fs::read(&layer_tar).unwrap()],
+        &ImageOptions::default(),
+        Some("v1"),
+    )
+    .unwrap();
+    let dst = dir.path().join("dst");
+    let output = lazysnap(&[
+        "convert",
+        &format!("oci:{}:v1", dir.path().join("src").display()),
+        &format!("oci:{}:esgz", dst.display()),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sparse.bin") && stderr.contains("GNU sparse"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("GNUSparseFile"),
+        "the real name is given: {stderr}"
+    );
+}

@@ -101,6 +101,8 @@ pub struct TarStream<R> {
     remaining: u64,
     pad: u64,
     ended: bool,
+    /// Name of the member whose data is being read (for errors).
+    current: String,
 }
 
 fn cstr(field: &[u8]) -> String {
@@ -121,6 +123,7 @@ impl<R: Read> TarStream<R> {
             remaining: 0,
             pad: 0,
             ended: false,
+            current: String::new(),
         }
     }
 
@@ -308,6 +311,19 @@ impl<R: Read> TarStream<R> {
                 xattrs: BTreeMap::new(),
                 name,
             };
+            if pax.keys().any(|k| k.starts_with("GNU.sparse.")) {
+                let real = pax
+                    .get("GNU.sparse.name")
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_else(|| meta.name.clone());
+                return Err(self.err(
+                    &real,
+                    "a GNU sparse file (PAX GNU.sparse.* records) cannot be converted: its data \
+                     would be stored as the sparse map; write the layer without sparse files \
+                     (tar without --sparse / -S)"
+                        .into(),
+                ));
+            }
             apply_pax(&mut meta, pax).map_err(|r| self.err(&meta.name, r))?;
             if !matches!(
                 typeflag,
@@ -323,6 +339,7 @@ impl<R: Read> TarStream<R> {
             }
             self.remaining = meta.size;
             self.pad = padding(meta.size);
+            self.current.clone_from(&meta.name);
             return Ok(Some(RawMember {
                 header: raw,
                 meta,
@@ -334,11 +351,11 @@ impl<R: Read> TarStream<R> {
     /// Fills `buf` with the next data bytes of the current member (`buf.len() <= remaining`).
     pub fn read_data(&mut self, buf: &mut [u8]) -> Result<(), FormatError> {
         if buf.len() as u64 > self.remaining {
-            return Err(self.err("", "read past the member's data".into()));
+            return Err(self.err(&self.current, "read past the member's data".into()));
         }
         self.inner.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                self.err("", "stream ends inside a member's data".into())
+                self.err(&self.current, "stream ends inside a member's data".into())
             } else {
                 FormatError::Io {
                     context: format!("reading the input tar at byte {}", self.pos),
@@ -366,7 +383,7 @@ impl<R: Read> TarStream<R> {
         self.remaining = 0;
         self.pad = 0;
         if skipped != total {
-            return Err(self.err("", "stream ends inside a member's data".into()));
+            return Err(self.err(&self.current, "stream ends inside a member's data".into()));
         }
         Ok(())
     }
@@ -518,5 +535,48 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(names, ["x.txt"]);
+    }
+
+    #[test]
+    fn a_truncated_member_names_itself() {
+        let mut stream = ustar_reg_header("data/file.bin", 5000, 0o644).to_vec();
+        stream.extend_from_slice(&[7u8; 1000]);
+        let mut tar = TarStream::new(&stream[..]);
+        tar.next_member().unwrap().unwrap();
+        let mut buf = vec![0u8; 5000];
+        let err = tar.read_data(&mut buf).unwrap_err().to_string();
+        assert!(err.contains("data/file.bin"), "{err}");
+        let mut tar = TarStream::new(&stream[..]);
+        tar.next_member().unwrap().unwrap();
+        let err = tar.next_member().unwrap_err().to_string();
+        assert!(err.contains("data/file.bin"), "{err}");
+    }
+
+    #[test]
+    fn a_gnu_sparse_member_is_refused_by_its_real_name() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let records: [(&str, &[u8]); 4] = [
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"data/sparse.bin"),
+            ("GNU.sparse.realsize", b"1099511627776"),
+        ];
+        builder.append_pax_extensions(records).unwrap();
+        let mut header = tar::Header::new_ustar();
+        header.set_size(512);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "GNUSparseFile.0/sparse.bin", &[0u8; 512][..])
+            .unwrap();
+        let stream = builder.into_inner().unwrap();
+        let err = TarStream::new(&stream[..])
+            .next_member()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data/sparse.bin") && err.contains("sparse"),
+            "{err}"
+        );
     }
 }
