@@ -2,7 +2,8 @@
 //! remote flag, usage). Callers open exactly one transaction per snapshotter call.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -105,7 +106,9 @@ pub struct StoreError {
 
 /// The redb database holding every snapshot record.
 pub struct MetadataStore {
-    db: redb::Database,
+    /// `None` once closed after an I/O error, until reopened.
+    db: RwLock<Option<redb::Database>>,
+    file: PathBuf,
     path: String,
 }
 
@@ -118,15 +121,58 @@ pub struct WriteTxn<'a> {
 impl MetadataStore {
     /// Opens (or creates) the database at `path` and makes sure the table exists.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let display = path.display().to_string();
-        let db = redb::Database::create(path).map_err(|e| StoreError {
-            path: display.clone(),
-            detail: format!("{e} (is another lazysnap using this root?)"),
-        })?;
-        let store = Self { db, path: display };
+        let store = Self {
+            db: RwLock::new(Some(Self::create(path)?)),
+            file: path.to_path_buf(),
+            path: path.display().to_string(),
+        };
         let txn = store.begin()?;
         txn.commit()?;
         Ok(store)
+    }
+
+    fn create(path: &Path) -> Result<redb::Database, StoreError> {
+        redb::Database::create(path).map_err(|e| StoreError {
+            path: path.display().to_string(),
+            detail: format!("{e} (is another lazysnap using this root?)"),
+        })
+    }
+
+    /// Starts a transaction with `begin` on the database. After an I/O error (a full disk) redb
+    /// refuses every later transaction until the database is reopened: that is done here, once
+    /// per call, and logged, so the store recovers by itself once the cause is gone.
+    fn transaction<T>(
+        &self,
+        begin: impl Fn(&redb::Database) -> Result<T, redb::TransactionError>,
+    ) -> Result<T, StoreError> {
+        for attempt in 0..2 {
+            {
+                let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+                if let Some(db) = guard.as_ref() {
+                    match begin(db) {
+                        Ok(txn) => return Ok(txn),
+                        Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo))
+                            if attempt == 0 => {}
+                        Err(e) => return Err(self.err(e)),
+                    }
+                }
+            }
+            self.reopen()?;
+        }
+        Err(self.err("the database failed again right after it was reopened"))
+    }
+
+    /// Closes the database (redb poisons it after an I/O error) and opens it again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = guard.take() {
+            drop(db);
+            tracing::warn!(path = %self.path, "snapshot metadata store failed an earlier write (disk full?): reopening it");
+        }
+        let db = Self::create(&self.file)?;
+        *guard = Some(db);
+        tracing::info!(path = %self.path, "snapshot metadata store reopened");
+        Ok(())
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -138,7 +184,7 @@ impl MetadataStore {
 
     /// Starts the one write transaction of a call.
     pub fn begin(&self) -> Result<WriteTxn<'_>, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.transaction(|db| db.begin_write())?;
         {
             txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
         }
@@ -147,7 +193,7 @@ impl MetadataStore {
 
     /// Reads every record in one read transaction (name order).
     pub fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.transaction(|db| db.begin_read())?;
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| self.err(e))? {
@@ -161,7 +207,7 @@ impl MetadataStore {
 
     /// Reads one record in its own read transaction.
     pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.transaction(|db| db.begin_read())?;
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
         let value = table.get(name).map_err(|e| self.err(e))?;
         value
