@@ -845,3 +845,28 @@ async fn declined_remote_layers_fall_back_to_normal_snapshots() {
     assert_eq!(std::fs::read_dir(h.snapshots_dir()).unwrap().count(), 1);
     h.stop().await;
 }
+
+/// An unpack whose Prepare carries the target label but none of the image's (containerd 2.x's
+/// transfer service without remote-snapshot exports) falls back visibly: counted and metered
+/// as `no_labels`, and still a working snapshot.
+#[tokio::test]
+async fn a_layer_prepared_without_image_labels_is_counted_as_a_fallback() {
+    let mut h = Harness::start_with(Arc::new(FakeRemote::default())).await;
+    let key = "default/1/extract-2 sha256:chain-nolabels";
+    let labels: HashMap<String, String> = [(
+        "containerd.io/snapshot.ref".to_string(),
+        "sha256:chain-nolabels".to_string(),
+    )]
+    .into_iter()
+    .collect();
+    let mounts = h.prepare_labeled(key, "", labels).await.unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    assert_eq!(h.service.stats().remote_fallbacks, 1);
+    assert_eq!(h.service.stats().remote_mounted, 0);
+    let text = lazysnap::metrics::encode();
+    assert!(
+        text.contains("lazysnap_fallbacks_total{reason=\"no_labels\"}"),
+        "{text}"
+    );
+    h.stop().await;
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -96,7 +96,8 @@ impl ServiceOptions {
 pub struct ServiceStats {
     /// Layers mounted lazily on Prepare.
     pub remote_mounted: u64,
-    /// Prepares with layer labels that fell back to a normal snapshot.
+    /// Prepares of layers that fell back to a normal snapshot (declined, or without the image's
+    /// labels).
     pub remote_fallbacks: u64,
     /// Remote layers remounted after a restart.
     pub remote_restored: u64,
@@ -118,6 +119,8 @@ struct Inner {
     next_id: AtomicU64,
     remote_mounted: AtomicU64,
     remote_fallbacks: AtomicU64,
+    /// Whether the missing-labels warning was logged (once per daemon).
+    warned_no_labels: AtomicBool,
     remote_restored: AtomicU64,
     remote_restore_failures: AtomicU64,
 }
@@ -160,6 +163,7 @@ impl Service {
                 next_id: AtomicU64::new(max_id.saturating_add(1)),
                 remote_mounted: AtomicU64::new(0),
                 remote_fallbacks: AtomicU64::new(0),
+                warned_no_labels: AtomicBool::new(false),
                 remote_restored: AtomicU64::new(0),
                 remote_restore_failures: AtomicU64::new(0),
             }),
@@ -289,6 +293,19 @@ impl Service {
                         warn!(key, target = %target, reason = %reason,
                             "layer falls back to a normal snapshot (containerd fetches and unpacks it)");
                     }
+                }
+            } else {
+                // An unpack without the image's labels: containerd downloads the layer in full.
+                self.inner.remote_fallbacks.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::record_fallback("no_labels");
+                if !self.inner.warned_no_labels.swap(true, Ordering::Relaxed) {
+                    warn!(key, target = %target,
+                        "containerd prepares a layer without the image's labels, so it is downloaded \
+                         and unpacked in full, not mounted lazily; with containerd 2.x's transfer \
+                         service set [proxy_plugins.lazysnap.exports] \
+                         enable_remote_snapshot_annotations = \"true\", \
+                         for CRI keep snapshot annotations enabled (counted in \
+                         lazysnap_fallbacks_total{{reason=\"no_labels\"}}; warned once)");
                 }
             }
         }
