@@ -4,6 +4,7 @@
 //! --verify`. Needs root, FUSE and runc; fails loudly without them.
 
 mod cli_common;
+mod pull_common;
 use cli_common::*;
 
 use std::path::{Path, PathBuf};
@@ -486,4 +487,45 @@ fn workload_overrides_apply_and_zstd_chunked_is_optimized_too() {
     let (manifest, tocs) = tocs(&registry, work.path(), "opt/app", "zstd");
     assert!(manifest.layers[1].media_type.contains("zstd"));
     assert_eq!(prioritized_files(&tocs[1]).unwrap(), vec!["app/a.txt"]);
+}
+
+/// A lazy start through containerd: `lazysnap serve`, `lazysnap pull`, `ctr run` of the image's
+/// own command. The output is the original's, and the workload layer costs its TOC, the
+/// prefetch and at most a few reads (background fill off, so every byte counted was asked for).
+#[test]
+fn the_optimized_image_starts_lazily_through_containerd_with_the_prefetch_and_few_reads() {
+    require_runc();
+    pull_common::require_root_and_containerd();
+    let (registry, _src) = registry_with_workload_image();
+    let work = tempfile::tempdir().unwrap();
+    let host = registry.host();
+    let image = format!("{host}/opt/app:v1");
+    assert_ok(&optimize(&[&format!("{host}/src/app:v1"), &image]));
+    let (manifest, _) = tocs(&registry, work.path(), "opt/app", "v1");
+    let app_layer = &manifest.layers[1];
+    let fetched_before = registry.blob_gets(&app_layer.digest).len();
+
+    let lazysnap =
+        pull_common::TestLazysnap::start_with_config("[fetch]\nbackground_fill = false\n");
+    let containerd = pull_common::TestContainerd::start(Some(&lazysnap.socket()));
+    let pulled = pull_common::lazysnap_pull(&containerd, "opt", "lazysnap", &image);
+    assert!(
+        pulled.lines().filter(|l| l.contains("  lazy  ")).count() == 3,
+        "every layer is mounted lazily: {pulled}"
+    );
+    let out = containerd.run("opt", "lazysnap", &image, &[]);
+    assert_eq!(out, WORKLOAD_OUTPUT, "lazysnap log:\n{}", lazysnap.log());
+    // The snapshotter's one-byte reachability checks (at each container's Prepare) aside.
+    let gets: Vec<(u16, u64)> = registry.blob_gets(&app_layer.digest)[fetched_before..]
+        .iter()
+        .copied()
+        .filter(|&(_, bytes)| bytes > 1)
+        .collect();
+    let served: u64 = gets.iter().map(|(_, b)| b).sum();
+    assert!(gets.len() <= 5, "requests for the workload layer: {gets:?}");
+    assert!(
+        served < app_layer.size / 4,
+        "{served} of the layer's {} bytes were fetched",
+        app_layer.size
+    );
 }
