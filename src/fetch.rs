@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::blob::{BlobError, BlobSource};
 use crate::buffer_pool::POOL;
 use crate::cache::ChunkCache;
-use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression};
+use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression, PrefetchPlan};
 use crate::metrics::{self, FetchKind};
 
 mod claims;
@@ -344,26 +344,23 @@ impl LayerReader {
         })
     }
 
-    /// Starts, once, the prefetch of `range` (the compressed range of the prioritized files;
-    /// `None` when the layer has none) but the chunks starting at the `skipped` offsets (sorted;
-    /// [`LayerToc::prefetch_skipped`](crate::estargz::LayerToc::prefetch_skipped)), followed by
-    /// background fill, as the options allow. The
-    /// prefetch is queued with the scheduler at once, behind the layers mounted before; the call
-    /// returns at once and the work runs on the runtime until done or [`LayerReader::shutdown`].
-    pub fn start_prefetch(&self, range: Option<Range<u64>>, skipped: &[u64]) {
+    /// Starts, once, the prefetch `plan` asks for (`None` when the layer has no prioritized
+    /// files) followed by background fill, as the options allow. The prefetch is queued with the
+    /// scheduler at once, behind the layers mounted before; the call returns at once and the
+    /// work runs on the runtime until done or [`LayerReader::shutdown`].
+    pub fn start_prefetch(&self, plan: Option<PrefetchPlan>) {
         if self.inner.prefetch_started.swap(true, Ordering::SeqCst) {
             return;
         }
         let scheduler = &self.inner.opts.scheduler;
         scheduler.note_activity();
-        let ticket = range
+        let ticket = plan
             .filter(|_| self.inner.opts.prefetch)
-            .map(|range| (range, scheduler.queue_prefetch()));
-        let skipped = skipped.to_vec();
+            .map(|plan| (plan, scheduler.queue_prefetch()));
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {
-            if let Some((range, ticket)) = ticket {
-                inner.prefetch(range, &skipped, ticket).await;
+            if let Some((plan, ticket)) = ticket {
+                inner.prefetch(&plan, ticket).await;
             }
             inner.counters.prefetch_done.store(true, Ordering::SeqCst);
             if inner.opts.background && !inner.cancel.is_cancelled() {
@@ -1277,26 +1274,16 @@ impl Inner {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// Fetches the chunks inside the prioritized range but the `skipped` ones, in blob (landmark)
-    /// order, once the prefetches queued before it are done.
-    async fn prefetch(
-        self: &Arc<Self>,
-        range: Range<u64>,
-        skipped: &[u64],
-        ticket: scheduler::PrefetchTicket,
-    ) {
+    /// Fetches the chunks `plan` wants, in blob (landmark) order, once the prefetches queued
+    /// before it are done.
+    async fn prefetch(self: &Arc<Self>, plan: &PrefetchPlan, ticket: scheduler::PrefetchTicket) {
         let wanted: Vec<ChunkRef> = self
             .layer_chunks
             .iter()
             .map(|&at| at as ChunkRef)
-            .filter(|&at| {
-                let c = &self.chunk(at).compressed;
-                c.start >= range.start
-                    && c.start < range.end
-                    && skipped.binary_search(&c.start).is_err()
-            })
+            .filter(|&at| plan.wants(self.chunk(at).compressed.start))
             .collect();
-        let span = tracing::info_span!("prefetch", layer = %self.layer, start = range.start, end = range.end, chunks = wanted.len());
+        let span = tracing::info_span!("prefetch", layer = %self.layer, start = plan.range.start, end = plan.range.end, chunks = wanted.len());
         async {
             let _turn = tokio::select! {
                 turn = ticket.turn() => turn,

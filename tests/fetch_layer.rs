@@ -763,7 +763,7 @@ fn prefetch_fetches_the_prioritized_range_in_one_request() {
     );
     // Prioritized: files 0..3 (six chunks), as if a landmark followed them.
     let range = layer.files[0].chunks[0].compressed.start..layer.files[2].chunks[1].compressed.end;
-    r.start_prefetch(Some(range.clone()), &[]);
+    r.start_prefetch(Some(range.clone().into()));
     wait_until("prefetch done", || r.stats().prefetch_done);
     assert_eq!(controls.requests(), vec![range.clone()]);
     for f in &layer.files[..3] {
@@ -812,7 +812,7 @@ fn background_fill_yields_to_on_demand_reads_then_fills_everything() {
     );
     // An on-demand read is in flight (e.g. in another layer) before the fill starts.
     let waiting = scheduler.on_demand();
-    r.start_prefetch(None, &[]);
+    r.start_prefetch(None);
     wait_until("prefetch phase done", || r.stats().prefetch_done);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -864,7 +864,7 @@ fn shutdown_stops_background_fill() {
         opts,
         "shutdown",
     );
-    r.start_prefetch(None, &[]);
+    r.start_prefetch(None);
     wait_until("a background request", || !controls.requests().is_empty());
     r.shutdown();
     std::thread::sleep(Duration::from_millis(600));
@@ -1147,7 +1147,7 @@ fn background_fill_respects_its_concurrency_limit_across_layers() {
                 opts.clone(),
                 name,
             );
-            r.start_prefetch(None, &[]);
+            r.start_prefetch(None);
             r
         })
         .collect();
@@ -1253,7 +1253,7 @@ fn an_on_demand_read_overtakes_a_stalled_background_fetch_of_its_chunk() {
         },
         "b",
     );
-    rb.start_prefetch(None, &[]);
+    rb.start_prefetch(None);
     wait_until("layer B fetching", || !ctl_b.requests().is_empty());
     let ra = reader(&rt, blob_a, &layer_a, Compression::Gzip, &cache, opts, "a");
     // A's read does not wait behind B's stalled stream: it fetches the chunk itself.

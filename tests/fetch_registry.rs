@@ -288,7 +288,7 @@ fn an_on_demand_read_is_answered_before_the_prefetch_stream_reaches_its_chunk() 
     let toc_bytes = registry.blob_bytes_served(&pushed.digest);
 
     // Every file is prioritized: the prefetch streams the whole layer in blob order.
-    reader.start_prefetch(Some(0..pushed.size), &[]);
+    reader.start_prefetch(Some((0..pushed.size).into()));
     wait_until("the prefetch streaming", || {
         reader.stats().prefetch_bytes > 0
     });
@@ -344,7 +344,7 @@ fn background_fill_starts_only_after_the_quiet_period() {
         ..FetchOptions::default()
     };
     let (reader, names) = open_reader(&rt, &client, &repo, &pushed, &cache, "quiet", opts);
-    reader.start_prefetch(None, &[]);
+    reader.start_prefetch(None);
     std::thread::sleep(quiet / 3);
     assert_eq!(
         reader.stats().requests,

@@ -101,6 +101,33 @@ pub struct Entry {
     pub chunks: Vec<ChunkInfo>,
 }
 
+/// What lazysnap's prefetch of a layer fetches: the chunks whose compressed member starts in
+/// `range` (before `.prefetch.landmark`) but those starting at a `skipped` offset (sorted; marked
+/// `lazysnap.skipPrefetch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchPlan {
+    pub range: Range<u64>,
+    pub skipped: Vec<u64>,
+}
+
+impl PrefetchPlan {
+    /// Whether the chunk whose compressed member starts at `compressed_start` is prefetched.
+    pub fn wants(&self, compressed_start: u64) -> bool {
+        self.range.contains(&compressed_start)
+            && self.skipped.binary_search(&compressed_start).is_err()
+    }
+}
+
+impl From<Range<u64>> for PrefetchPlan {
+    /// The whole range, nothing skipped.
+    fn from(range: Range<u64>) -> Self {
+        PrefetchPlan {
+            range,
+            skipped: Vec::new(),
+        }
+    }
+}
+
 /// An opened layer: its TOC, validated and normalized.
 #[derive(Debug, Clone)]
 pub struct LayerToc {
@@ -108,8 +135,7 @@ pub struct LayerToc {
     toc_digest: String,
     toc: Toc,
     entries: Vec<Entry>,
-    prefetch_range: Option<Range<u64>>,
-    prefetch_skipped: Vec<u64>,
+    prefetch: Option<PrefetchPlan>,
     landmark: Option<Landmark>,
     blob_size: u64,
     footer: Footer,
@@ -134,17 +160,21 @@ impl LayerToc {
     }
     /// Compressed bytes holding the prioritized files (everything before `.prefetch.landmark`).
     pub fn prefetch_range(&self) -> Option<Range<u64>> {
-        self.prefetch_range.clone()
+        self.prefetch.as_ref().map(|p| p.range.clone())
     }
     /// Compressed start offsets, sorted, of the chunks in the prefetch range marked
     /// `lazysnap.skipPrefetch` (parts of files the recorded workload did not read).
     pub fn prefetch_skipped(&self) -> &[u64] {
-        &self.prefetch_skipped
+        self.prefetch.as_ref().map_or(&[], |p| p.skipped.as_slice())
     }
-    /// Compressed bytes lazysnap's prefetch fetches: the chunks of the prefetch range but the
-    /// [skipped](Self::prefetch_skipped) ones, each compressed member once.
+    /// What lazysnap's prefetch of this layer fetches, if the layer has prioritized files.
+    pub fn prefetch_plan(&self) -> Option<&PrefetchPlan> {
+        self.prefetch.as_ref()
+    }
+    /// Compressed bytes lazysnap's prefetch fetches: the chunks its plan wants, each compressed
+    /// member once.
     pub fn prefetch_bytes(&self) -> u64 {
-        let Some(range) = self.prefetch_range.clone() else {
+        let Some(plan) = &self.prefetch else {
             return 0;
         };
         let mut members: Vec<Range<u64>> = self
@@ -152,9 +182,7 @@ impl LayerToc {
             .iter()
             .flat_map(|e| e.chunks.iter())
             .map(|c| c.compressed.clone())
-            .filter(|c| {
-                range.contains(&c.start) && self.prefetch_skipped.binary_search(&c.start).is_err()
-            })
+            .filter(|c| plan.wants(c.start))
             .collect();
         members.sort_unstable_by_key(|c| c.start);
         members.dedup_by_key(|c| c.start);
@@ -351,8 +379,7 @@ pub fn layer_from_toc_json(
         toc_digest,
         toc,
         entries: normalized.entries,
-        prefetch_range: normalized.prefetch_range,
-        prefetch_skipped: normalized.prefetch_skipped,
+        prefetch: normalized.prefetch,
         landmark: normalized.landmark,
         blob_size,
         footer,
@@ -490,8 +517,7 @@ fn check_digest(value: &str) -> bool {
 struct Normalized {
     entries: Vec<Entry>,
     landmark: Option<Landmark>,
-    prefetch_range: Option<Range<u64>>,
-    prefetch_skipped: Vec<u64>,
+    prefetch: Option<PrefetchPlan>,
 }
 
 /// Where the chunks of the open regular file go.
@@ -757,16 +783,15 @@ fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatError> {
 
     resolve_hardlinks(&mut entries)?;
     check_overlaps(&mut places)?;
-    if prefetch_range.is_none() {
-        prefetch_skipped.clear();
-    }
     prefetch_skipped.sort_unstable();
     prefetch_skipped.dedup();
     Ok(Normalized {
         entries,
         landmark,
-        prefetch_range,
-        prefetch_skipped,
+        prefetch: prefetch_range.map(|range| PrefetchPlan {
+            range,
+            skipped: prefetch_skipped,
+        }),
     })
 }
 

@@ -336,7 +336,7 @@ impl LayerManager {
         mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
         let handle = mount_index(index, source, mountpoint, mount_options).await?;
-        reader.start_prefetch(toc.prefetch_range(), toc.prefetch_skipped());
+        reader.start_prefetch(toc.prefetch_plan().cloned());
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
         let toc_digest = toc.toc_digest().to_string();
         Ok(MountedLayer {

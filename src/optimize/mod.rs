@@ -129,11 +129,12 @@ pub async fn optimize_image(
             what: format!("creating a work directory in {}", temp_parent.display()),
             source,
         })?;
-    let (source, record, run) = match &opts.record_in {
+    // The image the optimized one is written from, its number of tar layers, the record.
+    let (source, layers, record, run) = match &opts.record_in {
         Some(path) => {
             let resolved = resolve_image(client, src, &opts.convert.platform).await?;
             let layers = tar_layers(&resolved).len();
-            (src.clone(), Record::read(path, layers)?, None)
+            (src.clone(), layers, Record::read(path, layers)?, None)
         }
         None => {
             progress.phase("converting the image for the recording run");
@@ -150,7 +151,7 @@ pub async fn optimize_image(
             let resolved = resolve_image(client, &plain, &opts.convert.platform).await?;
             progress.phase("running the workload over recording mounts");
             let (record, outcome) = record_run(&resolved, &digests, work.path(), opts).await?;
-            (plain, record, Some(outcome))
+            (plain, tar_layers(&resolved).len(), record, Some(outcome))
         }
     };
     if let Some(path) = &opts.record_out {
@@ -165,9 +166,8 @@ pub async fn optimize_image(
         }
     }
     progress.phase("writing the optimized image");
-    let resolved = resolve_image(client, &source, &opts.convert.platform).await?;
     let mut final_opts = opts.convert.clone();
-    final_opts.recorded = record.per_layer(tar_layers(&resolved).len());
+    final_opts.recorded = record.per_layer(layers);
     final_opts.reuse = false;
     final_opts.temp_dir = Some(work.path().to_path_buf());
     let converted = convert_image(client, &source, dst, &final_opts, progress).await?;
