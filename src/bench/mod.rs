@@ -604,6 +604,17 @@ const CTR_REMOTE_TAG: &str = "ctr-remote";
 /// `--optimized`).
 const OPTIMIZED_TAG: &str = "ctr-remote-opt";
 
+/// `--entrypoint=[argv0]` and `--args=[rest]` (JSON arrays) running `workload`, as both
+/// `lazysnap optimize` and `ctr-remote image optimize` take them.
+fn workload_flags(workload: &[String]) -> [String; 2] {
+    let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
+    let (entrypoint, args) = workload.split_at(workload.len().min(1));
+    [
+        format!("--entrypoint={}", json(entrypoint)),
+        format!("--args={}", json(args)),
+    ]
+}
+
 /// Tag of the image `lazysnap optimize` wrote (what the lazysnap-opt mode pulls).
 const LAZYSNAP_OPTIMIZED_TAG: &str = "lazysnap-opt";
 
@@ -615,14 +626,11 @@ fn optimize_with_lazysnap(
     workload: &[String],
     progress: &dyn Fn(&str),
 ) -> Result<(), BenchError> {
-    let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
-    let (entrypoint, args) = workload.split_at(workload.len().min(1));
     let mut command = Command::new(&options.lazysnap_bin);
     command
         .arg("optimize")
         .args(["--period", "120s"])
-        .arg(format!("--entrypoint={}", json(entrypoint)))
-        .arg(format!("--args={}", json(args)))
+        .args(workload_flags(workload))
         .arg(format!("{}/{REPOSITORY}:gzip", registry.host()))
         .arg(format!(
             "{}/{REPOSITORY}:{LAZYSNAP_OPTIMIZED_TAG}",
@@ -657,19 +665,12 @@ fn convert_with_ctr_remote(
         CTR_REMOTE_TAG
     };
     let target = format!("{}/{REPOSITORY}:{tag}", registry.host());
-    let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
     let convert: Vec<String> = match optimize_for {
         Some(workload) => {
-            let (entrypoint, args) = workload.split_at(workload.len().min(1));
-            vec![
-                "image".into(),
-                "optimize".into(),
-                "--oci".into(),
-                format!("--entrypoint={}", json(entrypoint)),
-                format!("--args={}", json(args)),
-                source.clone(),
-                target.clone(),
-            ]
+            let mut args: Vec<String> = vec!["image".into(), "optimize".into(), "--oci".into()];
+            args.extend(workload_flags(workload));
+            args.extend([source.clone(), target.clone()]);
+            args
         }
         None => ["image", "convert", "--estargz", "--oci", &source, &target]
             .map(String::from)
