@@ -219,28 +219,35 @@ fn lazily_mounted_image_equals_the_unpacked_image() {
     );
 }
 
+/// A layer of 16 files `big/N.bin` of 4 MiB of pseudo-random bytes (seeds from `seed`), plus
+/// `extra` (path, content) if given; returns the tar and the 16 contents.
+fn big_files_layer(seed: u64, extra: Option<(&str, &[u8])>) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let files: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| images::pseudo_random_bytes(4 << 20, seed + i))
+        .collect();
+    let mut tar = tar::Builder::new(Vec::new());
+    let named = files
+        .iter()
+        .enumerate()
+        .map(|(i, data)| (format!("big/{i}.bin"), data.as_slice()));
+    let extra = extra.map(|(path, data)| (path.to_string(), data));
+    for (path, data) in named.chain(extra) {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, path, data).unwrap();
+    }
+    (tar.into_inner().unwrap(), files)
+}
+
 #[test]
 fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
     require_root_and_fuse();
     let registry = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
     // ~64 MiB of incompressible-ish data in 16 files, plus one small file.
-    let mut tar = tar::Builder::new(Vec::new());
-    for i in 0..16u64 {
-        let data = images::pseudo_random_bytes(4 << 20, i + 1);
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, format!("big/{i}.bin"), &data[..])
-            .unwrap();
-    }
     let small = b"small file content\n".repeat(200);
-    let mut header = tar::Header::new_gnu();
-    header.set_size(small.len() as u64);
-    header.set_mode(0o644);
-    tar.append_data(&mut header, "etc/small.conf", &small[..])
-        .unwrap();
-    let layer = tar.into_inner().unwrap();
+    let (layer, _) = big_files_layer(1, Some(("etc/small.conf", &small)));
     let source = push_generated(&registry, work.path(), &[layer], "big");
     let esgz = format!("{}/big:esgz", registry.host());
     lazysnap_ok(&["convert", &source, &esgz]);
@@ -510,18 +517,8 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
     require_root_and_fuse();
     let registry = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let files: Vec<Vec<u8>> = (0..16u64)
-        .map(|i| images::pseudo_random_bytes(4 << 20, 100 + i))
-        .collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    for (i, data) in files.iter().enumerate() {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, format!("big/{i}.bin"), &data[..])
-            .unwrap();
-    }
-    let source = push_generated(&registry, work.path(), &[tar.into_inner().unwrap()], "fill");
+    let (layer, files) = big_files_layer(100, None);
+    let source = push_generated(&registry, work.path(), &[layer], "fill");
     let esgz = format!("{}/fill:esgz", registry.host());
     lazysnap_ok(&["convert", &source, &esgz]);
 
