@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The real-image startup benchmark behind the README's tables: python3 from Debian 12's packages
 # (built once with debootstrap into the cache directory), both workloads, against containerd's
-# overlayfs and stargz-snapshotter's daemon (built from Debian 12 packages by
-# ../shared/peers/stargz/build.sh), unoptimized and optimized (ctr-remote image optimize for
+# overlayfs, stargz-snapshotter's daemon (built from Debian 12 packages by
+# ../shared/peers/stargz/build.sh) and the SOCI snapshotter (scripts/get-soci.sh), unoptimized and optimized (ctr-remote image optimize for
 # lazysnap and stargz, lazysnap optimize for lazysnap-opt, also for the other workload), on the
 # edge link (10 Mbit/s, 100 ms), a data-center link (100 Mbit/s, 20 ms) and loopback.
 #
 # Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 50 minutes, estimated)
 # Environment: RUNS (default 3), CACHE_DIR (default /var/cache/lazysnap-bench),
 #              STARGZ_GRPC (a containerd-stargz-grpc binary; built when unset),
+#              SOCI_GRPC (a soci-snapshotter-grpc binary; scripts/get-soci.sh when unset),
 #              STATE_DIR (default /dev/shm: state on tmpfs, as in the README's figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,8 @@ if [[ ! -x $stargz ]]; then
     bash "$peers" "$cache/stargz" >&2
 fi
 
+soci=${SOCI_GRPC:-$(bash scripts/get-soci.sh "$cache/soci")}
+
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 echo "== building lazysnap (release)" >&2
 cargo build --quiet --release --bin lazysnap
@@ -44,9 +47,9 @@ bench() {
     shift
     echo "== $name: lazysnap bench $*" >&2
     "$lazysnap" bench --cache-dir "$cache" --state-dir "$state" --stargz-grpc "$stargz" \
-        --runs "$runs" --out "$out/$name" "$@"
+        --soci-grpc "$soci" --runs "$runs" --out "$out/$name" "$@"
 }
-all=overlayfs,lazysnap,lazysnap-nobg,stargz
+all=overlayfs,lazysnap,lazysnap-nobg,stargz,soci
 bench edge-app --image python3-app --link 10mbit:100ms --modes "$all"
 bench edge-print --image python3-print --link 10mbit:100ms --modes "$all"
 bench edge-app-opt --image python3-app --link 10mbit:100ms --optimized --modes lazysnap-opt,lazysnap,lazysnap-nobg,stargz
@@ -54,6 +57,6 @@ bench edge-print-opt --image python3-print --link 10mbit:100ms --optimized --mod
 bench edge-print-opt-for-app --image python3-print --link 10mbit:100ms --optimized --optimized-for python3-app --modes lazysnap-opt,stargz
 bench fast-app-opt --image python3-app --link unlimited --link 100mbit:20ms --optimized --modes lazysnap-opt,stargz
 bench fast-print-opt --image python3-print --link unlimited --link 100mbit:20ms --optimized --modes lazysnap-opt,stargz
-bench fast-app --image python3-app --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz
-bench fast-print --image python3-print --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz
+bench fast-app --image python3-app --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz,soci
+bench fast-print --image python3-print --link unlimited --link 100mbit:20ms --modes overlayfs,lazysnap,stargz,soci
 echo "== tables: $out/*/table.txt" >&2

@@ -11,6 +11,8 @@ fi
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 
 bash scripts/install-deps.sh
+# The SOCI snapshotter, a peer the bench measures (Debian unstable's package, extracted privately).
+echo "== scripts/get-soci.sh: $(bash scripts/get-soci.sh)"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -150,6 +150,84 @@ fn bench_runs_both_modes_and_writes_results() {
     assert_eq!(lazysnap_mounts(), 0);
 }
 
+/// The SOCI daemon the peer test measures: `LAZYSNAP_SOCI_GRPC`, or where scripts/get-soci.sh
+/// (run by scripts/test.sh) puts it.
+fn soci_grpc() -> std::path::PathBuf {
+    let path = std::env::var_os("LAZYSNAP_SOCI_GRPC")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            "/var/cache/lazysnap-bench/soci/root/usr/bin/soci-snapshotter-grpc".into()
+        });
+    assert!(
+        Path::new(&path).is_file(),
+        "{} is missing: run scripts/get-soci.sh (scripts/test.sh does)",
+        Path::new(&path).display()
+    );
+    path
+}
+
+#[test]
+fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
+    require_root_and_tools();
+    let soci = soci_grpc();
+    let state_dir = Path::new("/var/lib/soci-snapshotter-grpc");
+    let state_dir_existed = state_dir.exists();
+    let out = tempfile::tempdir().unwrap();
+    // 30 MB of app files compress to about 15 MB: above SOCI's 10 MiB minimum for a zTOC.
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args([
+            "bench",
+            "--runs",
+            "1",
+            "--link",
+            "unlimited",
+            "--layer-mb",
+            "30",
+        ])
+        .args(["--modes", "overlayfs,soci", "--soci-grpc"])
+        .arg(&soci)
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run lazysnap bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "lazysnap bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let results = json["results"].as_array().unwrap();
+    let modes: Vec<&str> = results
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["overlayfs", "soci"], "{json}");
+    let soci_run = &results[1]["runs"][0];
+    assert_eq!(soci_run["ready"], true, "{json}");
+    assert_eq!(soci_run["layers"], 2, "{json}");
+    // SOCI mounted the app layer lazily: it fetched less than the overlayfs pull's full image.
+    let overlay_bytes = results[0]["runs"][0]["fetched_bytes"].as_u64().unwrap();
+    let soci_bytes = soci_run["fetched_bytes"].as_u64().unwrap();
+    assert!(soci_bytes > 0 && soci_bytes < overlay_bytes / 2, "{json}");
+    assert!(
+        json["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("soci create")),
+        "{json}"
+    );
+    // Torn down: no SOCI mount, and SOCI's fixed state directory is as it was.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains("soci")),
+        "left mounted:\n{mounts}"
+    );
+    assert_eq!(state_dir.exists(), state_dir_existed);
+}
+
 #[test]
 fn bench_rejects_a_bad_link_naming_the_expected_form() {
     let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))

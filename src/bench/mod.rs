@@ -15,6 +15,7 @@ mod link;
 mod procs;
 mod python_image;
 mod report;
+mod soci;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +37,7 @@ pub use report::{
 };
 
 use procs::{run_timed, tail, ServeProcess};
+use soci::{SociPeer, SociTools};
 
 /// Repository the sample image is pushed to.
 const REPOSITORY: &str = "bench/app";
@@ -95,6 +97,9 @@ pub struct BenchOptions {
     /// A stargz-snapshotter daemon (`containerd-stargz-grpc`) to measure beside lazysnap, on the
     /// image stargz's own converter writes (mode `stargz`).
     pub stargz_grpc: Option<PathBuf>,
+    /// SOCI's daemon (`soci-snapshotter-grpc`, with the `soci` CLI beside it) to measure beside
+    /// lazysnap, on the gzip image with the index `soci create` builds (mode `soci`).
+    pub soci_grpc: Option<PathBuf>,
     /// Extra `[fetch]` settings of `lazysnap serve` (`key = value` lines).
     pub fetch_settings: Vec<String>,
     /// Only these modes (`None`: overlayfs and lazysnap, plus those the options above add).
@@ -194,6 +199,7 @@ impl BenchOptions {
             cache_dir: PathBuf::from("/var/cache/lazysnap-bench"),
             compare_no_background: false,
             stargz_grpc: None,
+            soci_grpc: None,
             fetch_settings: Vec::new(),
             only_modes: None,
             optimized: false,
@@ -217,6 +223,9 @@ impl BenchOptions {
         if self.stargz_grpc.is_some() {
             modes.push(Mode::Stargz);
         }
+        if self.soci_grpc.is_some() {
+            modes.push(Mode::Soci);
+        }
         modes
     }
 
@@ -237,6 +246,11 @@ impl BenchOptions {
             if only.contains(&Mode::Stargz) && self.stargz_grpc.is_none() {
                 return Err(BenchError::Invalid(
                     "--modes stargz needs --stargz-grpc PATH".into(),
+                ));
+            }
+            if only.contains(&Mode::Soci) && self.soci_grpc.is_none() {
+                return Err(BenchError::Invalid(
+                    "--modes soci needs --soci-grpc PATH".into(),
                 ));
             }
         }
@@ -422,6 +436,22 @@ pub fn run_bench(
              --estargz --oci`, tag {CTR_REMOTE_TAG}); lazysnap on the one `lazysnap convert` wrote"
         ));
     }
+    let soci = match (&options.soci_grpc, options.modes().contains(&Mode::Soci)) {
+        (Some(daemon), true) => {
+            progress("building the SOCI index with `soci create` and pushing it with `soci push`");
+            let peer =
+                SociPeer::prepare(options, SociTools::beside(daemon)?, work.path(), &registry)?;
+            notes.push(format!(
+                "soci runs on the gzip image (tag {}) with the index `soci create` built with its \
+                 defaults (4 MiB spans; layers under 10 MiB are fetched whole), served over HTTPS \
+                 as {} (SOCI 0.4.1 reads indexes over HTTPS only)",
+                soci::SOCI_TAG,
+                peer.registry_name
+            ));
+            Some(peer)
+        }
+        _ => None,
+    };
     let gzip_layers = image::registry_layers(&registry.url(), REPOSITORY, "gzip")?;
     let estargz_layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
     let image_report = ImageReport {
@@ -442,6 +472,17 @@ pub fn run_bench(
     for link in &options.links {
         let emulator = LinkEmulator::start(upstream, link.profile())?;
         let host = format!("127.0.0.1:{}", emulator.addr().port());
+        // SOCI reads through its own emulator of the same link in front of the HTTPS registry;
+        // runs are sequential, so the two never share the link.
+        let soci_link = match &soci {
+            Some(peer) => {
+                let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], peer.registry.port()));
+                let emulator = LinkEmulator::start(upstream, link.profile())?;
+                let reference = peer.reference(emulator.addr().port());
+                Some((peer, reference, emulator))
+            }
+            None => None,
+        };
         let mut per_mode: Vec<(Mode, Vec<RunResult>)> = options
             .modes()
             .into_iter()
@@ -461,6 +502,9 @@ pub fn run_bench(
                     work.path(),
                     &registry,
                     &host,
+                    soci_link
+                        .as_ref()
+                        .map(|(peer, reference, _)| (*peer, reference.as_str())),
                     link,
                     *mode,
                     run_index,
@@ -486,6 +530,7 @@ pub fn run_bench(
                 runs.push(measured);
             }
         }
+        drop(soci_link);
         drop(emulator);
         for (mode, runs) in per_mode {
             results.push(ModeResult {
@@ -710,12 +755,15 @@ fn serve_config(options: &BenchOptions, mode: Mode) -> String {
 }
 
 /// One cold measurement: fresh `lazysnap serve` (new root and cache), then a fresh containerd,
-/// pull, then `ctr run --rm` until the ready line; everything stopped afterwards.
+/// pull, then `ctr run --rm` until the ready line; everything stopped afterwards. `soci` is the
+/// SOCI peer with the reference of its image through this link.
+#[allow(clippy::too_many_arguments)]
 fn measure_once(
     options: &BenchOptions,
     work: &Path,
     registry: &RegistryServer,
     host: &str,
+    soci: Option<(&SociPeer, &str)>,
     link: &LinkSpec,
     mode: Mode,
     run_index: usize,
@@ -728,18 +776,28 @@ fn measure_once(
     )
     .entered();
     let dir = work.join(format!("{}-{}-{}", link.slug(), mode.name(), run_index));
-    let (mut serve, containerd_options) = match (mode, &options.stargz_grpc) {
-        (Mode::Stargz, Some(stargz)) => {
-            let daemon = ServeProcess::start_stargz(stargz, &dir.join("stargz"))?;
-            let extra = format!(
-                "[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-                daemon.socket().display()
-            );
-            let options = ContainerdOptions {
-                extra_config: Some(extra),
-                ..ContainerdOptions::default()
-            };
-            (daemon, options)
+    let peer_plugin = |daemon: ServeProcess, name: &str| {
+        let extra = format!(
+            "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            daemon.socket().display()
+        );
+        let options = ContainerdOptions {
+            extra_config: Some(extra),
+            ..ContainerdOptions::default()
+        };
+        (daemon, options)
+    };
+    // SOCI's stores, fresh for this run; dropped after the daemon stops.
+    let mut soci_state = None;
+    let (mut serve, containerd_options) = match (mode, &options.stargz_grpc, soci) {
+        (Mode::Stargz, Some(stargz), _) => peer_plugin(
+            ServeProcess::start_stargz(stargz, &dir.join("stargz"))?,
+            "stargz",
+        ),
+        (Mode::Soci, _, Some((peer, _))) => {
+            let (daemon, state) = peer.start_daemon(&dir.join("soci"))?;
+            soci_state = Some(state);
+            peer_plugin(daemon, "soci")
         }
         _ => {
             let daemon = ServeProcess::start(
@@ -782,9 +840,21 @@ fn measure_once(
             (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz")
         }
         Mode::Stargz => (format!("{host}/{REPOSITORY}:{CTR_REMOTE_TAG}"), "stargz"),
+        Mode::Soci => match soci {
+            Some((_, reference)) => (reference.to_string(), "soci"),
+            None => {
+                return Err(BenchError::Invalid(
+                    "mode soci needs --soci-grpc PATH".into(),
+                ))
+            }
+        },
     };
 
-    let before = registry_get_bytes(&registry.log());
+    let fetched_so_far = || {
+        registry_get_bytes(&registry.log())
+            + soci.map_or(0, |(peer, _)| registry_get_bytes(&peer.registry.log()))
+    };
+    let before = fetched_so_far();
     let pull = match mode {
         Mode::Overlayfs => {
             let mut command = containerd.ctr();
@@ -808,6 +878,18 @@ fn measure_once(
                 .arg(&reference);
             command
         }
+        Mode::Soci => {
+            let Some((peer, _)) = soci else {
+                return Err(BenchError::Invalid(
+                    "mode soci needs --soci-grpc PATH".into(),
+                ));
+            };
+            let mut command = peer.cli(&containerd.address());
+            command
+                .args(["image", "rpull", "--snapshotter", "soci"])
+                .arg(&reference);
+            command
+        }
         Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
             let mut command = Command::new(&options.lazysnap_bin);
             command
@@ -825,6 +907,11 @@ fn measure_once(
         .map_err(with_logs)?;
     let (lazy_layers, layers) = match mode {
         Mode::Overlayfs | Mode::Stargz => (None, image_layer_count(&pulled.stdout)),
+        // `soci image rpull` names only the layers it fetched whole.
+        Mode::Soci => (
+            None,
+            image::registry_layers(&registry.url(), REPOSITORY, soci::SOCI_TAG)?.len(),
+        ),
         Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
             let layer_lines: Vec<&str> = pulled
                 .stdout
@@ -857,7 +944,7 @@ fn measure_once(
     let ran = run_timed(run, &run_what, options.step_timeout, Some(ready_line))
         .and_then(|finished| finished.success(&run_what))
         .map_err(with_logs)?;
-    let after = registry_get_bytes(&registry.log());
+    let after = fetched_so_far();
     let ready_after = ran.ready_after.ok_or_else(|| {
         with_logs(BenchError::Step {
             what: run_what.clone(),
@@ -880,6 +967,7 @@ fn measure_once(
     }
     drop(containerd);
     serve.stop();
+    drop(soci_state);
 
     let pull_secs = pulled.elapsed.as_secs_f64();
     let run_secs = ready_after.as_secs_f64();

@@ -56,6 +56,29 @@ impl ServeProcess {
         Self::spawn(command, dir, "containerd-stargz-grpc")
     }
 
+    /// Starts SOCI's daemon (`soci-snapshotter-grpc`, default settings) with its root in `dir`
+    /// (created), trusting `certificate` for the bench's HTTPS registry.
+    pub fn start_soci(soci_bin: &Path, dir: &Path, certificate: &Path) -> Result<Self, BenchError> {
+        std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            "# soci-snapshotter-grpc defaults (written by lazysnap bench)\n",
+        )
+        .map_err(io_error(format!("writing {}", config.display())))?;
+        let mut command = Command::new(soci_bin);
+        command
+            .env("SSL_CERT_FILE", certificate)
+            .arg("-address")
+            .arg(dir.join(SOCKET))
+            .arg("-root")
+            .arg(dir.join("root"))
+            .arg("-config")
+            .arg(&config)
+            .args(["-log-level", "info"]);
+        Self::spawn(command, dir, "soci-snapshotter-grpc")
+    }
+
     fn spawn(mut command: Command, dir: &Path, what: &'static str) -> Result<Self, BenchError> {
         let log = std::fs::File::create(dir.join(LOG))
             .map_err(io_error(format!("creating the {what} log")))?;

@@ -20,6 +20,9 @@ pub enum Mode {
     /// `ctr-remote images rpull` through stargz-snapshotter's daemon of the image stargz's own
     /// converter (`ctr-remote image convert --estargz`) wrote.
     Stargz,
+    /// `soci image rpull` through SOCI's daemon of the gzip image, with the index `soci create`
+    /// built.
+    Soci,
 }
 
 impl Mode {
@@ -30,6 +33,7 @@ impl Mode {
             Mode::LazysnapNoBackground => "lazysnap-nobg",
             Mode::LazysnapOptimized => "lazysnap-opt",
             Mode::Stargz => "stargz",
+            Mode::Soci => "soci",
         }
     }
 
@@ -41,6 +45,7 @@ impl Mode {
             Mode::LazysnapNoBackground,
             Mode::LazysnapOptimized,
             Mode::Stargz,
+            Mode::Soci,
         ]
         .into_iter()
         .find(|mode| mode.name() == text)
@@ -337,6 +342,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                 Mode::LazysnapNoBackground => ("#2e8b57", "#98d8b4"),
                 Mode::LazysnapOptimized => ("#6a3d9a", "#cab2d6"),
                 Mode::Stargz => ("#c0392b", "#f1a9a0"),
+                Mode::Soci => ("#d35400", "#f5cba7"),
             };
             let pull_top = y_of(result.median.pull_secs);
             let total_top = y_of(result.median.pull_secs + result.median.run_secs);
@@ -360,7 +366,8 @@ pub fn render_svg(report: &BenchReport) -> String {
                         Mode::Lazysnap
                         | Mode::LazysnapNoBackground
                         | Mode::LazysnapOptimized
-                        | Mode::Stargz,
+                        | Mode::Stargz
+                        | Mode::Soci,
                         Some(speedup),
                     ) => format!(
                         "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\" fill=\"#1f6fb2\">{speedup:.1}x</text>\n",

@@ -56,9 +56,13 @@ pub struct BenchArgs {
     /// `ctr-remote images rpull`.
     #[arg(long, value_name = "PATH")]
     stargz_grpc: Option<PathBuf>,
+    /// Measure the SOCI snapshotter beside lazysnap with this `soci-snapshotter-grpc` binary and
+    /// the `soci` CLI beside it (mode `soci`): on the gzip image with the index `soci create`
+    /// builds, pulled with `soci image rpull` (scripts/get-soci.sh fetches both).
+    #[arg(long, value_name = "PATH")]
+    soci_grpc: Option<PathBuf>,
     /// Only these modes, comma separated (overlayfs, lazysnap, lazysnap-nobg, lazysnap-opt,
-    /// stargz); without
-    /// overlayfs the table shows no speedups.
+    /// stargz, soci); without overlayfs the table shows no speedups.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     modes: Vec<String>,
     /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
@@ -119,7 +123,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|name| {
                 Mode::parse(name).with_context(|| {
-                    format!("--modes {name:?}: choose overlayfs, lazysnap, lazysnap-nobg or stargz")
+                    format!(
+                        "--modes {name:?}: choose overlayfs, lazysnap, lazysnap-nobg, \
+                         lazysnap-opt, stargz or soci"
+                    )
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -142,6 +149,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             path.display()
         );
         options.stargz_grpc = Some(path.clone());
+    }
+    if let Some(path) = &args.soci_grpc {
+        anyhow::ensure!(
+            path.is_file(),
+            "--soci-grpc {}: no such file (scripts/get-soci.sh extracts soci-snapshotter-grpc \
+             from Debian's package)",
+            path.display()
+        );
+        options.soci_grpc = Some(path.clone());
     }
     if let Some(dir) = &args.state_dir {
         std::fs::create_dir_all(dir)

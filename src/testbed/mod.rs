@@ -14,7 +14,7 @@ pub use containerd::{ContainerdOptions, ContainerdServer};
 pub use fault_proxy::{Fault, FaultProxy, ProxyEvent};
 pub use htpasswd::{write_docker_config, write_htpasswd};
 pub use link::{LinkEmulator, LinkProfile};
-pub use registry::{RegistryOptions, RegistryServer};
+pub use registry::{RegistryOptions, RegistryServer, RegistryTls};
 pub use token_server::{TokenServer, TokenServerOptions};
 
 use std::net::TcpListener;

@@ -19,6 +19,18 @@ pub struct RegistryOptions {
     pub proxy_remote_url: Option<String>,
     /// Extra YAML appended verbatim to the config (e.g. a `auth.token` section).
     pub extra_config: Option<String>,
+    /// Serve HTTPS with this certificate and key (PEM files) instead of plain HTTP.
+    pub tls: Option<RegistryTls>,
+    /// Serve the storage of another registry (e.g. an HTTPS front of the same repositories)
+    /// instead of a fresh one in the registry's own directory.
+    pub storage_root: Option<PathBuf>,
+}
+
+/// The certificate and key of an HTTPS registry.
+#[derive(Debug, Clone)]
+pub struct RegistryTls {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A running registry; killed and its storage removed on drop.
@@ -26,6 +38,8 @@ pub struct RegistryServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    storage_root: PathBuf,
+    https: bool,
 }
 
 impl RegistryServer {
@@ -58,7 +72,17 @@ impl RegistryServer {
             .stderr(log_err)
             .spawn()
             .map_err(TestbedError::io("spawning docker-registry"))?;
-        let mut server = Self { child, port, dir };
+        let storage_root = options
+            .storage_root
+            .clone()
+            .unwrap_or_else(|| dir.path().join("storage"));
+        let mut server = Self {
+            child,
+            port,
+            dir,
+            storage_root,
+            https: options.tls.is_some(),
+        };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -95,9 +119,15 @@ impl RegistryServer {
         self.port
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.host())
+    }
+
+    /// Where the registry keeps its repositories (see [`RegistryOptions::storage_root`]).
+    pub fn storage_root(&self) -> &Path {
+        &self.storage_root
     }
 
     /// The registry's storage and config directory.
@@ -164,13 +194,24 @@ impl Drop for RegistryServer {
 }
 
 fn render_config(dir: &Path, port: u16, options: &RegistryOptions) -> String {
+    let storage_root = options
+        .storage_root
+        .clone()
+        .unwrap_or_else(|| dir.join("storage"));
     let mut config = format!(
         "version: 0.1\n\
          log:\n  level: info\n  accesslog:\n    disabled: false\n\
          storage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  redirect:\n    disable: true\n\
          http:\n  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
-        dir.join("storage").display()
+        storage_root.display()
     );
+    if let Some(tls) = &options.tls {
+        config.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            tls.certificate.display(),
+            tls.key.display()
+        ));
+    }
     if let Some(htpasswd) = &options.htpasswd {
         config.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: lazysnap-test\n    path: {}\n",
@@ -189,9 +230,9 @@ fn render_config(dir: &Path, port: u16, options: &RegistryOptions) -> String {
     config
 }
 
-/// Parses `... "GET /v2/... HTTP/1.1" 206 1234 ...` into (206, 1234).
+/// Parses `... "GET /v2/... HTTP/1.1" 206 1234 ...` (or `HTTP/2.0`) into (206, 1234).
 fn parse_status_and_bytes(line: &str) -> Option<(u16, u64)> {
-    let after_request = line.split("HTTP/1.1\" ").nth(1)?;
+    let after_request = line.split(" HTTP/").nth(1)?.split("\" ").nth(1)?;
     let mut fields = after_request.split_whitespace();
     let status = fields.next()?.parse().ok()?;
     let bytes = fields.next()?.parse().ok()?;
@@ -206,6 +247,8 @@ mod tests {
     fn parses_access_log_lines() {
         let line = r#"127.0.0.1 - - [22/Nov/2026:02:50:00 +0000] "GET /v2/x/blobs/sha256:ab HTTP/1.1" 206 4096 "" "curl/7.88""#;
         assert_eq!(parse_status_and_bytes(line), Some((206, 4096)));
+        let http2 = r#"127.0.0.1 - - [06/Dec/2026:18:42:10 +0000] "GET /v2/t/img/blobs/sha256:81 HTTP/2.0" 206 3247317 "" "soci-snapshotter/0.4.1-6""#;
+        assert_eq!(parse_status_and_bytes(http2), Some((206, 3_247_317)));
     }
 
     #[test]
