@@ -969,9 +969,13 @@ impl Inner {
         attempt: u32,
         reservation: Option<&Reservation>,
     ) -> Streamed {
+        let first_file = members
+            .first()
+            .map(|(_, (at, _))| self.file_name(self.files.file_of_chunk(*at)));
         let span = tracing::info_span!(
             "fetch",
             layer = %self.layer,
+            file = first_file.unwrap_or(""),
             kind = kind.as_str(),
             requests = 1,
             chunks = members.len(),

@@ -111,6 +111,9 @@ pub struct BenchOptions {
     pub optimized_for: Option<BenchImage>,
     /// `lazysnap convert --chunk-size` (`None`: its default).
     pub chunk_size: Option<u64>,
+    /// Keep each run's snapshotter log here as `LINK-MODE-RUN.log` (`None`: logs go with the
+    /// run's state).
+    pub logs_dir: Option<PathBuf>,
 }
 
 /// The image and workload a bench measures.
@@ -205,6 +208,7 @@ impl BenchOptions {
             optimized: false,
             optimized_for: None,
             chunk_size: None,
+            logs_dir: None,
         }
     }
 
@@ -968,6 +972,15 @@ fn measure_once(
     drop(containerd);
     serve.stop();
     drop(soci_state);
+    if let Some(logs) = &options.logs_dir {
+        let path = logs.join(format!("{}-{}-{}.log", link.slug(), mode.name(), run_index));
+        std::fs::create_dir_all(logs)
+            .and_then(|()| std::fs::write(&path, serve.log()))
+            .map_err(procs::io_error(format!(
+                "keeping the run's log as {}",
+                path.display()
+            )))?;
+    }
 
     let pull_secs = pulled.elapsed.as_secs_f64();
     let run_secs = ready_after.as_secs_f64();

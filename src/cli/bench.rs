@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// `lazysnap convert --chunk-size` for the lazysnap image (default: convert's).
     #[arg(long, value_name = "BYTES")]
     chunk_size: Option<u64>,
+    /// Keep each run's snapshotter log in DIR as LINK-MODE-RUN.log (with LAZYSNAP_LOG=debug
+    /// and LAZYSNAP_LOG_SPANS=1 in the environment, lazysnap's logs show every fetch).
+    #[arg(long, value_name = "DIR")]
+    keep_logs: Option<PathBuf>,
     /// A `[fetch]` setting for lazysnap's runs, repeatable, e.g. `readahead=false`.
     #[arg(long = "fetch-setting", value_name = "KEY=VALUE")]
     fetch_settings: Vec<String>,
@@ -117,6 +121,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .map(lazysnap::bench::BenchImage::parse)
         .transpose()?;
     options.chunk_size = args.chunk_size;
+    options.logs_dir = args.keep_logs.clone();
     if !args.modes.is_empty() {
         let modes = args
             .modes
