@@ -137,6 +137,50 @@ struct DiskEntry {
 struct DiskIndex {
     lru: LruCache<ChunkDigest, DiskEntry>,
     bytes: u64,
+    /// Bytes of chunk files being written (see [`SpaceReservation`]): entries plus these stay
+    /// within the bound.
+    reserved: u64,
+}
+
+/// Room in the disk bound for one chunk file being written, made by evicting before the first
+/// byte is written; released when the file is installed or abandoned.
+pub struct SpaceReservation {
+    disk: Arc<Mutex<DiskIndex>>,
+    len: u64,
+}
+
+impl Drop for SpaceReservation {
+    fn drop(&mut self) {
+        let mut disk = lock(&self.disk);
+        disk.reserved = disk.reserved.saturating_sub(self.len);
+    }
+}
+
+/// A chunk too large to decode in memory, being written to a temp file of the cache by its
+/// decoder: [`ChunkCache::begin_large`], then [`ChunkCache::finish_large`].
+pub struct LargeChunkFile {
+    file: fs::File,
+    path: PathBuf,
+    space: SpaceReservation,
+}
+
+impl LargeChunkFile {
+    /// A writer to the file, for the decoder.
+    pub fn writer(&self) -> Result<Box<dyn Write + Send>, CacheError> {
+        let file = self.file.try_clone().map_err(|source| CacheError::Io {
+            action: "open a writer to",
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(Box::new(io::BufWriter::with_capacity(1 << 20, file)))
+    }
+}
+
+impl Drop for LargeChunkFile {
+    fn drop(&mut self) {
+        // Installed files were renamed away; an abandoned one is removed.
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 struct MemoryTier {
@@ -160,7 +204,7 @@ pub struct ChunkCache {
     opts: CacheOptions,
     chunks_dir: PathBuf,
     tmp_dir: PathBuf,
-    disk: Mutex<DiskIndex>,
+    disk: Arc<Mutex<DiskIndex>>,
     memory: Mutex<MemoryTier>,
     /// Descriptors of recently read chunk files, kept open so that sequential reads of a chunk
     /// keep the kernel's readahead going; dropped when their chunk leaves the cache.
@@ -186,6 +230,62 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
         action,
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A chunk file mapped read-only, the owner of the [`Bytes`] a large chunk is served from: the
+/// kernel pages it in from the file as reads touch it and may drop it again, so its size does
+/// not count against the daemon's memory. Cache files are replaced by rename and removed by
+/// unlink, never truncated, so the mapping stays valid after eviction.
+struct MappedChunk {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; it is unmapped once, on drop.
+unsafe impl Send for MappedChunk {}
+// SAFETY: see above; shared access only reads.
+unsafe impl Sync for MappedChunk {}
+
+impl MappedChunk {
+    fn map(file: &fs::File, len: u64) -> io::Result<MappedChunk> {
+        let size = usize::try_from(len)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "empty or oversized chunk")
+            })?;
+        // SAFETY: a fresh shared read-only mapping of a regular file we hold open; no other
+        // memory is affected.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                size,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                file,
+                0,
+            )
+        }
+        .map_err(io::Error::from)?;
+        Ok(MappedChunk {
+            ptr,
+            len: size.get(),
+        })
+    }
+}
+
+impl AsRef<[u8]> for MappedChunk {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for MappedChunk {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, once.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
 }
 
@@ -243,6 +343,7 @@ impl ChunkCache {
         let mut found = scan_chunks(&chunks_dir)?;
         found.sort_by_key(|(_, _, mtime)| *mtime);
         let mut index = DiskIndex {
+            reserved: 0,
             lru: LruCache::unbounded(),
             bytes: 0,
         };
@@ -261,7 +362,7 @@ impl ChunkCache {
         let cache = Arc::new(ChunkCache {
             chunks_dir,
             tmp_dir,
-            disk: Mutex::new(index),
+            disk: Arc::new(Mutex::new(index)),
             memory: Mutex::new(MemoryTier {
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -444,8 +545,9 @@ impl ChunkCache {
             disk.lru.get(&key).is_some() && path.exists()
         };
         if !already {
+            let space = self.reserve(&key, len)?;
             let tmp = self.write_temp(&data)?;
-            self.install(key, &tmp, len)?;
+            self.install(key, &tmp, space)?;
             // On disk now: a chunk remembered until here leaves the memory tier, which keeps the
             // chunks read again (loaded by `get`), and its buffer goes back to be reused.
             self.forget_memory(&key);
@@ -454,9 +556,88 @@ impl ChunkCache {
         Ok(())
     }
 
-    /// Renames the complete temp file `tmp` of `len` bytes into place as entry `key`, then
-    /// evicts to keep within the disk bound.
-    fn install(&self, key: ChunkDigest, tmp: &Path, len: u64) -> Result<(), CacheError> {
+    /// Makes room for a chunk file of `len` bytes about to be written: evicts until the entries
+    /// and every file being written fit the disk bound.
+    fn reserve(&self, key: &ChunkDigest, len: u64) -> Result<SpaceReservation, CacheError> {
+        if len > self.opts.max_bytes {
+            return Err(CacheError::TooLarge {
+                digest: *key,
+                len,
+                max: self.opts.max_bytes,
+            });
+        }
+        let mut disk = lock(&self.disk);
+        disk.reserved += len;
+        let target = self.opts.max_bytes.saturating_sub(disk.reserved);
+        let evicted = self.evict_locked(&mut disk, target, None);
+        self.note_evictions(evicted, disk.bytes);
+        Ok(SpaceReservation {
+            disk: Arc::clone(&self.disk),
+            len,
+        })
+    }
+
+    /// Starts the cache file of chunk `key` of `len` bytes for a decoder to write into (a chunk
+    /// too large to hold in memory); its room in the disk bound is reserved first.
+    pub fn begin_large(&self, key: &ChunkDigest, len: u64) -> Result<LargeChunkFile, CacheError> {
+        let space = self.reserve(key, len)?;
+        let path = self.temp_path();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| CacheError::Io {
+                action: "create chunk temp file",
+                path: path.clone(),
+                source,
+            })?;
+        Ok(LargeChunkFile { file, path, space })
+    }
+
+    /// Installs a chunk file the decoder wrote completely and verified, and returns its bytes
+    /// mapped from the file (not read into memory).
+    pub fn finish_large(
+        &self,
+        key: &ChunkDigest,
+        mut large: LargeChunkFile,
+    ) -> Result<Bytes, CacheError> {
+        let len = large.space.len;
+        let io_error = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CacheError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        if self.opts.sync_writes {
+            large
+                .file
+                .sync_data()
+                .map_err(io_error("sync chunk temp file", &large.path))?;
+        }
+        let mapped = MappedChunk::map(&large.file, len)
+            .map_err(io_error("map chunk temp file", &large.path))?;
+        let space = SpaceReservation {
+            disk: Arc::clone(&self.disk),
+            len: std::mem::take(&mut large.space.len),
+        };
+        self.install(*key, &large.path, space)?;
+        self.enforce_watermarks(Some(key));
+        Ok(Bytes::from_owner(mapped))
+    }
+
+    /// Renames the complete temp file `tmp`, written into `space`, into place as entry `key`,
+    /// then evicts to keep within the disk bound.
+    fn install(
+        &self,
+        key: ChunkDigest,
+        tmp: &Path,
+        space: SpaceReservation,
+    ) -> Result<(), CacheError> {
+        let len = space.len;
         let path = self.chunk_path(&key);
         let mut disk = lock(&self.disk);
         if let Err(source) = fs::rename(tmp, &path) {
@@ -479,7 +660,11 @@ impl ChunkCache {
             disk.bytes = disk.bytes.saturating_sub(old.size);
         }
         disk.bytes += len;
-        let evicted = self.evict_locked(&mut disk, self.opts.max_bytes, Some(&key));
+        // The file now counts as an entry, no longer as a write in flight.
+        disk.reserved = disk.reserved.saturating_sub(len);
+        std::mem::forget(space);
+        let target = self.opts.max_bytes.saturating_sub(disk.reserved);
+        let evicted = self.evict_locked(&mut disk, target, Some(&key));
         self.note_evictions(evicted, disk.bytes);
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -505,6 +690,11 @@ impl ChunkCache {
         }
         // Present already (another layer's file): the parts must still be shown to make it.
         let present = lock(&self.disk).lru.contains(whole) && self.chunk_path(whole).exists();
+        let space = if present {
+            None
+        } else {
+            Some(self.reserve(whole, size)?)
+        };
         let tmp = self.temp_path();
         let io_error = |action, source| CacheError::Io {
             action,
@@ -556,8 +746,8 @@ impl ChunkCache {
         })();
         match written {
             Ok(Some((total, digest))) if total == size && digest == *whole => {
-                if !present {
-                    self.install(*whole, &tmp, size)?;
+                if let Some(space) = space {
+                    self.install(*whole, &tmp, space)?;
                     self.enforce_watermarks(Some(whole));
                 }
                 Ok(true)
@@ -996,6 +1186,48 @@ mod tests {
         assert_eq!(mem_cache.get(&d).unwrap(), data);
         assert_eq!(mem_cache.read_at(&d, 10, 10).unwrap(), data.slice(10..20));
         assert_eq!(mem_cache.stats().memory_hits, 2);
+    }
+
+    #[test]
+    fn a_large_chunk_written_in_place_is_room_made_first_and_served_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(opts(dir.path(), 3000, 0)).unwrap();
+        let small: Vec<Bytes> = (0..2u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+        for chunk in &small {
+            cache.insert(&digest_of(chunk), chunk.clone()).unwrap();
+        }
+        let large = Bytes::from((0..2000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let key = digest_of(&large);
+        let file = cache.begin_large(&key, large.len() as u64).unwrap();
+        // Room was made before the first byte is written: what is cached plus what is being
+        // written stays within the bound.
+        assert!(cache.stats().disk_bytes + large.len() as u64 <= 3000);
+        assert!(!cache.contains(&digest_of(&small[0])));
+        let mut writer = file.writer().unwrap();
+        writer.write_all(&large).unwrap();
+        writer.flush().unwrap();
+        drop(writer);
+        let mapped = cache.finish_large(&key, file).unwrap();
+        assert_eq!(mapped, large);
+        assert_eq!(cache.read_at(&key, 1990, 100).unwrap(), large.slice(1990..));
+        assert!(cache.stats().disk_bytes <= 3000);
+        // A large chunk abandoned before it is finished leaves no file and no reservation.
+        let other = digest_of(b"abandoned");
+        drop(cache.begin_large(&other, 2500).unwrap());
+        assert!(!cache.contains(&other));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        cache
+            .insert(&digest_of(&small[1]), small[1].clone())
+            .unwrap();
+        assert!(cache.contains(&digest_of(&small[1])));
+        // Larger than the whole bound: refused, not written.
+        assert!(matches!(
+            cache.begin_large(&other, 4000),
+            Err(CacheError::TooLarge { .. })
+        ));
     }
 
     #[test]

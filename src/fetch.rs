@@ -32,8 +32,10 @@ use tracing::Instrument;
 
 use crate::blob::{BlobError, BlobSource};
 use crate::buffer_pool::POOL;
-use crate::cache::ChunkCache;
-use crate::estargz::{self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression, PrefetchPlan};
+use crate::cache::{ChunkCache, LargeChunkFile};
+use crate::estargz::{
+    self, ChunkDecoder, ChunkDigest, ChunkInfo, Compression, Decoded, PrefetchPlan,
+};
 use crate::metrics::{self, FetchKind};
 
 mod claims;
@@ -146,6 +148,24 @@ enum Streamed {
     Cancelled,
 }
 
+/// Why a chunk's decoding could not start.
+enum StartError {
+    Format(estargz::FormatError),
+    Cache(crate::cache::CacheError),
+}
+
+impl From<estargz::FormatError> for StartError {
+    fn from(e: estargz::FormatError) -> Self {
+        StartError::Format(e)
+    }
+}
+
+impl From<crate::cache::CacheError> for StartError {
+    fn from(e: crate::cache::CacheError) -> Self {
+        StartError::Cache(e)
+    }
+}
+
 /// Why a streamed request failed.
 struct StreamFailure {
     message: String,
@@ -226,6 +246,50 @@ impl Drop for Reply {
 /// Bytes between two chunks that read-ahead still takes as adjacent (tar headers of entries
 /// without content).
 const READ_AHEAD_MAX_GAP: u64 = 4096;
+
+/// Chunks larger than this are decoded straight into their cache file, not into memory.
+const LARGE_CHUNK: u64 = 16 << 20;
+
+/// Most bytes of chunks being decoded in memory at once, node-wide; past it, chunks are decoded
+/// into their cache files as large ones are. With [`LARGE_CHUNK`] this bounds what a layer of
+/// small compressed chunks that inflate to a lot (a decompression bomb) can make the daemon hold.
+const DECODE_MEMORY_MAX: u64 = 256 << 20;
+
+static DECODE_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// A share of [`DECODE_MEMORY_MAX`] held while a chunk is decoded in memory.
+struct DecodeMemory(u64);
+
+impl DecodeMemory {
+    fn take(len: u64) -> Option<DecodeMemory> {
+        DECODE_MEMORY
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(len)
+                    .filter(|&total| total <= DECODE_MEMORY_MAX)
+            })
+            .ok()
+            .map(|_| DecodeMemory(len))
+    }
+}
+
+impl Drop for DecodeMemory {
+    fn drop(&mut self) {
+        DECODE_MEMORY.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
+
+/// A chunk being decoded: into memory (holding its share of the node-wide decode memory) or
+/// into its cache file.
+struct Decoding {
+    decoder: ChunkDecoder,
+    into: DecodeInto,
+}
+
+enum DecodeInto {
+    /// Holds its share of the decode memory until the chunk is decoded.
+    Memory { _share: DecodeMemory },
+    File(LargeChunkFile),
+}
 
 /// Largest decompressed chunk accepted (decoding allocates this much up front). Writers chunk
 /// files at a few MiB; a TOC declaring more is refused rather than trusted with memory.
@@ -987,8 +1051,8 @@ impl Inner {
         // Members (sorted by start) not yet begun, those receiving bytes, and, for an on-demand
         // run, the last one complete, decoded after the transfer.
         let mut waiting: std::collections::VecDeque<_> = members.into();
-        let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, ChunkDecoder)> = Vec::new();
-        let mut last: Option<(ChunkRef, FillGuard, ChunkDecoder)> = None;
+        let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, Decoding)> = Vec::new();
+        let mut last: Option<(ChunkRef, FillGuard, Decoding)> = None;
         let mut decodes = JoinSet::new();
         let mut verdicts = 0usize;
         let stall = self.opts.attempt_timeout;
@@ -1017,17 +1081,20 @@ impl Inner {
                     let Some((range, (chunk_at, guard))) = waiting.pop_front() else {
                         break;
                     };
-                    let file = self.file_name(self.files.file_of_chunk(chunk_at));
-                    match ChunkDecoder::new(self.compression, file, self.chunk(chunk_at)) {
-                        Ok(decoder) => receiving.push((range, chunk_at, guard, decoder)),
-                        Err(e) => {
+                    match self.start_decoding(chunk_at) {
+                        Ok(decoding) => receiving.push((range, chunk_at, guard, decoding)),
+                        Err(StartError::Format(e)) => {
                             verdicts += 1;
                             drop(self.store_decoded(chunk_at, Err(e), guard));
+                        }
+                        Err(StartError::Cache(e)) => {
+                            verdicts += 1;
+                            self.fail_uncacheable(chunk_at, e, guard);
                         }
                     }
                 }
                 let mut i = 0;
-                while let Some((range, _, _, decoder)) = receiving.get_mut(i) {
+                while let Some((range, _, _, Decoding { decoder, .. })) = receiving.get_mut(i) {
                     let from = range.start.max(at);
                     let to = range.end.min(end);
                     let within = (from - at) as usize..to.saturating_sub(at) as usize;
@@ -1113,13 +1180,60 @@ impl Inner {
         }
     }
 
+    /// A decoder for chunk `at`: into memory when it is small and the node-wide decode memory
+    /// has room, otherwise into its cache file.
+    fn start_decoding(&self, at: ChunkRef) -> Result<Decoding, StartError> {
+        let chunk = self.chunk(at);
+        let file = self.file_name(self.files.file_of_chunk(at));
+        if chunk.len <= LARGE_CHUNK {
+            if let Some(memory) = DecodeMemory::take(chunk.len) {
+                let decoder = ChunkDecoder::new(self.compression, file, chunk)?;
+                return Ok(Decoding {
+                    decoder,
+                    into: DecodeInto::Memory { _share: memory },
+                });
+            }
+        }
+        let large = self.cache.begin_large(&chunk.digest, chunk.len)?;
+        let writer = large.writer()?;
+        let decoder = ChunkDecoder::into_writer(self.compression, file, chunk, writer)?;
+        Ok(Decoding {
+            decoder,
+            into: DecodeInto::File(large),
+        })
+    }
+
+    /// Fails a chunk's fill that cannot be decoded because the cache cannot hold it.
+    fn fail_uncacheable(&self, at: ChunkRef, error: crate::cache::CacheError, guard: FillGuard) {
+        let chunk = self.chunk(at);
+        tracing::error!(layer = %self.layer, chunk = %chunk.digest, file = %self.file_name(self.files.file_of_chunk(at)), error = %error, "cannot decode a chunk into the cache; its reads fail");
+        guard.complete(Err(FillError::Fetch(error.to_string())));
+    }
+
     /// Finishes decoding and verifying a chunk whose bytes are all in (CPU work: a `decode`
-    /// span) and completes its fill with [`store_decoded`](Self::store_decoded).
-    fn finish(&self, at: ChunkRef, decoder: ChunkDecoder, guard: FillGuard) -> Option<Bytes> {
+    /// span) and completes its fill: with [`store_decoded`](Self::store_decoded), or, for a
+    /// chunk decoded into its cache file, by installing that file and serving its mapping.
+    fn finish(&self, at: ChunkRef, decoding: Decoding, guard: FillGuard) -> Option<Bytes> {
         let chunk = self.chunk(at);
         let decoded = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len)
-            .in_scope(|| decoder.finish());
-        self.store_decoded(at, decoded, guard)
+            .in_scope(|| decoding.decoder.finish());
+        match (decoded, decoding.into) {
+            (Ok(Decoded::Written), DecodeInto::File(large)) => {
+                match self.cache.finish_large(&chunk.digest, large) {
+                    Ok(mapped) => guard.complete(Ok(mapped)),
+                    Err(e) => self.fail_uncacheable(at, e, guard),
+                }
+                None
+            }
+            (Ok(Decoded::Memory(data)), _) => self.store_decoded(at, Ok(data), guard),
+            (Ok(Decoded::Written), DecodeInto::Memory { .. }) => {
+                guard.complete(Err(FillError::Fetch(
+                    "a chunk decoded into memory reported it was written to a file".into(),
+                )));
+                None
+            }
+            (Err(e), _) => self.store_decoded(at, Err(e), guard),
+        }
     }
 
     /// Completes a chunk's fill with its decoded bytes or the reason they are wrong. Good bytes

@@ -550,3 +550,108 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
     let log = std::fs::read_to_string(cache.join("mount-daemon.log")).unwrap_or_default();
     assert!(!log.contains("No space left"), "{log}");
 }
+
+/// Peak resident memory (VmHWM, bytes) of the mount daemon serving `cache_dir`.
+fn mount_daemon_peak_rss(cache_dir: &Path) -> u64 {
+    let needle = cache_dir.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("lazysnap") && cmdline.contains(needle) && cmdline.contains(" mount") {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
+            let kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            return kib * 1024;
+        }
+    }
+    panic!("no mount daemon process for {needle}");
+}
+
+/// Bytes of the regular files under `dir` (the chunk cache, with files being written).
+fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
+    require_root_and_fuse();
+    // Four 64 MiB files of zeros, one chunk each: about 256 KiB compressed for 256 MiB decoded.
+    const FILE: usize = 64 << 20;
+    const FILES: usize = 4;
+    const CACHE: u64 = 96 << 20;
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let zeros = vec![0u8; FILE];
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..FILES {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(FILE as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, format!("bomb/{i}.bin"), zeros.as_slice())
+            .unwrap();
+    }
+    let source = push_generated(&registry, work.path(), &[tar.into_inner().unwrap()], "bomb");
+    let esgz = format!("{}/bomb:esgz", registry.host());
+    lazysnap_ok(&["convert", "--chunk-size", &FILE.to_string(), &source, &esgz]);
+
+    let cache = work.path().join("cache-bomb");
+    let mounted = Mounted::new(
+        &esgz,
+        work.path(),
+        "bomb",
+        &["--no-background", "--cache-size", &CACHE.to_string()],
+    );
+    let before = mount_daemon_peak_rss(&cache);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let fullest = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut fullest = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                fullest = fullest.max(bytes_under(&cache));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            fullest
+        });
+        let readers: Vec<_> = (0..FILES)
+            .map(|i| {
+                let path = mounted.dir.join(format!("bomb/{i}.bin"));
+                scope.spawn(move || std::fs::read(&path).unwrap())
+            })
+            .collect();
+        for (i, reader) in readers.into_iter().enumerate() {
+            let data = reader.join().unwrap();
+            assert_eq!(data.len(), FILE, "bomb/{i}.bin");
+            assert!(data.iter().all(|&b| b == 0), "bomb/{i}.bin read back wrong");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    let peak = mount_daemon_peak_rss(&cache);
+    eprintln!("mount daemon peak RSS {before} -> {peak} bytes; cache at most {fullest} bytes");
+    // Decoded chunks go to their cache files, not memory: the daemon grows by far less than
+    // one of them, let alone the four read at once.
+    assert!(
+        peak < before + (48 << 20),
+        "the mount daemon's peak RSS went from {before} to {peak} bytes"
+    );
+    // Files being written count against the bound: the cache never held more than it.
+    assert!(
+        fullest <= CACHE + (1 << 20),
+        "the cache held {fullest} bytes, over its {CACHE}-byte bound"
+    );
+}

@@ -34,8 +34,32 @@ const TRAILING_TAR_SLACK: u64 = 64 << 10;
 struct ChunkSink {
     skip: u64,
     want: u64,
-    out: Vec<u8>,
+    out: SinkOut,
     hasher: Sha256,
+}
+
+/// What a [`ChunkSink`] keeps the chunk in.
+enum SinkOut {
+    Memory(Vec<u8>),
+    /// A writer of the caller's (a cache file): memory stays bounded whatever the chunk's size.
+    Writer {
+        to: Box<dyn Write + Send>,
+        written: u64,
+    },
+}
+
+impl Default for SinkOut {
+    fn default() -> Self {
+        SinkOut::Memory(Vec::new())
+    }
+}
+
+/// A decoded chunk: its bytes, or the note that they went to the writer given to
+/// [`ChunkDecoder::into_writer`].
+#[derive(Debug)]
+pub enum Decoded {
+    Memory(Vec<u8>),
+    Written,
 }
 
 impl ChunkSink {
@@ -43,17 +67,35 @@ impl ChunkSink {
         ChunkSink {
             skip: chunk.inner_offset,
             want: chunk.len,
-            out: POOL.take(usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+            out: SinkOut::Memory(
+                POOL.take(usize::try_from(chunk.len.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+            ),
             hasher: Sha256::new(),
         }
     }
 
-    fn complete(&self) -> bool {
-        self.out.len() as u64 == self.want
+    fn into_writer(chunk: &ChunkInfo, to: Box<dyn Write + Send>) -> ChunkSink {
+        ChunkSink {
+            skip: chunk.inner_offset,
+            want: chunk.len,
+            out: SinkOut::Writer { to, written: 0 },
+            hasher: Sha256::new(),
+        }
     }
 
-    /// The chunk's bytes, if all of them arrived and they hash to its digest.
-    fn verified(self, name: &str, chunk: &ChunkInfo) -> Result<Vec<u8>, FormatError> {
+    fn kept(&self) -> u64 {
+        match &self.out {
+            SinkOut::Memory(out) => out.len() as u64,
+            SinkOut::Writer { written, .. } => *written,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.kept() == self.want
+    }
+
+    /// The chunk, if all of it arrived and it hashes to its digest.
+    fn verified(self, name: &str, chunk: &ChunkInfo) -> Result<Decoded, FormatError> {
         if !self.complete() {
             return Err(bad(
                 name,
@@ -64,7 +106,7 @@ impl ChunkSink {
                         self.skip, chunk.inner_offset
                     )
                 } else {
-                    format!("data ends after {} of {} bytes", self.out.len(), self.want)
+                    format!("data ends after {} of {} bytes", self.kept(), self.want)
                 },
             ));
         }
@@ -73,7 +115,15 @@ impl ChunkSink {
             chunk,
             ChunkDigest::from_bytes(self.hasher.finalize().into()),
         )?;
-        Ok(self.out)
+        match self.out {
+            SinkOut::Memory(out) => Ok(Decoded::Memory(out)),
+            SinkOut::Writer { mut to, .. } => {
+                to.flush().map_err(|e| {
+                    bad(name, chunk, format!("cannot write the decoded chunk: {e}"))
+                })?;
+                Ok(Decoded::Written)
+            }
+        }
     }
 }
 
@@ -144,7 +194,10 @@ fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<
                 format!("cannot decompress {} bytes: {e}", chunk.len),
             )
         })?;
-    std::mem::take(decoder.get_mut()).verified(name, chunk)
+    match std::mem::take(decoder.get_mut()).verified(name, chunk)? {
+        Decoded::Memory(data) => Ok(data),
+        Decoded::Written => Err(bad(name, chunk, "decoded into memory, yet written".into())),
+    }
 }
 
 impl Write for ChunkSink {
@@ -154,9 +207,15 @@ impl Write for ChunkSink {
             .min(buf.len());
         self.skip -= skipped as u64;
         let rest = buf.get(skipped..).unwrap_or_default();
-        let room = usize::try_from(self.want - self.out.len() as u64).unwrap_or(usize::MAX);
+        let room = usize::try_from(self.want - self.kept()).unwrap_or(usize::MAX);
         let kept = rest.get(..room.min(rest.len())).unwrap_or_default();
-        self.out.extend_from_slice(kept);
+        match &mut self.out {
+            SinkOut::Memory(out) => out.extend_from_slice(kept),
+            SinkOut::Writer { to, written } => {
+                to.write_all(kept)?;
+                *written += kept.len() as u64;
+            }
+        }
         self.hasher.update(kept);
         Ok(buf.len())
     }
@@ -169,6 +228,8 @@ impl Write for ChunkSink {
 enum Decompressor {
     /// gzip: gathered, inflated at the end by [`inflate_gzip`].
     Gzip(Gathered),
+    /// gzip into a writer: inflated as it arrives.
+    GzipStream(Box<flate2::write::MultiGzDecoder<ChunkSink>>),
     Zstd(Box<zstd::stream::write::Decoder<'static, ChunkSink>>),
 }
 
@@ -205,6 +266,31 @@ impl ChunkDecoder {
         })
     }
 
+    /// A decoder for `chunk` that writes the decoded bytes to `to` as they are inflated (both
+    /// formats stream), for chunks too large to hold in memory; [`finish`](Self::finish) then
+    /// answers [`Decoded::Written`].
+    pub fn into_writer(
+        compression: Compression,
+        name: &str,
+        chunk: &ChunkInfo,
+        to: Box<dyn Write + Send>,
+    ) -> Result<ChunkDecoder, FormatError> {
+        let sink = ChunkSink::into_writer(chunk, to);
+        let decompressor = match compression {
+            Compression::Gzip => {
+                Decompressor::GzipStream(Box::new(flate2::write::MultiGzDecoder::new(sink)))
+            }
+            Compression::Zstd => zstd::stream::write::Decoder::new(sink)
+                .map(|d| Decompressor::Zstd(Box::new(d)))
+                .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
+        };
+        Ok(ChunkDecoder {
+            name: name.to_string(),
+            chunk: chunk.clone(),
+            decompressor,
+        })
+    }
+
     /// Takes the next compressed bytes. Once a zstd chunk is complete, more input (the rest of a
     /// frame shared with later chunks) is not decompressed.
     pub fn feed(&mut self, compressed: &[u8]) -> Result<(), FormatError> {
@@ -222,14 +308,37 @@ impl ChunkDecoder {
                     )
                 })
             }
-            Decompressor::Zstd(_) => Ok(()),
+            Decompressor::GzipStream(d) if !d.get_ref().complete() => {
+                d.write_all(compressed).map_err(|e| {
+                    bad(
+                        &self.name,
+                        &self.chunk,
+                        format!("cannot decompress {} bytes: {e}", self.chunk.len),
+                    )
+                })
+            }
+            Decompressor::Zstd(_) | Decompressor::GzipStream(_) => Ok(()),
         }
     }
 
     /// Ends the input: the chunk must have all its bytes, hashing to its digest.
-    pub fn finish(self) -> Result<Vec<u8>, FormatError> {
+    pub fn finish(self) -> Result<Decoded, FormatError> {
         match self.decompressor {
-            Decompressor::Gzip(gathered) => inflate_gzip(&self.name, &self.chunk, &gathered.0),
+            Decompressor::Gzip(gathered) => {
+                inflate_gzip(&self.name, &self.chunk, &gathered.0).map(Decoded::Memory)
+            }
+            Decompressor::GzipStream(mut d) => {
+                if !d.get_ref().complete() {
+                    d.try_finish().map_err(|e| {
+                        bad(
+                            &self.name,
+                            &self.chunk,
+                            format!("cannot decompress {} bytes: {e}", self.chunk.len),
+                        )
+                    })?;
+                }
+                std::mem::take(d.get_mut()).verified(&self.name, &self.chunk)
+            }
             Decompressor::Zstd(mut d) => {
                 if !d.get_ref().complete() {
                     d.flush().map_err(|e| {
@@ -257,7 +366,10 @@ impl ChunkDecoder {
         }
         let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
         decoder.feed(compressed)?;
-        decoder.finish()
+        match decoder.finish()? {
+            Decoded::Memory(data) => Ok(data),
+            Decoded::Written => Err(bad(name, chunk, "decoded into memory, yet written".into())),
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-pub use chunk_decoder::ChunkDecoder;
+pub use chunk_decoder::{ChunkDecoder, Decoded};
 pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
 pub use reader::{
@@ -172,6 +172,20 @@ mod tests {
 
     use super::*;
 
+    /// A writer whose bytes the test reads back.
+    #[derive(Clone, Default)]
+    struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(data).unwrap();
@@ -222,6 +236,27 @@ mod tests {
                 longer.len += 1;
                 let err = decode_chunk(compression, "f", &longer, &compressed).unwrap_err();
                 assert!(err.to_string().contains("data ends after"), "{err}");
+                // Into a writer: the same bytes, and the same errors.
+                let decode_into = |chunk: &ChunkInfo| {
+                    let written = SharedBuffer::default();
+                    let mut decoder = ChunkDecoder::into_writer(
+                        compression,
+                        "f",
+                        chunk,
+                        Box::new(written.clone()),
+                    )
+                    .unwrap();
+                    decoder.feed(&compressed)?;
+                    decoder.finish().map(|_| written.0.lock().unwrap().clone())
+                };
+                assert!(
+                    decode_into(&chunk).unwrap() == data,
+                    "{len} {compression:?}"
+                );
+                let err = decode_into(&wrong).unwrap_err();
+                assert!(err.to_string().contains("digest mismatch"), "{err}");
+                let err = decode_into(&longer).unwrap_err();
+                assert!(err.to_string().contains("data ends after"), "{err}");
             }
         }
     }
@@ -259,7 +294,17 @@ mod tests {
         for piece in spanning.chunks(7777) {
             decoder.feed(piece).unwrap();
         }
-        assert!(decoder.finish().unwrap() == both);
+        assert!(matches!(decoder.finish().unwrap(), Decoded::Memory(out) if out == both));
+        // Into a writer (a large chunk's cache file), inflated as it streams in: the same bytes.
+        let written = SharedBuffer::default();
+        let mut decoder =
+            ChunkDecoder::into_writer(Compression::Gzip, "f", &chunk, Box::new(written.clone()))
+                .unwrap();
+        for piece in spanning.chunks(7777) {
+            decoder.feed(piece).unwrap();
+        }
+        assert!(matches!(decoder.finish().unwrap(), Decoded::Written));
+        assert!(*written.0.lock().unwrap() == both);
         // A flipped byte inside the deflate data is an error naming the chunk, never bytes.
         let mut corrupt = gzip(&first);
         let middle = corrupt.len() / 2;
