@@ -1,37 +1,36 @@
 #!/usr/bin/env bash
-# Runs every estargz fuzz target (fuzz/fuzz_targets/*) for a bounded time each.
+# Coverage-guided fuzzing of lazysnap's parsers on the stable toolchain: fuzz/ is built with LLVM's
+# SanitizerCoverage (trace-pc-guard, the instrumentation libFuzzer uses) and its own edge map and
+# mutator, then each target of lazysnap::fuzzing runs for a bounded time from a seed corpus (the
+# ctr-remote fixtures, a tar, and fuzz/seeds: manifests, hosts.toml files). New inputs go to fuzz/corpus/TARGET,
+# crashes, timeouts and out-of-memory inputs to fuzz/artifacts/TARGET. One line per target says
+# execs, corpus, edges and crashes; the exit status is 1 if any target crashed.
 #   FUZZ_SECONDS  seconds per target (default 60)
-# With a nightly toolchain it uses cargo-fuzz (installed when missing) and seeds each corpus from
-# ../shared/fixtures. Without nightly it runs the same target bodies as a bounded loop over
-# mutated inputs (tests/estargz_fuzz_smoke.rs, FUZZ_ITERATIONS per target) on stable.
+#   FUZZ_TARGETS  targets to run (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 seconds="${FUZZ_SECONDS:-60}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+targets="${FUZZ_TARGETS:-footer toc_json layer_blob tar_input manifest hosts_toml}"
 fixtures="${FIXTURES_DIR:-../shared/fixtures}"
+host=$(rustc -vV | sed -n 's/^host: //p')
 
-run_smoke_loop() {
-    echo "fuzz.sh: $1; running the stable fuzz smoke loop instead" >&2
-    export FUZZ_ITERATIONS="${FUZZ_ITERATIONS:-$((seconds * 100))}"
-    exec cargo test --test estargz_fuzz_smoke
-}
-if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-    run_smoke_loop "no nightly toolchain"
-fi
+# Build scripts and proc macros stay uninstrumented: the flags apply to --target builds only.
 [ -f fuzz/Cargo.lock ] || cp Cargo.lock fuzz/Cargo.lock
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    cargo +nightly install cargo-fuzz --locked || run_smoke_loop "cannot install cargo-fuzz"
-fi
+RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=3 \
+-Cllvm-args=-sanitizer-coverage-trace-pc-guard -Cdebug-assertions -Coverflow-checks" \
+    cargo build --quiet --release --offline --manifest-path fuzz/Cargo.toml --target "$host" \
+    --target-dir target/fuzz
+fuzzer="target/fuzz/$host/release/lazysnap-fuzz"
 
 corpus="fuzz/corpus"
-mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input}
+mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input,manifest,hosts_toml}
 if [ -d "$fixtures" ]; then
     i=0
     for blob in "$fixtures"/*/*.blob; do
         i=$((i + 1))
         tail -c 51 "$blob" > "$corpus/footer/fixture-$i"
-        size=$(stat -c %s "$blob")
-        if [ "$size" -lt 300000 ]; then cp "$blob" "$corpus/layer_blob/fixture-$i"; fi
+        if [ "$(stat -c %s "$blob")" -lt 300000 ]; then cp "$blob" "$corpus/layer_blob/fixture-$i"; fi
     done
     for toc in "$fixtures"/*/*.toc.json; do
         i=$((i + 1))
@@ -45,13 +44,14 @@ printf 'hello\n' > "$scratch/t/dir/a.txt"
 head -c 10000 /dev/zero > "$scratch/t/dir/zeros"
 ln -sf a.txt "$scratch/t/dir/link"
 tar -C "$scratch/t" --format=pax -cf "$corpus/tar_input/seed.tar" dir
+# The seeds kept in the repository (manifests, hosts.toml files).
+for dir in fuzz/seeds/*/; do cp "$dir"* "$corpus/$(basename "$dir")/"; done
 
 status=0
-for target in footer toc_json layer_blob tar_input; do
+for target in $targets; do
     echo "== fuzzing $target for ${seconds}s"
-    if ! cargo +nightly fuzz run "$target" "$corpus/$target" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=400000 -timeout=20; then
-        echo "fuzz target $target FAILED (crash input under fuzz/artifacts/$target)" >&2
+    if ! "$fuzzer" "$target" "$seconds" "$corpus/$target" "fuzz/artifacts/$target"; then
+        echo "fuzz target $target FAILED (inputs under fuzz/artifacts/$target)" >&2
         status=1
     fi
 done

@@ -25,6 +25,9 @@ status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 # One summary line over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+# Coverage-guided fuzzing of every parser target, briefly (scripts/fuzz.sh runs longer on demand).
+echo "== scripts/fuzz.sh (${CI_FUZZ_SECONDS:-10} s per target)"
+FUZZ_SECONDS="${CI_FUZZ_SECONDS:-10}" bash scripts/fuzz.sh || status=1
 if ((status != 0)); then
     echo "test.sh: FAILED (cargo test exit status $status)" >&2
 fi

@@ -287,7 +287,9 @@ struct Decoding {
 
 enum DecodeInto {
     /// Holds its share of the decode memory until the chunk is decoded.
-    Memory { _share: DecodeMemory },
+    Memory {
+        _share: DecodeMemory,
+    },
     File(LargeChunkFile),
 }
 

@@ -13,6 +13,8 @@ pub mod config;
 pub mod containerd;
 pub mod estargz;
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod layer;
 pub mod metrics;

@@ -1,11 +1,12 @@
 //! Bounded fuzzing on stable: runs the cargo-fuzz target bodies
-//! (`lazysnap::estargz::fuzzing`) over seeds and deterministic random mutations of them, so the
+//! (`lazysnap::fuzzing`) over seeds and deterministic random mutations of them, so the
 //! parsers are exercised in every CI run even without nightly. `FUZZ_ITERATIONS` sets the
 //! mutations per target (default 300); `scripts/fuzz.sh` runs the real fuzzers when it can.
 
 use std::path::PathBuf;
 
-use lazysnap::estargz::{build_layer, fuzzing, BuildOptions, Compression};
+use lazysnap::estargz::{build_layer, BuildOptions, Compression};
+use lazysnap::fuzzing;
 
 struct Rng(u64);
 

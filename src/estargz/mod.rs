@@ -10,8 +10,6 @@ mod chunk_decoder;
 mod chunk_digest;
 mod decompress;
 pub mod footer;
-#[doc(hidden)]
-pub mod fuzzing;
 mod reader;
 mod tarfmt;
 mod timefmt;

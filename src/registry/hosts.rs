@@ -193,10 +193,22 @@ fn parse_hosts_file(
     origin_url: &str,
     default_scheme: &str,
 ) -> Result<Vec<HostConfig>, RegistryError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| RegistryError::Config(format!("{}: cannot read: {e}", file.display())))?;
+    parse_hosts_text(&text, file, origin_url, default_scheme)
+}
+
+/// The hosts of a hosts.toml whose text is `text`, read from `file` (which names it in errors;
+/// relative certificate paths are taken from its directory).
+pub(crate) fn parse_hosts_text(
+    text: &str,
+    file: &Path,
+    origin_url: &str,
+    default_scheme: &str,
+) -> Result<Vec<HostConfig>, RegistryError> {
     let err = |what: String| RegistryError::Config(format!("{}: {what}", file.display()));
-    let text = std::fs::read_to_string(file).map_err(|e| err(format!("cannot read: {e}")))?;
     let raw: RawHostsFile =
-        toml::from_str(&text).map_err(|e| err(format!("invalid hosts.toml: {e}")))?;
+        toml::from_str(text).map_err(|e| err(format!("invalid hosts.toml: {e}")))?;
     let base_dir = file.parent().unwrap_or(Path::new("/"));
     // Mirrors are tried in file order; the table map is sorted, so order by position.
     let mut mirrors: Vec<(String, toml::Value)> = raw.host.into_iter().collect();

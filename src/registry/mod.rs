@@ -4,7 +4,7 @@
 
 mod auth;
 mod client;
-mod hosts;
+pub(crate) mod hosts;
 mod multipart;
 mod ranged;
 mod reader;
