@@ -371,6 +371,42 @@ fn writer_refuses_bad_tar_input() {
         FormatError::BadTar { name, .. } => assert_eq!(name, "../escape"),
         other => panic!("expected BadTar, got {other:?}"),
     }
+    // Hardlinks to nothing before them, or to a directory: refused by name, with or without
+    // prioritized files (which spool the members first), never written as a layer readers refuse.
+    let link_to = |target: &str, with_dir: bool| {
+        let mut b = tar::Builder::new(Vec::new());
+        if with_dir {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_mode(0o755);
+            b.append_data(&mut h, "dir/", &[][..]).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_link(&mut h, "link", target).unwrap();
+        b.into_inner().unwrap()
+    };
+    let prioritized = BuildOptions {
+        prioritized: vec!["link".into()],
+        ..BuildOptions::default()
+    };
+    for (tar, why) in [
+        (link_to("missing", false), "not an earlier member"),
+        (link_to("dir", true), "is a directory"),
+    ] {
+        for opts in [&opts, &prioritized] {
+            match build_layer(&tar[..], Vec::new(), opts).unwrap_err() {
+                FormatError::BadTar { name, reason, .. } => {
+                    assert_eq!(name, "link");
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("expected BadTar, got {other:?}"),
+            }
+        }
+    }
     // A truncated member.
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();

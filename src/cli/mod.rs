@@ -83,10 +83,27 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("lazysnap: error: {err:#}");
+            eprintln!("lazysnap: error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `: `, each cause said once: library errors that already
+/// print their source (`"{context}: {source}"`) are not followed by that source again.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_logging(format: &str) {
@@ -144,5 +161,31 @@ pub fn print_line(args: std::fmt::Arguments<'_>) {
             eprintln!("lazysnap: error: writing to stdout: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("converting layer sha256:ab: {source}")]
+    struct Wrapping {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let err = anyhow::Error::new(Wrapping {
+            source: std::io::Error::other("unsafe member name"),
+        })
+        .context("converting oci:a to oci:b");
+        assert_eq!(
+            error_chain(&err),
+            "converting oci:a to oci:b: converting layer sha256:ab: unsafe member name"
+        );
+        let plain = anyhow::anyhow!("refused").context("pulling x");
+        assert_eq!(error_chain(&plain), "pulling x: refused");
     }
 }

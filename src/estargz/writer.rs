@@ -385,21 +385,44 @@ fn is_estargz_metadata(member: &RawMember) -> bool {
     })
 }
 
-fn check_member_names(member: &RawMember) -> Result<(), FormatError> {
-    let bad = |reason: String| FormatError::BadTar {
-        name: member.meta.name.clone(),
-        offset: member.offset,
-        reason,
-    };
-    normalize_name(&member.meta.name).map_err(|r| bad(format!("unsafe member name: {r}")))?;
-    if member.meta.typeflag == b'1' {
-        let target = normalize_name(&member.meta.link_name)
-            .map_err(|r| bad(format!("unsafe hardlink target: {r}")))?;
-        if target.is_empty() {
-            return Err(bad("hardlink to the root directory".into()));
+/// The names of the members so far, and whether each is a directory: what a hardlink may point
+/// at (an earlier member of the same layer that is not a directory, as for tar and the layers
+/// readers accept).
+#[derive(Default)]
+struct SeenMembers(std::collections::HashMap<String, bool>);
+
+impl SeenMembers {
+    /// Refuses a member whose name or hardlink target is unsafe, or whose hardlink points at
+    /// nothing before it or at a directory; records it otherwise.
+    fn check(&mut self, member: &RawMember) -> Result<(), FormatError> {
+        let bad = |reason: String| FormatError::BadTar {
+            name: member.meta.name.clone(),
+            offset: member.offset,
+            reason,
+        };
+        let name = normalize_name(&member.meta.name)
+            .map_err(|r| bad(format!("unsafe member name: {r}")))?;
+        if member.meta.typeflag == b'1' {
+            let target = normalize_name(&member.meta.link_name)
+                .map_err(|r| bad(format!("unsafe hardlink target: {r}")))?;
+            if target.is_empty() {
+                return Err(bad("hardlink to the root directory".into()));
+            }
+            match self.0.get(&target) {
+                None => {
+                    return Err(bad(format!(
+                        "hardlink target {target:?} is not an earlier member of the layer"
+                    )))
+                }
+                Some(true) => {
+                    return Err(bad(format!("hardlink target {target:?} is a directory")))
+                }
+                Some(false) => {}
+            }
         }
+        self.0.insert(name, member.meta.typeflag == b'5');
+        Ok(())
     }
-    Ok(())
 }
 
 impl<'a> Layout<'a> {
@@ -418,8 +441,9 @@ impl<'a> Layout<'a> {
         let mut stream = TarStream::new(input);
         if self.opts.prioritized.is_empty() && self.opts.recorded.is_empty() {
             self.add_landmark(NO_PREFETCH_LANDMARK)?;
+            let mut seen = SeenMembers::default();
             while let Some(member) = stream.next_member()? {
-                check_member_names(&member)?;
+                seen.check(&member)?;
                 if is_estargz_metadata(&member) {
                     continue;
                 }
@@ -684,8 +708,9 @@ impl Spool {
         let mut members = Vec::new();
         let mut pos = 0u64;
         let mut buf = vec![0u8; 1 << 20];
+        let mut seen = SeenMembers::default();
         while let Some(member) = stream.next_member()? {
-            check_member_names(&member)?;
+            seen.check(&member)?;
             if is_estargz_metadata(&member) {
                 continue;
             }
