@@ -310,13 +310,13 @@ impl Service {
             }
         }
         if !parent.is_empty() {
-            // A container's rootfs comes from Prepare: check its remote layers first.
+            // A container's rootfs comes from Prepare: check its remote layers.
             let parent_owned = parent.to_string();
             if let Ok(chain) = self
                 .blocking(move |s| Ok(s.inner.store.begin()?.chain(&parent_owned)?))
                 .await
             {
-                self.check_remote_chain(&chain).await;
+                self.check_remote_chain(&chain);
             }
         }
         let (key, parent) = (key.to_string(), parent.to_string());
@@ -614,22 +614,24 @@ impl Service {
                 Ok((record, chain))
             })
             .await?;
-        self.check_remote_chain(&chain).await;
+        self.check_remote_chain(&chain);
         let ids: Vec<(u64, bool)> = chain.iter().map(|r| (r.id, r.remote)).collect();
         Ok(self.mounts_for(record.kind, record.id, &ids))
     }
 
-    async fn check_remote_chain(&self, chain: &[SnapshotRecord]) {
+    /// Checks the remote layers of `chain` (one small read each, which also refreshes tokens,
+    /// redirects and connections) in the background, all at once: an unhealthy layer is only
+    /// logged, so the call that asked does not wait a round trip per layer for it.
+    fn check_remote_chain(&self, chain: &[SnapshotRecord]) {
         for link in chain.iter().filter(|r| r.remote) {
             let mountpoint = self.dir(link.id).join("fs");
-            if let Err(err) = self
-                .inner
-                .remote
-                .check_layer(&mountpoint, &link.labels)
-                .await
-            {
-                warn!(mountpoint = %mountpoint.display(), error = %err, "remote layer is unhealthy");
-            }
+            let remote = Arc::clone(&self.inner.remote);
+            let labels = link.labels.clone();
+            tokio::spawn(async move {
+                if let Err(err) = remote.check_layer(&mountpoint, &labels).await {
+                    warn!(mountpoint = %mountpoint.display(), error = %err, "remote layer is unhealthy");
+                }
+            });
         }
     }
 
