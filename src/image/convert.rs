@@ -168,7 +168,7 @@ enum Source<'a> {
     },
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
     /// As the user wrote it (`oci:DIR[:TAG]` or a reference).
     fn name(&self) -> String {
         match self {
@@ -216,6 +216,20 @@ impl Source<'_> {
             }
             Source::Layout { layout, .. } => Ok(Bytes::from(layout.read_blob(&descriptor.digest)?)),
         }
+    }
+
+    /// Where `location` points, read through `client` when it is a registry.
+    fn at(client: &'a Client, location: &ImageLocation) -> Result<Source<'a>, ImageError> {
+        Ok(match location {
+            ImageLocation::Registry(reference) => Source::Registry {
+                client,
+                reference: reference.clone(),
+            },
+            ImageLocation::Layout { dir, tag } => Source::Layout {
+                layout: OciLayout::open(dir)?,
+                tag: tag.clone(),
+            },
+        })
     }
 
     async fn small_blob(&self, digest: &str) -> Result<Bytes, ImageError> {
@@ -447,16 +461,7 @@ pub async fn convert_image(
     opts: &ConvertOptions,
     progress: &dyn ConvertProgress,
 ) -> Result<ConvertReport, ImageError> {
-    let source = match src {
-        ImageLocation::Registry(reference) => Source::Registry {
-            client,
-            reference: reference.clone(),
-        },
-        ImageLocation::Layout { dir, tag } => Source::Layout {
-            layout: OciLayout::open(dir)?,
-            tag: tag.clone(),
-        },
-    };
+    let source = Source::at(client, src)?;
     let sink = match dst {
         ImageLocation::Registry(reference) => Sink::Registry {
             client,
@@ -940,12 +945,12 @@ fn effective_media_type(declared: &str, bytes: &[u8]) -> String {
     }
 }
 
-/// An image manifest resolved for reading its layers (inspect, mount, pull).
+/// An image manifest resolved for reading its layers (inspect, mount, pull); its config is
+/// fetched only by those that need it ([`image_config`]).
 pub struct ResolvedImage {
     /// The manifest's descriptor (platform set when it came from an index).
     pub descriptor: Descriptor,
     pub manifest: Manifest,
-    pub config: ImageConfig,
     /// One ranged blob per entry of `manifest.layers`.
     pub blobs: Vec<Arc<dyn BlobSource>>,
 }
@@ -957,16 +962,7 @@ pub async fn resolve_image(
     location: &ImageLocation,
     platform: &Platform,
 ) -> Result<ResolvedImage, ImageError> {
-    let source = match location {
-        ImageLocation::Registry(reference) => Source::Registry {
-            client,
-            reference: reference.clone(),
-        },
-        ImageLocation::Layout { dir, tag } => Source::Layout {
-            layout: OciLayout::open(dir)?,
-            tag: tag.clone(),
-        },
-    };
+    let source = Source::at(client, location)?;
     let (root, bytes) = source.root().await?;
     let media_type = effective_media_type(&root.media_type, &bytes);
     let (descriptor, bytes) = if is_index(&media_type) {
@@ -983,8 +979,6 @@ pub async fn resolve_image(
     };
     let what = format!("manifest {} of {}", descriptor.digest, source.name());
     let manifest: Manifest = parse_json(&what, &bytes)?;
-    let config_bytes = source.small_blob(&manifest.config.digest).await?;
-    let config: ImageConfig = parse_json(&format!("config of {what}"), &config_bytes)?;
     let blobs = manifest
         .layers
         .iter()
@@ -993,9 +987,21 @@ pub async fn resolve_image(
     Ok(ResolvedImage {
         descriptor,
         manifest,
-        config,
         blobs,
     })
+}
+
+/// The config of the image `resolved` came from at `location` (one more round trip to a
+/// registry, which mounting and pulling do without).
+pub async fn image_config(
+    client: &Client,
+    location: &ImageLocation,
+    resolved: &ResolvedImage,
+) -> Result<ImageConfig, ImageError> {
+    let source = Source::at(client, location)?;
+    let digest = &resolved.manifest.config.digest;
+    let bytes = source.small_blob(digest).await?;
+    parse_json(&format!("config {digest} of {}", source.name()), &bytes)
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ mod platform;
 mod types;
 
 pub use convert::{
-    convert_image, resolve_image, ConvertOptions, ConvertProgress, ConvertReport, ImageReport,
-    LayerAction, LayerReport, NoProgress, ResolvedImage,
+    convert_image, image_config, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
+    ImageReport, LayerAction, LayerReport, NoProgress, ResolvedImage,
 };
 pub use layout::OciLayout;
 pub use location::ImageLocation;

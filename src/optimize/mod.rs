@@ -17,8 +17,8 @@ use crate::cache::{CacheError, CacheOptions, ChunkCache};
 use crate::estargz::{self, EntryKind, FormatError};
 use crate::fetch::{FetchOptions, LayerReader};
 use crate::image::{
-    convert_image, is_layer, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
-    ImageError, ImageLocation, ResolvedImage,
+    convert_image, image_config, is_layer, resolve_image, ConvertOptions, ConvertProgress,
+    ConvertReport, ImageConfig, ImageError, ImageLocation, ResolvedImage,
 };
 use crate::layer::{
     build_index, mount_index, short_digest, LayerError, LowerLayers, LAZY_READ_AHEAD_KB,
@@ -149,8 +149,10 @@ pub async fn optimize_image(
             let plain_report = convert_image(client, src, &plain, &plain_opts, progress).await?;
             let digests = source_tar_layers(&plain_report);
             let resolved = resolve_image(client, &plain, &opts.convert.platform).await?;
+            let config = image_config(client, &plain, &resolved).await?;
             progress.phase("running the workload over recording mounts");
-            let (record, outcome) = record_run(&resolved, &digests, work.path(), opts).await?;
+            let (record, outcome) =
+                record_run(&resolved, &config, &digests, work.path(), opts).await?;
             (plain, tar_layers(&resolved).len(), record, Some(outcome))
         }
     };
@@ -287,6 +289,7 @@ impl Drop for RecordingMounts {
 /// with a writable upper layer, runs the workload on them and returns what it used.
 async fn record_run(
     resolved: &ResolvedImage,
+    config: &ImageConfig,
     digests: &[String],
     work: &Path,
     opts: &OptimizeOptions,
@@ -389,7 +392,6 @@ async fn record_run(
     })?;
     mounts.rootfs = Some(rootfs.clone());
 
-    let config = &resolved.config;
     let process = workload::process_for(config, &opts.overrides, &rootfs)?;
     tracing::info!(args = ?process.args, uid = process.uid, "running the workload");
     let bundle = work.join("bundle");
