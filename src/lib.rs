@@ -2,8 +2,8 @@
 //!
 //! Layers in eStargz or zstd:chunked format are mounted through FUSE and their files are fetched
 //! chunk by chunk with HTTP range requests, prioritized files first, into a bounded LRU disk cache
-//! shared by every image on the node. See `../shared/DESIGN.md` for the data flow; each module's
-//! header says what it owns.
+//! shared by every image on the node. See `ARCHITECTURE.md` at the repository root for the data
+//! flow and the module map; each module's header says what it owns.
 
 pub mod bench;
 pub mod blob;
