@@ -100,6 +100,14 @@ pub enum CacheError {
     /// The chunks of a file concatenate to other bytes than the file digest says.
     #[error("the chunks of file {digest} do not add up to it (its TOC's file digest disagrees with its chunk digests); reading it through its chunks")]
     AssembledMismatch { digest: ChunkDigest },
+    /// Chunk files being written leave no room in the bound for this one now.
+    #[error("no room for chunk {digest} of {len} bytes in the cache bound of {max} bytes while {in_flight} bytes of other chunks are being written; served uncached")]
+    WritesInFlight {
+        digest: ChunkDigest,
+        len: u64,
+        in_flight: u64,
+        max: u64,
+    },
     /// A chunk larger than the whole disk bound cannot be stored.
     #[error("chunk {digest} of {len} bytes exceeds the cache size bound of {max} bytes; raise the cache size")]
     TooLarge {
@@ -146,6 +154,7 @@ struct DiskIndex {
 /// byte is written; released when the file is installed or abandoned.
 pub struct SpaceReservation {
     disk: Arc<Mutex<DiskIndex>>,
+    released: Arc<tokio::sync::Notify>,
     len: u64,
 }
 
@@ -153,6 +162,8 @@ impl Drop for SpaceReservation {
     fn drop(&mut self) {
         let mut disk = lock(&self.disk);
         disk.reserved = disk.reserved.saturating_sub(self.len);
+        drop(disk);
+        self.released.notify_waiters();
     }
 }
 
@@ -205,6 +216,8 @@ pub struct ChunkCache {
     chunks_dir: PathBuf,
     tmp_dir: PathBuf,
     disk: Arc<Mutex<DiskIndex>>,
+    /// Woken whenever a reservation ends, for large chunks waiting for room.
+    space_released: Arc<tokio::sync::Notify>,
     memory: Mutex<MemoryTier>,
     /// Descriptors of recently read chunk files, kept open so that sequential reads of a chunk
     /// keep the kernel's readahead going; dropped when their chunk leaves the cache.
@@ -363,6 +376,7 @@ impl ChunkCache {
             chunks_dir,
             tmp_dir,
             disk: Arc::new(Mutex::new(index)),
+            space_released: Arc::new(tokio::sync::Notify::new()),
             memory: Mutex::new(MemoryTier {
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -558,6 +572,8 @@ impl ChunkCache {
 
     /// Makes room for a chunk file of `len` bytes about to be written: evicts until the entries
     /// and every file being written fit the disk bound.
+    /// Refused when the other files being written leave no room for `len` more bytes (the
+    /// caller serves the chunk uncached, or waits: [`Self::begin_large`]).
     fn reserve(&self, key: &ChunkDigest, len: u64) -> Result<SpaceReservation, CacheError> {
         if len > self.opts.max_bytes {
             return Err(CacheError::TooLarge {
@@ -567,20 +583,42 @@ impl ChunkCache {
             });
         }
         let mut disk = lock(&self.disk);
+        if disk.reserved + len > self.opts.max_bytes {
+            return Err(CacheError::WritesInFlight {
+                digest: *key,
+                len,
+                in_flight: disk.reserved,
+                max: self.opts.max_bytes,
+            });
+        }
         disk.reserved += len;
         let target = self.opts.max_bytes.saturating_sub(disk.reserved);
         let evicted = self.evict_locked(&mut disk, target, None);
         self.note_evictions(evicted, disk.bytes);
         Ok(SpaceReservation {
             disk: Arc::clone(&self.disk),
+            released: Arc::clone(&self.space_released),
             len,
         })
     }
 
     /// Starts the cache file of chunk `key` of `len` bytes for a decoder to write into (a chunk
-    /// too large to hold in memory); its room in the disk bound is reserved first.
-    pub fn begin_large(&self, key: &ChunkDigest, len: u64) -> Result<LargeChunkFile, CacheError> {
-        let space = self.reserve(key, len)?;
+    /// too large to hold in memory); its room in the disk bound is reserved first, waiting for
+    /// other large chunks being written to finish when they leave none.
+    pub async fn begin_large(
+        &self,
+        key: &ChunkDigest,
+        len: u64,
+    ) -> Result<LargeChunkFile, CacheError> {
+        let space = loop {
+            let released = self.space_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.reserve(key, len) {
+                Err(CacheError::WritesInFlight { .. }) => released.await,
+                other => break other?,
+            }
+        };
         let path = self.temp_path();
         let file = fs::OpenOptions::new()
             .read(true)
@@ -622,6 +660,7 @@ impl ChunkCache {
             .map_err(io_error("map chunk temp file", &large.path))?;
         let space = SpaceReservation {
             disk: Arc::clone(&self.disk),
+            released: Arc::clone(&self.space_released),
             len: std::mem::take(&mut large.space.len),
         };
         self.install(*key, &large.path, space)?;
@@ -635,7 +674,7 @@ impl ChunkCache {
         &self,
         key: ChunkDigest,
         tmp: &Path,
-        space: SpaceReservation,
+        mut space: SpaceReservation,
     ) -> Result<(), CacheError> {
         let len = space.len;
         let path = self.chunk_path(&key);
@@ -662,11 +701,14 @@ impl ChunkCache {
         disk.bytes += len;
         // The file now counts as an entry, no longer as a write in flight.
         disk.reserved = disk.reserved.saturating_sub(len);
-        std::mem::forget(space);
+        // Accounted for above; dropped after the lock, it only wakes the waiters.
+        space.len = 0;
         let target = self.opts.max_bytes.saturating_sub(disk.reserved);
         let evicted = self.evict_locked(&mut disk, target, Some(&key));
         self.note_evictions(evicted, disk.bytes);
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        drop(disk);
+        drop(space);
         Ok(())
     }
 
@@ -693,7 +735,12 @@ impl ChunkCache {
         let space = if present {
             None
         } else {
-            Some(self.reserve(whole, size)?)
+            match self.reserve(whole, size) {
+                Ok(space) => Some(space),
+                // No room while other chunks are being written: later, like a missing part.
+                Err(CacheError::WritesInFlight { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
         };
         let tmp = self.temp_path();
         let io_error = |action, source| CacheError::Io {
@@ -1198,7 +1245,8 @@ mod tests {
         }
         let large = Bytes::from((0..2000u32).map(|i| i as u8).collect::<Vec<_>>());
         let key = digest_of(&large);
-        let file = cache.begin_large(&key, large.len() as u64).unwrap();
+        let begin = |key, len| futures::executor::block_on(cache.begin_large(key, len));
+        let file = begin(&key, large.len() as u64).unwrap();
         // Room was made before the first byte is written: what is cached plus what is being
         // written stays within the bound.
         assert!(cache.stats().disk_bytes + large.len() as u64 <= 3000);
@@ -1213,7 +1261,22 @@ mod tests {
         assert!(cache.stats().disk_bytes <= 3000);
         // A large chunk abandoned before it is finished leaves no file and no reservation.
         let other = digest_of(b"abandoned");
-        drop(cache.begin_large(&other, 2500).unwrap());
+        let writing = begin(&other, 2500).unwrap();
+        // While it is being written, no other write fits the bound: a small chunk is refused
+        // (served uncached), a large one waits for room.
+        let small_chunk = Bytes::from(vec![7u8; 1000]);
+        assert!(matches!(
+            cache.insert(&digest_of(&small_chunk), small_chunk.clone()),
+            Err(CacheError::WritesInFlight { .. })
+        ));
+        let waits = digest_of(b"waits");
+        let waiting = cache.begin_large(&waits, 1000);
+        futures::pin_mut!(waiting);
+        assert!(
+            futures::executor::block_on(futures::future::poll_immediate(&mut waiting)).is_none()
+        );
+        drop(writing);
+        assert!(futures::executor::block_on(waiting).is_ok());
         assert!(!cache.contains(&other));
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
@@ -1225,7 +1288,7 @@ mod tests {
         assert!(cache.contains(&digest_of(&small[1])));
         // Larger than the whole bound: refused, not written.
         assert!(matches!(
-            cache.begin_large(&other, 4000),
+            begin(&other, 4000),
             Err(CacheError::TooLarge { .. })
         ));
     }

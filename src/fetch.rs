@@ -1053,7 +1053,8 @@ impl Inner {
         // Members (sorted by start) not yet begun, those receiving bytes, and, for an on-demand
         // run, the last one complete, decoded after the transfer.
         let mut waiting: std::collections::VecDeque<_> = members.into();
-        let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, Decoding)> = Vec::new();
+        // (range, chunk, guard, decoding, bytes fed up to): chunks receiving bytes.
+        let mut receiving: Vec<(Range<u64>, ChunkRef, FillGuard, Decoding, u64)> = Vec::new();
         let mut last: Option<(ChunkRef, FillGuard, Decoding)> = None;
         let mut decodes = JoinSet::new();
         let mut verdicts = 0usize;
@@ -1079,56 +1080,72 @@ impl Inner {
                 if let Some(reservation) = reservation {
                     reservation.received(piece.len() as u64);
                 }
-                while waiting.front().is_some_and(|(range, _)| range.start < end) {
-                    let Some((range, (chunk_at, guard))) = waiting.pop_front() else {
+                // Chunks this piece completes are finished before chunks starting in it begin
+                // (which may wait for the cache room the finished ones free), then fed.
+                loop {
+                    let mut i = 0;
+                    while let Some((range, _, _, Decoding { decoder, .. }, fed_to)) =
+                        receiving.get_mut(i)
+                    {
+                        let from = range.start.max(at).max(*fed_to);
+                        let to = range.end.min(end);
+                        let within = (from - at) as usize..to.saturating_sub(at) as usize;
+                        let fed = match piece.get(within) {
+                            Some(bytes) if from < to => decoder.feed(bytes),
+                            _ => Ok(()),
+                        };
+                        *fed_to = to.max(*fed_to);
+                        let complete = range.end <= end;
+                        if fed.is_err() || complete {
+                            verdicts += 1;
+                            let (_, chunk_at, guard, decoder, _) = receiving.swap_remove(i);
+                            if let Err(e) = fed {
+                                drop(self.store_decoded(chunk_at, Err(e), guard));
+                            } else if kind == FetchKind::OnDemand
+                                && waiting.is_empty()
+                                && receiving.is_empty()
+                            {
+                                last = Some((chunk_at, guard, decoder));
+                            } else {
+                                let inner = Arc::clone(self);
+                                decodes.spawn_blocking_on(
+                                    move || {
+                                        if let Some(data) = inner.finish(chunk_at, decoder, guard) {
+                                            inner.persist(chunk_at, data);
+                                        }
+                                    },
+                                    &self.runtime,
+                                );
+                            }
+                            continue;
+                        }
+                        i += 1;
+                    }
+                    if !waiting.front().is_some_and(|(range, _)| range.start < end) {
                         break;
-                    };
-                    match self.start_decoding(chunk_at) {
-                        Ok(decoding) => receiving.push((range, chunk_at, guard, decoding)),
-                        Err(StartError::Format(e)) => {
-                            verdicts += 1;
-                            drop(self.store_decoded(chunk_at, Err(e), guard));
-                        }
-                        Err(StartError::Cache(e)) => {
-                            verdicts += 1;
-                            self.fail_uncacheable(chunk_at, e, guard);
+                    }
+                    while waiting.front().is_some_and(|(range, _)| range.start < end) {
+                        let Some((range, (chunk_at, guard))) = waiting.pop_front() else {
+                            break;
+                        };
+                        match self.start_decoding(chunk_at).await {
+                            Ok(decoding) => receiving.push((
+                                range.clone(),
+                                chunk_at,
+                                guard,
+                                decoding,
+                                range.start,
+                            )),
+                            Err(StartError::Format(e)) => {
+                                verdicts += 1;
+                                drop(self.store_decoded(chunk_at, Err(e), guard));
+                            }
+                            Err(StartError::Cache(e)) => {
+                                verdicts += 1;
+                                self.fail_uncacheable(chunk_at, e, guard);
+                            }
                         }
                     }
-                }
-                let mut i = 0;
-                while let Some((range, _, _, Decoding { decoder, .. })) = receiving.get_mut(i) {
-                    let from = range.start.max(at);
-                    let to = range.end.min(end);
-                    let within = (from - at) as usize..to.saturating_sub(at) as usize;
-                    let fed = match piece.get(within) {
-                        Some(bytes) if from < to => decoder.feed(bytes),
-                        _ => Ok(()),
-                    };
-                    let complete = range.end <= end;
-                    if fed.is_err() || complete {
-                        verdicts += 1;
-                        let (_, chunk_at, guard, decoder) = receiving.swap_remove(i);
-                        if let Err(e) = fed {
-                            drop(self.store_decoded(chunk_at, Err(e), guard));
-                        } else if kind == FetchKind::OnDemand
-                            && waiting.is_empty()
-                            && receiving.is_empty()
-                        {
-                            last = Some((chunk_at, guard, decoder));
-                        } else {
-                            let inner = Arc::clone(self);
-                            decodes.spawn_blocking_on(
-                                move || {
-                                    if let Some(data) = inner.finish(chunk_at, decoder, guard) {
-                                        inner.persist(chunk_at, data);
-                                    }
-                                },
-                                &self.runtime,
-                            );
-                        }
-                        continue;
-                    }
-                    i += 1;
                 }
                 at = end;
             }
@@ -1167,7 +1184,11 @@ impl Inner {
         let unfinished: Vec<_> = waiting
             .into_iter()
             .map(|(_, member)| member)
-            .chain(receiving.into_iter().map(|(_, at, guard, _)| (at, guard)))
+            .chain(
+                receiving
+                    .into_iter()
+                    .map(|(_, at, guard, _, _)| (at, guard)),
+            )
             .collect();
         match failure {
             None => Streamed::Done,
@@ -1184,7 +1205,7 @@ impl Inner {
 
     /// A decoder for chunk `at`: into memory when it is small and the node-wide decode memory
     /// has room, otherwise into its cache file.
-    fn start_decoding(&self, at: ChunkRef) -> Result<Decoding, StartError> {
+    async fn start_decoding(&self, at: ChunkRef) -> Result<Decoding, StartError> {
         let chunk = self.chunk(at);
         let file = self.file_name(self.files.file_of_chunk(at));
         if chunk.len <= LARGE_CHUNK {
@@ -1196,7 +1217,7 @@ impl Inner {
                 });
             }
         }
-        let large = self.cache.begin_large(&chunk.digest, chunk.len)?;
+        let large = self.cache.begin_large(&chunk.digest, chunk.len).await?;
         let writer = large.writer()?;
         let decoder = ChunkDecoder::into_writer(self.compression, file, chunk, writer)?;
         Ok(Decoding {
