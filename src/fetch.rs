@@ -1121,7 +1121,7 @@ impl Inner {
                         }
                         i += 1;
                     }
-                    if !waiting.front().is_some_and(|(range, _)| range.start < end) {
+                    if waiting.front().is_none_or(|(range, _)| range.start >= end) {
                         break;
                     }
                     while waiting.front().is_some_and(|(range, _)| range.start < end) {
