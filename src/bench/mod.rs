@@ -931,6 +931,9 @@ fn measure_once(
     };
     check_interrupted()?;
 
+    // runc keeps container state under a path shared by every containerd on the node: the id
+    // is unique to this bench process so that two benches never share a container.
+    let container_id = format!("lazysnap-bench-{}", std::process::id());
     let mut run = containerd.ctr();
     run.args([
         "-n",
@@ -940,7 +943,7 @@ fn measure_once(
         "--snapshotter",
         snapshotter,
         &reference,
-        "lazysnap-bench",
+        &container_id,
     ])
     .args(options.image.workload());
     let run_what = format!("ctr run {reference} ({})", mode.name());
