@@ -6,7 +6,7 @@
 # lazysnap and stargz, lazysnap optimize for lazysnap-opt, also for the other workload), on the
 # edge link (10 Mbit/s, 100 ms), a data-center link (100 Mbit/s, 20 ms) and loopback.
 #
-# Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 50 minutes, estimated)
+# Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 70 minutes with SOCI, estimated)
 # Environment: RUNS (default 3), CACHE_DIR (default /var/cache/lazysnap-bench),
 #              STARGZ_GRPC (a containerd-stargz-grpc binary; built when unset),
 #              SOCI_GRPC (a soci-snapshotter-grpc binary; scripts/get-soci.sh when unset),
