@@ -137,28 +137,52 @@ impl SociPeer {
     }
 }
 
-/// A name other than `localhost` that resolves to 127.0.0.1: the node's host name (Debian maps
-/// it to a loopback address in /etc/hosts).
+/// A name other than `localhost` that resolves to 127.0.0.1: the node's host name when it does
+/// (Debian and most sandboxes map it to a loopback address in /etc/hosts), else another name
+/// /etc/hosts gives 127.0.0.1.
 fn loopback_host_name() -> Result<String, BenchError> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_err(io_error(
             "reading the host name from /proc/sys/kernel/hostname",
         ))?
         .trim()
         .to_string();
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let resolves = (name.as_str(), 0)
-        .to_socket_addrs()
-        .map(|mut addrs| addrs.any(|addr| addr.ip() == loopback))
-        .unwrap_or(false);
-    if name.is_empty() || name == "localhost" || !resolves {
-        return Err(BenchError::Missing(format!(
-            "mode soci needs the host name ({name:?}) to resolve to 127.0.0.1 and not be \
-             `localhost`: SOCI 0.4.1 reads its index over HTTPS only, and layers of a registry \
-             named localhost over plain HTTP only. Add `127.0.0.1 {name}` to /etc/hosts"
-        )));
-    }
-    Ok(name)
+    let resolves_to_loopback = |name: &str| {
+        (name, 0)
+            .to_socket_addrs()
+            .map(|mut addrs| addrs.any(|addr| addr.ip() == loopback))
+            .unwrap_or(false)
+    };
+    candidate_names(&host_name, &hosts)
+        .into_iter()
+        .find(|name| resolves_to_loopback(name))
+        .ok_or_else(|| {
+            BenchError::Missing(format!(
+                "mode soci needs a name other than localhost that resolves to 127.0.0.1 (the \
+                 host name {host_name:?} does not, nor does another in /etc/hosts): SOCI 0.4.1 \
+                 reads its index over HTTPS only, and layers of a registry named localhost over \
+                 plain HTTP only. Add `127.0.0.1 {host_name}` to /etc/hosts"
+            ))
+        })
+}
+
+/// The names to try for 127.0.0.1, in order: the host name, then the names /etc/hosts (`hosts`)
+/// gives 127.0.0.1; never `localhost` or its variants.
+fn candidate_names(host_name: &str, hosts: &str) -> Vec<String> {
+    let listed = hosts
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some("127.0.0.1")).then(|| fields.map(str::to_string))
+        })
+        .flatten();
+    std::iter::once(host_name.to_string())
+        .chain(listed)
+        .filter(|name| !name.is_empty() && !name.starts_with("localhost"))
+        .collect()
 }
 
 /// A self-signed certificate for `name` and 127.0.0.1 (openssl), written into `dir`.
@@ -241,5 +265,21 @@ impl Drop for StateMount {
         if self.created_mount_point {
             let _ = std::fs::remove_dir(STATE_DIR);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::candidate_names;
+
+    #[test]
+    fn names_for_loopback_come_from_the_host_name_then_etc_hosts() {
+        let hosts = "127.0.0.1 localhost\n# 127.0.0.1 commented\n127.0.1.1 node\n\
+                     127.0.0.1 runsc vm # sandbox\n::1 localhost ip6-localhost\n";
+        assert_eq!(candidate_names("node", hosts), ["node", "runsc", "vm"]);
+        assert_eq!(
+            candidate_names("localhost", "127.0.0.1 localhost.localdomain\n"),
+            Vec::<String>::new()
+        );
     }
 }
