@@ -143,6 +143,13 @@ fn kind_index(kind: FetchKind) -> usize {
     }
 }
 
+/// Labels of `lazysnap_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
+
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("lazysnap");
@@ -282,6 +289,18 @@ impl Metrics {
             "link_estimate_rtt_seconds",
             "The fetch scheduler's estimate of the registry link's round-trip time",
             metrics.link_rtt.clone(),
+        );
+        let build_info: Family<BuildLabels, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                commit: env!("LAZYSNAP_GIT_COMMIT").to_string(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; its labels say which version and git commit is running",
+            build_info,
         );
         Metrics {
             registry,
@@ -514,6 +533,7 @@ mod tests {
             "lazysnap_fallbacks_total{reason=\"not_estargz\"}",
             "lazysnap_fuse_op_duration_seconds_bucket{",
             "lazysnap_fetch_duration_seconds_count{kind=\"on_demand\"}",
+            "lazysnap_build_info{version=\"",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -25,6 +25,23 @@ fn unknown_config_key_is_named_in_the_error() {
 }
 
 #[test]
+fn version_names_the_commit_built() {
+    let out = lazysnap().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let commit = text
+        .trim()
+        .strip_prefix(&format!("lazysnap {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version output: {text}"));
+    let hex = commit.trim_end_matches("-dirty");
+    assert!(
+        commit == "unknown" || (hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit())),
+        "{text}"
+    );
+}
+
+#[test]
 fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -70,7 +87,16 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
         .output()
         .unwrap();
     assert!(metrics.status.success(), "metrics endpoint answers");
-    assert!(String::from_utf8_lossy(&metrics.stdout).contains("# EOF"));
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    assert!(metrics.contains("# EOF"));
+    // Which build is running, from the start.
+    assert!(
+        metrics.contains(&format!(
+            "lazysnap_build_info{{version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
 
     let second = lazysnap()
         .args(["serve", "--root"])

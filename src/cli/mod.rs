@@ -25,7 +25,7 @@ mod serve;
 /// Lazy-pulling snapshotter for containerd: eStargz and zstd:chunked layers mounted through FUSE,
 /// fetched on demand into a shared bounded cache.
 #[derive(Parser)]
-#[command(name = "lazysnap", version, about)]
+#[command(name = "lazysnap", version = lazysnap::BUILD_VERSION, about)]
 struct Cli {
     /// Log format: text or json (default: `log_format` of `serve --config`, else text).
     #[arg(long, global = true, env = "LAZYSNAP_LOG_FORMAT")]
