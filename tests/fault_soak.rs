@@ -10,12 +10,11 @@ mod cli_common;
 use cli_common::*;
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
+use lazysnap::testbed::images;
 use lazysnap::testbed::{Fault, FaultProxy, RegistryServer};
 
 const FILES: usize = 48;
@@ -26,34 +25,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-/// `lazysnap mount` of an image, unmounted on drop.
-struct Mounted {
-    dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = lazysnap(&[
-            "umount",
-            "--state-dir",
-            self.state_dir.to_str().unwrap(),
-            self.dir.to_str().unwrap(),
-        ]);
-    }
 }
 
 /// Reads `path` whole, then drops it from the page cache so the next read asks the daemon again.
@@ -92,31 +63,15 @@ fn a_fault_soak_serves_no_wrong_byte_and_recovers() {
     let files: Vec<Vec<u8>> = (0..FILES)
         .map(|i| images::pseudo_random_bytes(FILE_BYTES, 7000 + i as u64))
         .collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    for (i, data) in files.iter().enumerate() {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, format!("soak/{i}.bin"), data.as_slice())
-            .unwrap();
-    }
-    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
-    images::write_image(
-        &layout,
-        &[tar.into_inner().unwrap()],
-        &ImageOptions::default(),
-        Some("src"),
-    )
-    .unwrap();
-    images::push_layout_image(&layout, Some("src"), &registry.host(), "soak", "src").unwrap();
+    let tar = tar_of(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, data)| (format!("soak/{i}.bin"), data.clone())),
+    );
+    let source = push_generated(&registry, work.path(), &[tar], "soak");
     let esgz = format!("{}/soak:esgz", registry.host());
-    lazysnap_ok(&[
-        "convert",
-        "--chunk-size",
-        "65536",
-        &format!("{}/soak:src", registry.host()),
-        &esgz,
-    ]);
+    lazysnap_ok(&["convert", "--chunk-size", "65536", &source, &esgz]);
 
     let proxy = FaultProxy::start(&registry.host()).unwrap();
     let dir = work.path().join("mnt");
@@ -139,7 +94,7 @@ fn a_fault_soak_serves_no_wrong_byte_and_recovers() {
         &format!("{}/soak:esgz", proxy.host()),
         dir.to_str().unwrap(),
     ]);
-    let mounted = Mounted {
+    let mounted = MountedImage {
         dir: dir.clone(),
         state_dir,
     };

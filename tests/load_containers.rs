@@ -4,13 +4,13 @@
 //! containers read it, and the daemon's peak memory and descriptors stay bounded. Prints the
 //! figures.
 
+mod cli_common;
 mod pull_common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
+use cli_common::{lazysnap_ok, process_resources, push_generated, tar_of};
+use lazysnap::testbed::images;
 use lazysnap::testbed::RegistryServer;
 use pull_common::*;
 use sha2::{Digest, Sha256};
@@ -21,39 +21,17 @@ const FILES: usize = 24;
 const FILE_BYTES: usize = 96 << 10;
 
 fn app_layer(seed: u64) -> (Vec<u8>, Vec<String>) {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut hashes = Vec::new();
-    for i in 0..FILES {
-        let data = images::pseudo_random_bytes(FILE_BYTES, seed * 1000 + i as u64);
-        hashes.push(hex::encode(Sha256::digest(&data)));
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, format!("app/{i}.bin"), data.as_slice())
-            .unwrap();
-    }
-    (tar.into_inner().unwrap(), hashes)
-}
-
-/// Peak RSS (bytes) and open descriptors of the `lazysnap serve` whose command line names `dir`.
-fn serve_resources(dir: &Path) -> (u64, usize) {
-    let needle = dir.to_str().unwrap();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(" serve ") && cmdline.contains(needle) {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let kib: u64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
-            let fds = std::fs::read_dir(entry.path().join("fd")).unwrap().count();
-            return (kib * 1024, fds);
-        }
-    }
-    panic!("no lazysnap serve process for {needle}");
+    let files: Vec<(String, Vec<u8>)> = (0..FILES)
+        .map(|i| {
+            let data = images::pseudo_random_bytes(FILE_BYTES, seed * 1000 + i as u64);
+            (format!("app/{i}.bin"), data)
+        })
+        .collect();
+    let hashes = files
+        .iter()
+        .map(|(_, data)| hex::encode(Sha256::digest(data)))
+        .collect();
+    (tar_of(files), hashes)
 }
 
 #[test]
@@ -67,26 +45,10 @@ fn fifty_containers_from_three_lazy_images_start_at_once_and_read_right() {
     for k in 0..IMAGES {
         let (app, hashes) = app_layer(k as u64 + 1);
         expected.push(hashes);
-        let layout = OciLayout::create(&work.path().join(format!("layout-{k}"))).unwrap();
-        images::write_image(
-            &layout,
-            &[base.clone(), app],
-            &ImageOptions::default(),
-            Some("src"),
-        )
-        .unwrap();
         let repo = format!("load{k}");
-        images::push_layout_image(&layout, Some("src"), &registry.host(), &repo, "src").unwrap();
+        let source = push_generated(&registry, work.path(), &[base.clone(), app], &repo);
         let esgz = format!("{}/{repo}:esgz", registry.host());
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-            .args(["convert", &format!("{}/{repo}:src", registry.host()), &esgz])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "convert: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        lazysnap_ok(&["convert", &source, &esgz]);
         references.push(esgz);
     }
 
@@ -142,7 +104,7 @@ fn fifty_containers_from_three_lazy_images_start_at_once_and_read_right() {
             });
         }
     });
-    let (peak_rss, fds) = serve_resources(lazysnap.dir.path());
+    let (peak_rss, fds) = process_resources(&[" serve ", lazysnap.dir.path().to_str().unwrap()]);
     // What the registry sent for the app layers, against their sizes.
     let mut sent = 0u64;
     let mut sizes = 0u64;

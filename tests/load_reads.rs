@@ -7,88 +7,14 @@ mod cli_common;
 use cli_common::*;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
+use lazysnap::testbed::images;
 use lazysnap::testbed::RegistryServer;
 
 const FILES: usize = 1000;
 const THREADS: u64 = 16;
 const READS: u64 = 10_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-struct Mounted {
-    dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = lazysnap(&[
-            "umount",
-            "--state-dir",
-            self.state_dir.to_str().unwrap(),
-            self.dir.to_str().unwrap(),
-        ]);
-    }
-}
-
-/// The mount daemon serving `cache_dir`: (peak RSS in bytes, open descriptors).
-fn mount_daemon_resources(cache_dir: &Path) -> (u64, usize) {
-    let needle = cache_dir.to_str().unwrap();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("lazysnap") && cmdline.contains(needle) && cmdline.contains(" mount") {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let peak_kib: u64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
-            let fds = std::fs::read_dir(entry.path().join("fd")).unwrap().count();
-            return (peak_kib * 1024, fds);
-        }
-    }
-    panic!("no mount daemon process for {needle}");
-}
-
-/// Digest and size of the first layer of `repo:tag`, from its manifest.
-fn first_layer(registry: &RegistryServer, repo: &str, tag: &str) -> (String, u64) {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sSf",
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json",
-        ])
-        .arg(format!("{}/v2/{repo}/manifests/{tag}", registry.url()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let layer = &manifest["layers"][0];
-    (
-        layer["digest"].as_str().unwrap().to_string(),
-        layer["size"].as_u64().unwrap(),
-    )
-}
 
 #[test]
 fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
@@ -98,30 +24,23 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
     let files: Vec<Vec<u8>> = (0..FILES)
         .map(|i| images::pseudo_random_bytes(4096 + (i * 7919) % 61440, 90_000 + i as u64))
         .collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    for (i, data) in files.iter().enumerate() {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(
-            &mut header,
-            format!("load/{:02}/{i}.bin", i % 50),
-            data.as_slice(),
-        )
-        .unwrap();
-    }
-    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
-    images::write_image(
-        &layout,
-        &[tar.into_inner().unwrap()],
-        &ImageOptions::default(),
-        Some("src"),
-    )
-    .unwrap();
-    images::push_layout_image(&layout, Some("src"), &registry.host(), "load", "src").unwrap();
+    let tar = tar_of(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, data)| (format!("load/{:02}/{i}.bin", i % 50), data.clone())),
+    );
+    let source = push_generated(&registry, work.path(), &[tar], "load");
     let esgz = format!("{}/load:esgz", registry.host());
-    lazysnap_ok(&["convert", &format!("{}/load:src", registry.host()), &esgz]);
-    let (layer, layer_size) = first_layer(&registry, "load", "esgz");
+    lazysnap_ok(&["convert", &source, &esgz]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&images::fetch_manifest(&registry.url(), "load", "esgz").unwrap())
+            .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
 
     let dir = work.path().join("mnt");
     std::fs::create_dir_all(&dir).unwrap();
@@ -137,7 +56,7 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
         &esgz,
         dir.to_str().unwrap(),
     ]);
-    let mounted = Mounted { dir, state_dir };
+    let mounted = MountedImage { dir, state_dir };
 
     let right = AtomicU64::new(0);
     std::thread::scope(|scope| {
@@ -165,7 +84,7 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
             });
         }
     });
-    let (peak_rss, fds) = mount_daemon_resources(&cache_dir);
+    let (peak_rss, fds) = process_resources(&["lazysnap", " mount", cache_dir.to_str().unwrap()]);
     let served = registry.blob_bytes_served(&layer);
     eprintln!(
         "load: {} reads right of {READS}; layer {layer_size} bytes, registry served {served} \

@@ -11,8 +11,7 @@ mod pull_common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
+use lazysnap::testbed::images;
 use lazysnap::testbed::RegistryServer;
 
 /// A `lazysnap mount` that is undone when dropped, even when the test fails.
@@ -151,19 +150,6 @@ fn layer_dirs(mounted: &Mounted, mode: &str) -> Vec<PathBuf> {
             PathBuf::from(layer["path"].as_str().unwrap())
         })
         .collect()
-}
-
-fn push_generated(
-    registry: &RegistryServer,
-    work: &Path,
-    layers: &[Vec<u8>],
-    repo: &str,
-) -> String {
-    let layout_dir = work.join(format!("layout-{repo}"));
-    let layout = OciLayout::create(&layout_dir).unwrap();
-    images::write_image(&layout, layers, &ImageOptions::default(), Some("src")).unwrap();
-    images::push_layout_image(&layout, Some("src"), &registry.host(), repo, "src").unwrap();
-    format!("{}/{repo}:src", registry.host())
 }
 
 #[test]
@@ -553,22 +539,7 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
 
 /// Peak resident memory (VmHWM, bytes) of the mount daemon serving `cache_dir`.
 fn mount_daemon_peak_rss(cache_dir: &Path) -> u64 {
-    let needle = cache_dir.to_str().unwrap();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("lazysnap") && cmdline.contains(needle) && cmdline.contains(" mount") {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let kib: u64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
-            return kib * 1024;
-        }
-    }
-    panic!("no mount daemon process for {needle}");
+    process_resources(&["lazysnap", " mount", cache_dir.to_str().unwrap()]).0
 }
 
 #[test]
@@ -588,15 +559,13 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
             data
         })
         .collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    for (i, data) in contents.iter().enumerate() {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(FILE as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, format!("bomb/{i}.bin"), data.as_slice())
-            .unwrap();
-    }
-    let source = push_generated(&registry, work.path(), &[tar.into_inner().unwrap()], "bomb");
+    let tar = tar_of(
+        contents
+            .iter()
+            .enumerate()
+            .map(|(i, data)| (format!("bomb/{i}.bin"), data.clone())),
+    );
+    let source = push_generated(&registry, work.path(), &[tar], "bomb");
     let esgz = format!("{}/bomb:esgz", registry.host());
     lazysnap_ok(&["convert", "--chunk-size", &FILE.to_string(), &source, &esgz]);
 

@@ -4,6 +4,9 @@
 //! directory there, its parents listed, and after Cleanup no directory without a snapshot), and
 //! the snapshotter must go on working.
 
+mod cli_common;
+use cli_common::Rng;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,17 +15,6 @@ use std::time::Duration;
 use lazysnap::snapshotter::proto::snapshots as pb;
 use lazysnap::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
 use tonic::transport::{Channel, Endpoint};
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
 
 /// A `lazysnap serve` on `dir`'s root and socket, killed (SIGKILL) on drop.
 struct Serve {

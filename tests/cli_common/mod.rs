@@ -51,3 +51,87 @@ pub fn require_root_and_fuse() {
         "/dev/fuse is missing: install fuse3 and load the fuse module"
     );
 }
+
+/// Pushes an image of `layers` (uncompressed tars, bottom first) to `registry` as `repo:src`
+/// (its OCI layout written under `work`); returns the reference.
+pub fn push_generated(
+    registry: &lazysnap::testbed::RegistryServer,
+    work: &std::path::Path,
+    layers: &[Vec<u8>],
+    repo: &str,
+) -> String {
+    use lazysnap::testbed::images;
+    let layout = lazysnap::image::OciLayout::create(&work.join(format!("layout-{repo}"))).unwrap();
+    images::write_image(
+        &layout,
+        layers,
+        &images::ImageOptions::default(),
+        Some("src"),
+    )
+    .unwrap();
+    images::push_layout_image(&layout, Some("src"), &registry.host(), repo, "src").unwrap();
+    format!("{}/{repo}:src", registry.host())
+}
+
+/// An uncompressed tar of regular files (mode 0644), in order.
+pub fn tar_of(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, path, data.as_slice()).unwrap();
+    }
+    tar.into_inner().unwrap()
+}
+
+/// A directory where `lazysnap mount` mounted an image; unmounted on drop.
+pub struct MountedImage {
+    pub dir: std::path::PathBuf,
+    pub state_dir: std::path::PathBuf,
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        let _ = lazysnap(&[
+            "umount",
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+            self.dir.to_str().unwrap(),
+        ]);
+    }
+}
+
+/// A small deterministic generator (xorshift) for seeded tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Peak resident memory (VmHWM, bytes) and open descriptors of the one process whose command
+/// line holds every one of `needles`.
+pub fn process_resources(needles: &[&str]) -> (u64, usize) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if needles.iter().all(|needle| cmdline.contains(needle)) {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
+            let peak_kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            let fds = std::fs::read_dir(entry.path().join("fd")).unwrap().count();
+            return (peak_kib * 1024, fds);
+        }
+    }
+    panic!("no process with {needles:?} in its command line");
+}
