@@ -62,6 +62,33 @@ pub enum Decoded {
     Written,
 }
 
+impl Decoded {
+    /// The bytes of a chunk decoded into memory (a decoder made by [`ChunkDecoder::new`]).
+    fn into_memory(self, name: &str, chunk: &ChunkInfo) -> Result<Vec<u8>, FormatError> {
+        match self {
+            Decoded::Memory(data) => Ok(data),
+            Decoded::Written => Err(bad(name, chunk, "decoded into memory, yet written".into())),
+        }
+    }
+}
+
+/// The decompressor that streams into `sink`: zstd, or gzip inflated as it arrives.
+fn streaming(
+    compression: Compression,
+    name: &str,
+    chunk: &ChunkInfo,
+    sink: ChunkSink,
+) -> Result<Decompressor, FormatError> {
+    Ok(match compression {
+        Compression::Gzip => {
+            Decompressor::GzipStream(Box::new(flate2::write::MultiGzDecoder::new(sink)))
+        }
+        Compression::Zstd => zstd::stream::write::Decoder::new(sink)
+            .map(|d| Decompressor::Zstd(Box::new(d)))
+            .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
+    })
+}
+
 impl ChunkSink {
     fn for_chunk(chunk: &ChunkInfo) -> ChunkSink {
         ChunkSink {
@@ -187,17 +214,10 @@ fn inflate_gzip(name: &str, chunk: &ChunkInfo, compressed: &[u8]) -> Result<Vec<
     decoder
         .write_all(compressed)
         .and_then(|()| decoder.try_finish())
-        .map_err(|e| {
-            bad(
-                name,
-                chunk,
-                format!("cannot decompress {} bytes: {e}", chunk.len),
-            )
-        })?;
-    match std::mem::take(decoder.get_mut()).verified(name, chunk)? {
-        Decoded::Memory(data) => Ok(data),
-        Decoded::Written => Err(bad(name, chunk, "decoded into memory, yet written".into())),
-    }
+        .map_err(|e| undecodable(name, chunk, e))?;
+    std::mem::take(decoder.get_mut())
+        .verified(name, chunk)?
+        .into_memory(name, chunk)
 }
 
 impl Write for ChunkSink {
@@ -255,9 +275,7 @@ impl ChunkDecoder {
                     POOL.take(usize::try_from(range.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
                 ))
             }
-            Compression::Zstd => zstd::stream::write::Decoder::new(ChunkSink::for_chunk(chunk))
-                .map(|d| Decompressor::Zstd(Box::new(d)))
-                .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
+            Compression::Zstd => streaming(compression, name, chunk, ChunkSink::for_chunk(chunk))?,
         };
         Ok(ChunkDecoder {
             name: name.to_string(),
@@ -275,15 +293,7 @@ impl ChunkDecoder {
         chunk: &ChunkInfo,
         to: Box<dyn Write + Send>,
     ) -> Result<ChunkDecoder, FormatError> {
-        let sink = ChunkSink::into_writer(chunk, to);
-        let decompressor = match compression {
-            Compression::Gzip => {
-                Decompressor::GzipStream(Box::new(flate2::write::MultiGzDecoder::new(sink)))
-            }
-            Compression::Zstd => zstd::stream::write::Decoder::new(sink)
-                .map(|d| Decompressor::Zstd(Box::new(d)))
-                .map_err(|e| bad(name, chunk, format!("cannot start the zstd decoder: {e}")))?,
-        };
+        let decompressor = streaming(compression, name, chunk, ChunkSink::into_writer(chunk, to))?;
         Ok(ChunkDecoder {
             name: name.to_string(),
             chunk: chunk.clone(),
@@ -299,24 +309,12 @@ impl ChunkDecoder {
                 gathered.0.extend_from_slice(compressed);
                 Ok(())
             }
-            Decompressor::Zstd(d) if !d.get_ref().complete() => {
-                d.write_all(compressed).map_err(|e| {
-                    bad(
-                        &self.name,
-                        &self.chunk,
-                        format!("cannot decompress {} bytes: {e}", self.chunk.len),
-                    )
-                })
-            }
-            Decompressor::GzipStream(d) if !d.get_ref().complete() => {
-                d.write_all(compressed).map_err(|e| {
-                    bad(
-                        &self.name,
-                        &self.chunk,
-                        format!("cannot decompress {} bytes: {e}", self.chunk.len),
-                    )
-                })
-            }
+            Decompressor::Zstd(d) if !d.get_ref().complete() => d
+                .write_all(compressed)
+                .map_err(|e| undecodable(&self.name, &self.chunk, e)),
+            Decompressor::GzipStream(d) if !d.get_ref().complete() => d
+                .write_all(compressed)
+                .map_err(|e| undecodable(&self.name, &self.chunk, e)),
             Decompressor::Zstd(_) | Decompressor::GzipStream(_) => Ok(()),
         }
     }
@@ -329,25 +327,15 @@ impl ChunkDecoder {
             }
             Decompressor::GzipStream(mut d) => {
                 if !d.get_ref().complete() {
-                    d.try_finish().map_err(|e| {
-                        bad(
-                            &self.name,
-                            &self.chunk,
-                            format!("cannot decompress {} bytes: {e}", self.chunk.len),
-                        )
-                    })?;
+                    d.try_finish()
+                        .map_err(|e| undecodable(&self.name, &self.chunk, e))?;
                 }
                 std::mem::take(d.get_mut()).verified(&self.name, &self.chunk)
             }
             Decompressor::Zstd(mut d) => {
                 if !d.get_ref().complete() {
-                    d.flush().map_err(|e| {
-                        bad(
-                            &self.name,
-                            &self.chunk,
-                            format!("cannot decompress {} bytes: {e}", self.chunk.len),
-                        )
-                    })?;
+                    d.flush()
+                        .map_err(|e| undecodable(&self.name, &self.chunk, e))?;
                 }
                 std::mem::take(d.get_mut()).verified(&self.name, &self.chunk)
             }
@@ -366,15 +354,20 @@ impl ChunkDecoder {
         }
         let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
         decoder.feed(compressed)?;
-        match decoder.finish()? {
-            Decoded::Memory(data) => Ok(data),
-            Decoded::Written => Err(bad(name, chunk, "decoded into memory, yet written".into())),
-        }
+        decoder.finish()?.into_memory(name, chunk)
     }
 }
 
 /// How the reason of a chunk whose bytes decode but hash wrong starts.
 pub(super) const DIGEST_MISMATCH: &str = "digest mismatch";
+
+fn undecodable(name: &str, chunk: &ChunkInfo, e: std::io::Error) -> FormatError {
+    bad(
+        name,
+        chunk,
+        format!("cannot decompress {} bytes: {e}", chunk.len),
+    )
+}
 
 fn bad(name: &str, chunk: &ChunkInfo, reason: String) -> FormatError {
     FormatError::BadChunk {
