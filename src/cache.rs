@@ -559,9 +559,9 @@ impl ChunkCache {
             disk.lru.get(&key).is_some() && path.exists()
         };
         if !already {
-            let space = self.reserve(&key, len)?;
+            let mut space = self.reserve(&key, len)?;
             let tmp = self.write_temp(&data)?;
-            self.install(key, &tmp, space)?;
+            self.install(key, &tmp, &mut space)?;
             // On disk now: a chunk remembered until here leaves the memory tier, which keeps the
             // chunks read again (loaded by `get`), and its buffer goes back to be reused.
             self.forget_memory(&key);
@@ -658,23 +658,18 @@ impl ChunkCache {
         }
         let mapped = MappedChunk::map(&large.file, len)
             .map_err(io_error("map chunk temp file", &large.path))?;
-        let space = SpaceReservation {
-            disk: Arc::clone(&self.disk),
-            released: Arc::clone(&self.space_released),
-            len: std::mem::take(&mut large.space.len),
-        };
-        self.install(*key, &large.path, space)?;
+        self.install(*key, &large.path, &mut large.space)?;
         self.enforce_watermarks(Some(key));
         Ok(Bytes::from_owner(mapped))
     }
 
-    /// Renames the complete temp file `tmp`, written into `space`, into place as entry `key`,
-    /// then evicts to keep within the disk bound.
+    /// Renames the complete temp file `tmp`, written into `space`, into place as entry `key`
+    /// (its room now counted as the entry's), then evicts to keep within the disk bound.
     fn install(
         &self,
         key: ChunkDigest,
         tmp: &Path,
-        mut space: SpaceReservation,
+        space: &mut SpaceReservation,
     ) -> Result<(), CacheError> {
         let len = space.len;
         let path = self.chunk_path(&key);
@@ -701,14 +696,12 @@ impl ChunkCache {
         disk.bytes += len;
         // The file now counts as an entry, no longer as a write in flight.
         disk.reserved = disk.reserved.saturating_sub(len);
-        // Accounted for above; dropped after the lock, it only wakes the waiters.
+        // Accounted for above: when its owner drops it, it only wakes the waiters.
         space.len = 0;
         let target = self.opts.max_bytes.saturating_sub(disk.reserved);
         let evicted = self.evict_locked(&mut disk, target, Some(&key));
         self.note_evictions(evicted, disk.bytes);
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
-        drop(disk);
-        drop(space);
         Ok(())
     }
 
@@ -793,8 +786,8 @@ impl ChunkCache {
         })();
         match written {
             Ok(Some((total, digest))) if total == size && digest == *whole => {
-                if let Some(space) = space {
-                    self.install(*whole, &tmp, space)?;
+                if let Some(mut space) = space {
+                    self.install(*whole, &tmp, &mut space)?;
                     self.enforce_watermarks(Some(whole));
                 }
                 Ok(true)
