@@ -56,8 +56,12 @@ impl RegistryServer {
             .tempdir()
             .map_err(TestbedError::io("creating the registry temp dir"))?;
         let port = free_port()?;
+        let storage_root = options
+            .storage_root
+            .clone()
+            .unwrap_or_else(|| dir.path().join("storage"));
         let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, render_config(dir.path(), port, options))
+        std::fs::write(&config_path, render_config(&storage_root, port, options))
             .map_err(TestbedError::io("writing the registry config"))?;
         let log = File::create(dir.path().join("registry.log"))
             .map_err(TestbedError::io("creating the registry log"))?;
@@ -72,10 +76,6 @@ impl RegistryServer {
             .stderr(log_err)
             .spawn()
             .map_err(TestbedError::io("spawning docker-registry"))?;
-        let storage_root = options
-            .storage_root
-            .clone()
-            .unwrap_or_else(|| dir.path().join("storage"));
         let mut server = Self {
             child,
             port,
@@ -193,11 +193,7 @@ impl Drop for RegistryServer {
     }
 }
 
-fn render_config(dir: &Path, port: u16, options: &RegistryOptions) -> String {
-    let storage_root = options
-        .storage_root
-        .clone()
-        .unwrap_or_else(|| dir.join("storage"));
+fn render_config(storage_root: &Path, port: u16, options: &RegistryOptions) -> String {
     let mut config = format!(
         "version: 0.1\n\
          log:\n  level: info\n  accesslog:\n    disabled: false\n\
