@@ -84,3 +84,109 @@ pub fn hosts_toml(data: &[u8]) {
     let file = Path::new("/nonexistent/lazysnap-fuzz/example.com/hosts.toml");
     let _ = crate::registry::hosts::parse_hosts_text(&text, file, "https://example.com", "https");
 }
+
+/// Largest input the mutator makes.
+pub const MAX_INPUT: usize = 256 << 10;
+
+/// A small deterministic generator (xorshift) for the mutator.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next_u64() % n as u64) as usize
+        }
+    }
+}
+
+const INTERESTING: [&[u8]; 12] = [
+    &[0],
+    &[0xff],
+    &[0x7f],
+    &[0x80],
+    b"0",
+    b"9",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    &[0xff, 0xff, 0xff, 0xff],
+    &[0, 0, 0, 0, 0, 0, 0, 0],
+];
+
+/// A havoc stack of edits of `input` (bit flips, random and boundary bytes, deletions,
+/// insertions, duplicated blocks, arithmetic on bytes), sometimes splicing in part of `other`;
+/// at most [`MAX_INPUT`] bytes.
+pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut data = input.to_vec();
+    for _ in 0..1 + rng.below(8) {
+        let len = data.len();
+        // Half the edits land in the last 2 KiB, where footers and TOCs live.
+        let pos = if len > 0 && rng.below(2) == 0 {
+            len - 1 - rng.below(len.min(2048))
+        } else {
+            rng.below(len.max(1))
+        };
+        match rng.below(8) {
+            0 => {
+                if let Some(b) = data.get_mut(pos) {
+                    *b ^= 1 << rng.below(8);
+                }
+            }
+            1 => {
+                if let Some(b) = data.get_mut(pos) {
+                    *b = rng.next_u64() as u8;
+                }
+            }
+            2 => {
+                let value = INTERESTING[rng.below(INTERESTING.len())];
+                let end = (pos + value.len()).min(data.len());
+                if let Some(dst) = data.get_mut(pos.min(end)..end) {
+                    dst.copy_from_slice(&value[..dst.len()]);
+                }
+            }
+            3 => {
+                let end = (pos + 1 + rng.below(64)).min(data.len());
+                data.drain(pos.min(end)..end);
+            }
+            4 => {
+                let insert: Vec<u8> = (0..1 + rng.below(32))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect();
+                let at = pos.min(data.len());
+                data.splice(at..at, insert);
+            }
+            5 => {
+                // Duplicate a block (repeated entries, nested structures).
+                let start = rng.below(len.max(1)).min(len);
+                let end = (start + 1 + rng.below(256)).min(len);
+                let block = data[start..end].to_vec();
+                let at = pos.min(data.len());
+                data.splice(at..at, block);
+            }
+            6 if !other.is_empty() => {
+                let start = rng.below(other.len());
+                let end = (start + 1 + rng.below(1024)).min(other.len());
+                let at = pos.min(data.len());
+                data.splice(at..at, other[start..end].iter().copied());
+            }
+            _ => {
+                // Arithmetic on a byte (lengths and offsets).
+                if let Some(b) = data.get_mut(pos) {
+                    *b = b.wrapping_add((rng.below(35) as u8).wrapping_sub(17));
+                }
+            }
+        }
+    }
+    data.truncate(MAX_INPUT);
+    data
+}

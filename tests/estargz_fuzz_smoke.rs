@@ -1,30 +1,12 @@
-//! Bounded fuzzing on stable: runs the cargo-fuzz target bodies
-//! (`lazysnap::fuzzing`) over seeds and deterministic random mutations of them, so the
-//! parsers are exercised in every CI run even without nightly. `FUZZ_ITERATIONS` sets the
-//! mutations per target (default 300); `scripts/fuzz.sh` runs the real fuzzers when it can.
+//! Bounded fuzzing without coverage: runs the fuzz targets (`lazysnap::fuzzing`) over seeds and
+//! the coverage-guided fuzzer's mutations of them, seeded, so the parsers are exercised by
+//! `cargo test` alone. `FUZZ_ITERATIONS` sets the mutations per target (default 300);
+//! `scripts/fuzz.sh` runs the coverage-guided fuzzer.
 
 use std::path::PathBuf;
 
 use lazysnap::estargz::{build_layer, BuildOptions, Compression};
-use lazysnap::fuzzing;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
+use lazysnap::fuzzing::{self, mutate, Rng};
 
 fn iterations() -> usize {
     std::env::var("FUZZ_ITERATIONS")
@@ -37,42 +19,6 @@ fn fixtures() -> PathBuf {
     lazysnap::testbed::fixtures_dir()
 }
 
-/// One random edit: flip bytes (biased towards the tail, where footers and TOCs live), truncate,
-/// insert random bytes, or overwrite with a run of a boundary value.
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    let mut data = seed.to_vec();
-    let edits = 1 + rng.below(4);
-    for _ in 0..edits {
-        let len = data.len();
-        let pos = if rng.below(2) == 0 && len > 0 {
-            len - 1 - rng.below(len.min(2048))
-        } else {
-            rng.below(len.max(1))
-        };
-        match rng.below(5) {
-            0 | 1 => {
-                if let Some(b) = data.get_mut(pos) {
-                    *b ^= 1 << rng.below(8);
-                }
-            }
-            2 => data.truncate(pos),
-            3 => {
-                let insert: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
-                let at = pos.min(data.len());
-                data.splice(at..at, insert);
-            }
-            _ => {
-                let value = [0u8, 0xff, b'9', b'"'][rng.below(4)];
-                let end = (pos + 1 + rng.below(8)).min(data.len());
-                for b in data.get_mut(pos.min(end)..end).unwrap_or_default() {
-                    *b = value;
-                }
-            }
-        }
-    }
-    data
-}
-
 fn run(name: &str, seeds: &[Vec<u8>], target: fn(&[u8]), seed_value: u64) {
     assert!(!seeds.is_empty(), "{name}: no seeds");
     for seed in seeds {
@@ -81,7 +27,8 @@ fn run(name: &str, seeds: &[Vec<u8>], target: fn(&[u8]), seed_value: u64) {
     let mut rng = Rng(seed_value);
     for _ in 0..iterations() {
         let seed = &seeds[rng.below(seeds.len())];
-        target(&mutate(&mut rng, seed));
+        let other = &seeds[rng.below(seeds.len())];
+        target(&mutate(&mut rng, seed, other));
     }
 }
 

@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lazysnap::fuzzing::{mutate, Rng, MAX_INPUT};
+
 /// Most edges tracked; guards past it share the last slot.
 const MAX_EDGES: usize = 1 << 21;
-const MAX_INPUT: usize = 256 << 10;
 const TIMEOUT: Duration = Duration::from_secs(20);
 const RSS_LIMIT_BYTES: u64 = 2 << 30;
 
@@ -66,103 +67,6 @@ fn class(hits: u8) -> u8 {
         32..=127 => 64,
         _ => 128,
     }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
-
-const INTERESTING: [&[u8]; 12] = [
-    &[0],
-    &[0xff],
-    &[0x7f],
-    &[0x80],
-    b"0",
-    b"9",
-    b"\"",
-    b"{",
-    b"}",
-    b"[",
-    &[0xff, 0xff, 0xff, 0xff],
-    &[0, 0, 0, 0, 0, 0, 0, 0],
-];
-
-/// A havoc stack of edits, sometimes splicing in part of another corpus entry.
-fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
-    let mut data = input.to_vec();
-    for _ in 0..1 + rng.below(8) {
-        let len = data.len();
-        // Half the edits land in the last 2 KiB, where footers and TOCs live.
-        let pos = if len > 0 && rng.below(2) == 0 {
-            len - 1 - rng.below(len.min(2048))
-        } else {
-            rng.below(len.max(1))
-        };
-        match rng.below(8) {
-            0 => {
-                if let Some(b) = data.get_mut(pos) {
-                    *b ^= 1 << rng.below(8);
-                }
-            }
-            1 => {
-                if let Some(b) = data.get_mut(pos) {
-                    *b = rng.next() as u8;
-                }
-            }
-            2 => {
-                let value = INTERESTING[rng.below(INTERESTING.len())];
-                let end = (pos + value.len()).min(data.len());
-                if let Some(dst) = data.get_mut(pos.min(end)..end) {
-                    dst.copy_from_slice(&value[..dst.len()]);
-                }
-            }
-            3 => {
-                let end = (pos + 1 + rng.below(64)).min(data.len());
-                data.drain(pos.min(end)..end);
-            }
-            4 => {
-                let insert: Vec<u8> = (0..1 + rng.below(32)).map(|_| rng.next() as u8).collect();
-                let at = pos.min(data.len());
-                data.splice(at..at, insert);
-            }
-            5 => {
-                // Duplicate a block (repeated entries, nested structures).
-                let start = rng.below(len.max(1)).min(len);
-                let end = (start + 1 + rng.below(256)).min(len);
-                let block = data[start..end].to_vec();
-                let at = pos.min(data.len());
-                data.splice(at..at, block);
-            }
-            6 if !other.is_empty() => {
-                let start = rng.below(other.len());
-                let end = (start + 1 + rng.below(1024)).min(other.len());
-                let at = pos.min(data.len());
-                data.splice(at..at, other[start..end].iter().copied());
-            }
-            _ => {
-                // Arithmetic on a byte (lengths and offsets).
-                if let Some(b) = data.get_mut(pos) {
-                    *b = b.wrapping_add((rng.below(35) as u8).wrapping_sub(17));
-                }
-            }
-        }
-    }
-    data.truncate(MAX_INPUT);
-    data
 }
 
 fn name_of(data: &[u8]) -> String {
