@@ -33,30 +33,31 @@ fn lazysnap_mounts() -> usize {
         .count()
 }
 
+/// `lazysnap bench --runs 1 --link unlimited ARGS --out OUT`, which must succeed; its stdout.
+fn bench_ok(args: &[&std::ffi::OsStr], out: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(["bench", "--runs", "1", "--link", "unlimited"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run lazysnap bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "lazysnap bench failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn bench_runs_both_modes_and_writes_results() {
     require_root_and_tools();
     let out = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args([
-            "bench",
-            "--runs",
-            "1",
-            "--link",
-            "unlimited",
-            "--layer-mb",
-            "4",
-            "--no-background-fill",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .expect("run lazysnap bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "lazysnap bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    let stdout = bench_ok(
+        &["--layer-mb", "4", "--no-background-fill"].map(std::ffi::OsStr::new),
+        out.path(),
     );
 
     // The table: header, rule, one row per mode.
@@ -174,28 +175,17 @@ fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
     let state_dir_existed = state_dir.exists();
     let out = tempfile::tempdir().unwrap();
     // 30 MB of app files compress to about 15 MB: above SOCI's 10 MiB minimum for a zTOC.
-    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args([
-            "bench",
-            "--runs",
-            "1",
-            "--link",
-            "unlimited",
-            "--layer-mb",
-            "30",
-        ])
-        .args(["--modes", "overlayfs,soci", "--soci-grpc"])
-        .arg(&soci)
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .expect("run lazysnap bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "lazysnap bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let mut args = [
+        "--layer-mb",
+        "30",
+        "--modes",
+        "overlayfs,soci",
+        "--soci-grpc",
+    ]
+    .map(std::ffi::OsStr::new)
+    .to_vec();
+    args.push(soci.as_os_str());
+    bench_ok(&args, out.path());
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     let results = json["results"].as_array().unwrap();
