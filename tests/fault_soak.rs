@@ -74,30 +74,22 @@ fn a_fault_soak_serves_no_wrong_byte_and_recovers() {
     lazysnap_ok(&["convert", "--chunk-size", "65536", &source, &esgz]);
 
     let proxy = FaultProxy::start(&registry.host()).unwrap();
-    let dir = work.path().join("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let state_dir = work.path().join("state");
-    let cache_dir = work.path().join("cache");
     // A cache of about a fifth of the image: reads keep fetching, so faults keep landing.
-    lazysnap_ok(&[
-        "mount",
-        "--cache-dir",
-        cache_dir.to_str().unwrap(),
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-        "--cache-size",
-        "2MiB",
-        "--no-background",
-        "--no-passthrough",
-        "--read-deadline",
-        "20",
-        &format!("{}/soak:esgz", proxy.host()),
-        dir.to_str().unwrap(),
-    ]);
-    let mounted = MountedImage {
-        dir: dir.clone(),
-        state_dir,
-    };
+    let soak_image = format!("{}/soak:esgz", proxy.host());
+    let mounted = MountedImage::new(
+        &soak_image,
+        work.path(),
+        "mnt",
+        &[
+            "--cache-size",
+            "2MiB",
+            "--no-background",
+            "--no-passthrough",
+            "--read-deadline",
+            "20",
+        ],
+    );
+    let dir = mounted.dir.clone();
 
     let stop = AtomicBool::new(false);
     let reads = AtomicU64::new(0);

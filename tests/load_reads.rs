@@ -42,21 +42,7 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
         .to_string();
     let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
 
-    let dir = work.path().join("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let state_dir = work.path().join("state");
-    let cache_dir = work.path().join("cache");
-    lazysnap_ok(&[
-        "mount",
-        "--cache-dir",
-        cache_dir.to_str().unwrap(),
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-        "--no-background",
-        &esgz,
-        dir.to_str().unwrap(),
-    ]);
-    let mounted = MountedImage { dir, state_dir };
+    let mounted = MountedImage::new(&esgz, work.path(), "mnt", &["--no-background"]);
 
     let right = AtomicU64::new(0);
     std::thread::scope(|scope| {
@@ -84,7 +70,7 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
             });
         }
     });
-    let (peak_rss, fds) = process_resources(&["lazysnap", " mount", cache_dir.to_str().unwrap()]);
+    let (peak_rss, fds) = mounted.daemon_resources();
     let served = registry.blob_bytes_served(&layer);
     eprintln!(
         "load: {} reads right of {READS}; layer {layer_size} bytes, registry served {served} \

@@ -14,59 +14,6 @@ use std::process::Command;
 use lazysnap::testbed::images;
 use lazysnap::testbed::RegistryServer;
 
-/// A `lazysnap mount` that is undone when dropped, even when the test fails.
-struct Mounted {
-    dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(image: &str, work: &Path, name: &str, extra: &[&str]) -> Mounted {
-        let dir = work.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let state_dir = work.join("state");
-        // A cache (so a mount daemon) of its own per mount: what a mount fetches does not
-        // depend on what the others read (tests/mount_shared.rs shares one).
-        let cache_dir = work.join(format!("cache-{name}"));
-        let mut args = vec![
-            "mount",
-            "--cache-dir",
-            cache_dir.to_str().unwrap(),
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        args.push(image);
-        args.push(dir.to_str().unwrap());
-        lazysnap_ok(&args);
-        Mounted { dir, state_dir }
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = lazysnap_ok(&[
-            "status",
-            "--json",
-            "--state-dir",
-            self.state_dir.to_str().unwrap(),
-        ]);
-        serde_json::from_str(&out).unwrap()
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let output = lazysnap(&[
-            "umount",
-            "--state-dir",
-            self.state_dir.to_str().unwrap(),
-            self.dir.to_str().unwrap(),
-        ]);
-        if !output.status.success() && !std::thread::panicking() {
-            panic!("umount failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-    }
-}
-
 /// Directories a tar implies (parents of its entries) without an entry of their own: their
 /// mtime is not defined by the layer.
 fn implied_dirs(tar: &[u8]) -> std::collections::HashSet<String> {
@@ -132,7 +79,7 @@ fn stacked_listing(
 }
 
 /// The layer directories of a mount (base first), checking each layer's mode in `status`.
-fn layer_dirs(mounted: &Mounted, mode: &str) -> Vec<PathBuf> {
+fn layer_dirs(mounted: &MountedImage, mode: &str) -> Vec<PathBuf> {
     let status = mounted.status_json();
     let ours = status
         .as_array()
@@ -167,9 +114,9 @@ fn lazily_mounted_image_equals_the_unpacked_image() {
     lazysnap_ok(&["convert", &source, &esgz]);
     lazysnap_ok(&["convert", "--zstdchunked", &source, &zstd]);
 
-    let unpacked = Mounted::new(&source, work.path(), "plain", &[]);
-    let lazy = Mounted::new(&esgz, work.path(), "esgz", &[]);
-    let lazy_zstd = Mounted::new(&zstd, work.path(), "zstd", &[]);
+    let unpacked = MountedImage::new(&source, work.path(), "plain", &[]);
+    let lazy = MountedImage::new(&esgz, work.path(), "esgz", &[]);
+    let lazy_zstd = MountedImage::new(&zstd, work.path(), "zstd", &[]);
     // Layer by layer, the lazy FUSE layers (eStargz and zstd:chunked) hold exactly the tree of
     // the downloaded-and-unpacked layers: entries, modes, owners, mtimes, contents, link
     // targets, devices, xattrs, whiteouts as char 0/0 (those of something below) and the opaque
@@ -247,7 +194,7 @@ fn reading_one_small_file_fetches_the_toc_and_at_most_two_chunks() {
         .to_string();
     let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
 
-    let mounted = Mounted::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
+    let mounted = MountedImage::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
     // The registry logs a request once it has answered it: wait for the mount's TOC read to be
     // logged, or it would count as the file read's.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -307,7 +254,7 @@ fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
         "fixture",
         "orig",
     ));
-    let unpacked = Mounted::new(&orig, work.path(), "orig", &[]);
+    let unpacked = MountedImage::new(&orig, work.path(), "orig", &[]);
     let source_tars: Vec<Vec<u8>> = ["layer-B.tar", "layer-A.tar"]
         .iter()
         .map(|name| std::fs::read(pull_common::fixtures().join("orig").join(name)).unwrap())
@@ -320,7 +267,7 @@ fn every_fixture_made_by_ctr_remote_mounts_to_the_source_tree() {
             "fixture",
             variant,
         ));
-        let lazy = Mounted::new(&image, work.path(), variant, &["--no-prefetch"]);
+        let lazy = MountedImage::new(&image, work.path(), variant, &["--no-prefetch"]);
         let lazy_layers = layer_dirs(&lazy, "lazy");
         for (at, (lazy_dir, tar)) in lazy_layers.iter().zip(&source_tars).enumerate() {
             let implied = implied_dirs(tar);
@@ -349,7 +296,7 @@ fn a_stopped_registry_gives_eio_for_uncached_files_and_recovers() {
         "fixture",
         "esgz",
     ));
-    let mounted = Mounted::new(
+    let mounted = MountedImage::new(
         &image,
         work.path(),
         "outage",
@@ -374,7 +321,7 @@ fn a_stopped_registry_gives_eio_for_uncached_files_and_recovers() {
 }
 
 /// The passthrough counters of the (single) layer of `mounted`: (files assembled, opens).
-fn passthrough_counters(mounted: &Mounted) -> (u64, u64) {
+fn passthrough_counters(mounted: &MountedImage) -> (u64, u64) {
     let status = mounted.status_json();
     let ours = status
         .as_array()
@@ -411,7 +358,7 @@ fn files_of_several_chunks_pass_through_once_cached() {
     let esgz = format!("{}/multi:esgz", registry.host());
     lazysnap_ok(&["convert", "--chunk-size", "1048576", &source, &esgz]);
 
-    let mounted = Mounted::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
+    let mounted = MountedImage::new(&esgz, work.path(), "mnt", &["--no-prefetch"]);
     let path = mounted.dir.join("data/big.bin");
     // The first read fetches the six chunks through the daemon.
     assert_eq!(std::fs::read(&path).unwrap(), data);
@@ -433,7 +380,7 @@ fn files_of_several_chunks_pass_through_once_cached() {
     assert_eq!(std::fs::read(&path).unwrap(), data);
 
     // Mounted with --no-passthrough, the same cached file is read through the daemon only.
-    let plain = Mounted::new(
+    let plain = MountedImage::new(
         &esgz,
         work.path(),
         "plain",
@@ -477,7 +424,7 @@ fn a_whiteout_of_what_no_lower_layer_has_is_not_listed() {
         "fixture",
         "esgz",
     ));
-    let lazy = Mounted::new(&esgz, work.path(), "esgz", &["--no-prefetch"]);
+    let lazy = MountedImage::new(&esgz, work.path(), "esgz", &["--no-prefetch"]);
     // The data layer's data/wh-dir holds kept.txt and a whiteout of deleted-file, which the base
     // layer does not have (overlayfs lists a single layer's directory as it is).
     for _ in 0..2 {
@@ -485,15 +432,6 @@ fn a_whiteout_of_what_no_lower_layer_has_is_not_listed() {
     }
     // The opaque directory still hides nothing it should show.
     assert!(lazy.dir.join("data/opaque-dir").is_dir());
-}
-
-/// A tmpfs, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// The mount daemon keeps the disk watermarks `serve` keeps: reading 64 MiB through a cache on
@@ -509,17 +447,8 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
     lazysnap_ok(&["convert", &source, &esgz]);
 
     let cache = work.path().join("cache-small");
-    std::fs::create_dir_all(&cache).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &cache,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=40m"),
-    )
-    .unwrap();
-    let _tmpfs = Tmpfs(cache.clone());
-    let mounted = Mounted::new(&esgz, work.path(), "small", &["--no-background"]);
+    let _tmpfs = Tmpfs::mount(&cache, "40m");
+    let mounted = MountedImage::new(&esgz, work.path(), "small", &["--no-background"]);
     let mut fullest = 0.0f64;
     for (i, data) in files.iter().enumerate() {
         let read = std::fs::read(mounted.dir.join(format!("big/{i}.bin"))).unwrap();
@@ -535,11 +464,6 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
     );
     let log = std::fs::read_to_string(cache.join("mount-daemon.log")).unwrap_or_default();
     assert!(!log.contains("No space left"), "{log}");
-}
-
-/// Peak resident memory (VmHWM, bytes) of the mount daemon serving `cache_dir`.
-fn mount_daemon_peak_rss(cache_dir: &Path) -> u64 {
-    process_resources(&["lazysnap", " mount", cache_dir.to_str().unwrap()]).0
 }
 
 #[test]
@@ -572,23 +496,14 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
     // The cache on a tmpfs of its own: what its files use is measured at once, never a file
     // counted twice while it is renamed.
     let cache = work.path().join("cache-bomb");
-    std::fs::create_dir_all(&cache).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &cache,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1g"),
-    )
-    .unwrap();
-    let _tmpfs = Tmpfs(cache.clone());
-    let mounted = Mounted::new(
+    let _tmpfs = Tmpfs::mount(&cache, "1g");
+    let mounted = MountedImage::new(
         &esgz,
         work.path(),
         "bomb",
         &["--no-background", "--cache-size", &CACHE.to_string()],
     );
-    let before = mount_daemon_peak_rss(&cache);
+    let before = mounted.daemon_resources().0;
     let done = std::sync::atomic::AtomicBool::new(false);
     let fullest = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
@@ -614,7 +529,7 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         watcher.join().unwrap()
     });
-    let peak = mount_daemon_peak_rss(&cache);
+    let peak = mounted.daemon_resources().0;
     eprintln!("mount daemon peak RSS {before} -> {peak} bytes; cache at most {fullest} bytes");
     // Decoded chunks go to their cache files, not memory: the daemon grows by far less than
     // one of them, let alone the four read at once.

@@ -2,6 +2,9 @@
 //! ENOSPC fails that call only; once space is back the next calls succeed and nothing committed
 //! before is lost. Needs root (it mounts a small tmpfs); fails loudly without it.
 
+mod cli_common;
+use cli_common::Tmpfs;
+
 use std::collections::BTreeMap;
 
 use lazysnap::snapshotter::store::{Kind, MetadataStore, SnapshotRecord};
@@ -21,14 +24,6 @@ fn record(id: u64, payload: usize) -> SnapshotRecord {
     }
 }
 
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 #[test]
 fn a_full_disk_fails_one_write_and_the_store_recovers_once_space_is_back() {
     assert!(
@@ -36,15 +31,7 @@ fn a_full_disk_fails_one_write_and_the_store_recovers_once_space_is_back() {
         "this test mounts a tmpfs: run it as root (scripts/test.sh)"
     );
     let dir = tempfile::tempdir().unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        dir.path(),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
-    let _tmpfs = Tmpfs(dir.path().to_path_buf());
+    let _tmpfs = Tmpfs::mount(dir.path(), "4m");
     let store = MetadataStore::open(&dir.path().join("metadata.db")).unwrap();
     let txn = store.begin().unwrap();
     txn.put("kept", &record(1, 100)).unwrap();

@@ -85,20 +85,93 @@ pub fn tar_of(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
     tar.into_inner().unwrap()
 }
 
-/// A directory where `lazysnap mount` mounted an image; unmounted on drop.
+/// A `lazysnap mount` of an image at `work/NAME`, with a cache (so a mount daemon) of its own at
+/// `work/cache-NAME`; undone when dropped, even when the test fails.
 pub struct MountedImage {
     pub dir: std::path::PathBuf,
     pub state_dir: std::path::PathBuf,
+    pub cache_dir: std::path::PathBuf,
+}
+
+impl MountedImage {
+    /// Mounts `image` with the extra `lazysnap mount` flags `extra`.
+    pub fn new(image: &str, work: &std::path::Path, name: &str, extra: &[&str]) -> MountedImage {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state_dir = work.join("state");
+        // Per mount, so what a mount fetches does not depend on what the others read
+        // (tests/mount_shared.rs shares one).
+        let cache_dir = work.join(format!("cache-{name}"));
+        let mut args = vec![
+            "mount",
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(image);
+        args.push(dir.to_str().unwrap());
+        lazysnap_ok(&args);
+        MountedImage {
+            dir,
+            state_dir,
+            cache_dir,
+        }
+    }
+
+    /// `lazysnap status --json` for the mounts of this state directory.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = lazysnap_ok(&[
+            "status",
+            "--json",
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Peak resident memory (bytes) and open descriptors of the mount daemon serving it.
+    pub fn daemon_resources(&self) -> (u64, usize) {
+        process_resources(&["lazysnap", " mount", self.cache_dir.to_str().unwrap()])
+    }
 }
 
 impl Drop for MountedImage {
     fn drop(&mut self) {
-        let _ = lazysnap(&[
+        let output = lazysnap(&[
             "umount",
             "--state-dir",
             self.state_dir.to_str().unwrap(),
             self.dir.to_str().unwrap(),
         ]);
+        if !output.status.success() && !std::thread::panicking() {
+            panic!("umount failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+    }
+}
+
+/// A tmpfs of `size` (as mount(8) writes it, e.g. `40m`) mounted at `dir`; unmounted on drop.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap();
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
