@@ -538,9 +538,10 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
         "the mount daemon's peak RSS went from {before} to {peak} bytes"
     );
     // Files being written count against the bound: the cache filesystem never held more than
-    // it (plus the daemon's log and locks).
+    // it, plus the daemon's log and locks, plus at most one evicted chunk a read still maps
+    // (its space is freed when that read ends).
     assert!(
-        fullest <= CACHE + (2 << 20),
+        fullest <= CACHE + FILE as u64 + (2 << 20),
         "the cache held {fullest} bytes, over its {CACHE}-byte bound"
     );
 }
