@@ -137,7 +137,8 @@ struct Counters {
 enum Streamed {
     /// Every chunk of the run got its verdict (its fill is completed).
     Done,
-    /// The request failed before these chunks had all their bytes.
+    /// The request failed before these chunks had all their bytes, or some arrived and failed
+    /// verification.
     Unfinished {
         chunks: Vec<(ChunkRef, FillGuard)>,
         failure: StreamFailure,
@@ -146,6 +147,21 @@ enum Streamed {
     },
     /// The reader is shutting down.
     Cancelled,
+}
+
+/// A chunk whose bytes failed verification: not served, not cached, its fill still open so that
+/// it is fetched again (the bytes came over the network; the next response may be right).
+struct Rejected {
+    at: ChunkRef,
+    guard: FillGuard,
+    message: String,
+}
+
+impl Rejected {
+    /// Ends the chunk's fill with the verification error (for failures no refetch can mend).
+    fn fail(self) {
+        self.guard.complete(Err(FillError::Verify(self.message)));
+    }
 }
 
 /// Why a chunk's decoding could not start.
@@ -1058,6 +1074,7 @@ impl Inner {
         let mut last: Option<(ChunkRef, FillGuard, Decoding)> = None;
         let mut decodes = JoinSet::new();
         let mut verdicts = 0usize;
+        let mut rejected: Vec<Rejected> = Vec::new();
         let stall = self.opts.attempt_timeout;
         let stalled = || StreamFailure {
             message: format!("no data for {stall:?}"),
@@ -1097,11 +1114,13 @@ impl Inner {
                         *fed_to = to.max(*fed_to);
                         let complete = range.end <= end;
                         if fed.is_err() || complete {
-                            verdicts += 1;
                             let (_, chunk_at, guard, decoder, _) = receiving.swap_remove(i);
                             if let Err(e) = fed {
-                                drop(self.store_decoded(chunk_at, Err(e), guard));
-                            } else if kind == FetchKind::OnDemand
+                                rejected.push(self.reject(chunk_at, e, guard));
+                                continue;
+                            }
+                            verdicts += 1;
+                            if kind == FetchKind::OnDemand
                                 && waiting.is_empty()
                                 && receiving.is_empty()
                             {
@@ -1109,10 +1128,13 @@ impl Inner {
                             } else {
                                 let inner = Arc::clone(self);
                                 decodes.spawn_blocking_on(
-                                    move || {
-                                        if let Some(data) = inner.finish(chunk_at, decoder, guard) {
+                                    move || match inner.finish(chunk_at, decoder, guard) {
+                                        Ok(Some(data)) => {
                                             inner.persist(chunk_at, data);
+                                            None
                                         }
+                                        Ok(None) => None,
+                                        Err(rejected) => Some(rejected),
                                     },
                                     &self.runtime,
                                 );
@@ -1138,7 +1160,7 @@ impl Inner {
                             )),
                             Err(StartError::Format(e)) => {
                                 verdicts += 1;
-                                drop(self.store_decoded(chunk_at, Err(e), guard));
+                                self.reject(chunk_at, e, guard).fail();
                             }
                             Err(StartError::Cache(e)) => {
                                 verdicts += 1;
@@ -1164,10 +1186,14 @@ impl Inner {
         };
         if let Some((chunk_at, guard, decoder)) = last {
             // Readers are answered here; the disk write goes to the blocking pool.
-            if let Some(data) = self.finish(chunk_at, decoder, guard) {
-                let inner = Arc::clone(self);
-                self.runtime
-                    .spawn_blocking(move || inner.persist(chunk_at, data));
+            match self.finish(chunk_at, decoder, guard) {
+                Ok(Some(data)) => {
+                    let inner = Arc::clone(self);
+                    self.runtime
+                        .spawn_blocking(move || inner.persist(chunk_at, data));
+                }
+                Ok(None) => {}
+                Err(chunk) => rejected.push(chunk),
             }
         }
         let failure = match outcome {
@@ -1180,7 +1206,19 @@ impl Inner {
                 Some(failure)
             }
         };
-        while decodes.join_next().await.is_some() {}
+        while let Some(joined) = decodes.join_next().await {
+            if let Ok(Some(chunk)) = joined {
+                verdicts = verdicts.saturating_sub(1);
+                rejected.push(chunk);
+            }
+        }
+        let failure = failure.or_else(|| {
+            rejected.first().map(|chunk| StreamFailure {
+                message: format!("chunk failed verification: {}", chunk.message),
+                reason: "corrupt",
+                retryable: true,
+            })
+        });
         let unfinished: Vec<_> = waiting
             .into_iter()
             .map(|(_, member)| member)
@@ -1189,6 +1227,7 @@ impl Inner {
                     .into_iter()
                     .map(|(_, at, guard, _, _)| (at, guard)),
             )
+            .chain(rejected.into_iter().map(|chunk| (chunk.at, chunk.guard)))
             .collect();
         match failure {
             None => Streamed::Done,
@@ -1235,8 +1274,14 @@ impl Inner {
 
     /// Finishes decoding and verifying a chunk whose bytes are all in (CPU work: a `decode`
     /// span) and completes its fill: with [`store_decoded`](Self::store_decoded), or, for a
-    /// chunk decoded into its cache file, by installing that file and serving its mapping.
-    fn finish(&self, at: ChunkRef, decoding: Decoding, guard: FillGuard) -> Option<Bytes> {
+    /// chunk decoded into its cache file, by installing that file and serving its mapping. A
+    /// chunk that fails verification is handed back, its fill open, to be fetched again.
+    fn finish(
+        &self,
+        at: ChunkRef,
+        decoding: Decoding,
+        guard: FillGuard,
+    ) -> Result<Option<Bytes>, Rejected> {
         let chunk = self.chunk(at);
         let decoded = tracing::debug_span!("decode", chunk = %chunk.digest, bytes = chunk.len)
             .in_scope(|| decoding.decoder.finish());
@@ -1246,58 +1291,55 @@ impl Inner {
                     Ok(mapped) => guard.complete(Ok(mapped)),
                     Err(e) => self.fail_uncacheable(at, e, guard),
                 }
-                None
+                Ok(None)
             }
-            (Ok(Decoded::Memory(data)), _) => self.store_decoded(at, Ok(data), guard),
+            (Ok(Decoded::Memory(data)), _) => Ok(self.store_decoded(at, data, guard)),
             (Ok(Decoded::Written), DecodeInto::Memory { .. }) => {
                 guard.complete(Err(FillError::Fetch(
                     "a chunk decoded into memory reported it was written to a file".into(),
                 )));
-                None
+                Ok(None)
             }
-            (Err(e), _) => self.store_decoded(at, Err(e), guard),
+            (Err(e), _) => Err(self.reject(at, e, guard)),
         }
     }
 
-    /// Completes a chunk's fill with its decoded bytes or the reason they are wrong. Good bytes
-    /// go to the memory tier and to the waiting readers, and are returned to be written to disk
-    /// after, off the readers' path, by [`persist`](Self::persist).
-    fn store_decoded(
-        &self,
-        at: ChunkRef,
-        decoded: Result<Vec<u8>, estargz::FormatError>,
-        guard: FillGuard,
-    ) -> Option<Bytes> {
+    /// Completes a chunk's fill with its verified bytes: they go to the memory tier and to the
+    /// waiting readers, and are returned to be written to disk after, off the readers' path, by
+    /// [`persist`](Self::persist).
+    fn store_decoded(&self, at: ChunkRef, data: Vec<u8>, guard: FillGuard) -> Option<Bytes> {
         let chunk = self.chunk(at);
-        let file = self.file_name(self.files.file_of_chunk(at));
-        match decoded {
-            Ok(data) => {
-                let data = POOL.into_bytes(data);
-                if self.cache.remember(&chunk.digest, data.clone()) {
-                    guard.complete(Ok(data.clone()));
-                    return Some(data);
-                }
-                // Not held in memory: on disk before the fill ends, so that no reader arriving
-                // between the two fetches it again.
-                self.persist(at, data.clone());
-                guard.complete(Ok(data));
-                None
-            }
-            Err(e) => {
-                self.counters
-                    .verify_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                metrics::record_verify_failure(&self.layer, e.chunk_failure_reason());
-                tracing::error!(
-                    layer = %self.layer,
-                    chunk = %chunk.digest,
-                    file = %file,
-                    error = %e,
-                    "chunk failed verification; not served, not cached"
-                );
-                guard.complete(Err(FillError::Verify(e.to_string())));
-                None
-            }
+        let data = POOL.into_bytes(data);
+        if self.cache.remember(&chunk.digest, data.clone()) {
+            guard.complete(Ok(data.clone()));
+            return Some(data);
+        }
+        // Not held in memory: on disk before the fill ends, so that no reader arriving between
+        // the two fetches it again.
+        self.persist(at, data.clone());
+        guard.complete(Ok(data));
+        None
+    }
+
+    /// Counts and logs a chunk whose bytes failed verification and hands it back (its fill
+    /// open) to be fetched again or failed.
+    fn reject(&self, at: ChunkRef, error: estargz::FormatError, guard: FillGuard) -> Rejected {
+        let chunk = self.chunk(at);
+        self.counters
+            .verify_failures
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::record_verify_failure(&self.layer, error.chunk_failure_reason());
+        tracing::error!(
+            layer = %self.layer,
+            chunk = %chunk.digest,
+            file = %self.file_name(self.files.file_of_chunk(at)),
+            error = %error,
+            "chunk failed verification; not served, not cached"
+        );
+        Rejected {
+            at,
+            guard,
+            message: error.to_string(),
         }
     }
 

@@ -158,8 +158,10 @@ struct Controls {
     hang: AtomicBool,
     /// Requests fail at once with `Unavailable`.
     refuse: AtomicBool,
-    /// Flip the byte at this blob offset in answers (u64::MAX: off).
+    /// Flip the byte at this blob offset in answers (u64::MAX: off)...
     corrupt_at: AtomicU64,
+    /// ...in this many more answers (u64::MAX: in all).
+    corruptions_left: AtomicU64,
     /// Streamed reads deliver half their bytes, then fail (this many more times).
     break_streams: AtomicU64,
     /// Streamed reads started.
@@ -196,6 +198,7 @@ impl TestBlob {
     fn new(blob: Bytes) -> (Arc<TestBlob>, Arc<Controls>) {
         let controls = Arc::new(Controls::default());
         controls.corrupt_at.store(u64::MAX, Ordering::SeqCst);
+        controls.corruptions_left.store(u64::MAX, Ordering::SeqCst);
         (
             Arc::new(TestBlob {
                 inner: MemoryBlob(blob),
@@ -239,7 +242,11 @@ impl BlobSource for TestBlob {
             }
             let data = self.inner.read_range(range.clone()).await?;
             let at = c.corrupt_at.load(Ordering::SeqCst);
-            if range.contains(&at) {
+            if range.contains(&at)
+                && c.corruptions_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
                 let mut v = data.to_vec();
                 v[(at - range.start) as usize] ^= 0xff;
                 return Ok(Bytes::from(v));
@@ -561,7 +568,7 @@ fn shared_chunks_across_two_layers_are_fetched_once() {
 }
 
 #[test]
-fn corrupt_chunk_gives_eio_is_not_cached_and_is_counted_by_layer_and_reason() {
+fn corrupt_chunk_is_refetched_then_gives_eio_is_not_cached_and_is_counted_by_layer_and_reason() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let content = pseudo_random(21, 3 * CHUNK);
@@ -584,9 +591,12 @@ fn corrupt_chunk_gives_eio_is_not_cached_and_is_counted_by_layer_and_reason() {
         "layer-corrupt-test",
     );
     assert_eq!(read_blocking(&r, 0, 0, 100).unwrap()[..], content[..100]);
+    // Bad bytes are fetched again (they came over the network; the next answer may be right),
+    // a bounded number of times, then the read fails.
     assert_eq!(read_blocking(&r, 0, CHUNK as u64 + 5, 100), Err(libc::EIO));
     assert!(!cache.contains(&bad.digest), "unverified chunk was cached");
-    assert_eq!(r.stats().verify_failures, 1);
+    let attempts = 1 + u64::from(FetchOptions::default().retries);
+    assert_eq!(r.stats().verify_failures, attempts);
     // Counted by layer and reason; the chunk digest goes to the log, never into a label (a
     // registry serving bad bytes must not grow the metrics without bound).
     let text = lazysnap::metrics::encode();
@@ -611,6 +621,19 @@ fn corrupt_chunk_gives_eio_is_not_cached_and_is_counted_by_layer_and_reason() {
         &read_blocking(&r, 0, CHUNK as u64 + 5, 100).unwrap()[..],
         &content[CHUNK + 5..CHUNK + 105]
     );
+    // One bad answer costs the read nothing but a second request.
+    let third = &layer.files[0].chunks[2];
+    let failures = r.stats().verify_failures;
+    controls.corruptions_left.store(1, Ordering::SeqCst);
+    controls.corrupt_at.store(
+        (third.compressed.start + third.compressed.end) / 2,
+        Ordering::SeqCst,
+    );
+    assert_eq!(
+        &read_blocking(&r, 0, 2 * CHUNK as u64, 100).unwrap()[..],
+        &content[2 * CHUNK..2 * CHUNK + 100]
+    );
+    assert_eq!(r.stats().verify_failures, failures + 1);
 }
 
 #[test]
