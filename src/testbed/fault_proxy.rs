@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::TestbedError;
 
@@ -32,6 +32,9 @@ pub enum Fault {
     CorruptBody,
     /// Hold the request this long, then forward it normally.
     Delay(Duration),
+    /// Answer with other content than asked for, as a registry serving the wrong blob would:
+    /// the original headers and length, the body reversed.
+    OtherContent,
 }
 
 /// What the proxy saw, in order: a request arriving and its answer sent, by request target.
@@ -44,6 +47,7 @@ pub enum ProxyEvent {
 #[derive(Default)]
 struct ProxyState {
     faults: Mutex<VecDeque<(String, Fault)>>,
+    down_until: Mutex<Option<Instant>>,
     redirect_blobs: AtomicBool,
     ignore_multi_range: AtomicBool,
     multi_range_requests: AtomicUsize,
@@ -56,6 +60,13 @@ struct ProxyState {
 }
 
 impl ProxyState {
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     fn record(&self, event: ProxyEvent) {
         self.events
             .lock()
@@ -91,6 +102,10 @@ impl FaultProxy {
                     break;
                 }
                 if let Ok(stream) = stream {
+                    if thread_state.is_down() {
+                        reset(stream);
+                        continue;
+                    }
                     let state = thread_state.clone();
                     let upstream = upstream.clone();
                     std::thread::spawn(move || serve_connection(stream, &upstream, port, &state));
@@ -123,6 +138,16 @@ impl FaultProxy {
 
     fn lock_faults(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Fault)>> {
         self.state.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the registry down for `period`: every connection and request is reset at once, as
+    /// a crashed or unreachable registry looks to a client. It comes back by itself.
+    pub fn go_down_for(&self, period: Duration) {
+        *self
+            .state
+            .down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + period);
     }
 
     /// Answer blob GETs with 307 to a proxy URL valid until [`Self::expire_redirects`].
@@ -244,6 +269,10 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        if state.is_down() {
+            reset(stream);
+            return;
+        }
         state.requests.fetch_add(1, Ordering::SeqCst);
         let mut parts = request_line.split_whitespace();
         let method = parts.next().unwrap_or("GET").to_string();
@@ -341,11 +370,15 @@ fn serve_connection(stream: TcpStream, upstream: &str, port: u16, state: &ProxyS
         };
         let head_text = String::from_utf8_lossy(&response[..split]).into_owned();
         let mut response_body = response[split + 4..].to_vec();
-        if fault == Some(Fault::CorruptBody) {
-            let middle = response_body.len() / 2;
-            if let Some(b) = response_body.get_mut(middle) {
-                *b ^= 0x5a;
+        match fault {
+            Some(Fault::CorruptBody) => {
+                let middle = response_body.len() / 2;
+                if let Some(b) = response_body.get_mut(middle) {
+                    *b ^= 0x5a;
+                }
             }
+            Some(Fault::OtherContent) => response_body.reverse(),
+            _ => {}
         }
         let mut head = String::new();
         for (i, line) in head_text.split("\r\n").enumerate() {
