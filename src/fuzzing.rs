@@ -46,7 +46,7 @@ pub fn toc_json(data: &[u8]) {
         },
     ];
     for footer in footers {
-        let _ = layer_from_toc_json(data, footer, 2 << 20, None);
+        let _ = layer_from_toc_json(data.to_vec(), footer, 2 << 20, None);
     }
 }
 

@@ -426,3 +426,27 @@ fn writer_refuses_bad_tar_input() {
         Err(FormatError::InvalidOption(_))
     ));
 }
+
+#[test]
+fn a_toc_past_the_entry_limit_is_refused_naming_the_limit() {
+    // 28 bytes an entry: a TOC of about 30 MB (a few hundred KB compressed) that would cost
+    // nearly a gigabyte once parsed, were it not stopped at the limit.
+    let mut json = String::from(r#"{"version":1,"entries":["#);
+    for i in 0..=lazysnap::estargz::MAX_TOC_ENTRIES {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(r#"{"name":"d","type":"dir"}"#);
+    }
+    json.push_str("]}");
+    let err = lazysnap::estargz::parse_toc_json(json.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "more than {} entries",
+            lazysnap::estargz::MAX_TOC_ENTRIES
+        )),
+        "{err}"
+    );
+}

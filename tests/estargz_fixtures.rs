@@ -239,6 +239,7 @@ async fn chunk_extents_match_ctr_remote_layout() {
     assert_eq!(hardlink.link_target.as_deref(), Some("data/text.txt"));
     assert!(layer
         .toc()
+        .expect("raw TOC")
         .entries
         .iter()
         .any(|e| e.name == ".no.prefetch.landmark"));

@@ -637,7 +637,7 @@ fn converting_the_fixture_source_layer_matches_ctr_remote_toc_semantics() {
         let layer = rt
             .block_on(open_layer(&blob, Some(&built.toc_digest)))
             .unwrap();
-        serde_json::to_value(layer.toc()).unwrap()
+        serde_json::to_value(layer.toc().unwrap()).unwrap()
     };
     let theirs: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join(

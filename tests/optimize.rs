@@ -84,11 +84,12 @@ fn tocs(
 fn prioritized_files(toc: &LayerToc) -> Option<Vec<String>> {
     let landmark = toc
         .toc()
+        .expect("raw TOC")
         .entries
         .iter()
         .position(|e| e.name == estargz::PREFETCH_LANDMARK)?;
     Some(
-        toc.toc().entries[..landmark]
+        toc.toc().expect("raw TOC").entries[..landmark]
             .iter()
             .filter(|e| e.kind == "reg")
             .map(|e| e.name.clone())
@@ -98,6 +99,7 @@ fn prioritized_files(toc: &LayerToc) -> Option<Vec<String>> {
 
 fn has_no_prefetch_landmark(toc: &LayerToc) -> bool {
     toc.toc()
+        .expect("raw TOC")
         .entries
         .iter()
         .any(|e| e.name == estargz::NO_PREFETCH_LANDMARK)
@@ -381,6 +383,7 @@ fn a_record_reproduces_the_image_and_reoptimizing_replaces_the_old_order() {
     );
     let landmarks = tocs[1]
         .toc()
+        .expect("raw TOC")
         .entries
         .iter()
         .filter(|e| e.name.ends_with("prefetch.landmark"))

@@ -123,7 +123,7 @@ async fn inspect_layer(
     };
     print_summary(name, &layer, expected_toc_digest);
     if args.toc {
-        match serde_json::to_string_pretty(layer.toc()) {
+        match serde_json::to_string_pretty(&layer.toc()) {
             Ok(json) => out!("{json}"),
             Err(e) => {
                 eprintln!("lazysnap: {name}: cannot print the TOC: {e}");

@@ -28,7 +28,7 @@ pub use reader::{
     EntryKind, Landmark, LayerToc, PrefetchPlan, VerifyReport, DEFAULT_TAIL_GUESS, MAX_CHUNK_LEN,
     MAX_TOC_SIZE,
 };
-pub use toc::{Toc, TocEntry};
+pub use toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer, RecordedFile};
 
 /// Layer annotation carrying the sha256 of the uncompressed TOC JSON.

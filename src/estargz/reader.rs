@@ -133,7 +133,8 @@ impl From<Range<u64>> for PrefetchPlan {
 pub struct LayerToc {
     compression: Compression,
     toc_digest: String,
-    toc: Toc,
+    /// The parsed TOC as read, until [`without_raw_toc`](LayerToc::without_raw_toc).
+    toc: Option<Toc>,
     entries: Vec<Entry>,
     prefetch: Option<PrefetchPlan>,
     landmark: Option<Landmark>,
@@ -150,9 +151,15 @@ impl LayerToc {
     pub fn toc_digest(&self) -> &str {
         &self.toc_digest
     }
-    /// The raw TOC.
-    pub fn toc(&self) -> &Toc {
-        &self.toc
+    /// The raw TOC, unless [`without_raw_toc`](Self::without_raw_toc) dropped it.
+    pub fn toc(&self) -> Option<&Toc> {
+        self.toc.as_ref()
+    }
+    /// Drops the raw TOC (about as large again as the entries) for holders that need only the
+    /// normalized entries, such as a mount.
+    pub fn without_raw_toc(mut self) -> Self {
+        self.toc = None;
+        self
     }
     /// Normalized entries in TOC order, landmarks and `stargz.index.json` hidden.
     pub fn entries(&self) -> &[Entry] {
@@ -346,18 +353,18 @@ async fn open_layer_traced(
             read_zstd_toc(&bytes, toc_offset, compressed_len, uncompressed_len)?
         }
     };
-    layer_from_toc_json(&json, footer, size, expected_toc_digest)
+    layer_from_toc_json(json, footer, size, expected_toc_digest)
 }
 
 /// Builds a [`LayerToc`] from the uncompressed TOC JSON of a blob with `footer`: digest check,
 /// parse, validation. The synchronous core of [`open_layer`] (also the fuzzing entry point).
 pub fn layer_from_toc_json(
-    json: &[u8],
+    json: Vec<u8>,
     footer: Footer,
     blob_size: u64,
     expected_toc_digest: Option<&str>,
 ) -> Result<LayerToc, FormatError> {
-    let toc_digest = super::sha256_digest(json);
+    let toc_digest = super::sha256_digest(&json);
     if let Some(expected) = expected_toc_digest {
         if expected != toc_digest {
             return Err(FormatError::TocDigestMismatch {
@@ -366,18 +373,20 @@ pub fn layer_from_toc_json(
             });
         }
     }
-    let toc = parse_toc_json(json).map_err(|e| match e {
+    let toc = parse_toc_json(&json).map_err(|e| match e {
         FormatError::BadToc { reason, .. } => FormatError::BadToc {
             offset: footer.toc_offset(),
             reason,
         },
         other => other,
     })?;
+    // The text is no longer needed: free it before the entries are built from the parsed TOC.
+    drop(json);
     let normalized = normalize(&toc, data_end(&footer))?;
     Ok(LayerToc {
         compression: footer.compression(),
         toc_digest,
-        toc,
+        toc: Some(toc),
         entries: normalized.entries,
         prefetch: normalized.prefetch,
         landmark: normalized.landmark,

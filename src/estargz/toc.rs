@@ -11,8 +11,44 @@ pub struct Toc {
     /// Format version, 1.
     pub version: i64,
     /// Entries in blob order.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_max_entries")]
     pub entries: Vec<TocEntry>,
+}
+
+/// Most entries (files, directories, links and chunk entries) a TOC may have: about a million.
+/// Reading a TOC costs memory per entry, and a small compressed TOC can declare millions of
+/// tiny ones; what a layer needs beyond this is refused before it is held.
+pub const MAX_TOC_ENTRIES: usize = 1 << 20;
+
+/// Deserializes the entry array, failing as soon as it passes [`MAX_TOC_ENTRIES`].
+fn at_most_max_entries<'de, D>(deserializer: D) -> Result<Vec<TocEntry>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<TocEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {MAX_TOC_ENTRIES} TOC entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(entry) = seq.next_element()? {
+                if entries.len() == MAX_TOC_ENTRIES {
+                    return Err(serde::de::Error::custom(format!(
+                        "the TOC has more than {MAX_TOC_ENTRIES} entries, the most lazysnap \
+                         reads (split the layer)"
+                    )));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Bounded)
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -23,7 +23,7 @@ use super::footer::{estargz_footer, zstd_footer, ZSTD_SKIPPABLE_MAGIC};
 use super::reader::normalize_name;
 use super::tarfmt::{padding, ustar_reg_header, RawMember, TarMeta, TarStream, MAX_NON_REG_DATA};
 use super::timefmt::format_rfc3339;
-use super::toc::{Toc, TocEntry};
+use super::toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 use super::{
     sha256_digest, Compression, FormatError, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENT,
     NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
@@ -535,6 +535,7 @@ impl<'a> Layout<'a> {
         read: &[Range<u64>],
     ) -> Result<(), FormatError> {
         let meta = &member.meta;
+        check_entry_room(self.entries.len(), 1, member)?;
         let mut toc = toc_entry_for(meta);
         self.pending.extend_from_slice(&member.header);
         if !meta.is_reg() {
@@ -576,6 +577,7 @@ impl<'a> Layout<'a> {
         let size = meta.size;
         let chunk_size = self.opts.chunk_size;
         let chunks = plan_chunks(size, chunk_size, read);
+        check_entry_room(self.entries.len(), chunks.len(), member)?;
         // A file of one chunk takes its digest from the chunk's; any other is hashed whole.
         let mut file_hasher = (chunks.len() > 1).then(Sha256::new);
         let first_index = self.entries.len();
@@ -640,6 +642,22 @@ impl<'a> Layout<'a> {
         }
         Ok(())
     }
+}
+
+/// Refuses a member that would take the TOC past [`MAX_TOC_ENTRIES`] (`planned` entries so
+/// far, `more` for this member): a layer no reader would open is never written.
+fn check_entry_room(planned: usize, more: usize, member: &RawMember) -> Result<(), FormatError> {
+    if planned + more <= MAX_TOC_ENTRIES {
+        return Ok(());
+    }
+    Err(FormatError::BadTar {
+        name: member.meta.name.clone(),
+        offset: member.offset,
+        reason: format!(
+            "the layer needs more than {MAX_TOC_ENTRIES} TOC entries (files, directories, links \
+             and chunks), the most a reader accepts: split it into several layers"
+        ),
+    })
 }
 
 /// The chunks of a file of `size` bytes as `(offset, len, skip_prefetch)`: pieces of at most
@@ -997,5 +1015,31 @@ impl<'w, W: Write> OutputSink<'w, W> {
             zstd_manifest_checksum: checksum,
             zstd_manifest_position: position,
         })
+    }
+}
+
+#[cfg(test)]
+mod entry_limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_member_past_the_entry_limit_is_refused_by_name() {
+        let member = RawMember {
+            header: Vec::new(),
+            meta: TarMeta {
+                name: "big/file".into(),
+                ..TarMeta::default()
+            },
+            offset: 4096,
+        };
+        assert!(check_entry_room(MAX_TOC_ENTRIES - 3, 3, &member).is_ok());
+        let err = check_entry_room(MAX_TOC_ENTRIES - 3, 4, &member)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("big/file"), "{err}");
+        assert!(
+            err.contains(&format!("more than {MAX_TOC_ENTRIES} TOC entries")),
+            "{err}"
+        );
     }
 }

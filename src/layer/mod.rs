@@ -302,6 +302,7 @@ impl LayerManager {
             .blob(&spec.image, &spec.layer.digest, spec.layer.size);
         estargz::open_layer(&blob, spec.toc_digest())
             .await
+            .map(estargz::LayerToc::without_raw_toc)
             .map_err(|source| LayerError::Format {
                 digest: spec.layer.digest.clone(),
                 source,
