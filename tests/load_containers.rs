@@ -9,7 +9,7 @@ mod pull_common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cli_common::{lazysnap_ok, process_resources, push_generated, tar_of};
+use cli_common::{lazysnap_ok, process_resources, push_generated, tar_of, Resources};
 use lazysnap::testbed::images;
 use lazysnap::testbed::RegistryServer;
 use pull_common::*;
@@ -104,7 +104,8 @@ fn fifty_containers_from_three_lazy_images_start_at_once_and_read_right() {
             });
         }
     });
-    let (peak_rss, fds) = process_resources(&[" serve ", lazysnap.dir.path().to_str().unwrap()]);
+    let Resources { peak_rss, fds, .. } =
+        process_resources(&[" serve ", lazysnap.dir.path().to_str().unwrap()]);
     // What the registry sent for the app layers, against their sizes.
     let mut sent = 0u64;
     let mut sizes = 0u64;

@@ -70,7 +70,7 @@ fn ten_thousand_random_reads_from_sixteen_threads_are_right_and_fetched_once() {
             });
         }
     });
-    let (peak_rss, fds) = mounted.daemon_resources();
+    let Resources { peak_rss, fds, .. } = mounted.daemon_resources();
     let served = registry.blob_bytes_served(&layer);
     eprintln!(
         "load: {} reads right of {READS}; layer {layer_size} bytes, registry served {served} \

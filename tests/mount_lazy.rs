@@ -503,7 +503,7 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
         "bomb",
         &["--no-background", "--cache-size", &CACHE.to_string()],
     );
-    let before = mounted.daemon_resources().0;
+    let before = mounted.daemon_resources().peak_rss;
     let done = std::sync::atomic::AtomicBool::new(false);
     let fullest = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
@@ -529,7 +529,7 @@ fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         watcher.join().unwrap()
     });
-    let peak = mounted.daemon_resources().0;
+    let peak = mounted.daemon_resources().peak_rss;
     eprintln!("mount daemon peak RSS {before} -> {peak} bytes; cache at most {fullest} bytes");
     // Decoded chunks go to their cache files, not memory: the daemon grows by far less than
     // one of them, let alone the four read at once.

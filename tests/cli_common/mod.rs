@@ -131,8 +131,8 @@ impl MountedImage {
         serde_json::from_str(&out).unwrap()
     }
 
-    /// Peak resident memory (bytes) and open descriptors of the mount daemon serving it.
-    pub fn daemon_resources(&self) -> (u64, usize) {
+    /// Memory and descriptors of the mount daemon serving it.
+    pub fn daemon_resources(&self) -> Resources {
         process_resources(&["lazysnap", " mount", self.cache_dir.to_str().unwrap()])
     }
 }
@@ -188,22 +188,37 @@ impl Rng {
     }
 }
 
-/// Peak resident memory (VmHWM, bytes) and open descriptors of the one process whose command
-/// line holds every one of `needles`.
-pub fn process_resources(needles: &[&str]) -> (u64, usize) {
+/// Memory and descriptors of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct Resources {
+    /// Peak resident memory (VmHWM), bytes.
+    pub peak_rss: u64,
+    /// Resident memory now (VmRSS), bytes.
+    pub rss: u64,
+    /// Open file descriptors.
+    pub fds: usize,
+}
+
+/// [`Resources`] of the one process whose command line holds every one of `needles`.
+pub fn process_resources(needles: &[&str]) -> Resources {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if needles.iter().all(|needle| cmdline.contains(needle)) {
             let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let peak_kib: u64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
-            let fds = std::fs::read_dir(entry.path().join("fd")).unwrap().count();
-            return (peak_kib * 1024, fds);
+            let kib = |key: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap()
+            };
+            return Resources {
+                peak_rss: kib("VmHWM:") * 1024,
+                rss: kib("VmRSS:") * 1024,
+                fds: std::fs::read_dir(entry.path().join("fd")).unwrap().count(),
+            };
         }
     }
     panic!("no process with {needles:?} in its command line");
