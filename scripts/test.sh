@@ -18,6 +18,15 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+# The dependency tree's licenses, bans and sources (deny.toml; advisories need a database CI
+# cannot reach). cargo-deny is built from crates.io once, at a pinned version.
+if ! cargo deny --version 2>/dev/null | grep -q "^cargo-deny 0.20.2$"; then
+    echo "== cargo install cargo-deny 0.20.2"
+    cargo install cargo-deny --locked --version 0.20.2
+fi
+echo "== cargo deny check bans licenses sources"
+cargo deny check bans licenses sources
+(cd fuzz && cargo deny check bans licenses sources)
 echo "== cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
