@@ -503,3 +503,53 @@ fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
         rt.block_on(manager.unmount_layer(&mountpoint)).unwrap();
     }
 }
+
+#[test]
+fn a_toc_digest_label_cannot_get_an_unverified_toc_mounted() {
+    use lazysnap::layer::{LayerManager, LayerManagerOptions};
+    use lazysnap::snapshotter::remote::{
+        LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
+    };
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts FUSE filesystems: run it as root"
+    );
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let dir = tempfile::tempdir().unwrap();
+    let layers = push_three_layer_image(&registry, dir.path(), "label/app");
+    let rt = runtime();
+    let cache = ChunkCache::open(CacheOptions::new(dir.path().join("cache"))).unwrap();
+    let manager = LayerManager::new(
+        Client::new(ClientConfig::default()).unwrap(),
+        cache,
+        rt.handle().clone(),
+        LayerManagerOptions::default(),
+    );
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    // The labels name a TOC digest other than that of the TOC the registry serves (a label
+    // cannot vouch for bytes): the layer is not mounted.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let request = RemoteLayerRequest {
+        target: "target".into(),
+        key: "key".into(),
+        parent: String::new(),
+        labels: BTreeMap::new(),
+        locator: LayerLocator {
+            image_ref: format!("{}/label/app:v1", registry.host()),
+            layer_digest: layers[0].clone(),
+            image_layers: layers.clone(),
+            toc_digest: Some(wrong.clone()),
+            source: LocatorSource::Stargz,
+        },
+        mountpoint: mountpoint.clone(),
+        lower_dirs: Vec::new(),
+    };
+    let err = rt.block_on(manager.mount_layer(&request)).unwrap_err();
+    assert!(err.to_string().contains(&wrong), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&mountpoint).unwrap().count(),
+        0,
+        "nothing mounted"
+    );
+}
