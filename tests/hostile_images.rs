@@ -19,7 +19,11 @@ fn tar_with_duplicates_and_loops() -> Vec<u8> {
     file(&mut tar, "h/dup.txt", b"first\n");
     file(&mut tar, "h/other.txt", b"other\n");
     file(&mut tar, "h/dup.txt", b"second, the one that counts\n");
-    for (name, target) in [("h/loop-a", "loop-b"), ("h/loop-b", "loop-a"), ("h/self", "self")] {
+    for (name, target) in [
+        ("h/loop-a", "loop-b"),
+        ("h/loop-b", "loop-a"),
+        ("h/self", "self"),
+    ] {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Symlink);
         header.set_size(0);
