@@ -407,12 +407,60 @@ fn push_three_layer_image(
     manifest.layers.iter().map(|l| l.digest.clone()).collect()
 }
 
+/// A [`LayerManager`](lazysnap::layer::LayerManager) on a cache in `dir`, fetching on demand
+/// only.
+fn on_demand_layer_manager(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> lazysnap::layer::LayerManager {
+    let cache = ChunkCache::open(CacheOptions::new(dir.join("cache"))).unwrap();
+    lazysnap::layer::LayerManager::new(
+        Client::new(ClientConfig::default()).unwrap(),
+        cache,
+        rt.handle().clone(),
+        lazysnap::layer::LayerManagerOptions {
+            fetch: FetchOptions {
+                prefetch: false,
+                background: false,
+                scheduler: FetchScheduler::new(SchedulerOptions::default()),
+                ..FetchOptions::default()
+            },
+            ..lazysnap::layer::LayerManagerOptions::default()
+        },
+    )
+}
+
+/// The remote-layer request containerd's Prepare of `layers[i]` of `image_ref` becomes (stargz
+/// labels), mounting at `mountpoint`.
+fn remote_layer_request(
+    image_ref: &str,
+    layers: &[String],
+    i: usize,
+    toc_digest: Option<String>,
+    mountpoint: std::path::PathBuf,
+) -> lazysnap::snapshotter::remote::RemoteLayerRequest {
+    use lazysnap::snapshotter::remote::{LayerLocator, LocatorSource, RemoteLayerRequest};
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    RemoteLayerRequest {
+        target: format!("target-{i}"),
+        key: format!("key-{i}"),
+        parent: String::new(),
+        labels: BTreeMap::new(),
+        locator: LayerLocator {
+            image_ref: image_ref.to_string(),
+            layer_digest: layers[i].clone(),
+            image_layers: layers[i..].to_vec(),
+            toc_digest,
+            source: LocatorSource::Stargz,
+        },
+        mountpoint,
+        lower_dirs: Vec::new(),
+    }
+}
+
 #[test]
 fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
-    use lazysnap::layer::{LayerManager, LayerManagerOptions};
-    use lazysnap::snapshotter::remote::{
-        LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
-    };
+    use lazysnap::snapshotter::remote::RemoteLayers;
     use lazysnap::testbed::{Fault, FaultProxy, ProxyEvent};
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -429,40 +477,16 @@ fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
         proxy.inject(digest, Fault::Delay(Duration::from_millis(300)));
     }
     let rt = runtime();
-    let cache = ChunkCache::open(CacheOptions::new(dir.path().join("cache"))).unwrap();
-    let manager = LayerManager::new(
-        Client::new(ClientConfig::default()).unwrap(),
-        cache,
-        rt.handle().clone(),
-        LayerManagerOptions {
-            fetch: FetchOptions {
-                prefetch: false,
-                background: false,
-                scheduler: FetchScheduler::new(SchedulerOptions::default()),
-                ..FetchOptions::default()
-            },
-            ..LayerManagerOptions::default()
-        },
-    );
+    let manager = on_demand_layer_manager(&rt, dir.path());
     let image_ref = format!("{}/toc/app:v1", proxy.host());
     let request = |i: usize| {
-        let mountpoint = dir.path().join(format!("mnt{i}"));
-        std::fs::create_dir_all(&mountpoint).unwrap();
-        RemoteLayerRequest {
-            target: format!("target-{i}"),
-            key: format!("key-{i}"),
-            parent: String::new(),
-            labels: BTreeMap::new(),
-            locator: LayerLocator {
-                image_ref: image_ref.clone(),
-                layer_digest: layers[i].clone(),
-                image_layers: layers[i..].to_vec(),
-                toc_digest: None,
-                source: LocatorSource::Stargz,
-            },
-            mountpoint,
-            lower_dirs: Vec::new(),
-        }
+        remote_layer_request(
+            &image_ref,
+            &layers,
+            i,
+            None,
+            dir.path().join(format!("mnt{i}")),
+        )
     };
     let blob_events = || -> Vec<ProxyEvent> {
         proxy
@@ -506,10 +530,7 @@ fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
 
 #[test]
 fn a_toc_digest_label_cannot_get_an_unverified_toc_mounted() {
-    use lazysnap::layer::{LayerManager, LayerManagerOptions};
-    use lazysnap::snapshotter::remote::{
-        LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
-    };
+    use lazysnap::snapshotter::remote::RemoteLayers;
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test mounts FUSE filesystems: run it as root"
@@ -518,33 +539,19 @@ fn a_toc_digest_label_cannot_get_an_unverified_toc_mounted() {
     let dir = tempfile::tempdir().unwrap();
     let layers = push_three_layer_image(&registry, dir.path(), "label/app");
     let rt = runtime();
-    let cache = ChunkCache::open(CacheOptions::new(dir.path().join("cache"))).unwrap();
-    let manager = LayerManager::new(
-        Client::new(ClientConfig::default()).unwrap(),
-        cache,
-        rt.handle().clone(),
-        LayerManagerOptions::default(),
-    );
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir_all(&mountpoint).unwrap();
+    let manager = on_demand_layer_manager(&rt, dir.path());
     // The labels name a TOC digest other than that of the TOC the registry serves (a label
     // cannot vouch for bytes): the layer is not mounted.
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let request = RemoteLayerRequest {
-        target: "target".into(),
-        key: "key".into(),
-        parent: String::new(),
-        labels: BTreeMap::new(),
-        locator: LayerLocator {
-            image_ref: format!("{}/label/app:v1", registry.host()),
-            layer_digest: layers[0].clone(),
-            image_layers: layers.clone(),
-            toc_digest: Some(wrong.clone()),
-            source: LocatorSource::Stargz,
-        },
-        mountpoint: mountpoint.clone(),
-        lower_dirs: Vec::new(),
-    };
+    let mountpoint = dir.path().join("mnt");
+    let image_ref = format!("{}/label/app:v1", registry.host());
+    let request = remote_layer_request(
+        &image_ref,
+        &layers,
+        0,
+        Some(wrong.clone()),
+        mountpoint.clone(),
+    );
     let err = rt.block_on(manager.mount_layer(&request)).unwrap_err();
     assert!(err.to_string().contains(&wrong), "{err}");
     assert_eq!(
