@@ -451,6 +451,34 @@ impl LayerReader {
         });
     }
 
+    /// Returns once the prefetch [`start_prefetch`](Self::start_prefetch) began has finished
+    /// (at once when it was not asked for), or the reader was shut down.
+    pub async fn prefetch_finished(&self) {
+        while !self.inner.counters.prefetch_done.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = self.inner.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Fetches every chunk of the layer not yet cached, now and at prefetch priority (what
+    /// `lazysnap warm --all` asks for: no container waits, so no quiet period). Returns when
+    /// each chunk is in the cache or its fetch gave up; [`stats`](Self::stats) tells which.
+    pub async fn fill_all(&self) {
+        let inner = Arc::clone(&self.inner);
+        let chunks: Vec<ChunkRef> = inner
+            .layer_chunks
+            .iter()
+            .map(|&at| at as ChunkRef)
+            .collect();
+        let span = tracing::info_span!("fill_all", layer = %inner.layer, chunks = chunks.len());
+        inner
+            .stream_lower(&chunks, FetchKind::Prefetch)
+            .instrument(span)
+            .await;
+    }
+
     /// Stops prefetch and background fill and fails pending fetches of this layer. Also done on
     /// drop.
     pub fn shutdown(&self) {

@@ -95,8 +95,7 @@ impl Bed {
             "--state-dir",
             self.state().to_str().unwrap(),
         ]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .unwrap()
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["mounts"]
             .as_array()
             .unwrap()
             .clone()

@@ -54,7 +54,8 @@ pub struct ConvertFlags {
     /// Use plain HTTP for registries other than localhost / 127.0.0.1.
     #[arg(long, alias = "insecure")]
     pub plain_http: bool,
-    /// containerd hosts directory (`certs.d` layout with hosts.toml files).
+    /// containerd hosts directory (`certs.d` layout with hosts.toml files; default:
+    /// /etc/containerd/certs.d, else /etc/docker/certs.d, when they exist).
     #[arg(long)]
     pub hosts_dir: Option<PathBuf>,
     /// Directory for temp files (downloaded and converted layers).
@@ -94,7 +95,7 @@ impl ConvertFlags {
     pub fn client(&self) -> anyhow::Result<Client> {
         Client::new(ClientConfig {
             plain_http: self.plain_http,
-            hosts_dir: self.hosts_dir.clone(),
+            hosts_dir: super::hosts_dir_or_default(self.hosts_dir.clone()),
             ..ClientConfig::default()
         })
         .context("setting up the registry client")

@@ -30,7 +30,8 @@ pub struct InspectArgs {
     /// Use plain HTTP for registries other than localhost / 127.0.0.1.
     #[arg(long, alias = "insecure")]
     pub plain_http: bool,
-    /// containerd hosts directory (`certs.d` layout with hosts.toml files).
+    /// containerd hosts directory (`certs.d` layout with hosts.toml files; default:
+    /// /etc/containerd/certs.d, else /etc/docker/certs.d, when they exist).
     #[arg(long)]
     pub hosts_dir: Option<PathBuf>,
 }
@@ -64,7 +65,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     };
     let client = Client::new(ClientConfig {
         plain_http: args.plain_http,
-        hosts_dir: args.hosts_dir.clone(),
+        hosts_dir: super::hosts_dir_or_default(args.hosts_dir.clone()),
         ..ClientConfig::default()
     })
     .context("setting up the registry client")?;

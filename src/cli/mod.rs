@@ -21,6 +21,8 @@ mod mount_socket;
 mod optimize;
 mod pull;
 mod serve;
+mod serve_control;
+mod warm;
 
 /// Lazy-pulling snapshotter for containerd: eStargz and zstd:chunked layers mounted through FUSE,
 /// fetched on demand into a shared bounded cache.
@@ -51,8 +53,11 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a directory mounted by `lazysnap mount`.
     Umount(mount::UmountArgs),
-    /// Show mounted layers and what was fetched.
+    /// Show the layers `serve` and `lazysnap mount` have mounted and what they fetched.
     Status(mount::StatusArgs),
+    /// Pre-warm a node: pull images lazily into containerd and fetch their prioritized chunks
+    /// (or all of them) into lazysnap's cache, without starting a container.
+    Warm(warm::WarmArgs),
     /// Measure container startup latency against containerd's overlayfs pull.
     Bench(bench::BenchArgs),
     /// The daemon `lazysnap mount` starts for a cache directory (not run by hand).
@@ -77,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => mount::run_umount(args),
         Command::Status(args) => mount::run_status(args),
+        Command::Warm(args) => warm::run(args),
         Command::Bench(args) => bench::run(args),
         Command::MountDaemon(args) => mount_daemon::run(args),
     };
@@ -126,6 +132,21 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+}
+
+/// containerd's hosts directories, in the order nerdctl and containerd look for them.
+const DEFAULT_HOSTS_DIRS: [&str; 2] = ["/etc/containerd/certs.d", "/etc/docker/certs.d"];
+
+/// The hosts.toml directory a command that talks to a registry uses: `--hosts-dir` when given,
+/// else the first of [`DEFAULT_HOSTS_DIRS`] that exists (as `serve`'s `config_path` defaults),
+/// so every command finds the mirrors `serve` uses.
+pub fn hosts_dir_or_default(given: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    given.or_else(|| {
+        DEFAULT_HOSTS_DIRS
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|dir| dir.is_dir())
+    })
 }
 
 /// Builds the multi-threaded tokio runtime every async subcommand runs on.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use super::serve_control;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +51,8 @@ pub struct MountArgs {
     /// Use plain HTTP for a registry that is not on localhost.
     #[arg(long)]
     plain_http: bool,
-    /// containerd-style hosts.toml directory (mirrors, CA, headers).
+    /// containerd-style hosts.toml directory (mirrors, CA, headers; default:
+    /// /etc/containerd/certs.d, else /etc/docker/certs.d, when they exist).
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
     /// Fetch only what is read: no prefetch of prioritized files, no background fill and no
@@ -87,7 +89,10 @@ pub struct StatusArgs {
     /// Where the mount state files are.
     #[arg(long, default_value = "/run/lazysnap/mounts")]
     state_dir: PathBuf,
-    /// Print JSON instead of a table.
+    /// Root directory of the `lazysnap serve` to ask (its control socket is <root>/control.sock).
+    #[arg(long, default_value = "/var/lib/lazysnap")]
+    root: PathBuf,
+    /// Print JSON instead of a table: {"serve": {...} or null, "mounts": [...]}.
     #[arg(long)]
     json: bool,
 }
@@ -110,6 +115,9 @@ pub(super) struct MountState {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct LayerState {
+    /// The image a `serve` layer was mounted for (a `mount`'s layers belong to its image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub digest: String,
     /// "lazy" (FUSE) or "unpacked" (not eStargz: downloaded and unpacked).
     pub mode: String,
@@ -165,8 +173,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         state_dir,
         platform: args.platform.clone(),
         plain_http: args.plain_http,
-        hosts_dir: args
-            .hosts_dir
+        hosts_dir: super::hosts_dir_or_default(args.hosts_dir.clone())
             .as_ref()
             .map(std::path::absolute)
             .transpose()
@@ -322,9 +329,35 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     states.sort_by(|a, b| a.dir.cmp(&b.dir));
+    let serve = match serve_control::ask(&args.root, &serve_control::Request::Status)? {
+        Some(serve_control::Reply::Status(status)) => Some(status),
+        Some(serve_control::Reply::Error { message }) => {
+            bail!("lazysnap serve (root {}): {message}", args.root.display())
+        }
+        Some(other) => bail!("lazysnap serve answered status with {other:?}"),
+        None => None,
+    };
     if args.json {
-        out!("{}", serde_json::to_string_pretty(&states)?);
+        let both = serde_json::json!({ "serve": serve, "mounts": states });
+        out!("{}", serde_json::to_string_pretty(&both)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    match &serve {
+        Some(serve) => {
+            out!(
+                "lazysnap serve (pid {}, root {}, cache {} of {}): {} lazy layers",
+                serve.pid,
+                serve.root.display(),
+                human_bytes(serve.cache_bytes),
+                human_bytes(serve.cache_limit),
+                serve.layers.len()
+            );
+            print_layers(&serve.layers);
+        }
+        None => out!(
+            "no lazysnap serve answers on {}",
+            serve_control::socket_path(&args.root).display()
+        ),
     }
     if states.is_empty() {
         out!("no images mounted by `lazysnap mount`");
@@ -339,42 +372,57 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             human_bytes(state.cache_bytes),
             human_bytes(state.cache_limit)
         );
-        out!(
-            "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
-            "LAYER",
-            "MODE",
-            "SIZE",
-            "ON-DEMAND",
-            "PREFETCH",
-            "BACKGROUND",
-            "FETCHED",
-            "CACHE-HITS",
-            "PASSTHROUGH"
-        );
-        for layer in &state.layers {
-            let fetched = if layer.total_chunks == 0 {
-                "-".to_string()
-            } else {
-                format!(
-                    "{:.0}%",
-                    100.0 * layer.fetched_chunks as f64 / layer.total_chunks as f64
-                )
-            };
-            out!(
-                "  {:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
-                layer::short_digest(&layer.digest),
-                layer.mode,
-                human_bytes(layer.size),
-                human_bytes(layer.on_demand_bytes),
-                human_bytes(layer.prefetch_bytes),
-                human_bytes(layer.background_bytes),
-                fetched,
-                layer.cache_hits,
-                layer.passthrough_opens
-            );
-        }
+        print_layers(&state.layers);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The layer table of `lazysnap status` (with the image column when layers carry one).
+fn print_layers(layers: &[LayerState]) {
+    let image_width = layers
+        .iter()
+        .filter_map(|l| l.image.as_ref().map(String::len))
+        .max();
+    let image_header = |text: &str| match image_width {
+        Some(width) => format!("{text:<width$} "),
+        None => String::new(),
+    };
+    out!(
+        "  {}{:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
+        image_header("IMAGE"),
+        "LAYER",
+        "MODE",
+        "SIZE",
+        "ON-DEMAND",
+        "PREFETCH",
+        "BACKGROUND",
+        "FETCHED",
+        "CACHE-HITS",
+        "PASSTHROUGH"
+    );
+    for layer in layers {
+        let fetched = if layer.total_chunks == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.0}%",
+                100.0 * layer.fetched_chunks as f64 / layer.total_chunks as f64
+            )
+        };
+        out!(
+            "  {}{:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
+            image_header(layer.image.as_deref().unwrap_or("")),
+            layer::short_digest(&layer.digest),
+            layer.mode,
+            human_bytes(layer.size),
+            human_bytes(layer.on_demand_bytes),
+            human_bytes(layer.prefetch_bytes),
+            human_bytes(layer.background_bytes),
+            fetched,
+            layer.cache_hits,
+            layer.passthrough_opens
+        );
+    }
 }
 
 pub(super) fn state_file(state_dir: &Path, dir: &Path) -> PathBuf {

@@ -502,6 +502,7 @@ impl ImageMount {
                     .and_then(|m| m.fs_stats())
                     .map_or(0, |s| s.passthrough_opens);
                 LayerState {
+                    image: None,
                     digest: descriptor.digest.clone(),
                     mode: if mounted.is_some() {
                         "lazy"

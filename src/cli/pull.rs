@@ -21,13 +21,20 @@ pub struct PullArgs {
     image: String,
     /// containerd's gRPC socket.
     #[arg(
-        long = "containerd",
+        short = 'a',
+        long = "address",
+        visible_alias = "containerd",
         default_value = "/run/containerd/containerd.sock",
         env = "CONTAINERD_ADDRESS"
     )]
     containerd: PathBuf,
     /// containerd namespace to pull into.
-    #[arg(long, default_value = "default", env = "CONTAINERD_NAMESPACE")]
+    #[arg(
+        short = 'n',
+        long,
+        default_value = "default",
+        env = "CONTAINERD_NAMESPACE"
+    )]
     namespace: String,
     /// Snapshotter that prepares the layers (a containerd proxy plugin name, or a builtin one
     /// such as overlayfs for an ordinary pull).
@@ -39,7 +46,8 @@ pub struct PullArgs {
     /// Platform to pull from a multi-platform image (os/arch[/variant]); default: this host's.
     #[arg(long)]
     platform: Option<String>,
-    /// containerd certs.d-style directory with <host>/hosts.toml (mirrors, TLS settings).
+    /// containerd certs.d-style directory with <host>/hosts.toml (mirrors, TLS settings;
+    /// default: /etc/containerd/certs.d, else /etc/docker/certs.d, when they exist).
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
 }
@@ -56,7 +64,7 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
         None => Platform::host(),
     };
     let client = Client::new(ClientConfig {
-        hosts_dir: args.hosts_dir.clone(),
+        hosts_dir: super::hosts_dir_or_default(args.hosts_dir.clone()),
         plain_http: args.plain_http,
         ..ClientConfig::default()
     })
@@ -111,13 +119,13 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One indicatif bar per layer on stderr; hidden when stderr is not a terminal.
-struct BarProgress {
+pub(super) struct BarProgress {
     multi: MultiProgress,
     bars: Mutex<Vec<ProgressBar>>,
 }
 
 impl BarProgress {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             multi: MultiProgress::with_draw_target(super::progress_target()),
             bars: Mutex::new(Vec::new()),
@@ -131,7 +139,7 @@ impl BarProgress {
             .and_then(|bars| bars.get(index).cloned())
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Ok(bars) = self.bars.lock() {
             for bar in bars.iter().filter(|b| !b.is_finished()) {
                 bar.finish();

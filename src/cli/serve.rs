@@ -59,9 +59,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the snapshotter described by `config` with the remote-layer hook `remote` until SIGTERM
-/// or SIGINT.
-pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Result<()> {
+/// Runs the snapshotter described by `config`, mounting remote layers with `manager`, until
+/// SIGTERM or SIGINT; answers `lazysnap status` and `lazysnap warm` on its control socket.
+pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("creating root {}", config.root.display()))?;
     if let Some(addr) = config.metrics_socket_addr() {
@@ -73,6 +73,7 @@ pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Res
         tokio::spawn(lazysnap::metrics::serve_listener(listener));
     }
     let options = ServiceOptions::new(&config.root);
+    let remote: Arc<dyn RemoteLayers> = manager.clone();
     let service = tokio::task::spawn_blocking(move || Service::open(options, remote))
         .await
         .context("opening the snapshotter")??;
@@ -81,6 +82,13 @@ pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Res
         .await
         .context("restoring remote layers")?;
     let listener = bind_socket(&config.address)?;
+    // Bound once the root is ours (Service::open refuses a root another serve holds).
+    let control = super::serve_control::bind(&config.root)?;
+    let control = tokio::spawn(super::serve_control::serve(
+        control,
+        manager,
+        config.root.clone(),
+    ));
     info!(
         address = %config.address.display(),
         root = %config.root.display(),
@@ -98,6 +106,8 @@ pub async fn serve(config: Config, remote: Arc<dyn RemoteLayers>) -> anyhow::Res
     };
     let stats_service = service.clone();
     snapshotter::serve(listener, service, shutdown).await?;
+    control.abort();
+    let _ = std::fs::remove_file(super::serve_control::socket_path(&config.root));
     stats_service.shutdown().await;
     let stats = stats_service.stats();
     info!(

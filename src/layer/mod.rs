@@ -144,6 +144,20 @@ pub async fn mount_index(
         })
 }
 
+/// One layer a [`LayerManager`] has mounted, as `lazysnap status` shows it.
+#[derive(Debug, Clone)]
+pub struct MountedLayerReport {
+    /// The image it was mounted for.
+    pub image: String,
+    /// Its blob digest and compressed size.
+    pub digest: String,
+    pub size: u64,
+    pub mountpoint: PathBuf,
+    pub stats: LayerFetchStats,
+    /// Opens served by FUSE passthrough.
+    pub passthrough_opens: u64,
+}
+
 /// A layer mounted through FUSE; unmounted (and its background fetches stopped) on drop.
 pub struct MountedLayer {
     spec: RemoteLayerSpec,
@@ -234,6 +248,54 @@ impl LayerManager {
     /// The registry client layers are fetched with.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The chunk cache every layer shares.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// Every layer mounted through the [`RemoteLayers`] hook, with what it fetched so far, in
+    /// mountpoint order.
+    pub fn mounted_layers(&self) -> Vec<MountedLayerReport> {
+        let mut reports: Vec<MountedLayerReport> = lock(&self.mounted)
+            .values()
+            .map(|layer| MountedLayerReport {
+                image: layer.spec.image.to_string(),
+                digest: layer.spec.layer.digest.clone(),
+                size: layer.spec.layer.size,
+                mountpoint: layer.mountpoint.clone(),
+                stats: layer.reader.stats(),
+                passthrough_opens: layer.fs_stats().map_or(0, |s| s.passthrough_opens),
+            })
+            .collect();
+        reports.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        reports
+    }
+
+    /// Warms the mounted layers with these blob digests: waits for each one's prefetch of its
+    /// prioritized part, and with `all` fetches the rest too, now. Digests of layers this
+    /// manager has not mounted are returned (they were unpacked, or not pulled through it).
+    pub async fn warm(&self, digests: &[String], all: bool) -> Vec<String> {
+        let mut readers = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let mounted = lock(&self.mounted);
+            for digest in digests {
+                match mounted.values().find(|l| &l.spec.layer.digest == digest) {
+                    Some(layer) => readers.push(Arc::clone(&layer.reader)),
+                    None => missing.push(digest.clone()),
+                }
+            }
+        }
+        futures::future::join_all(readers.into_iter().map(|reader| async move {
+            reader.prefetch_finished().await;
+            if all {
+                reader.fill_all().await;
+            }
+        }))
+        .await;
+        missing
     }
 
     /// The image manifest of `image` for the configured platform (indexes resolved).

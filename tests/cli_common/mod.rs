@@ -120,7 +120,7 @@ impl MountedImage {
         }
     }
 
-    /// `lazysnap status --json` for the mounts of this state directory.
+    /// The mounts of this state directory in `lazysnap status --json`.
     pub fn status_json(&self) -> serde_json::Value {
         let out = lazysnap_ok(&[
             "status",
@@ -128,7 +128,7 @@ impl MountedImage {
             "--state-dir",
             self.state_dir.to_str().unwrap(),
         ]);
-        serde_json::from_str(&out).unwrap()
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["mounts"].clone()
     }
 
     /// Memory and descriptors of the mount daemon serving it.

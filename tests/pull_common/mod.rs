@@ -187,6 +187,11 @@ impl TestLazysnap {
         self.dir.path().join("lazysnap.sock")
     }
 
+    /// The state directory it runs with (`--root`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("lazysnap.log")).unwrap_or_default()
     }
