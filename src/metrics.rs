@@ -104,6 +104,8 @@ struct Metrics {
     on_demand_behind: Histogram,
     link_rate: Gauge,
     link_rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Read from /proc/self when the metrics are encoded.
+    process: ProcessGauges,
     /// Handles resolved once so hot paths neither allocate labels nor take the family lock.
     hot: HotHandles,
 }
@@ -143,6 +145,72 @@ fn kind_index(kind: FetchKind) -> usize {
     }
 }
 
+/// Reasons of `lazysnap_fetch_errors_total` (see `fetch::error_reason` and the stream failures).
+const FETCH_ERROR_REASONS: [&str; 6] = [
+    "unavailable",
+    "timeout",
+    "not_found",
+    "auth",
+    "corrupt",
+    "invalid",
+];
+
+/// Reasons of `lazysnap_fallbacks_total` (the snapshotter's fallback kinds).
+const FALLBACK_REASONS: [&str; 4] = [
+    "declined",
+    "remote_failed",
+    "snapshotter_error",
+    "no_labels",
+];
+
+/// The standard process metrics, refreshed from /proc/self at each scrape.
+#[derive(Default)]
+struct ProcessGauges {
+    resident_memory_bytes: Gauge,
+    open_fds: Gauge,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessGauges {
+    fn refresh(&self) {
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let rss_kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(kib) = rss_kib {
+                self.resident_memory_bytes.set(kib * 1024);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+        // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks; the command
+        // name (field 2) may hold spaces, so count from the closing parenthesis.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            let ticks: Option<u64> = stat.rsplit_once(')').and_then(|(_, rest)| {
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime = fields.get(11)?.parse::<u64>().ok()?;
+                let stime = fields.get(12)?.parse::<u64>().ok()?;
+                Some(utime + stime)
+            });
+            let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                .ok()
+                .flatten()
+                .filter(|&t| t > 0)
+                .unwrap_or(100) as f64;
+            if let Some(ticks) = ticks {
+                let seconds = ticks as f64 / per_second;
+                let counted = self.cpu_seconds.get();
+                if seconds > counted {
+                    self.cpu_seconds.inc_by(seconds - counted);
+                }
+            }
+        }
+    }
+}
+
 /// Labels of `lazysnap_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -152,7 +220,10 @@ struct BuildLabels {
 
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::with_prefix("lazysnap");
+        // lazysnap's own families under `lazysnap_`, the process ones under the standard
+        // `process_` names.
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("lazysnap");
         let fetched_bytes: Family<KindLabel, Counter> = Family::default();
         let fetch_requests: Family<KindLabel, Counter> = Family::default();
         let fetch_latency: Family<KindLabel, Histogram, fn() -> Histogram> =
@@ -213,6 +284,7 @@ impl Metrics {
             on_demand_behind: Histogram::new(exponential_buckets(4096.0, 4.0, 10)),
             link_rate: Gauge::default(),
             link_rtt: Gauge::default(),
+            process: ProcessGauges::default(),
             hot,
         };
         registry.register(
@@ -290,6 +362,18 @@ impl Metrics {
             "The fetch scheduler's estimate of the registry link's round-trip time",
             metrics.link_rtt.clone(),
         );
+        // Every series of a bounded label set exists from the start, at zero, so that a rate
+        // or an alert on it works before the first event.
+        for reason in FETCH_ERROR_REASONS {
+            drop(metrics.fetch_errors.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            }));
+        }
+        for reason in FALLBACK_REASONS {
+            drop(metrics.fallbacks.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            }));
+        }
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -302,8 +386,24 @@ impl Metrics {
             "Always 1; its labels say which version and git commit is running",
             build_info,
         );
+        let process_registry = root.sub_registry_with_prefix("process");
+        process_registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the lazysnap process",
+            metrics.process.resident_memory_bytes.clone(),
+        );
+        process_registry.register(
+            "open_fds",
+            "File descriptors the lazysnap process holds",
+            metrics.process.open_fds.clone(),
+        );
+        process_registry.register(
+            "cpu_seconds",
+            "CPU time (user and system) the lazysnap process used",
+            metrics.process.cpu_seconds.clone(),
+        );
         Metrics {
-            registry,
+            registry: root,
             ..metrics
         }
     }
@@ -411,6 +511,7 @@ static ENCODE_LOCK: Mutex<()> = Mutex::new(());
 /// All metrics in the Prometheus text exposition format (OpenMetrics flavour).
 pub fn encode() -> String {
     let _serialized = ENCODE_LOCK.lock();
+    METRICS.process.refresh();
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
@@ -534,6 +635,11 @@ mod tests {
             "lazysnap_fuse_op_duration_seconds_bucket{",
             "lazysnap_fetch_duration_seconds_count{kind=\"on_demand\"}",
             "lazysnap_build_info{version=\"",
+            "lazysnap_fetch_errors_total{reason=\"auth\"} 0",
+            "lazysnap_fallbacks_total{reason=\"no_labels\"}",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_cpu_seconds_total ",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
