@@ -2,7 +2,8 @@
 //! and the CRI ImageService.PullImage slice) into Rust gRPC clients and servers with protox (pure
 //! Rust, so no system `protoc` is needed) and tonic-prost-build. Adding a proto file needs no
 //! change here. Also records the git commit built (`LAZYSNAP_GIT_COMMIT`, `unknown` outside a
-//! git checkout) for `--version` and the build-info metric.
+//! git checkout) and the build date (`LAZYSNAP_BUILD_DATE`, UTC; `SOURCE_DATE_EPOCH` when set,
+//! for reproducible builds) for `--version` and the build-info metric.
 
 use std::path::{Path, PathBuf};
 
@@ -38,7 +39,38 @@ fn git_commit() -> Option<String> {
     })
 }
 
+/// `YYYY-MM-DD` (UTC) of `SOURCE_DATE_EPOCH`, or of now.
+fn build_date() -> String {
+    let seconds = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
+    let days = (seconds / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rustc-env=LAZYSNAP_BUILD_DATE={}", build_date());
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     println!(
         "cargo:rustc-env=LAZYSNAP_GIT_COMMIT={}",
         git_commit().unwrap_or_else(|| "unknown".into())

@@ -11,6 +11,9 @@
 //! address = "/run/lazysnap/lazysnap.sock"
 //! # Log format: "text" or "json".
 //! log_format = "text"
+//! # Log level: error, warn, info, debug, trace, or a filter such as "info,lazysnap::fetch=debug"
+//! # (the LAZYSNAP_LOG environment variable and --log-level win over it).
+//! log_level = "info"
 //! # Prometheus endpoint, e.g. "127.0.0.1:9345"; empty = off. Must be a loopback address.
 //! metrics_address = ""
 //!
@@ -115,6 +118,8 @@ pub struct Config {
     pub address: PathBuf,
     /// `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// A tracing filter: a level (default `info`) or directives like `info,lazysnap::fetch=debug`.
+    pub log_level: String,
     /// Prometheus endpoint address; empty (default) = off; loopback only.
     pub metrics_address: String,
     pub cache: CacheConfig,
@@ -182,6 +187,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             log_format: LogFormat::Text,
+            log_level: "info".to_string(),
             metrics_address: String::new(),
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
@@ -229,6 +235,9 @@ impl Default for RegistryConfig {
     }
 }
 
+/// Where `lazysnap serve` reads its configuration when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lazysnap/config.toml";
+
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -265,6 +274,15 @@ impl Config {
             return Err(invalid(
                 "address",
                 format!("{:?} must be an absolute socket path", self.address),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "{:?} is not a level or filter ({e}); use error, warn, info, debug or trace",
+                    self.log_level
+                ),
             ));
         }
         if !self.metrics_address.is_empty() {

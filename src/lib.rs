@@ -5,11 +5,14 @@
 //! shared by every image on the node. See `ARCHITECTURE.md` at the repository root for the data
 //! flow and the module map; each module's header says what it owns.
 
-/// The version and the git commit this binary was built from (`unknown` outside a checkout).
+/// The version, the git commit this binary was built from (`unknown` outside a checkout) and the
+/// build date (UTC).
 pub const BUILD_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
     env!("LAZYSNAP_GIT_COMMIT"),
+    ", built ",
+    env!("LAZYSNAP_BUILD_DATE"),
     ")"
 );
 

@@ -25,15 +25,21 @@ fn unknown_config_key_is_named_in_the_error() {
 }
 
 #[test]
-fn version_names_the_commit_built() {
+fn version_names_the_commit_and_date_built() {
     let out = lazysnap().arg("--version").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let commit = text
+    let (commit, date) = text
         .trim()
         .strip_prefix(&format!("lazysnap {} (commit ", env!("CARGO_PKG_VERSION")))
         .and_then(|rest| rest.strip_suffix(')'))
+        .and_then(|rest| rest.split_once(", built "))
         .unwrap_or_else(|| panic!("unexpected --version output: {text}"));
+    let parts: Vec<&str> = date.split('-').collect();
+    assert!(
+        parts.len() == 3 && date.len() == 10 && date.starts_with("20"),
+        "build date {date:?} in {text}"
+    );
     let hex = commit.trim_end_matches("-dirty");
     assert!(
         commit == "unknown" || (hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit())),
@@ -82,13 +88,27 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     }
     assert!(root.join("metadata.db").is_file());
     let metrics = Command::new("curl")
-        .args(["-sSf"])
+        .args(["-sSfi"])
         .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .output()
         .unwrap();
     assert!(metrics.status.success(), "metrics endpoint answers");
     let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
     assert!(metrics.contains("# EOF"));
+    assert!(
+        metrics.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{metrics}"
+    );
+    // Bounded label sets are there from the start, and the process metrics.
+    for family in [
+        "lazysnap_fallbacks_total{reason=\"no_labels\"} 0",
+        "lazysnap_fetch_errors_total{reason=\"unavailable\"} 0",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+    }
     // Which build is running, from the start.
     assert!(
         metrics.contains(&format!(
@@ -111,6 +131,28 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    // A second serve on the same root (another socket) is refused naming the root.
+    let same_root = lazysnap()
+        .args(["serve", "--root"])
+        .arg(&root)
+        .arg("--address")
+        .arg(dir.path().join("run/second.sock"))
+        .output()
+        .unwrap();
+    assert!(!same_root.status.success());
+    let err = String::from_utf8_lossy(&same_root.stderr);
+    assert!(
+        err.contains(root.to_str().unwrap()) && err.contains("another lazysnap serve"),
+        "{err}"
+    );
+    // status reads the running serve through its control socket.
+    let status = lazysnap()
+        .args(["status", "--json", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["serve"]["layers"], serde_json::json!([]), "{status}");
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap()),

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// `println!` for a command's output: a closed stdout (`lazysnap status | head -1`) ends the
 /// command quietly, as Unix tools do, instead of panicking.
@@ -32,6 +32,11 @@ struct Cli {
     /// Log format: text or json (default: `log_format` of `serve --config`, else text).
     #[arg(long, global = true, env = "LAZYSNAP_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Log level or filter: error, warn, info, debug, trace, or directives such as
+    /// "info,lazysnap::fetch=debug" (default: `log_level` of `serve --config`, else info). The
+    /// LAZYSNAP_LOG environment variable, in the same syntax, wins over both.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +65,13 @@ enum Command {
     Warm(warm::WarmArgs),
     /// Measure container startup latency against containerd's overlayfs pull.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script: `lazysnap completion bash > /etc/bash_completion.d/lazysnap`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from this command line: `lazysnap man | man -l -`.
+    Man,
     /// The daemon `lazysnap mount` starts for a cache directory (not run by hand).
     #[command(hide = true)]
     MountDaemon(mount_daemon::DaemonArgs),
@@ -67,12 +79,24 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_format = match (&cli.log_format, &cli.command) {
-        (Some(format), _) => format.clone(),
-        (None, Command::Serve(args)) => serve::configured_log_format(args),
-        (None, _) => "text".to_string(),
+    let configured = match &cli.command {
+        Command::Serve(args) => serve::configured_logging(args),
+        _ => None,
     };
-    init_logging(&log_format);
+    let log_format = cli
+        .log_format
+        .clone()
+        .or_else(|| configured.as_ref().map(|(format, _)| format.clone()))
+        .unwrap_or_else(|| "text".to_string());
+    let log_level = cli
+        .log_level
+        .clone()
+        .or_else(|| configured.map(|(_, level)| level))
+        .unwrap_or_else(|| "info".to_string());
+    if let Err(message) = init_logging(&log_format, &log_level) {
+        eprintln!("lazysnap: error: {message}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Convert(args) => convert::run(args),
         Command::Optimize(args) => optimize::run(args),
@@ -84,6 +108,12 @@ pub fn main() -> ExitCode {
         Command::Status(args) => mount::run_status(args),
         Command::Warm(args) => warm::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Completion { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "lazysnap", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => print_man_page(),
         Command::MountDaemon(args) => mount_daemon::run(args),
     };
     match result {
@@ -93,6 +123,27 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The manual page of `lazysnap` and a section per subcommand, in roff.
+fn print_man_page() -> anyhow::Result<ExitCode> {
+    let command = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut page)?;
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("lazysnap-{}", sub.get_name());
+        let sub = sub
+            .clone()
+            .name(name)
+            .display_name(format!("lazysnap {}", sub.get_name()));
+        let man = clap_mangen::Man::new(sub);
+        man.render_name_section(&mut page)?;
+        man.render_synopsis_section(&mut page)?;
+        man.render_description_section(&mut page)?;
+        man.render_options_section(&mut page)?;
+    }
+    out!("{}", String::from_utf8_lossy(&page).trim_end());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The error and its causes joined by `: `, each cause said once: library errors that already
@@ -112,9 +163,15 @@ fn error_chain(err: &anyhow::Error) -> String {
     text
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Sets up logging: `LAZYSNAP_LOG` when set, else `level` (a level or tracing filter).
+fn init_logging(format: &str, level: &str) -> Result<(), String> {
+    let filter = match std::env::var("LAZYSNAP_LOG") {
+        Ok(text) if !text.is_empty() => tracing_subscriber::EnvFilter::try_new(&text)
+            .map_err(|e| format!("LAZYSNAP_LOG={text:?} is not a level or filter: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
+            format!("--log-level {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
+        })?,
+    };
     // Colours only on a terminal: the mount daemon's stderr is its log file.
     // LAZYSNAP_LOG_SPANS=1 also logs each span as it closes, with its duration (where the time
     // of a mount, a fetch or a gRPC call went).
@@ -132,6 +189,7 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+    Ok(())
 }
 
 /// containerd's hosts directories, in the order nerdctl and containerd look for them.

@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (see packaging/config.toml); without it every key has its default.
+    /// TOML configuration file (see packaging/config.toml); default /etc/lazysnap/config.toml
+    /// when it exists, else every key has its default.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory (overrides `root` in the config; default /var/lib/lazysnap).
@@ -27,22 +28,31 @@ pub struct ServeArgs {
     address: Option<PathBuf>,
 }
 
-/// The `log_format` of the configuration file, "text" when there is none (errors in the file are
-/// reported later by `run`, once logging is set up).
-pub fn configured_log_format(args: &ServeArgs) -> String {
-    let config = args
-        .config
-        .as_deref()
-        .and_then(|path| Config::load(path).ok());
-    match config.map(|c| c.log_format) {
-        Some(lazysnap::config::LogFormat::Json) => "json".to_string(),
-        _ => "text".to_string(),
-    }
+/// The configuration file `serve` reads: `--config`, else the default path when it exists.
+fn config_path(args: &ServeArgs) -> Option<PathBuf> {
+    args.config.clone().or_else(|| {
+        let default = PathBuf::from(lazysnap::config::DEFAULT_CONFIG_PATH);
+        default.is_file().then_some(default)
+    })
+}
+
+/// The `log_format` and `log_level` of the configuration file, if it reads (errors in the file
+/// are reported later by `run`, once logging is set up).
+pub fn configured_logging(args: &ServeArgs) -> Option<(String, String)> {
+    let config = Config::load(&config_path(args)?).ok()?;
+    let format = match config.log_format {
+        lazysnap::config::LogFormat::Json => "json",
+        lazysnap::config::LogFormat::Text => "text",
+    };
+    Some((format.to_string(), config.log_level))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+    let mut config = match config_path(&args) {
+        Some(path) => {
+            info!(config = %path.display(), "configuration");
+            Config::load(&path)?
+        }
         None => Config::default(),
     };
     if let Some(root) = args.root {
@@ -51,6 +61,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(address) = args.address {
         config.address = address;
     }
+    let _root_lock = lock_root(&config.root)?;
     super::runtime()?.block_on(async {
         let manager = LayerManager::from_config(&config, tokio::runtime::Handle::current())
             .context("setting up lazy remote layers")?;
@@ -119,6 +130,28 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         warn!(address = %config.address.display(), error = %err, "could not remove the socket");
     }
     Ok(())
+}
+
+/// Takes `<root>/serve.lock` for as long as the process runs: one `serve` per root.
+fn lock_root(root: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating root {}", root.display()))?;
+    let path = root.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "another lazysnap serve is running with root {} (it holds {}); stop it, or give \
+             this one another --root",
+            root.display(),
+            path.display()
+        ),
+        Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", path.display())),
+    }
 }
 
 /// Binds the unix socket at `path` with mode 0660, replacing a stale socket file left by a
