@@ -235,6 +235,22 @@ impl Default for RegistryConfig {
     }
 }
 
+/// Parses a log level or filter: comma-separated directives, each a level (`error`, `warn`,
+/// `info`, `debug`, `trace`, `off`) or `target=level`. A bare word that is not a level (which
+/// tracing would take for a target and so log nothing) is refused.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let bad = |why: String| {
+        format!("{text:?} is not a level or filter ({why}); use error, warn, info, debug or trace, or target=level directives such as \"info,lazysnap::fetch=debug\"")
+    };
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(bad(format!("{directive:?} is not a level")));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| bad(e.to_string()))
+}
+
 /// Where `lazysnap serve` reads its configuration when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lazysnap/config.toml";
 
@@ -276,14 +292,8 @@ impl Config {
                 format!("{:?} must be an absolute socket path", self.address),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(invalid(
-                "log_level",
-                format!(
-                    "{:?} is not a level or filter ({e}); use error, warn, info, debug or trace",
-                    self.log_level
-                ),
-            ));
+        if let Err(e) = log_filter(&self.log_level) {
+            return Err(invalid("log_level", e));
         }
         if !self.metrics_address.is_empty() {
             let addr: SocketAddr = self.metrics_address.parse().map_err(|e| {

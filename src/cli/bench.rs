@@ -90,6 +90,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    super::require_root("bench", "it starts containerd, snapshotters and containers")?;
     if let Some(path) = &args.from_results {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let report: BenchReport = serde_json::from_slice(&bytes)

@@ -119,6 +119,13 @@ async fn inspect_layer(
         Ok(layer) => layer,
         Err(e) => {
             eprintln!("lazysnap: {name}: {e}");
+            if e.is_not_lazy_format() {
+                eprintln!(
+                    "lazysnap: {name} is not eStargz or zstd:chunked (a plain gzip or zstd \
+                     layer?): `lazysnap convert SRC DST` writes the image in a lazily pullable \
+                     format"
+                );
+            }
             return false;
         }
     };

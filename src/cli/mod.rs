@@ -147,30 +147,44 @@ fn print_man_page() -> anyhow::Result<ExitCode> {
 }
 
 /// The error and its causes joined by `: `, each cause said once: library errors that already
-/// print their source (`"{context}: {source}"`) are not followed by that source again.
+/// print their source (`"{context}: {source}"`) are not followed by that source again, and a
+/// context that its cause repeats at its start (`"resolving x"`, then `"resolving x: 404"`) gives
+/// way to the cause.
 fn error_chain(err: &anyhow::Error) -> String {
-    let mut text = String::new();
+    let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
         let part = cause.to_string();
-        if text.ends_with(&part) {
+        let so_far = parts.join(": ");
+        if so_far.ends_with(&part) {
             continue;
         }
-        if !text.is_empty() {
-            text.push_str(": ");
+        if parts
+            .last()
+            .is_some_and(|last| part.starts_with(last.as_str()))
+        {
+            parts.pop();
         }
-        text.push_str(&part);
+        parts.push(part);
     }
-    text
+    parts.join(": ")
+}
+
+/// Fails with a message that says so when a command that needs root runs as another user (it
+/// would fail later on a socket, a mount or a cache path, with an error that hides the cause).
+pub fn require_root(command: &str, why: &str) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    anyhow::bail!("lazysnap {command} must run as root ({why}): run it with sudo, or as root")
 }
 
 /// Sets up logging: `LAZYSNAP_LOG` when set, else `level` (a level or tracing filter).
 fn init_logging(format: &str, level: &str) -> Result<(), String> {
     let filter = match std::env::var("LAZYSNAP_LOG") {
-        Ok(text) if !text.is_empty() => tracing_subscriber::EnvFilter::try_new(&text)
-            .map_err(|e| format!("LAZYSNAP_LOG={text:?} is not a level or filter: {e}"))?,
-        _ => tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
-            format!("--log-level {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
-        })?,
+        Ok(text) if !text.is_empty() => {
+            lazysnap::config::log_filter(&text).map_err(|e| format!("LAZYSNAP_LOG: {e}"))?
+        }
+        _ => lazysnap::config::log_filter(level).map_err(|e| format!("--log-level {e}"))?,
     };
     // Colours only on a terminal: the mount daemon's stderr is its log file.
     // LAZYSNAP_LOG_SPANS=1 also logs each span as it closes, with its duration (where the time
@@ -266,5 +280,12 @@ mod tests {
         );
         let plain = anyhow::anyhow!("refused").context("pulling x");
         assert_eq!(error_chain(&plain), "pulling x: refused");
+        let repeated = anyhow::anyhow!("resolving x: not found")
+            .context("resolving x")
+            .context("converting x");
+        assert_eq!(
+            error_chain(&repeated),
+            "converting x: resolving x: not found"
+        );
     }
 }

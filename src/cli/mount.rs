@@ -31,6 +31,9 @@ pub struct MountArgs {
     image: String,
     /// Existing directory to mount the image's root filesystem at (read-only).
     dir: PathBuf,
+    /// Mount over a directory that is not empty (its files are hidden until `umount`).
+    #[arg(long)]
+    force: bool,
     /// Chunk cache directory. All mounts with the same cache dir are served by one mount daemon
     /// that owns it: the first mount starts the daemon, later ones join it through the socket
     /// <cache-dir>/mount.sock (mode 0600, root only; daemon log <cache-dir>/mount-daemon.log), and
@@ -139,6 +142,7 @@ pub(super) struct LayerState {
 }
 
 pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
+    super::require_root("mount", "it mounts FUSE filesystems")?;
     let dir = args
         .dir
         .canonicalize()
@@ -158,6 +162,17 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         }
         // Its daemon died (SIGKILL): what it left mounted is dead.
         release_stale(&state_path, &dir);
+    }
+    let not_empty = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading mount directory {}", dir.display()))?
+        .next()
+        .is_some();
+    if not_empty && !args.force {
+        bail!(
+            "{} is not empty: mounting would hide its files until `lazysnap umount`; empty it, \
+             choose another directory, or pass --force",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(&args.cache_dir)
         .with_context(|| format!("creating the cache directory {}", args.cache_dir.display()))?;
@@ -245,6 +260,7 @@ fn release_stale(state_path: &Path, dir: &Path) {
 }
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
+    super::require_root("umount", "it unmounts FUSE filesystems")?;
     let dir = args
         .dir
         .canonicalize()

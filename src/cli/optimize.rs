@@ -68,6 +68,10 @@ pub struct OptimizeArgs {
 }
 
 pub fn run(args: OptimizeArgs) -> anyhow::Result<ExitCode> {
+    super::require_root(
+        "optimize",
+        "it mounts the image and runs its workload in a container",
+    )?;
     let src = ImageLocation::parse(&args.src).context("source image")?;
     let dst = ImageLocation::parse(&args.dst).context("destination image")?;
     let stop = match (&args.wait_on_line, args.wait_on_signal) {

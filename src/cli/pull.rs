@@ -25,7 +25,8 @@ pub struct PullArgs {
         long = "address",
         visible_alias = "containerd",
         default_value = "/run/containerd/containerd.sock",
-        env = "CONTAINERD_ADDRESS"
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCK"
     )]
     containerd: PathBuf,
     /// containerd namespace to pull into.
@@ -53,6 +54,7 @@ pub struct PullArgs {
 }
 
 pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
+    super::require_root("pull", "it talks to containerd's root-only socket")?;
     super::runtime()?.block_on(run_async(args))
 }
 

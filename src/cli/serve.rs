@@ -48,6 +48,10 @@ pub fn configured_logging(args: &ServeArgs) -> Option<(String, String)> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    super::require_root(
+        "serve",
+        "it mounts FUSE filesystems and serves containerd's socket",
+    )?;
     let mut config = match config_path(&args) {
         Some(path) => {
             info!(config = %path.display(), "configuration");

@@ -33,7 +33,8 @@ pub struct WarmArgs {
         long = "address",
         visible_alias = "containerd",
         default_value = "/run/containerd/containerd.sock",
-        env = "CONTAINERD_ADDRESS"
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCK"
     )]
     address: PathBuf,
     /// containerd namespace to pull into (kubelet's is k8s.io).
@@ -63,6 +64,10 @@ pub struct WarmArgs {
 }
 
 pub fn run(args: WarmArgs) -> anyhow::Result<ExitCode> {
+    super::require_root(
+        "warm",
+        "it talks to the root-only sockets of containerd and serve",
+    )?;
     // Fail before pulling anything when no serve would do the fetching.
     if serve_control::ask(&args.root, &Request::Status)?.is_none() {
         bail!(

@@ -129,6 +129,15 @@ impl FormatError {
             _ => "undecodable",
         }
     }
+
+    /// The blob has no eStargz or zstd:chunked footer at all: most likely a plain gzip or zstd
+    /// layer, which `lazysnap convert` rewrites.
+    pub fn is_not_lazy_format(&self) -> bool {
+        matches!(
+            self,
+            FormatError::BadFooter { .. } | FormatError::Truncated { .. }
+        )
+    }
 }
 
 /// One chunk of a regular file: where its compressed bytes lie in the blob, and what they decode

@@ -159,10 +159,16 @@ fn push_scope(repository: &str) -> String {
 }
 
 impl Client {
-    /// Builds a client; reads the docker config now (errors name the file).
+    /// Builds a client; reads the docker config now. One that cannot be read or parsed is
+    /// logged as a warning naming the file and left out: anonymous pulls still work, and a
+    /// registry that needs credentials then says so.
     pub fn new(config: ClientConfig) -> Result<Client, RegistryError> {
         install_crypto_provider();
-        let docker_config = DockerConfig::load(config.docker_config.as_deref())?;
+        let docker_config =
+            DockerConfig::load(config.docker_config.as_deref()).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "docker config ignored: only anonymous access to registries");
+                DockerConfig::default()
+            });
         let hosts = HostsDir::new(config.hosts_dir.clone(), config.plain_http);
         let client = Client {
             inner: Arc::new(Inner {
@@ -452,10 +458,25 @@ impl Client {
                     "{what}: no endpoint tried"
                 )))
             });
+            let mirrors: Vec<String> = usable
+                .iter()
+                .filter(|e| e.host.is_mirror)
+                .map(|e| format!("mirror {}", e.host.host))
+                .collect();
+            let tried = |error: RegistryError| {
+                if mirrors.is_empty() {
+                    error
+                } else {
+                    with_note(
+                        error,
+                        &format!("hosts.toml mirrors tried first: {}", mirrors.join(", ")),
+                    )
+                }
+            };
             if backoff.remaining().is_zero() {
-                return Err(with_note(failure.error, "read deadline passed"));
+                return Err(tried(with_note(failure.error, "read deadline passed")));
             }
-            backoff.wait(failure).await?;
+            backoff.wait(failure).await.map_err(tried)?;
         }
     }
 
@@ -487,6 +508,7 @@ impl Client {
                     )),
                 );
                 let what = format!("manifest {reference} from {}", endpoint.host.host);
+                let tags_url = endpoint.url(&format!("{}/tags/list", reference.repository));
                 let response = self
                     .send(&endpoint, &Request {
                         method: Method::GET,
@@ -497,6 +519,12 @@ impl Client {
                         timeout: self.inner.config.request_timeout,
                     })
                     .await?;
+                if response.status() == StatusCode::NOT_FOUND {
+                    return Err(Failure::fatal(RegistryError::NotFound(format!(
+                        "{what}: HTTP 404: no such repository, tag or digest (the repository's \
+                         tags: GET {tags_url})"
+                    ))));
+                }
                 if !response.status().is_success() {
                     return Err(status_failure(&what, response.status(), response.headers()));
                 }
