@@ -920,6 +920,58 @@ impl ChunkCache {
         }
     }
 
+    /// Every chunk file on disk: its key, size and when it was last used (its mtime, refreshed
+    /// at most once a minute while in use).
+    pub fn disk_entries(&self) -> Vec<(ChunkDigest, u64, Option<SystemTime>)> {
+        let keys: Vec<(ChunkDigest, u64)> = lock(&self.disk)
+            .lru
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.size))
+            .collect();
+        keys.into_iter()
+            .map(|(key, size)| {
+                let used = fs::metadata(self.chunk_path(&key))
+                    .and_then(|m| m.modified())
+                    .ok();
+                (key, size, used)
+            })
+            .collect()
+    }
+
+    /// Removes these chunks from the disk cache (and the memory tier); a read that needs one
+    /// again fetches it. A reader that has a chunk file open or mapped keeps its bytes. Returns
+    /// the chunks and bytes removed.
+    pub fn remove(&self, keys: &[ChunkDigest]) -> (u64, u64) {
+        let (mut removed, mut bytes) = (0, 0);
+        let mut disk = lock(&self.disk);
+        for key in keys {
+            let Some(entry) = disk.lru.pop(key) else {
+                continue;
+            };
+            disk.bytes = disk.bytes.saturating_sub(entry.size);
+            lock(&self.open_files).pop(key);
+            let path = self.chunk_path(key);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a pruned chunk");
+                }
+            }
+            removed += 1;
+            bytes += entry.size;
+        }
+        let now = disk.bytes;
+        drop(disk);
+        let mut memory = lock(&self.memory);
+        for key in keys {
+            if let Some(data) = memory.lru.pop(key) {
+                memory.bytes = memory.bytes.saturating_sub(data.len() as u64);
+            }
+        }
+        drop(memory);
+        metrics::set_cache_bytes(now);
+        (removed, bytes)
+    }
+
     fn now_secs(&self) -> u64 {
         self.opened.elapsed().as_secs()
     }

@@ -451,6 +451,28 @@ impl LayerReader {
         });
     }
 
+    /// The cache keys this layer's reads use, with their sizes in the cache: its distinct chunks,
+    /// and its files of several chunks (assembled for passthrough once all are in).
+    pub fn cache_keys(&self) -> Vec<(ChunkDigest, u64)> {
+        let inner = &self.inner;
+        let mut keys: Vec<(ChunkDigest, u64)> = inner
+            .layer_chunks
+            .iter()
+            .map(|&at| {
+                let chunk = inner.chunk(at as ChunkRef);
+                (chunk.digest.clone(), chunk.len)
+            })
+            .collect();
+        for file in 0..inner.files.len() {
+            if let (Some(digest), Some(size)) =
+                (inner.files.file_digest(file), inner.files.size(file))
+            {
+                keys.push((digest, size));
+            }
+        }
+        keys
+    }
+
     /// Returns once the prefetch [`start_prefetch`](Self::start_prefetch) began has finished
     /// (at once when it was not asked for), or the reader was shut down.
     pub async fn prefetch_finished(&self) {

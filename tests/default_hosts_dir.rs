@@ -61,7 +61,10 @@ fn every_registry_command_uses_the_mirror_of_the_default_hosts_dir() {
     push_generated(
         &mirror,
         work.path(),
-        &[tar_of([("m/a.txt".to_string(), b"from the mirror\n".to_vec())])],
+        &[tar_of([(
+            "m/a.txt".to_string(),
+            b"from the mirror\n".to_vec(),
+        )])],
         "app",
     );
     let source = format!("{dead}/app:src");

@@ -13,6 +13,7 @@ macro_rules! out {
 }
 
 mod bench;
+mod cache;
 mod convert;
 mod inspect;
 mod mount;
@@ -60,6 +61,9 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Show the layers `serve` and `lazysnap mount` have mounted and what they fetched.
     Status(mount::StatusArgs),
+    /// See and prune the running serve's chunk cache.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Pre-warm a node: pull images lazily into containerd and fetch their prioritized chunks
     /// (or all of them) into lazysnap's cache, without starting a container.
     Warm(warm::WarmArgs),
@@ -107,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Umount(args) => mount::run_umount(args),
         Command::Status(args) => mount::run_status(args),
         Command::Warm(args) => warm::run(args),
+        Command::Cache(command) => cache::run(command),
         Command::Bench(args) => bench::run(args),
         Command::Completion { shell } => {
             let mut command = Cli::command();

@@ -34,6 +34,10 @@ pub enum Request {
     /// Wait for the prefetch of these layers (blob digests) and, with `all`, fetch the rest of
     /// them now; answered with [`Reply::Warmed`] once done.
     Warm { layers: Vec<String>, all: bool },
+    /// The disk cache by mounted layer; answered with [`Reply::CacheUsage`].
+    CacheUsage,
+    /// Remove chunks from the cache; answered with [`Reply::Pruned`].
+    Prune { mode: layer::PruneMode, force: bool },
 }
 
 /// One reply, one JSON line.
@@ -47,6 +51,8 @@ pub enum Reply {
         /// Requested layers not mounted lazily by this daemon.
         not_mounted: Vec<String>,
     },
+    CacheUsage(layer::CacheUsage),
+    Pruned(layer::PruneReport),
     Error {
         message: String,
     },
@@ -148,6 +154,8 @@ async fn answer(request: Request, manager: &LayerManager, root: &Path) -> Reply 
                     .collect(),
             })
         }
+        Request::CacheUsage => Reply::CacheUsage(manager.cache_usage()),
+        Request::Prune { mode, force } => Reply::Pruned(manager.prune_cache(mode, force).await),
         Request::Warm { layers, all } => {
             let span = tracing::info_span!("warm", layers = layers.len(), all);
             let not_mounted =

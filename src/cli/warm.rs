@@ -83,7 +83,8 @@ pub fn run(args: WarmArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Pulls `image` into containerd through the snapshotter; returns the layers mounted lazily.
+/// Pulls `image` into containerd through the snapshotter; returns the layers that may be lazy:
+/// mounted lazily now, or present from an earlier pull (serve says which it has mounted).
 async fn pull_lazily(args: &WarmArgs, image: &str) -> anyhow::Result<Vec<String>> {
     let reference =
         Reference::parse(image).with_context(|| format!("parsing image reference {image:?}"))?;
@@ -120,7 +121,7 @@ async fn pull_lazily(args: &WarmArgs, image: &str) -> anyhow::Result<Vec<String>
     Ok(report
         .layers
         .iter()
-        .filter(|l| l.outcome == LayerOutcome::Lazy)
+        .filter(|l| l.outcome != LayerOutcome::Unpacked)
         .map(|l| l.digest.clone())
         .collect())
 }
@@ -190,7 +191,7 @@ fn warm_layers(args: &WarmArgs, image: &str, layers: Vec<String>) -> anyhow::Res
         );
     }
     for digest in &not_mounted {
-        out!("{digest}  not mounted lazily by this lazysnap serve: skipped");
+        out!("{digest}  not mounted lazily by this lazysnap serve (unpacked): nothing to warm");
     }
     let incomplete = warmed
         .iter()

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::blob::BlobSource;
 use crate::cache::ChunkCache;
-use crate::estargz::{self, FormatError};
+use crate::estargz::{self, ChunkDigest, FormatError};
 use crate::fetch::{FetchOptions, LayerFetchStats, LayerReader};
 use crate::image::{self, Descriptor, Manifest, Platform};
 use crate::registry::{Client, Reference, RegistryError};
@@ -144,6 +144,51 @@ pub async fn mount_index(
         })
 }
 
+/// What `lazysnap cache du` shows: the disk cache by mounted layer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CacheUsage {
+    /// Bytes and chunk files on disk, and the bound.
+    pub total_bytes: u64,
+    pub total_chunks: u64,
+    pub limit: u64,
+    /// What no mounted layer uses (left by layers unmounted or images removed).
+    pub unused_bytes: u64,
+    pub unused_chunks: u64,
+    pub layers: Vec<LayerCacheUsage>,
+}
+
+/// One mounted layer's part of the disk cache.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerCacheUsage {
+    pub image: String,
+    pub digest: String,
+    /// Bytes of its chunks (and assembled files) on disk.
+    pub cached_bytes: u64,
+    /// Of those, bytes another mounted layer uses too.
+    pub shared_bytes: u64,
+    pub cached_chunks: u64,
+}
+
+/// Which chunks `lazysnap cache prune` removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneMode {
+    /// Chunks no mounted layer uses.
+    Unused,
+    /// Chunks not used for this long.
+    OlderThan(std::time::Duration),
+    /// Every chunk.
+    All,
+}
+
+/// What a prune removed, and what it kept and why.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PruneReport {
+    pub removed_chunks: u64,
+    pub removed_bytes: u64,
+    pub kept: Vec<String>,
+}
+
 /// One layer a [`LayerManager`] has mounted, as `lazysnap status` shows it.
 #[derive(Debug, Clone)]
 pub struct MountedLayerReport {
@@ -168,6 +213,18 @@ pub struct MountedLayer {
 }
 
 impl MountedLayer {
+    /// The layer and what it fetched so far.
+    fn report(&self) -> MountedLayerReport {
+        MountedLayerReport {
+            image: self.spec.image.to_string(),
+            digest: self.spec.layer.digest.clone(),
+            size: self.spec.layer.size,
+            mountpoint: self.mountpoint.clone(),
+            stats: self.reader.stats(),
+            passthrough_opens: self.fs_stats().map_or(0, |s| s.passthrough_opens),
+        }
+    }
+
     /// What the layer is.
     pub fn spec(&self) -> &RemoteLayerSpec {
         &self.spec
@@ -260,17 +317,135 @@ impl LayerManager {
     pub fn mounted_layers(&self) -> Vec<MountedLayerReport> {
         let mut reports: Vec<MountedLayerReport> = lock(&self.mounted)
             .values()
-            .map(|layer| MountedLayerReport {
-                image: layer.spec.image.to_string(),
-                digest: layer.spec.layer.digest.clone(),
-                size: layer.spec.layer.size,
-                mountpoint: layer.mountpoint.clone(),
-                stats: layer.reader.stats(),
-                passthrough_opens: layer.fs_stats().map_or(0, |s| s.passthrough_opens),
-            })
+            .map(MountedLayer::report)
             .collect();
         reports.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
         reports
+    }
+
+    /// What the disk cache holds for each mounted layer (bytes of its chunks and assembled
+    /// files in the cache, and of those the bytes other mounted layers use too), and what no
+    /// mounted layer uses.
+    pub fn cache_usage(&self) -> CacheUsage {
+        let layers: Vec<(MountedLayerReport, Vec<(ChunkDigest, u64)>)> = {
+            let mounted = lock(&self.mounted);
+            let mut layers: Vec<_> = mounted
+                .values()
+                .map(|layer| (layer.report(), layer.reader.cache_keys()))
+                .collect();
+            layers.sort_by(|a, b| a.0.mountpoint.cmp(&b.0.mountpoint));
+            layers
+        };
+        let on_disk: HashMap<ChunkDigest, u64> = self
+            .cache
+            .disk_entries()
+            .into_iter()
+            .map(|(key, size, _)| (key, size))
+            .collect();
+        // How many mounted layers use each key (a layer counts a key once).
+        let mut users: HashMap<&ChunkDigest, usize> = HashMap::new();
+        for (_, keys) in &layers {
+            let distinct: std::collections::HashSet<&ChunkDigest> =
+                keys.iter().map(|(k, _)| k).collect();
+            for key in distinct {
+                *users.entry(key).or_default() += 1;
+            }
+        }
+        let mut usage = CacheUsage {
+            total_bytes: on_disk.values().sum(),
+            total_chunks: on_disk.len() as u64,
+            limit: self.cache.options().max_bytes,
+            unused_bytes: 0,
+            unused_chunks: 0,
+            layers: Vec::new(),
+        };
+        for (key, size) in &on_disk {
+            if !users.contains_key(key) {
+                usage.unused_bytes += size;
+                usage.unused_chunks += 1;
+            }
+        }
+        for (report, keys) in &layers {
+            let mut layer = LayerCacheUsage {
+                image: report.image.clone(),
+                digest: report.digest.clone(),
+                cached_bytes: 0,
+                shared_bytes: 0,
+                cached_chunks: 0,
+            };
+            let mut seen = std::collections::HashSet::new();
+            for (key, _) in keys {
+                let Some(size) = on_disk.get(key).filter(|_| seen.insert(key)) else {
+                    continue;
+                };
+                layer.cached_bytes += size;
+                layer.cached_chunks += 1;
+                if users.get(key).is_some_and(|&n| n > 1) {
+                    layer.shared_bytes += size;
+                }
+            }
+            usage.layers.push(layer);
+        }
+        usage
+    }
+
+    /// Removes chunks from the disk cache while layers stay mounted (their reads fetch what is
+    /// gone again). `Unused` removes what no mounted layer uses; `OlderThan` what was not used
+    /// for that long; `All` everything. A mounted layer's chunks are kept when its registry
+    /// does not answer now (a refetch would fail), unless `force`; the report says so.
+    pub async fn prune_cache(&self, mode: PruneMode, force: bool) -> PruneReport {
+        let layers: Vec<(RemoteLayerSpec, Vec<(ChunkDigest, u64)>)> = lock(&self.mounted)
+            .values()
+            .map(|layer| (layer.spec.clone(), layer.reader.cache_keys()))
+            .collect();
+        let mut protected: std::collections::HashSet<ChunkDigest> =
+            std::collections::HashSet::new();
+        let mut used: std::collections::HashSet<ChunkDigest> = std::collections::HashSet::new();
+        let mut kept = Vec::new();
+        for (spec, keys) in &layers {
+            used.extend(keys.iter().map(|(k, _)| k.clone()));
+            if mode == PruneMode::Unused || force {
+                continue;
+            }
+            if let Err(e) = self.check(spec).await {
+                protected.extend(keys.iter().map(|(k, _)| k.clone()));
+                kept.push(format!(
+                    "layer {} of {}: its registry does not answer ({e}); its chunks are kept (--force removes them)",
+                    spec.layer.digest, spec.image
+                ));
+            }
+        }
+        let now = std::time::SystemTime::now();
+        let doomed: Vec<ChunkDigest> = self
+            .cache
+            .disk_entries()
+            .into_iter()
+            .filter(|(key, _, last_used)| match mode {
+                PruneMode::Unused => !used.contains(key),
+                PruneMode::OlderThan(age) => {
+                    !protected.contains(key)
+                        && last_used
+                            .and_then(|t| now.duration_since(t).ok())
+                            .is_some_and(|idle| idle >= age)
+                }
+                PruneMode::All => !protected.contains(key),
+            })
+            .map(|(key, _, _)| key)
+            .collect();
+        let (removed_chunks, removed_bytes) = self.cache.remove(&doomed);
+        tracing::info!(
+            ?mode,
+            force,
+            removed_chunks,
+            removed_bytes,
+            kept = kept.len(),
+            "cache pruned"
+        );
+        PruneReport {
+            removed_chunks,
+            removed_bytes,
+            kept,
+        }
     }
 
     /// Warms the mounted layers with these blob digests: waits for each one's prefetch of its
