@@ -926,7 +926,7 @@ impl ChunkCache {
         let keys: Vec<(ChunkDigest, u64)> = lock(&self.disk)
             .lru
             .iter()
-            .map(|(key, entry)| (key.clone(), entry.size))
+            .map(|(key, entry)| (*key, entry.size))
             .collect();
         keys.into_iter()
             .map(|(key, size)| {

@@ -460,7 +460,7 @@ impl LayerReader {
             .iter()
             .map(|&at| {
                 let chunk = inner.chunk(at as ChunkRef);
-                (chunk.digest.clone(), chunk.len)
+                (chunk.digest, chunk.len)
             })
             .collect();
         for file in 0..inner.files.len() {

@@ -403,12 +403,12 @@ impl LayerManager {
         let mut used: std::collections::HashSet<ChunkDigest> = std::collections::HashSet::new();
         let mut kept = Vec::new();
         for (spec, keys) in &layers {
-            used.extend(keys.iter().map(|(k, _)| k.clone()));
+            used.extend(keys.iter().map(|(k, _)| *k));
             if mode == PruneMode::Unused || force {
                 continue;
             }
             if let Err(e) = self.check(spec).await {
-                protected.extend(keys.iter().map(|(k, _)| k.clone()));
+                protected.extend(keys.iter().map(|(k, _)| *k));
                 kept.push(format!(
                     "layer {} of {}: its registry does not answer ({e}); its chunks are kept (--force removes them)",
                     spec.layer.digest, spec.image
