@@ -163,3 +163,88 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     assert!(status.success(), "exit after SIGTERM: {status}");
     assert!(!socket.exists());
 }
+
+/// Puts a configuration at /etc/lazysnap/config.toml for a test, restoring what was there.
+struct DefaultConfig {
+    backup: Option<Vec<u8>>,
+    created_dir: bool,
+}
+
+impl DefaultConfig {
+    const PATH: &'static str = "/etc/lazysnap/config.toml";
+
+    fn write(text: &str) -> DefaultConfig {
+        let dir = std::path::Path::new(Self::PATH).parent().unwrap();
+        let created_dir = !dir.exists();
+        std::fs::create_dir_all(dir).unwrap();
+        let backup = std::fs::read(Self::PATH).ok();
+        std::fs::write(Self::PATH, text).unwrap();
+        DefaultConfig {
+            backup,
+            created_dir,
+        }
+    }
+}
+
+impl Drop for DefaultConfig {
+    fn drop(&mut self) {
+        match &self.backup {
+            Some(old) => {
+                let _ = std::fs::write(Self::PATH, old);
+            }
+            None => {
+                let _ = std::fs::remove_file(Self::PATH);
+                if self.created_dir {
+                    let _ = std::fs::remove_dir("/etc/lazysnap");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn serve_reads_the_default_config_file_without_config() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test writes /etc/lazysnap/config.toml: run as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    let socket = dir.path().join("default.sock");
+    let _config = DefaultConfig::write(&format!(
+        "root = \"{}\"\naddress = \"{}\"\nlog_level = \"debug\"\n",
+        root.display(),
+        socket.display()
+    ));
+    let server = lazysnap()
+        .arg("serve")
+        .env_remove("LAZYSNAP_LOG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..300 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = server.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        up,
+        "serve did not listen on the default config's address:\n{log}"
+    );
+    assert!(log.contains("/etc/lazysnap/config.toml"), "{log}");
+    assert!(
+        log.contains("DEBUG"),
+        "log_level = debug was not applied:\n{log}"
+    );
+}
