@@ -53,7 +53,7 @@ fn du_and_prune_while_containers_run() {
     );
     let containerd = TestContainerd::start(Some(&lazysnap_serve.socket()));
     let root = lazysnap_serve.root();
-    for (image, _) in &images_built {
+    let warm_all = |image: &str| {
         lazysnap_ok(&[
             "warm",
             "-a",
@@ -62,7 +62,10 @@ fn du_and_prune_while_containers_run() {
             root.to_str().unwrap(),
             "--all",
             image,
-        ]);
+        ])
+    };
+    for (image, _) in &images_built {
+        warm_all(image);
     }
 
     // Each app layer holds its own file and the common one, which the others share (the busybox
@@ -131,15 +134,7 @@ fn du_and_prune_while_containers_run() {
     // Image three removed: containerd's GC removes its snapshots, serve unmounts its app layer,
     // and that layer's own chunk is left unused.
     let (three, _) = &images_built[2];
-    lazysnap_ok(&[
-        "warm",
-        "-a",
-        containerd.socket().to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--all",
-        three,
-    ]);
+    warm_all(three);
     let (ok, _, err) = containerd.ctr("k8s.io", &["images", "rm", "--sync", three]);
     assert!(ok, "{err}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -10,6 +10,16 @@ use std::process::Command;
 
 use lazysnap::testbed::RegistryServer;
 
+/// Pushes an image of one layer holding `a.txt` as `repo:src`; returns its reference.
+fn push_one_file_image(registry: &RegistryServer, work: &std::path::Path, repo: &str) -> String {
+    push_generated(
+        registry,
+        work,
+        &[tar_of([("a.txt".to_string(), b"a".to_vec())])],
+        repo,
+    )
+}
+
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -101,12 +111,7 @@ fn a_refused_connection_names_the_host_and_the_mirrors_tried() {
 fn a_plain_gzip_image_is_pointed_at_convert() {
     let registry = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let source = push_generated(
-        &registry,
-        work.path(),
-        &[tar_of([("a.txt".to_string(), b"a".to_vec())])],
-        "plain",
-    );
+    let source = push_one_file_image(&registry, work.path(), "plain");
     let output = lazysnap(&["inspect", &source]);
     assert!(!output.status.success());
     let err = stderr_of(&output);
@@ -117,12 +122,7 @@ fn a_plain_gzip_image_is_pointed_at_convert() {
 fn an_unreadable_docker_config_is_a_warning_for_anonymous_pulls() {
     let registry = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let source = push_generated(
-        &registry,
-        work.path(),
-        &[tar_of([("a.txt".to_string(), b"a".to_vec())])],
-        "anon",
-    );
+    let source = push_one_file_image(&registry, work.path(), "anon");
     let esgz = format!("{}/anon:esgz", registry.host());
     let docker = tempfile::tempdir().unwrap();
     std::fs::write(docker.path().join("config.json"), "{ this is not json").unwrap();
@@ -171,12 +171,7 @@ fn mount_refuses_a_non_empty_directory_unless_forced() {
     require_root_and_fuse();
     let registry = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let source = push_generated(
-        &registry,
-        work.path(),
-        &[tar_of([("a.txt".to_string(), b"a".to_vec())])],
-        "nonempty",
-    );
+    let source = push_one_file_image(&registry, work.path(), "nonempty");
     let esgz = format!("{}/nonempty:esgz", registry.host());
     lazysnap_ok(&["convert", &source, &esgz]);
     let dir = work.path().join("mnt");

@@ -8,6 +8,17 @@ fn lazysnap() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lazysnap"))
 }
 
+/// Whether a server accepts connections on `socket` within 30 s.
+fn listens_within_30s(socket: &std::path::Path) -> bool {
+    for _ in 0..300 {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
 #[test]
 fn unknown_config_key_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,15 +85,7 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..300 {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !up {
+    if !listens_within_30s(&socket) {
         let _ = server.kill();
         panic!("lazysnap serve did not listen on {}", socket.display());
     }
@@ -223,14 +226,7 @@ fn serve_reads_the_default_config_file_without_config() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..300 {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let up = listens_within_30s(&socket);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,

@@ -1,7 +1,7 @@
 //! `lazysnap pull IMAGE`: pulls an image into containerd through a snapshotter (lazily through
 //! lazysnap), with a progress line per layer; prints one summary line per layer at the end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use lazysnap::containerd::pull::{pull, LayerOutcome, PullOptions, PullProgress};
+use lazysnap::containerd::pull::{pull, LayerOutcome, PullOptions, PullProgress, PullReport};
 use lazysnap::containerd::registry_source::RegistrySource;
 use lazysnap::containerd::Containerd;
 use lazysnap::image::{Descriptor, Platform};
@@ -19,16 +19,8 @@ use lazysnap::registry::{Client, ClientConfig, Reference};
 pub struct PullArgs {
     /// Image reference, e.g. 127.0.0.1:5000/app:latest or docker.io/library/busybox:latest.
     image: String,
-    /// containerd's gRPC socket.
-    #[arg(
-        short = 'a',
-        long = "address",
-        visible_alias = "containerd",
-        default_value = "/run/containerd/containerd.sock",
-        env = "CONTAINERD_ADDRESS",
-        value_name = "SOCK"
-    )]
-    containerd: PathBuf,
+    #[command(flatten)]
+    containerd: ContainerdAddress,
     /// containerd namespace to pull into.
     #[arg(
         short = 'n',
@@ -41,6 +33,28 @@ pub struct PullArgs {
     /// such as overlayfs for an ordinary pull).
     #[arg(long, default_value = "lazysnap")]
     snapshotter: String,
+    #[command(flatten)]
+    registry: RegistryFlags,
+}
+
+/// containerd's socket, as ctr and ctr-remote take it (`pull`, `warm`).
+#[derive(clap::Args)]
+pub(super) struct ContainerdAddress {
+    /// containerd's gRPC socket.
+    #[arg(
+        short = 'a',
+        long = "address",
+        visible_alias = "containerd",
+        default_value = "/run/containerd/containerd.sock",
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCK"
+    )]
+    pub address: PathBuf,
+}
+
+/// How `pull` and `warm` reach the registry.
+#[derive(clap::Args)]
+pub(super) struct RegistryFlags {
     /// Use plain HTTP for a non-localhost registry.
     #[arg(long)]
     plain_http: bool,
@@ -53,45 +67,63 @@ pub struct PullArgs {
     hosts_dir: Option<PathBuf>,
 }
 
+/// Pulls `image` into containerd at `address` (`namespace`) through `snapshotter`, with a
+/// progress bar per layer.
+pub(super) async fn pull_with_progress(
+    image: &str,
+    address: &Path,
+    namespace: &str,
+    snapshotter: &str,
+    registry: &RegistryFlags,
+) -> anyhow::Result<PullReport> {
+    let reference =
+        Reference::parse(image).with_context(|| format!("parsing image reference {image:?}"))?;
+    let platform = match &registry.platform {
+        Some(text) => Platform::parse(text).context("parsing --platform")?,
+        None => Platform::host(),
+    };
+    let client = Client::new(ClientConfig {
+        hosts_dir: super::hosts_dir_or_default(registry.hosts_dir.clone()),
+        plain_http: registry.plain_http,
+        ..ClientConfig::default()
+    })
+    .context("setting up the registry client")?;
+    let containerd = Containerd::connect(address, namespace).await?;
+    let options = PullOptions {
+        image_name: reference.to_string(),
+        snapshotter: snapshotter.to_string(),
+        platform,
+        lease_expiry: Duration::from_secs(24 * 3600),
+    };
+    let progress = Arc::new(BarProgress::new());
+    let source = RegistrySource::new(client, reference.clone());
+    let report = pull(&containerd, &source, &options, progress.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "pulling {reference} into containerd at {} (namespace {namespace}, snapshotter \
+                 {snapshotter})",
+                address.display()
+            )
+        })?;
+    progress.finish();
+    Ok(report)
+}
+
 pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     super::require_root("pull", "it talks to containerd's root-only socket")?;
     super::runtime()?.block_on(run_async(args))
 }
 
 async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
-    let reference = Reference::parse(&args.image)
-        .with_context(|| format!("parsing image reference {:?}", args.image))?;
-    let platform = match &args.platform {
-        Some(text) => Platform::parse(text).context("parsing --platform")?,
-        None => Platform::host(),
-    };
-    let client = Client::new(ClientConfig {
-        hosts_dir: super::hosts_dir_or_default(args.hosts_dir.clone()),
-        plain_http: args.plain_http,
-        ..ClientConfig::default()
-    })
-    .context("setting up the registry client")?;
-    let containerd = Containerd::connect(&args.containerd, &args.namespace).await?;
-    let image_name = reference.to_string();
-    let options = PullOptions {
-        image_name: image_name.clone(),
-        snapshotter: args.snapshotter.clone(),
-        platform,
-        lease_expiry: Duration::from_secs(24 * 3600),
-    };
-    let progress = Arc::new(BarProgress::new());
-    let source = RegistrySource::new(client, reference);
-    let report = pull(&containerd, &source, &options, progress.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "pulling {image_name} into containerd at {} (namespace {}, snapshotter {})",
-                args.containerd.display(),
-                args.namespace,
-                args.snapshotter
-            )
-        })?;
-    progress.finish();
+    let report = pull_with_progress(
+        &args.image,
+        &args.containerd.address,
+        &args.namespace,
+        &args.snapshotter,
+        &args.registry,
+    )
+    .await?;
     for layer in &report.layers {
         out!(
             "{}  {}  {}",
@@ -111,8 +143,9 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
         .filter(|l| l.outcome == LayerOutcome::Unpacked)
         .count();
     out!(
-        "pulled {image_name} ({}): {} layers, {lazy} lazy, {unpacked} fetched+unpacked, \
+        "pulled {} ({}): {} layers, {lazy} lazy, {unpacked} fetched+unpacked, \
          snapshotter {}",
+        args.image,
         report.target_digest,
         report.layers.len(),
         args.snapshotter

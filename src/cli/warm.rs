@@ -8,15 +8,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use lazysnap::containerd::pull::{pull, LayerOutcome, PullOptions};
-use lazysnap::containerd::registry_source::RegistrySource;
-use lazysnap::containerd::Containerd;
-use lazysnap::image::Platform;
-use lazysnap::registry::{Client, ClientConfig, Reference};
+use anyhow::bail;
+use lazysnap::containerd::pull::LayerOutcome;
 
 use super::mount::LayerState;
-use super::pull::BarProgress;
+use super::pull::{pull_with_progress, ContainerdAddress, RegistryFlags};
 use super::serve_control::{self, Reply, Request};
 
 #[derive(clap::Args)]
@@ -27,16 +23,8 @@ pub struct WarmArgs {
     /// Fetch every chunk of the lazy layers, not only their prioritized part.
     #[arg(long)]
     all: bool,
-    /// containerd's gRPC socket.
-    #[arg(
-        short = 'a',
-        long = "address",
-        visible_alias = "containerd",
-        default_value = "/run/containerd/containerd.sock",
-        env = "CONTAINERD_ADDRESS",
-        value_name = "SOCK"
-    )]
-    address: PathBuf,
+    #[command(flatten)]
+    containerd: ContainerdAddress,
     /// containerd namespace to pull into (kubelet's is k8s.io).
     #[arg(
         short = 'n',
@@ -51,16 +39,8 @@ pub struct WarmArgs {
     /// Root directory of the running `lazysnap serve` (its control socket is <root>/control.sock).
     #[arg(long, default_value = "/var/lib/lazysnap")]
     root: PathBuf,
-    /// Use plain HTTP for a non-localhost registry.
-    #[arg(long)]
-    plain_http: bool,
-    /// Platform to pull from a multi-platform image (os/arch[/variant]); default: this host's.
-    #[arg(long)]
-    platform: Option<String>,
-    /// containerd certs.d-style directory with <host>/hosts.toml (default: /etc/containerd/certs.d,
-    /// else /etc/docker/certs.d, when they exist).
-    #[arg(long)]
-    hosts_dir: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryFlags,
 }
 
 pub fn run(args: WarmArgs) -> anyhow::Result<ExitCode> {
@@ -86,38 +66,14 @@ pub fn run(args: WarmArgs) -> anyhow::Result<ExitCode> {
 /// Pulls `image` into containerd through the snapshotter; returns the layers that may be lazy:
 /// mounted lazily now, or present from an earlier pull (serve says which it has mounted).
 async fn pull_lazily(args: &WarmArgs, image: &str) -> anyhow::Result<Vec<String>> {
-    let reference =
-        Reference::parse(image).with_context(|| format!("parsing image reference {image:?}"))?;
-    let platform = match &args.platform {
-        Some(text) => Platform::parse(text).context("parsing --platform")?,
-        None => Platform::host(),
-    };
-    let client = Client::new(ClientConfig {
-        hosts_dir: super::hosts_dir_or_default(args.hosts_dir.clone()),
-        plain_http: args.plain_http,
-        ..ClientConfig::default()
-    })
-    .context("setting up the registry client")?;
-    let containerd = Containerd::connect(&args.address, &args.namespace).await?;
-    let options = PullOptions {
-        image_name: reference.to_string(),
-        snapshotter: args.snapshotter.clone(),
-        platform,
-        lease_expiry: Duration::from_secs(24 * 3600),
-    };
-    let progress = Arc::new(BarProgress::new());
-    let source = RegistrySource::new(client, reference.clone());
-    let report = pull(&containerd, &source, &options, progress.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "pulling {reference} into containerd at {} (namespace {}, snapshotter {})",
-                args.address.display(),
-                args.namespace,
-                args.snapshotter
-            )
-        })?;
-    progress.finish();
+    let report = pull_with_progress(
+        image,
+        &args.containerd.address,
+        &args.namespace,
+        &args.snapshotter,
+        &args.registry,
+    )
+    .await?;
     Ok(report
         .layers
         .iter()
