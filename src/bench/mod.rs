@@ -758,6 +758,13 @@ fn serve_config(options: &BenchOptions, mode: Mode) -> String {
     config
 }
 
+/// The SOCI peer and the reference of its indexed image, which mode soci needs.
+fn soci_peer<'a>(
+    soci: Option<(&'a SociPeer, &'a str)>,
+) -> Result<(&'a SociPeer, &'a str), BenchError> {
+    soci.ok_or_else(|| BenchError::Invalid("mode soci needs --soci-grpc PATH".into()))
+}
+
 /// One cold measurement: fresh `lazysnap serve` (new root and cache), then a fresh containerd,
 /// pull, then `ctr run --rm` until the ready line; everything stopped afterwards. `soci` is the
 /// SOCI peer with the reference of its image through this link.
@@ -844,14 +851,7 @@ fn measure_once(
             (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz")
         }
         Mode::Stargz => (format!("{host}/{REPOSITORY}:{CTR_REMOTE_TAG}"), "stargz"),
-        Mode::Soci => match soci {
-            Some((_, reference)) => (reference.to_string(), "soci"),
-            None => {
-                return Err(BenchError::Invalid(
-                    "mode soci needs --soci-grpc PATH".into(),
-                ))
-            }
-        },
+        Mode::Soci => (soci_peer(soci)?.1.to_string(), "soci"),
     };
 
     let fetched_so_far = || {
@@ -883,11 +883,7 @@ fn measure_once(
             command
         }
         Mode::Soci => {
-            let Some((peer, _)) = soci else {
-                return Err(BenchError::Invalid(
-                    "mode soci needs --soci-grpc PATH".into(),
-                ));
-            };
+            let (peer, _) = soci_peer(soci)?;
             let mut command = peer.cli(&containerd.address());
             command
                 .args(["image", "rpull", "--snapshotter", "soci"])
