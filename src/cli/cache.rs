@@ -165,8 +165,8 @@ fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
     else {
         bail!("lazysnap serve answered cache prune with something else");
     };
-    for kept in &report.kept {
-        out!("kept: {kept}");
+    for layer in &report.unreachable {
+        out!("{layer}");
     }
     out!(
         "removed {} chunk files, {}",

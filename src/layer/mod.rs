@@ -181,12 +181,13 @@ pub enum PruneMode {
     All,
 }
 
-/// What a prune removed, and what it kept and why.
+/// What a prune removed, and the mounted layers whose registry did not answer (their chunks
+/// kept, or removed with `--force`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PruneReport {
     pub removed_chunks: u64,
     pub removed_bytes: u64,
-    pub kept: Vec<String>,
+    pub unreachable: Vec<String>,
 }
 
 /// One layer a [`LayerManager`] has mounted, as `lazysnap status` shows it.
@@ -392,7 +393,8 @@ impl LayerManager {
     /// Removes chunks from the disk cache while layers stay mounted (their reads fetch what is
     /// gone again). `Unused` removes what no mounted layer uses; `OlderThan` what was not used
     /// for that long; `All` everything. A mounted layer's chunks are kept when its registry
-    /// does not answer now (a refetch would fail), unless `force`; the report says so.
+    /// does not answer now (a refetch would fail), unless `force`; the report says which, either
+    /// way.
     pub async fn prune_cache(&self, mode: PruneMode, force: bool) -> PruneReport {
         let layers: Vec<(RemoteLayerSpec, Vec<(ChunkDigest, u64)>)> = lock(&self.mounted)
             .values()
@@ -401,15 +403,22 @@ impl LayerManager {
         let mut protected: std::collections::HashSet<ChunkDigest> =
             std::collections::HashSet::new();
         let mut used: std::collections::HashSet<ChunkDigest> = std::collections::HashSet::new();
-        let mut kept = Vec::new();
+        let mut unreachable: Vec<String> = Vec::new();
         for (spec, keys) in &layers {
             used.extend(keys.iter().map(|(k, _)| *k));
-            if mode == PruneMode::Unused || force {
+            if mode == PruneMode::Unused {
                 continue;
             }
             if let Err(e) = self.check(spec).await {
+                if force {
+                    unreachable.push(format!(
+                        "layer {} of {}: its registry does not answer ({e}); its chunks are removed anyway (--force): its reads fail until the registry is back",
+                        spec.layer.digest, spec.image
+                    ));
+                    continue;
+                }
                 protected.extend(keys.iter().map(|(k, _)| *k));
-                kept.push(format!(
+                unreachable.push(format!(
                     "layer {} of {}: its registry does not answer ({e}); its chunks are kept (--force removes them)",
                     spec.layer.digest, spec.image
                 ));
@@ -438,13 +447,13 @@ impl LayerManager {
             force,
             removed_chunks,
             removed_bytes,
-            kept = kept.len(),
+            unreachable = unreachable.len(),
             "cache pruned"
         );
         PruneReport {
             removed_chunks,
             removed_bytes,
-            kept,
+            unreachable,
         }
     }
 
