@@ -19,10 +19,12 @@ mod inspect;
 mod mount;
 mod mount_daemon;
 mod mount_socket;
+mod mount_state;
 mod optimize;
 mod pull;
 mod serve;
 mod serve_control;
+mod status;
 mod warm;
 
 /// Lazy-pulling snapshotter for containerd: eStargz and zstd:chunked layers mounted through FUSE,
@@ -60,7 +62,7 @@ enum Command {
     /// Unmount a directory mounted by `lazysnap mount`.
     Umount(mount::UmountArgs),
     /// Show the layers `serve` and `lazysnap mount` have mounted and what they fetched.
-    Status(mount::StatusArgs),
+    Status(status::StatusArgs),
     /// See and prune the running serve's chunk cache.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -109,7 +111,7 @@ pub fn main() -> ExitCode {
         Command::Pull(args) => pull::run(args),
         Command::Mount(args) => mount::run_mount(args),
         Command::Umount(args) => mount::run_umount(args),
-        Command::Status(args) => mount::run_status(args),
+        Command::Status(args) => status::run_status(args),
         Command::Warm(args) => warm::run(args),
         Command::Cache(command) => cache::run(command),
         Command::Bench(args) => bench::run(args),
@@ -224,6 +226,46 @@ pub fn hosts_dir_or_default(given: Option<std::path::PathBuf>) -> Option<std::pa
             .map(std::path::PathBuf::from)
             .find(|dir| dir.is_dir())
     })
+}
+
+/// Parses `10GiB`, `512MiB`, `4096`, `1.5G` into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| {
+        format!("size {text:?}: expected a number with an optional unit like 10GiB")
+    })?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    Ok((number * multiplier as f64) as u64)
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Builds the multi-threaded tokio runtime every async subcommand runs on.

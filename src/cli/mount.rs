@@ -1,5 +1,5 @@
-//! `lazysnap mount IMAGE DIR`, `lazysnap umount DIR`, `lazysnap status`: images mounted lazily
-//! and read-only without containerd. Every mount with the same cache directory is hosted by one
+//! `lazysnap mount IMAGE DIR` and `lazysnap umount DIR`: images mounted lazily and read-only
+//! without containerd. Every mount with the same cache directory is hosted by one
 //! detached mount daemon that owns that cache ([`super::mount_daemon`]); these commands find it
 //! (or start it) through its socket ([`super::mount_socket`]). One state file per mount directory
 //! tells `status` and `umount` which daemon hosts it and what it fetched.
@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::serve_control;
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 
-use lazysnap::image;
 use lazysnap::layer;
 
 use super::mount_daemon;
 use super::mount_socket::{self, DaemonConnection, MountRequest, Reply, Request};
+use super::mount_state::{process_alive, read_state, state_file};
+use super::{human_bytes, parse_size};
 
 /// The cache size bound of a daemon started without `--cache-size`.
 const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
@@ -85,60 +84,6 @@ pub struct UmountArgs {
     /// Where the mount state files are.
     #[arg(long, default_value = "/run/lazysnap/mounts")]
     state_dir: PathBuf,
-}
-
-#[derive(clap::Args)]
-pub struct StatusArgs {
-    /// Where the mount state files are.
-    #[arg(long, default_value = "/run/lazysnap/mounts")]
-    state_dir: PathBuf,
-    /// Root directory of the `lazysnap serve` to ask (its control socket is <root>/control.sock).
-    #[arg(long, default_value = "/var/lib/lazysnap")]
-    root: PathBuf,
-    /// Print JSON instead of a table: {"serve": {...} or null, "mounts": [...]}.
-    #[arg(long)]
-    json: bool,
-}
-
-/// What the mount daemon publishes about one mount (the file `<state-dir>/<hash of dir>.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct MountState {
-    /// The mount daemon's pid (shared by every mount of its cache dir).
-    pub pid: u32,
-    pub image: String,
-    pub dir: PathBuf,
-    /// The daemon's socket; absent in files written before daemons were shared.
-    #[serde(default)]
-    pub socket: Option<PathBuf>,
-    pub layers: Vec<LayerState>,
-    /// The shared cache's bytes on disk and bound.
-    pub cache_bytes: u64,
-    pub cache_limit: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct LayerState {
-    /// The image a `serve` layer was mounted for (a `mount`'s layers belong to its image).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    pub digest: String,
-    /// "lazy" (FUSE) or "unpacked" (not eStargz: downloaded and unpacked).
-    pub mode: String,
-    /// The layer's directory (an overlayfs lower dir).
-    pub path: PathBuf,
-    pub size: u64,
-    pub on_demand_bytes: u64,
-    pub prefetch_bytes: u64,
-    pub background_bytes: u64,
-    pub fetched_chunks: u64,
-    pub total_chunks: u64,
-    pub cache_hits: u64,
-    /// Files of several chunks assembled in the cache for passthrough.
-    #[serde(default)]
-    pub files_assembled: u64,
-    /// Opens served by FUSE passthrough (reads bypass the daemon).
-    #[serde(default)]
-    pub passthrough_opens: u64,
 }
 
 pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -328,187 +273,4 @@ fn wait_for_exit(pid: u32) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let mut states = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&args.state_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                if let Some(state) = read_state(&path) {
-                    if process_alive(state.pid) {
-                        states.push(state);
-                    }
-                }
-            }
-        }
-    }
-    states.sort_by(|a, b| a.dir.cmp(&b.dir));
-    let serve = match serve_control::ask(&args.root, &serve_control::Request::Status)? {
-        Some(serve_control::Reply::Status(status)) => Some(status),
-        Some(serve_control::Reply::Error { message }) => {
-            bail!("lazysnap serve (root {}): {message}", args.root.display())
-        }
-        Some(other) => bail!("lazysnap serve answered status with {other:?}"),
-        None => None,
-    };
-    if args.json {
-        let both = serde_json::json!({ "serve": serve, "mounts": states });
-        out!("{}", serde_json::to_string_pretty(&both)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    match &serve {
-        Some(serve) => {
-            out!(
-                "lazysnap serve (pid {}, root {}, cache {} of {}): {} lazy layers",
-                serve.pid,
-                serve.root.display(),
-                human_bytes(serve.cache_bytes),
-                human_bytes(serve.cache_limit),
-                serve.layers.len()
-            );
-            print_layers(&serve.layers);
-        }
-        None => out!(
-            "no lazysnap serve answers on {}",
-            serve_control::socket_path(&args.root).display()
-        ),
-    }
-    if states.is_empty() {
-        out!("no images mounted by `lazysnap mount`");
-        return Ok(ExitCode::SUCCESS);
-    }
-    for state in &states {
-        out!(
-            "{}  {}  (pid {}, cache {} of {})",
-            state.dir.display(),
-            state.image,
-            state.pid,
-            human_bytes(state.cache_bytes),
-            human_bytes(state.cache_limit)
-        );
-        print_layers(&state.layers);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The layer table of `lazysnap status` (with the image column when layers carry one).
-fn print_layers(layers: &[LayerState]) {
-    let image_width = layers
-        .iter()
-        .filter_map(|l| l.image.as_ref().map(String::len))
-        .max();
-    let image_header = |text: &str| match image_width {
-        Some(width) => format!("{text:<width$} "),
-        None => String::new(),
-    };
-    out!(
-        "  {}{:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
-        image_header("IMAGE"),
-        "LAYER",
-        "MODE",
-        "SIZE",
-        "ON-DEMAND",
-        "PREFETCH",
-        "BACKGROUND",
-        "FETCHED",
-        "CACHE-HITS",
-        "PASSTHROUGH"
-    );
-    for layer in layers {
-        let fetched = if layer.total_chunks == 0 {
-            "-".to_string()
-        } else {
-            format!(
-                "{:.0}%",
-                100.0 * layer.fetched_chunks as f64 / layer.total_chunks as f64
-            )
-        };
-        out!(
-            "  {}{:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
-            image_header(layer.image.as_deref().unwrap_or("")),
-            layer::short_digest(&layer.digest),
-            layer.mode,
-            human_bytes(layer.size),
-            human_bytes(layer.on_demand_bytes),
-            human_bytes(layer.prefetch_bytes),
-            human_bytes(layer.background_bytes),
-            fetched,
-            layer.cache_hits,
-            layer.passthrough_opens
-        );
-    }
-}
-
-pub(super) fn state_file(state_dir: &Path, dir: &Path) -> PathBuf {
-    let digest = image::sha256_digest(dir.as_os_str().as_encoded_bytes());
-    state_dir.join(format!("{}.json", layer::short_digest(&digest)))
-}
-
-fn read_state(path: &Path) -> Option<MountState> {
-    let bytes = std::fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-pub(super) fn write_state(path: &Path, state: &MountState) -> anyhow::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_vec_pretty(state)?)?;
-    std::fs::rename(&temp, path)?;
-    Ok(())
-}
-
-/// True while `pid` runs (a zombie waiting to be reaped has exited).
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // `pid (comm) S ...`: the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-/// Parses `10GiB`, `512MiB`, `4096`, `1.5G` into bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!("size {text:?}: expected a number with an optional unit like 10GiB")
-    })?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    Ok((number * multiplier as f64) as u64)
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

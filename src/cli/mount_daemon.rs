@@ -23,8 +23,9 @@ use lazysnap::layer::{
 };
 use lazysnap::registry::{Client, ClientConfig, Reference};
 
-use super::mount::{parse_size, state_file, write_state, LayerState, MountState};
 use super::mount_socket::{self, MountRequest, Reply, Request, StarterLock};
+use super::mount_state::{state_file, write_state, LayerState, MountState};
+use super::parse_size;
 
 /// How long a daemon with no mount and no client stays up (a client that started it and died).
 const IDLE_GRACE: Duration = Duration::from_secs(30);

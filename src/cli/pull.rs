@@ -129,7 +129,7 @@ async fn run_async(args: PullArgs) -> anyhow::Result<ExitCode> {
             "{}  {}  {}",
             layer.digest,
             layer.outcome.describe(),
-            human_bytes(layer.fetched_bytes)
+            fetched_label(layer.fetched_bytes)
         );
     }
     let lazy = report
@@ -217,7 +217,7 @@ impl PullProgress for BarProgress {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
+fn fetched_label(bytes: u64) -> String {
     if bytes == 0 {
         "0 B fetched".to_string()
     } else {

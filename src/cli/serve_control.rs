@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-use super::mount::LayerState;
+use super::mount_state::LayerState;
 
 /// The socket's name in serve's root directory.
 pub const SOCKET_NAME: &str = "control.sock";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::bail;
 use lazysnap::containerd::pull::LayerOutcome;
 
-use super::mount::LayerState;
+use super::mount_state::LayerState;
 use super::pull::{pull_with_progress, ContainerdAddress, RegistryFlags};
 use super::serve_control::{self, Reply, Request};
 
