@@ -16,8 +16,6 @@ use tracing::Instrument as _;
 
 use super::auth::AuthStore;
 use super::hosts::{HostCapabilities, HostConfig, HostsDir};
-use super::ranged::RemoteBlob;
-use super::reader::BlobReader;
 use super::reference::Reference;
 use super::retry::{status_failure, transport_failure, with_note, Backoff, Failure, Retry};
 use super::{
@@ -691,22 +689,6 @@ impl Client {
         )
         .instrument(span)
         .await
-    }
-
-    /// Streams a whole blob (any size). Reads resume with a Range request after a broken
-    /// connection; the digest and length are verified at the end (a mismatch is an
-    /// `io::Error` wrapping [`RegistryError::Corrupt`]).
-    pub async fn blob_reader(
-        &self,
-        reference: &Reference,
-        digest: &str,
-    ) -> Result<BlobReader, RegistryError> {
-        BlobReader::open(self.clone(), reference.clone(), digest.to_string()).await
-    }
-
-    /// A ranged-read handle on blob `digest` of `size` bytes (no request is made now).
-    pub fn blob(&self, reference: &Reference, digest: &str, size: u64) -> RemoteBlob {
-        RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), size)
     }
 
     /// HEAD: does the repository have blob `digest`?

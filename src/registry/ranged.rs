@@ -148,6 +148,13 @@ enum MultiOutcome {
     Rejected,
 }
 
+impl Client {
+    /// A ranged-read handle on blob `digest` of `size` bytes (no request is made now).
+    pub fn blob(&self, reference: &Reference, digest: &str, size: u64) -> RemoteBlob {
+        RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), size)
+    }
+}
+
 impl RemoteBlob {
     pub(crate) fn new(client: Client, reference: Reference, digest: String, size: u64) -> Self {
         let scope = pull_scope(&reference.repository);

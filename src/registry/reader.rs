@@ -53,6 +53,19 @@ fn io_error(error: RegistryError) -> io::Error {
     io::Error::other(error)
 }
 
+impl Client {
+    /// Streams a whole blob (any size). Reads resume with a Range request after a broken
+    /// connection; the digest and length are verified at the end (a mismatch is an
+    /// `io::Error` wrapping [`RegistryError::Corrupt`]).
+    pub async fn blob_reader(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<BlobReader, RegistryError> {
+        BlobReader::open(self.clone(), reference.clone(), digest.to_string()).await
+    }
+}
+
 impl BlobReader {
     pub(crate) async fn open(
         client: Client,
