@@ -4,6 +4,7 @@
 //! removed; and a dead registry keeps a mounted layer's chunks unless `--force`.
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 
 use std::io::{BufRead, BufReader, Write};

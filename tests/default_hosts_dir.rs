@@ -4,6 +4,7 @@
 //! `optimize`, `mount`, `pull` and `warm` alike, with no `--hosts-dir`.
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 
 use std::path::{Path, PathBuf};

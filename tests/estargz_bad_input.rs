@@ -1,6 +1,8 @@
 //! Bad input gives a named error, never a panic, wrong bytes or a huge allocation: corrupted and
 //! truncated fixture blobs, wrong TOC digests, and hand-made TOCs breaking each rule.
 
+mod fixtures_common;
+
 use std::io::Write;
 
 use bytes::Bytes;
@@ -12,7 +14,7 @@ use lazysnap::estargz::{
 use sha2::{Digest, Sha256};
 
 fn fixture(variant: &str, prefix: &str) -> Vec<u8> {
-    let dir = lazysnap::testbed::fixtures_dir();
+    let dir = fixtures_common::fixtures_dir();
     let dir = dir.join(variant);
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

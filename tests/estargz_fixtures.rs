@@ -1,6 +1,8 @@
 //! Interoperability: every ctr-remote-made layer in ../shared/fixtures opens with its manifest's
 //! TOC digest, verifies, and describes exactly the tree of its source tar (expected/*.jsonl).
 
+mod fixtures_common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -13,7 +15,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 fn fixtures_dir() -> PathBuf {
-    let dir = lazysnap::testbed::fixtures_dir();
+    let dir = fixtures_common::fixtures_dir();
     assert!(
         dir.join("fixtures.json").exists(),
         "fixtures missing: expected ../shared/fixtures/fixtures.json next to the repository"

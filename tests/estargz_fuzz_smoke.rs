@@ -3,6 +3,8 @@
 //! `cargo test` alone. `FUZZ_ITERATIONS` sets the mutations per target (default 300);
 //! `scripts/fuzz.sh` runs the coverage-guided fuzzer.
 
+mod fixtures_common;
+
 use std::path::PathBuf;
 
 use lazysnap::estargz::{build_layer, BuildOptions, Compression};
@@ -16,7 +18,7 @@ fn iterations() -> usize {
 }
 
 fn fixtures() -> PathBuf {
-    lazysnap::testbed::fixtures_dir()
+    fixtures_common::fixtures_dir()
 }
 
 fn run(name: &str, seeds: &[Vec<u8>], target: fn(&[u8]), seed_value: u64) {

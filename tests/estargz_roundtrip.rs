@@ -2,6 +2,8 @@
 //! zstd:chunked; the result opens and verifies with our reader, extracts with GNU tar to the same
 //! tree as the original, has the digests it reports, and does not depend on the thread count.
 
+mod fixtures_common;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -627,7 +629,7 @@ fn decompressed_reader_sniffs_gzip_zstd_and_plain() {
 
 #[test]
 fn converting_the_fixture_source_layer_matches_ctr_remote_toc_semantics() {
-    let dir = lazysnap::testbed::fixtures_dir();
+    let dir = fixtures_common::fixtures_dir();
     let tar = std::fs::read(dir.join("orig/layer-A.tar")).unwrap();
     let mut out = Vec::new();
     let built = build_layer(&tar[..], &mut out, &BuildOptions::default()).unwrap();

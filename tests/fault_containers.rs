@@ -9,6 +9,7 @@
 //! unverified was cached).
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 //! access log shows that only the chunks the container read were fetched. Also: kill -9 and
 //! restart of lazysnap, and 20 containers started at once from one image.
 
+mod fixtures_common;
 mod pull_common;
 
 use std::process::Command;

@@ -5,6 +5,7 @@
 //! figures.
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

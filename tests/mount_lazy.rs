@@ -6,6 +6,7 @@
 mod cli_common;
 use cli_common::*;
 
+mod fixtures_common;
 mod pull_common;
 
 use std::path::{Path, PathBuf};

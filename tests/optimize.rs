@@ -4,6 +4,7 @@
 //! --verify`. Needs root, FUSE and runc; fails loudly without them.
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 use cli_common::*;
 

@@ -1,6 +1,7 @@
 //! `lazysnap pull` end to end: the real binary pulls the fixture image from the test-bed registry
 //! into a real containerd, and `ctr run` starts a container from it.
 
+mod fixtures_common;
 mod pull_common;
 
 use std::process::Command;

@@ -4,6 +4,7 @@
 //! Prepare with AlreadyExists, the pull reports every layer lazy without fetching a layer blob,
 //! the hook saw the CRI labels and TOC digests, and `ctr run` works on the result.
 
+mod fixtures_common;
 mod pull_common;
 
 use std::collections::BTreeMap;

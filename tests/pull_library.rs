@@ -2,6 +2,7 @@
 //! fixture image from its directory: content, GC labels, unpack through containerd's differ, image
 //! record, and `ctr run` of the result.
 
+mod fixtures_common;
 mod pull_common;
 
 use std::collections::HashMap;

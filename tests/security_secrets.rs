@@ -3,6 +3,7 @@
 //! `user:password` pair as it travels (base64 in the Authorization header), appear in none of
 //! lazysnap's log, its metrics, the pull's output or containerd's log.
 
+mod fixtures_common;
 mod pull_common;
 
 use std::process::Command;

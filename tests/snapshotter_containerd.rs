@@ -4,6 +4,8 @@
 //! busybox from it. lazysnap is then killed with SIGKILL and restarted: the snapshots are still
 //! listed and new containers run. Needs root, containerd and runc: fails loudly without.
 
+mod fixtures_common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 /// The fixture image used here, from `../shared/fixtures`.
 fn fixture() -> std::path::PathBuf {
-    lazysnap::testbed::fixtures_dir().join("orig")
+    fixtures_common::fixtures_dir().join("orig")
 }
 const IMAGE: &str = "docker.io/library/lazysnap-fixture:orig";
 

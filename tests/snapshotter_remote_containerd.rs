@@ -7,6 +7,8 @@
 //! and unpack only the declined layer, and `ctr run` must see files of both layers.
 //! Needs root, containerd, runc, ctr-remote and docker-registry: fails loudly without.
 
+mod fixtures_common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
 /// The fixture image used here, from `../shared/fixtures`.
 fn fixture() -> std::path::PathBuf {
-    lazysnap::testbed::fixtures_dir().join("esgz")
+    fixtures_common::fixtures_dir().join("esgz")
 }
 /// Layer A of the fixture (the /data tree): the hook declines it, so containerd unpacks it.
 const DECLINED_LAYER: &str =

@@ -5,6 +5,7 @@
 //! `status --json` lists serve's layers with what they fetched.
 
 mod cli_common;
+mod fixtures_common;
 mod pull_common;
 
 use cli_common::{lazysnap, lazysnap_ok, push_generated, tar_of};

@@ -18,7 +18,7 @@ pub use registry::{RegistryOptions, RegistryServer, RegistryTls};
 pub use token_server::{TokenServer, TokenServerOptions};
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Errors starting or driving test-bed components.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +66,6 @@ pub fn require_program(program: &'static str, package: &'static str) -> Result<(
     } else {
         Err(TestbedError::Missing { program, package })
     }
-}
-
-/// The interoperability fixtures made by ctr-remote: `../shared/fixtures` beside the repository.
-pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
 }
 
 /// Lazily detaches every mount point at or below `dir`, deepest first (what a test bed component

@@ -14,7 +14,7 @@ pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
 /// The fixtures directory, `../shared/fixtures` beside the repository.
 pub fn fixtures() -> PathBuf {
-    lazysnap::testbed::fixtures_dir()
+    crate::fixtures_common::fixtures_dir()
 }
 
 /// Fails loudly (never skips) when the test cannot run here.
