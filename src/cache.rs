@@ -920,22 +920,21 @@ impl ChunkCache {
         }
     }
 
-    /// Every chunk file on disk: its key, size and when it was last used (its mtime, refreshed
-    /// at most once a minute while in use).
-    pub fn disk_entries(&self) -> Vec<(ChunkDigest, u64, Option<SystemTime>)> {
-        let keys: Vec<(ChunkDigest, u64)> = lock(&self.disk)
+    /// Every chunk file on disk, with its size.
+    pub fn disk_entries(&self) -> Vec<(ChunkDigest, u64)> {
+        lock(&self.disk)
             .lru
             .iter()
             .map(|(key, entry)| (*key, entry.size))
-            .collect();
-        keys.into_iter()
-            .map(|(key, size)| {
-                let used = fs::metadata(self.chunk_path(&key))
-                    .and_then(|m| m.modified())
-                    .ok();
-                (key, size, used)
-            })
             .collect()
+    }
+
+    /// When the chunk `key` was last used: its file's mtime, refreshed at most once a minute
+    /// while it is in use.
+    pub fn last_used(&self, key: &ChunkDigest) -> Option<SystemTime> {
+        fs::metadata(self.chunk_path(key))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// Removes these chunks from the disk cache (and the memory tier); a read that needs one

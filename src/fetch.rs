@@ -451,25 +451,18 @@ impl LayerReader {
         });
     }
 
-    /// The cache keys this layer's reads use, with their sizes in the cache: its distinct chunks,
-    /// and its files of several chunks (assembled for passthrough once all are in).
-    pub fn cache_keys(&self) -> Vec<(ChunkDigest, u64)> {
+    /// The cache keys this layer's reads use, each once: its distinct chunks, and its files of
+    /// several chunks (assembled for passthrough once all are in).
+    pub fn cache_keys(&self) -> Vec<ChunkDigest> {
         let inner = &self.inner;
-        let mut keys: Vec<(ChunkDigest, u64)> = inner
-            .layer_chunks
-            .iter()
-            .map(|&at| {
-                let chunk = inner.chunk(at as ChunkRef);
-                (chunk.digest, chunk.len)
-            })
+        let mut keys: Vec<ChunkDigest> = inner
+            .all_chunk_refs()
+            .into_iter()
+            .map(|at| inner.chunk(at).digest)
+            .chain((0..inner.files.len()).filter_map(|file| inner.files.file_digest(file)))
             .collect();
-        for file in 0..inner.files.len() {
-            if let (Some(digest), Some(size)) =
-                (inner.files.file_digest(file), inner.files.size(file))
-            {
-                keys.push((digest, size));
-            }
-        }
+        keys.sort_unstable();
+        keys.dedup();
         keys
     }
 
@@ -489,11 +482,7 @@ impl LayerReader {
     /// each chunk is in the cache or its fetch gave up; [`stats`](Self::stats) tells which.
     pub async fn fill_all(&self) {
         let inner = Arc::clone(&self.inner);
-        let chunks: Vec<ChunkRef> = inner
-            .layer_chunks
-            .iter()
-            .map(|&at| at as ChunkRef)
-            .collect();
+        let chunks = inner.all_chunk_refs();
         let span = tracing::info_span!("fill_all", layer = %inner.layer, chunks = chunks.len());
         inner
             .stream_lower(&chunks, FetchKind::Prefetch)
@@ -773,6 +762,11 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// Every distinct chunk of the layer, in blob order.
+    fn all_chunk_refs(&self) -> Vec<ChunkRef> {
+        self.layer_chunks.iter().map(|&at| at as ChunkRef).collect()
     }
 
     fn chunk(&self, at: ChunkRef) -> &ChunkInfo {
@@ -1536,9 +1530,8 @@ impl Inner {
     async fn background_fill(self: &Arc<Self>) {
         let span = tracing::info_span!("background_fill", layer = %self.layer, chunks = self.layer_chunks.len());
         async {
-            let chunks: Vec<ChunkRef> =
-                self.layer_chunks.iter().map(|&at| at as ChunkRef).collect();
-            self.stream_lower(&chunks, FetchKind::Background).await;
+            self.stream_lower(&self.all_chunk_refs(), FetchKind::Background)
+                .await;
             if !self.cancel.is_cancelled() {
                 self.counters.background_done.store(true, Ordering::SeqCst);
                 tracing::info!("background fill finished");

@@ -502,26 +502,19 @@ impl ImageMount {
                     .as_ref()
                     .and_then(|m| m.fs_stats())
                     .map_or(0, |s| s.passthrough_opens);
-                LayerState {
-                    image: None,
-                    digest: descriptor.digest.clone(),
-                    mode: if mounted.is_some() {
+                LayerState::new(
+                    None,
+                    descriptor.digest.clone(),
+                    if mounted.is_some() {
                         "lazy"
                     } else {
                         "unpacked"
-                    }
-                    .to_string(),
-                    path: path.clone(),
-                    size: descriptor.size,
-                    on_demand_bytes: stats.on_demand_bytes,
-                    prefetch_bytes: stats.prefetch_bytes,
-                    background_bytes: stats.background_bytes,
-                    fetched_chunks: stats.fetched_chunks,
-                    total_chunks: stats.total_chunks,
-                    cache_hits: stats.cache_hits,
-                    files_assembled: stats.files_assembled,
+                    },
+                    path.clone(),
+                    descriptor.size,
+                    &stats,
                     passthrough_opens,
-                }
+                )
             })
             .collect()
     }

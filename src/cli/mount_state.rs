@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use lazysnap::fetch::LayerFetchStats;
 use lazysnap::image;
 use lazysnap::layer;
 
@@ -79,5 +80,35 @@ pub fn process_alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
+    }
+}
+
+impl LayerState {
+    /// The row of one layer: `mode` is "lazy" or "unpacked"; `stats` and `passthrough_opens`
+    /// are what its reader and FUSE filesystem counted (zero for an unpacked layer).
+    pub fn new(
+        image: Option<String>,
+        digest: String,
+        mode: &str,
+        path: PathBuf,
+        size: u64,
+        stats: &LayerFetchStats,
+        passthrough_opens: u64,
+    ) -> LayerState {
+        LayerState {
+            image,
+            digest,
+            mode: mode.to_string(),
+            path,
+            size,
+            on_demand_bytes: stats.on_demand_bytes,
+            prefetch_bytes: stats.prefetch_bytes,
+            background_bytes: stats.background_bytes,
+            fetched_chunks: stats.fetched_chunks,
+            total_chunks: stats.total_chunks,
+            cache_hits: stats.cache_hits,
+            files_assembled: stats.files_assembled,
+            passthrough_opens,
+        }
     }
 }

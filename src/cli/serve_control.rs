@@ -70,21 +70,15 @@ pub struct ServeStatus {
 }
 
 fn layer_state(report: layer::MountedLayerReport) -> LayerState {
-    LayerState {
-        image: Some(report.image),
-        digest: report.digest,
-        mode: "lazy".to_string(),
-        path: report.mountpoint,
-        size: report.size,
-        on_demand_bytes: report.stats.on_demand_bytes,
-        prefetch_bytes: report.stats.prefetch_bytes,
-        background_bytes: report.stats.background_bytes,
-        fetched_chunks: report.stats.fetched_chunks,
-        total_chunks: report.stats.total_chunks,
-        cache_hits: report.stats.cache_hits,
-        files_assembled: report.stats.files_assembled,
-        passthrough_opens: report.passthrough_opens,
-    }
+    LayerState::new(
+        Some(report.image),
+        report.digest,
+        "lazy",
+        report.mountpoint,
+        report.size,
+        &report.stats,
+        report.passthrough_opens,
+    )
 }
 
 /// Binds the control socket in `root` (replacing a stale one: the caller already holds the

@@ -328,7 +328,7 @@ impl LayerManager {
     /// files in the cache, and of those the bytes other mounted layers use too), and what no
     /// mounted layer uses.
     pub fn cache_usage(&self) -> CacheUsage {
-        let layers: Vec<(MountedLayerReport, Vec<(ChunkDigest, u64)>)> = {
+        let layers: Vec<(MountedLayerReport, Vec<ChunkDigest>)> = {
             let mounted = lock(&self.mounted);
             let mut layers: Vec<_> = mounted
                 .values()
@@ -337,57 +337,48 @@ impl LayerManager {
             layers.sort_by(|a, b| a.0.mountpoint.cmp(&b.0.mountpoint));
             layers
         };
-        let on_disk: HashMap<ChunkDigest, u64> = self
-            .cache
-            .disk_entries()
-            .into_iter()
-            .map(|(key, size, _)| (key, size))
-            .collect();
-        // How many mounted layers use each key (a layer counts a key once).
-        let mut users: HashMap<&ChunkDigest, usize> = HashMap::new();
-        for (_, keys) in &layers {
-            let distinct: std::collections::HashSet<&ChunkDigest> =
-                keys.iter().map(|(k, _)| k).collect();
-            for key in distinct {
-                *users.entry(key).or_default() += 1;
-            }
+        let on_disk: HashMap<ChunkDigest, u64> = self.cache.disk_entries().into_iter().collect();
+        // How many mounted layers use each key (each layer lists a key once).
+        let mut users: HashMap<ChunkDigest, usize> = HashMap::new();
+        for key in layers.iter().flat_map(|(_, keys)| keys) {
+            *users.entry(*key).or_default() += 1;
         }
-        let mut usage = CacheUsage {
+        let unused: Vec<u64> = on_disk
+            .iter()
+            .filter(|(key, _)| !users.contains_key(key))
+            .map(|(_, size)| *size)
+            .collect();
+        let layers = layers
+            .into_iter()
+            .map(|(report, keys)| {
+                let mut layer = LayerCacheUsage {
+                    image: report.image,
+                    digest: report.digest,
+                    cached_bytes: 0,
+                    shared_bytes: 0,
+                    cached_chunks: 0,
+                };
+                for key in &keys {
+                    let Some(size) = on_disk.get(key) else {
+                        continue;
+                    };
+                    layer.cached_bytes += size;
+                    layer.cached_chunks += 1;
+                    if users.get(key).is_some_and(|&n| n > 1) {
+                        layer.shared_bytes += size;
+                    }
+                }
+                layer
+            })
+            .collect();
+        CacheUsage {
             total_bytes: on_disk.values().sum(),
             total_chunks: on_disk.len() as u64,
             limit: self.cache.options().max_bytes,
-            unused_bytes: 0,
-            unused_chunks: 0,
-            layers: Vec::new(),
-        };
-        for (key, size) in &on_disk {
-            if !users.contains_key(key) {
-                usage.unused_bytes += size;
-                usage.unused_chunks += 1;
-            }
+            unused_bytes: unused.iter().sum(),
+            unused_chunks: unused.len() as u64,
+            layers,
         }
-        for (report, keys) in &layers {
-            let mut layer = LayerCacheUsage {
-                image: report.image.clone(),
-                digest: report.digest.clone(),
-                cached_bytes: 0,
-                shared_bytes: 0,
-                cached_chunks: 0,
-            };
-            let mut seen = std::collections::HashSet::new();
-            for (key, _) in keys {
-                let Some(size) = on_disk.get(key).filter(|_| seen.insert(key)) else {
-                    continue;
-                };
-                layer.cached_bytes += size;
-                layer.cached_chunks += 1;
-                if users.get(key).is_some_and(|&n| n > 1) {
-                    layer.shared_bytes += size;
-                }
-            }
-            usage.layers.push(layer);
-        }
-        usage
     }
 
     /// Removes chunks from the disk cache while layers stay mounted (their reads fetch what is
@@ -396,30 +387,27 @@ impl LayerManager {
     /// does not answer now (a refetch would fail), unless `force`; the report says which, either
     /// way.
     pub async fn prune_cache(&self, mode: PruneMode, force: bool) -> PruneReport {
-        let layers: Vec<(RemoteLayerSpec, Vec<(ChunkDigest, u64)>)> = lock(&self.mounted)
+        let layers: Vec<(RemoteLayerSpec, Vec<ChunkDigest>)> = lock(&self.mounted)
             .values()
             .map(|layer| (layer.spec.clone(), layer.reader.cache_keys()))
             .collect();
-        let mut protected: std::collections::HashSet<ChunkDigest> =
-            std::collections::HashSet::new();
-        let mut used: std::collections::HashSet<ChunkDigest> = std::collections::HashSet::new();
+        let mut used = std::collections::HashSet::new();
+        let mut protected = std::collections::HashSet::new();
         let mut unreachable: Vec<String> = Vec::new();
         for (spec, keys) in &layers {
-            used.extend(keys.iter().map(|(k, _)| *k));
+            used.extend(keys.iter().copied());
             if mode == PruneMode::Unused {
                 continue;
             }
             if let Err(e) = self.check(spec).await {
-                if force {
-                    unreachable.push(format!(
-                        "layer {} of {}: its registry does not answer ({e}); its chunks are removed anyway (--force): its reads fail until the registry is back",
-                        spec.layer.digest, spec.image
-                    ));
-                    continue;
-                }
-                protected.extend(keys.iter().map(|(k, _)| *k));
+                let outcome = if force {
+                    "its chunks are removed anyway (--force): its reads fail until the registry is back"
+                } else {
+                    protected.extend(keys.iter().copied());
+                    "its chunks are kept (--force removes them)"
+                };
                 unreachable.push(format!(
-                    "layer {} of {}: its registry does not answer ({e}); its chunks are kept (--force removes them)",
+                    "layer {} of {}: its registry does not answer ({e}); {outcome}",
                     spec.layer.digest, spec.image
                 ));
             }
@@ -429,17 +417,19 @@ impl LayerManager {
             .cache
             .disk_entries()
             .into_iter()
-            .filter(|(key, _, last_used)| match mode {
+            .map(|(key, _)| key)
+            .filter(|key| match mode {
                 PruneMode::Unused => !used.contains(key),
                 PruneMode::OlderThan(age) => {
                     !protected.contains(key)
-                        && last_used
+                        && self
+                            .cache
+                            .last_used(key)
                             .and_then(|t| now.duration_since(t).ok())
                             .is_some_and(|idle| idle >= age)
                 }
                 PruneMode::All => !protected.contains(key),
             })
-            .map(|(key, _, _)| key)
             .collect();
         let (removed_chunks, removed_bytes) = self.cache.remove(&doomed);
         tracing::info!(
