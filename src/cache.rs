@@ -1095,17 +1095,18 @@ impl ChunkCache {
             return;
         };
         let frsize = vfs.fragment_size();
-        let capacity = vfs.blocks().saturating_mul(frsize);
-        let available = vfs.blocks_available().saturating_mul(frsize);
-        if capacity == 0 {
+        let Some(fill) = DiskFill::of(
+            vfs.blocks().saturating_mul(frsize),
+            vfs.blocks_free().saturating_mul(frsize),
+            vfs.blocks_available().saturating_mul(frsize),
+        ) else {
+            return;
+        };
+        if fill.used.saturating_mul(100) < fill.capacity.saturating_mul(u64::from(high)) {
             return;
         }
-        let used = capacity.saturating_sub(available);
-        if used.saturating_mul(100) < capacity.saturating_mul(u64::from(high)) {
-            return;
-        }
-        let low_bytes = capacity / 100 * u64::from(low);
-        let to_free = used.saturating_sub(low_bytes);
+        let low_bytes = fill.capacity / 100 * u64::from(low);
+        let to_free = fill.used.saturating_sub(low_bytes);
         let mut disk = lock(&self.disk);
         let target = disk.bytes.saturating_sub(to_free);
         let evicted = self.evict_locked(&mut disk, target, keep);
@@ -1115,7 +1116,7 @@ impl ChunkCache {
         if last == 0 || now.saturating_sub(last) >= 10 {
             self.watermark_logged.store(now, Ordering::Relaxed);
             tracing::info!(
-                used_pct = used * 100 / capacity,
+                used_pct = fill.used * 100 / fill.capacity,
                 high,
                 low,
                 evicted,
@@ -1123,6 +1124,24 @@ impl ChunkCache {
                 "disk above the high watermark: evicted chunks"
             );
         }
+    }
+}
+
+/// How full a filesystem is, as `df` reports it: the bytes written over the bytes an unprivileged
+/// writer could have, so blocks reserved for root count neither as used nor as room. (Counting the
+/// reserve as used would call a disk with a large reserve full while it is mostly empty.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DiskFill {
+    used: u64,
+    capacity: u64,
+}
+
+impl DiskFill {
+    /// From statvfs's total, free and available-to-unprivileged bytes; `None` for an empty total.
+    fn of(total: u64, free: u64, available: u64) -> Option<DiskFill> {
+        let used = total.saturating_sub(free);
+        let capacity = used.saturating_add(available);
+        (capacity > 0).then_some(DiskFill { used, capacity })
     }
 }
 
@@ -1466,6 +1485,32 @@ mod tests {
         o.high_watermark_pct = Some(80);
         o.low_watermark_pct = Some(85);
         assert!(matches!(ChunkCache::open(o), Err(CacheError::Options(_))));
+    }
+
+    #[test]
+    fn fullness_is_dfs_so_a_root_reserve_is_not_counted_as_used() {
+        // 270 GB disk, 209 GB free of which 36 GB usable without root (a large reserve): df says
+        // 61 GB used of 97 GB, 63 %, not the 87 % that counting the reserve as used gives.
+        let gb = 1_000_000_000;
+        let fill = DiskFill::of(270 * gb, 209 * gb, 36 * gb).unwrap();
+        assert_eq!(
+            fill,
+            DiskFill {
+                used: 61 * gb,
+                capacity: 97 * gb
+            }
+        );
+        assert_eq!(fill.used * 100 / fill.capacity, 62);
+        // No reserve: used over total.
+        let fill = DiskFill::of(100, 30, 30).unwrap();
+        assert_eq!(
+            fill,
+            DiskFill {
+                used: 70,
+                capacity: 100
+            }
+        );
+        assert_eq!(DiskFill::of(0, 0, 0), None);
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! # In-memory tier in bytes (default 64 MiB).
 //! memory_bytes = 67108864
 //! # Disk-usage watermarks of the filesystem holding the cache (like kubelet's image GC): when it
-//! # is fuller than high_watermark_pct, chunks are evicted until it is below low_watermark_pct.
+//! # is fuller than high_watermark_pct (Use% as df shows it, root's reserve not counted), chunks
+//! # are evicted until it is below low_watermark_pct.
 //! high_watermark_pct = 90
 //! low_watermark_pct = 80
 //!

@@ -112,5 +112,5 @@ fn every_registry_command_uses_the_mirror_of_the_default_hosts_dir() {
         "--all",
         &format!("{dead}/app:opt"),
     ]);
-    assert!(warmed.contains("every chunk fetched"), "{warmed}");
+    assert!(warmed.contains("every chunk in the cache"), "{warmed}");
 }

@@ -141,7 +141,7 @@ fn warm_fills_the_cache_so_containers_run_with_the_registry_stopped() {
     );
 
     let out = warm(&plain, true);
-    assert!(out.contains("every chunk fetched"), "{out}");
+    assert!(out.contains("every chunk in the cache"), "{out}");
     for layer in serve_layers(&root, &plain) {
         assert_eq!(
             layer["fetched_chunks"], layer["total_chunks"],

@@ -153,23 +153,23 @@ fn warm_layers(args: &WarmArgs, image: &str, layers: Vec<String>) -> anyhow::Res
         .iter()
         .filter(|l| args.all && l.fetched_chunks < l.total_chunks)
         .count();
+    if incomplete > 0 {
+        bail!(
+            "{incomplete} of {} lazy layers of {image} are not wholly in the cache: a fetch failed, \
+             or the cache evicted chunks (its size bound cache.max_bytes, or its disk above \
+             cache.high_watermark_pct); the serve log says which",
+            warmed.len()
+        );
+    }
     out!(
-        "warmed {image}: {} lazy layers, {}{}",
+        "warmed {image}: {} lazy layers, {}",
         warmed.len(),
         if args.all {
-            "every chunk fetched"
+            "every chunk in the cache"
         } else {
             "prioritized chunks fetched"
-        },
-        if incomplete > 0 {
-            format!(" ({incomplete} layers incomplete: see the serve log)")
-        } else {
-            String::new()
         }
     );
-    if incomplete > 0 {
-        bail!("{incomplete} layers of {image} could not be fetched whole");
-    }
     Ok(())
 }
 
