@@ -143,7 +143,10 @@ pub(crate) struct Request<'a> {
 }
 
 fn install_crypto_provider() {
-    // Ignore AlreadyInstalled: any provider installed by the process is fine.
+    // Ignore AlreadyInstalled: any provider installed by the process is fine. rustls 0.23.48
+    // deprecates ring's provider for lacking post-quantum key exchange; ring stays (aws-lc-rs
+    // needs cmake and a C toolchain to build), so a build resolving that version stays clean.
+    #[allow(deprecated)]
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
