@@ -33,10 +33,10 @@ fn lazysnap_mounts() -> usize {
         .count()
 }
 
-/// `lazysnap bench --runs 1 --link unlimited ARGS --out OUT`, which must succeed; its stdout.
+/// `lazysnap bench ARGS --out OUT`, which must succeed; its stdout.
 fn bench_ok(args: &[&std::ffi::OsStr], out: &Path) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(["bench", "--runs", "1", "--link", "unlimited"])
+        .arg("bench")
         .args(args)
         .arg("--out")
         .arg(out)
@@ -55,10 +55,19 @@ fn bench_ok(args: &[&std::ffi::OsStr], out: &Path) -> String {
 fn bench_runs_both_modes_and_writes_results() {
     require_root_and_tools();
     let out = tempfile::tempdir().unwrap();
-    let stdout = bench_ok(
-        &["--layer-mb", "4", "--no-background-fill"].map(std::ffi::OsStr::new),
-        out.path(),
-    );
+    // Two cold runs on the unshaped and the datacenter profile.
+    let args = [
+        "--runs",
+        "2",
+        "--link",
+        "lan",
+        "--link",
+        "dc",
+        "--layer-mb",
+        "4",
+        "--no-background-fill",
+    ];
+    let stdout = bench_ok(&args.map(std::ffi::OsStr::new), out.path());
 
     // The table: header, rule, one row per mode.
     let header = stdout
@@ -70,27 +79,28 @@ fn bench_runs_both_modes_and_writes_results() {
         "pull s",
         "create+run s",
         "total s",
+        "min-max s",
         "MB fetched",
+        "peak RSS MB",
         "speedup",
+        "vs best peer",
     ] {
         assert!(header.contains(column), "{header}");
     }
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("unlimited") && l.contains("overlayfs")),
-        "{stdout}"
-    );
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("unlimited") && l.contains("lazysnap")),
-        "{stdout}"
-    );
+    for link in ["unlimited", "100mbit:20ms"] {
+        for mode in ["overlayfs", "lazysnap"] {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(link) && l.contains(mode)),
+                "no {link} {mode} row in:\n{stdout}"
+            );
+        }
+    }
 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
-    assert_eq!(json["runs_per_mode"], 1);
+    assert_eq!(json["runs_per_mode"], 2);
     let image = &json["image"];
     assert_eq!(image["layers"], 2);
     assert!(image["app_bytes"].as_u64().unwrap() >= 4_000_000, "{image}");
@@ -105,41 +115,73 @@ fn bench_runs_both_modes_and_writes_results() {
         .contains("echo ready"));
 
     let results = json["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2, "{json}");
-    let modes: Vec<&str> = results
+    assert_eq!(results.len(), 4, "{json}");
+    let rows: Vec<(&str, &str)> = results
         .iter()
-        .map(|r| r["mode"].as_str().unwrap())
+        .map(|r| (r["link"].as_str().unwrap(), r["mode"].as_str().unwrap()))
         .collect();
-    assert_eq!(modes, ["overlayfs", "lazysnap"]);
-    for result in results {
-        assert_eq!(result["link"], "unlimited");
-        let runs = result["runs"].as_array().unwrap();
-        assert_eq!(runs.len(), 1);
-        let run = &runs[0];
-        assert_eq!(run["ready"], true, "{result}");
-        assert_eq!(run["layers"], 2, "{result}");
-        for field in ["pull_secs", "run_secs", "total_secs"] {
-            let value = run[field].as_f64().unwrap();
-            assert!(value > 0.0 && value.is_finite(), "{field} in {result}");
-            assert_eq!(result["median"][field].as_f64().unwrap(), value);
-        }
-        let total = run["total_secs"].as_f64().unwrap();
-        let parts = run["pull_secs"].as_f64().unwrap() + run["run_secs"].as_f64().unwrap();
-        assert!((total - parts).abs() < 1e-9, "{result}");
-        assert!(result["speedup"].as_f64().unwrap() > 0.0, "{result}");
-    }
-    // The overlayfs pull downloads every layer in full.
-    let overlay_bytes = results[0]["runs"][0]["fetched_bytes"].as_u64().unwrap();
-    assert!(
-        overlay_bytes >= image["gzip_bytes"].as_u64().unwrap(),
-        "{json}"
+    assert_eq!(
+        rows,
+        [
+            ("unlimited", "overlayfs"),
+            ("unlimited", "lazysnap"),
+            ("100mbit:20ms", "overlayfs"),
+            ("100mbit:20ms", "lazysnap")
+        ]
     );
-    assert!(results[0]["runs"][0]["lazy_layers"].is_null());
-    // lazysnap mounted both eStargz layers lazily and fetched less than the whole image.
+    for result in results {
+        let runs = result["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        for run in runs {
+            assert_eq!(run["ready"], true, "{result}");
+            assert_eq!(run["layers"], 2, "{result}");
+            for field in ["pull_secs", "run_secs", "total_secs"] {
+                let value = run[field].as_f64().unwrap();
+                assert!(value > 0.0 && value.is_finite(), "{field} in {result}");
+            }
+            let total = run["total_secs"].as_f64().unwrap();
+            let parts = run["pull_secs"].as_f64().unwrap() + run["run_secs"].as_f64().unwrap();
+            assert!((total - parts).abs() < 1e-9, "{result}");
+        }
+        // Medians of two runs lie between them; the spread is the fastest and slowest total.
+        let totals: Vec<f64> = runs
+            .iter()
+            .map(|r| r["total_secs"].as_f64().unwrap())
+            .collect();
+        let (low, high) = (totals[0].min(totals[1]), totals[0].max(totals[1]));
+        let median = &result["median"];
+        assert_eq!(median["total_min_secs"].as_f64().unwrap(), low, "{result}");
+        assert_eq!(median["total_max_secs"].as_f64().unwrap(), high, "{result}");
+        let mid = median["total_secs"].as_f64().unwrap();
+        assert!(low <= mid && mid <= high, "{result}");
+        assert!(result["speedup"].as_f64().unwrap() > 0.0, "{result}");
+        // No peer ran, so there is no ratio to one.
+        assert!(result["vs_best_peer"].is_null(), "{result}");
+        // The snapshotter's peak memory is measured for lazysnap, not for overlayfs.
+        let rss = &median["snapshotter_peak_rss"];
+        if result["mode"] == "lazysnap" {
+            assert!(rss.as_u64().unwrap() > 1 << 20, "{result}");
+        } else {
+            assert!(rss.is_null(), "{result}");
+        }
+    }
+    for link in [0, 2] {
+        // The overlayfs pull downloads every layer in full.
+        let overlay = &results[link]["runs"][0];
+        let overlay_bytes = overlay["fetched_bytes"].as_u64().unwrap();
+        assert!(
+            overlay_bytes >= image["gzip_bytes"].as_u64().unwrap(),
+            "{json}"
+        );
+        assert!(overlay["lazy_layers"].is_null());
+        // lazysnap mounted both eStargz layers lazily and fetched less than the whole image.
+        for run in results[link + 1]["runs"].as_array().unwrap() {
+            assert_eq!(run["lazy_layers"], 2, "{json}");
+            let lazy_bytes = run["fetched_bytes"].as_u64().unwrap();
+            assert!(lazy_bytes > 0 && lazy_bytes < overlay_bytes, "{json}");
+        }
+    }
     assert_eq!(image["converter"], "lazysnap convert", "{json}");
-    assert_eq!(results[1]["runs"][0]["lazy_layers"], 2, "{json}");
-    let lazy_bytes = results[1]["runs"][0]["fetched_bytes"].as_u64().unwrap();
-    assert!(lazy_bytes > 0 && lazy_bytes < overlay_bytes, "{json}");
 
     let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
@@ -176,10 +218,14 @@ fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
     let out = tempfile::tempdir().unwrap();
     // 30 MB of app files compress to about 15 MB: above SOCI's 10 MiB minimum for a zTOC.
     let mut args = [
+        "--runs",
+        "1",
+        "--link",
+        "unlimited",
         "--layer-mb",
         "30",
         "--modes",
-        "overlayfs,soci",
+        "overlayfs,lazysnap,soci",
         "--soci-grpc",
     ]
     .map(std::ffi::OsStr::new)
@@ -193,8 +239,17 @@ fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
         .iter()
         .map(|r| r["mode"].as_str().unwrap())
         .collect();
-    assert_eq!(modes, ["overlayfs", "soci"], "{json}");
-    let soci_run = &results[1]["runs"][0];
+    assert_eq!(modes, ["overlayfs", "lazysnap", "soci"], "{json}");
+    // lazysnap is set beside its peer: its total over SOCI's, and both daemons' peak memory.
+    let ratio = results[1]["vs_best_peer"].as_f64().unwrap();
+    let lazysnap_total = results[1]["median"]["total_secs"].as_f64().unwrap();
+    let soci_total = results[2]["median"]["total_secs"].as_f64().unwrap();
+    assert!((ratio - lazysnap_total / soci_total).abs() < 1e-9, "{json}");
+    assert!(results[2]["vs_best_peer"].is_null(), "{json}");
+    for result in &results[1..] {
+        assert!(result["median"]["snapshotter_peak_rss"].as_u64().unwrap() > 1 << 20);
+    }
+    let soci_run = &results[2]["runs"][0];
     assert_eq!(soci_run["ready"], true, "{json}");
     assert_eq!(soci_run["layers"], 2, "{json}");
     // SOCI mounted the app layer lazily: it fetched less than the overlayfs pull's full image.

@@ -1,5 +1,6 @@
-//! Link profiles for the bench: parsing `unlimited`, `20mbit:50ms`, `500kbit:200ms`, `1gbit` into
-//! the test bed's [`LinkProfile`] (rate, and round-trip time split into two one-way delays).
+//! Link profiles for the bench: parsing the named profiles `lan`, `dc` and `edge`, and `unlimited`,
+//! `20mbit:50ms`, `500kbit:200ms`, `1gbit`, into the test bed's [`LinkProfile`] (rate, and
+//! round-trip time split into two one-way delays).
 
 use std::fmt;
 use std::time::Duration;
@@ -19,15 +20,27 @@ pub struct LinkSpec {
     pub rtt: Duration,
 }
 
+/// The named profiles and what each stands for: an unshaped LAN, a datacenter link, and the edge
+/// node of the problem statement (where an nginx pull takes 30 s).
+pub const NAMED_LINKS: [(&str, &str); 3] = [
+    ("lan", "unlimited"),
+    ("dc", "100mbit:20ms"),
+    ("edge", "10mbit:100ms"),
+];
+
 impl LinkSpec {
-    /// Parses `unlimited`, `RATE`, `RATE:RTT` or `unlimited:RTT`, where RATE is a number with
-    /// `kbit`, `mbit` or `gbit` and RTT a number with `ms` or `s` (the round-trip time).
+    /// Parses a named profile (see [`NAMED_LINKS`]), `unlimited`, `RATE`, `RATE:RTT` or
+    /// `unlimited:RTT`, where RATE is a number with `kbit`, `mbit` or `gbit` and RTT a number with
+    /// `ms` or `s` (the round-trip time). A named profile is labelled by what it stands for.
     pub fn parse(text: &str) -> Result<Self, BenchError> {
         let bad = |reason: &str| BenchError::BadLink {
             spec: text.to_string(),
             reason: reason.to_string(),
         };
-        let trimmed = text.trim().to_ascii_lowercase();
+        let mut trimmed = text.trim().to_ascii_lowercase();
+        if let Some((_, spec)) = NAMED_LINKS.iter().find(|(name, _)| *name == trimmed) {
+            trimmed = spec.to_string();
+        }
         if trimmed.is_empty() {
             return Err(bad("empty"));
         }
@@ -39,7 +52,10 @@ impl LinkSpec {
             None
         } else {
             Some(parse_rate(rate_text).ok_or_else(|| {
-                bad("the rate must be `unlimited` or a number with kbit, mbit or gbit")
+                bad(
+                    "the rate must be `unlimited` or a number with kbit, mbit or gbit \
+                     (or the link one of the profiles lan, dc, edge)",
+                )
             })?)
         };
         let rtt = match rtt_text {
@@ -138,6 +154,21 @@ mod tests {
             LinkSpec::parse("unlimited:30ms").unwrap().rtt,
             Duration::from_millis(30)
         );
+    }
+
+    #[test]
+    fn named_profiles_stand_for_their_links() {
+        assert_eq!(
+            LinkSpec::parse("lan").unwrap(),
+            LinkSpec::parse("unlimited").unwrap()
+        );
+        let dc = LinkSpec::parse("DC").unwrap();
+        assert_eq!(dc.rate_bits_per_sec, Some(100_000_000));
+        assert_eq!(dc.rtt, Duration::from_millis(20));
+        let edge = LinkSpec::parse("edge").unwrap();
+        assert_eq!(edge.label, "10mbit:100ms");
+        assert_eq!(edge.profile().rate_bytes_per_sec, Some(1_250_000));
+        assert!(LinkSpec::parse("edge:10ms").is_err());
     }
 
     #[test]

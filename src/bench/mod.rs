@@ -32,7 +32,7 @@ use crate::testbed::{
 pub use image::{READY_MARKER, STARTUP_FILES, WORKLOAD};
 pub use link::LinkSpec;
 pub use report::{
-    compute_speedups, median, render_svg, render_table, BenchReport, ImageReport, Mode, ModeResult,
+    compute_ratios, median, render_svg, render_table, BenchReport, ImageReport, Mode, ModeResult,
     RunResult, Summary,
 };
 
@@ -543,10 +543,11 @@ pub fn run_bench(
                 median: Summary::of(&runs),
                 runs,
                 speedup: None,
+                vs_best_peer: None,
             });
         }
     }
-    compute_speedups(&mut results);
+    compute_ratios(&mut results);
     if options.background_fill {
         notes.push(
             "MB fetched counts what the registry sent until the ready line, including lazysnap's \
@@ -968,6 +969,13 @@ fn measure_once(
             }));
         }
     }
+    // overlayfs mode runs a lazysnap serve too, which containerd's default snapshotter never
+    // calls: only the daemon that served the snapshots is measured.
+    let snapshotter_peak_rss = if mode == Mode::Overlayfs {
+        None
+    } else {
+        serve.peak_rss()
+    };
     drop(containerd);
     serve.stop();
     drop(soci_state);
@@ -991,6 +999,7 @@ fn measure_once(
         ready: true,
         lazy_layers,
         layers,
+        snapshotter_peak_rss,
     })
 }
 

@@ -131,6 +131,14 @@ impl ServeProcess {
         std::fs::read_to_string(self.dir.join(LOG)).unwrap_or_default()
     }
 
+    /// The daemon's peak resident memory so far (VmHWM of /proc/PID/status), in bytes; `None`
+    /// once stopped or where /proc does not say.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        vm_hwm_bytes(&status)
+    }
+
     /// Stops the process and detaches its mounts (idempotent).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -282,6 +290,13 @@ pub fn run_timed(
 }
 
 /// The last `lines` lines of `text`.
+/// The VmHWM line of a /proc/PID/status text, in bytes.
+fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -295,6 +310,15 @@ pub fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Be
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_rss_is_read_from_vm_hwm() {
+        let status = "Name:\tlazysnap\nVmPeak:\t  900 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(vm_hwm_bytes(status), Some(12345 * 1024));
+        assert_eq!(vm_hwm_bytes("Name:\tx\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(vm_hwm_bytes(&own).unwrap() > 0);
+    }
 
     #[test]
     fn run_timed_sees_the_ready_line_before_exit() {

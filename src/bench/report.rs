@@ -78,26 +78,42 @@ pub struct RunResult {
     pub lazy_layers: Option<usize>,
     /// Layers in the image.
     pub layers: usize,
+    /// Peak resident memory of the snapshotter daemon over the run (its VmHWM), in bytes;
+    /// `None` for overlayfs (containerd's own) or where it could not be read.
+    #[serde(default)]
+    pub snapshotter_peak_rss: Option<u64>,
 }
 
-/// Medians over the runs of one mode on one link.
+/// Medians over the runs of one mode on one link, and the spread of the total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub pull_secs: f64,
     pub run_secs: f64,
     pub total_secs: f64,
     pub fetched_bytes: u64,
+    /// The fastest and the slowest run's total.
+    #[serde(default)]
+    pub total_min_secs: f64,
+    #[serde(default)]
+    pub total_max_secs: f64,
+    /// The highest peak RSS of the snapshotter daemon over the runs, where measured.
+    #[serde(default)]
+    pub snapshotter_peak_rss: Option<u64>,
 }
 
 impl Summary {
     /// Per-field medians of `runs` (zeros when empty).
     pub fn of(runs: &[RunResult]) -> Self {
+        let totals = || runs.iter().map(|r| r.total_secs).filter(|t| t.is_finite());
         Self {
             pull_secs: median(runs.iter().map(|r| r.pull_secs).collect()),
             run_secs: median(runs.iter().map(|r| r.run_secs).collect()),
             total_secs: median(runs.iter().map(|r| r.total_secs).collect()),
             fetched_bytes: median(runs.iter().map(|r| r.fetched_bytes as f64).collect()).round()
                 as u64,
+            total_min_secs: totals().reduce(f64::min).unwrap_or(0.0),
+            total_max_secs: totals().reduce(f64::max).unwrap_or(0.0),
+            snapshotter_peak_rss: runs.iter().filter_map(|r| r.snapshotter_peak_rss).max(),
         }
     }
 }
@@ -111,6 +127,10 @@ pub struct ModeResult {
     pub median: Summary,
     /// overlayfs median total divided by this mode's median total, on the same link.
     pub speedup: Option<f64>,
+    /// For a lazysnap mode: its median total divided by that of the fastest peer (stargz, soci)
+    /// on the same link, below 1 when lazysnap is faster; `None` for peers or without one.
+    #[serde(default)]
+    pub vs_best_peer: Option<f64>,
 }
 
 /// The image the bench ran.
@@ -168,8 +188,14 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Fills in each result's speedup against the overlayfs result on the same link.
-pub fn compute_speedups(results: &mut [ModeResult]) {
+/// Fills in each result's speedup against the overlayfs result on the same link, and each
+/// lazysnap result's ratio to the fastest peer there.
+pub fn compute_ratios(results: &mut [ModeResult]) {
+    compute_speedups(results);
+    compute_peer_ratios(results);
+}
+
+fn compute_speedups(results: &mut [ModeResult]) {
     let baselines: Vec<(String, f64)> = results
         .iter()
         .filter(|r| r.mode == Mode::Overlayfs)
@@ -182,6 +208,26 @@ pub fn compute_speedups(results: &mut [ModeResult]) {
             .and_then(|(_, base)| {
                 (result.median.total_secs > 0.0).then(|| base / result.median.total_secs)
             });
+    }
+}
+
+fn compute_peer_ratios(results: &mut [ModeResult]) {
+    let peers: Vec<(String, f64)> = results
+        .iter()
+        .filter(|r| matches!(r.mode, Mode::Stargz | Mode::Soci) && r.median.total_secs > 0.0)
+        .map(|r| (r.link.clone(), r.median.total_secs))
+        .collect();
+    for result in results.iter_mut() {
+        result.vs_best_peer = if result.mode.is_lazysnap() {
+            peers
+                .iter()
+                .filter(|(link, _)| *link == result.link)
+                .map(|(_, total)| *total)
+                .reduce(f64::min)
+                .map(|best| result.median.total_secs / best)
+        } else {
+            None
+        };
     }
 }
 
@@ -208,11 +254,14 @@ pub fn render_table(report: &BenchReport) -> String {
         "pull s",
         "create+run s",
         "total s",
+        "min-max s",
         "MB fetched",
         "lazy layers",
+        "peak RSS MB",
         "speedup",
+        "vs best peer",
     ];
-    let rows: Vec<[String; 8]> = report
+    let rows: Vec<[String; 11]> = report
         .results
         .iter()
         .map(|r| {
@@ -222,13 +271,27 @@ pub fn render_table(report: &BenchReport) -> String {
                 format!("{:.2}", r.median.pull_secs),
                 format!("{:.2}", r.median.run_secs),
                 format!("{:.2}", r.median.total_secs),
+                // Results saved before the spread was recorded have none.
+                if r.runs.len() > 1 && r.median.total_max_secs > 0.0 {
+                    format!(
+                        "{:.2}-{:.2}",
+                        r.median.total_min_secs, r.median.total_max_secs
+                    )
+                } else {
+                    "-".to_string()
+                },
                 format!("{:.1}", megabytes(r.median.fetched_bytes)),
                 lazy_layers(r),
+                r.median
+                    .snapshotter_peak_rss
+                    .map_or("-".to_string(), |rss| format!("{:.0}", megabytes(rss))),
                 match (r.mode, r.speedup) {
                     (Mode::Overlayfs, _) => "1.00x".to_string(),
                     (_, Some(s)) => format!("{s:.2}x"),
                     (_, None) => "-".to_string(),
                 },
+                r.vs_best_peer
+                    .map_or("-".to_string(), |ratio| format!("{ratio:.2}")),
             ]
         })
         .collect();
@@ -455,6 +518,7 @@ mod tests {
             ready: true,
             lazy_layers: None,
             layers: 2,
+            snapshotter_peak_rss: None,
         }
     }
 
@@ -466,6 +530,7 @@ mod tests {
                 runs: vec![run(10.0, 1.0, 20_000_000), run(12.0, 1.0, 20_000_000)],
                 median: Summary::of(&[run(10.0, 1.0, 20_000_000), run(12.0, 1.0, 20_000_000)]),
                 speedup: None,
+                vs_best_peer: None,
             },
             ModeResult {
                 link: "20mbit:50ms".into(),
@@ -476,9 +541,10 @@ mod tests {
                 }],
                 median: Summary::of(&[run(0.5, 1.5, 2_000_000)]),
                 speedup: None,
+                vs_best_peer: None,
             },
         ];
-        compute_speedups(&mut results);
+        compute_ratios(&mut results);
         BenchReport {
             lazysnap_version: "0.1.0".into(),
             finished_unix: 0,
@@ -540,6 +606,59 @@ mod tests {
         let json = serde_json::to_string(&sample_report()).unwrap();
         let back: BenchReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, sample_report());
+    }
+
+    #[test]
+    fn spread_peak_memory_and_the_ratio_to_the_fastest_peer() {
+        let mut report = sample_report();
+        let overlay = &report.results[0].median;
+        assert_eq!(
+            (overlay.total_min_secs, overlay.total_max_secs),
+            (11.0, 13.0)
+        );
+        let peer = |mode, total: f64| {
+            let runs = vec![RunResult {
+                snapshotter_peak_rss: Some(50_000_000),
+                ..run(0.5, total - 0.5, 1_000_000)
+            }];
+            ModeResult {
+                link: "20mbit:50ms".into(),
+                mode,
+                median: Summary::of(&runs),
+                runs,
+                speedup: None,
+                vs_best_peer: None,
+            }
+        };
+        report.results.push(peer(Mode::Stargz, 4.0));
+        report.results.push(peer(Mode::Soci, 2.5));
+        compute_ratios(&mut report.results);
+        // lazysnap's 2 s against the faster peer's 2.5 s.
+        assert_eq!(report.results[1].vs_best_peer, Some(0.8));
+        assert!(report.results[2].vs_best_peer.is_none());
+        assert_eq!(
+            report.results[3].median.snapshotter_peak_rss,
+            Some(50_000_000)
+        );
+        let table = render_table(&report);
+        assert!(
+            table.contains("vs best peer") && table.contains("0.80"),
+            "{table}"
+        );
+        assert!(table.contains("11.00-13.00"), "{table}");
+        let soci = table.lines().find(|l| l.contains("soci")).unwrap();
+        assert!(soci.contains(" 50 "), "{table}");
+        // A results.json written before these fields existed still reads.
+        let mut old = serde_json::to_value(sample_report()).unwrap();
+        old["results"][0]["median"]
+            .as_object_mut()
+            .unwrap()
+            .remove("total_min_secs");
+        old["results"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("vs_best_peer");
+        assert!(serde_json::from_value::<BenchReport>(old).is_ok());
     }
 
     #[test]

@@ -10,12 +10,13 @@ use lazysnap::bench::{self, BenchOptions, BenchReport, LinkSpec, Mode};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Emulated link, repeatable: `unlimited` or RATE[:RTT] such as `20mbit:50ms`,
-    /// `10mbit:100ms`, `1gbit` (RTT is the round-trip time). Default: unlimited and 20mbit:50ms.
+    /// Emulated link, repeatable: a profile `lan` (unshaped), `dc` (100mbit:20ms) or `edge`
+    /// (10mbit:100ms), `unlimited`, or RATE[:RTT] such as `20mbit:50ms`, `1gbit` (RTT is the
+    /// round-trip time). Default: unlimited and 20mbit:50ms.
     #[arg(long = "link", value_name = "LINK")]
     links: Vec<String>,
-    /// Cold runs per link and mode; the table shows medians.
-    #[arg(long, default_value_t = 3)]
+    /// Cold runs per link and mode; the table shows medians, with the fastest and slowest total.
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Size of the sample image's app layer in MB (file content; compresses about 2:1).
     #[arg(long, default_value_t = 40)]
