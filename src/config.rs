@@ -45,6 +45,10 @@
 //! # On a read that misses the cache, also fetch the chunks that follow it in the layer (the next
 //! # files in TOC order), up to about one bandwidth-delay product: fewer round trips at startup.
 //! readahead = true
+//! # When a program's or library's first chunk is fetched, also fetch the shared libraries it
+//! # names (its interpreter and needed libraries, found in this layer or the layers below) at
+//! # prefetch priority: the loader's chain of round trips becomes one.
+//! library_prefetch = true
 //! # Deadline of one on-demand read, in seconds: after it the process gets EIO.
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
@@ -160,6 +164,9 @@ pub struct FetchConfig {
     pub background_quiet_secs: u64,
     /// Read-ahead of the following chunks on a miss (default true).
     pub readahead: bool,
+    /// Prefetch of the shared libraries an ELF file names once its first chunk is fetched
+    /// (default true).
+    pub library_prefetch: bool,
     /// On-demand read deadline in seconds (default 30).
     pub read_deadline_secs: u64,
     /// HTTP request timeout in seconds (default 30).
@@ -218,6 +225,7 @@ impl Default for FetchConfig {
             background_bandwidth: 0,
             background_quiet_secs: 5,
             readahead: true,
+            library_prefetch: true,
             read_deadline_secs: 30,
             request_timeout_secs: 30,
             passthrough: true,

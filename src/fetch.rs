@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,6 +39,7 @@ use crate::estargz::{
 use crate::metrics::{self, FetchKind};
 
 mod claims;
+mod elf_deps;
 mod layer_files;
 mod scheduler;
 
@@ -68,6 +69,9 @@ pub struct FetchOptions {
     /// On a miss, also fetch the chunks that follow in the blob, within
     /// [`FetchScheduler::readahead_bytes`].
     pub readahead: bool,
+    /// When an ELF file's first chunk is read, fetch the libraries it names (see
+    /// [`LayerReader::set_lower_layers`]) at prefetch priority.
+    pub library_prefetch: bool,
     /// The node-wide scheduler: claims, priorities, the link estimate.
     pub scheduler: Arc<FetchScheduler>,
 }
@@ -82,6 +86,7 @@ impl Default for FetchOptions {
             background: true,
             max_request_bytes: 16 << 20,
             readahead: true,
+            library_prefetch: true,
             scheduler: FetchScheduler::global(),
         }
     }
@@ -228,6 +233,13 @@ struct Inner {
     /// Passthrough of files of several chunks: the file being assembled (one at a time per
     /// layer) and the files whose chunks were shown to make their assembled cache file.
     assembly: Mutex<Assembly>,
+    /// The layers below this one, nearest first, where the libraries its programs name are
+    /// looked for after this layer (set once at mount; unpacked layers are not among them).
+    lower: OnceLock<Vec<Weak<Inner>>>,
+    /// The files in library directories, by file name (built at the first lookup).
+    library_files: OnceLock<Vec<u32>>,
+    /// ELF files whose libraries were already asked for.
+    libraries_asked: Mutex<HashSet<u32>>,
 }
 
 #[derive(Default)]
@@ -422,6 +434,9 @@ impl LayerReader {
                 prefetch_started: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 assembly: Mutex::new(Assembly::default()),
+                lower: OnceLock::new(),
+                library_files: OnceLock::new(),
+                libraries_asked: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -449,6 +464,15 @@ impl LayerReader {
                 inner.background_fill().await;
             }
         });
+    }
+
+    /// The layers below this one, nearest first: where the libraries of this layer's programs
+    /// are looked for after this layer itself. Set once, at mount (later calls are ignored).
+    pub fn set_lower_layers(&self, lower: &[Arc<LayerReader>]) {
+        let _ = self
+            .inner
+            .lower
+            .set(lower.iter().map(|l| Arc::downgrade(&l.inner)).collect());
     }
 
     /// The cache keys this layer's reads use, each once: its distinct chunks, and its files of
@@ -583,6 +607,9 @@ impl ContentSource for LayerReader {
         }
         let found = match inner.read_cached(&file, offset, end) {
             Ok(data) => {
+                if offset == 0 {
+                    inner.note_first_bytes(index, &data);
+                }
                 reply.send(Ok(data));
                 return;
             }
@@ -610,11 +637,15 @@ impl ContentSource for LayerReader {
                     Err(libc::EIO)
                 }
             };
-            if result.is_err() {
-                task_inner
-                    .counters
-                    .read_errors
-                    .fetch_add(1, Ordering::Relaxed);
+            match &result {
+                Ok(data) if offset == 0 => task_inner.note_first_bytes(index, data),
+                Ok(_) => {}
+                Err(_) => {
+                    task_inner
+                        .counters
+                        .read_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
             drop(activity);
             reply.send(result);
@@ -765,6 +796,111 @@ impl Inner {
     }
 
     /// Every distinct chunk of the layer, in blob order.
+    /// Called with the first bytes of file `index` a read returned: if they start an ELF file
+    /// not seen before and library prefetch is on, fetches the libraries it names.
+    fn note_first_bytes(self: &Arc<Self>, index: usize, first: &[u8]) {
+        if !self.opts.library_prefetch || !elf_deps::is_elf(first) {
+            return;
+        }
+        let Ok(file) = u32::try_from(index) else {
+            return;
+        };
+        let first_time = self
+            .libraries_asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file);
+        if !first_time {
+            return;
+        }
+        let inner = Arc::clone(self);
+        self.runtime
+            .spawn(async move { inner.prefetch_libraries_of(index).await });
+    }
+
+    /// Fetches, at prefetch priority, the libraries ELF file `index` names that are not cached
+    /// yet: each from the nearest layer providing it, this one first, then those below.
+    async fn prefetch_libraries_of(self: Arc<Self>, index: usize) {
+        // The whole first chunk (the read that led here may have returned only its start).
+        let Some(first) = self.files.chunks(index).and_then(<[ChunkInfo]>::first) else {
+            return;
+        };
+        let Some(head) = self.cache.get(&first.digest) else {
+            return;
+        };
+        let names = elf_deps::needed_libraries(&head);
+        drop(head);
+        if names.is_empty() {
+            return;
+        }
+        let mut layers = vec![Arc::clone(&self)];
+        layers.extend(
+            self.lower
+                .get()
+                .into_iter()
+                .flatten()
+                .filter_map(Weak::upgrade),
+        );
+        let mut wanted: Vec<Vec<ChunkRef>> = vec![Vec::new(); layers.len()];
+        let mut found = Vec::new();
+        for name in &names {
+            let provider = layers
+                .iter()
+                .enumerate()
+                .find_map(|(at, layer)| Some((at, layer.library_file(name)?)));
+            if let Some((at, file)) = provider {
+                let layer = &layers[at];
+                found.push(layer.file_name(file).to_string());
+                if let Some(record) = layer.files.record(file) {
+                    let chunks = record
+                        .chunk_range()
+                        .filter(|&c| !layer.cache.contains(&layer.files.all_chunks()[c].digest));
+                    wanted[at].extend(chunks);
+                }
+            }
+        }
+        let span = tracing::info_span!(
+            "library_prefetch",
+            layer = %self.layer,
+            file = %self.file_name(index),
+            libraries = ?found,
+            chunks = wanted.iter().map(Vec::len).sum::<usize>()
+        );
+        let fetches = layers
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, chunks)| !chunks.is_empty())
+            .map(|(layer, chunks)| layer.stream_lower(chunks, FetchKind::Prefetch));
+        futures::future::join_all(fetches).instrument(span).await;
+    }
+
+    /// The regular file of this layer that provides library `name` (see
+    /// [`elf_deps::provides`]) in a library directory: the exact name before a longer version.
+    fn library_file(&self, name: &str) -> Option<usize> {
+        let by_name = self.library_files.get_or_init(|| {
+            let mut files: Vec<u32> = (0..self.files.len())
+                .filter(|&file| {
+                    self.files.name(file).is_some_and(elf_deps::in_library_dir)
+                        && self.file_error(file).is_none()
+                })
+                .filter_map(|file| u32::try_from(file).ok())
+                .collect();
+            files.sort_by(|&a, &b| self.base_name(a as usize).cmp(self.base_name(b as usize)));
+            files
+        });
+        let start = by_name.partition_point(|&f| self.base_name(f as usize) < name);
+        by_name[start..]
+            .iter()
+            .map(|&f| f as usize)
+            .take_while(|&f| self.base_name(f).starts_with(name))
+            .find(|&f| elf_deps::provides(self.base_name(f), name))
+    }
+
+    fn base_name(&self, file: usize) -> &str {
+        let name = self.files.name(file).unwrap_or_default();
+        name.rsplit('/').next().unwrap_or(name)
+    }
+
     fn all_chunk_refs(&self) -> Vec<ChunkRef> {
         self.layer_chunks.iter().map(|&at| at as ChunkRef).collect()
     }

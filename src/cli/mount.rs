@@ -57,8 +57,8 @@ pub struct MountArgs {
     /// /etc/containerd/certs.d, else /etc/docker/certs.d, when they exist).
     #[arg(long)]
     hosts_dir: Option<PathBuf>,
-    /// Fetch only what is read: no prefetch of prioritized files, no background fill and no
-    /// read-ahead of the files that follow a miss.
+    /// Fetch only what is read: no prefetch of prioritized files or of the libraries a program
+    /// names, no background fill and no read-ahead of the files that follow a miss.
     #[arg(long)]
     no_prefetch: bool,
     /// Fetch the prioritized files and what is read, but never fill in the rest of the layers

@@ -593,6 +593,7 @@ async fn mount_layers(
         prefetch: !request.no_prefetch,
         background: !request.no_prefetch && !request.no_background,
         readahead: !request.no_prefetch,
+        library_prefetch: !request.no_prefetch,
         ..FetchOptions::default()
     };
     let manager = LayerManager::new(
@@ -630,7 +631,18 @@ async fn mount_layers(
             // The layers already stacked, nearest first, decide which whiteouts delete anything.
             let below = LowerLayers::new(mounted.lower_dirs.iter().rev().cloned().collect());
             match manager.mount(&spec, &mountpoint, &below).await {
-                Ok(layer) => Some(layer),
+                Ok(layer) => {
+                    // Libraries its programs name are looked for in the lazy layers below too.
+                    let lower: Vec<_> = mounted
+                        .layers
+                        .iter()
+                        .rev()
+                        .flatten()
+                        .map(|below| below.reader().clone())
+                        .collect();
+                    layer.reader().set_lower_layers(&lower);
+                    Some(layer)
+                }
                 Err(e) if e.is_not_lazy() => {
                     tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");
                     None

@@ -21,6 +21,11 @@ impl LowerLayers {
         Self(dirs)
     }
 
+    /// The directories, nearest first.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.0
+    }
+
     /// No layer below.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

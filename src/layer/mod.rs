@@ -214,6 +214,11 @@ pub struct MountedLayer {
 }
 
 impl MountedLayer {
+    /// The reader serving the layer's files.
+    pub fn reader(&self) -> &Arc<LayerReader> {
+        &self.reader
+    }
+
     /// The layer and what it fetched so far.
     fn report(&self) -> MountedLayerReport {
         MountedLayerReport {
@@ -569,6 +574,18 @@ impl LayerManager {
             self.runtime.clone(),
             short_digest(&spec.layer.digest),
         );
+        // The lazy layers below, mounted before this one through the hook, by their mountpoints.
+        let below: Vec<Arc<LayerReader>> = {
+            let mounted = lock(&self.mounted);
+            lower
+                .dirs()
+                .iter()
+                .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
+                .collect()
+        };
+        if !below.is_empty() {
+            reader.set_lower_layers(&below);
+        }
         let mut mount_options = self.options.mount.clone();
         mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
@@ -849,6 +866,7 @@ impl LayerManager {
             prefetch: config.fetch.prefetch,
             background: config.fetch.background_fill,
             readahead: config.fetch.readahead,
+            library_prefetch: config.fetch.library_prefetch,
             scheduler: crate::fetch::FetchScheduler::new(crate::fetch::SchedulerOptions {
                 quiet_period: std::time::Duration::from_secs(config.fetch.background_quiet_secs),
                 background_concurrency: config.fetch.background_concurrency.max(1) as usize,

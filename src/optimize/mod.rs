@@ -300,6 +300,7 @@ async fn record_run(
         prefetch: false,
         background: false,
         readahead: false,
+        library_prefetch: false,
         ..FetchOptions::default()
     };
     let log = AccessLog::new();

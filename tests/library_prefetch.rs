@@ -1,0 +1,133 @@
+//! Library prefetch through `lazysnap mount`, as root with a real registry and FUSE: reading the
+//! start of a program fetches the libraries it names (its interpreter and needed libraries, found
+//! in its own layer and in the layer below) before anything reads them, and nothing else.
+
+mod cli_common;
+use cli_common::*;
+
+use lazysnap::testbed::RegistryServer;
+
+const LIB_DIR: &str = "usr/lib/x86_64-linux-gnu";
+
+fn random(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.below(256) as u8).collect()
+}
+
+/// A 64-bit ELF program: header, three program headers (PT_INTERP, a read-only PT_LOAD holding
+/// the interpreter path and a string table naming `needed`, an executable PT_LOAD), then `body`.
+fn elf_program(interp: &str, needed: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 64];
+    out[..4].copy_from_slice(b"\x7fELF");
+    out[4] = 2; // 64-bit
+    out[5] = 1; // little-endian
+    out[6] = 1;
+    out[0x10] = 3; // ET_DYN
+    out[0x12] = 0x3e; // x86-64
+    out[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    out[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    out[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
+    let interp = format!("{interp}\0").into_bytes();
+    let mut strings = vec![0u8];
+    for name in needed.iter().chain(&["main", "GLIBC_2.34"]) {
+        strings.extend_from_slice(name.as_bytes());
+        strings.push(0);
+    }
+    let interp_at = 64 + 3 * 56;
+    let text_at = interp_at + interp.len() + strings.len();
+    let header = |kind: u32, flags: u32, offset: usize, len: usize| {
+        let mut h = vec![0u8; 56];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[4..8].copy_from_slice(&flags.to_le_bytes());
+        h[8..16].copy_from_slice(&(offset as u64).to_le_bytes());
+        h[32..40].copy_from_slice(&(len as u64).to_le_bytes());
+        h
+    };
+    out.extend(header(3, 4, interp_at, interp.len()));
+    out.extend(header(1, 4, 0, text_at));
+    out.extend(header(1, 5, text_at, body.len()));
+    out.extend(interp);
+    out.extend(strings);
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_below() {
+    require_root_and_fuse();
+    let mut registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x5eed_11b5);
+    // The base layer: the interpreter, the needed library (its soname is a symlink elsewhere;
+    // here only the versioned file), and a library nobody names.
+    let interp = random(&mut rng, 150_000);
+    let needed = random(&mut rng, 300_000);
+    let unnamed = random(&mut rng, 300_000);
+    let base = tar_of([
+        (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), interp.clone()),
+        (format!("{LIB_DIR}/libunnamed.so.1"), unnamed.clone()),
+        (format!("{LIB_DIR}/libneeded.so.1.2.3"), needed.clone()),
+    ]);
+    // The program's layer: the program, a megabyte that keeps read-ahead of its first chunk
+    // away from what follows, and a library of this layer the program names.
+    let program = elf_program(
+        "/lib64/ld-lazysnap-test.so.2",
+        &["libneeded.so.1", "libown.so.7"],
+        &random(&mut rng, 64 << 10),
+    );
+    let own = random(&mut rng, 200_000);
+    let app = tar_of([
+        ("app/bin/prog".to_string(), program.clone()),
+        ("app/filler".to_string(), random(&mut rng, 1 << 20)),
+        ("usr/lib/libown.so.7".to_string(), own.clone()),
+    ]);
+    let source = push_generated(&registry, work.path(), &[base, app], "libs");
+    let esgz = format!("{}/libs:esgz", registry.host());
+    lazysnap_ok(&["convert", &source, &esgz]);
+    let mounted = MountedImage::new(
+        &esgz,
+        work.path(),
+        "libs",
+        &["--no-background", "--read-deadline", "3"],
+    );
+
+    // What the loader reads first of a program: its header.
+    let mut head = [0u8; 4096];
+    let mut file = std::fs::File::open(mounted.dir.join("app/bin/prog")).unwrap();
+    std::io::Read::read(&mut file, &mut head).unwrap();
+    assert_eq!(&head[..], &program[..4096]);
+
+    // The program's chunk, its own library, the interpreter and the needed library: 2 chunks in
+    // each layer (every file here fits one chunk), fetched without being read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let fetched: Vec<u64> = mounted.status_json()[0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|layer| layer["fetched_chunks"].as_u64().unwrap())
+            .collect();
+        if fetched == [2, 2] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chunks fetched per layer: {fetched:?}, expected [2, 2]\n{}",
+            std::fs::read_to_string(mounted.cache_dir.join("mount-daemon.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // With the registry gone, the named libraries read right from the cache...
+    registry.stop();
+    for (path, data) in [
+        (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), &interp),
+        (format!("{LIB_DIR}/libneeded.so.1.2.3"), &needed),
+        ("usr/lib/libown.so.7".to_string(), &own),
+    ] {
+        let read = std::fs::read(mounted.dir.join(&path)).unwrap();
+        assert!(read == *data, "{path} read back wrong");
+    }
+    // ...and the library nobody named was not fetched.
+    let err = std::fs::read(mounted.dir.join(format!("{LIB_DIR}/libunnamed.so.1"))).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
