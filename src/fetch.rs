@@ -795,13 +795,17 @@ impl Inner {
         });
     }
 
-    /// Every distinct chunk of the layer, in blob order.
     /// Called with the first bytes of file `index` a read returned: if they start an ELF file
-    /// not seen before and library prefetch is on, fetches the libraries it names.
+    /// and library prefetch is on, fetches the libraries it names (once per file).
     fn note_first_bytes(self: &Arc<Self>, index: usize, first: &[u8]) {
-        if !self.opts.library_prefetch || !elf_deps::is_elf(first) {
-            return;
+        if self.opts.library_prefetch && elf_deps::is_elf(first) {
+            self.prefetch_libraries_once(index);
         }
+    }
+
+    /// Starts [`prefetch_libraries_of`](Self::prefetch_libraries_of) for file `index` unless it
+    /// was started before.
+    fn prefetch_libraries_once(self: &Arc<Self>, index: usize) {
         let Ok(file) = u32::try_from(index) else {
             return;
         };
@@ -810,16 +814,16 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(file);
-        if !first_time {
-            return;
+        if first_time {
+            let inner = Arc::clone(self);
+            self.runtime
+                .spawn(async move { inner.prefetch_libraries_of(index).await });
         }
-        let inner = Arc::clone(self);
-        self.runtime
-            .spawn(async move { inner.prefetch_libraries_of(index).await });
     }
 
     /// Fetches, at prefetch priority, the libraries ELF file `index` names that are not cached
-    /// yet: each from the nearest layer providing it, this one first, then those below.
+    /// yet: each from the nearest layer providing it, this one first, then those below; then,
+    /// likewise, the libraries those name (the loader loads the whole closure).
     async fn prefetch_libraries_of(self: Arc<Self>, index: usize) {
         // The whole first chunk (the read that led here may have returned only its start).
         let Some(first) = self.files.chunks(index).and_then(<[ChunkInfo]>::first) else {
@@ -850,11 +854,13 @@ impl Inner {
                 .find_map(|(at, layer)| Some((at, layer.library_file(name)?)));
             if let Some((at, file)) = provider {
                 let layer = &layers[at];
-                found.push(layer.file_name(file).to_string());
+                found.push((at, file));
                 if let Some(record) = layer.files.record(file) {
-                    let chunks = record
-                        .chunk_range()
-                        .filter(|&c| !layer.cache.contains(&layer.files.all_chunks()[c].digest));
+                    let all = layer.files.all_chunks();
+                    let chunks = record.chunk_range().filter(|&c| {
+                        all.get(c)
+                            .is_some_and(|chunk| !layer.cache.contains(&chunk.digest))
+                    });
                     wanted[at].extend(chunks);
                 }
             }
@@ -863,7 +869,7 @@ impl Inner {
             "library_prefetch",
             layer = %self.layer,
             file = %self.file_name(index),
-            libraries = ?found,
+            libraries = ?found.iter().map(|&(at, file)| layers[at].file_name(file)).collect::<Vec<_>>(),
             chunks = wanted.iter().map(Vec::len).sum::<usize>()
         );
         let fetches = layers
@@ -872,6 +878,9 @@ impl Inner {
             .filter(|(_, chunks)| !chunks.is_empty())
             .map(|(layer, chunks)| layer.stream_lower(chunks, FetchKind::Prefetch));
         futures::future::join_all(fetches).instrument(span).await;
+        for (at, file) in found {
+            layers[at].prefetch_libraries_once(file);
+        }
     }
 
     /// The regular file of this layer that provides library `name` (see
@@ -901,6 +910,7 @@ impl Inner {
         name.rsplit('/').next().unwrap_or(name)
     }
 
+    /// Every distinct chunk of the layer, in blob order.
     fn all_chunk_refs(&self) -> Vec<ChunkRef> {
         self.layer_chunks.iter().map(|&at| at as ChunkRef).collect()
     }

@@ -1,6 +1,7 @@
 //! Library prefetch through `lazysnap mount`, as root with a real registry and FUSE: reading the
 //! start of a program fetches the libraries it names (its interpreter and needed libraries, found
-//! in its own layer and in the layer below) before anything reads them, and nothing else.
+//! in its own layer and in the layer below) and the libraries those name, before anything reads
+//! them, and nothing else.
 
 mod cli_common;
 use cli_common::*;
@@ -58,14 +59,16 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
     let work = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x5eed_11b5);
     // The base layer: the interpreter, the needed library (its soname is a symlink elsewhere;
-    // here only the versioned file), and a library nobody names.
+    // here only the versioned file), the library that one needs, and a library nobody names.
     let interp = random(&mut rng, 150_000);
-    let needed = random(&mut rng, 300_000);
+    let needed = elf_program("", &["libdeep.so.3"], &random(&mut rng, 300_000));
+    let deep = random(&mut rng, 250_000);
     let unnamed = random(&mut rng, 300_000);
     let base = tar_of([
         (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), interp.clone()),
         (format!("{LIB_DIR}/libunnamed.so.1"), unnamed.clone()),
         (format!("{LIB_DIR}/libneeded.so.1.2.3"), needed.clone()),
+        (format!("{LIB_DIR}/libdeep.so.3"), deep.clone()),
     ]);
     // The program's layer: the program, a megabyte that keeps read-ahead of its first chunk
     // away from what follows, and a library of this layer the program names.
@@ -96,8 +99,9 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
     std::io::Read::read(&mut file, &mut head).unwrap();
     assert_eq!(&head[..], &program[..4096]);
 
-    // The program's chunk, its own library, the interpreter and the needed library: 2 chunks in
-    // each layer (every file here fits one chunk), fetched without being read.
+    // The program's chunk and its own library; the interpreter, the needed library and the one
+    // that needs: 3 chunks below and 2 above (every file here fits one chunk), fetched without
+    // being read.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let fetched: Vec<u64> = mounted.status_json()[0]["layers"]
@@ -106,12 +110,12 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
             .iter()
             .map(|layer| layer["fetched_chunks"].as_u64().unwrap())
             .collect();
-        if fetched == [2, 2] {
+        if fetched == [3, 2] {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "chunks fetched per layer: {fetched:?}, expected [2, 2]\n{}",
+            "chunks fetched per layer: {fetched:?}, expected [3, 2]\n{}",
             std::fs::read_to_string(mounted.cache_dir.join("mount-daemon.log")).unwrap_or_default()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -122,6 +126,7 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
     for (path, data) in [
         (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), &interp),
         (format!("{LIB_DIR}/libneeded.so.1.2.3"), &needed),
+        (format!("{LIB_DIR}/libdeep.so.3"), &deep),
         ("usr/lib/libown.so.7".to_string(), &own),
     ] {
         let read = std::fs::read(mounted.dir.join(&path)).unwrap();
