@@ -229,6 +229,10 @@ struct Inner {
     runtime: Handle,
     counters: Counters,
     prefetch_started: AtomicBool,
+    /// The layer prefetches a prioritized range (an optimized image's record of what startup
+    /// reads): library prefetch then leaves its libraries to that record, which holds just the
+    /// parts read, where a library prefetch would fetch them whole.
+    prefetch_planned: AtomicBool,
     cancel: CancellationToken,
     /// Passthrough of files of several chunks: the file being assembled (one at a time per
     /// layer) and the files whose chunks were shown to make their assembled cache file.
@@ -432,6 +436,7 @@ impl LayerReader {
                 runtime,
                 counters: Counters::default(),
                 prefetch_started: AtomicBool::new(false),
+                prefetch_planned: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 assembly: Mutex::new(Assembly::default()),
                 lower: OnceLock::new(),
@@ -454,6 +459,15 @@ impl LayerReader {
         let ticket = plan
             .filter(|_| self.inner.opts.prefetch)
             .map(|plan| (plan, scheduler.queue_prefetch()));
+        // A plan of no file chunks (a converter gives layers without listed files a landmark
+        // too) leaves the layer unplanned.
+        let planned = ticket.as_ref().is_some_and(|(plan, _)| {
+            self.inner
+                .layer_chunks
+                .iter()
+                .any(|&at| plan.wants(self.inner.chunk(at as ChunkRef).compressed.start))
+        });
+        self.inner.prefetch_planned.store(planned, Ordering::SeqCst);
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {
             if let Some((plan, ticket)) = ticket {
@@ -823,7 +837,8 @@ impl Inner {
 
     /// Fetches, at prefetch priority, the libraries ELF file `index` names that are not cached
     /// yet: each from the nearest layer providing it, this one first, then those below; then,
-    /// likewise, the libraries those name (the loader loads the whole closure).
+    /// likewise, the libraries those name (the loader loads the whole closure). A library of a
+    /// layer with a prefetch plan is left to that plan.
     async fn prefetch_libraries_of(self: Arc<Self>, index: usize) {
         // The whole first chunk (the read that led here may have returned only its start).
         let Some(first) = self.files.chunks(index).and_then(<[ChunkInfo]>::first) else {
@@ -854,6 +869,9 @@ impl Inner {
                 .find_map(|(at, layer)| Some((at, layer.library_file(name)?)));
             if let Some((at, file)) = provider {
                 let layer = &layers[at];
+                if layer.prefetch_planned.load(Ordering::SeqCst) {
+                    continue;
+                }
                 found.push((at, file));
                 if let Some(record) = layer.files.record(file) {
                     let all = layer.files.all_chunks();

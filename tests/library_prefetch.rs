@@ -52,11 +52,22 @@ fn elf_program(interp: &str, needed: &[&str], body: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_below() {
-    require_root_and_fuse();
-    let mut registry = RegistryServer::start().unwrap();
-    let work = tempfile::tempdir().unwrap();
+/// The bytes of the image the tests mount, by path.
+struct Files {
+    program: Vec<u8>,
+    interp: Vec<u8>,
+    needed: Vec<u8>,
+    deep: Vec<u8>,
+    own: Vec<u8>,
+}
+
+/// Pushes the two-layer image, converts it (with `convert_args`) and mounts it without background
+/// fill; the registry, the mount and the files.
+fn mount_image(
+    work: &std::path::Path,
+    convert_args: &[&str],
+) -> (RegistryServer, MountedImage, Files) {
+    let registry = RegistryServer::start().unwrap();
     let mut rng = Rng(0x5eed_11b5);
     // The base layer: the interpreter, the needed library (its soname is a symlink elsewhere;
     // here only the versioned file), the library that one needs, and a library nobody names.
@@ -66,7 +77,7 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
     let unnamed = random(&mut rng, 300_000);
     let base = tar_of([
         (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), interp.clone()),
-        (format!("{LIB_DIR}/libunnamed.so.1"), unnamed.clone()),
+        (format!("{LIB_DIR}/libunnamed.so.1"), unnamed),
         (format!("{LIB_DIR}/libneeded.so.1.2.3"), needed.clone()),
         (format!("{LIB_DIR}/libdeep.so.3"), deep.clone()),
     ]);
@@ -83,25 +94,38 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
         ("app/filler".to_string(), random(&mut rng, 1 << 20)),
         ("usr/lib/libown.so.7".to_string(), own.clone()),
     ]);
-    let source = push_generated(&registry, work.path(), &[base, app], "libs");
+    let source = push_generated(&registry, work, &[base, app], "libs");
     let esgz = format!("{}/libs:esgz", registry.host());
-    lazysnap_ok(&["convert", &source, &esgz]);
+    let mut args = vec!["convert"];
+    args.extend_from_slice(convert_args);
+    args.extend_from_slice(&[&source, &esgz]);
+    lazysnap_ok(&args);
     let mounted = MountedImage::new(
         &esgz,
-        work.path(),
+        work,
         "libs",
         &["--no-background", "--read-deadline", "3"],
     );
+    let files = Files {
+        program,
+        interp,
+        needed,
+        deep,
+        own,
+    };
+    (registry, mounted, files)
+}
 
-    // What the loader reads first of a program: its header.
+/// Reads what the loader reads first of a program, its header.
+fn read_program_header(mounted: &MountedImage, files: &Files) {
     let mut head = [0u8; 4096];
     let mut file = std::fs::File::open(mounted.dir.join("app/bin/prog")).unwrap();
     std::io::Read::read(&mut file, &mut head).unwrap();
-    assert_eq!(&head[..], &program[..4096]);
+    assert_eq!(&head[..], &files.program[..4096]);
+}
 
-    // The program's chunk and its own library; the interpreter, the needed library and the one
-    // that needs: 3 chunks below and 2 above (every file here fits one chunk), fetched without
-    // being read.
+/// Waits until each layer has `expected` chunks cached (bottom first), or fails after 30 s.
+fn wait_for_chunks(mounted: &MountedImage, expected: [u64; 2]) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let fetched: Vec<u64> = mounted.status_json()[0]["layers"]
@@ -110,29 +134,80 @@ fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_b
             .iter()
             .map(|layer| layer["fetched_chunks"].as_u64().unwrap())
             .collect();
-        if fetched == [3, 2] {
-            break;
+        if fetched == expected {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "chunks fetched per layer: {fetched:?}, expected [3, 2]\n{}",
+            "chunks fetched per layer: {fetched:?}, expected {expected:?}\n{}",
             std::fs::read_to_string(mounted.cache_dir.join("mount-daemon.log")).unwrap_or_default()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+fn assert_reads(mounted: &MountedImage, path: &str, data: &[u8]) {
+    let read = std::fs::read(mounted.dir.join(path)).unwrap();
+    assert!(read == data, "{path} read back wrong");
+}
+
+fn assert_not_fetched(mounted: &MountedImage, path: &str) {
+    let err = std::fs::read(mounted.dir.join(path)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{path}: {err}");
+}
+
+#[test]
+fn reading_a_program_fetches_the_libraries_it_names_from_its_layer_and_the_one_below() {
+    require_root_and_fuse();
+    let work = tempfile::tempdir().unwrap();
+    let (mut registry, mounted, files) = mount_image(work.path(), &[]);
+    read_program_header(&mounted, &files);
+    // The program's chunk and its own library; the interpreter, the needed library and the one
+    // that needs: 3 chunks below and 2 above (every file here fits one chunk), fetched without
+    // being read.
+    wait_for_chunks(&mounted, [3, 2]);
 
     // With the registry gone, the named libraries read right from the cache...
     registry.stop();
-    for (path, data) in [
-        (format!("{LIB_DIR}/ld-lazysnap-test.so.2"), &interp),
-        (format!("{LIB_DIR}/libneeded.so.1.2.3"), &needed),
-        (format!("{LIB_DIR}/libdeep.so.3"), &deep),
-        ("usr/lib/libown.so.7".to_string(), &own),
-    ] {
-        let read = std::fs::read(mounted.dir.join(&path)).unwrap();
-        assert!(read == *data, "{path} read back wrong");
-    }
+    assert_reads(
+        &mounted,
+        &format!("{LIB_DIR}/ld-lazysnap-test.so.2"),
+        &files.interp,
+    );
+    assert_reads(
+        &mounted,
+        &format!("{LIB_DIR}/libneeded.so.1.2.3"),
+        &files.needed,
+    );
+    assert_reads(&mounted, &format!("{LIB_DIR}/libdeep.so.3"), &files.deep);
+    assert_reads(&mounted, "usr/lib/libown.so.7", &files.own);
     // ...and the library nobody named was not fetched.
-    let err = std::fs::read(mounted.dir.join(format!("{LIB_DIR}/libunnamed.so.1"))).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_not_fetched(&mounted, &format!("{LIB_DIR}/libunnamed.so.1"));
+}
+
+#[test]
+fn a_layer_with_a_prefetch_plan_is_left_to_it() {
+    require_root_and_fuse();
+    let work = tempfile::tempdir().unwrap();
+    // An optimized image records the parts of libraries startup reads: the base layer's plan
+    // holds the interpreter only, so the needed library (which library prefetch would fetch
+    // whole) stays unfetched; the program's layer has no plan and is served as before.
+    let list = work.path().join("prefetch.list");
+    std::fs::write(&list, format!("{LIB_DIR}/ld-lazysnap-test.so.2\n")).unwrap();
+    let (mut registry, mounted, files) =
+        mount_image(work.path(), &["--prefetch-list", list.to_str().unwrap()]);
+    read_program_header(&mounted, &files);
+    wait_for_chunks(&mounted, [1, 2]);
+    // Nothing more comes: the needed library stays unfetched.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    wait_for_chunks(&mounted, [1, 2]);
+    registry.stop();
+    assert_reads(
+        &mounted,
+        &format!("{LIB_DIR}/ld-lazysnap-test.so.2"),
+        &files.interp,
+    );
+    assert_reads(&mounted, "usr/lib/libown.so.7", &files.own);
+    assert_not_fetched(&mounted, &format!("{LIB_DIR}/libneeded.so.1.2.3"));
+    assert_not_fetched(&mounted, &format!("{LIB_DIR}/libunnamed.so.1"));
 }
