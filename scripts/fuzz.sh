@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 seconds="${FUZZ_SECONDS:-60}"
-targets="${FUZZ_TARGETS:-footer toc_json layer_blob tar_input manifest hosts_toml}"
+targets="${FUZZ_TARGETS:-footer toc_json layer_blob tar_input manifest hosts_toml elf_libraries}"
 fixtures="${FIXTURES_DIR:-../shared/fixtures}"
 host=$(rustc -vV | sed -n 's/^host: //p')
 
@@ -24,7 +24,7 @@ RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=3 \
 fuzzer="target/fuzz/$host/release/lazysnap-fuzz"
 
 corpus="fuzz/corpus"
-mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input,manifest,hosts_toml}
+mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input,manifest,hosts_toml,elf_libraries}
 if [ -d "$fixtures" ]; then
     i=0
     for blob in "$fixtures"/*/*.blob; do
@@ -44,6 +44,10 @@ printf 'hello\n' > "$scratch/t/dir/a.txt"
 head -c 10000 /dev/zero > "$scratch/t/dir/zeros"
 ln -sf a.txt "$scratch/t/dir/link"
 tar -C "$scratch/t" --format=pax -cf "$corpus/tar_input/seed.tar" dir
+# The start of real programs and libraries, as library prefetch sees them.
+for elf in /bin/true /usr/lib/x86_64-linux-gnu/libc.so.6; do
+    if [ -f "$elf" ]; then head -c 65536 "$elf" > "$corpus/elf_libraries/$(basename "$elf")"; fi
+done
 # The seeds kept in the repository (manifests, hosts.toml files).
 for dir in fuzz/seeds/*/; do cp "$dir"* "$corpus/$(basename "$dir")/"; done
 

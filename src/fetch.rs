@@ -39,7 +39,7 @@ use crate::estargz::{
 use crate::metrics::{self, FetchKind};
 
 mod claims;
-mod elf_deps;
+pub(crate) mod elf_deps;
 mod layer_files;
 mod scheduler;
 

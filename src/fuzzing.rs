@@ -19,14 +19,21 @@ use crate::image::{parse_json, Index, Manifest};
 pub type Target = fn(&[u8]);
 
 /// Every target by name.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("footer", footer),
     ("toc_json", toc_json),
     ("layer_blob", layer_blob),
     ("tar_input", tar_input),
     ("manifest", manifest),
     ("hosts_toml", hosts_toml),
+    ("elf_libraries", elf_libraries),
 ];
+
+/// The library names library prefetch reads from a file's first bytes (an image's programs are
+/// input like any other).
+pub fn elf_libraries(data: &[u8]) {
+    let _ = crate::fetch::elf_deps::needed_libraries(data);
+}
 
 /// Footer recognition on arbitrary tail bytes.
 pub fn footer(data: &[u8]) {

@@ -192,3 +192,15 @@ fn fuzz_toc_json_structured() {
         fuzzing::toc_json(&serde_json::to_vec(&toc).unwrap());
     }
 }
+
+#[test]
+fn fuzz_elf_libraries() {
+    // The start of this test's own executable and of the C library: real ELF headers.
+    let mut seeds = vec![b"\x7fELF\x02\x01\x01".to_vec()];
+    for path in ["/proc/self/exe", "/usr/lib/x86_64-linux-gnu/libc.so.6"] {
+        if let Ok(data) = std::fs::read(path) {
+            seeds.push(data[..data.len().min(64 << 10)].to_vec());
+        }
+    }
+    run("elf_libraries", &seeds, fuzzing::elf_libraries, 7);
+}
