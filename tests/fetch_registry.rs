@@ -560,3 +560,87 @@ fn a_toc_digest_label_cannot_get_an_unverified_toc_mounted() {
         "nothing mounted"
     );
 }
+
+#[test]
+fn a_first_prepare_reads_its_layers_tail_while_the_manifest_is_on_its_way() {
+    use lazysnap::snapshotter::remote::RemoteLayers;
+    use lazysnap::testbed::{Fault, FaultProxy, ProxyEvent};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts FUSE filesystems: run it as root"
+    );
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let dir = tempfile::tempdir().unwrap();
+    let layers = push_three_layer_image(&registry, dir.path(), "tail/app");
+    let manifest: lazysnap::image::Manifest = lazysnap::image::parse_json(
+        "manifest",
+        &lazysnap::testbed::images::fetch_manifest(&registry.url(), "tail/app", "v1").unwrap(),
+    )
+    .unwrap();
+    let toc_digest =
+        manifest.layers[0].annotations[lazysnap::estargz::TOC_DIGEST_ANNOTATION].clone();
+    // The manifest is held 300 ms: a Prepare that waits for it before asking for its layer's
+    // tail shows the manifest answered before that request arrives.
+    let proxy = FaultProxy::start(&registry.host()).unwrap();
+    proxy.inject("/manifests/", Fault::Delay(Duration::from_millis(300)));
+    let rt = runtime();
+    let manager = on_demand_layer_manager(&rt, dir.path());
+    let image_ref = format!("{}/tail/app:v1", proxy.host());
+    let mountpoint = dir.path().join("mnt0");
+    let request =
+        remote_layer_request(&image_ref, &layers, 0, Some(toc_digest), mountpoint.clone());
+    rt.block_on(manager.mount_layer(&request)).unwrap();
+    let events = proxy.events();
+    let manifest_answered = events
+        .iter()
+        .position(|e| matches!(e, ProxyEvent::Answered(t) if t.contains("/manifests/")))
+        .unwrap();
+    let tail_asked = events
+        .iter()
+        .position(|e| matches!(e, ProxyEvent::Arrived(t) if t.contains(layers[0].as_str())))
+        .unwrap();
+    assert!(
+        tail_asked < manifest_answered,
+        "the layer's tail was asked for only after the manifest came: {events:?}"
+    );
+    // The layer mounted from that tail reads right.
+    let data = std::fs::read(mountpoint.join("layer0/data.bin")).unwrap();
+    assert!(
+        data == pseudo_random(300 << 10, 40),
+        "layer0/data.bin read back wrong"
+    );
+    rt.block_on(manager.unmount_layer(&mountpoint)).unwrap();
+}
+
+#[test]
+fn a_blobs_tail_comes_with_its_size_from_one_suffix_range() {
+    let registry = RegistryServer::start().expect("docker-registry must be installed");
+    let dir = tempfile::tempdir().unwrap();
+    let layers = push_three_layer_image(&registry, dir.path(), "suffix/app");
+    let blob_file = dir.path().join("layer1.blob");
+    lazysnap::testbed::images::fetch_blob(&registry.url(), "suffix/app", &layers[1], &blob_file)
+        .unwrap();
+    let whole = std::fs::read(&blob_file).unwrap();
+    let client = Client::new(ClientConfig::default()).unwrap();
+    let reference = Reference::parse(&format!("{}/suffix/app:v1", registry.host())).unwrap();
+    let rt = runtime();
+    for len in [
+        1u64,
+        51,
+        65536,
+        whole.len() as u64,
+        whole.len() as u64 + 1000,
+    ] {
+        let (blob, tail) = rt
+            .block_on(client.blob_tail(&reference, &layers[1], len))
+            .unwrap();
+        assert_eq!(lazysnap::blob::BlobSource::size(&blob), whole.len() as u64);
+        let expected = &whole[whole.len().saturating_sub(len as usize)..];
+        assert!(tail == expected, "the last {len} bytes read back wrong");
+    }
+    let missing = format!("sha256:{}", "1".repeat(64));
+    let err = rt
+        .block_on(client.blob_tail(&reference, &missing, 100))
+        .unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+}

@@ -24,9 +24,9 @@ pub use chunk_decoder::{ChunkDecoder, Decoded};
 pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
 pub use reader::{
-    layer_from_toc_json, open_layer, open_layer_with_tail, parse_toc_json, verify_layer, Entry,
-    EntryKind, Landmark, LayerToc, PrefetchPlan, VerifyReport, DEFAULT_TAIL_GUESS, MAX_CHUNK_LEN,
-    MAX_TOC_SIZE,
+    layer_from_toc_json, open_layer, open_layer_from_tail, open_layer_with_tail, parse_toc_json,
+    verify_layer, Entry, EntryKind, Landmark, LayerToc, PrefetchPlan, VerifyReport,
+    DEFAULT_TAIL_GUESS, MAX_CHUNK_LEN, MAX_TOC_SIZE,
 };
 pub use toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer, RecordedFile};

@@ -288,6 +288,26 @@ async fn read_with_tail(
     Ok(Bytes::from(joined))
 }
 
+/// [`open_layer`] for a blob whose last bytes, `tail`, were already read (with the request that
+/// learnt the blob's size): only the part of a larger TOC before them is read.
+pub async fn open_layer_from_tail(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+    tail: Bytes,
+) -> Result<LayerToc, FormatError> {
+    let size = blob.size();
+    let span = tracing::debug_span!("estargz_open_layer", blob_size = size, tail = tail.len());
+    let Some(tail_start) = size.checked_sub(tail.len() as u64) else {
+        return Err(FormatError::BadFooter {
+            size,
+            reason: format!("{} bytes were read as its last ones", tail.len()),
+        });
+    };
+    open_with_tail(blob, expected_toc_digest, tail_start, tail)
+        .instrument(span)
+        .await
+}
+
 async fn open_layer_traced(
     blob: &dyn BlobSource,
     expected_toc_digest: Option<&str>,
@@ -301,6 +321,18 @@ async fn open_layer_traced(
         .read_range(tail_range.clone())
         .await
         .map_err(blob_err("footer", &tail_range))?;
+    open_with_tail(blob, expected_toc_digest, tail_range.start, tail).await
+}
+
+/// The rest of opening a layer once its bytes from `tail_start` to the end, `tail`, are read.
+async fn open_with_tail(
+    blob: &dyn BlobSource,
+    expected_toc_digest: Option<&str>,
+    tail_start: u64,
+    tail: Bytes,
+) -> Result<LayerToc, FormatError> {
+    let size = blob.size();
+    let tail_range = tail_start..size;
     let footer = parse_footer(&tail, size)?;
     let footer_start = size - footer.len() as u64;
     let json = match footer {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
@@ -526,7 +527,7 @@ impl LayerManager {
     ) -> Result<MountedLayer, LayerError> {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
         let mounted = async {
-            let toc = self.read_toc(spec).await?;
+            let toc = self.read_toc(spec, None).await?;
             self.mount_toc(spec, &toc, mountpoint, lower).await
         }
         .instrument(span)
@@ -536,13 +537,21 @@ impl LayerManager {
         mounted
     }
 
-    /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]).
-    async fn read_toc(&self, spec: &RemoteLayerSpec) -> Result<estargz::LayerToc, LayerError> {
+    /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]),
+    /// starting from `tail`, its last bytes, when they were read already.
+    async fn read_toc(
+        &self,
+        spec: &RemoteLayerSpec,
+        tail: Option<Bytes>,
+    ) -> Result<estargz::LayerToc, LayerError> {
         let blob = self
             .client
             .blob(&spec.image, &spec.layer.digest, spec.layer.size);
-        estargz::open_layer(&blob, spec.toc_digest())
-            .await
+        let opened = match tail {
+            Some(tail) => estargz::open_layer_from_tail(&blob, spec.toc_digest(), tail).await,
+            None => estargz::open_layer(&blob, spec.toc_digest()).await,
+        };
+        opened
             .map(estargz::LayerToc::without_raw_toc)
             .map_err(|source| LayerError::Format {
                 digest: spec.layer.digest.clone(),
@@ -639,10 +648,28 @@ impl LayerManager {
     ) -> Result<(), RemoteLayerError> {
         let image = Reference::parse(&locator.image_ref)
             .map_err(|e| RemoteLayerError::Declined(format!("image reference: {e}")))?;
-        let mut spec = self
-            .locate(&image, &locator.layer_digest)
-            .await
-            .map_err(to_remote_error)?;
+        // The first Prepare of an image fetches its manifest (for this layer's size and the
+        // other layers' TOCs); when the labels name this layer's TOC digest, its tail is read
+        // meanwhile by a suffix range, which tells the size too: one round trip less.
+        let early_tail = async {
+            let known = lock(&self.manifests).contains_key(&image.to_string());
+            if known || locator.toc_digest.is_none() {
+                return None;
+            }
+            let read = self
+                .client
+                .blob_tail(&image, &locator.layer_digest, estargz::DEFAULT_TAIL_GUESS)
+                .await;
+            read.map_err(|e| tracing::debug!(error = %e, "reading the layer's tail before the manifest failed; reading it after"))
+                .ok()
+        };
+        let (located, early_tail) =
+            tokio::join!(self.locate(&image, &locator.layer_digest), early_tail);
+        let mut spec = located.map_err(to_remote_error)?;
+        // Kept only when the registry's size agrees with the manifest's.
+        let early_tail = early_tail
+            .filter(|(blob, _)| blob.size() == spec.layer.size)
+            .map(|(_, tail)| tail);
         if let Some(toc_digest) = &locator.toc_digest {
             spec.layer.annotations.insert(
                 estargz::TOC_DIGEST_ANNOTATION.to_string(),
@@ -659,7 +686,7 @@ impl LayerManager {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
         let layer = async {
             let toc = self
-                .toc_read_ahead(&image, &spec, &locator.image_layers)
+                .toc_read_ahead(&image, &spec, &locator.image_layers, early_tail)
                 .await?;
             let mounted = self
                 .mount_toc(&spec, &toc, mountpoint, lower)
@@ -680,12 +707,14 @@ impl LayerManager {
     /// The TOC of `spec`, read together with those of the image's other lazily pullable layers
     /// not read yet (`image_layers`, from the Prepare labels): containerd prepares layers one
     /// after another, so the first Prepare of an image reads every TOC at once and the later
-    /// ones find theirs ready. TOCs read ahead are kept for [`TOC_READ_AHEAD_TTL`].
+    /// ones find theirs ready. TOCs read ahead are kept for [`TOC_READ_AHEAD_TTL`]. `tail`: the
+    /// last bytes of `spec`'s blob, if already read.
     async fn toc_read_ahead(
         &self,
         image: &Reference,
         spec: &RemoteLayerSpec,
         image_layers: &[String],
+        tail: Option<Bytes>,
     ) -> Result<Arc<estargz::LayerToc>, RemoteLayerError> {
         let manifest = self.image_manifest(image).await.map_err(to_remote_error)?;
         let others = image_layers
@@ -705,16 +734,21 @@ impl LayerManager {
             .chain(others)
             .map(|spec| (self.toc_cell(image, &spec.layer.digest), spec))
             .collect();
-        let mut results = futures::future::join_all(jobs.iter().map(|(cell, spec)| async move {
-            cell.get_or_init(|| async {
-                self.read_toc(spec)
-                    .await
-                    .map(Arc::new)
-                    .map_err(to_remote_error)
-            })
-            .await
-            .clone()
-        }))
+        let tail = &tail;
+        let mut results = futures::future::join_all(jobs.iter().enumerate().map(
+            |(position, (cell, spec))| async move {
+                // The tail read ahead is this layer's, the first job.
+                let tail = tail.clone().filter(|_| position == 0);
+                cell.get_or_init(|| async {
+                    self.read_toc(spec, tail)
+                        .await
+                        .map(Arc::new)
+                        .map_err(to_remote_error)
+                })
+                .await
+                .clone()
+            },
+        ))
         .await;
         results.swap_remove(0)
     }

@@ -153,6 +153,36 @@ impl Client {
     pub fn blob(&self, reference: &Reference, digest: &str, size: u64) -> RemoteBlob {
         RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), size)
     }
+
+    /// The last `len` bytes of blob `digest` (all of it when shorter), in one request
+    /// (`Range: bytes=-len`) that also tells the blob's size, and a ranged-read handle on the
+    /// blob of that size: what opening a layer needs before its size is known.
+    pub async fn blob_tail(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        len: u64,
+    ) -> Result<(RemoteBlob, Bytes), RegistryError> {
+        let probe = RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), 0);
+        let span = tracing::info_span!(
+            "registry.read_tail",
+            registry = %reference.registry,
+            repository = %reference.repository,
+            digest,
+            bytes = len
+        );
+        let probe = &probe;
+        let (size, tail) = self
+            .with_endpoints(
+                reference,
+                |c| c.pull,
+                "reading a blob's tail",
+                |endpoint| async move { probe.tail_on(&endpoint, len).await },
+            )
+            .instrument(span)
+            .await?;
+        Ok((self.blob(reference, digest, size), tail))
+    }
 }
 
 impl RemoteBlob {
@@ -554,6 +584,48 @@ impl RemoteBlob {
                 "{what}: answered Content-Range {content_range:?}, expected bytes {}-{}/{}",
                 expected.0, expected.1, self.inner.size
             )))),
+        }
+    }
+
+    /// The blob's size and its last `len` bytes (fewer for a shorter blob), by a suffix range.
+    async fn tail_on(&self, endpoint: &Endpoint, len: u64) -> Result<(u64, Bytes), Failure> {
+        let what = self.what(endpoint, &format!("its last {len} bytes"));
+        if len == 0 {
+            return Err(Failure::fatal(RegistryError::Invalid(what)));
+        }
+        let header = HeaderValue::from_str(&format!("bytes=-{len}"))
+            .map_err(|_| Failure::fatal(RegistryError::Invalid(what.clone())))?;
+        let response = self
+            .ranged_get(endpoint, header, self.inner.client.config().request_timeout)
+            .await?;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let content_range = header_str(response.headers(), CONTENT_RANGE.as_str());
+                match content_range.as_deref().and_then(parse_content_range) {
+                    Some((start, end, Some(size)))
+                        if start <= end && end + 1 == size && end - start + 1 == len.min(size) =>
+                    {
+                        let tail = read_body_exact(response, end - start + 1, &what).await?;
+                        Ok((size, tail))
+                    }
+                    _ => Err(Failure::transient(RegistryError::Corrupt(format!(
+                        "{what}: answered Content-Range {content_range:?}, expected the last \
+                         {len} bytes and the blob's size"
+                    )))),
+                }
+            }
+            StatusCode::OK => match response.content_length() {
+                // The server ignored Range: a small blob is taken whole and cut.
+                Some(size) if size <= WHOLE_BODY_FALLBACK_LIMIT => {
+                    let whole = read_body_exact(response, size, &what).await?;
+                    let from = usize::try_from(size.saturating_sub(len)).unwrap_or(0);
+                    Ok((size, whole.slice(from..)))
+                }
+                _ => Err(Failure::fatal(RegistryError::Invalid(format!(
+                    "{what}: the server ignores Range requests (answered 200 with the whole blob)"
+                )))),
+            },
+            status => Err(status_failure(&what, status, response.headers())),
         }
     }
 
