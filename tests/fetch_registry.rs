@@ -579,10 +579,10 @@ fn a_first_prepare_reads_its_layers_tail_while_the_manifest_is_on_its_way() {
     .unwrap();
     let toc_digest =
         manifest.layers[0].annotations[lazysnap::estargz::TOC_DIGEST_ANNOTATION].clone();
-    // The manifest is held 300 ms: a Prepare that waits for it before asking for its layer's
-    // tail shows the manifest answered before that request arrives.
+    // The manifest is held 1 s: a Prepare that waits for it before asking for its layer's tail
+    // shows the manifest answered before that request arrives.
     let proxy = FaultProxy::start(&registry.host()).unwrap();
-    proxy.inject("/manifests/", Fault::Delay(Duration::from_millis(300)));
+    proxy.inject("/manifests/", Fault::Delay(Duration::from_secs(1)));
     let rt = runtime();
     let manager = on_demand_layer_manager(&rt, dir.path());
     let image_ref = format!("{}/tail/app:v1", proxy.host());
