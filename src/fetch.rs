@@ -233,6 +233,8 @@ struct Inner {
     /// reads): library prefetch then leaves its libraries to that record, which holds just the
     /// parts read, where a library prefetch would fetch them whole.
     prefetch_planned: AtomicBool,
+    /// Notified when the prefetch [`LayerReader::start_prefetch`] began has finished.
+    prefetch_finished: tokio::sync::Notify,
     cancel: CancellationToken,
     /// Passthrough of files of several chunks: the file being assembled (one at a time per
     /// layer) and the files whose chunks were shown to make their assembled cache file.
@@ -437,6 +439,7 @@ impl LayerReader {
                 counters: Counters::default(),
                 prefetch_started: AtomicBool::new(false),
                 prefetch_planned: AtomicBool::new(false),
+                prefetch_finished: tokio::sync::Notify::new(),
                 cancel: CancellationToken::new(),
                 assembly: Mutex::new(Assembly::default()),
                 lower: OnceLock::new(),
@@ -474,6 +477,7 @@ impl LayerReader {
                 inner.prefetch(&plan, ticket).await;
             }
             inner.counters.prefetch_done.store(true, Ordering::SeqCst);
+            inner.prefetch_finished.notify_waiters();
             if inner.opts.background && !inner.cancel.is_cancelled() {
                 inner.background_fill().await;
             }
@@ -507,11 +511,16 @@ impl LayerReader {
     /// Returns once the prefetch [`start_prefetch`](Self::start_prefetch) began has finished
     /// (at once when it was not asked for), or the reader was shut down.
     pub async fn prefetch_finished(&self) {
-        while !self.inner.counters.prefetch_done.load(Ordering::SeqCst) {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = self.inner.cancel.cancelled() => return,
-            }
+        let finished = self.inner.prefetch_finished.notified();
+        tokio::pin!(finished);
+        // Registered before the check, so a notification between the two is not lost.
+        finished.as_mut().enable();
+        if self.inner.counters.prefetch_done.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            _ = finished => {}
+            _ = self.inner.cancel.cancelled() => {}
         }
     }
 
