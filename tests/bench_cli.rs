@@ -25,11 +25,14 @@ fn require_root_and_tools() {
     }
 }
 
-fn lazysnap_mounts() -> usize {
+/// Mounts under `state_dir` (each test's bench keeps its state in a directory of its own: the
+/// tests of this file run at once).
+fn mounts_under(state_dir: &Path) -> usize {
+    let dir = state_dir.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .filter(|line| line.contains("lazysnap-bench-"))
+        .filter(|line| line.contains(&dir))
         .count()
 }
 
@@ -56,7 +59,11 @@ fn bench_runs_both_modes_and_writes_results() {
     require_root_and_tools();
     let out = tempfile::tempdir().unwrap();
     // Two cold runs on the unshaped and the datacenter profile.
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
     let args = [
+        "--state-dir",
+        state_dir,
         "--runs",
         "2",
         "--link",
@@ -190,7 +197,7 @@ fn bench_runs_both_modes_and_writes_results() {
     assert!(table.starts_with("link"));
 
     // Torn down: nothing of the bench stays mounted.
-    assert_eq!(lazysnap_mounts(), 0);
+    assert_eq!(mounts_under(state.path()), 0);
 }
 
 /// The SOCI daemon the peer test measures: `LAZYSNAP_SOCI_GRPC`, or where scripts/get-soci.sh

@@ -92,7 +92,11 @@ impl TestContainerd {
     /// `ctr run --rm` of `image` with `snapshotter`, returning its stdout; panics with ctr's and
     /// containerd's output on failure.
     pub fn run(&self, namespace: &str, snapshotter: &str, image: &str, cmd: &[&str]) -> String {
-        let id = format!("pulltest-{}", std::process::id());
+        // runc keeps container state in a directory every containerd on the node shares, and
+        // this binary's tests run at once: each run gets an id of its own.
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("pulltest-{}-{run}", std::process::id());
         let mut args = vec![
             "run",
             "--rm",
