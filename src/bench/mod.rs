@@ -176,7 +176,7 @@ impl BenchImage {
 }
 
 impl BenchOptions {
-    /// Defaults: links `unlimited` and `20mbit:50ms`, 3 runs, a 40 MB app layer, prefetch list
+    /// Defaults: links `unlimited` and `20mbit:50ms`, 5 runs, a 40 MB app layer, prefetch list
     /// on, background fill on (lazysnap's default), 10 minutes per step.
     pub fn new(lazysnap_bin: PathBuf) -> Self {
         Self {
@@ -193,7 +193,7 @@ impl BenchOptions {
                     rtt: Duration::from_millis(50),
                 },
             ],
-            runs: 3,
+            runs: 5,
             layer_mb: 40,
             prefetch: true,
             background_fill: true,
