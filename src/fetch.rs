@@ -462,14 +462,15 @@ impl LayerReader {
         let ticket = plan
             .filter(|_| self.inner.opts.prefetch)
             .map(|plan| (plan, scheduler.queue_prefetch()));
-        // A plan of no file chunks (a converter gives layers without listed files a landmark
-        // too) leaves the layer unplanned.
-        let planned = ticket.as_ref().is_some_and(|(plan, _)| {
-            self.inner
-                .layer_chunks
-                .iter()
-                .any(|&at| plan.wants(self.inner.chunk(at as ChunkRef).compressed.start))
-        });
+        // For library prefetch: a plan of no file chunks (a converter gives layers without
+        // listed files a landmark too) leaves the layer unplanned.
+        let planned = self.inner.opts.library_prefetch
+            && ticket.as_ref().is_some_and(|(plan, _)| {
+                self.inner
+                    .layer_chunks
+                    .iter()
+                    .any(|&at| plan.wants(self.inner.chunk(at as ChunkRef).compressed.start))
+            });
         self.inner.prefetch_planned.store(planned, Ordering::SeqCst);
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {

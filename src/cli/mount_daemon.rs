@@ -630,19 +630,19 @@ async fn mount_layers(
         let lazy = if spec.toc_digest().is_some() {
             // The layers already stacked, nearest first, decide which whiteouts delete anything.
             let below = LowerLayers::new(mounted.lower_dirs.iter().rev().cloned().collect());
-            match manager.mount(&spec, &mountpoint, &below).await {
-                Ok(layer) => {
-                    // Libraries its programs name are looked for in the lazy layers below too.
-                    let lower: Vec<_> = mounted
-                        .layers
-                        .iter()
-                        .rev()
-                        .flatten()
-                        .map(|below| below.reader().clone())
-                        .collect();
-                    layer.reader().set_lower_layers(&lower);
-                    Some(layer)
-                }
+            // The lazy layers already stacked, nearest first: library prefetch looks there too.
+            let below_readers: Vec<_> = mounted
+                .layers
+                .iter()
+                .rev()
+                .flatten()
+                .map(|layer| layer.reader().clone())
+                .collect();
+            match manager
+                .mount(&spec, &mountpoint, &below, &below_readers)
+                .await
+            {
+                Ok(layer) => Some(layer),
                 Err(e) if e.is_not_lazy() => {
                     tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");
                     None

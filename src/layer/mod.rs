@@ -480,10 +480,10 @@ impl LayerManager {
 
     /// The image manifest of `image` for the configured platform (indexes resolved).
     pub async fn image_manifest(&self, image: &Reference) -> Result<Arc<Manifest>, LayerError> {
-        let key = image.to_string();
-        if let Some(found) = lock(&self.manifests).get(&key) {
-            return Ok(found.clone());
+        if let Some(found) = self.cached_manifest(image) {
+            return Ok(found);
         }
+        let key = image.to_string();
         let location = image::ImageLocation::Registry(image.clone());
         let manifest = Arc::new(
             image::resolve_image(&self.client, &location, &self.options.platform)
@@ -492,6 +492,11 @@ impl LayerManager {
         );
         lock(&self.manifests).insert(key, manifest.clone());
         Ok(manifest)
+    }
+
+    /// The manifest of `image` if [`image_manifest`](Self::image_manifest) fetched it before.
+    fn cached_manifest(&self, image: &Reference) -> Option<Arc<Manifest>> {
+        lock(&self.manifests).get(&image.to_string()).cloned()
     }
 
     /// Finds layer `digest` of `image` (size and annotations come from the manifest).
@@ -517,18 +522,20 @@ impl LayerManager {
     }
 
     /// Mounts `spec` lazily at `mountpoint` (an existing empty directory), stacked on `lower`,
-    /// and starts its prefetch. Fails with [`LayerError::Format`] when the layer is not
-    /// eStargz/zstd:chunked.
+    /// and starts its prefetch; `below` are the readers of the lazy layers among `lower`,
+    /// nearest first, where library prefetch looks after this layer. Fails with
+    /// [`LayerError::Format`] when the layer is not eStargz/zstd:chunked.
     pub async fn mount(
         &self,
         spec: &RemoteLayerSpec,
         mountpoint: &Path,
         lower: &LowerLayers,
+        below: &[Arc<LayerReader>],
     ) -> Result<MountedLayer, LayerError> {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
         let mounted = async {
             let toc = self.read_toc(spec, None).await?;
-            self.mount_toc(spec, &toc, mountpoint, lower).await
+            self.mount_toc(spec, &toc, mountpoint, lower, below).await
         }
         .instrument(span)
         .await;
@@ -567,6 +574,7 @@ impl LayerManager {
         toc: &estargz::LayerToc,
         mountpoint: &Path,
         lower: &LowerLayers,
+        below: &[Arc<LayerReader>],
     ) -> Result<MountedLayer, LayerError> {
         let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
             &spec.image,
@@ -583,18 +591,7 @@ impl LayerManager {
             self.runtime.clone(),
             short_digest(&spec.layer.digest),
         );
-        // The lazy layers below, mounted before this one through the hook, by their mountpoints.
-        let below: Vec<Arc<LayerReader>> = {
-            let mounted = lock(&self.mounted);
-            lower
-                .dirs()
-                .iter()
-                .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
-                .collect()
-        };
-        if !below.is_empty() {
-            reader.set_lower_layers(&below);
-        }
+        reader.set_lower_layers(below);
         let mut mount_options = self.options.mount.clone();
         mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
@@ -652,8 +649,7 @@ impl LayerManager {
         // other layers' TOCs); when the labels name this layer's TOC digest, its tail is read
         // meanwhile by a suffix range, which tells the size too: one round trip less.
         let early_tail = async {
-            let known = lock(&self.manifests).contains_key(&image.to_string());
-            if known || locator.toc_digest.is_none() {
+            if locator.toc_digest.is_none() || self.cached_manifest(&image).is_some() {
                 return None;
             }
             let read = self
@@ -688,8 +684,17 @@ impl LayerManager {
             let toc = self
                 .toc_read_ahead(&image, &spec, &locator.image_layers, early_tail)
                 .await?;
+            // The lazy layers below, mounted before this one through the hook.
+            let below: Vec<Arc<LayerReader>> = {
+                let mounted = lock(&self.mounted);
+                lower
+                    .dirs()
+                    .iter()
+                    .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
+                    .collect()
+            };
             let mounted = self
-                .mount_toc(&spec, &toc, mountpoint, lower)
+                .mount_toc(&spec, &toc, mountpoint, lower, &below)
                 .await
                 .map_err(to_remote_error);
             lock(&self.tocs).remove(&(image.to_string(), spec.layer.digest.clone()));
