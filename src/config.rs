@@ -49,6 +49,10 @@
 //! # names (its interpreter and needed libraries, found in this layer or the layers below) at
 //! # prefetch priority: the loader's chain of round trips becomes one.
 //! library_prefetch = true
+//! # At a layer's mount, fetch what every container of the image reads first: the program its
+//! # config names (entrypoint or cmd, through PATH and symlinks), /etc/ld.so.cache, /etc/passwd
+//! # and /etc/group, at prefetch priority while the pull and the container's create go on.
+//! startup_prefetch = true
 //! # Deadline of one on-demand read, in seconds: after it the process gets EIO.
 //! read_deadline_secs = 30
 //! # Timeout of one HTTP request, in seconds.
@@ -167,6 +171,9 @@ pub struct FetchConfig {
     /// Prefetch of the shared libraries an ELF file names once its first chunk is fetched
     /// (default true).
     pub library_prefetch: bool,
+    /// Prefetch, at mount, of the files every container of the image reads first (default
+    /// true).
+    pub startup_prefetch: bool,
     /// On-demand read deadline in seconds (default 30).
     pub read_deadline_secs: u64,
     /// HTTP request timeout in seconds (default 30).
@@ -226,6 +233,7 @@ impl Default for FetchConfig {
             background_quiet_secs: 5,
             readahead: true,
             library_prefetch: true,
+            startup_prefetch: true,
             read_deadline_secs: 30,
             request_timeout_secs: 30,
             passthrough: true,

@@ -229,10 +229,10 @@ struct Inner {
     runtime: Handle,
     counters: Counters,
     prefetch_started: AtomicBool,
-    /// The layer prefetches a prioritized range (an optimized image's record of what startup
-    /// reads): library prefetch then leaves its libraries to that record, which holds just the
-    /// parts read, where a library prefetch would fetch them whole.
-    prefetch_planned: AtomicBool,
+    /// The prioritized range the layer prefetches, when it holds file chunks (an optimized
+    /// image's record of what startup reads): library and startup prefetch then leave the files
+    /// it lists to it, which holds just the parts read, where they would fetch them whole.
+    plan: OnceLock<PrefetchPlan>,
     /// Notified when the prefetch [`LayerReader::start_prefetch`] began has finished.
     prefetch_finished: tokio::sync::Notify,
     cancel: CancellationToken,
@@ -280,6 +280,10 @@ impl Drop for Reply {
 /// Bytes between two chunks that read-ahead still takes as adjacent (tar headers of entries
 /// without content).
 const READ_AHEAD_MAX_GAP: u64 = 4096;
+
+/// Largest file (uncompressed) the startup prefetch fetches whole; of a larger one, only the
+/// first chunk (a program that big reads a small part of itself at start).
+pub const STARTUP_WHOLE_FILE_MAX: u64 = 32 << 20;
 
 /// Chunks larger than this are decoded straight into their cache file, not into memory.
 const LARGE_CHUNK: u64 = 16 << 20;
@@ -438,7 +442,7 @@ impl LayerReader {
                 runtime,
                 counters: Counters::default(),
                 prefetch_started: AtomicBool::new(false),
-                prefetch_planned: AtomicBool::new(false),
+                plan: OnceLock::new(),
                 prefetch_finished: tokio::sync::Notify::new(),
                 cancel: CancellationToken::new(),
                 assembly: Mutex::new(Assembly::default()),
@@ -462,16 +466,18 @@ impl LayerReader {
         let ticket = plan
             .filter(|_| self.inner.opts.prefetch)
             .map(|plan| (plan, scheduler.queue_prefetch()));
-        // For library prefetch: a plan of no file chunks (a converter gives layers without
-        // listed files a landmark too) leaves the layer unplanned.
-        let planned = self.inner.opts.library_prefetch
-            && ticket.as_ref().is_some_and(|(plan, _)| {
-                self.inner
-                    .layer_chunks
-                    .iter()
-                    .any(|&at| plan.wants(self.inner.chunk(at as ChunkRef).compressed.start))
-            });
-        self.inner.prefetch_planned.store(planned, Ordering::SeqCst);
+        // For library and startup prefetch: a plan of no file chunks (a converter gives layers
+        // without listed files a landmark too) leaves the layer unplanned.
+        if let Some((plan, _)) = &ticket {
+            let holds_files = self
+                .inner
+                .layer_chunks
+                .iter()
+                .any(|&at| plan.wants(self.inner.chunk(at as ChunkRef).compressed.start));
+            if holds_files {
+                let _ = self.inner.plan.set(plan.clone());
+            }
+        }
         let inner = Arc::clone(&self.inner);
         self.inner.runtime.spawn(async move {
             if let Some((plan, ticket)) = ticket {
@@ -483,6 +489,41 @@ impl LayerReader {
                 inner.background_fill().await;
             }
         });
+    }
+
+    /// Fetches files `names` of this layer (paths as its TOC names them) at prefetch priority, in
+    /// that order: what every container of the image reads first (see `layer::startup`), asked
+    /// for at mount. Each file's first chunk comes first, then an ELF file's libraries (with library
+    /// prefetch on) beside the rest of the file (up to [`STARTUP_WHOLE_FILE_MAX`]). Files the
+    /// layer's prefetch plan lists are left to that plan; call after
+    /// [`start_prefetch`](Self::start_prefetch).
+    pub fn prefetch_startup_files(&self, names: &[String]) {
+        let inner = &self.inner;
+        if names.is_empty() || !inner.opts.prefetch {
+            return;
+        }
+        let listed = |file: usize| {
+            let plan = inner.plan.get();
+            let chunks = inner.files.chunks(file).unwrap_or_default();
+            plan.is_some_and(|plan| chunks.iter().any(|c| plan.wants(c.compressed.start)))
+        };
+        // In the order of `names` (the program first: it is the long one).
+        let mut files: Vec<(usize, usize)> = (0..inner.files.len())
+            .filter_map(|file| {
+                let name = inner.files.name(file)?;
+                let rank = names.iter().position(|wanted| wanted == name)?;
+                (!listed(file)).then_some((rank, file))
+            })
+            .collect();
+        files.sort_unstable();
+        let files: Vec<usize> = files.into_iter().map(|(_, file)| file).collect();
+        if files.is_empty() {
+            return;
+        }
+        let inner = Arc::clone(inner);
+        self.inner
+            .runtime
+            .spawn(async move { inner.prefetch_startup(files).await });
     }
 
     /// The layers below this one, nearest first: where the libraries of this layer's programs
@@ -819,6 +860,53 @@ impl Inner {
         });
     }
 
+    /// The work of [`LayerReader::prefetch_startup_files`] for file indexes `files`.
+    async fn prefetch_startup(self: Arc<Self>, files: Vec<usize>) {
+        let uncached = |chunks: &mut dyn Iterator<Item = ChunkRef>| -> Vec<ChunkRef> {
+            chunks
+                .filter(|&at| !self.cache.contains(&self.chunk(at).digest))
+                .collect()
+        };
+        let records: Vec<(usize, FileRecord)> = files
+            .iter()
+            .filter_map(|&file| Some((file, self.files.record(file)?)))
+            .collect();
+        let span = tracing::info_span!(
+            "startup_prefetch",
+            layer = %self.layer,
+            files = ?files.iter().map(|&file| self.file_name(file)).collect::<Vec<_>>()
+        );
+        async {
+            let firsts = uncached(&mut records.iter().filter_map(|(_, record)| {
+                let range = record.chunk_range();
+                (!range.is_empty()).then_some(range.start)
+            }));
+            self.stream_lower(&firsts, FetchKind::Prefetch).await;
+            if self.opts.library_prefetch {
+                for &(file, _) in &records {
+                    let elf = self
+                        .files
+                        .chunks(file)
+                        .and_then(<[ChunkInfo]>::first)
+                        .and_then(|first| self.cache.get(&first.digest))
+                        .is_some_and(|head| elf_deps::is_elf(&head));
+                    if elf {
+                        self.prefetch_libraries_once(file);
+                    }
+                }
+            }
+            let rest = uncached(
+                &mut records
+                    .iter()
+                    .filter(|(_, record)| record.size <= STARTUP_WHOLE_FILE_MAX)
+                    .flat_map(|(_, record)| record.chunk_range().skip(1)),
+            );
+            self.stream_lower(&rest, FetchKind::Prefetch).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
     /// Called with the first bytes of file `index` a read returned: if they start an ELF file
     /// and library prefetch is on, fetches the libraries it names (once per file).
     fn note_first_bytes(self: &Arc<Self>, index: usize, first: &[u8]) {
@@ -879,7 +967,7 @@ impl Inner {
                 .find_map(|(at, layer)| Some((at, layer.library_file(name)?)));
             if let Some((at, file)) = provider {
                 let layer = &layers[at];
-                if layer.prefetch_planned.load(Ordering::SeqCst) {
+                if layer.plan.get().is_some() {
                     continue;
                 }
                 found.push((at, file));

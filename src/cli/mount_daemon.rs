@@ -607,6 +607,8 @@ async fn mount_layers(
                 passthrough: !request.no_passthrough,
                 ..LayerManagerOptions::default().mount
             },
+            // The startup prefetch is the snapshotter's: it knows the image's TOCs at once.
+            startup_prefetch: false,
         },
     );
     let reference = Reference::parse(&request.image)?;

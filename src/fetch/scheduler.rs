@@ -53,8 +53,11 @@ impl Default for SchedulerOptions {
     }
 }
 
-/// [`FetchScheduler::overtake_patience`] before any estimate, and at most.
+/// [`FetchScheduler::overtake_patience`] before any estimate (plus the chunk's bytes at
+/// [`ASSUMED_SLOW_RATE`]), and at most.
 const DEFAULT_OVERTAKE_PATIENCE: Duration = Duration::from_secs(1);
+/// Bytes/s a link is taken to carry before the scheduler has estimated it (about 8 Mbit/s).
+const ASSUMED_SLOW_RATE: f64 = 1_000_000.0;
 const MAX_OVERTAKE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Bounds of [`FetchScheduler::readahead_bytes`].
@@ -220,7 +223,10 @@ impl FetchScheduler {
         let link = self.state().link;
         let secs = match (link.rtt, link.rate) {
             (Some(rtt), Some(rate)) if rate > 0.0 => 2.0 * (rtt + bytes as f64 / rate),
-            _ => DEFAULT_OVERTAKE_PATIENCE.as_secs_f64(),
+            // No estimate yet (the first fetches after a mount): assume a slow link, or a
+            // stream that is delivering a large chunk would be overtaken and the chunk sent
+            // twice over the link both share.
+            _ => DEFAULT_OVERTAKE_PATIENCE.as_secs_f64() + bytes as f64 / ASSUMED_SLOW_RATE,
         };
         Duration::from_secs_f64(secs.clamp(0.05, MAX_OVERTAKE_PATIENCE.as_secs_f64()))
     }

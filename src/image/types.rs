@@ -161,6 +161,71 @@ pub struct ImageConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The process part of an image config (`config` in its JSON): what a container runs by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ProcessConfig {
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: Option<Vec<String>>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// `PATH` of a process whose environment sets none (what Docker and containerd give it).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl ImageConfig {
+    /// The config's process part; empty when it has none or it does not parse.
+    pub fn process(&self) -> ProcessConfig {
+        self.extra
+            .get("config")
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl ProcessConfig {
+    /// Where the program a container runs by default may be, most likely first: the first word
+    /// of entrypoint + cmd as it is when it holds a `/` (against the working directory when
+    /// relative), else joined to each `PATH` directory in order. Absolute paths; empty when the
+    /// config names no command.
+    pub fn program_candidates(&self) -> Vec<String> {
+        let program = self
+            .entrypoint
+            .iter()
+            .chain(&self.cmd)
+            .flatten()
+            .next()
+            .filter(|p| !p.is_empty());
+        let Some(program) = program else {
+            return Vec::new();
+        };
+        if program.contains('/') {
+            if program.starts_with('/') {
+                return vec![program.clone()];
+            }
+            let cwd = self.working_dir.as_deref().unwrap_or("/");
+            return vec![format!("{}/{program}", cwd.trim_end_matches('/'))];
+        }
+        let path = self
+            .env
+            .iter()
+            .flatten()
+            .find_map(|pair| pair.strip_prefix("PATH="))
+            .unwrap_or(DEFAULT_PATH);
+        path.split(':')
+            .filter(|dir| dir.starts_with('/'))
+            .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
+            .collect()
+    }
+}
+
 /// Largest manifest, index or config accepted (the OCI distribution spec suggests 4 MiB).
 pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 
@@ -221,6 +286,39 @@ mod tests {
         let back: serde_json::Value = serde_json::from_slice(&to_json("m", &m).unwrap()).unwrap();
         assert_eq!(back["config"]["mediaType"], DOCKER_CONFIG);
         assert_eq!(back["foo"], 1);
+    }
+
+    #[test]
+    fn the_program_is_looked_for_where_the_runtime_would_run_it() {
+        let candidates = |json: &str| {
+            let config: ImageConfig = parse_json("config", json.as_bytes()).unwrap();
+            config.process().program_candidates()
+        };
+        let rootfs = r#""rootfs":{"type":"layers","diff_ids":[]}"#;
+        assert_eq!(
+            candidates(&format!(
+                r#"{{{rootfs},"config":{{"Entrypoint":["tini","--"],"Cmd":["app"],"Env":["A=1","PATH=/opt/bin:relative:/bin/"]}}}}"#
+            )),
+            ["/opt/bin/tini", "/bin/tini"]
+        );
+        assert_eq!(
+            candidates(&format!(r#"{{{rootfs},"config":{{"Cmd":["python3"]}}}}"#)).len(),
+            DEFAULT_PATH.split(':').count()
+        );
+        assert_eq!(
+            candidates(&format!(
+                r#"{{{rootfs},"config":{{"Cmd":["./run.sh"],"WorkingDir":"/srv/"}}}}"#
+            )),
+            ["/srv/./run.sh"]
+        );
+        assert_eq!(
+            candidates(&format!(
+                r#"{{{rootfs},"config":{{"Cmd":["/bin/sh","-c","x"]}}}}"#
+            )),
+            ["/bin/sh"]
+        );
+        assert!(candidates(&format!(r#"{{{rootfs}}}"#)).is_empty());
+        assert!(candidates(&format!(r#"{{{rootfs},"config":{{"Cmd":7}}}}"#)).is_empty());
     }
 
     #[test]

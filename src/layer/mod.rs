@@ -3,6 +3,7 @@
 
 mod index;
 mod lower;
+mod startup;
 mod unpack;
 
 pub use index::build_index;
@@ -107,6 +108,9 @@ pub struct LayerManagerOptions {
     pub mount: lazysnap_fuse::MountOptions,
     /// Platform chosen from image indexes.
     pub platform: Platform,
+    /// At each layer's mount, prefetch what every container of the image reads first (see
+    /// [`startup`]): the program its config names, the loader's cache, the user database.
+    pub startup_prefetch: bool,
 }
 
 impl Default for LayerManagerOptions {
@@ -121,6 +125,7 @@ impl Default for LayerManagerOptions {
                 ..lazysnap_fuse::MountOptions::default()
             },
             platform: Platform::host(),
+            startup_prefetch: true,
         }
     }
 }
@@ -288,6 +293,17 @@ pub struct LayerManager {
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
     /// TOCs read (or being read) ahead of their layer's Prepare, by image reference and layer.
     tocs: Mutex<HashMap<(String, String), (std::time::Instant, TocCell)>>,
+    /// What the first Prepare of an image learned for the startup prefetch, by image reference.
+    startups: Mutex<HashMap<String, (std::time::Instant, Arc<ImageStartup>)>>,
+}
+
+/// The startup prefetch of one image's layers (see [`startup`]).
+#[derive(Default)]
+struct ImageStartup {
+    /// The process part of the image config; `None` when the config could not be read.
+    process: tokio::sync::OnceCell<Option<image::ProcessConfig>>,
+    /// The files each layer prefetches at mount, by layer digest.
+    files: std::sync::OnceLock<HashMap<String, Vec<String>>>,
 }
 
 impl LayerManager {
@@ -306,6 +322,7 @@ impl LayerManager {
             mounted: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             tocs: Mutex::new(HashMap::new()),
+            startups: Mutex::new(HashMap::new()),
         }
     }
 
@@ -535,7 +552,8 @@ impl LayerManager {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
         let mounted = async {
             let toc = self.read_toc(spec, None).await?;
-            self.mount_toc(spec, &toc, mountpoint, lower, below).await
+            self.mount_toc(spec, &toc, mountpoint, lower, below, &[])
+                .await
         }
         .instrument(span)
         .await;
@@ -575,6 +593,7 @@ impl LayerManager {
         mountpoint: &Path,
         lower: &LowerLayers,
         below: &[Arc<LayerReader>],
+        startup_files: &[String],
     ) -> Result<MountedLayer, LayerError> {
         let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
             &spec.image,
@@ -597,6 +616,7 @@ impl LayerManager {
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
         let handle = mount_index(index, source, mountpoint, mount_options).await?;
         reader.start_prefetch(toc.prefetch_plan().cloned());
+        reader.prefetch_startup_files(startup_files);
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
         let toc_digest = toc.toc_digest().to_string();
         Ok(MountedLayer {
@@ -693,8 +713,9 @@ impl LayerManager {
                     .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
                     .collect()
             };
+            let startup_files = self.startup_files_of(&image, &spec.layer.digest);
             let mounted = self
-                .mount_toc(&spec, &toc, mountpoint, lower, &below)
+                .mount_toc(&spec, &toc, mountpoint, lower, &below, &startup_files)
                 .await
                 .map_err(to_remote_error);
             lock(&self.tocs).remove(&(image.to_string(), spec.layer.digest.clone()));
@@ -740,7 +761,23 @@ impl LayerManager {
             .map(|spec| (self.toc_cell(image, &spec.layer.digest), spec))
             .collect();
         let tail = &tail;
-        let mut results = futures::future::join_all(jobs.iter().enumerate().map(
+        let startup = self
+            .options
+            .startup_prefetch
+            .then(|| self.image_startup(image));
+        let process = async {
+            let startup = startup.as_ref()?;
+            let read = startup
+                .process
+                .get_or_init(|| self.image_process(image, &manifest));
+            // Never holds a mount back for long: without the config there is no startup prefetch.
+            tokio::time::timeout(IMAGE_CONFIG_WAIT, read)
+                .await
+                .ok()
+                .cloned()
+                .flatten()
+        };
+        let tocs = futures::future::join_all(jobs.iter().enumerate().map(
             |(position, (cell, spec))| async move {
                 // The tail read ahead is this layer's, the first job.
                 let tail = tail.clone().filter(|_| position == 0);
@@ -753,9 +790,74 @@ impl LayerManager {
                 .await
                 .clone()
             },
-        ))
-        .await;
+        ));
+        let (mut results, process) = tokio::join!(tocs, process);
+        if let (Some(startup), Some(process)) = (startup, process) {
+            startup.files.get_or_init(|| {
+                let by_digest: HashMap<&str, &estargz::LayerToc> = jobs
+                    .iter()
+                    .zip(&results)
+                    .filter_map(|((_, spec), toc)| {
+                        Some((spec.layer.digest.as_str(), toc.as_ref().ok()?.as_ref()))
+                    })
+                    .collect();
+                let top_first: Vec<&Descriptor> = manifest.layers.iter().rev().collect();
+                let tocs: Vec<Option<&estargz::LayerToc>> = top_first
+                    .iter()
+                    .map(|layer| by_digest.get(layer.digest.as_str()).copied())
+                    .collect();
+                let files = startup::startup_files(&process, &tocs);
+                tracing::debug!(?files, "startup files of the image");
+                top_first
+                    .iter()
+                    .zip(files)
+                    .map(|(layer, files)| (layer.digest.clone(), files))
+                    .collect()
+            });
+        }
         results.swap_remove(0)
+    }
+
+    /// The startup-prefetch state of `image` (created empty), dropping expired ones.
+    fn image_startup(&self, image: &Reference) -> Arc<ImageStartup> {
+        let mut startups = lock(&self.startups);
+        startups.retain(|_, (created, _)| created.elapsed() < TOC_READ_AHEAD_TTL);
+        startups
+            .entry(image.to_string())
+            .or_insert_with(|| (std::time::Instant::now(), Arc::default()))
+            .1
+            .clone()
+    }
+
+    /// The files layer `digest` of `image` prefetches at mount (none when unknown).
+    fn startup_files_of(&self, image: &Reference, digest: &str) -> Vec<String> {
+        let startup = lock(&self.startups)
+            .get(&image.to_string())
+            .map(|(_, startup)| startup.clone());
+        startup
+            .and_then(|startup| startup.files.get()?.get(digest).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The process part of `image`'s config (one small blob); `None`, logged, when it cannot be
+    /// read: the startup prefetch is an optimization.
+    async fn image_process(
+        &self,
+        image: &Reference,
+        manifest: &Manifest,
+    ) -> Option<image::ProcessConfig> {
+        let digest = &manifest.config.digest;
+        let span = tracing::info_span!("image.config", image = %image, digest = %digest);
+        let read = async {
+            let bytes = self.client.get_blob(image, digest).await?;
+            let config: image::ImageConfig =
+                image::parse_json(&format!("config {digest} of {image}"), &bytes)?;
+            Ok::<_, LayerError>(config.process())
+        };
+        read.instrument(span)
+            .await
+            .map_err(|e| tracing::info!(image = %image, error = %e, "cannot read the image config; no startup prefetch for it"))
+            .ok()
     }
 
     /// The read-ahead cell of one layer's TOC (created empty), dropping expired ones.
@@ -768,6 +870,10 @@ impl LayerManager {
             .clone()
     }
 }
+
+/// Longest a layer's first mount waits for the image config (read beside the TOCs) for the
+/// startup prefetch.
+const IMAGE_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a TOC read ahead of its layer's Prepare is kept.
 const TOC_READ_AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(120);
@@ -926,6 +1032,7 @@ impl LayerManager {
                     read_ahead_kb: Some(config.fetch.kernel_read_ahead_kb),
                     ..LayerManagerOptions::default().mount
                 },
+                startup_prefetch: config.fetch.startup_prefetch,
                 ..LayerManagerOptions::default()
             },
         ))

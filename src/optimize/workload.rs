@@ -121,22 +121,6 @@ impl RunOutcome {
     }
 }
 
-/// The process of the image config (`config` of the image's config JSON).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ProcessConfig {
-    #[serde(default)]
-    entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    cmd: Option<Vec<String>>,
-    #[serde(default)]
-    env: Option<Vec<String>>,
-    #[serde(default)]
-    working_dir: Option<String>,
-    #[serde(default)]
-    user: Option<String>,
-}
-
 /// The process to run: argv, environment, working dir and user (uid, gid, extra gids).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
@@ -154,11 +138,7 @@ pub fn process_for(
     overrides: &WorkloadOverrides,
     rootfs: &Path,
 ) -> Result<Process, WorkloadError> {
-    let image: ProcessConfig = config
-        .extra
-        .get("config")
-        .and_then(|c| serde_json::from_value(c.clone()).ok())
-        .unwrap_or_default();
+    let image = config.process();
     let entrypoint = overrides
         .entrypoint
         .clone()
@@ -176,7 +156,7 @@ pub fn process_for(
     }
     let mut env = image.env.unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
-        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        env.push(format!("PATH={}", crate::image::DEFAULT_PATH));
     }
     for pair in &overrides.env {
         let Some((key, _)) = pair.split_once('=') else {

@@ -402,6 +402,8 @@ pub struct ImageOptions {
     pub docker_media_types: bool,
     /// `config.Cmd`.
     pub cmd: Vec<String>,
+    /// `config.Env`.
+    pub env: Vec<String>,
 }
 
 impl Default for ImageOptions {
@@ -411,6 +413,7 @@ impl Default for ImageOptions {
             compression: LayerCompression::Gzip,
             docker_media_types: false,
             cmd: vec!["/bin/sh".into()],
+            env: vec!["PATH=/bin".into()],
         }
     }
 }
@@ -473,7 +476,7 @@ pub fn write_image(
     let mut extra = serde_json::Map::new();
     extra.insert(
         "config".into(),
-        serde_json::json!({ "Cmd": options.cmd, "Env": ["PATH=/bin"] }),
+        serde_json::json!({ "Cmd": options.cmd, "Env": options.env }),
     );
     extra.insert(
         "created".into(),
