@@ -689,6 +689,15 @@ fn optimize_with_lazysnap(
     if let Some(chunk_size) = options.chunk_size {
         command.arg("--chunk-size").arg(chunk_size.to_string());
     }
+    if let Some(logs) = &options.logs_dir {
+        std::fs::create_dir_all(logs).map_err(procs::io_error(format!(
+            "creating the logs directory {}",
+            logs.display()
+        )))?;
+        command
+            .arg("--record-out")
+            .arg(logs.join("lazysnap-optimize-record.jsonl"));
+    }
     let what = "lazysnap optimize";
     let finished = run_timed(command, what, options.step_timeout, None)?.success(what)?;
     for line in finished.stdout.lines() {

@@ -78,7 +78,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "BYTES")]
     chunk_size: Option<u64>,
     /// Keep each run's snapshotter log in DIR as LINK-MODE-RUN.log (with LAZYSNAP_LOG=debug
-    /// and LAZYSNAP_LOG_SPANS=1 in the environment, lazysnap's logs show every fetch).
+    /// and LAZYSNAP_LOG_SPANS=1 in the environment, lazysnap's logs show every fetch), and
+    /// `lazysnap optimize`'s record as lazysnap-optimize-record.jsonl.
     #[arg(long, value_name = "DIR")]
     keep_logs: Option<PathBuf>,
     /// A `[fetch]` setting for lazysnap's runs, repeatable, e.g. `readahead=false`.
