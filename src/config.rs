@@ -60,7 +60,7 @@
 //! # Kernel read-ahead of each lazy layer's mount in KiB (its bdi read_ahead_kb): what the kernel
 //! # asks for beyond what a process reads. Small keeps a cold start from fetching bytes nobody
 //! # reads (a page fault in a large binary otherwise pulls megabytes around it).
-//! kernel_read_ahead_kb = 32
+//! kernel_read_ahead_kb = 8
 //! # Serve files whose bytes are all cached by FUSE passthrough (the kernel reads the cache file;
 //! # needs Linux 6.9+, falls back by itself); false sends every read through lazysnap.
 //! passthrough = true

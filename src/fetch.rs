@@ -1694,7 +1694,9 @@ impl Inner {
 
     /// The next batch of `chunks` from `*i` for one lower-priority request: consecutive chunks
     /// neither cached nor being fetched, spanning at most `max` compressed bytes (at least one
-    /// chunk). Advances `*i` past it.
+    /// chunk), each within [`READ_AHEAD_MAX_GAP`] of the batch's end in the blob (a request
+    /// spans its batch, so a wider gap, such as the unread part of a file an optimized image's
+    /// plan skips, would be sent for nothing). Advances `*i` past it.
     fn next_batch(&self, chunks: &[ChunkRef], i: &mut usize, max: u64) -> Vec<ChunkRef> {
         let mut batch: Vec<ChunkRef> = Vec::new();
         while let Some(&at) = chunks.get(*i) {
@@ -1707,10 +1709,16 @@ impl Inner {
                 break;
             }
             if let Some(&first) = batch.first() {
+                let end = batch
+                    .iter()
+                    .map(|&at| self.chunk(at).compressed.end)
+                    .max()
+                    .unwrap_or(0);
                 if c.compressed
                     .end
                     .saturating_sub(self.chunk(first).compressed.start)
                     > max
+                    || c.compressed.start > end.saturating_add(READ_AHEAD_MAX_GAP)
                 {
                     break;
                 }

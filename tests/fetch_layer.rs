@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobFuture, BlobSource, BlobStream, MemoryBlob};
 use lazysnap::cache::{CacheOptions, ChunkCache};
-use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
+use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression, PrefetchPlan};
 use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap_fuse::ContentSource;
 
@@ -808,6 +808,48 @@ fn prefetch_fetches_the_prioritized_range_in_one_request() {
         &contents[1][..]
     );
     assert_eq!(controls.requests().len(), 1);
+}
+
+#[test]
+fn prefetch_sends_no_bytes_of_the_chunks_a_plan_skips() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    // Files of 8 chunks: file 1's compressed bytes are more than a tar header's gap.
+    let contents: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(70 + i, 8 * CHUNK)).collect();
+    let layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"SK");
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = FetchOptions {
+        prefetch: true,
+        scheduler: scheduler(1, 4 << 20),
+        ..quiet_options()
+    };
+    let r = reader(&rt, blob, &layer, Compression::Gzip, &cache, opts, "skip");
+    // Prioritized: files 0..3, of which the record says file 1 was not read (an optimized
+    // image's unread part of a file): the prefetch must not send file 1's bytes, even though
+    // one request for files 0 to 2 would fit its window.
+    let span = |file: usize| {
+        let chunks = &layer.files[file].chunks;
+        chunks[0].compressed.start..chunks[chunks.len() - 1].compressed.end
+    };
+    let plan = PrefetchPlan {
+        range: span(0).start..span(2).end,
+        skipped: layer.files[1]
+            .chunks
+            .iter()
+            .map(|c| c.compressed.start)
+            .collect(),
+    };
+    r.start_prefetch(Some(plan));
+    wait_until("prefetch done", || r.stats().prefetch_done);
+    let mut requests = controls.requests();
+    requests.sort_by_key(|range| range.start);
+    assert_eq!(requests, vec![span(0), span(2)]);
+    for c in &layer.files[1].chunks {
+        assert!(!cache.contains(&c.digest), "a skipped chunk was fetched");
+    }
+    let sent: u64 = requests.iter().map(|range| range.end - range.start).sum();
+    assert_eq!(r.stats().prefetch_bytes, sent);
 }
 
 #[test]

@@ -98,8 +98,9 @@ impl RemoteLayerSpec {
 
 /// Kernel read-ahead of a lazy layer's mount, in KiB: a page fault or a small read asks the
 /// daemon for little more than it needs (with the 4 MiB of a disk-like mount, python3's first
-/// line pulled 1.6 MB more over a slow link). `lazysnap optimize` records with the same value.
-pub const LAZY_READ_AHEAD_KB: u32 = 32;
+/// line pulled 1.6 MB more over a slow link). `lazysnap optimize` records with the same value:
+/// at 8 rather than 32 its record of the python3 app shrank from 6.22 to 5.54 MB to prefetch.
+pub const LAZY_READ_AHEAD_KB: u32 = 8;
 
 /// Settings of a [`LayerManager`].
 #[derive(Debug, Clone)]
