@@ -862,11 +862,6 @@ impl Inner {
 
     /// The work of [`LayerReader::prefetch_startup_files`] for file indexes `files`.
     async fn prefetch_startup(self: Arc<Self>, files: Vec<usize>) {
-        let uncached = |chunks: &mut dyn Iterator<Item = ChunkRef>| -> Vec<ChunkRef> {
-            chunks
-                .filter(|&at| !self.cache.contains(&self.chunk(at).digest))
-                .collect()
-        };
         let records: Vec<(usize, FileRecord)> = files
             .iter()
             .filter_map(|&file| Some((file, self.files.record(file)?)))
@@ -877,10 +872,14 @@ impl Inner {
             files = ?files.iter().map(|&file| self.file_name(file)).collect::<Vec<_>>()
         );
         async {
-            let firsts = uncached(&mut records.iter().filter_map(|(_, record)| {
-                let range = record.chunk_range();
-                (!range.is_empty()).then_some(range.start)
-            }));
+            // Chunks cached or being fetched already are passed over by the stream.
+            let firsts: Vec<ChunkRef> = records
+                .iter()
+                .filter_map(|(_, record)| {
+                    let range = record.chunk_range();
+                    (!range.is_empty()).then_some(range.start)
+                })
+                .collect();
             self.stream_lower(&firsts, FetchKind::Prefetch).await;
             if self.opts.library_prefetch {
                 for &(file, _) in &records {
@@ -895,12 +894,11 @@ impl Inner {
                     }
                 }
             }
-            let rest = uncached(
-                &mut records
-                    .iter()
-                    .filter(|(_, record)| record.size <= STARTUP_WHOLE_FILE_MAX)
-                    .flat_map(|(_, record)| record.chunk_range().skip(1)),
-            );
+            let rest: Vec<ChunkRef> = records
+                .iter()
+                .filter(|(_, record)| record.size <= STARTUP_WHOLE_FILE_MAX)
+                .flat_map(|(_, record)| record.chunk_range().skip(1))
+                .collect();
             self.stream_lower(&rest, FetchKind::Prefetch).await;
         }
         .instrument(span)
@@ -1699,6 +1697,8 @@ impl Inner {
     /// plan skips, would be sent for nothing). Advances `*i` past it.
     fn next_batch(&self, chunks: &[ChunkRef], i: &mut usize, max: u64) -> Vec<ChunkRef> {
         let mut batch: Vec<ChunkRef> = Vec::new();
+        // The compressed range the batch spans so far.
+        let mut span = 0..0;
         while let Some(&at) = chunks.get(*i) {
             let c = self.chunk(at);
             if self.cache.contains(&c.digest) || self.claims().is_claimed(&c.digest) {
@@ -1708,20 +1708,14 @@ impl Inner {
                 }
                 break;
             }
-            if let Some(&first) = batch.first() {
-                let end = batch
-                    .iter()
-                    .map(|&at| self.chunk(at).compressed.end)
-                    .max()
-                    .unwrap_or(0);
-                if c.compressed
-                    .end
-                    .saturating_sub(self.chunk(first).compressed.start)
-                    > max
-                    || c.compressed.start > end.saturating_add(READ_AHEAD_MAX_GAP)
-                {
-                    break;
-                }
+            if batch.is_empty() {
+                span = c.compressed.clone();
+            } else if c.compressed.end.saturating_sub(span.start) > max
+                || c.compressed.start > span.end.saturating_add(READ_AHEAD_MAX_GAP)
+            {
+                break;
+            } else {
+                span.end = span.end.max(c.compressed.end);
             }
             batch.push(at);
             *i += 1;

@@ -991,15 +991,15 @@ pub async fn resolve_image(
     })
 }
 
-/// The config of the image `resolved` came from at `location` (one more round trip to a
-/// registry, which mounting and pulling do without).
+/// The config `manifest` names, of the image at `location` (one more round trip to a
+/// registry).
 pub async fn image_config(
     client: &Client,
     location: &ImageLocation,
-    resolved: &ResolvedImage,
+    manifest: &Manifest,
 ) -> Result<ImageConfig, ImageError> {
     let source = Source::at(client, location)?;
-    let digest = &resolved.manifest.config.digest;
+    let digest = &manifest.config.digest;
     let bytes = source.small_blob(digest).await?;
     parse_json(&format!("config {digest} of {}", source.name()), &bytes)
 }

@@ -849,14 +849,11 @@ impl LayerManager {
     ) -> Option<image::ProcessConfig> {
         let digest = &manifest.config.digest;
         let span = tracing::info_span!("image.config", image = %image, digest = %digest);
-        let read = async {
-            let bytes = self.client.get_blob(image, digest).await?;
-            let config: image::ImageConfig =
-                image::parse_json(&format!("config {digest} of {image}"), &bytes)?;
-            Ok::<_, LayerError>(config.process())
-        };
-        read.instrument(span)
+        let location = image::ImageLocation::Registry(image.clone());
+        image::image_config(&self.client, &location, manifest)
+            .instrument(span)
             .await
+            .map(|config| config.process())
             .map_err(|e| tracing::info!(image = %image, error = %e, "cannot read the image config; no startup prefetch for it"))
             .ok()
     }

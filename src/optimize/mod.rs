@@ -149,7 +149,7 @@ pub async fn optimize_image(
             let plain_report = convert_image(client, src, &plain, &plain_opts, progress).await?;
             let digests = source_tar_layers(&plain_report);
             let resolved = resolve_image(client, &plain, &opts.convert.platform).await?;
-            let config = image_config(client, &plain, &resolved).await?;
+            let config = image_config(client, &plain, &resolved.manifest).await?;
             progress.phase("running the workload over recording mounts");
             let (record, outcome) =
                 record_run(&resolved, &config, &digests, work.path(), opts).await?;
