@@ -281,6 +281,11 @@ impl Drop for Reply {
 /// without content).
 const READ_AHEAD_MAX_GAP: u64 = 4096;
 
+/// The directory part of a layer path (`""` for a file at the root).
+fn parent_dir(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
 /// Largest file (uncompressed) the startup prefetch fetches whole; of a larger one, only the
 /// first chunk (a program that big reads a small part of itself at start).
 pub const STARTUP_WHOLE_FILE_MAX: u64 = 32 << 20;
@@ -1193,10 +1198,13 @@ impl Inner {
         .await;
     }
 
-    /// Extends a miss's request with the chunks that follow it in the blob (the next files in
-    /// TOC order, which were packed together and are often opened together), up to about one
-    /// bandwidth-delay product of compressed bytes: on a slow link a round trip saved is worth
-    /// that many bytes. Stops at the first chunk cached, claimed, or not adjacent.
+    /// Extends a miss's request with the chunks that follow it in the blob (the next files of
+    /// its directory in TOC order, which were packed together and are often opened together: a
+    /// package's modules, a locale's files), up to about one bandwidth-delay product of
+    /// compressed bytes: on a slow link a round trip saved is worth that many bytes. Stops at the
+    /// first chunk cached, claimed, not adjacent, or of a file in another directory (the next
+    /// directory's files are seldom wanted: on the python3 app at 10 Mbit/s crossing into them
+    /// sent 0.7 MB more for no fewer misses).
     fn read_ahead(&self, leaders: &mut Vec<(ChunkRef, FillGuard)>) {
         let Some(mut end) = leaders
             .iter()
@@ -1206,6 +1214,9 @@ impl Inner {
             return;
         };
         let budget = self.opts.scheduler.readahead_bytes();
+        let directory_of_chunk =
+            |at: ChunkRef| parent_dir(self.file_name(self.files.file_of_chunk(at)));
+        let directory = leaders.first().map(|&(at, _)| directory_of_chunk(at));
         let chunks = self.files.all_chunks();
         let start = self.layer_chunks.partition_point(|&at| {
             chunks
@@ -1220,6 +1231,7 @@ impl Inner {
             if c.compressed.start > end.saturating_add(READ_AHEAD_MAX_GAP)
                 || added + len > budget
                 || self.cache.contains(&c.digest)
+                || directory != Some(directory_of_chunk(at))
             {
                 break;
             }

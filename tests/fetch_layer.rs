@@ -1375,3 +1375,57 @@ fn a_miss_reads_ahead_the_files_that_follow_in_the_blob() {
         "the other files came with the misses"
     );
 }
+
+#[test]
+fn read_ahead_stays_in_the_directory_of_the_miss() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(140 + i, CHUNK)).collect();
+    let mut layer = build_layer(contents.clone(), CHUNK, Compression::Gzip, b"RD");
+    for (file, name) in
+        layer
+            .files
+            .iter_mut()
+            .zip(["pkg/a", "pkg/b", "pkg/c", "pkg/sub/d", "pkg/sub/e", "top"])
+    {
+        file.name = name.to_string();
+    }
+    let (blob, controls) = TestBlob::new(layer.blob.clone());
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = FetchOptions {
+        readahead: true,
+        ..quiet_options()
+    };
+    let r = reader(&rt, blob, &layer, Compression::Gzip, &cache, opts, "dir-ra");
+    let span = |from: usize, to: usize| {
+        layer.files[from].chunks[0].compressed.start..layer.files[to].chunks[0].compressed.end
+    };
+    // A miss on pkg/b brings pkg/c, and stops at pkg/sub/d (another directory).
+    assert_eq!(
+        &read_blocking(&r, 1, 0, 4096).unwrap()[..],
+        &contents[1][..]
+    );
+    assert_eq!(controls.requests(), vec![span(1, 2)]);
+    // A miss on pkg/sub/d brings pkg/sub/e, not the file at the root after it.
+    assert_eq!(
+        &read_blocking(&r, 3, 0, 4096).unwrap()[..],
+        &contents[3][..]
+    );
+    assert_eq!(controls.requests(), vec![span(1, 2), span(3, 4)]);
+    for i in [2, 4] {
+        assert_eq!(
+            &read_blocking(&r, i, 0, 4096).unwrap()[..],
+            &contents[i as usize][..]
+        );
+    }
+    assert_eq!(controls.requests().len(), 2);
+    assert_eq!(
+        &read_blocking(&r, 5, 0, 4096).unwrap()[..],
+        &contents[5][..]
+    );
+    assert_eq!(
+        controls.requests().len(),
+        3,
+        "the root file was not read ahead"
+    );
+}
