@@ -1,6 +1,6 @@
 //! `lazysnap bench` end to end: the real binary starts a registry, a link emulator, `lazysnap
 //! serve` and containerd on loopback, runs the sample workload once per mode on a small image,
-//! and writes results.json / startup.svg / table.txt. Checks shape, success, lazy mounts and
+//! and writes results.json / startup.svg / startup.png / table.txt. Checks shape, success, lazy mounts and
 //! registry bytes, never timings.
 
 use std::path::Path;
@@ -91,6 +91,7 @@ fn bench_runs_both_modes_and_writes_results() {
         "peak RSS MB",
         "speedup",
         "vs best peer",
+        "vs ideal",
     ] {
         assert!(header.contains(column), "{header}");
     }
@@ -193,10 +194,88 @@ fn bench_runs_both_modes_and_writes_results() {
     let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("overlayfs") && svg.contains("lazysnap") && svg.contains("unlimited"));
+    assert_png(&out.path().join("startup.png"));
     let table = std::fs::read_to_string(out.path().join("table.txt")).unwrap();
     assert!(table.starts_with("link"));
 
     // Torn down: nothing of the bench stays mounted.
+    assert_eq!(mounts_under(state.path()), 0);
+}
+
+/// `path` is a PNG image of a plausible chart size.
+fn assert_png(path: &Path) {
+    let png = std::fs::read(path).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert!(width >= 640 && height >= 320, "{width}x{height}");
+}
+
+#[test]
+fn bench_optimized_and_warm_runs_rate_every_mode_against_the_ideal() {
+    require_root_and_tools();
+    let out = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let args = [
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--runs",
+        "1",
+        "--link",
+        "lan",
+        "--link",
+        "dc",
+        "--layer-mb",
+        "4",
+        "--no-background-fill",
+        "--optimized",
+        "--warm",
+    ];
+    let stdout = bench_ok(&args.map(std::ffi::OsStr::new), out.path());
+    assert!(stdout.contains("lazysnap optimize"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    // The ideal start's bytes: what the workload read plus the TOCs, from optimize's report;
+    // below the compressed image.
+    let ideal = json["ideal_bytes"].as_u64().unwrap();
+    let image_bytes = json["image"]["estargz_bytes"].as_u64().unwrap();
+    assert!(ideal > 0 && ideal < image_bytes, "{json}");
+    let results = json["results"].as_array().unwrap();
+    let rows: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r["link"].as_str().unwrap(), r["mode"].as_str().unwrap()))
+        .collect();
+    let mut expected = Vec::new();
+    for link in ["unlimited", "100mbit:20ms"] {
+        for mode in ["overlayfs", "lazysnap", "lazysnap-opt"] {
+            expected.push((link, mode));
+        }
+    }
+    assert_eq!(rows, expected, "{json}");
+    for result in results {
+        assert_eq!(result["runs"][0]["ready"], true, "{result}");
+        // The second start on the same node was timed too.
+        let warm = result["runs"][0]["warm_run_secs"].as_f64().unwrap();
+        assert!(warm > 0.0 && warm.is_finite(), "{result}");
+        assert_eq!(result["median"]["warm_run_secs"].as_f64(), Some(warm));
+        let vs_ideal = &result["vs_ideal"];
+        if result["link"] == "unlimited" {
+            // No rate, no bound.
+            assert!(vs_ideal.is_null(), "{result}");
+        } else {
+            // Nothing starts faster than the ideal start.
+            assert!(vs_ideal.as_f64().unwrap() > 1.0, "{result}");
+        }
+    }
+    // The optimized image mounted lazily too.
+    let opt = &results[5]["runs"][0];
+    assert_eq!(opt["lazy_layers"], 2, "{json}");
+    let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
+    assert!(
+        svg.contains("lazysnap-opt") && svg.contains("ideal "),
+        "{svg}"
+    );
+    assert_png(&out.path().join("startup.png"));
     assert_eq!(mounts_under(state.path()), 0);
 }
 

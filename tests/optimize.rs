@@ -350,12 +350,35 @@ fn a_record_reproduces_the_image_and_reoptimizing_replaces_the_old_order() {
     ]));
     // The same record, without running anything, writes the same image.
     let again = format!("{host}/opt/app:again");
+    let report = work.path().join("report.json");
     assert_ok(&optimize(&[
         "--record-in",
         record.to_str().unwrap(),
+        "--report-json",
+        report.to_str().unwrap(),
         &format!("{host}/src/app:v1"),
         &again,
     ]));
+    // The report as JSON: per layer and in total, what was read and what is prefetched.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["image"], again.as_str(), "{report}");
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{report}");
+    let total = &report["total"];
+    for field in ["files_used", "bytes_read", "prefetch_bytes", "toc_bytes"] {
+        let sum: u64 = layers.iter().map(|l| l[field].as_u64().unwrap()).sum();
+        assert_eq!(total[field].as_u64().unwrap(), sum, "{field} in {report}");
+    }
+    for layer in layers {
+        let toc = layer["toc_bytes"].as_u64().unwrap();
+        let blob = layer["blob_size"].as_u64().unwrap();
+        assert!(
+            toc > 0 && toc + layer["prefetch_bytes"].as_u64().unwrap() <= blob,
+            "{report}"
+        );
+    }
+    assert!(total["prefetch_bytes"].as_u64().unwrap() > 0, "{report}");
     let digest = |tag: &str| {
         let bytes = fetch_manifest(&registry.url(), "opt/app", tag).unwrap();
         image::sha256_digest(&bytes)

@@ -18,6 +18,10 @@ pub struct LinkSpec {
     pub rate_bits_per_sec: Option<u64>,
     /// Round-trip time added by the link.
     pub rtt: Duration,
+    /// Up to this much more one-way delay, at random, per piece of data.
+    pub jitter: Duration,
+    /// Share of the pieces of data lost, 0 to 1 (see [`LinkProfile::loss`]).
+    pub loss: f64,
 }
 
 /// The named profiles and what each stands for: an unshaped LAN, a datacenter link, and the edge
@@ -31,7 +35,9 @@ pub const NAMED_LINKS: [(&str, &str); 3] = [
 impl LinkSpec {
     /// Parses a named profile (see [`NAMED_LINKS`]), `unlimited`, `RATE`, `RATE:RTT` or
     /// `unlimited:RTT`, where RATE is a number with `kbit`, `mbit` or `gbit` and RTT a number with
-    /// `ms` or `s` (the round-trip time). A named profile is labelled by what it stands for.
+    /// `ms` or `s` (the round-trip time), optionally followed by `:JITTER` (a time: up to that
+    /// much more one-way delay at random) and `:LOSS%` (the share of data lost), e.g.
+    /// `10mbit:100ms:20ms:1%`. A named profile is labelled by what it stands for.
     pub fn parse(text: &str) -> Result<Self, BenchError> {
         let bad = |reason: &str| BenchError::BadLink {
             spec: text.to_string(),
@@ -44,10 +50,28 @@ impl LinkSpec {
         if trimmed.is_empty() {
             return Err(bad("empty"));
         }
-        let (rate_text, rtt_text) = match trimmed.split_once(':') {
-            Some((rate, rtt)) => (rate, Some(rtt)),
-            None => (trimmed.as_str(), None),
-        };
+        let mut parts = trimmed.split(':');
+        let rate_text = parts.next().unwrap_or_default();
+        let rtt_text = parts.next();
+        let mut jitter = Duration::ZERO;
+        let mut loss = 0.0;
+        for extra in parts {
+            if let Some(percent) = extra.strip_suffix('%') {
+                loss = percent
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=50.0).contains(p))
+                    .ok_or_else(|| bad("the loss must be a percentage from 0% to 50%"))?
+                    / 100.0;
+            } else {
+                jitter = parse_duration(extra)
+                    .filter(|j| *j <= Duration::from_secs(5))
+                    .ok_or_else(|| {
+                        bad("after RATE:RTT come a jitter (a time up to 5 s) and a loss (a percentage)")
+                    })?;
+            }
+        }
         let rate_bits_per_sec = if rate_text == "unlimited" {
             None
         } else {
@@ -70,6 +94,8 @@ impl LinkSpec {
             label: trimmed,
             rate_bits_per_sec,
             rtt,
+            jitter,
+            loss,
         })
     }
 
@@ -78,6 +104,8 @@ impl LinkSpec {
         LinkProfile {
             rate_bytes_per_sec: self.rate_bits_per_sec.map(|bits| (bits / 8).max(1)),
             one_way_delay: self.rtt / 2,
+            jitter: self.jitter,
+            loss: self.loss,
         }
     }
 
@@ -169,6 +197,26 @@ mod tests {
         assert_eq!(edge.label, "10mbit:100ms");
         assert_eq!(edge.profile().rate_bytes_per_sec, Some(1_250_000));
         assert!(LinkSpec::parse("edge:10ms").is_err());
+    }
+
+    #[test]
+    fn jitter_and_loss_follow_the_round_trip_time() {
+        let link = LinkSpec::parse("10mbit:100ms:20ms:1.5%").unwrap();
+        assert_eq!(link.label, "10mbit:100ms:20ms:1.5%");
+        assert_eq!(link.jitter, Duration::from_millis(20));
+        assert!((link.loss - 0.015).abs() < 1e-12);
+        let profile = link.profile();
+        assert_eq!(profile.jitter, Duration::from_millis(20));
+        assert!((profile.loss - 0.015).abs() < 1e-12);
+        let loss_only = LinkSpec::parse("dc:x").err();
+        assert!(loss_only.is_some());
+        let loss_only = LinkSpec::parse("100mbit:20ms:2%").unwrap();
+        assert_eq!(loss_only.jitter, Duration::ZERO);
+        assert!((loss_only.loss - 0.02).abs() < 1e-12);
+        for bad in ["10mbit:100ms:20", "10mbit:100ms:60%", "10mbit:100ms:9s"] {
+            let err = LinkSpec::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("20mbit:50ms"), "{bad}: {err}");
+        }
     }
 
     #[test]

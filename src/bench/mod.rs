@@ -10,10 +10,10 @@
 //! print!("{}", lazysnap::bench::render_table(&report));
 //! ```
 
+mod debian_image;
 mod image;
 mod link;
 mod procs;
-mod python_image;
 mod report;
 mod soci;
 
@@ -36,6 +36,7 @@ pub use report::{
     RunResult, Summary,
 };
 
+use debian_image::Runtime;
 use procs::{run_timed, tail, ServeProcess};
 use soci::{SociPeer, SociTools};
 
@@ -63,7 +64,7 @@ pub enum BenchError {
     },
     #[error("{what} failed: {detail}")]
     Step { what: String, detail: String },
-    #[error("invalid link {spec:?}: {reason} (write e.g. `unlimited`, `20mbit:50ms` or `500kbit:200ms`: rate, then round-trip time)")]
+    #[error("invalid link {spec:?}: {reason} (write e.g. `unlimited`, `20mbit:50ms` or `500kbit:200ms:20ms:1%`: rate, round-trip time, then optionally jitter and loss)")]
     BadLink { spec: String, reason: String },
     #[error("invalid option: {0}")]
     Invalid(String),
@@ -104,11 +105,15 @@ pub struct BenchOptions {
     pub fetch_settings: Vec<String>,
     /// Only these modes (`None`: overlayfs and lazysnap, plus those the options above add).
     pub only_modes: Option<Vec<Mode>>,
-    /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
-    /// (its prioritized files first), instead of the unoptimized conversions.
+    /// Also measure the images optimized for the workload: `lazysnap optimize`'s (mode
+    /// `lazysnap-opt`) and, with `stargz_grpc`, `ctr-remote image optimize`'s (mode
+    /// `stargz-opt`), beside the unoptimized conversions.
     pub optimized: bool,
     /// Optimize for this image's workload instead of the measured one (`None`: the measured).
     pub optimized_for: Option<BenchImage>,
+    /// After each cold run, start the workload again on the same node (image, snapshots and
+    /// caches kept) and time that create + run too.
+    pub warm: bool,
     /// `lazysnap convert --chunk-size` (`None`: its default).
     pub chunk_size: Option<u64>,
     /// Keep each run's snapshotter log here as `LINK-MODE-RUN.log` (`None`: logs go with the
@@ -125,19 +130,37 @@ pub enum BenchImage {
     Python3Print,
     /// The same image running an app that imports json and hashlib and hashes a 4 MiB file.
     Python3App,
+    /// node from Debian packages running a script that loads crypto and zlib.
+    NodeApp,
+    /// gcc from Debian packages compiling and running hello world.
+    GccHello,
+    /// A Java runtime (OpenJDK 17) from Debian packages running a class that prints a line.
+    JavaHello,
 }
 
+/// Every bench image, in the order `--image` lists them.
+pub const BENCH_IMAGES: [BenchImage; 6] = [
+    BenchImage::Sample,
+    BenchImage::Python3Print,
+    BenchImage::Python3App,
+    BenchImage::NodeApp,
+    BenchImage::GccHello,
+    BenchImage::JavaHello,
+];
+
 impl BenchImage {
-    /// Parses `sample`, `python3-print` or `python3-app`.
+    /// Parses an image name (see [`BenchImage::name`]).
     pub fn parse(text: &str) -> Result<Self, BenchError> {
-        match text {
-            "sample" => Ok(Self::Sample),
-            "python3-print" => Ok(Self::Python3Print),
-            "python3-app" => Ok(Self::Python3App),
-            other => Err(BenchError::Invalid(format!(
-                "--image {other:?}: choose sample, python3-print or python3-app"
-            ))),
-        }
+        BENCH_IMAGES
+            .into_iter()
+            .find(|image| image.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = BENCH_IMAGES.iter().map(|i| i.name()).collect();
+                BenchError::Invalid(format!(
+                    "--image {text:?}: choose one of {}",
+                    names.join(", ")
+                ))
+            })
     }
 
     pub fn name(self) -> &'static str {
@@ -145,6 +168,20 @@ impl BenchImage {
             Self::Sample => "sample",
             Self::Python3Print => "python3-print",
             Self::Python3App => "python3-app",
+            Self::NodeApp => "node-app",
+            Self::GccHello => "gcc-hello",
+            Self::JavaHello => "java-hello",
+        }
+    }
+
+    /// The Debian runtime the image is built of (`None`: the generated sample).
+    fn runtime(self) -> Option<Runtime> {
+        match self {
+            Self::Sample => None,
+            Self::Python3Print | Self::Python3App => Some(Runtime::Python3),
+            Self::NodeApp => Some(Runtime::Node),
+            Self::GccHello => Some(Runtime::Gcc),
+            Self::JavaHello => Some(Runtime::Java),
         }
     }
 
@@ -154,6 +191,9 @@ impl BenchImage {
             Self::Sample => &WORKLOAD,
             Self::Python3Print => &["python3", "-c", "print(1)"],
             Self::Python3App => &["python3", "/app/main.py"],
+            Self::NodeApp => &["node", "/app/main.js"],
+            Self::GccHello => &["sh", "-c", "gcc -o /tmp/hello /app/hello.c && /tmp/hello"],
+            Self::JavaHello => &["java", "-cp", "/app", "Hello"],
         };
         argv.iter().map(|s| s.to_string()).collect()
     }
@@ -161,16 +201,16 @@ impl BenchImage {
     /// A line the workload must print, proving it read its files right.
     pub fn expected_line(self) -> Option<String> {
         match self {
-            Self::Python3App => Some(python_image::app_expected_output()),
-            Self::Sample | Self::Python3Print => None,
+            Self::Python3App => Some(debian_image::app_expected_output()),
+            _ => None,
         }
     }
 
     /// The stdout line that says the workload is ready.
     pub fn ready_line(self) -> &'static str {
         match self {
-            Self::Sample | Self::Python3App => READY_MARKER,
             Self::Python3Print => "1",
+            _ => READY_MARKER,
         }
     }
 }
@@ -186,11 +226,15 @@ impl BenchOptions {
                     label: "unlimited".into(),
                     rate_bits_per_sec: None,
                     rtt: Duration::ZERO,
+                    jitter: Duration::ZERO,
+                    loss: 0.0,
                 },
                 LinkSpec {
                     label: "20mbit:50ms".into(),
                     rate_bits_per_sec: Some(20_000_000),
                     rtt: Duration::from_millis(50),
+                    jitter: Duration::ZERO,
+                    loss: 0.0,
                 },
             ],
             runs: 5,
@@ -207,6 +251,7 @@ impl BenchOptions {
             only_modes: None,
             optimized: false,
             optimized_for: None,
+            warm: false,
             chunk_size: None,
             logs_dir: None,
         }
@@ -226,6 +271,9 @@ impl BenchOptions {
         }
         if self.stargz_grpc.is_some() {
             modes.push(Mode::Stargz);
+            if self.optimized {
+                modes.push(Mode::StargzOptimized);
+            }
         }
         if self.soci_grpc.is_some() {
             modes.push(Mode::Soci);
@@ -247,15 +295,30 @@ impl BenchOptions {
             if only.is_empty() {
                 return Err(BenchError::Invalid("--modes names no mode".into()));
             }
-            if only.contains(&Mode::Stargz) && self.stargz_grpc.is_none() {
+            if only.iter().any(|m| m.is_stargz()) && self.stargz_grpc.is_none() {
                 return Err(BenchError::Invalid(
-                    "--modes stargz needs --stargz-grpc PATH".into(),
+                    "--modes stargz and stargz-opt need --stargz-grpc PATH".into(),
+                ));
+            }
+            if only.iter().any(|m| m.is_optimized()) && !self.optimized {
+                return Err(BenchError::Invalid(
+                    "--modes lazysnap-opt and stargz-opt need --optimized".into(),
                 ));
             }
             if only.contains(&Mode::Soci) && self.soci_grpc.is_none() {
                 return Err(BenchError::Invalid(
                     "--modes soci needs --soci-grpc PATH".into(),
                 ));
+            }
+        }
+        if let Some(other) = self.optimized_for {
+            if other.runtime() != self.image.runtime() {
+                return Err(BenchError::Invalid(format!(
+                    "--optimized-for {} runs on another image than --image {}: name a workload of \
+                     the same image",
+                    other.name(),
+                    self.image.name()
+                )));
             }
         }
         if self.layer_mb == 0 || self.layer_mb > 4096 {
@@ -362,17 +425,15 @@ pub fn run_bench(
     let registry = RegistryServer::start()?;
     check_interrupted()?;
 
-    let sample = match options.image {
-        BenchImage::Sample => {
+    let sample = match options.image.runtime() {
+        None => {
             progress(&format!(
                 "generating the sample image (busybox + {} MB app layer)",
                 options.layer_mb
             ));
             image::sample_image(options.layer_mb)?
         }
-        BenchImage::Python3Print | BenchImage::Python3App => {
-            python_image::python3_image(&options.cache_dir, progress)?
-        }
+        Some(runtime) => debian_image::debian_image(&options.cache_dir, runtime, progress)?,
     };
     let workload = options.image.workload();
     let layout_error = |e: crate::image::ImageError| BenchError::Step {
@@ -414,6 +475,16 @@ pub fn run_bench(
         &mut notes,
         progress,
     )?;
+    let modes = options.modes();
+    if modes.contains(&Mode::Stargz) {
+        progress("converting the image with `ctr-remote image convert --estargz` for stargz");
+        convert_with_ctr_remote(options, &registry, None)?;
+        notes.push(format!(
+            "stargz runs on the image converted by its own tool (`ctr-remote image convert \
+             --estargz --oci`, tag {CTR_REMOTE_TAG}); lazysnap on the one `lazysnap convert` wrote"
+        ));
+    }
+    let mut ideal_bytes = None;
     if options.optimized {
         let target = options.optimized_for.map(BenchImage::workload);
         let target = target.as_deref().unwrap_or(&workload);
@@ -423,24 +494,28 @@ pub fn run_bench(
                 target.join(" ")
             ));
         }
-        progress("optimizing the image for the workload with `ctr-remote image optimize`");
-        convert_with_ctr_remote(options, &registry, Some(target))?;
-        progress("optimizing the image for the workload with `lazysnap optimize`");
-        optimize_with_lazysnap(options, &registry, target, progress)?;
-        notes.push(format!(
-            "lazysnap and stargz run on the image `ctr-remote image optimize` wrote for the \
-             workload (tag {OPTIMIZED_TAG}: its files first, then the prefetch landmark); \
-             lazysnap-opt on the one `lazysnap optimize` wrote (tag {LAZYSNAP_OPTIMIZED_TAG})"
-        ));
-    } else if options.stargz_grpc.is_some() {
-        progress("converting the image with `ctr-remote image convert --estargz` for stargz");
-        convert_with_ctr_remote(options, &registry, None)?;
-        notes.push(format!(
-            "stargz runs on the image converted by its own tool (`ctr-remote image convert \
-             --estargz --oci`, tag {CTR_REMOTE_TAG}); lazysnap on the one `lazysnap convert` wrote"
-        ));
+        if modes.contains(&Mode::StargzOptimized) {
+            progress("optimizing the image for the workload with `ctr-remote image optimize`");
+            convert_with_ctr_remote(options, &registry, Some(target))?;
+            notes.push(format!(
+                "stargz-opt runs on the image `ctr-remote image optimize` wrote for the workload \
+                 (tag {OPTIMIZED_TAG}: the files it opened first, then the prefetch landmark)"
+            ));
+        }
+        if modes.contains(&Mode::LazysnapOptimized) {
+            progress("optimizing the image for the workload with `lazysnap optimize`");
+            let used = optimize_with_lazysnap(options, &registry, work.path(), target, progress)?;
+            // Only the measured workload's reads bound its start.
+            if target == workload.as_slice() {
+                ideal_bytes = Some(used.prefetch_bytes + used.toc_bytes);
+            }
+            notes.push(format!(
+                "lazysnap-opt runs on the image `lazysnap optimize` wrote for the workload (tag \
+                 {LAZYSNAP_OPTIMIZED_TAG}: the chunks it read first, in the order it read them)"
+            ));
+        }
     }
-    let soci = match (&options.soci_grpc, options.modes().contains(&Mode::Soci)) {
+    let soci = match (&options.soci_grpc, modes.contains(&Mode::Soci)) {
         (Some(daemon), true) => {
             progress("building the SOCI index with `soci create` and pushing it with `soci push`");
             let peer =
@@ -544,10 +619,22 @@ pub fn run_bench(
                 runs,
                 speedup: None,
                 vs_best_peer: None,
+                vs_ideal: None,
             });
         }
     }
     compute_ratios(&mut results);
+    if let Some(bytes) = ideal_bytes {
+        let ideal: Vec<(String, f64)> = options
+            .links
+            .iter()
+            .filter_map(|link| {
+                let secs = report::ideal_secs(bytes, link.rate_bits_per_sec, link.rtt)?;
+                Some((link.label.clone(), secs))
+            })
+            .collect();
+        report::compute_ideal_ratios(&mut results, &ideal);
+    }
     if options.background_fill {
         notes.push(
             "MB fetched counts what the registry sent until the ready line, including lazysnap's \
@@ -567,6 +654,7 @@ pub fn run_bench(
         image: image_report,
         state_dir: state_parent.display().to_string(),
         background_fill: options.background_fill,
+        ideal_bytes,
         results,
         notes,
     })
@@ -650,8 +738,7 @@ fn convert_sample(
 
 /// Tag of the image `ctr-remote image convert --estargz` wrote (what the stargz mode pulls).
 const CTR_REMOTE_TAG: &str = "ctr-remote";
-/// Tag of the image `ctr-remote image optimize` wrote (what every lazy mode pulls with
-/// `--optimized`).
+/// Tag of the image `ctr-remote image optimize` wrote (what the stargz-opt mode pulls).
 const OPTIMIZED_TAG: &str = "ctr-remote-opt";
 
 /// `--entrypoint=[argv0]` and `--args=[rest]` (JSON arrays) running `workload`, as both
@@ -669,17 +756,22 @@ fn workload_flags(workload: &[String]) -> [String; 2] {
 const LAZYSNAP_OPTIMIZED_TAG: &str = "lazysnap-opt";
 
 /// Optimizes the pushed gzip image for `workload` with `lazysnap optimize` (tag
-/// [`LAZYSNAP_OPTIMIZED_TAG`]), recording until the workload exits.
+/// [`LAZYSNAP_OPTIMIZED_TAG`]), recording until the workload exits. Returns the total of its
+/// report: what the workload read, and what the optimized image prefetches.
 fn optimize_with_lazysnap(
     options: &BenchOptions,
     registry: &RegistryServer,
+    work: &Path,
     workload: &[String],
     progress: &dyn Fn(&str),
-) -> Result<(), BenchError> {
+) -> Result<crate::optimize::LayerUse, BenchError> {
+    let report_path = work.join("lazysnap-optimize-report.json");
     let mut command = Command::new(&options.lazysnap_bin);
     command
         .arg("optimize")
         .args(["--period", "120s"])
+        .arg("--report-json")
+        .arg(&report_path)
         .args(workload_flags(workload))
         .arg(format!("{}/{REPOSITORY}:gzip", registry.host()))
         .arg(format!(
@@ -703,7 +795,21 @@ fn optimize_with_lazysnap(
     for line in finished.stdout.lines() {
         progress(&format!("  {line}"));
     }
-    check_interrupted()
+    check_interrupted()?;
+    let unreadable = |detail: String| BenchError::Step {
+        what: format!("reading {}", report_path.display()),
+        detail,
+    };
+    let text = std::fs::read(&report_path).map_err(|e| unreadable(e.to_string()))?;
+    let report: OptimizeJson =
+        serde_json::from_slice(&text).map_err(|e| unreadable(e.to_string()))?;
+    Ok(report.total)
+}
+
+/// The part of `lazysnap optimize --report-json` the bench reads.
+#[derive(serde::Deserialize)]
+struct OptimizeJson {
+    total: crate::optimize::LayerUse,
 }
 
 /// Converts the pushed gzip image with stargz's own converter, as a stargz user would: pulled
@@ -811,7 +917,7 @@ fn measure_once(
     // SOCI's stores, fresh for this run; dropped after the daemon stops.
     let mut soci_state = None;
     let (mut serve, containerd_options) = match (mode, &options.stargz_grpc, soci) {
-        (Mode::Stargz, Some(stargz), _) => peer_plugin(
+        (Mode::Stargz | Mode::StargzOptimized, Some(stargz), _) => peer_plugin(
             ServeProcess::start_stargz(stargz, &dir.join("stargz"))?,
             "stargz",
         ),
@@ -851,15 +957,10 @@ fn measure_once(
             format!("{host}/{REPOSITORY}:{LAZYSNAP_OPTIMIZED_TAG}"),
             "lazysnap",
         ),
-        Mode::Lazysnap | Mode::LazysnapNoBackground if options.optimized => {
-            (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "lazysnap")
-        }
         Mode::Lazysnap | Mode::LazysnapNoBackground => {
             (format!("{host}/{REPOSITORY}:estargz"), "lazysnap")
         }
-        Mode::Stargz if options.optimized => {
-            (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz")
-        }
+        Mode::StargzOptimized => (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz"),
         Mode::Stargz => (format!("{host}/{REPOSITORY}:{CTR_REMOTE_TAG}"), "stargz"),
         Mode::Soci => (soci_peer(soci)?.1.to_string(), "soci"),
     };
@@ -882,7 +983,7 @@ fn measure_once(
             ]);
             command
         }
-        Mode::Stargz => {
+        Mode::Stargz | Mode::StargzOptimized => {
             let mut command = Command::new("/usr/bin/ctr-remote");
             command
                 .arg("-a")
@@ -916,7 +1017,9 @@ fn measure_once(
         .and_then(|finished| finished.success(&pull_what))
         .map_err(with_logs)?;
     let (lazy_layers, layers) = match mode {
-        Mode::Overlayfs | Mode::Stargz => (None, image_layer_count(&pulled.stdout)),
+        Mode::Overlayfs | Mode::Stargz | Mode::StargzOptimized => {
+            (None, image_layer_count(&pulled.stdout))
+        }
         // `soci image rpull` names only the layers it fetched whole.
         Mode::Soci => (
             None,
@@ -940,44 +1043,56 @@ fn measure_once(
     // runc keeps container state under a path shared by every containerd on the node: the id
     // is unique to this bench process so that two benches never share a container.
     let container_id = format!("lazysnap-bench-{}", std::process::id());
-    let mut run = containerd.ctr();
-    run.args([
-        "-n",
-        NAMESPACE,
-        "run",
-        "--rm",
-        "--snapshotter",
-        snapshotter,
-        &reference,
-        &container_id,
-    ])
-    .args(options.image.workload());
-    let run_what = format!("ctr run {reference} ({})", mode.name());
     let ready_line = options.image.ready_line();
-    let ran = run_timed(run, &run_what, options.step_timeout, Some(ready_line))
-        .and_then(|finished| finished.success(&run_what))
-        .map_err(with_logs)?;
-    let after = fetched_so_far();
-    let ready_after = ran.ready_after.ok_or_else(|| {
-        with_logs(BenchError::Step {
-            what: run_what.clone(),
-            detail: format!(
-                "the workload exited 0 without printing {ready_line:?}; stdout: {}",
-                tail(&ran.stdout, 10)
-            ),
-        })
-    })?;
-    if let Some(expected) = options.image.expected_line() {
-        if !ran.stdout.lines().any(|line| line == expected) {
-            return Err(with_logs(BenchError::Step {
-                what: run_what,
+    // Runs the workload to its exit; how long it took to print the ready line. Checks that it
+    // printed that line and the one proving it read its files right.
+    let run_workload = |what: &str| -> Result<Duration, BenchError> {
+        let mut run = containerd.ctr();
+        run.args([
+            "-n",
+            NAMESPACE,
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            &reference,
+            &container_id,
+        ])
+        .args(options.image.workload());
+        let ran = run_timed(run, what, options.step_timeout, Some(ready_line))
+            .and_then(|finished| finished.success(what))
+            .map_err(with_logs)?;
+        let ready_after = ran.ready_after.ok_or_else(|| {
+            with_logs(BenchError::Step {
+                what: what.to_string(),
                 detail: format!(
-                    "the workload did not print {expected:?} (wrong bytes?); stdout: {}",
+                    "the workload exited 0 without printing {ready_line:?}; stdout: {}",
                     tail(&ran.stdout, 10)
                 ),
-            }));
+            })
+        })?;
+        if let Some(expected) = options.image.expected_line() {
+            if !ran.stdout.lines().any(|line| line == expected) {
+                return Err(with_logs(BenchError::Step {
+                    what: what.to_string(),
+                    detail: format!(
+                        "the workload did not print {expected:?} (wrong bytes?); stdout: {}",
+                        tail(&ran.stdout, 10)
+                    ),
+                }));
+            }
         }
-    }
+        Ok(ready_after)
+    };
+    let ready_after = run_workload(&format!("ctr run {reference} ({})", mode.name()))?;
+    let after = fetched_so_far();
+    // The same workload again on the same node: image, snapshots and caches kept.
+    let warm_run_secs = if options.warm {
+        let what = format!("ctr run {reference} again, warm ({})", mode.name());
+        Some(run_workload(&what)?.as_secs_f64())
+    } else {
+        None
+    };
     // overlayfs mode runs a lazysnap serve too, which containerd's default snapshotter never
     // calls: only the daemon that served the snapshots is measured.
     let snapshotter_peak_rss = if mode == Mode::Overlayfs {
@@ -1009,6 +1124,7 @@ fn measure_once(
         lazy_layers,
         layers,
         snapshotter_peak_rss,
+        warm_run_secs,
     })
 }
 
@@ -1037,7 +1153,8 @@ pub fn registry_get_bytes(log: &str) -> u64 {
         .sum()
 }
 
-/// Writes `results.json`, `startup.svg` and `table.txt` into `dir` (created); returns the paths.
+/// Writes `results.json`, `startup.svg`, `startup.png` and `table.txt` into `dir` (created);
+/// returns the paths.
 pub fn write_results(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(procs::io_error(format!(
         "creating the output dir {}",
@@ -1047,9 +1164,15 @@ pub fn write_results(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, B
         what: "serializing results.json".into(),
         detail: e.to_string(),
     })?;
+    let svg = render_svg(report);
+    let png = report::render_png(&svg).map_err(|detail| BenchError::Step {
+        what: "drawing startup.png".into(),
+        detail,
+    })?;
     let files = [
         (dir.join("results.json"), json),
-        (dir.join("startup.svg"), render_svg(report).into_bytes()),
+        (dir.join("startup.png"), png),
+        (dir.join("startup.svg"), svg.into_bytes()),
         (dir.join("table.txt"), render_table(report).into_bytes()),
     ];
     let mut written = Vec::new();

@@ -20,6 +20,10 @@ pub enum Mode {
     /// `ctr-remote images rpull` through stargz-snapshotter's daemon of the image stargz's own
     /// converter (`ctr-remote image convert --estargz`) wrote.
     Stargz,
+    /// stargz-snapshotter on the image `ctr-remote image optimize` wrote for the workload (its
+    /// files first, then the prefetch landmark).
+    #[serde(rename = "stargz-opt")]
+    StargzOptimized,
     /// `soci image rpull` through SOCI's daemon of the gzip image, with the index `soci create`
     /// built.
     Soci,
@@ -33,6 +37,7 @@ impl Mode {
             Mode::LazysnapNoBackground => "lazysnap-nobg",
             Mode::LazysnapOptimized => "lazysnap-opt",
             Mode::Stargz => "stargz",
+            Mode::StargzOptimized => "stargz-opt",
             Mode::Soci => "soci",
         }
     }
@@ -45,6 +50,7 @@ impl Mode {
             Mode::LazysnapNoBackground,
             Mode::LazysnapOptimized,
             Mode::Stargz,
+            Mode::StargzOptimized,
             Mode::Soci,
         ]
         .into_iter()
@@ -57,6 +63,21 @@ impl Mode {
             self,
             Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized
         )
+    }
+
+    /// Runs through stargz-snapshotter's daemon.
+    pub fn is_stargz(self) -> bool {
+        matches!(self, Mode::Stargz | Mode::StargzOptimized)
+    }
+
+    /// A peer lazysnap is compared with.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Mode::Stargz | Mode::StargzOptimized | Mode::Soci)
+    }
+
+    /// Runs on an image optimized for the workload.
+    pub fn is_optimized(self) -> bool {
+        matches!(self, Mode::LazysnapOptimized | Mode::StargzOptimized)
     }
 }
 
@@ -82,6 +103,10 @@ pub struct RunResult {
     /// `None` for overlayfs (containerd's own) or where it could not be read.
     #[serde(default)]
     pub snapshotter_peak_rss: Option<u64>,
+    /// With `--warm`: create + run to ready of the same workload started again after this run,
+    /// on the same node (image, snapshots and caches kept).
+    #[serde(default)]
+    pub warm_run_secs: Option<f64>,
 }
 
 /// Medians over the runs of one mode on one link, and the spread of the total.
@@ -99,6 +124,9 @@ pub struct Summary {
     /// The highest peak RSS of the snapshotter daemon over the runs, where measured.
     #[serde(default)]
     pub snapshotter_peak_rss: Option<u64>,
+    /// Median of the warm runs' create + run, where measured.
+    #[serde(default)]
+    pub warm_run_secs: Option<f64>,
 }
 
 impl Summary {
@@ -114,6 +142,10 @@ impl Summary {
             total_min_secs: totals().reduce(f64::min).unwrap_or(0.0),
             total_max_secs: totals().reduce(f64::max).unwrap_or(0.0),
             snapshotter_peak_rss: runs.iter().filter_map(|r| r.snapshotter_peak_rss).max(),
+            warm_run_secs: {
+                let warm: Vec<f64> = runs.iter().filter_map(|r| r.warm_run_secs).collect();
+                (!warm.is_empty()).then(|| median(warm))
+            },
         }
     }
 }
@@ -131,6 +163,10 @@ pub struct ModeResult {
     /// on the same link, below 1 when lazysnap is faster; `None` for peers or without one.
     #[serde(default)]
     pub vs_best_peer: Option<f64>,
+    /// Its median total divided by the ideal start on the same link (see
+    /// [`BenchReport::ideal_bytes`]); `None` on an unshaped link or without a record.
+    #[serde(default)]
+    pub vs_ideal: Option<f64>,
 }
 
 /// The image the bench ran.
@@ -168,6 +204,12 @@ pub struct BenchReport {
     pub state_dir: String,
     /// lazysnap's background fill setting during the runs.
     pub background_fill: bool,
+    /// What an ideal lazy start fetches: the compressed bytes of the chunks the workload reads
+    /// plus every layer's footer and TOC, from `lazysnap optimize`'s record (with
+    /// `--optimized`). On a link of rate R and round trip T the ideal start takes these bytes
+    /// ÷ R + 3 T (the manifest, then the TOCs, then the data: three dependent requests).
+    #[serde(default)]
+    pub ideal_bytes: Option<u64>,
     pub results: Vec<ModeResult>,
     /// Anything the reader should know (fallbacks, warnings).
     pub notes: Vec<String>,
@@ -195,6 +237,27 @@ pub fn compute_ratios(results: &mut [ModeResult]) {
     compute_peer_ratios(results);
 }
 
+/// Seconds an ideal lazy start of `bytes` takes on a link of `rate_bits_per_sec` and `rtt` (see
+/// [`BenchReport::ideal_bytes`]); `None` for an unshaped link, where it is no bound.
+pub fn ideal_secs(
+    bytes: u64,
+    rate_bits_per_sec: Option<u64>,
+    rtt: std::time::Duration,
+) -> Option<f64> {
+    let rate = rate_bits_per_sec.filter(|&r| r > 0)? as f64 / 8.0;
+    Some(bytes as f64 / rate + 3.0 * rtt.as_secs_f64())
+}
+
+/// Sets each result's ratio to the ideal start of its link, given as `(link label, seconds)`.
+pub fn compute_ideal_ratios(results: &mut [ModeResult], ideal: &[(String, f64)]) {
+    for result in results.iter_mut() {
+        result.vs_ideal = ideal
+            .iter()
+            .find(|(link, secs)| *link == result.link && *secs > 0.0)
+            .map(|(_, secs)| result.median.total_secs / secs);
+    }
+}
+
 fn compute_speedups(results: &mut [ModeResult]) {
     let baselines: Vec<(String, f64)> = results
         .iter()
@@ -211,18 +274,23 @@ fn compute_speedups(results: &mut [ModeResult]) {
     }
 }
 
+/// Each lazysnap mode's median against the fastest peer on its link: an optimized image's
+/// against every peer, an unoptimized one's against the peers on unoptimized images only (an
+/// optimized peer is not the same contest).
 fn compute_peer_ratios(results: &mut [ModeResult]) {
-    let peers: Vec<(String, f64)> = results
+    let peers: Vec<(String, bool, f64)> = results
         .iter()
-        .filter(|r| matches!(r.mode, Mode::Stargz | Mode::Soci) && r.median.total_secs > 0.0)
-        .map(|r| (r.link.clone(), r.median.total_secs))
+        .filter(|r| r.mode.is_peer() && r.median.total_secs > 0.0)
+        .map(|r| (r.link.clone(), r.mode.is_optimized(), r.median.total_secs))
         .collect();
     for result in results.iter_mut() {
         result.vs_best_peer = if result.mode.is_lazysnap() {
             peers
                 .iter()
-                .filter(|(link, _)| *link == result.link)
-                .map(|(_, total)| *total)
+                .filter(|(link, optimized, _)| {
+                    *link == result.link && (result.mode.is_optimized() || !optimized)
+                })
+                .map(|(_, _, total)| *total)
                 .reduce(f64::min)
                 .map(|best| result.median.total_secs / best)
         } else {
@@ -255,13 +323,15 @@ pub fn render_table(report: &BenchReport) -> String {
         "create+run s",
         "total s",
         "min-max s",
+        "warm s",
         "MB fetched",
         "lazy layers",
         "peak RSS MB",
         "speedup",
         "vs best peer",
+        "vs ideal",
     ];
-    let rows: Vec<[String; 11]> = report
+    let rows: Vec<[String; 13]> = report
         .results
         .iter()
         .map(|r| {
@@ -280,6 +350,9 @@ pub fn render_table(report: &BenchReport) -> String {
                 } else {
                     "-".to_string()
                 },
+                r.median
+                    .warm_run_secs
+                    .map_or("-".to_string(), |secs| format!("{secs:.2}")),
                 format!("{:.1}", megabytes(r.median.fetched_bytes)),
                 lazy_layers(r),
                 r.median
@@ -291,6 +364,8 @@ pub fn render_table(report: &BenchReport) -> String {
                     (_, None) => "-".to_string(),
                 },
                 r.vs_best_peer
+                    .map_or("-".to_string(), |ratio| format!("{ratio:.2}")),
+                r.vs_ideal
                     .map_or("-".to_string(), |ratio| format!("{ratio:.2}")),
             ]
         })
@@ -405,6 +480,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                 Mode::LazysnapNoBackground => ("#2e8b57", "#98d8b4"),
                 Mode::LazysnapOptimized => ("#6a3d9a", "#cab2d6"),
                 Mode::Stargz => ("#c0392b", "#f1a9a0"),
+                Mode::StargzOptimized => ("#8e1b10", "#e57f73"),
                 Mode::Soci => ("#d35400", "#f5cba7"),
             };
             let pull_top = y_of(result.median.pull_secs);
@@ -430,6 +506,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                         | Mode::LazysnapNoBackground
                         | Mode::LazysnapOptimized
                         | Mode::Stargz
+                        | Mode::StargzOptimized
                         | Mode::Soci,
                         Some(speedup),
                     ) => format!(
@@ -449,6 +526,24 @@ pub fn render_svg(report: &BenchReport) -> String {
             TOP + plot_h + 32.0,
             xml_escape(link)
         ));
+        // The ideal start on this link, as a dashed line across its bars.
+        let ideal = modes.iter().find_map(|r| {
+            let ratio = r.vs_ideal.filter(|&v| v > 0.0)?;
+            Some(r.median.total_secs / ratio)
+        });
+        if let Some(ideal) = ideal {
+            let y = y_of(ideal);
+            let half = group_w / 2.0 - 8.0;
+            svg.push_str(&format!(
+                "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#222\" stroke-dasharray=\"5,4\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">ideal {:.2} s</text>\n",
+                center - half,
+                center + half,
+                center - half,
+                y - 4.0,
+                ideal
+            ));
+        }
     }
     // Legend.
     let legend_y = HEIGHT - 16.0;
@@ -476,6 +571,36 @@ pub fn render_svg(report: &BenchReport) -> String {
         y_of(0.0)
     ));
     svg
+}
+
+/// The chart [`render_svg`] drew, as a PNG at twice its size. Its text is set in DejaVu Sans
+/// where the system has it (Debian's `fonts-dejavu-core`), else in any font found; with no font
+/// at all only the bars and lines are drawn.
+pub fn render_png(svg: &str) -> Result<Vec<u8>, String> {
+    use resvg::{tiny_skia, usvg};
+    const SCALE: f32 = 2.0;
+    let mut options = usvg::Options::default();
+    let fonts = options.fontdb_mut();
+    fonts.load_system_fonts();
+    fonts.set_sans_serif_family("DejaVu Sans");
+    fonts.set_serif_family("DejaVu Sans");
+    let tree =
+        usvg::Tree::from_str(svg, &options).map_err(|e| format!("reading the chart: {e}"))?;
+    let size = tree.size();
+    let (width, height) = (
+        (size.width() * SCALE).ceil() as u32,
+        (size.height() * SCALE).ceil() as u32,
+    );
+    let mut pixmap = tiny_skia::Pixmap::new(width, height)
+        .ok_or_else(|| format!("a {width}x{height} image cannot be drawn"))?;
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(SCALE, SCALE),
+        &mut pixmap.as_mut(),
+    );
+    pixmap
+        .encode_png()
+        .map_err(|e| format!("encoding the PNG: {e}"))
 }
 
 /// Grid intervals for a [`nice_ceiling`] value, so every tick is a round number.
@@ -519,6 +644,20 @@ mod tests {
             lazy_layers: None,
             layers: 2,
             snapshotter_peak_rss: None,
+            warm_run_secs: None,
+        }
+    }
+
+    /// `mode`'s result of one run on the sample report's shaped link.
+    fn result_of(mode: Mode, one: RunResult) -> ModeResult {
+        ModeResult {
+            link: "20mbit:50ms".into(),
+            mode,
+            median: Summary::of(std::slice::from_ref(&one)),
+            runs: vec![one],
+            speedup: None,
+            vs_best_peer: None,
+            vs_ideal: None,
         }
     }
 
@@ -531,6 +670,7 @@ mod tests {
                 median: Summary::of(&[run(10.0, 1.0, 20_000_000), run(12.0, 1.0, 20_000_000)]),
                 speedup: None,
                 vs_best_peer: None,
+                vs_ideal: None,
             },
             ModeResult {
                 link: "20mbit:50ms".into(),
@@ -542,6 +682,7 @@ mod tests {
                 median: Summary::of(&[run(0.5, 1.5, 2_000_000)]),
                 speedup: None,
                 vs_best_peer: None,
+                vs_ideal: None,
             },
         ];
         compute_ratios(&mut results);
@@ -563,6 +704,7 @@ mod tests {
             },
             state_dir: "/tmp".into(),
             background_fill: true,
+            ideal_bytes: None,
             results,
             notes: vec![],
         }
@@ -617,18 +759,13 @@ mod tests {
             (11.0, 13.0)
         );
         let peer = |mode, total: f64| {
-            let runs = vec![RunResult {
-                snapshotter_peak_rss: Some(50_000_000),
-                ..run(0.5, total - 0.5, 1_000_000)
-            }];
-            ModeResult {
-                link: "20mbit:50ms".into(),
+            result_of(
                 mode,
-                median: Summary::of(&runs),
-                runs,
-                speedup: None,
-                vs_best_peer: None,
-            }
+                RunResult {
+                    snapshotter_peak_rss: Some(50_000_000),
+                    ..run(0.5, total - 0.5, 1_000_000)
+                },
+            )
         };
         report.results.push(peer(Mode::Stargz, 4.0));
         report.results.push(peer(Mode::Soci, 2.5));
@@ -659,6 +796,74 @@ mod tests {
             .unwrap()
             .remove("vs_best_peer");
         assert!(serde_json::from_value::<BenchReport>(old).is_ok());
+    }
+
+    #[test]
+    fn an_optimized_peer_sets_the_bar_for_optimized_lazysnap_only() {
+        let mut report = sample_report();
+        let with = |mode, total: f64| result_of(mode, run(0.5, total - 0.5, 1_000_000));
+        report.results.push(with(Mode::LazysnapOptimized, 1.0));
+        report.results.push(with(Mode::Stargz, 4.0));
+        report.results.push(with(Mode::StargzOptimized, 2.5));
+        compute_ratios(&mut report.results);
+        let ratio = |mode| {
+            report
+                .results
+                .iter()
+                .find(|r| r.mode == mode)
+                .and_then(|r| r.vs_best_peer)
+        };
+        // Unoptimized lazysnap (2 s) against stargz on its unoptimized image (4 s).
+        assert_eq!(ratio(Mode::Lazysnap), Some(0.5));
+        // lazysnap-opt (1 s) against the fastest peer, stargz-opt (2.5 s).
+        assert_eq!(ratio(Mode::LazysnapOptimized), Some(0.4));
+        assert_eq!(ratio(Mode::StargzOptimized), None);
+        assert_eq!(Mode::parse("stargz-opt"), Some(Mode::StargzOptimized));
+        let table = render_table(&report);
+        assert!(table.contains("stargz-opt"), "{table}");
+        assert!(render_svg(&report).contains("stargz-opt"));
+    }
+
+    #[test]
+    fn the_ideal_start_is_the_read_bytes_at_the_link_rate_plus_three_round_trips() {
+        let rtt = std::time::Duration::from_millis(100);
+        // 2.5 MB at 10 Mbit/s (1.25 MB/s) is 2 s, plus 0.3 s of round trips.
+        let ideal = ideal_secs(2_500_000, Some(10_000_000), rtt).unwrap();
+        assert!((ideal - 2.3).abs() < 1e-9, "{ideal}");
+        assert_eq!(ideal_secs(2_500_000, None, rtt), None);
+        let mut report = sample_report();
+        report.ideal_bytes = Some(2_500_000);
+        compute_ideal_ratios(&mut report.results, &[("20mbit:50ms".into(), 0.5)]);
+        // lazysnap's 2 s against an ideal 0.5 s.
+        assert_eq!(report.results[1].vs_ideal, Some(4.0));
+        let table = render_table(&report);
+        assert!(
+            table.contains("vs ideal") && table.contains("4.00"),
+            "{table}"
+        );
+        assert!(render_svg(&report).contains("ideal 0.50 s"));
+        // Warm runs, where measured, show as their median.
+        let warm = |secs| RunResult {
+            warm_run_secs: Some(secs),
+            ..run(0.5, 1.0, 1)
+        };
+        assert_eq!(
+            Summary::of(&[warm(0.2), warm(0.4), run(0.5, 1.0, 1)]).warm_run_secs,
+            Some(0.30000000000000004)
+        );
+        assert_eq!(Summary::of(&[run(0.5, 1.0, 1)]).warm_run_secs, None);
+        assert!(table.contains("warm s"), "{table}");
+    }
+
+    #[test]
+    fn the_png_chart_is_the_svg_drawn_at_twice_its_size() {
+        let png = render_png(&render_svg(&sample_report())).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height, big-endian, after the signature and the chunk header.
+        let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+        assert_eq!((width, height), (1520, 840));
+        assert!(render_png("not svg").is_err());
     }
 
     #[test]

@@ -11,8 +11,10 @@ use lazysnap::bench::{self, BenchOptions, BenchReport, LinkSpec, Mode};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Emulated link, repeatable: a profile `lan` (unshaped), `dc` (100mbit:20ms) or `edge`
-    /// (10mbit:100ms), `unlimited`, or RATE[:RTT] such as `20mbit:50ms`, `1gbit` (RTT is the
-    /// round-trip time). Default: unlimited and 20mbit:50ms.
+    /// (10mbit:100ms), `unlimited`, or RATE[:RTT[:JITTER][:LOSS%]] such as `20mbit:50ms`,
+    /// `1gbit` or `10mbit:100ms:20ms:1%` (RTT is the round-trip time; JITTER up to that much
+    /// more one-way delay at random; LOSS the share of data lost, resent a retransmission
+    /// timeout late). Default: unlimited and 20mbit:50ms.
     #[arg(long = "link", value_name = "LINK")]
     links: Vec<String>,
     /// Cold runs per link and mode; the table shows medians, with the fastest and slowest total.
@@ -41,9 +43,11 @@ pub struct BenchArgs {
     /// One quick run (unlimited and 20mbit:50ms, 1 run each) with an explanation of the table.
     #[arg(long)]
     demo: bool,
-    /// Image and workload: `sample` (busybox + generated app layer), `python3-print` or
-    /// `python3-app` (python3 from Debian packages, built once with debootstrap into
-    /// --cache-dir; `print(1)`, or an app importing json and hashlib that hashes a 4 MiB file).
+    /// Image and workload: `sample` (busybox + generated app layer), or one built once from
+    /// Debian 12's packages with debootstrap into --cache-dir: `python3-print` (`print(1)`),
+    /// `python3-app` (imports json and hashlib, hashes a 4 MiB file), `node-app` (loads crypto
+    /// and zlib), `gcc-hello` (compiles and runs hello world), `java-hello` (OpenJDK 17 runs a
+    /// class that prints a line).
     #[arg(long, default_value = "sample", value_name = "IMAGE")]
     image: String,
     /// Where images built from Debian packages are kept between runs.
@@ -63,17 +67,23 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     soci_grpc: Option<PathBuf>,
     /// Only these modes, comma separated (overlayfs, lazysnap, lazysnap-nobg, lazysnap-opt,
-    /// stargz, soci); without overlayfs the table shows no speedups.
+    /// stargz, stargz-opt, soci); without overlayfs the table shows no speedups.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     modes: Vec<String>,
-    /// Run the lazy modes on the image `ctr-remote image optimize` writes for the workload
-    /// (prioritized files first) instead of the unoptimized conversions.
+    /// Also measure images optimized for the workload, beside the unoptimized ones: the one
+    /// `lazysnap optimize` writes (mode `lazysnap-opt`) and, with --stargz-grpc, the one
+    /// `ctr-remote image optimize` writes (mode `stargz-opt`)
     #[arg(long)]
     optimized: bool,
-    /// With --optimized: optimize for this image's workload (python3-print or python3-app) instead
-    /// of the measured one, to see what a list made for one workload costs another.
+    /// With --optimized: optimize for this image's workload (another workload of the same
+    /// image, e.g. python3-print for python3-app) instead of the measured one, to see what a list
+    /// made for one workload costs another.
     #[arg(long, value_name = "IMAGE", requires = "optimized")]
     optimized_for: Option<String>,
+    /// After each cold run, start the workload again on the same node (image, snapshots and
+    /// caches kept) and report that create + run as `warm s`.
+    #[arg(long)]
+    warm: bool,
     /// `lazysnap convert --chunk-size` for the lazysnap image (default: convert's).
     #[arg(long, value_name = "BYTES")]
     chunk_size: Option<u64>,
@@ -118,6 +128,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     options.cache_dir = args.cache_dir.clone();
     options.compare_no_background = args.compare_no_background;
     options.optimized = args.optimized;
+    options.warm = args.warm;
     options.optimized_for = args
         .optimized_for
         .as_deref()

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use lazysnap::image::{ConvertProgress, ImageLocation, LayerReport};
 use lazysnap::optimize::{
-    optimize_image, OptimizeOptions, OptimizeProgress, OptimizeReport, StopWhen, WorkloadOverrides,
+    optimize_image, LayerUse, OptimizeOptions, OptimizeProgress, OptimizeReport, StopWhen,
+    WorkloadOverrides,
 };
 
 use super::convert::{Bars, ConvertFlags};
@@ -63,6 +64,10 @@ pub struct OptimizeArgs {
     /// Write the image even when the workload failed (non-zero exit, awaited line never seen).
     #[arg(long)]
     pub accept_failed_run: bool,
+    /// Also write the report as JSON to FILE: per layer and in total, files and bytes used,
+    /// compressed bytes prefetched, TOC bytes and layer size.
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
     #[command(flatten)]
     pub flags: ConvertFlags,
 }
@@ -115,6 +120,10 @@ pub fn run(args: OptimizeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("optimizing {src} into {dst}"))?;
     progress.0.clear();
     print_report(&report, &opts.stop, &dst);
+    if let Some(path) = &args.report_json {
+        write_report_json(&report, &dst, path)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -160,7 +169,7 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
         "prefetch",
         "layer size"
     );
-    let mut total = lazysnap::optimize::LayerUse::default();
+    let total = total_use(report);
     for layer in &report.layers {
         out!(
             "{:<20} {:>14} {:>22} {:>16} {:>16}",
@@ -170,12 +179,6 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
             mb(layer.prefetch_bytes),
             mb(layer.blob_size)
         );
-        total.files += layer.files;
-        total.files_used += layer.files_used;
-        total.bytes_read += layer.bytes_read;
-        total.file_bytes += layer.file_bytes;
-        total.prefetch_bytes += layer.prefetch_bytes;
-        total.blob_size += layer.blob_size;
     }
     let share = if total.file_bytes > 0 {
         total.bytes_read as f64 * 100.0 / total.file_bytes as f64
@@ -199,6 +202,31 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
         report.converted.descriptor.digest,
         report.record.accesses.len()
     );
+}
+
+/// The layers' uses added up.
+fn total_use(report: &OptimizeReport) -> LayerUse {
+    let mut total = LayerUse::default();
+    for layer in &report.layers {
+        total.add(layer);
+    }
+    total
+}
+
+/// The `--report-json` file: `{"image", "digest", "layers": [..], "total": {..}}`.
+fn write_report_json(
+    report: &OptimizeReport,
+    dst: &ImageLocation,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let json = serde_json::json!({
+        "image": dst.to_string(),
+        "digest": report.converted.descriptor.digest,
+        "layers": report.layers,
+        "total": total_use(report),
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    Ok(())
 }
 
 fn mb(bytes: u64) -> String {

@@ -75,7 +75,7 @@ pub struct OptimizeOptions {
 }
 
 /// How much of one layer the workload used, and what the optimized layer prefetches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerUse {
     /// Digest of the layer in the source image.
     pub source_digest: String,
@@ -86,8 +86,24 @@ pub struct LayerUse {
     pub bytes_read: u64,
     /// Compressed bytes of the optimized layer lazysnap prefetches.
     pub prefetch_bytes: u64,
+    /// Compressed bytes of the optimized layer's footer and TOC (what a lazy pull reads first).
+    #[serde(default)]
+    pub toc_bytes: u64,
     /// Compressed size of the optimized layer.
     pub blob_size: u64,
+}
+
+impl LayerUse {
+    /// Adds `other`'s counts to these (for totals).
+    pub fn add(&mut self, other: &LayerUse) {
+        self.files += other.files;
+        self.file_bytes += other.file_bytes;
+        self.files_used += other.files_used;
+        self.bytes_read += other.bytes_read;
+        self.prefetch_bytes += other.prefetch_bytes;
+        self.toc_bytes += other.toc_bytes;
+        self.blob_size += other.blob_size;
+    }
 }
 
 /// The result of an optimization.
@@ -238,6 +254,7 @@ async fn layer_use(
                 .or_else(|| sources.get(position).cloned())
                 .unwrap_or_default(),
             prefetch_bytes: toc.prefetch_bytes(),
+            toc_bytes: blob.size().saturating_sub(toc.data_end()),
             blob_size: blob.size(),
             ..LayerUse::default()
         };

@@ -1,6 +1,7 @@
 //! Userspace link emulator on loopback: a TCP relay from `127.0.0.1:<port>` to an upstream that
-//! adds one-way delay to the data in each direction and limits throughput with one token bucket
-//! per direction shared by all connections, the way a slow edge link would.
+//! adds one-way delay (with optional jitter and loss) to the data in each direction and limits
+//! throughput with one token bucket per direction shared by all connections, the way a slow edge
+//! link would.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,13 @@ pub struct LinkProfile {
     pub rate_bytes_per_sec: Option<u64>,
     /// Delay added to data in each direction (round-trip time is twice this).
     pub one_way_delay: Duration,
+    /// Up to this much more delay, drawn at random for each piece of data (never reordering a
+    /// connection's bytes: a piece waits for the one before it, as TCP delivers).
+    pub jitter: Duration,
+    /// Share of the pieces of data lost (0 to 1). TCP resends what is lost, so a lost piece
+    /// arrives one retransmission timeout late ([`retransmit_delay`]), holding back the bytes
+    /// behind it on its connection; the sender's slowdown after a loss is not emulated.
+    pub loss: f64,
 }
 
 impl LinkProfile {
@@ -28,6 +36,8 @@ impl LinkProfile {
         Self {
             rate_bytes_per_sec: Some((mbit * 1_000_000.0 / 8.0) as u64),
             one_way_delay: rtt / 2,
+            jitter: Duration::ZERO,
+            loss: 0.0,
         }
     }
 
@@ -36,7 +46,29 @@ impl LinkProfile {
         Self {
             rate_bytes_per_sec: None,
             one_way_delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
         }
+    }
+
+    /// How late a lost piece of data arrives: TCP's retransmission timeout, at least 200 ms
+    /// (Linux's minimum) and at least a round trip.
+    pub fn retransmit_delay(&self) -> Duration {
+        (self.one_way_delay * 2).max(Duration::from_millis(200))
+    }
+
+    /// When a piece read at `now` is due at the far end, given the one before it is due at
+    /// `previous`: after the delay, a random share of the jitter and, if lost, the
+    /// retransmission delay, and never before `previous`.
+    fn due(&self, now: Instant, previous: Instant) -> Instant {
+        let mut delay = self.one_way_delay;
+        if !self.jitter.is_zero() {
+            delay += self.jitter.mul_f64(rand::random::<f64>());
+        }
+        if self.loss > 0.0 && rand::random::<f64>() < self.loss {
+            delay += self.retransmit_delay();
+        }
+        (now + delay).max(previous)
     }
 }
 
@@ -118,8 +150,8 @@ async fn accept_loop(
                     let client_gone = CancellationToken::new();
                     let relays = async {
                         tokio::join!(
-                            relay(client_read, server_write, delay, up, Some(client_gone.clone())),
-                            relay(server_read, client_write, delay, down, None),
+                            relay(client_read, server_write, profile, up, Some(client_gone.clone())),
+                            relay(server_read, client_write, profile, down, None),
                         )
                     };
                     tokio::select! {
@@ -136,19 +168,21 @@ async fn accept_loop(
     connections.abort_all();
 }
 
-/// Copies one direction: data read at time t is written no earlier than t + delay and only as
-/// fast as the shared bucket allows. Reading goes on while earlier data waits, as on a real link.
-/// `on_eof` is cancelled when the source closes.
+/// Copies one direction: data read at time t is written no earlier than t + delay (see
+/// [`LinkProfile::due`]) and only as fast as the shared bucket allows. Reading goes on while
+/// earlier data waits, as on a real link. `on_eof` is cancelled when the source closes.
 async fn relay(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
+    profile: LinkProfile,
     bucket: Arc<TokenBucket>,
     on_eof: Option<CancellationToken>,
 ) {
-    let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(queue_slots(&bucket, delay));
+    let slots = queue_slots(&bucket, profile.one_way_delay);
+    let (queue, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(slots);
     let reader = async move {
         let mut buf = vec![0u8; SLOT_BYTES as usize];
+        let mut previous = Instant::now();
         loop {
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => {
@@ -158,11 +192,8 @@ async fn relay(
                     break;
                 }
                 Ok(n) => {
-                    if queue
-                        .send((Instant::now() + delay, buf[..n].to_vec()))
-                        .await
-                        .is_err()
-                    {
+                    previous = profile.due(Instant::now(), previous);
+                    if queue.send((previous, buf[..n].to_vec())).await.is_err() {
                         break;
                     }
                 }
@@ -262,11 +293,14 @@ mod tests {
 
     #[test]
     fn relays_bytes_unchanged_through_a_limited_link() {
-        let upstream = echo_server();
-        let link = LinkEmulator::start(upstream, LinkProfile::new(80.0, Duration::from_millis(4)))
-            .unwrap();
+        assert_echoes_unchanged(LinkProfile::new(80.0, Duration::from_millis(4)), 200_000);
+    }
+
+    /// `len` bytes sent through an emulator of `profile` to an echo server come back unchanged.
+    fn assert_echoes_unchanged(profile: LinkProfile, len: u32) {
+        let link = LinkEmulator::start(echo_server(), profile).unwrap();
         let mut conn = std::net::TcpStream::connect(link.addr()).unwrap();
-        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let writer = {
             let mut conn = conn.try_clone().unwrap();
             let payload = payload.clone();
@@ -276,6 +310,40 @@ mod tests {
         conn.read_exact(&mut echoed).unwrap();
         writer.join().unwrap();
         assert_eq!(echoed, payload);
+    }
+
+    #[test]
+    fn jitter_and_loss_delay_data_without_reordering_or_changing_it() {
+        let profile = LinkProfile {
+            jitter: Duration::from_millis(30),
+            loss: 0.5,
+            ..LinkProfile::new(100.0, Duration::from_millis(20))
+        };
+        // Due times never go back, and stay within delay + jitter + one retransmission.
+        let start = Instant::now();
+        let mut previous = start;
+        let mut late = 0;
+        for _ in 0..200 {
+            let due = profile.due(start, previous);
+            assert!(due >= previous);
+            let waited = due - start;
+            assert!(waited >= profile.one_way_delay, "{waited:?}");
+            assert!(
+                waited <= profile.one_way_delay + profile.jitter + profile.retransmit_delay(),
+                "{waited:?}"
+            );
+            if waited >= profile.retransmit_delay() {
+                late += 1;
+            }
+            previous = due;
+        }
+        assert!(
+            late > 0,
+            "half the pieces are lost, some arrive a timeout late"
+        );
+        assert_eq!(profile.retransmit_delay(), Duration::from_millis(200));
+
+        assert_echoes_unchanged(profile, 300_000);
     }
 
     #[test]
