@@ -84,10 +84,12 @@ fn bench_runs_both_modes_and_writes_results() {
     for column in [
         "mode",
         "pull s",
-        "create+run s",
+        "create s",
+        "run s",
         "total s",
         "min-max s",
-        "MB fetched",
+        "MB to ready",
+        "MB in all",
         "peak RSS MB",
         "speedup",
         "vs best peer",
@@ -148,8 +150,13 @@ fn bench_runs_both_modes_and_writes_results() {
                 assert!(value > 0.0 && value.is_finite(), "{field} in {result}");
             }
             let total = run["total_secs"].as_f64().unwrap();
-            let parts = run["pull_secs"].as_f64().unwrap() + run["run_secs"].as_f64().unwrap();
+            let parts = run["pull_secs"].as_f64().unwrap()
+                + run["create_secs"].as_f64().unwrap()
+                + run["run_secs"].as_f64().unwrap();
             assert!((total - parts).abs() < 1e-9, "{result}");
+            // Bytes in all include those until ready.
+            let all = run["fetched_all_bytes"].as_u64().unwrap();
+            assert!(all >= run["fetched_bytes"].as_u64().unwrap(), "{result}");
         }
         // Medians of two runs lie between them; the spread is the fastest and slowest total.
         let totals: Vec<f64> = runs
@@ -197,6 +204,15 @@ fn bench_runs_both_modes_and_writes_results() {
     assert_png(&out.path().join("startup.png"));
     let table = std::fs::read_to_string(out.path().join("table.txt")).unwrap();
     assert!(table.starts_with("link"));
+    // The Markdown table: header, alignment row, one row per result.
+    let markdown = std::fs::read_to_string(out.path().join("table.md")).unwrap();
+    let lines: Vec<&str> = markdown.lines().collect();
+    assert_eq!(lines.len(), 2 + results.len(), "{markdown}");
+    assert!(
+        lines[0].starts_with("| link | mode | pull s | create s |"),
+        "{markdown}"
+    );
+    assert!(lines.iter().all(|l| l.starts_with('|') && l.ends_with('|')));
 
     // Torn down: nothing of the bench stays mounted.
     assert_eq!(mounts_under(state.path()), 0);
@@ -357,6 +373,81 @@ fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
         "left mounted:\n{mounts}"
     );
     assert_eq!(state_dir.exists(), state_dir_existed);
+}
+
+#[test]
+fn bench_measures_an_image_the_user_names_and_stops_its_workload_once_ready() {
+    use lazysnap::image::OciLayout;
+    use lazysnap::testbed::images::{
+        busybox_layer, push_layout_image, workload_layer, write_image, ImageOptions,
+    };
+    require_root_and_tools();
+    // The user's image: Docker media types, as most registries serve them.
+    let users = lazysnap::testbed::RegistryServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&dir.path().join("user")).unwrap();
+    let options = ImageOptions {
+        cmd: vec!["/bin/sh".into(), "/app/run.sh".into()],
+        docker_media_types: true,
+        ..ImageOptions::default()
+    };
+    let layers = [busybox_layer().unwrap(), workload_layer().unwrap()];
+    write_image(&layout, &layers, &options, Some("v1")).unwrap();
+    push_layout_image(&layout, Some("v1"), &users.host(), "user/app", "v1").unwrap();
+    let reference = format!("{}/user/app:v1", users.host());
+
+    let out = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let args = [
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--runs",
+        "1",
+        "--link",
+        "lan",
+        "--no-background-fill",
+        "--optimized",
+        "--image",
+        &reference,
+        "--ready-line",
+        "workload-done",
+        // A workload that runs on once ready, as a server does: stopped at the line.
+        "--cmd",
+        r#"["/bin/sh","-c","/app/run.sh; exec sleep 600"]"#,
+    ];
+    let stdout = bench_ok(&args.map(std::ffi::OsStr::new), out.path());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["image"]["layers"], 2, "{json}");
+    assert!(
+        json["notes"].to_string().contains(&reference),
+        "{json}\n{stdout}"
+    );
+    let modes: Vec<&str> = json["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["overlayfs", "lazysnap", "lazysnap-opt"], "{json}");
+    for result in json["results"].as_array().unwrap() {
+        let run = &result["runs"][0];
+        assert_eq!(run["ready"], true, "{result}");
+        if result["mode"] != "overlayfs" {
+            assert_eq!(run["lazy_layers"], 2, "{result}");
+        }
+    }
+    assert!(json["ideal_bytes"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(mounts_under(state.path()), 0);
+
+    // An image of the user's needs the line that says it is ready.
+    let output = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(["bench", "--image", &reference])
+        .output()
+        .expect("run lazysnap bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--ready-line"), "{stderr}");
 }
 
 #[test]

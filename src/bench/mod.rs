@@ -13,6 +13,7 @@
 mod debian_image;
 mod image;
 mod link;
+mod named_image;
 mod procs;
 mod report;
 mod soci;
@@ -37,7 +38,8 @@ pub use report::{
 };
 
 use debian_image::Runtime;
-use procs::{run_timed, tail, ServeProcess};
+pub use named_image::{parse_cmd, NamedImage};
+use procs::{run_timed, run_watched, tail, ServeProcess};
 use soci::{SociPeer, SociTools};
 
 /// Repository the sample image is pushed to.
@@ -114,6 +116,8 @@ pub struct BenchOptions {
     /// After each cold run, start the workload again on the same node (image, snapshots and
     /// caches kept) and time that create + run too.
     pub warm: bool,
+    /// A user's own image instead of `image`.
+    pub named: Option<NamedImage>,
     /// `lazysnap convert --chunk-size` (`None`: its default).
     pub chunk_size: Option<u64>,
     /// Keep each run's snapshotter log here as `LINK-MODE-RUN.log` (`None`: logs go with the
@@ -252,8 +256,33 @@ impl BenchOptions {
             optimized: false,
             optimized_for: None,
             warm: false,
+            named: None,
             chunk_size: None,
             logs_dir: None,
+        }
+    }
+
+    /// The container's command (empty: the image's own entrypoint and cmd).
+    pub fn workload(&self) -> Vec<String> {
+        match &self.named {
+            Some(named) => named.cmd.clone(),
+            None => self.image.workload(),
+        }
+    }
+
+    /// The stdout line that says the workload is ready.
+    pub fn ready_line(&self) -> &str {
+        match &self.named {
+            Some(named) => &named.ready_line,
+            None => self.image.ready_line(),
+        }
+    }
+
+    /// A line the workload must print, proving it read its files right.
+    fn expected_line(&self) -> Option<String> {
+        match &self.named {
+            Some(_) => None,
+            None => self.image.expected_line(),
         }
     }
 
@@ -309,6 +338,21 @@ impl BenchOptions {
                 return Err(BenchError::Invalid(
                     "--modes soci needs --soci-grpc PATH".into(),
                 ));
+            }
+        }
+        if self.named.is_some() && self.optimized_for.is_some() {
+            return Err(BenchError::Invalid(
+                "--optimized-for names a built-in image; with --image REF the image is optimized \
+                 for its own workload"
+                    .into(),
+            ));
+        }
+        if let Some(named) = &self.named {
+            if named.ready_line.is_empty() {
+                return Err(BenchError::Invalid(format!(
+                    "--image {} needs --ready-line TEXT: the line its workload prints once ready",
+                    named.reference
+                )));
             }
         }
         if let Some(other) = self.optimized_for {
@@ -424,52 +468,77 @@ pub fn run_bench(
     progress("starting the registry on 127.0.0.1");
     let registry = RegistryServer::start()?;
     check_interrupted()?;
+    let mut named_layers = 0;
 
-    let sample = match options.image.runtime() {
-        None => {
+    let workload = options.workload();
+    let gzip_target = format!("{}/{REPOSITORY}:gzip", registry.host());
+    // The image as containerd's default pull sees it, pushed as `gzip`; `None` for a user's own
+    // image, copied there unchanged.
+    let sample = match (&options.named, options.image.runtime()) {
+        (Some(named), _) => {
+            progress(&format!(
+                "copying {} into the bench's registry",
+                named.reference
+            ));
+            let copied = named_image::copy_image(&named.reference, &gzip_target, progress)?;
+            notes.push(format!(
+                "the image is {}, copied unchanged (tag gzip) and converted from there",
+                named.reference
+            ));
+            named_layers = copied.layers;
+            None
+        }
+        (None, None) => {
             progress(&format!(
                 "generating the sample image (busybox + {} MB app layer)",
                 options.layer_mb
             ));
-            image::sample_image(options.layer_mb)?
+            Some(image::sample_image(options.layer_mb)?)
         }
-        Some(runtime) => debian_image::debian_image(&options.cache_dir, runtime, progress)?,
+        (None, Some(runtime)) => Some(debian_image::debian_image(
+            &options.cache_dir,
+            runtime,
+            progress,
+        )?),
     };
-    let workload = options.image.workload();
-    let layout_error = |e: crate::image::ImageError| BenchError::Step {
-        what: "writing the sample image layout".into(),
-        detail: e.to_string(),
-    };
-    let gzip_layout = OciLayout::create(&work.path().join("gzip-layout")).map_err(layout_error)?;
-    write_image(
-        &gzip_layout,
-        &sample.layers,
-        &ImageOptions {
-            cmd: workload.clone(),
-            ..ImageOptions::default()
-        },
-        Some("gzip"),
-    )?;
-    push_layout_image(
-        &gzip_layout,
-        Some("gzip"),
-        &registry.host(),
-        REPOSITORY,
-        "gzip",
-    )?;
+    if let Some(sample) = &sample {
+        let layout_error = |e: crate::image::ImageError| BenchError::Step {
+            what: "writing the sample image layout".into(),
+            detail: e.to_string(),
+        };
+        let gzip_layout =
+            OciLayout::create(&work.path().join("gzip-layout")).map_err(layout_error)?;
+        write_image(
+            &gzip_layout,
+            &sample.layers,
+            &ImageOptions {
+                cmd: workload.clone(),
+                ..ImageOptions::default()
+            },
+            Some("gzip"),
+        )?;
+        push_layout_image(
+            &gzip_layout,
+            Some("gzip"),
+            &registry.host(),
+            REPOSITORY,
+            "gzip",
+        )?;
+    }
     check_interrupted()?;
 
-    let prefetch_list: Vec<String> = if options.prefetch && options.image == BenchImage::Sample {
-        STARTUP_FILES.iter().map(|s| s.to_string()).collect()
-    } else {
-        Vec::new()
-    };
+    let prefetch_list: Vec<String> =
+        if options.prefetch && options.named.is_none() && options.image == BenchImage::Sample {
+            STARTUP_FILES.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        };
     progress("converting the sample image to eStargz with `lazysnap convert`");
     let converter = convert_sample(
         options,
         &registry,
         work.path(),
-        &sample,
+        sample.as_ref(),
         &prefetch_list,
         &workload,
         &mut notes,
@@ -536,9 +605,9 @@ pub fn run_bench(
     let image_report = ImageReport {
         gzip_reference: format!("{}/{REPOSITORY}:gzip", registry.host()),
         estargz_reference: format!("{}/{REPOSITORY}:estargz", registry.host()),
-        layers: sample.layers.len(),
-        app_bytes: sample.app_bytes,
-        app_files: sample.app_files,
+        layers: sample.as_ref().map_or(named_layers, |s| s.layers.len()),
+        app_bytes: sample.as_ref().map_or(0, |s| s.app_bytes),
+        app_files: sample.as_ref().map_or(0, |s| s.app_files),
         gzip_bytes: gzip_layers.iter().map(|l| l.size).sum(),
         estargz_bytes: estargz_layers.iter().map(|l| l.size).sum(),
         workload: workload.clone(),
@@ -589,8 +658,9 @@ pub fn run_bench(
                     run_index,
                 )?;
                 progress(&format!(
-                    "  pull {:.2} s, create+run {:.2} s, {:.1} MB fetched{}",
+                    "  pull {:.2} s, create {:.2} s, run {:.2} s, {:.1} MB fetched{}",
                     measured.pull_secs,
+                    measured.create_secs,
                     measured.run_secs,
                     measured.fetched_bytes as f64 / 1e6,
                     measured
@@ -668,7 +738,7 @@ fn convert_sample(
     options: &BenchOptions,
     registry: &RegistryServer,
     work: &Path,
-    sample: &image::SampleImage,
+    sample: Option<&image::SampleImage>,
     prefetch_list: &[String],
     workload: &[String],
     notes: &mut Vec<String>,
@@ -707,6 +777,10 @@ fn convert_sample(
     match by_binary {
         Ok(()) => Ok("lazysnap convert".into()),
         Err(err) => {
+            // A user's image has no layers in hand for the in-process writer.
+            let Some(sample) = sample else {
+                return Err(err);
+            };
             let first_line = err
                 .to_string()
                 .lines()
@@ -743,10 +817,14 @@ const OPTIMIZED_TAG: &str = "ctr-remote-opt";
 
 /// `--entrypoint=[argv0]` and `--args=[rest]` (JSON arrays) running `workload`, as both
 /// `lazysnap optimize` and `ctr-remote image optimize` take them.
-fn workload_flags(workload: &[String]) -> [String; 2] {
+fn workload_flags(workload: &[String]) -> Vec<String> {
+    if workload.is_empty() {
+        // The image's own entrypoint and cmd.
+        return Vec::new();
+    }
     let json = |items: &[String]| serde_json::to_string(items).unwrap_or_default();
-    let (entrypoint, args) = workload.split_at(workload.len().min(1));
-    [
+    let (entrypoint, args) = workload.split_at(1);
+    vec![
         format!("--entrypoint={}", json(entrypoint)),
         format!("--args={}", json(args)),
     ]
@@ -767,9 +845,13 @@ fn optimize_with_lazysnap(
 ) -> Result<crate::optimize::LayerUse, BenchError> {
     let report_path = work.join("lazysnap-optimize-report.json");
     let mut command = Command::new(&options.lazysnap_bin);
+    command.arg("optimize");
+    match &options.named {
+        // A user's workload may run on once ready: its start is recorded until then.
+        Some(named) => command.args(["--wait-on-line", named.ready_line.as_str()]),
+        None => command.args(["--period", "120s"]),
+    };
     command
-        .arg("optimize")
-        .args(["--period", "120s"])
         .arg("--report-json")
         .arg(&report_path)
         .args(workload_flags(workload))
@@ -1043,24 +1125,69 @@ fn measure_once(
     // runc keeps container state under a path shared by every containerd on the node: the id
     // is unique to this bench process so that two benches never share a container.
     let container_id = format!("lazysnap-bench-{}", std::process::id());
-    let ready_line = options.image.ready_line();
+    let ready_line = options.ready_line();
     // Runs the workload to its exit; how long it took to print the ready line. Checks that it
     // printed that line and the one proving it read its files right.
-    let run_workload = |what: &str| -> Result<Duration, BenchError> {
+    // Creates the container (its snapshot through the snapshotter) and starts it to its exit;
+    // how long the create took and how long the start took to print the ready line. Checks that
+    // it printed that line and the one proving it read its files right; removes the container.
+    let run_workload = |what: &str| -> Result<(Duration, Duration), BenchError> {
+        let mut create = containerd.ctr();
+        create
+            .args([
+                "-n",
+                NAMESPACE,
+                "containers",
+                "create",
+                "--snapshotter",
+                snapshotter,
+                &reference,
+                &container_id,
+                // The workload's own flags (`sh -c`) are not ctr's.
+                "--",
+            ])
+            .args(options.workload());
+        let create_what = format!("{what}: ctr containers create");
+        let created = run_timed(create, &create_what, options.step_timeout, None)
+            .and_then(|finished| finished.success(&create_what))
+            .map_err(with_logs)?;
+        let remove = || {
+            let mut rm = containerd.ctr();
+            rm.args(["-n", NAMESPACE, "containers", "rm", &container_id]);
+            run_timed(rm, "ctr containers rm", Duration::from_secs(60), None)
+                .and_then(|finished| finished.success("ctr containers rm"))
+        };
         let mut run = containerd.ctr();
-        run.args([
-            "-n",
-            NAMESPACE,
-            "run",
-            "--rm",
-            "--snapshotter",
-            snapshotter,
-            &reference,
-            &container_id,
-        ])
-        .args(options.image.workload());
-        let ran = run_timed(run, what, options.step_timeout, Some(ready_line))
-            .and_then(|finished| finished.success(what))
+        run.args(["-n", NAMESPACE, "tasks", "start", &container_id]);
+        // A user's workload may run on once ready (a server): it is killed then, and its exit
+        // status is not its own.
+        let stop = || {
+            let mut kill = containerd.ctr();
+            kill.args([
+                "-n",
+                NAMESPACE,
+                "task",
+                "kill",
+                "-s",
+                "SIGKILL",
+                &container_id,
+            ]);
+            let _ = run_timed(kill, "ctr task kill", Duration::from_secs(30), None);
+        };
+        let named = options.named.is_some();
+        let carry_on = || {};
+        let on_ready: &dyn Fn() = if named { &stop } else { &carry_on };
+        let ran = run_watched(run, what, options.step_timeout, Some(ready_line), on_ready)
+            .and_then(|finished| {
+                if named && finished.ready_after.is_some() {
+                    Ok(finished)
+                } else {
+                    finished.success(what)
+                }
+            });
+        let removed = remove();
+        let ran = ran
+            .and_then(|ran| removed.map(|_| ran))
             .map_err(with_logs)?;
         let ready_after = ran.ready_after.ok_or_else(|| {
             with_logs(BenchError::Step {
@@ -1071,7 +1198,7 @@ fn measure_once(
                 ),
             })
         })?;
-        if let Some(expected) = options.image.expected_line() {
+        if let Some(expected) = options.expected_line() {
             if !ran.stdout.lines().any(|line| line == expected) {
                 return Err(with_logs(BenchError::Step {
                     what: what.to_string(),
@@ -1082,17 +1209,19 @@ fn measure_once(
                 }));
             }
         }
-        Ok(ready_after)
+        Ok((created.elapsed, ready_after))
     };
-    let ready_after = run_workload(&format!("ctr run {reference} ({})", mode.name()))?;
+    let (created, ready_after) = run_workload(&format!("ctr run {reference} ({})", mode.name()))?;
     let after = fetched_so_far();
     // The same workload again on the same node: image, snapshots and caches kept.
     let warm_run_secs = if options.warm {
         let what = format!("ctr run {reference} again, warm ({})", mode.name());
-        Some(run_workload(&what)?.as_secs_f64())
+        let (created, ready) = run_workload(&what)?;
+        Some((created + ready).as_secs_f64())
     } else {
         None
     };
+    let in_all = fetched_so_far();
     // overlayfs mode runs a lazysnap serve too, which containerd's default snapshotter never
     // calls: only the daemon that served the snapshots is measured.
     let snapshotter_peak_rss = if mode == Mode::Overlayfs {
@@ -1114,12 +1243,15 @@ fn measure_once(
     }
 
     let pull_secs = pulled.elapsed.as_secs_f64();
+    let create_secs = created.as_secs_f64();
     let run_secs = ready_after.as_secs_f64();
     Ok(RunResult {
         pull_secs,
+        create_secs,
         run_secs,
-        total_secs: pull_secs + run_secs,
+        total_secs: pull_secs + create_secs + run_secs,
         fetched_bytes: after.saturating_sub(before),
+        fetched_all_bytes: Some(in_all.saturating_sub(before)),
         ready: true,
         lazy_layers,
         layers,
@@ -1153,8 +1285,8 @@ pub fn registry_get_bytes(log: &str) -> u64 {
         .sum()
 }
 
-/// Writes `results.json`, `startup.svg`, `startup.png` and `table.txt` into `dir` (created);
-/// returns the paths.
+/// Writes `results.json`, `startup.svg`, `startup.png`, `table.txt` and `table.md` into `dir`
+/// (created); returns the paths.
 pub fn write_results(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(procs::io_error(format!(
         "creating the output dir {}",
@@ -1174,6 +1306,10 @@ pub fn write_results(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, B
         (dir.join("startup.png"), png),
         (dir.join("startup.svg"), svg.into_bytes()),
         (dir.join("table.txt"), render_table(report).into_bytes()),
+        (
+            dir.join("table.md"),
+            report::render_markdown(report).into_bytes(),
+        ),
     ];
     let mut written = Vec::new();
     for (path, bytes) in files {

@@ -203,10 +203,22 @@ impl Finished {
 /// Runs `command` to completion (killing it after `timeout`), capturing its output; with
 /// `ready_marker`, also notes when a stdout line equal to it appeared.
 pub fn run_timed(
+    command: Command,
+    what: &str,
+    timeout: Duration,
+    ready_marker: Option<&str>,
+) -> Result<Finished, BenchError> {
+    run_watched(command, what, timeout, ready_marker, &|| {})
+}
+
+/// [`run_timed`], calling `on_ready` once when the ready line appears (to stop a workload that
+/// would otherwise run on, such as a server).
+pub fn run_watched(
     mut command: Command,
     what: &str,
     timeout: Duration,
     ready_marker: Option<&str>,
+    on_ready: &dyn Fn(),
 ) -> Result<Finished, BenchError> {
     command
         .stdin(Stdio::null())
@@ -242,6 +254,7 @@ pub fn run_timed(
         while let Ok((at, line)) = lines_rx.try_recv() {
             if ready_after.is_none() && ready_marker == Some(line.trim()) {
                 ready_after = Some(at.duration_since(started));
+                on_ready();
             }
         }
         if super::check_interrupted().is_err() {

@@ -86,13 +86,21 @@ impl Mode {
 pub struct RunResult {
     /// The pull command, from spawn to exit (overlayfs: fetch and unpack everything).
     pub pull_secs: f64,
-    /// `ctr run` from spawn until the workload's ready line appeared (create + start + the
+    /// `ctr containers create`: the container and its writable snapshot (0 in results saved
+    /// before it was timed apart, where `run_secs` includes it).
+    #[serde(default)]
+    pub create_secs: f64,
+    /// `ctr tasks start` from spawn until the workload's ready line appeared (the start and the
     /// workload's reads).
     pub run_secs: f64,
-    /// `pull_secs + run_secs`.
+    /// `pull_secs + create_secs + run_secs`.
     pub total_secs: f64,
     /// Body bytes the registry served (GETs) from the start of the pull until the ready line.
     pub fetched_bytes: u64,
+    /// Body bytes the registry served from the start of the pull until the snapshotter was
+    /// stopped (the workload exited; after the warm start too with `--warm`).
+    #[serde(default)]
+    pub fetched_all_bytes: Option<u64>,
     /// The container printed the ready line and exited 0.
     pub ready: bool,
     /// Layers `lazysnap pull` reported as lazy (mounted remotely); `None` for overlayfs.
@@ -113,6 +121,8 @@ pub struct RunResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub pull_secs: f64,
+    #[serde(default)]
+    pub create_secs: f64,
     pub run_secs: f64,
     pub total_secs: f64,
     pub fetched_bytes: u64,
@@ -127,6 +137,9 @@ pub struct Summary {
     /// Median of the warm runs' create + run, where measured.
     #[serde(default)]
     pub warm_run_secs: Option<f64>,
+    /// Median of the runs' bytes in all, where measured.
+    #[serde(default)]
+    pub fetched_all_bytes: Option<u64>,
 }
 
 impl Summary {
@@ -135,6 +148,7 @@ impl Summary {
         let totals = || runs.iter().map(|r| r.total_secs).filter(|t| t.is_finite());
         Self {
             pull_secs: median(runs.iter().map(|r| r.pull_secs).collect()),
+            create_secs: median(runs.iter().map(|r| r.create_secs).collect()),
             run_secs: median(runs.iter().map(|r| r.run_secs).collect()),
             total_secs: median(runs.iter().map(|r| r.total_secs).collect()),
             fetched_bytes: median(runs.iter().map(|r| r.fetched_bytes as f64).collect()).round()
@@ -145,6 +159,14 @@ impl Summary {
             warm_run_secs: {
                 let warm: Vec<f64> = runs.iter().filter_map(|r| r.warm_run_secs).collect();
                 (!warm.is_empty()).then(|| median(warm))
+            },
+            fetched_all_bytes: {
+                let all: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| r.fetched_all_bytes)
+                    .map(|b| b as f64)
+                    .collect();
+                (!all.is_empty()).then(|| median(all).round() as u64)
             },
         }
     }
@@ -314,24 +336,26 @@ fn lazy_layers(result: &ModeResult) -> String {
     }
 }
 
-/// The table printed to stdout: one row per link and mode, medians.
-pub fn render_table(report: &BenchReport) -> String {
+/// The table's header and one row per result, as both table renderings show them.
+fn table_cells(report: &BenchReport) -> ([&'static str; 15], Vec<[String; 15]>) {
     let headers = [
         "link",
         "mode",
         "pull s",
-        "create+run s",
+        "create s",
+        "run s",
         "total s",
         "min-max s",
         "warm s",
-        "MB fetched",
+        "MB to ready",
+        "MB in all",
         "lazy layers",
         "peak RSS MB",
         "speedup",
         "vs best peer",
         "vs ideal",
     ];
-    let rows: Vec<[String; 13]> = report
+    let rows = report
         .results
         .iter()
         .map(|r| {
@@ -339,6 +363,7 @@ pub fn render_table(report: &BenchReport) -> String {
                 r.link.clone(),
                 r.mode.name().to_string(),
                 format!("{:.2}", r.median.pull_secs),
+                format!("{:.2}", r.median.create_secs),
                 format!("{:.2}", r.median.run_secs),
                 format!("{:.2}", r.median.total_secs),
                 // Results saved before the spread was recorded have none.
@@ -354,6 +379,9 @@ pub fn render_table(report: &BenchReport) -> String {
                     .warm_run_secs
                     .map_or("-".to_string(), |secs| format!("{secs:.2}")),
                 format!("{:.1}", megabytes(r.median.fetched_bytes)),
+                r.median
+                    .fetched_all_bytes
+                    .map_or("-".to_string(), |bytes| format!("{:.1}", megabytes(bytes))),
                 lazy_layers(r),
                 r.median
                     .snapshotter_peak_rss
@@ -370,6 +398,30 @@ pub fn render_table(report: &BenchReport) -> String {
             ]
         })
         .collect();
+    (headers, rows)
+}
+
+/// The results as a Markdown table, for a README or an issue.
+pub fn render_markdown(report: &BenchReport) -> String {
+    let (headers, rows) = table_cells(report);
+    let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+    let mut out = line(&headers.map(String::from));
+    out.push_str(&line(&headers.map(|h| {
+        if matches!(h, "link" | "mode") {
+            "---".to_string()
+        } else {
+            "---:".to_string()
+        }
+    })));
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+/// The results as an aligned text table, one row per link and mode.
+pub fn render_table(report: &BenchReport) -> String {
+    let (headers, rows) = table_cells(report);
     let mut widths = headers.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row.iter()) {
@@ -407,7 +459,8 @@ fn xml_escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A grouped, stacked bar chart: per link one bar per mode, pull (dark) under create+run (light),
+/// A grouped, stacked bar chart: per link one bar per mode, pull (dark) under create (outlined)
+/// under run to ready (light),
 /// the median total written above each bar.
 pub fn render_svg(report: &BenchReport) -> String {
     const WIDTH: f64 = 760.0;
@@ -483,18 +536,27 @@ pub fn render_svg(report: &BenchReport) -> String {
                 Mode::StargzOptimized => ("#8e1b10", "#e57f73"),
                 Mode::Soci => ("#d35400", "#f5cba7"),
             };
-            let pull_top = y_of(result.median.pull_secs);
-            let total_top = y_of(result.median.pull_secs + result.median.run_secs);
+            let median = &result.median;
+            let pull_top = y_of(median.pull_secs);
+            let create_top = y_of(median.pull_secs + median.create_secs);
+            let total_top = y_of(median.pull_secs + median.create_secs + median.run_secs);
             let base = y_of(0.0);
+            // The create, between pull and run, in the run's colour with the pull's outline.
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{create_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\" stroke=\"{dark}\" stroke-width=\"1.5\"><title>{} create {:.2} s</title></rect>\n",
+                (pull_top - create_top).max(0.0),
+                result.mode.name(),
+                median.create_secs,
+            ));
             svg.push_str(&format!(
                 "<rect x=\"{x:.1}\" y=\"{pull_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{dark}\"><title>{} pull {:.2} s</title></rect>\n\
-                 <rect x=\"{x:.1}\" y=\"{total_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\"><title>{} create+run {:.2} s</title></rect>\n\
+                 <rect x=\"{x:.1}\" y=\"{total_top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{light}\"><title>{} run {:.2} s</title></rect>\n\
                  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.2} s</text>\n{}\
                  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n",
                 (base - pull_top).max(0.0),
                 result.mode.name(),
                 result.median.pull_secs,
-                (pull_top - total_top).max(0.0),
+                (create_top - total_top).max(0.0),
                 result.mode.name(),
                 result.median.run_secs,
                 x + bar_w / 2.0,
@@ -548,15 +610,13 @@ pub fn render_svg(report: &BenchReport) -> String {
     // Legend.
     let legend_y = HEIGHT - 16.0;
     for (i, (color, label)) in [
-        ("#7f8c8d", "overlayfs pull"),
-        ("#bdc3c7", "overlayfs create+run"),
-        ("#1f6fb2", "lazysnap pull"),
-        ("#8cc0ea", "lazysnap create+run"),
+        ("#1f6fb2", "pull (dark)"),
+        ("#8cc0ea", "create (outlined), run to ready (light)"),
     ]
     .iter()
     .enumerate()
     {
-        let x = LEFT + i as f64 * 165.0;
+        let x = LEFT + i as f64 * 200.0;
         svg.push_str(&format!(
             "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{color}\"/>\
              <text x=\"{:.1}\" y=\"{legend_y:.1}\">{label}</text>\n",
@@ -645,6 +705,8 @@ mod tests {
             layers: 2,
             snapshotter_peak_rss: None,
             warm_run_secs: None,
+            create_secs: 0.0,
+            fetched_all_bytes: None,
         }
     }
 
@@ -725,7 +787,14 @@ mod tests {
         let table = render_table(&sample_report());
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4, "{table}");
-        assert!(lines[0].starts_with("link") && lines[0].contains("MB fetched"));
+        assert!(lines[0].starts_with("link") && lines[0].contains("MB to ready"));
+        let markdown = render_markdown(&sample_report());
+        assert_eq!(markdown.lines().count(), 4, "{markdown}");
+        assert!(markdown
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("| --- | --- | ---: |"));
         assert!(lines[2].contains("overlayfs") && lines[2].contains("1.00x"));
         assert!(
             lines[3].contains("lazysnap") && lines[3].contains("6.00x"),

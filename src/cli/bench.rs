@@ -48,8 +48,18 @@ pub struct BenchArgs {
     /// `python3-app` (imports json and hashlib, hashes a 4 MiB file), `node-app` (loads crypto
     /// and zlib), `gcc-hello` (compiles and runs hello world), `java-hello` (OpenJDK 17 runs a
     /// class that prints a line).
+    /// Or any image in a registry, REF such as `docker.io/library/python:3.12-slim`, with
+    /// --ready-line (and --cmd to run something else than its entrypoint and cmd): the bench
+    /// copies it as it is, converts and optimizes it itself.
     #[arg(long, default_value = "sample", value_name = "IMAGE")]
     image: String,
+    /// With --image REF: the line of output that says the workload is ready.
+    #[arg(long, value_name = "TEXT")]
+    ready_line: Option<String>,
+    /// With --image REF: the command to run instead of the image's entrypoint and cmd, a JSON
+    /// array (`'["python3","-c","print(1)"]'`) or one word.
+    #[arg(long, value_name = "CMD")]
+    cmd: Option<String>,
     /// Where images built from Debian packages are kept between runs.
     #[arg(long, value_name = "DIR", default_value = "/var/cache/lazysnap-bench")]
     cache_dir: PathBuf,
@@ -124,7 +134,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     options.prefetch = !args.no_prefetch_list;
     options.background_fill = !args.no_background_fill;
     options.step_timeout = std::time::Duration::from_secs(args.step_timeout.max(1));
-    options.image = lazysnap::bench::BenchImage::parse(&args.image)?;
+    // A name of the bench's own images, or a registry reference of the user's.
+    match lazysnap::bench::BenchImage::parse(&args.image) {
+        Ok(image) => {
+            if args.ready_line.is_some() || args.cmd.is_some() {
+                anyhow::bail!(
+                    "--ready-line and --cmd are for an image of your own (--image REF); {} has its own",
+                    args.image
+                );
+            }
+            options.image = image;
+        }
+        Err(_) if args.image.contains('/') => {
+            options.named = Some(lazysnap::bench::NamedImage {
+                reference: args.image.clone(),
+                ready_line: args.ready_line.clone().unwrap_or_default(),
+                cmd: args
+                    .cmd
+                    .as_deref()
+                    .map(lazysnap::bench::parse_cmd)
+                    .transpose()?
+                    .unwrap_or_default(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
     options.cache_dir = args.cache_dir.clone();
     options.compare_no_background = args.compare_no_background;
     options.optimized = args.optimized;
@@ -234,8 +268,9 @@ fn demo_explanation(report: &BenchReport) -> String {
     let mut text = String::from(
         "How to read this: `pull s` is the pull command (overlayfs fetches and unpacks every \
          layer;\nlazysnap fetches only each layer's table of contents and mounts it). \
-         `create+run s` runs until the\ncontainer prints `ready` (lazysnap fetches the files the \
-         command reads on demand).\n`MB fetched` is what the registry served until then.",
+         `create s` makes the container\nand its writable snapshot; `run s` starts it until it \
+         prints `ready` (lazysnap fetches the files the\ncommand reads on demand). `MB to ready` \
+         is what the registry served until then.",
     );
     let lazily_pulled = |r: &&lazysnap::bench::ModeResult| {
         r.mode == Mode::Lazysnap && r.runs.iter().all(|run| run.lazy_layers.unwrap_or(0) > 0)
