@@ -578,10 +578,19 @@ impl LayerReader {
         let inner = Arc::clone(&self.inner);
         let chunks = inner.all_chunk_refs();
         let span = tracing::info_span!("fill_all", layer = %inner.layer, chunks = chunks.len());
-        inner
-            .stream_lower(&chunks, FetchKind::Prefetch)
-            .instrument(span)
-            .await;
+        async {
+            inner.stream_lower(&chunks, FetchKind::Prefetch).await;
+            // The stream passes over chunks another fetch holds (a startup prefetch, a layer
+            // sharing them): wait for those, or fetch them if that fetch gives up.
+            for at in chunks {
+                if !inner.cache.contains(&inner.chunk(at).digest) {
+                    // A failure is counted and shown by `stats`.
+                    let _ = inner.obtain_chunk_as(at, FetchKind::Prefetch).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
     }
 
     /// Stops prefetch and background fill and fails pending fetches of this layer. Also done on
@@ -1246,16 +1255,30 @@ impl Inner {
 
     /// One chunk, whoever fetches it; retries leadership if a fetch is abandoned.
     async fn obtain_chunk(self: &Arc<Self>, at: ChunkRef) -> Result<Bytes, i32> {
+        self.obtain_chunk_as(at, FetchKind::OnDemand).await
+    }
+
+    /// [`obtain_chunk`](Self::obtain_chunk) at priority `kind`: a fetch of the same or higher
+    /// priority that holds the chunk is followed, a lower one overtaken.
+    async fn obtain_chunk_as(
+        self: &Arc<Self>,
+        at: ChunkRef,
+        kind: FetchKind,
+    ) -> Result<Bytes, i32> {
         let digest = &self.chunk(at).digest;
         loop {
             if let Some(data) = self.cache.get(digest) {
                 return Ok(data);
             }
-            let waiter = match self.claims().claim(digest, FetchKind::OnDemand) {
+            let waiter = match self.claims().claim(digest, kind) {
                 Claimed::Leader(guard, waiter) | Claimed::Overtake(guard, waiter) => {
                     let inner = Arc::clone(self);
-                    self.runtime
-                        .spawn(async move { inner.fetch_on_demand(vec![(at, guard)], 0).await });
+                    let max = self.opts.max_request_bytes;
+                    self.runtime.spawn(async move {
+                        inner
+                            .fetch_chunks(vec![(at, guard)], kind, 0, max, None)
+                            .await
+                    });
                     waiter
                 }
                 Claimed::Follower(waiter) => waiter,

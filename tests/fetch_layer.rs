@@ -1255,6 +1255,37 @@ fn two_layers_sharing_a_file(
 }
 
 #[test]
+fn fill_all_waits_for_a_chunk_another_layer_is_fetching() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, (layer_a, blob_a, _), (layer_b, blob_b, ctl_b)) = two_layers_sharing_a_file(122);
+    // Layer B's slow source streams the shared chunk when A is asked to fill everything.
+    ctl_b.delay_ms.store(400, Ordering::SeqCst);
+    let cache = cache_in(dir.path(), 1 << 30, 0);
+    let opts = quiet_options();
+    let rb = reader(
+        &rt,
+        blob_b,
+        &layer_b,
+        Compression::Gzip,
+        &cache,
+        opts.clone(),
+        "b",
+    );
+    let ra = reader(&rt, blob_a, &layer_a, Compression::Gzip, &cache, opts, "a");
+    let filling_b = {
+        let rb = Arc::clone(&rb);
+        rt.spawn(async move { rb.fill_all().await })
+    };
+    wait_until("layer B fetching", || !ctl_b.requests().is_empty());
+    // A's fill returns with its chunks in the cache, not merely claimed by B's stream.
+    rt.block_on(ra.fill_all());
+    let stats = ra.stats();
+    assert_eq!(stats.fetched_chunks, stats.total_chunks);
+    rt.block_on(filling_b).unwrap();
+}
+
+#[test]
 fn a_layer_shutting_down_mid_fetch_does_not_fail_readers_of_other_layers() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();

@@ -964,7 +964,8 @@ fn soci_peer<'a>(
 }
 
 /// One cold measurement: fresh `lazysnap serve` (new root and cache), then a fresh containerd,
-/// pull, then `ctr run --rm` until the ready line; everything stopped afterwards. `soci` is the
+/// pull, then `ctr containers create` and `ctr tasks start` until the ready line (with `--warm`
+/// once more); everything stopped afterwards. `soci` is the
 /// SOCI peer with the reference of its image through this link.
 #[allow(clippy::too_many_arguments)]
 fn measure_once(
@@ -1211,11 +1212,11 @@ fn measure_once(
         }
         Ok((created.elapsed, ready_after))
     };
-    let (created, ready_after) = run_workload(&format!("ctr run {reference} ({})", mode.name()))?;
+    let (created, ready_after) = run_workload(&format!("starting {reference} ({})", mode.name()))?;
     let after = fetched_so_far();
     // The same workload again on the same node: image, snapshots and caches kept.
     let warm_run_secs = if options.warm {
-        let what = format!("ctr run {reference} again, warm ({})", mode.name());
+        let what = format!("starting {reference} again, warm ({})", mode.name());
         let (created, ready) = run_workload(&what)?;
         Some((created + ready).as_secs_f64())
     } else {
