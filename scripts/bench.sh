@@ -7,7 +7,8 @@
 #   default: --link unlimited --link 20mbit:50ms --link 10mbit:100ms --runs 3 --out bench-results
 #   e.g.     sudo scripts/bench.sh --demo
 #            sudo scripts/bench.sh --link 50mbit:20ms --runs 5 --layer-mb 100 --out /tmp/b
-# Results: a table on stdout; results.json, startup.svg and table.txt in the --out directory.
+# Results: a table on stdout; results.json, startup.svg, startup.png, table.txt and table.md in the
+# --out directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"

@@ -1,6 +1,7 @@
-//! `lazysnap bench`: measures container startup (pull, create + run to ready) through lazysnap
-//! against containerd's default overlayfs pull over emulated links; prints a table and writes
-//! results.json, startup.svg and table.txt with `--out`. `--demo` is one quick explained run.
+//! `lazysnap bench`: measures container startup (pull, create, run to ready) through lazysnap
+//! against containerd's default overlayfs pull and the peers over emulated links; prints a table
+//! and writes results.json, startup.svg, startup.png, table.txt and table.md with `--out`.
+//! `--demo` is one quick explained run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +31,7 @@ pub struct BenchArgs {
     /// Turn off lazysnap's background fill of the rest of each layer during the runs.
     #[arg(long)]
     no_background_fill: bool,
-    /// Directory for results.json, startup.svg and table.txt.
+    /// Directory for results.json, startup.svg, startup.png, table.txt and table.md.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Where registry, containerd and lazysnap keep their state (default $TMPDIR or /tmp); a
