@@ -3,6 +3,8 @@
 //! where the bench converts and optimizes it as it does its built-in images.
 
 use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 
 use super::BenchError;
 use crate::image::{resolve_image, ImageLocation, Platform};
@@ -65,12 +67,28 @@ pub fn copy_image(
                 layer.digest,
                 layer.size as f64 / 1e6
             ));
-            let bytes = blob
-                .read_range(0..blob.size())
+            // Through a file, streamed both ways: layers can be larger than memory.
+            let file = tempfile::NamedTempFile::new()
+                .map_err(|e| failed(format!("a temporary file for a layer: {e}")))?;
+            let mut out = tokio::fs::File::from_std(
+                file.reopen()
+                    .map_err(|e| failed(format!("opening {}: {e}", file.path().display())))?,
+            );
+            let mut pieces = blob
+                .read_range_stream(0..blob.size())
                 .await
                 .map_err(|e| failed(format!("layer {}: {e}", layer.digest)))?;
+            while let Some(piece) = pieces.next().await {
+                let piece = piece.map_err(|e| failed(format!("layer {}: {e}", layer.digest)))?;
+                out.write_all(&piece)
+                    .await
+                    .map_err(|e| failed(format!("writing layer {}: {e}", layer.digest)))?;
+            }
+            out.flush()
+                .await
+                .map_err(|e| failed(format!("writing layer {}: {e}", layer.digest)))?;
             client
-                .push_blob_bytes(&to, &layer.digest, bytes)
+                .push_blob_file(&to, &layer.digest, file.path())
                 .await
                 .map_err(|e| failed(format!("pushing layer {}: {e}", layer.digest)))?;
         }
