@@ -17,14 +17,7 @@ cache=${CACHE_DIR:-/var/cache/lazysnap-bench}
 state=${STATE_DIR:-/dev/shm}/lazysnap-bench-state
 mkdir -p "$out" "$cache" "$state"
 
-stargz=${STARGZ_GRPC:-$cache/stargz/bin/containerd-stargz-grpc}
-if [[ ! -x $stargz ]]; then
-    peers=../shared/peers/stargz/build.sh
-    [[ -f $peers ]] || { echo "$script: $peers not found; set STARGZ_GRPC" >&2; exit 1; }
-    echo "== building stargz-snapshotter's daemon into $cache/stargz" >&2
-    bash "$peers" "$cache/stargz" >&2
-fi
-
+stargz=${STARGZ_GRPC:-$(bash scripts/get-stargz.sh "$cache/stargz")}
 soci=${SOCI_GRPC:-$(bash scripts/get-soci.sh "$cache/soci")}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}

@@ -2,14 +2,14 @@
 # The real-image startup benchmark behind the README's tables: python3 from Debian 12's packages
 # (built once with debootstrap into the cache directory), both workloads, against containerd's
 # overlayfs, stargz-snapshotter's daemon (built from Debian 12 packages by
-# ../shared/peers/stargz/build.sh) and the SOCI snapshotter (scripts/get-soci.sh), unoptimized and
+# scripts/get-stargz.sh) and the SOCI snapshotter (scripts/get-soci.sh), unoptimized and
 # optimized (`lazysnap optimize` for lazysnap-opt, `ctr-remote image optimize` for stargz-opt, also
 # for the other workload), on the edge link (10 Mbit/s, 100 ms), a data-center link
 # (100 Mbit/s, 20 ms) and loopback.
 #
 # Usage: sudo scripts/bench-python3.sh [OUT_DIR]      (default bench-python3; about 70 minutes with SOCI, estimated)
 # Environment: RUNS (default 3), CACHE_DIR (default /var/cache/lazysnap-bench),
-#              STARGZ_GRPC (a containerd-stargz-grpc binary; built when unset),
+#              STARGZ_GRPC (a containerd-stargz-grpc binary; scripts/get-stargz.sh when unset),
 #              SOCI_GRPC (a soci-snapshotter-grpc binary; scripts/get-soci.sh when unset),
 #              STATE_DIR (default /dev/shm: state on tmpfs, as in the README's figures).
 set -euo pipefail

@@ -13,6 +13,8 @@ export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 bash scripts/install-deps.sh
 # The SOCI snapshotter, a peer the bench measures (Debian unstable's package, extracted privately).
 echo "== scripts/get-soci.sh: $(bash scripts/get-soci.sh)"
+# stargz-snapshotter's daemon, the other peer, built from Debian 12's packages.
+echo "== scripts/get-stargz.sh: $(bash scripts/get-stargz.sh)"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

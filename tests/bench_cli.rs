@@ -1,7 +1,8 @@
 //! `lazysnap bench` end to end: the real binary starts a registry, a link emulator, `lazysnap
-//! serve` and containerd on loopback, runs the sample workload once per mode on a small image,
-//! and writes results.json / startup.svg / startup.png / table.txt. Checks shape, success, lazy mounts and
-//! registry bytes, never timings.
+//! serve` (or a peer's daemon: stargz-snapshotter's, SOCI's) and containerd on loopback, runs
+//! the workload of a small image once per mode, and writes results.json, startup.svg,
+//! startup.png, table.txt and table.md. Checks shape, success, lazy mounts and registry bytes,
+//! never timings.
 
 use std::path::Path;
 use std::process::Command;
@@ -295,84 +296,185 @@ fn bench_optimized_and_warm_runs_rate_every_mode_against_the_ideal() {
     assert_eq!(mounts_under(state.path()), 0);
 }
 
-/// The SOCI daemon the peer test measures: `LAZYSNAP_SOCI_GRPC`, or where scripts/get-soci.sh
+/// A peer's daemon the peer test measures: the environment variable `var`, or where `script`
 /// (run by scripts/test.sh) puts it.
-fn soci_grpc() -> std::path::PathBuf {
-    let path = std::env::var_os("LAZYSNAP_SOCI_GRPC")
+fn peer_daemon(var: &str, default: &str, script: &str) -> std::path::PathBuf {
+    let path: std::path::PathBuf = std::env::var_os(var)
         .map(Into::into)
-        .unwrap_or_else(|| {
-            "/var/cache/lazysnap-bench/soci/root/usr/bin/soci-snapshotter-grpc".into()
-        });
+        .unwrap_or_else(|| default.into());
     assert!(
-        Path::new(&path).is_file(),
-        "{} is missing: run scripts/get-soci.sh (scripts/test.sh does)",
-        Path::new(&path).display()
+        path.is_file(),
+        "{} is missing: run {script} (scripts/test.sh does) or set {var}",
+        path.display()
     );
     path
 }
 
+/// The acceptance run of the bench: one small image, the unshaped and a shaped link, two cold
+/// runs of every mode, lazysnap's and both peers' (SOCI from Debian unstable's package,
+/// stargz-snapshotter's daemon built from Debian 12's), unoptimized and optimized.
 #[test]
-fn bench_measures_soci_lazily_on_the_index_soci_create_built() {
+fn bench_runs_every_mode_beside_stargz_and_soci() {
     require_root_and_tools();
-    let soci = soci_grpc();
-    let state_dir = Path::new("/var/lib/soci-snapshotter-grpc");
-    let state_dir_existed = state_dir.exists();
+    let soci = peer_daemon(
+        "LAZYSNAP_SOCI_GRPC",
+        "/var/cache/lazysnap-bench/soci/root/usr/bin/soci-snapshotter-grpc",
+        "scripts/get-soci.sh",
+    );
+    let stargz = peer_daemon(
+        "LAZYSNAP_STARGZ_GRPC",
+        "/var/cache/lazysnap-bench/stargz/bin/containerd-stargz-grpc",
+        "scripts/get-stargz.sh",
+    );
+    let soci_state_dir = Path::new("/var/lib/soci-snapshotter-grpc");
+    let soci_state_dir_existed = soci_state_dir.exists();
     let out = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    const MODES: [&str; 7] = [
+        "overlayfs",
+        "lazysnap",
+        "lazysnap-nobg",
+        "lazysnap-opt",
+        "stargz",
+        "stargz-opt",
+        "soci",
+    ];
+    let modes = MODES.join(",");
     // 30 MB of app files compress to about 15 MB: above SOCI's 10 MiB minimum for a zTOC.
     let mut args = [
+        "--state-dir",
+        state.path().to_str().unwrap(),
         "--runs",
-        "1",
+        "2",
         "--link",
-        "unlimited",
+        "lan",
+        "--link",
+        "dc",
         "--layer-mb",
         "30",
+        "--optimized",
         "--modes",
-        "overlayfs,lazysnap,soci",
-        "--soci-grpc",
+        &modes,
     ]
     .map(std::ffi::OsStr::new)
     .to_vec();
-    args.push(soci.as_os_str());
-    bench_ok(&args, out.path());
+    args.extend([
+        "--soci-grpc".as_ref(),
+        soci.as_os_str(),
+        "--stargz-grpc".as_ref(),
+        stargz.as_os_str(),
+    ]);
+    let stdout = bench_ok(&args, out.path());
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     let results = json["results"].as_array().unwrap();
-    let modes: Vec<&str> = results
+    let rows: Vec<(&str, &str)> = results
         .iter()
-        .map(|r| r["mode"].as_str().unwrap())
+        .map(|r| (r["link"].as_str().unwrap(), r["mode"].as_str().unwrap()))
         .collect();
-    assert_eq!(modes, ["overlayfs", "lazysnap", "soci"], "{json}");
-    // lazysnap is set beside its peer: its total over SOCI's, and both daemons' peak memory.
-    let ratio = results[1]["vs_best_peer"].as_f64().unwrap();
-    let lazysnap_total = results[1]["median"]["total_secs"].as_f64().unwrap();
-    let soci_total = results[2]["median"]["total_secs"].as_f64().unwrap();
-    assert!((ratio - lazysnap_total / soci_total).abs() < 1e-9, "{json}");
-    assert!(results[2]["vs_best_peer"].is_null(), "{json}");
-    for result in &results[1..] {
-        assert!(result["median"]["snapshotter_peak_rss"].as_u64().unwrap() > 1 << 20);
+    let expected: Vec<(&str, &str)> = ["unlimited", "100mbit:20ms"]
+        .into_iter()
+        .flat_map(|link| MODES.map(|mode| (link, mode)))
+        .collect();
+    assert_eq!(rows, expected, "{json}");
+
+    for (link, by_mode) in results.chunks(MODES.len()).enumerate() {
+        let row = |mode: &str| &by_mode[MODES.iter().position(|m| *m == mode).unwrap()];
+        let median_total = |mode: &str| row(mode)["median"]["total_secs"].as_f64().unwrap();
+        // Every mode started the workload, both times, on both layers.
+        for result in by_mode {
+            let runs = result["runs"].as_array().unwrap();
+            assert_eq!(runs.len(), 2, "{result}");
+            for run in runs {
+                assert_eq!(run["ready"], true, "{result}");
+                assert_eq!(run["layers"], 2, "{result}");
+            }
+            let rss = &result["median"]["snapshotter_peak_rss"];
+            if result["mode"] == "overlayfs" {
+                assert!(rss.is_null(), "{result}");
+            } else {
+                assert!(rss.as_u64().unwrap() > 1 << 20, "{result}");
+            }
+            // No rate on the unshaped link, so no ideal start; on the shaped one nothing beats it.
+            let vs_ideal = &result["vs_ideal"];
+            if link == 0 {
+                assert!(vs_ideal.is_null(), "{result}");
+            } else {
+                assert!(vs_ideal.as_f64().unwrap() > 1.0, "{result}");
+            }
+        }
+        // Every lazy mode fetched less before ready than the overlayfs pull of the whole image;
+        // the optimized lazysnap image no more than the unoptimized one.
+        let bytes = |mode: &str| row(mode)["runs"][0]["fetched_bytes"].as_u64().unwrap();
+        let overlay_bytes = bytes("overlayfs");
+        for mode in &MODES[1..] {
+            assert!(
+                bytes(mode) > 0 && bytes(mode) < overlay_bytes / 2,
+                "{mode}: {json}"
+            );
+        }
+        assert!(bytes("lazysnap-opt") <= bytes("lazysnap"), "{json}");
+        for mode in ["lazysnap", "lazysnap-nobg", "lazysnap-opt"] {
+            assert_eq!(row(mode)["runs"][0]["lazy_layers"], 2, "{mode}: {json}");
+        }
+        // Unoptimized lazysnap is set beside the peers on unoptimized images, the optimized one
+        // beside the fastest of all; peers and overlayfs have no such ratio.
+        let unoptimized_peers = median_total("stargz").min(median_total("soci"));
+        let all_peers = unoptimized_peers.min(median_total("stargz-opt"));
+        for (mode, best) in [
+            ("lazysnap", unoptimized_peers),
+            ("lazysnap-nobg", unoptimized_peers),
+            ("lazysnap-opt", all_peers),
+        ] {
+            let ratio = row(mode)["vs_best_peer"].as_f64().unwrap();
+            assert!(
+                (ratio - median_total(mode) / best).abs() < 1e-9,
+                "{mode}: {json}"
+            );
+        }
+        for mode in ["overlayfs", "stargz", "stargz-opt", "soci"] {
+            assert!(row(mode)["vs_best_peer"].is_null(), "{mode}: {json}");
+        }
     }
-    let soci_run = &results[2]["runs"][0];
-    assert_eq!(soci_run["ready"], true, "{json}");
-    assert_eq!(soci_run["layers"], 2, "{json}");
-    // SOCI mounted the app layer lazily: it fetched less than the overlayfs pull's full image.
-    let overlay_bytes = results[0]["runs"][0]["fetched_bytes"].as_u64().unwrap();
-    let soci_bytes = soci_run["fetched_bytes"].as_u64().unwrap();
-    assert!(soci_bytes > 0 && soci_bytes < overlay_bytes / 2, "{json}");
-    assert!(
-        json["notes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("soci create")),
-        "{json}"
-    );
-    // Torn down: no SOCI mount, and SOCI's fixed state directory is as it was.
+    let notes = json["notes"].to_string();
+    for tool in [
+        "soci create",
+        "ctr-remote image convert",
+        "ctr-remote image optimize",
+    ] {
+        assert!(notes.contains(tool), "{tool} not in {notes}");
+    }
+
+    // The table printed, in Markdown too, and both charts name every mode.
+    for mode in MODES {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("100mbit:20ms") && l.contains(mode)),
+            "no {mode} row in:\n{stdout}"
+        );
+    }
+    let markdown = std::fs::read_to_string(out.path().join("table.md")).unwrap();
+    assert_eq!(markdown.lines().count(), 2 + results.len(), "{markdown}");
+    let svg = std::fs::read_to_string(out.path().join("startup.svg")).unwrap();
+    for mode in MODES {
+        assert!(
+            svg.contains(&format!(">{mode}<")),
+            "{mode} not in the chart"
+        );
+    }
+    assert_png(&out.path().join("startup.png"));
+
+    // Torn down: nothing mounted, and SOCI's fixed state directory is as it was.
+    assert_eq!(mounts_under(state.path()), 0);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
-        !mounts.lines().any(|l| l.contains("soci")),
+        !mounts
+            .lines()
+            .any(|l| l.contains("soci") || l.contains("stargz")),
         "left mounted:\n{mounts}"
     );
-    assert_eq!(state_dir.exists(), state_dir_existed);
+    assert_eq!(soci_state_dir.exists(), soci_state_dir_existed);
 }
 
 #[test]

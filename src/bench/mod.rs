@@ -1099,15 +1099,16 @@ fn measure_once(
     let pulled = run_timed(pull, &pull_what, options.step_timeout, None)
         .and_then(|finished| finished.success(&pull_what))
         .map_err(with_logs)?;
+    let manifest_layers = |tag: &str| -> Result<usize, BenchError> {
+        Ok(image::registry_layers(&registry.url(), REPOSITORY, tag)?.len())
+    };
     let (lazy_layers, layers) = match mode {
-        Mode::Overlayfs | Mode::Stargz | Mode::StargzOptimized => {
-            (None, image_layer_count(&pulled.stdout))
-        }
-        // `soci image rpull` names only the layers it fetched whole.
-        Mode::Soci => (
-            None,
-            image::registry_layers(&registry.url(), REPOSITORY, soci::SOCI_TAG)?.len(),
-        ),
+        Mode::Overlayfs => (None, image_layer_count(&pulled.stdout)),
+        // `ctr-remote images rpull` names no layer and `soci image rpull` only those it
+        // fetched whole: the manifest counts them.
+        Mode::Stargz => (None, manifest_layers(CTR_REMOTE_TAG)?),
+        Mode::StargzOptimized => (None, manifest_layers(OPTIMIZED_TAG)?),
+        Mode::Soci => (None, manifest_layers(soci::SOCI_TAG)?),
         Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
             let layer_lines: Vec<&str> = pulled
                 .stdout
