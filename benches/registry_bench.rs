@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RemoteBlob};
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 const BLOB_SIZE: u64 = 200 * 1000 * 1000;
 const SEQ_CHUNK: u64 = 1 << 20;

@@ -32,5 +32,5 @@ pub mod metrics;
 pub mod optimize;
 pub mod proto;
 pub mod registry;
+pub mod rig;
 pub mod snapshotter;
-pub mod testbed;

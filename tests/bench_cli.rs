@@ -480,12 +480,12 @@ fn bench_runs_every_mode_beside_stargz_and_soci() {
 #[test]
 fn bench_measures_an_image_the_user_names_and_stops_its_workload_once_ready() {
     use lazysnap::image::OciLayout;
-    use lazysnap::testbed::images::{
+    use lazysnap_testbed::images::{
         busybox_layer, push_layout_image, workload_layer, write_image, ImageOptions,
     };
     require_root_and_tools();
     // The user's image: Docker media types, as most registries serve them.
-    let users = lazysnap::testbed::RegistryServer::start().unwrap();
+    let users = lazysnap_testbed::RegistryServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let layout = OciLayout::create(&dir.path().join("user")).unwrap();
     let options = ImageOptions {

@@ -11,8 +11,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use cli_common::{lazysnap, lazysnap_ok, push_generated, tar_of};
-use lazysnap::testbed::images;
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images;
+use lazysnap_testbed::RegistryServer;
 use pull_common::*;
 use sha2::{Digest, Sha256};
 

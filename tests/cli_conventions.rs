@@ -8,7 +8,7 @@ use cli_common::*;
 
 use std::process::Command;
 
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 /// Pushes an image of one layer holding `a.txt` as `repo:src`; returns its reference.
 fn push_one_file_image(registry: &RegistryServer, work: &std::path::Path, repo: &str) -> String {
@@ -84,8 +84,8 @@ fn a_missing_image_says_not_found_and_how_to_list_tags() {
 
 #[test]
 fn a_refused_connection_names_the_host_and_the_mirrors_tried() {
-    let dead = format!("127.0.0.1:{}", lazysnap::testbed::free_port().unwrap());
-    let mirror = format!("127.0.0.1:{}", lazysnap::testbed::free_port().unwrap());
+    let dead = format!("127.0.0.1:{}", lazysnap_testbed::free_port().unwrap());
+    let mirror = format!("127.0.0.1:{}", lazysnap_testbed::free_port().unwrap());
     let hosts = tempfile::tempdir().unwrap();
     let host_dir = hosts.path().join(&dead);
     std::fs::create_dir_all(&host_dir).unwrap();

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::process::Command;
 
 use lazysnap::image::{self, Manifest, OciLayout};
-use lazysnap::testbed::images::{
+use lazysnap_testbed::images::{
     busybox_layer, every_entry_type_layer, fetch_manifest, push_layout_image, write_image,
     ImageOptions,
 };
-use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
+use lazysnap_testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
 /// Runs `ctr-remote --address <containerd> ARGS…`; returns stdout, failing with the output.
 fn ctr_remote(containerd: &ContainerdServer, args: &[&str]) -> String {

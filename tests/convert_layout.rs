@@ -5,11 +5,11 @@ mod cli_common;
 use cli_common::*;
 
 use lazysnap::image::{self, Index, Manifest, OciLayout, Platform};
-use lazysnap::testbed::images::{
+use lazysnap_testbed::images::{
     busybox_layer, every_entry_type_layer, fetch_manifest, push_layout_image, write_image,
     write_index, ImageOptions, LayerCompression,
 };
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 /// A layout tagged `multi` with an index over linux/amd64 (OCI, gzip) and linux/arm64 (Docker
 /// media types, uncompressed) images, each with a marker file naming its platform.

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::process::Command;
 
 use lazysnap::image::{self, ImageConfig, Manifest, OciLayout};
-use lazysnap::testbed::images::{
+use lazysnap_testbed::images::{
     busybox_layer, every_entry_type_layer, extract_with_gnu_tar, fetch_blob, fetch_manifest,
     push_layout_image, tree_listing, tree_listing_without_estargz_entries, write_image,
     ImageOptions, LayerCompression,
 };
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 /// Pushes a busybox + every-entry-type image to `src_repo:v1`; returns the source layer tars.
 fn push_source_image(registry: &RegistryServer, dir: &Path, src_repo: &str) -> Vec<Vec<u8>> {

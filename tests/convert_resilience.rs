@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
-use lazysnap::testbed::{
+use lazysnap_testbed::images::{self, ImageOptions};
+use lazysnap_testbed::{
     write_docker_config, write_htpasswd, Fault, FaultProxy, RegistryOptions, RegistryServer,
 };
 

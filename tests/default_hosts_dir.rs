@@ -10,7 +10,7 @@ mod pull_common;
 use std::path::{Path, PathBuf};
 
 use cli_common::*;
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 use pull_common::{lazysnap_pull, TestContainerd, TestLazysnap};
 
 const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
@@ -57,7 +57,7 @@ fn every_registry_command_uses_the_mirror_of_the_default_hosts_dir() {
     let mirror = RegistryServer::start().unwrap();
     let work = tempfile::tempdir().unwrap();
     // The origin is a port nobody listens on; its images live on the mirror only.
-    let dead = format!("127.0.0.1:{}", lazysnap::testbed::free_port().unwrap());
+    let dead = format!("127.0.0.1:{}", lazysnap_testbed::free_port().unwrap());
     let _entry = HostsEntry::write(&dead, &mirror.host());
     push_generated(
         &mirror,

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cli_common::{lazysnap_ok, push_generated, tar_of};
-use lazysnap::testbed::images;
-use lazysnap::testbed::{Fault, FaultProxy, RegistryServer};
+use lazysnap_testbed::images;
+use lazysnap_testbed::{Fault, FaultProxy, RegistryServer};
 use pull_common::*;
 use sha2::{Digest, Sha256};
 

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lazysnap::testbed::images;
-use lazysnap::testbed::{Fault, FaultProxy, RegistryServer};
+use lazysnap_testbed::images;
+use lazysnap_testbed::{Fault, FaultProxy, RegistryServer};
 
 const FILES: usize = 48;
 const FILE_BYTES: usize = 192 << 10;

@@ -13,8 +13,8 @@ use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{self, BuildOptions, Compression, EntryKind};
 use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap::registry::{Client, ClientConfig, Reference};
-use lazysnap::testbed::{LinkEmulator, LinkProfile, RegistryServer};
 use lazysnap_fuse::ContentSource;
+use lazysnap_testbed::{LinkEmulator, LinkProfile, RegistryServer};
 
 const CHUNK: u64 = 256 << 10;
 
@@ -373,7 +373,7 @@ fn push_three_layer_image(
     repo: &str,
 ) -> Vec<String> {
     use lazysnap::image::{convert_image, ConvertOptions, ImageLocation, NoProgress, OciLayout};
-    use lazysnap::testbed::images::{push_layout_image, write_image, ImageOptions};
+    use lazysnap_testbed::images::{push_layout_image, write_image, ImageOptions};
     let layout = OciLayout::create(&dir.join("oci")).unwrap();
     let layers: Vec<Vec<u8>> = (0..3u64)
         .map(|i| {
@@ -400,7 +400,7 @@ fn push_three_layer_image(
         ))
         .unwrap();
     let manifest_bytes =
-        lazysnap::testbed::images::fetch_manifest(&registry.url(), repo, "v1").unwrap();
+        lazysnap_testbed::images::fetch_manifest(&registry.url(), repo, "v1").unwrap();
     let manifest: lazysnap::image::Manifest =
         lazysnap::image::parse_json("manifest", &manifest_bytes).unwrap();
     drop(report);
@@ -461,7 +461,7 @@ fn remote_layer_request(
 #[test]
 fn a_pull_asks_for_the_tocs_of_all_layers_before_waiting_for_any() {
     use lazysnap::snapshotter::remote::RemoteLayers;
-    use lazysnap::testbed::{Fault, FaultProxy, ProxyEvent};
+    use lazysnap_testbed::{Fault, FaultProxy, ProxyEvent};
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test mounts FUSE filesystems: run it as root"
@@ -564,7 +564,7 @@ fn a_toc_digest_label_cannot_get_an_unverified_toc_mounted() {
 #[test]
 fn a_first_prepare_reads_its_layers_tail_while_the_manifest_is_on_its_way() {
     use lazysnap::snapshotter::remote::RemoteLayers;
-    use lazysnap::testbed::{Fault, FaultProxy, ProxyEvent};
+    use lazysnap_testbed::{Fault, FaultProxy, ProxyEvent};
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test mounts FUSE filesystems: run it as root"
@@ -574,7 +574,7 @@ fn a_first_prepare_reads_its_layers_tail_while_the_manifest_is_on_its_way() {
     let layers = push_three_layer_image(&registry, dir.path(), "tail/app");
     let manifest: lazysnap::image::Manifest = lazysnap::image::parse_json(
         "manifest",
-        &lazysnap::testbed::images::fetch_manifest(&registry.url(), "tail/app", "v1").unwrap(),
+        &lazysnap_testbed::images::fetch_manifest(&registry.url(), "tail/app", "v1").unwrap(),
     )
     .unwrap();
     let toc_digest =
@@ -618,7 +618,7 @@ fn a_blobs_tail_comes_with_its_size_from_one_suffix_range() {
     let dir = tempfile::tempdir().unwrap();
     let layers = push_three_layer_image(&registry, dir.path(), "suffix/app");
     let blob_file = dir.path().join("layer1.blob");
-    lazysnap::testbed::images::fetch_blob(&registry.url(), "suffix/app", &layers[1], &blob_file)
+    lazysnap_testbed::images::fetch_blob(&registry.url(), "suffix/app", &layers[1], &blob_file)
         .unwrap();
     let whole = std::fs::read(&blob_file).unwrap();
     let client = Client::new(ClientConfig::default()).unwrap();

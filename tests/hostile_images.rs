@@ -6,7 +6,7 @@
 mod cli_common;
 use cli_common::*;
 
-use lazysnap::testbed::{images, Fault, FaultProxy, RegistryServer};
+use lazysnap_testbed::{images, Fault, FaultProxy, RegistryServer};
 
 fn tar_with_duplicates_and_loops() -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());

@@ -5,16 +5,13 @@ mod cli_common;
 use cli_common::*;
 
 use lazysnap::image::{self, Manifest, OciLayout};
-use lazysnap::testbed::images::{every_entry_type_layer, write_image, ImageOptions};
+use lazysnap_testbed::images::{every_entry_type_layer, write_image, ImageOptions};
 
 /// An image of the every-entry-type layer in an OCI layout under `dir`, converted by `lazysnap
 /// convert` into the layout `dir/dst` (tag `esgz`).
 fn converted_layout(
     dir: &std::path::Path,
-) -> (
-    lazysnap::testbed::images::GeneratedImage,
-    std::path::PathBuf,
-) {
+) -> (lazysnap_testbed::images::GeneratedImage, std::path::PathBuf) {
     let src = OciLayout::create(&dir.join("src")).unwrap();
     let generated = write_image(
         &src,

@@ -9,7 +9,7 @@ mod pull_common;
 
 use std::process::Command;
 
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 use pull_common::*;
 
 /// No prefetch or background fill: every byte fetched is one a container asked for.

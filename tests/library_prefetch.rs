@@ -6,7 +6,7 @@
 mod cli_common;
 use cli_common::*;
 
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 const LIB_DIR: &str = "usr/lib/x86_64-linux-gnu";
 

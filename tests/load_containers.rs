@@ -11,8 +11,8 @@ mod pull_common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cli_common::{lazysnap_ok, process_resources, push_generated, tar_of, Resources};
-use lazysnap::testbed::images;
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images;
+use lazysnap_testbed::RegistryServer;
 use pull_common::*;
 use sha2::{Digest, Sha256};
 

@@ -9,8 +9,8 @@ use cli_common::*;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lazysnap::testbed::images;
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images;
+use lazysnap_testbed::RegistryServer;
 
 const FILES: usize = 1000;
 const THREADS: u64 = 16;

@@ -12,8 +12,8 @@ mod pull_common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lazysnap::testbed::images;
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images;
+use lazysnap_testbed::RegistryServer;
 
 /// Directories a tar implies (parents of its entries) without an entry of their own: their
 /// mtime is not defined by the layer.

@@ -6,7 +6,7 @@
 mod cli_common;
 use cli_common::*;
 
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 
 const DIRS: usize = 1000;
 const FILES_PER_DIR: usize = 1000;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lazysnap::image::OciLayout;
-use lazysnap::testbed::images::{self, ImageOptions};
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images::{self, ImageOptions};
+use lazysnap_testbed::RegistryServer;
 
 /// One test's directories: every mount shares `cache` and `state`. On drop, whatever is still
 /// mounted below the work dir is detached and the daemons seen are killed, even when the test
@@ -123,7 +123,7 @@ impl Drop for Bed {
                 );
             }
         }
-        lazysnap::testbed::unmount_under(self.work.path());
+        lazysnap_testbed::unmount_under(self.work.path());
     }
 }
 

@@ -14,12 +14,12 @@ use std::process::Command;
 use lazysnap::blob::FileBlob;
 use lazysnap::estargz::{self, LayerToc};
 use lazysnap::image::{self, Manifest, OciLayout};
-use lazysnap::testbed::images::{
+use lazysnap_testbed::images::{
     busybox_layer, fetch_blob, fetch_manifest, push_layout_image, unread_layer, workload_layer,
     write_image, ImageOptions, WORKLOAD_BIG_FILE_SIZE, WORKLOAD_OUTPUT,
 };
 
-use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
+use lazysnap_testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
 fn require_runc() {
     require_root_and_fuse();

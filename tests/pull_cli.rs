@@ -6,7 +6,7 @@ mod pull_common;
 
 use std::process::Command;
 
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 use pull_common::*;
 
 #[test]

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use lazysnap::snapshotter::{
     self, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
 };
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 use pull_common::*;
 
 /// Remote-layer hook that extracts the layer from the fixture directory into the mountpoint and
@@ -184,7 +184,7 @@ fn pull_cli_lazy_layers_are_not_fetched_and_run() {
     drop(containerd);
     let _ = stop.send(());
     let _ = runtime.block_on(server);
-    lazysnap::testbed::unmount_under(dir.path());
+    lazysnap_testbed::unmount_under(dir.path());
 }
 
 /// containerd's CRI plugin pulls the eStargz image through lazysnap: its Prepare labels (CRI's
@@ -216,7 +216,7 @@ fn cri_pull_image_mounts_layers_lazily() {
             let _ = stopped.await;
         }))
     };
-    let containerd = TestContainerd::start_with(lazysnap::testbed::ContainerdOptions {
+    let containerd = TestContainerd::start_with(lazysnap_testbed::ContainerdOptions {
         snapshotter_socket: Some(socket.clone()),
         enable_cri: true,
         ..Default::default()
@@ -271,5 +271,5 @@ fn cri_pull_image_mounts_layers_lazily() {
     drop(containerd);
     let _ = stop.send(());
     let _ = runtime.block_on(server);
-    lazysnap::testbed::unmount_under(dir.path());
+    lazysnap_testbed::unmount_under(dir.path());
 }

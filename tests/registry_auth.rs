@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lazysnap::blob::BlobSource;
 use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RegistryError};
-use lazysnap::testbed::{
+use lazysnap_testbed::{
     write_docker_config, write_htpasswd, RegistryOptions, RegistryServer, TokenServer,
     TokenServerOptions,
 };

@@ -8,7 +8,7 @@ use lazysnap::blob::{BlobError, BlobSource};
 use lazysnap::registry::{
     sha256_digest, Client, ClientConfig, Reference, RegistryError, MEDIA_TYPE_OCI_MANIFEST,
 };
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::RegistryServer;
 use tokio::io::AsyncReadExt as _;
 
 fn test_config() -> ClientConfig {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobSource};
 use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RegistryError};
-use lazysnap::testbed::{Fault, FaultProxy, RegistryServer};
+use lazysnap_testbed::{Fault, FaultProxy, RegistryServer};
 use tokio::io::AsyncReadExt as _;
 
 struct Bed {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, MEDIA_TYPE_OCI_MANIFEST};
-use lazysnap::testbed::{RegistryOptions, RegistryServer};
+use lazysnap_testbed::{RegistryOptions, RegistryServer};
 
 /// Access-log GETs of `digest` (mirror requests carry `?ns=`, so match the path prefix).
 fn blob_gets(registry: &RegistryServer, digest: &str) -> usize {

@@ -116,7 +116,7 @@ async fn tls_is_verified_with_ca_from_hosts_toml() {
     std::fs::create_dir_all(&manifest_dir).unwrap();
     std::fs::write(manifest_dir.join("v1"), &manifest).unwrap();
 
-    let port = lazysnap::testbed::free_port().unwrap();
+    let port = lazysnap_testbed::free_port().unwrap();
     let _server = Server(
         Command::new("openssl")
             .current_dir(&www)

@@ -9,7 +9,7 @@ mod pull_common;
 use std::process::Command;
 
 use base64::Engine as _;
-use lazysnap::testbed::{write_docker_config, write_htpasswd, RegistryOptions, RegistryServer};
+use lazysnap_testbed::{write_docker_config, write_htpasswd, RegistryOptions, RegistryServer};
 use pull_common::*;
 
 const USER: &str = "alice";
@@ -38,7 +38,7 @@ fn credentials_appear_in_no_log_metric_or_output_at_debug_level() {
 
     // Debug logging for the daemon this test starts (it inherits the environment).
     std::env::set_var("LAZYSNAP_LOG", "debug");
-    let metrics_port = lazysnap::testbed::free_port().unwrap();
+    let metrics_port = lazysnap_testbed::free_port().unwrap();
     let lazysnap = TestLazysnap::start_with_config(&format!(
         "metrics_address = \"127.0.0.1:{metrics_port}\"\n[registry]\ndocker_config = \"{}\"\n",
         docker_config.join("config.json").display()

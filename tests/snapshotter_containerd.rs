@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
+use lazysnap_testbed::{ContainerdOptions, ContainerdServer};
 use sha2::{Digest, Sha256};
 
 /// The fixture image used here, from `../shared/fixtures`.

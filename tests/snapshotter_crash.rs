@@ -32,7 +32,7 @@ impl Serve {
                 "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"127.0.0.1:{}\"\n[cache]\ndir = \"{}\"\n",
                 dir.join("root").display(),
                 socket.display(),
-                lazysnap::testbed::free_port().unwrap(),
+                lazysnap_testbed::free_port().unwrap(),
                 dir.join("cache").display()
             ),
         )

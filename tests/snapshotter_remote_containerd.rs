@@ -24,7 +24,7 @@ use lazysnap::snapshotter::remote::{
 use lazysnap::snapshotter::{
     LocatorSource, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
 };
-use lazysnap::testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
+use lazysnap_testbed::{ContainerdOptions, ContainerdServer, RegistryServer};
 
 /// The fixture image used here, from `../shared/fixtures`.
 fn fixture() -> std::path::PathBuf {

@@ -68,7 +68,7 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     let root = dir.path().join("state");
     let socket = dir.path().join("run/lazysnap.sock");
     let config = dir.path().join("config.toml");
-    let metrics_port = lazysnap::testbed::free_port().unwrap();
+    let metrics_port = lazysnap_testbed::free_port().unwrap();
     std::fs::write(
         &config,
         format!(

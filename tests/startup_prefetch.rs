@@ -15,8 +15,8 @@ use lazysnap::registry::{Client, ClientConfig, Reference};
 use lazysnap::snapshotter::remote::{
     LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
 };
-use lazysnap::testbed::images::{push_layout_image, write_image, ImageOptions};
-use lazysnap::testbed::RegistryServer;
+use lazysnap_testbed::images::{push_layout_image, write_image, ImageOptions};
+use lazysnap_testbed::RegistryServer;
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -143,7 +143,7 @@ fn mounting_an_image_fetches_its_program_and_what_every_start_reads_and_nothing_
     .unwrap();
     let manifest: lazysnap::image::Manifest = lazysnap::image::parse_json(
         "manifest",
-        &lazysnap::testbed::images::fetch_manifest(&registry.url(), "startup/app", "v1").unwrap(),
+        &lazysnap_testbed::images::fetch_manifest(&registry.url(), "startup/app", "v1").unwrap(),
     )
     .unwrap();
     let layers: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();

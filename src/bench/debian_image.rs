@@ -11,7 +11,7 @@ use std::process::Command;
 use super::image::SampleImage;
 use super::procs::io_error;
 use super::BenchError;
-use crate::testbed::images::pseudo_random_bytes;
+use crate::rig::images::pseudo_random_bytes;
 
 /// The Debian mirror debootstrap reads (`LAZYSNAP_BENCH_MIRROR` overrides it).
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -368,7 +368,7 @@ fn app_layer(files: Vec<(&str, u32, Vec<u8>)>) -> Result<(Vec<u8>, u64), BenchEr
         });
         header.set_size(content.len() as u64);
         header.set_mode(mode);
-        header.set_mtime(crate::testbed::images::TEST_MTIME);
+        header.set_mtime(crate::rig::images::TEST_MTIME);
         builder
             .append_data(&mut header, path, content)
             .map_err(io_error(format!("adding {path} to the app layer")))

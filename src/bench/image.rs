@@ -10,7 +10,7 @@ use tar::{EntryType, Header};
 
 use crate::estargz::{self, BuildOptions, Compression};
 use crate::image::{self, Descriptor, ImageConfig, Manifest, OciLayout, Platform, RootFs};
-use crate::testbed::images::{busybox_layer, pseudo_random_bytes, TEST_MTIME};
+use crate::rig::images::{busybox_layer, pseudo_random_bytes, TEST_MTIME};
 
 use super::BenchError;
 
@@ -228,7 +228,7 @@ pub fn registry_layers(
     repository: &str,
     reference: &str,
 ) -> Result<Vec<Descriptor>, BenchError> {
-    let bytes = crate::testbed::images::fetch_manifest(registry_url, repository, reference)?;
+    let bytes = crate::rig::images::fetch_manifest(registry_url, repository, reference)?;
     let parse_error = |e: image::ImageError| BenchError::Step {
         what: format!("reading manifest {repository}:{reference} from {registry_url}"),
         detail: e.to_string(),

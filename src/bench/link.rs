@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::testbed::LinkProfile;
+use crate::rig::LinkProfile;
 
 use super::BenchError;
 

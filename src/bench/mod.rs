@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::image::OciLayout;
-use crate::testbed::images::{push_layout_image, write_image, ImageOptions};
-use crate::testbed::{
-    require_program, ContainerdOptions, ContainerdServer, LinkEmulator, RegistryServer,
-    TestbedError,
+use crate::rig::images::{push_layout_image, write_image, ImageOptions};
+use crate::rig::{
+    require_program, ContainerdOptions, ContainerdServer, LinkEmulator, RegistryServer, RigError,
 };
 
 pub use image::{READY_MARKER, STARTUP_FILES, WORKLOAD};
@@ -57,7 +56,7 @@ pub enum BenchError {
     #[error("{0}")]
     Missing(String),
     #[error(transparent)]
-    Testbed(#[from] TestbedError),
+    Testbed(#[from] RigError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -443,7 +442,7 @@ struct UnmountGuard(PathBuf);
 
 impl Drop for UnmountGuard {
     fn drop(&mut self) {
-        crate::testbed::unmount_under(&self.0);
+        crate::rig::unmount_under(&self.0);
     }
 }
 

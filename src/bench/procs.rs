@@ -159,7 +159,7 @@ impl ServeProcess {
                 }
             }
         }
-        crate::testbed::unmount_under(&self.dir);
+        crate::rig::unmount_under(&self.dir);
     }
 }
 

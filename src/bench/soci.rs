@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::testbed::{
+use crate::rig::{
     ContainerdOptions, ContainerdServer, RegistryOptions, RegistryServer, RegistryTls,
 };
 
@@ -187,7 +187,7 @@ fn candidate_names(host_name: &str, hosts: &str) -> Vec<String> {
 
 /// A self-signed certificate for `name` and 127.0.0.1 (openssl), written into `dir`.
 fn self_signed_certificate(dir: &Path, name: &str) -> Result<RegistryTls, BenchError> {
-    crate::testbed::require_program("/usr/bin/openssl", "openssl")?;
+    crate::rig::require_program("/usr/bin/openssl", "openssl")?;
     let tls = RegistryTls {
         certificate: dir.join("registry.crt"),
         key: dir.join("registry.key"),

@@ -55,12 +55,12 @@ pub fn require_root_and_fuse() {
 /// Pushes an image of `layers` (uncompressed tars, bottom first) to `registry` as `repo:src`
 /// (its OCI layout written under `work`); returns the reference.
 pub fn push_generated(
-    registry: &lazysnap::testbed::RegistryServer,
+    registry: &lazysnap_testbed::RegistryServer,
     work: &std::path::Path,
     layers: &[Vec<u8>],
     repo: &str,
 ) -> String {
-    use lazysnap::testbed::images;
+    use lazysnap_testbed::images;
     let layout = lazysnap::image::OciLayout::create(&work.join(format!("layout-{repo}"))).unwrap();
     images::write_image(
         &layout,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazysnap::testbed::{ContainerdOptions, ContainerdServer};
+use lazysnap_testbed::{ContainerdOptions, ContainerdServer};
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
@@ -219,7 +219,7 @@ impl Drop for TestLazysnap {
                 }
             }
         }
-        lazysnap::testbed::unmount_under(self.dir.path());
+        lazysnap_testbed::unmount_under(self.dir.path());
     }
 }
 
@@ -300,8 +300,8 @@ pub fn registry_with_fixture(
     variant: &str,
     repo: &str,
     tag: &str,
-) -> (lazysnap::testbed::RegistryServer, String) {
-    let registry = lazysnap::testbed::RegistryServer::start().expect("start registry");
+) -> (lazysnap_testbed::RegistryServer, String) {
+    let registry = lazysnap_testbed::RegistryServer::start().expect("start registry");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let image = runtime.block_on(push_fixture(&registry.host(), variant, repo, tag));
     (registry, image)

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::TestbedError;
+use super::RigError;
 
 /// The link to emulate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,23 +81,23 @@ pub struct LinkEmulator {
 
 impl LinkEmulator {
     /// Relays `127.0.0.1:<free port>` to `upstream` through `profile`.
-    pub fn start(upstream: SocketAddr, profile: LinkProfile) -> Result<Self, TestbedError> {
+    pub fn start(upstream: SocketAddr, profile: LinkProfile) -> Result<Self, RigError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(TestbedError::io("building the link emulator runtime"))?;
+            .map_err(RigError::io("building the link emulator runtime"))?;
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
-            .map_err(TestbedError::io("binding the link emulator"))?;
+            .map_err(RigError::io("binding the link emulator"))?;
         let addr = listener
             .local_addr()
-            .map_err(TestbedError::io("reading the link emulator address"))?;
+            .map_err(RigError::io("reading the link emulator address"))?;
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("link-emulator".into())
             .spawn(move || runtime.block_on(accept_loop(listener, upstream, profile, stopped)))
-            .map_err(TestbedError::io("spawning the link emulator thread"))?;
+            .map_err(RigError::io("spawning the link emulator thread"))?;
         Ok(Self {
             addr,
             stop: Some(stop),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, require_program, TestbedError};
+use super::{free_port, require_program, RigError};
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
@@ -44,17 +44,17 @@ pub struct RegistryServer {
 
 impl RegistryServer {
     /// Starts a plain registry with default options.
-    pub fn start() -> Result<Self, TestbedError> {
+    pub fn start() -> Result<Self, RigError> {
         Self::start_with(&RegistryOptions::default())
     }
 
     /// Starts a registry with `options` and waits until it answers `/v2/`.
-    pub fn start_with(options: &RegistryOptions) -> Result<Self, TestbedError> {
+    pub fn start_with(options: &RegistryOptions) -> Result<Self, RigError> {
         require_program(REGISTRY_BIN, "docker-registry")?;
         let dir = tempfile::Builder::new()
             .prefix("lazysnap-registry-")
             .tempdir()
-            .map_err(TestbedError::io("creating the registry temp dir"))?;
+            .map_err(RigError::io("creating the registry temp dir"))?;
         let port = free_port()?;
         let storage_root = options
             .storage_root
@@ -62,12 +62,12 @@ impl RegistryServer {
             .unwrap_or_else(|| dir.path().join("storage"));
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, render_config(&storage_root, port, options))
-            .map_err(TestbedError::io("writing the registry config"))?;
+            .map_err(RigError::io("writing the registry config"))?;
         let log = File::create(dir.path().join("registry.log"))
-            .map_err(TestbedError::io("creating the registry log"))?;
+            .map_err(RigError::io("creating the registry log"))?;
         let log_err = log
             .try_clone()
-            .map_err(TestbedError::io("duplicating the registry log handle"))?;
+            .map_err(RigError::io("duplicating the registry log handle"))?;
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(&config_path)
@@ -75,7 +75,7 @@ impl RegistryServer {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(TestbedError::io("spawning docker-registry"))?;
+            .map_err(RigError::io("spawning docker-registry"))?;
         let mut server = Self {
             child,
             port,
@@ -87,11 +87,11 @@ impl RegistryServer {
         Ok(server)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), TestbedError> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), RigError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(TestbedError::Start {
+                return Err(RigError::Start {
                     what: "docker-registry".into(),
                     detail: format!("exited with {status}; log:\n{}", self.log()),
                 });
@@ -100,7 +100,7 @@ impl RegistryServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(TestbedError::Start {
+                return Err(RigError::Start {
                     what: "docker-registry".into(),
                     detail: format!("not listening after {timeout:?}; log:\n{}", self.log()),
                 });
@@ -166,15 +166,15 @@ impl RegistryServer {
     }
 
     /// Starts the registry again on the same port and storage after [`Self::stop`].
-    pub fn restart(&mut self) -> Result<(), TestbedError> {
+    pub fn restart(&mut self) -> Result<(), RigError> {
         self.stop();
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.path().join("registry.log"))
-            .map_err(TestbedError::io("opening the registry log"))?;
+            .map_err(RigError::io("opening the registry log"))?;
         let log_err = log
             .try_clone()
-            .map_err(TestbedError::io("duplicating the registry log handle"))?;
+            .map_err(RigError::io("duplicating the registry log handle"))?;
         self.child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
@@ -182,7 +182,7 @@ impl RegistryServer {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(TestbedError::io("spawning docker-registry"))?;
+            .map_err(RigError::io("spawning docker-registry"))?;
         self.wait_ready(Duration::from_secs(20))
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::TestbedError;
+use lazysnap::rig::RigError;
 
 /// One scripted misbehaviour, applied to the next request whose path matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,12 +85,12 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     /// Starts a proxy forwarding to `upstream` (`127.0.0.1:<port>`).
-    pub fn start(upstream: &str) -> Result<Self, TestbedError> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .map_err(TestbedError::io("binding the fault proxy"))?;
+    pub fn start(upstream: &str) -> Result<Self, RigError> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(RigError::io("binding the fault proxy"))?;
         let port = listener
             .local_addr()
-            .map_err(TestbedError::io("fault proxy address"))?
+            .map_err(RigError::io("fault proxy address"))?
             .port();
         let state = Arc::new(ProxyState::default());
         let stop = Arc::new(AtomicBool::new(false));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{require_program, TestbedError};
+use super::{require_program, RigError};
 
 const CONTAINERD_BIN: &str = "/usr/bin/containerd";
 const CTR_BIN: &str = "/usr/bin/ctr";
@@ -33,22 +33,22 @@ pub struct ContainerdServer {
 
 impl ContainerdServer {
     /// Starts containerd with `options` and waits until it answers `ctr version`.
-    pub fn start(options: &ContainerdOptions) -> Result<Self, TestbedError> {
+    pub fn start(options: &ContainerdOptions) -> Result<Self, RigError> {
         require_program(CONTAINERD_BIN, "containerd")?;
         require_program(CTR_BIN, "containerd")?;
         require_program("/usr/sbin/runc", "runc")?;
         let dir = tempfile::Builder::new()
             .prefix("lazysnap-containerd-")
             .tempdir()
-            .map_err(TestbedError::io("creating the containerd temp dir"))?;
+            .map_err(RigError::io("creating the containerd temp dir"))?;
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, render_config(dir.path(), options))
-            .map_err(TestbedError::io("writing the containerd config"))?;
+            .map_err(RigError::io("writing the containerd config"))?;
         let log = File::create(dir.path().join("containerd.log"))
-            .map_err(TestbedError::io("creating the containerd log"))?;
+            .map_err(RigError::io("creating the containerd log"))?;
         let log_err = log
             .try_clone()
-            .map_err(TestbedError::io("duplicating the containerd log handle"))?;
+            .map_err(RigError::io("duplicating the containerd log handle"))?;
         let child = Command::new(CONTAINERD_BIN)
             .arg("--config")
             .arg(&config_path)
@@ -56,17 +56,17 @@ impl ContainerdServer {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(TestbedError::io("spawning containerd"))?;
+            .map_err(RigError::io("spawning containerd"))?;
         let mut server = Self { child, dir };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), TestbedError> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), RigError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(TestbedError::Start {
+                return Err(RigError::Start {
                     what: "containerd".into(),
                     detail: format!("exited with {status}; log:\n{}", self.log()),
                 });
@@ -79,7 +79,7 @@ impl ContainerdServer {
                 }
             }
             if Instant::now() > deadline {
-                return Err(TestbedError::Start {
+                return Err(RigError::Start {
                     what: "containerd".into(),
                     detail: format!("not answering after {timeout:?}; log:\n{}", self.log()),
                 });
@@ -111,16 +111,16 @@ impl ContainerdServer {
     }
 
     /// Runs `ctr --address <socket> ARGS…` and fails with its output unless it succeeds.
-    pub fn ctr_ok(&self, args: &[&str]) -> Result<Output, TestbedError> {
+    pub fn ctr_ok(&self, args: &[&str]) -> Result<Output, RigError> {
         let output = self
             .ctr()
             .args(args)
             .output()
-            .map_err(TestbedError::io(format!("running ctr {args:?}")))?;
+            .map_err(RigError::io(format!("running ctr {args:?}")))?;
         if output.status.success() {
             Ok(output)
         } else {
-            Err(TestbedError::Start {
+            Err(RigError::Start {
                 what: format!("ctr {}", args.join(" ")),
                 detail: format!(
                     "{}\nstdout: {}\nstderr: {}\ncontainerd log tail:\n{}",

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 
-use super::TestbedError;
+use lazysnap::rig::RigError;
 
 const OPENSSL: &str = "/usr/bin/openssl";
 const ISSUER: &str = "lazysnap-test-issuer";
@@ -61,12 +61,12 @@ struct Shared {
 
 impl TokenServer {
     /// Generates a key and certificate, and starts serving `/token` on a free port.
-    pub fn start(options: TokenServerOptions) -> Result<Self, TestbedError> {
-        super::require_program(OPENSSL, "openssl")?;
+    pub fn start(options: TokenServerOptions) -> Result<Self, RigError> {
+        lazysnap::rig::require_program(OPENSSL, "openssl")?;
         let dir = tempfile::Builder::new()
             .prefix("lazysnap-token-")
             .tempdir()
-            .map_err(TestbedError::io("creating the token server dir"))?;
+            .map_err(RigError::io("creating the token server dir"))?;
         let key = dir.path().join("key.pem");
         let cert = dir.path().join("cert.pem");
         let der = dir.path().join("cert.der");
@@ -94,12 +94,12 @@ impl TokenServer {
             "-out",
             &der.to_string_lossy(),
         ])?;
-        let cert_der = std::fs::read(&der).map_err(TestbedError::io("reading cert.der"))?;
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .map_err(TestbedError::io("binding the token server"))?;
+        let cert_der = std::fs::read(&der).map_err(RigError::io("reading cert.der"))?;
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(RigError::io("binding the token server"))?;
         let port = listener
             .local_addr()
-            .map_err(TestbedError::io("token server address"))?
+            .map_err(RigError::io("token server address"))?
             .port();
         let stop = Arc::new(AtomicBool::new(false));
         let issued = Arc::new(AtomicUsize::new(0));
@@ -138,7 +138,7 @@ impl TokenServer {
         format!("http://127.0.0.1:{}/token", self.port)
     }
 
-    /// The `auth.token` YAML section for [`super::RegistryOptions::extra_config`].
+    /// The `auth.token` YAML section for [`lazysnap::rig::RegistryOptions::extra_config`].
     pub fn registry_config(&self) -> String {
         format!(
             "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
@@ -168,14 +168,14 @@ impl Drop for TokenServer {
     }
 }
 
-fn run_openssl(args: &[&str]) -> Result<(), TestbedError> {
+fn run_openssl(args: &[&str]) -> Result<(), RigError> {
     let out = Command::new(OPENSSL)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(TestbedError::io("running openssl"))?;
+        .map_err(RigError::io("running openssl"))?;
     if !out.status.success() {
-        return Err(TestbedError::Start {
+        return Err(RigError::Start {
             what: "openssl".into(),
             detail: String::from_utf8_lossy(&out.stderr).into_owned(),
         });

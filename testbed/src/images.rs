@@ -1,61 +1,26 @@
-//! Generated test images: tar layers with every entry type (and a static busybox layer so a
-//! container can run), assembled into OCI or Docker images in an OCI layout, optionally under a
-//! multi-platform index, and pushed to a test registry. Also compares extracted trees.
-//!
-//! Pushing uses `curl` against the Distribution API on purpose: the test bed stays an oracle
-//! independent of lazysnap's own registry client.
+//! Test layers and tree comparisons: tar layers with every entry type lazysnap must carry
+//! through, a workload layer for recording, and listings of extracted trees. Re-exports the
+//! image builders of lazysnap's rig ([`lazysnap::rig::images`]).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tar::{EntryType, Header};
 
-use super::TestbedError;
-use crate::image::{self, Descriptor, ImageConfig, Index, Manifest, OciLayout, Platform, RootFs};
+pub use lazysnap::rig::images::*;
+use lazysnap::rig::RigError;
 
-/// Modification time of every generated entry (2023-11-14).
-pub const TEST_MTIME: u64 = 1_700_000_000;
 /// Size of the generated multi-chunk file `data/big.bin` (more than two default 4 MiB chunks).
 pub const BIG_FILE_SIZE: usize = 9 * 1024 * 1024 + 123;
 
-fn image_err(e: image::ImageError) -> TestbedError {
-    TestbedError::Start {
-        what: "test image".into(),
-        detail: e.to_string(),
-    }
-}
-
-fn tar_err(context: &str) -> impl FnOnce(std::io::Error) -> TestbedError + '_ {
-    move |source| TestbedError::Io {
+fn tar_err(context: &str) -> impl FnOnce(std::io::Error) -> RigError + '_ {
+    move |source| RigError::Io {
         context: format!("building the test layer: {context}"),
         source,
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), half of each 4 KiB block compressible text so
-/// compressed sizes are realistic.
-pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let block = (out.len() / 4096) % 2;
-        if block == 0 {
-            out.extend_from_slice(&state.to_le_bytes());
-        } else {
-            let word = b"lazysnap chunk text ";
-            let at = (state % word.len() as u64) as usize;
-            out.extend_from_slice(&word[at..]);
-        }
-    }
-    out.truncate(len);
-    out
 }
 
 /// Tar writer with the header details the test layers need.
@@ -86,7 +51,7 @@ impl LayerTar {
         Self { builder }
     }
 
-    fn header(kind: EntryType, meta: &Meta<'_>, size: u64) -> Result<Header, TestbedError> {
+    fn header(kind: EntryType, meta: &Meta<'_>, size: u64) -> Result<Header, RigError> {
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(meta.mode);
@@ -100,7 +65,7 @@ impl LayerTar {
     }
 
     /// A PAX extended header (`x`) applying `records` to the next entry.
-    fn pax(&mut self, records: &[(&str, &[u8])]) -> Result<(), TestbedError> {
+    fn pax(&mut self, records: &[(&str, &[u8])]) -> Result<(), RigError> {
         let mut data = Vec::new();
         for (key, value) in records {
             let body_len = key.len() + value.len() + 3; // ' ', '=', '\n'
@@ -122,14 +87,14 @@ impl LayerTar {
             .map_err(tar_err("pax header"))
     }
 
-    fn dir(&mut self, path: &str, meta: &Meta<'_>) -> Result<(), TestbedError> {
+    fn dir(&mut self, path: &str, meta: &Meta<'_>) -> Result<(), RigError> {
         let mut h = Self::header(EntryType::Directory, meta, 0)?;
         self.builder
             .append_data(&mut h, path, std::io::empty())
             .map_err(tar_err(path))
     }
 
-    fn file(&mut self, path: &str, meta: &Meta<'_>, data: &[u8]) -> Result<(), TestbedError> {
+    fn file(&mut self, path: &str, meta: &Meta<'_>, data: &[u8]) -> Result<(), RigError> {
         let mut h = Self::header(EntryType::Regular, meta, data.len() as u64)?;
         self.builder
             .append_data(&mut h, path, data)
@@ -142,7 +107,7 @@ impl LayerTar {
         path: &str,
         target: &str,
         meta: &Meta<'_>,
-    ) -> Result<(), TestbedError> {
+    ) -> Result<(), RigError> {
         let mut h = Self::header(kind, meta, 0)?;
         self.builder
             .append_link(&mut h, path, target)
@@ -156,7 +121,7 @@ impl LayerTar {
         meta: &Meta<'_>,
         major: u32,
         minor: u32,
-    ) -> Result<(), TestbedError> {
+    ) -> Result<(), RigError> {
         let mut h = Self::header(kind, meta, 0)?;
         h.set_device_major(major).map_err(tar_err(path))?;
         h.set_device_minor(minor).map_err(tar_err(path))?;
@@ -165,7 +130,7 @@ impl LayerTar {
             .map_err(tar_err(path))
     }
 
-    fn finish(self) -> Result<Vec<u8>, TestbedError> {
+    fn finish(self) -> Result<Vec<u8>, RigError> {
         self.builder.into_inner().map_err(tar_err("end of archive"))
     }
 }
@@ -180,7 +145,7 @@ pub const PAX_UTF8_NAME: &str = "ünïcødé/文件-名前-ファイル-файл
 /// files from empty to multi-chunk ([`BIG_FILE_SIZE`]); relative and absolute symlinks; a
 /// hardlink; whiteouts `.wh.*` and an opaque `.wh..wh..opq`; PAX xattrs; a fifo; a char device;
 /// setuid / setgid / sticky modes; owners with names; long and UTF-8 names.
-pub fn every_entry_type_layer() -> Result<Vec<u8>, TestbedError> {
+pub fn every_entry_type_layer() -> Result<Vec<u8>, RigError> {
     let mut t = LayerTar::new();
     let user = Meta {
         mode: 0o644,
@@ -293,39 +258,6 @@ impl Meta<'_> {
     }
 }
 
-/// A layer with `/bin/busybox` (the host's static busybox from Debian `busybox-static`),
-/// `/bin/sh` and a few applets as symlinks to it, `/etc/motd`, `/tmp`: enough to run `sh -c`.
-pub fn busybox_layer() -> Result<Vec<u8>, TestbedError> {
-    super::require_program("/bin/busybox", "busybox-static")?;
-    let busybox = fs::read("/bin/busybox").map_err(TestbedError::io("reading /bin/busybox"))?;
-    let mut t = LayerTar::new();
-    for dir in ["bin", "etc", "proc", "sys", "dev", "root", "var"] {
-        t.dir(dir, &ROOT)?;
-    }
-    t.dir("tmp", &ROOT.with_mode(0o1777))?;
-    t.file("bin/busybox", &ROOT, &busybox)?;
-    for applet in [
-        "sh",
-        "ls",
-        "cat",
-        "echo",
-        "sha256sum",
-        "find",
-        "stat",
-        "head",
-        "wc",
-    ] {
-        t.link(
-            EntryType::Symlink,
-            &format!("bin/{applet}"),
-            "busybox",
-            &ROOT.with_mode(0o777),
-        )?;
-    }
-    t.file("etc/motd", &ROOT.with_mode(0o644), b"hello from lazysnap\n")?;
-    t.finish()
-}
-
 /// Size of `app/big.bin` in [`workload_layer`].
 pub const WORKLOAD_BIG_FILE_SIZE: usize = 8 << 20;
 
@@ -339,7 +271,7 @@ pub const WORKLOAD_OUTPUT: &str = "bee\nay\n4096\n8192\nworkload-done\n";
 /// A layer for recording a workload (stacked on [`busybox_layer`]): `/app/run.sh`
 /// ([`WORKLOAD_SCRIPT`]), the files it reads, files it never touches (`app/c.txt`,
 /// `app/unused.bin`), and `/bin/dd`.
-pub fn workload_layer() -> Result<Vec<u8>, TestbedError> {
+pub fn workload_layer() -> Result<Vec<u8>, RigError> {
     let mut t = LayerTar::new();
     t.dir("bin", &ROOT)?;
     t.link(
@@ -371,7 +303,7 @@ pub fn workload_layer() -> Result<Vec<u8>, TestbedError> {
 }
 
 /// A layer whose files no workload reads: `data/notes.txt`.
-pub fn unread_layer() -> Result<Vec<u8>, TestbedError> {
+pub fn unread_layer() -> Result<Vec<u8>, RigError> {
     let mut t = LayerTar::new();
     t.dir("data", &ROOT)?;
     t.file(
@@ -382,335 +314,9 @@ pub fn unread_layer() -> Result<Vec<u8>, TestbedError> {
     t.finish()
 }
 
-/// How generated layer blobs are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerCompression {
-    /// Plain tar.
-    None,
-    /// tar+gzip.
-    Gzip,
-    /// tar+zstd.
-    Zstd,
-}
-
-/// How to assemble a generated image.
-#[derive(Debug, Clone)]
-pub struct ImageOptions {
-    pub platform: Platform,
-    pub compression: LayerCompression,
-    /// Docker schema 2 media types instead of OCI.
-    pub docker_media_types: bool,
-    /// `config.Cmd`.
-    pub cmd: Vec<String>,
-    /// `config.Env`.
-    pub env: Vec<String>,
-}
-
-impl Default for ImageOptions {
-    fn default() -> Self {
-        Self {
-            platform: Platform::host(),
-            compression: LayerCompression::Gzip,
-            docker_media_types: false,
-            cmd: vec!["/bin/sh".into()],
-            env: vec!["PATH=/bin".into()],
-        }
-    }
-}
-
-/// An image written into an OCI layout.
-#[derive(Debug, Clone)]
-pub struct GeneratedImage {
-    /// Descriptor of the manifest (with the platform set).
-    pub manifest: Descriptor,
-    pub config_digest: String,
-    pub layers: Vec<Descriptor>,
-    /// `sha256` of each uncompressed layer tar.
-    pub diff_ids: Vec<String>,
-}
-
-/// Writes an image made of `layers` (uncompressed tars, bottom first) into `layout`, tagged `tag`
-/// when given.
-pub fn write_image(
-    layout: &OciLayout,
-    layers: &[Vec<u8>],
-    options: &ImageOptions,
-    tag: Option<&str>,
-) -> Result<GeneratedImage, TestbedError> {
-    let docker = options.docker_media_types;
-    let mut layer_descriptors = Vec::new();
-    let mut diff_ids = Vec::new();
-    for tar in layers {
-        diff_ids.push(image::sha256_digest(tar));
-        let (blob, media_type) = match options.compression {
-            LayerCompression::None => (
-                tar.clone(),
-                if docker {
-                    "application/vnd.docker.image.rootfs.diff.tar"
-                } else {
-                    image::OCI_LAYER_TAR
-                },
-            ),
-            LayerCompression::Gzip => {
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-                enc.write_all(tar).map_err(tar_err("gzip"))?;
-                let blob = enc.finish().map_err(tar_err("gzip"))?;
-                (
-                    blob,
-                    if docker {
-                        image::DOCKER_LAYER_GZIP
-                    } else {
-                        image::OCI_LAYER_GZIP
-                    },
-                )
-            }
-            LayerCompression::Zstd => (
-                zstd::encode_all(tar.as_slice(), 3).map_err(tar_err("zstd"))?,
-                image::OCI_LAYER_ZSTD,
-            ),
-        };
-        let digest = layout.write_blob(&blob).map_err(image_err)?;
-        layer_descriptors.push(Descriptor::new(media_type, &digest, blob.len() as u64));
-    }
-    let mut extra = serde_json::Map::new();
-    extra.insert(
-        "config".into(),
-        serde_json::json!({ "Cmd": options.cmd, "Env": options.env }),
-    );
-    extra.insert(
-        "created".into(),
-        serde_json::Value::String("2023-11-14T22:13:20Z".into()),
-    );
-    let config = ImageConfig {
-        architecture: options.platform.architecture.clone(),
-        os: options.platform.os.clone(),
-        variant: options.platform.variant.clone(),
-        rootfs: RootFs {
-            kind: "layers".into(),
-            diff_ids: diff_ids.clone(),
-        },
-        extra,
-    };
-    let config_bytes = image::to_json("config", &config).map_err(image_err)?;
-    let config_digest = layout.write_blob(&config_bytes).map_err(image_err)?;
-    let (manifest_type, config_type) = if docker {
-        (image::DOCKER_MANIFEST, image::DOCKER_CONFIG)
-    } else {
-        (image::OCI_MANIFEST, image::OCI_CONFIG)
-    };
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(manifest_type.into()),
-        config: Descriptor::new(config_type, &config_digest, config_bytes.len() as u64),
-        layers: layer_descriptors.clone(),
-        annotations: BTreeMap::new(),
-        extra: serde_json::Map::new(),
-    };
-    let manifest_bytes = image::to_json("manifest", &manifest).map_err(image_err)?;
-    let manifest_digest = layout.write_blob(&manifest_bytes).map_err(image_err)?;
-    let mut descriptor =
-        Descriptor::new(manifest_type, &manifest_digest, manifest_bytes.len() as u64);
-    descriptor.platform = Some(options.platform.clone());
-    layout
-        .add_to_index(descriptor.clone(), tag)
-        .map_err(image_err)?;
-    Ok(GeneratedImage {
-        manifest: descriptor,
-        config_digest,
-        layers: layer_descriptors,
-        diff_ids,
-    })
-}
-
-/// Writes an index (OCI, or a Docker manifest list) over `images` into `layout`, tagged `tag`.
-pub fn write_index(
-    layout: &OciLayout,
-    images: &[GeneratedImage],
-    docker_media_types: bool,
-    tag: Option<&str>,
-) -> Result<Descriptor, TestbedError> {
-    let media_type = if docker_media_types {
-        image::DOCKER_MANIFEST_LIST
-    } else {
-        image::OCI_INDEX
-    };
-    let mut index = Index::new_oci();
-    index.media_type = Some(media_type.into());
-    index.manifests = images.iter().map(|i| i.manifest.clone()).collect();
-    let bytes = image::to_json("index", &index).map_err(image_err)?;
-    let digest = layout.write_blob(&bytes).map_err(image_err)?;
-    let descriptor = Descriptor::new(media_type, &digest, bytes.len() as u64);
-    layout
-        .add_to_index(descriptor.clone(), tag)
-        .map_err(image_err)?;
-    Ok(descriptor)
-}
-
-/// Pushes the image (or index, with every manifest it lists) tagged `tag` in `layout` to
-/// `http://{registry_host}/v2/{repository}` under `target_tag`. Returns the top digest.
-pub fn push_layout_image(
-    layout: &OciLayout,
-    tag: Option<&str>,
-    registry_host: &str,
-    repository: &str,
-    target_tag: &str,
-) -> Result<String, TestbedError> {
-    let top = layout.resolve(tag).map_err(image_err)?;
-    let pusher = Pusher {
-        layout,
-        base: format!("http://{registry_host}/v2/{repository}"),
-    };
-    pusher.push_manifest_tree(&top)?;
-    pusher.put_manifest(&top, target_tag)?;
-    Ok(top.digest)
-}
-
-struct Pusher<'a> {
-    layout: &'a OciLayout,
-    base: String,
-}
-
-impl Pusher<'_> {
-    fn push_manifest_tree(&self, descriptor: &Descriptor) -> Result<(), TestbedError> {
-        let bytes = self
-            .layout
-            .read_blob(&descriptor.digest)
-            .map_err(image_err)?;
-        if image::is_index(&descriptor.media_type) {
-            let index: Index = image::parse_json("index", &bytes).map_err(image_err)?;
-            for child in &index.manifests {
-                self.push_manifest_tree(child)?;
-                self.put_manifest(child, &child.digest)?;
-            }
-        } else {
-            let manifest: Manifest = image::parse_json("manifest", &bytes).map_err(image_err)?;
-            for blob in manifest
-                .layers
-                .iter()
-                .chain(std::iter::once(&manifest.config))
-            {
-                self.push_blob(&blob.digest)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn push_blob(&self, digest: &str) -> Result<(), TestbedError> {
-        let path = self.layout.blob_path(digest).map_err(image_err)?;
-        let start = curl(&[
-            "-X",
-            "POST",
-            "-D",
-            "-",
-            "-o",
-            "/dev/null",
-            &format!("{}/blobs/uploads/", self.base),
-        ])?;
-        let location = start
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("location")
-                    .then(|| value.trim().to_string())
-            })
-            .ok_or_else(|| TestbedError::Start {
-                what: "blob upload".into(),
-                detail: format!("no Location header in {start:?}"),
-            })?;
-        let mut url = if location.starts_with('/') {
-            let host_end = self.base.find("/v2/").unwrap_or(self.base.len());
-            format!("{}{location}", &self.base[..host_end])
-        } else {
-            location
-        };
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(&format!("digest={digest}"));
-        curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-            &format!("@{}", path.display()),
-            "-o",
-            "/dev/null",
-            &url,
-        ])?;
-        Ok(())
-    }
-
-    fn put_manifest(&self, descriptor: &Descriptor, reference: &str) -> Result<(), TestbedError> {
-        let path = self
-            .layout
-            .blob_path(&descriptor.digest)
-            .map_err(image_err)?;
-        curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            &format!("Content-Type: {}", descriptor.media_type),
-            "--data-binary",
-            &format!("@{}", path.display()),
-            "-o",
-            "/dev/null",
-            &format!("{}/manifests/{reference}", self.base),
-        ])?;
-        Ok(())
-    }
-}
-
-fn curl(args: &[&str]) -> Result<String, TestbedError> {
-    let output = Command::new("curl")
-        .args(["-fsS", "--retry", "2"])
-        .args(args)
-        .output()
-        .map_err(TestbedError::io("running curl (Debian package curl)"))?;
-    if !output.status.success() {
-        return Err(TestbedError::Start {
-            what: format!("curl {}", args.join(" ")),
-            detail: String::from_utf8_lossy(&output.stderr).into_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// `Accept` header listing every manifest and index media type.
-pub const ACCEPT_ALL_MANIFESTS: &str = "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Fetches a manifest or index (`reference` is a tag or digest) with curl; returns its bytes.
-pub fn fetch_manifest(
-    registry_url: &str,
-    repository: &str,
-    reference: &str,
-) -> Result<Vec<u8>, TestbedError> {
-    curl(&[
-        "-H",
-        ACCEPT_ALL_MANIFESTS,
-        &format!("{registry_url}/v2/{repository}/manifests/{reference}"),
-    ])
-    .map(String::into_bytes)
-}
-
-/// Downloads a blob with curl into `dest`.
-pub fn fetch_blob(
-    registry_url: &str,
-    repository: &str,
-    digest: &str,
-    dest: &Path,
-) -> Result<(), TestbedError> {
-    let dest_text = dest.display().to_string();
-    curl(&[
-        "-o",
-        &dest_text,
-        &format!("{registry_url}/v2/{repository}/blobs/{digest}"),
-    ])
-    .map(|_| ())
-}
-
 /// [`tree_listing`] without the entries an eStargz layer adds (`stargz.index.json` and the
 /// prefetch landmarks), for comparing a converted layer with its source.
-pub fn tree_listing_without_estargz_entries(root: &Path) -> Result<Vec<String>, TestbedError> {
+pub fn tree_listing_without_estargz_entries(root: &Path) -> Result<Vec<String>, RigError> {
     Ok(tree_listing(root)?
         .into_iter()
         .filter(|l| {
@@ -727,8 +333,8 @@ pub fn tree_listing_without_estargz_entries(root: &Path) -> Result<Vec<String>, 
 
 /// Extracts a layer blob (tar, tar.gz or tar.zst) with GNU tar into `dest`, keeping owners,
 /// modes, xattrs and device nodes (needs root for the latter two).
-pub fn extract_with_gnu_tar(blob: &Path, dest: &Path) -> Result<(), TestbedError> {
-    fs::create_dir_all(dest).map_err(TestbedError::io(format!("creating {}", dest.display())))?;
+pub fn extract_with_gnu_tar(blob: &Path, dest: &Path) -> Result<(), RigError> {
+    fs::create_dir_all(dest).map_err(RigError::io(format!("creating {}", dest.display())))?;
     let output = Command::new("tar")
         .args([
             "--numeric-owner",
@@ -742,9 +348,9 @@ pub fn extract_with_gnu_tar(blob: &Path, dest: &Path) -> Result<(), TestbedError
         .arg("-xf")
         .arg(blob)
         .output()
-        .map_err(TestbedError::io("running GNU tar"))?;
+        .map_err(RigError::io("running GNU tar"))?;
     if !output.status.success() {
-        return Err(TestbedError::Start {
+        return Err(RigError::Start {
             what: format!("tar -xf {}", blob.display()),
             detail: String::from_utf8_lossy(&output.stderr).into_owned(),
         });
@@ -756,7 +362,7 @@ pub fn extract_with_gnu_tar(blob: &Path, dest: &Path) -> Result<(), TestbedError
 /// (not for directories, see below),
 /// sha256 of the content, link target, device numbers, xattrs, and the hardlink group (first path
 /// sharing the inode). Two trees are equal when their listings are.
-pub fn tree_listing(root: &Path) -> Result<Vec<String>, TestbedError> {
+pub fn tree_listing(root: &Path) -> Result<Vec<String>, RigError> {
     let mut paths = Vec::new();
     collect(root, root, &mut paths)?;
     paths.sort();
@@ -765,7 +371,7 @@ pub fn tree_listing(root: &Path) -> Result<Vec<String>, TestbedError> {
     for rel in paths {
         let path = root.join(&rel);
         let meta = fs::symlink_metadata(&path)
-            .map_err(TestbedError::io(format!("stat {}", path.display())))?;
+            .map_err(RigError::io(format!("stat {}", path.display())))?;
         let ft = meta.file_type();
         let kind = if ft.is_dir() {
             "dir"
@@ -794,11 +400,11 @@ pub fn tree_listing(root: &Path) -> Result<Vec<String>, TestbedError> {
         }
         if ft.is_file() {
             let data =
-                fs::read(&path).map_err(TestbedError::io(format!("reading {}", path.display())))?;
+                fs::read(&path).map_err(RigError::io(format!("reading {}", path.display())))?;
             line.push_str(&format!(
                 " size={} {}",
                 data.len(),
-                image::sha256_digest(&data)
+                lazysnap::image::sha256_digest(&data)
             ));
             if meta.nlink() > 1 {
                 let first = first_path_of_inode
@@ -809,7 +415,7 @@ pub fn tree_listing(root: &Path) -> Result<Vec<String>, TestbedError> {
         }
         if ft.is_symlink() {
             let target = fs::read_link(&path)
-                .map_err(TestbedError::io(format!("readlink {}", path.display())))?;
+                .map_err(RigError::io(format!("readlink {}", path.display())))?;
             line.push_str(&format!(" -> {}", target.display()));
         }
         if ft.is_char_device() || ft.is_block_device() {
@@ -826,11 +432,10 @@ pub fn tree_listing(root: &Path) -> Result<Vec<String>, TestbedError> {
     Ok(lines)
 }
 
-fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), TestbedError> {
-    let entries =
-        fs::read_dir(dir).map_err(TestbedError::io(format!("listing {}", dir.display())))?;
+fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), RigError> {
+    let entries = fs::read_dir(dir).map_err(RigError::io(format!("listing {}", dir.display())))?;
     for entry in entries {
-        let entry = entry.map_err(TestbedError::io(format!("listing {}", dir.display())))?;
+        let entry = entry.map_err(RigError::io(format!("listing {}", dir.display())))?;
         let path: PathBuf = entry.path();
         let rel = path
             .strip_prefix(root)
@@ -838,7 +443,7 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Testbed
             .unwrap_or_default();
         let is_dir = entry
             .file_type()
-            .map_err(TestbedError::io(format!("stat {}", path.display())))?
+            .map_err(RigError::io(format!("stat {}", path.display())))?
             .is_dir();
         out.push(rel);
         if is_dir {
@@ -848,14 +453,14 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Testbed
     Ok(())
 }
 
-fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, TestbedError> {
+fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, RigError> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| TestbedError::Start {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| RigError::Start {
         what: "xattr".into(),
         detail: "NUL in path".into(),
     })?;
-    let io = |what: &str| TestbedError::io(format!("{what} {}", path.display()));
+    let io = |what: &str| RigError::io(format!("{what} {}", path.display()));
     // SAFETY: c_path is a valid NUL-terminated string; a null buffer asks for the size.
     let len = unsafe { libc::llistxattr(c_path.as_ptr(), std::ptr::null_mut(), 0) };
     if len < 0 {
@@ -870,7 +475,7 @@ fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, TestbedError> {
     names.truncate(len as usize);
     let mut out = Vec::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let c_name = CString::new(name).map_err(|_| TestbedError::Start {
+        let c_name = CString::new(name).map_err(|_| RigError::Start {
             what: "xattr".into(),
             detail: "NUL in name".into(),
         })?;
@@ -897,6 +502,7 @@ fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, TestbedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lazysnap::image::{self, ImageConfig, Index, Manifest, OciLayout, Platform};
 
     #[test]
     fn every_entry_type_layer_has_every_type() {
@@ -973,7 +579,7 @@ mod tests {
 
     #[test]
     fn pushes_to_a_real_registry_and_extracts_with_gnu_tar() {
-        let registry = crate::testbed::RegistryServer::start().unwrap();
+        let registry = lazysnap::rig::RegistryServer::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let layout = OciLayout::create(&dir.path().join("oci")).unwrap();
         let layer = every_entry_type_layer().unwrap();
@@ -987,13 +593,8 @@ mod tests {
         let digest =
             push_layout_image(&layout, Some("v1"), &registry.host(), "test/every", "v1").unwrap();
         assert_eq!(digest, image.manifest.digest);
-        let got = curl(&[
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json",
-            &format!("{}/v2/test/every/manifests/v1", registry.url()),
-        ])
-        .unwrap();
-        assert_eq!(image::sha256_digest(got.as_bytes()), digest);
+        let got = fetch_manifest(&registry.url(), "test/every", "v1").unwrap();
+        assert_eq!(image::sha256_digest(&got), digest);
         let out = dir.path().join("x");
         extract_with_gnu_tar(&layout.blob_path(&image.layers[1].digest).unwrap(), &out).unwrap();
         let listing = tree_listing(&out).unwrap();

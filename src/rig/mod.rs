@@ -1,28 +1,23 @@
-//! Test bed shared by the integration tests and `lazysnap bench`: the real Distribution registry
-//! (and later containerd and a link emulator) started on 127.0.0.1, and generated OCI images.
-//! Everything started here is torn down when its handle drops; nothing else is touched.
+//! The rig `lazysnap bench` runs on, which the tests (through the `lazysnap-testbed` crate) run
+//! on too: the real Distribution registry, containerd and a userspace link emulator started on
+//! 127.0.0.1, and generated OCI images. Everything started here is torn down when its handle
+//! drops; nothing else is touched.
 
 mod containerd;
-mod fault_proxy;
-mod htpasswd;
 pub mod images;
 mod link;
 mod registry;
-mod token_server;
 
 pub use containerd::{ContainerdOptions, ContainerdServer};
-pub use fault_proxy::{Fault, FaultProxy, ProxyEvent};
-pub use htpasswd::{write_docker_config, write_htpasswd};
 pub use link::{LinkEmulator, LinkProfile};
 pub use registry::{RegistryOptions, RegistryServer, RegistryTls};
-pub use token_server::{TokenServer, TokenServerOptions};
 
 use std::net::TcpListener;
 use std::path::Path;
 
-/// Errors starting or driving test-bed components.
+/// Errors starting or driving the rig's components.
 #[derive(Debug, thiserror::Error)]
-pub enum TestbedError {
+pub enum RigError {
     /// A program the test bed needs is not installed.
     #[error("{program} is not installed: run scripts/install-deps.sh (it installs the Debian package {package})")]
     Missing {
@@ -41,30 +36,29 @@ pub enum TestbedError {
     },
 }
 
-impl TestbedError {
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+impl RigError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| Self::Io { context, source }
     }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> Result<u16, TestbedError> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(TestbedError::io("binding 127.0.0.1:0"))?;
+pub fn free_port() -> Result<u16, RigError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(RigError::io("binding 127.0.0.1:0"))?;
     let port = listener
         .local_addr()
-        .map_err(TestbedError::io("reading the bound address"))?
+        .map_err(RigError::io("reading the bound address"))?
         .port();
     Ok(port)
 }
 
-/// Fails with [`TestbedError::Missing`] unless `program` is an executable file.
-pub fn require_program(program: &'static str, package: &'static str) -> Result<(), TestbedError> {
+/// Fails with [`RigError::Missing`] unless `program` is an executable file.
+pub fn require_program(program: &'static str, package: &'static str) -> Result<(), RigError> {
     if std::path::Path::new(program).is_file() {
         Ok(())
     } else {
-        Err(TestbedError::Missing { program, package })
+        Err(RigError::Missing { program, package })
     }
 }
 
