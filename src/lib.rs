@@ -27,6 +27,7 @@ pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod labels;
 pub mod layer;
 pub mod metrics;
 pub mod optimize;

@@ -3,13 +3,13 @@
 
 mod fixtures_common;
 
+use lazysnap::labels;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lazysnap::blob::{BlobSource, FileBlob};
 use lazysnap::estargz::{
     decode_chunk, open_layer, verify_layer, Compression, EntryKind, Landmark, LayerToc,
-    TOC_DIGEST_ANNOTATION,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -43,7 +43,7 @@ fn fixture_layers() -> Vec<FixtureLayer> {
                 variant: variant.to_string(),
                 file: dir.join(layer["file"].as_str().unwrap()),
                 source: layer["source_layer"].as_str().unwrap().to_string(),
-                toc_digest: layer["annotations"][TOC_DIGEST_ANNOTATION]
+                toc_digest: layer["annotations"][labels::TOC_DIGEST]
                     .as_str()
                     .unwrap()
                     .to_string(),

@@ -4,6 +4,7 @@
 
 mod fixtures_common;
 
+use lazysnap::labels;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -14,8 +15,8 @@ use bytes::Bytes;
 use lazysnap::blob::MemoryBlob;
 use lazysnap::estargz::{
     build_layer, build_layer_with_threads, decompressed_reader, open_layer, verify_layer,
-    BuildOptions, Compression, EntryKind, Landmark, TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION, ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    BuildOptions, Compression, EntryKind, Landmark, UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
 };
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -380,7 +381,7 @@ async fn gzip_layer_round_trips_through_reader_and_gnu_tar() {
     );
     assert_eq!(built.uncompressed_size, plain.len() as u64);
     let annotations = built.annotations();
-    assert_eq!(annotations[TOC_DIGEST_ANNOTATION], built.toc_digest);
+    assert_eq!(annotations[labels::TOC_DIGEST], built.toc_digest);
     assert_eq!(
         annotations[UNCOMPRESSED_SIZE_ANNOTATION],
         plain.len().to_string()

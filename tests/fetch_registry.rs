@@ -3,6 +3,7 @@
 //! two chunks, a second layer sharing a file fetches none of its chunks, and a stopped registry
 //! gives EIO for uncached reads (cached ones keep working) until it is restarted.
 
+use lazysnap::labels;
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -577,8 +578,7 @@ fn a_first_prepare_reads_its_layers_tail_while_the_manifest_is_on_its_way() {
         &lazysnap_testbed::images::fetch_manifest(&registry.url(), "tail/app", "v1").unwrap(),
     )
     .unwrap();
-    let toc_digest =
-        manifest.layers[0].annotations[lazysnap::estargz::TOC_DIGEST_ANNOTATION].clone();
+    let toc_digest = manifest.layers[0].annotations[labels::TOC_DIGEST].clone();
     // The manifest is held 1 s: a Prepare that waits for it before asking for its layer's tail
     // shows the manifest answered before that request arrives.
     let proxy = FaultProxy::start(&registry.host()).unwrap();

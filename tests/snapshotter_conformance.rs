@@ -2,6 +2,7 @@
 //! every test starts the real service on a temp unix socket and drives it with a tonic client,
 //! mounting what it returns with real bind / overlay mounts (needs root: fails loudly without).
 
+use lazysnap::labels;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,10 +13,6 @@ use async_trait::async_trait;
 use lazysnap::snapshotter::proto::snapshots as pb;
 use lazysnap::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
 use lazysnap::snapshotter::proto::Mount;
-use lazysnap::snapshotter::remote::{
-    STARGZ_DIGEST_LABEL, STARGZ_LAYERS_LABEL, STARGZ_REFERENCE_LABEL, TARGET_REF_LABEL,
-    TOC_DIGEST_LABEL,
-};
 use lazysnap::snapshotter::{
     NoRemoteLayers, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
 };
@@ -462,7 +459,7 @@ async fn walk_with_filters_and_update_labels() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
-    h.prepare_labeled("a", "", labels(&[(TARGET_REF_LABEL, "sha256:one")]))
+    h.prepare_labeled("a", "", labels(&[(labels::SNAPSHOT_REF, "sha256:one")]))
         .await
         .unwrap();
     h.commit("one", "a").await.unwrap();
@@ -471,11 +468,14 @@ async fn walk_with_filters_and_update_labels() {
             snapshotter: "lazysnap".into(),
             info: Some(pb::Info {
                 name: "one".into(),
-                labels: labels(&[(TARGET_REF_LABEL, "sha256:one"), ("keep", "1")]),
+                labels: labels(&[(labels::SNAPSHOT_REF, "sha256:one"), ("keep", "1")]),
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask {
-                paths: vec![format!("labels.{TARGET_REF_LABEL}"), "labels.keep".into()],
+                paths: vec![
+                    format!("labels.{}", labels::SNAPSHOT_REF),
+                    "labels.keep".into(),
+                ],
             }),
         })
         .await
@@ -523,7 +523,7 @@ async fn walk_with_filters_and_update_labels() {
         .info
         .unwrap();
     assert!(!updated.labels.contains_key("keep"));
-    assert!(updated.labels.contains_key(TARGET_REF_LABEL));
+    assert!(updated.labels.contains_key(labels::SNAPSHOT_REF));
     let before = h.stat("one").await.unwrap();
     let (created, updated) = (before.created_at.unwrap(), before.updated_at.unwrap());
     assert!((updated.seconds, updated.nanos) >= (created.seconds, created.nanos));
@@ -701,7 +701,7 @@ impl RemoteLayers for FakeRemote {
         labels: &BTreeMap<String, String>,
         _lower_dirs: &[std::path::PathBuf],
     ) -> Result<(), RemoteLayerError> {
-        assert!(labels.contains_key(STARGZ_DIGEST_LABEL));
+        assert!(labels.contains_key(labels::STARGZ_DIGEST));
         self.restored.lock().unwrap().push(mountpoint.to_path_buf());
         Ok(())
     }
@@ -717,17 +717,17 @@ impl RemoteLayers for FakeRemote {
 
 fn stargz_labels(target: &str, digest: &str) -> HashMap<String, String> {
     HashMap::from([
-        (TARGET_REF_LABEL.to_string(), target.to_string()),
+        (labels::SNAPSHOT_REF.to_string(), target.to_string()),
         (
-            STARGZ_REFERENCE_LABEL.to_string(),
+            labels::STARGZ_REFERENCE.to_string(),
             "127.0.0.1:5000/app:1".to_string(),
         ),
-        (STARGZ_DIGEST_LABEL.to_string(), digest.to_string()),
+        (labels::STARGZ_DIGEST.to_string(), digest.to_string()),
         (
-            STARGZ_LAYERS_LABEL.to_string(),
+            labels::STARGZ_LAYERS.to_string(),
             "sha256:l0,sha256:l1".to_string(),
         ),
-        (TOC_DIGEST_LABEL.to_string(), "sha256:toc".to_string()),
+        (labels::TOC_DIGEST.to_string(), "sha256:toc".to_string()),
     ])
 }
 
@@ -767,7 +767,10 @@ async fn remote_layers_commit_under_target_and_answer_already_exists() {
     assert_eq!(found[0].name, "sha256:chain1");
     assert_eq!(found[0].kind, pb::Kind::Committed as i32);
     assert_eq!(
-        found[0].labels.get(STARGZ_DIGEST_LABEL).map(String::as_str),
+        found[0]
+            .labels
+            .get(labels::STARGZ_DIGEST)
+            .map(String::as_str),
         Some("sha256:l1")
     );
     // A second prepare of an existing target answers AlreadyExists without mounting again.

@@ -9,6 +9,7 @@
 
 mod fixtures_common;
 
+use lazysnap::labels;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,6 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use lazysnap::snapshotter::proto::runtime::v1 as cri;
 use lazysnap::snapshotter::proto::runtime::v1::image_service_client::ImageServiceClient;
-use lazysnap::snapshotter::remote::{
-    CRI_IMAGE_REF_LABEL, CRI_LAYER_DIGEST_LABEL, STARGZ_LAYERS_LABEL, TOC_DIGEST_LABEL,
-};
 use lazysnap::snapshotter::{
     LocatorSource, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
 };
@@ -411,8 +409,8 @@ fn rpull_mounts_remote_layers_and_unpacks_declined_ones() {
         )]))
         .unwrap();
     assert_eq!(infos.len(), 1);
-    assert!(infos[0].labels.contains_key(TOC_DIGEST_LABEL));
-    assert!(infos[0].labels.contains_key(STARGZ_LAYERS_LABEL));
+    assert!(infos[0].labels.contains_key(labels::TOC_DIGEST));
+    assert!(infos[0].labels.contains_key(labels::STARGZ_LAYERS));
 
     assert_eq!(
         bed.run(
@@ -459,8 +457,10 @@ fn cri_pull_image_mounts_remote_layers_with_cri_labels() {
     let infos = bed
         .runtime
         .block_on(bed.service.list(&[format!(
-            r#"labels."{CRI_IMAGE_REF_LABEL}"=="{}",labels."{CRI_LAYER_DIGEST_LABEL}"=={layer_b}"#,
-            bed.image
+            r#"labels."{}"=="{}",labels."{}"=={layer_b}"#,
+            labels::CRI_IMAGE_REF,
+            bed.image,
+            labels::CRI_LAYER_DIGEST
         )]))
         .unwrap();
     assert_eq!(infos.len(), 1, "the remote snapshot keeps its CRI labels");

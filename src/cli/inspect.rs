@@ -1,6 +1,7 @@
 //! `lazysnap inspect TARGET`: summary, TOC and full verification of an eStargz / zstd:chunked
 //! layer blob file, or of every layer of an image.
 
+use lazysnap::labels;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             let name = format!("layer {i} {}", layer.digest);
             let expected = layer
                 .annotations
-                .get(estargz::TOC_DIGEST_ANNOTATION)
+                .get(labels::TOC_DIGEST)
                 .map(String::as_str);
             let blob: &Arc<dyn BlobSource> = blob;
             ok &= inspect_layer(&args, &name, blob.as_ref(), expected).await;

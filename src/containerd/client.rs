@@ -15,7 +15,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 use tracing::Instrument;
 
-use super::labels;
 use super::proto::content::content_client::ContentClient;
 use super::proto::content::{
     InfoRequest, UpdateRequest, WriteAction, WriteContentRequest, WriteContentResponse,
@@ -32,6 +31,7 @@ use super::proto::snapshots::{
 };
 use super::proto::{Descriptor, Mount};
 use super::ContainerdError;
+use crate::labels;
 
 /// gRPC metadata header naming the containerd namespace of a request.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";

@@ -4,7 +4,6 @@
 //! fall back, and registers the image.
 
 pub mod client;
-pub mod labels;
 pub mod proto;
 pub mod pull;
 pub mod registry_source;

@@ -15,10 +15,10 @@ use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use super::client::{Containerd, Prepared};
-use super::labels;
 use super::proto::Descriptor as ProtoDescriptor;
 use super::ContainerdError;
 use crate::image::{self, Descriptor, ImageConfig, Index, Manifest, Platform};
+use crate::labels;
 
 /// A manifest or index as fetched, with its verified digest.
 #[derive(Debug, Clone)]

@@ -31,8 +31,7 @@ pub use reader::{
 pub use toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 pub use writer::{build_layer, build_layer_with_threads, BuildOptions, BuiltLayer, RecordedFile};
 
-/// Layer annotation carrying the sha256 of the uncompressed TOC JSON.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The layer annotation carrying the sha256 of the uncompressed TOC JSON is [`crate::labels::TOC_DIGEST`].
 /// Layer annotation carrying the length of the decompressed layer stream.
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
 /// zstd:chunked annotation: sha256 of the compressed TOC (skippable frame payload).

@@ -9,6 +9,7 @@
 //! member is compressed independently with fixed boundaries, so the output bytes do not depend on
 //! the number of threads.
 
+use crate::labels;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -26,9 +27,8 @@ use super::timefmt::format_rfc3339;
 use super::toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 use super::{
     sha256_digest, Compression, FormatError, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENT,
-    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
-    UNCOMPRESSED_SIZE_ANNOTATION, ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
-    ZSTD_MANIFEST_POSITION_ANNOTATION,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION, ZSTD_MANIFEST_POSITION_ANNOTATION,
 };
 
 /// Default gzip level (ctr-remote uses best compression).
@@ -134,7 +134,7 @@ impl BuiltLayer {
     /// The layer annotations to put in the image manifest.
     pub fn annotations(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        out.insert(TOC_DIGEST_ANNOTATION.to_string(), self.toc_digest.clone());
+        out.insert(labels::TOC_DIGEST.to_string(), self.toc_digest.clone());
         out.insert(
             UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
             self.uncompressed_size.to_string(),

@@ -26,7 +26,8 @@ use super::types::{
 };
 use super::{select_platform, ImageError, Platform};
 use crate::blob::{BlobSource, FileBlob};
-use crate::estargz::{self, BuildOptions, Compression, RecordedFile, TOC_DIGEST_ANNOTATION};
+use crate::estargz::{self, BuildOptions, Compression, RecordedFile};
+use crate::labels;
 use crate::registry::{Client, Reference, RegistryError};
 
 /// How to convert.
@@ -740,7 +741,7 @@ impl Job<'_> {
         let blob = self.source.ranged(layer)?;
         let expected = layer
             .annotations
-            .get(TOC_DIGEST_ANNOTATION)
+            .get(labels::TOC_DIGEST)
             .map(String::as_str);
         let toc = match estargz::open_layer(blob.as_ref(), expected).await {
             Ok(toc) => toc,
@@ -754,10 +755,9 @@ impl Job<'_> {
             Compression::Gzip => OCI_LAYER_GZIP.to_string(),
             Compression::Zstd => OCI_LAYER_ZSTD.to_string(),
         };
-        target.annotations.insert(
-            TOC_DIGEST_ANNOTATION.to_string(),
-            toc.toc_digest().to_string(),
-        );
+        target
+            .annotations
+            .insert(labels::TOC_DIGEST.to_string(), toc.toc_digest().to_string());
         let uploaded = self.copy_blob(layer).await?;
         let uncompressed_size = layer
             .annotations
@@ -1032,7 +1032,7 @@ mod tests {
 
     #[test]
     fn rebuilt_layers_drop_old_format_annotations_only() {
-        assert!(is_format_annotation(TOC_DIGEST_ANNOTATION));
+        assert!(is_format_annotation(labels::TOC_DIGEST));
         assert!(is_format_annotation(estargz::UNCOMPRESSED_SIZE_ANNOTATION));
         assert!(is_format_annotation(
             estargz::ZSTD_MANIFEST_CHECKSUM_ANNOTATION

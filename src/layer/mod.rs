@@ -24,6 +24,7 @@ use crate::cache::ChunkCache;
 use crate::estargz::{self, ChunkDigest, FormatError};
 use crate::fetch::{FetchOptions, LayerFetchStats, LayerReader};
 use crate::image::{self, Descriptor, Manifest, Platform};
+use crate::labels;
 use crate::registry::{Client, Reference, RegistryError};
 use crate::snapshotter::remote::{
     LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers,
@@ -91,7 +92,7 @@ impl RemoteLayerSpec {
     pub fn toc_digest(&self) -> Option<&str> {
         self.layer
             .annotations
-            .get(estargz::TOC_DIGEST_ANNOTATION)
+            .get(labels::TOC_DIGEST)
             .map(String::as_str)
     }
 }
@@ -688,16 +689,15 @@ impl LayerManager {
             .filter(|(blob, _)| blob.size() == spec.layer.size)
             .map(|(_, tail)| tail);
         if let Some(toc_digest) = &locator.toc_digest {
-            spec.layer.annotations.insert(
-                estargz::TOC_DIGEST_ANNOTATION.to_string(),
-                toc_digest.clone(),
-            );
+            spec.layer
+                .annotations
+                .insert(labels::TOC_DIGEST.to_string(), toc_digest.clone());
         }
         if spec.toc_digest().is_none() {
             return Err(RemoteLayerError::Declined(format!(
                 "layer {} has no {} annotation: not eStargz / zstd:chunked",
                 spec.layer.digest,
-                estargz::TOC_DIGEST_ANNOTATION
+                labels::TOC_DIGEST
             )));
         }
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
@@ -748,11 +748,7 @@ impl LayerManager {
             .iter()
             .filter(|digest| **digest != spec.layer.digest)
             .filter_map(|digest| manifest.layers.iter().find(|l| l.digest == *digest))
-            .filter(|layer| {
-                layer
-                    .annotations
-                    .contains_key(estargz::TOC_DIGEST_ANNOTATION)
-            })
+            .filter(|layer| layer.annotations.contains_key(labels::TOC_DIGEST))
             .map(|layer| RemoteLayerSpec {
                 image: image.clone(),
                 layer: layer.clone(),

@@ -9,31 +9,11 @@
 //!   `…/stargz.digest`, `…/stargz.layers`.
 //! - The layer's TOC digest annotation `containerd.io/snapshot/stargz/toc.digest`.
 
+use crate::labels;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-
-/// Label containerd sets on Prepare to the chain ID the snapshot should be committed as.
-pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
-/// CRI: the image reference.
-pub const CRI_IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
-/// CRI: the layer's blob digest.
-pub const CRI_LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
-/// CRI: every layer digest of the image, comma separated.
-pub const CRI_IMAGE_LAYERS_LABEL: &str = "containerd.io/snapshot/cri.image-layers";
-/// CRI: the manifest digest.
-pub const CRI_MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
-/// stargz: the image reference.
-pub const STARGZ_REFERENCE_LABEL: &str = "containerd.io/snapshot/remote/stargz.reference";
-/// stargz: the layer's blob digest.
-pub const STARGZ_DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
-/// stargz: every layer digest of the image, comma separated.
-pub const STARGZ_LAYERS_LABEL: &str = "containerd.io/snapshot/remote/stargz.layers";
-/// The layer annotation carrying the TOC digest of an eStargz / zstd:chunked layer.
-pub const TOC_DIGEST_LABEL: &str = "containerd.io/snapshot/stargz/toc.digest";
-/// Label lazysnap puts on snapshots it mounted remotely (value "true").
-pub const REMOTE_SNAPSHOT_LABEL: &str = "containerd.io/snapshot/lazysnap.remote";
 
 /// Which label family located the layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,25 +52,25 @@ impl LayerLocator {
             })
             .unwrap_or_default()
         };
-        let toc_digest = get(TOC_DIGEST_LABEL);
+        let toc_digest = get(labels::TOC_DIGEST);
         if let (Some(image_ref), Some(layer_digest)) =
-            (get(CRI_IMAGE_REF_LABEL), get(CRI_LAYER_DIGEST_LABEL))
+            (get(labels::CRI_IMAGE_REF), get(labels::CRI_LAYER_DIGEST))
         {
             return Some(Self {
                 image_ref,
                 layer_digest,
-                image_layers: split(get(CRI_IMAGE_LAYERS_LABEL)),
+                image_layers: split(get(labels::CRI_IMAGE_LAYERS)),
                 toc_digest,
                 source: LocatorSource::Cri,
             });
         }
         if let (Some(image_ref), Some(layer_digest)) =
-            (get(STARGZ_REFERENCE_LABEL), get(STARGZ_DIGEST_LABEL))
+            (get(labels::STARGZ_REFERENCE), get(labels::STARGZ_DIGEST))
         {
             return Some(Self {
                 image_ref,
                 layer_digest,
-                image_layers: split(get(STARGZ_LAYERS_LABEL)),
+                image_layers: split(get(labels::STARGZ_LAYERS)),
                 toc_digest,
                 source: LocatorSource::Stargz,
             });
@@ -215,10 +195,10 @@ mod tests {
     #[test]
     fn locators_from_cri_and_stargz_labels() {
         let cri = LayerLocator::from_labels(&labels(&[
-            (CRI_IMAGE_REF_LABEL, "127.0.0.1:5000/a:1"),
-            (CRI_LAYER_DIGEST_LABEL, "sha256:l1"),
-            (CRI_IMAGE_LAYERS_LABEL, "sha256:l0,sha256:l1"),
-            (TOC_DIGEST_LABEL, "sha256:toc"),
+            (labels::CRI_IMAGE_REF, "127.0.0.1:5000/a:1"),
+            (labels::CRI_LAYER_DIGEST, "sha256:l1"),
+            (labels::CRI_IMAGE_LAYERS, "sha256:l0,sha256:l1"),
+            (labels::TOC_DIGEST, "sha256:toc"),
         ]))
         .unwrap();
         assert_eq!(cri.source, LocatorSource::Cri);
@@ -226,13 +206,13 @@ mod tests {
         assert_eq!(cri.toc_digest.as_deref(), Some("sha256:toc"));
 
         let stargz = LayerLocator::from_labels(&labels(&[
-            (STARGZ_REFERENCE_LABEL, "127.0.0.1:5000/a:1"),
-            (STARGZ_DIGEST_LABEL, "sha256:l1"),
+            (labels::STARGZ_REFERENCE, "127.0.0.1:5000/a:1"),
+            (labels::STARGZ_DIGEST, "sha256:l1"),
         ]))
         .unwrap();
         assert_eq!(stargz.source, LocatorSource::Stargz);
         assert!(stargz.toc_digest.is_none());
 
-        assert!(LayerLocator::from_labels(&labels(&[(TARGET_REF_LABEL, "x")])).is_none());
+        assert!(LayerLocator::from_labels(&labels(&[(labels::SNAPSHOT_REF, "x")])).is_none());
     }
 }

@@ -2,6 +2,7 @@
 //! snapshot directories, the remote-layer path of Prepare, restart recovery, and the thin tonic
 //! adapter that maps every call to gRPC (one tracing span per call, errors to containerd's codes).
 
+use crate::labels;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -17,13 +18,8 @@ use super::filter::{matches_any, Filter};
 use super::mounts::{snapshot_mounts, OverlayOptions};
 use super::proto::snapshots as pb;
 use super::proto::Mount;
-use super::remote::{
-    LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers, TARGET_REF_LABEL,
-};
+use super::remote::{LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers};
 use super::store::{now_nanos, Kind, MetadataStore, SnapshotInfo, SnapshotRecord, StoreError};
-
-/// containerd's limit on one label's key + value length.
-const MAX_LABEL_BYTES: usize = 4096;
 
 /// A snapshotter call's failure, mapped to the gRPC code containerd converts back.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +267,7 @@ impl Service {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         validate(key, &labels)?;
-        if let Some(target) = labels.get(TARGET_REF_LABEL).cloned() {
+        if let Some(target) = labels.get(labels::SNAPSHOT_REF).cloned() {
             if let Some(locator) = LayerLocator::from_labels(&labels) {
                 match self
                     .prepare_remote(key, parent, &target, &labels, locator)
@@ -439,8 +435,8 @@ impl Service {
                 let raced = txn.all()?.iter().any(|(other, r)| {
                     other == &name
                         || (r.parent == record.parent
-                            && r.labels.get(TARGET_REF_LABEL)
-                                == record.labels.get(TARGET_REF_LABEL))
+                            && r.labels.get(labels::SNAPSHOT_REF)
+                                == record.labels.get(labels::SNAPSHOT_REF))
                 });
                 if raced {
                     return Ok(false);
@@ -477,7 +473,7 @@ impl Service {
             .find(|(_, r)| {
                 r.kind == Kind::Committed
                     && r.parent == parent
-                    && r.labels.get(TARGET_REF_LABEL).map(String::as_str) == Some(target)
+                    && r.labels.get(labels::SNAPSHOT_REF).map(String::as_str) == Some(target)
             })
             .map(|(name, _)| name))
     }
@@ -876,9 +872,10 @@ fn validate(key: &str, labels: &BTreeMap<String, String>) -> Result<(), Snapshot
         ));
     }
     for (k, v) in labels {
-        if k.len().saturating_add(v.len()) > MAX_LABEL_BYTES {
+        if !labels::fits(k, v) {
             return Err(SnapshotError::InvalidArgument(format!(
-                "label {k:?} is longer than {MAX_LABEL_BYTES} bytes with its value"
+                "label {k:?} is longer than {} bytes with its value",
+                labels::MAX_LABEL_BYTES
             )));
         }
     }

@@ -1,5 +1,6 @@
-//! The label names containerd, its CRI plugin and remote snapshotters agree on, and the values
-//! `lazysnap pull` computes for them (chain IDs, the size-bounded CRI layer list).
+//! The label and annotation names containerd, its CRI plugin and remote snapshotters agree on
+//! (the one list: the snapshotter reads them, `lazysnap pull` and the converter write them), and
+//! the values computed for them (chain IDs, the size-bounded CRI layer list).
 
 use sha2::{Digest as _, Sha256};
 
@@ -24,6 +25,12 @@ pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// CRI snapshot label: the digest of the image manifest.
 pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// stargz (`ctr-remote images rpull`) snapshot label: the image reference.
+pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// stargz snapshot label: the layer's blob digest.
+pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+/// stargz snapshot label: every layer digest of the image, comma separated.
+pub const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 /// Layer annotation (passed on as a snapshot label) with the TOC digest of an eStargz or
 /// zstd:chunked layer: the mark of a lazily pullable layer.
 pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -73,7 +80,7 @@ pub fn image_layers_value(layer_digests: &[String], index: usize) -> String {
 
 /// Whether a label fits containerd's size limit.
 pub fn fits(key: &str, value: &str) -> bool {
-    key.len() + value.len() <= MAX_LABEL_BYTES
+    key.len().saturating_add(value.len()) <= MAX_LABEL_BYTES
 }
 
 #[cfg(test)]
