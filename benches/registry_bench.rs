@@ -6,7 +6,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RemoteBlob};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, RemoteBlob};
 use lazysnap_testbed::RegistryServer;
 
 const BLOB_SIZE: u64 = 200 * 1000 * 1000;

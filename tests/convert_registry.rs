@@ -86,7 +86,10 @@ fn check_converted(
             uncompressed,
             "uncompressed-size annotation"
         );
-        assert_eq!(config.rootfs.diff_ids[i], image::sha256_digest(&tar_bytes));
+        assert_eq!(
+            config.rootfs.diff_ids[i],
+            lazysnap::digest::sha256_digest(&tar_bytes)
+        );
 
         // GNU tar extracts the source tree exactly.
         let source_file = dir.join(format!("{tag}-source{i}.tar"));
@@ -168,8 +171,8 @@ fn converts_every_entry_type_image_to_estargz_with_a_prefetch_list() {
     let first = fetch_manifest(&registry.url(), "dst/every", "esgz").unwrap();
     let second = fetch_manifest(&registry.url(), "dst/every", "again").unwrap();
     assert_eq!(
-        image::sha256_digest(&first),
-        image::sha256_digest(&second),
+        lazysnap::digest::sha256_digest(&first),
+        lazysnap::digest::sha256_digest(&second),
         "--reuse changed the image"
     );
     assert_eq!(manifest.layers.len(), 2);
@@ -190,7 +193,10 @@ fn converts_every_entry_type_image_to_estargz_with_a_prefetch_list() {
     );
     assert!(!mounted_text.contains(", pushed"), "{mounted_text}");
     let third = fetch_manifest(&registry.url(), "other/every", "mounted").unwrap();
-    assert_eq!(image::sha256_digest(&first), image::sha256_digest(&third));
+    assert_eq!(
+        lazysnap::digest::sha256_digest(&first),
+        lazysnap::digest::sha256_digest(&third)
+    );
 }
 
 #[test]

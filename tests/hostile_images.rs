@@ -74,7 +74,7 @@ fn a_manifest_that_does_not_match_its_digest_is_refused() {
     let work = tempfile::tempdir().unwrap();
     push_generated(&registry, work.path(), &[tar_of([])], "swapped");
     let manifest = images::fetch_manifest(&registry.url(), "swapped", "src").unwrap();
-    let digest = lazysnap::registry::sha256_digest(&manifest);
+    let digest = lazysnap::digest::sha256_digest(&manifest);
     let proxy = FaultProxy::start(&registry.host()).unwrap();
     // Every answer for the manifest carries other bytes, as a compromised or broken registry
     // or mirror would send.

@@ -381,7 +381,7 @@ fn a_record_reproduces_the_image_and_reoptimizing_replaces_the_old_order() {
     assert!(total["prefetch_bytes"].as_u64().unwrap() > 0, "{report}");
     let digest = |tag: &str| {
         let bytes = fetch_manifest(&registry.url(), "opt/app", tag).unwrap();
-        image::sha256_digest(&bytes)
+        lazysnap::digest::sha256_digest(&bytes)
     };
     let (first_manifest, _) = tocs(&registry, work.path(), "opt/app", "first");
     let (again_manifest, _) = tocs(&registry, work.path(), "opt/app", "again");

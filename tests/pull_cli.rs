@@ -113,7 +113,7 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let image = runtime.block_on(push_fixture(&registry.host(), "orig", "fixture", "orig"));
     let manifest = std::fs::read(fixture_dir("orig").join("manifest.json")).unwrap();
-    let manifest_digest = lazysnap::image::sha256_digest(&manifest);
+    let manifest_digest = lazysnap::digest::sha256_digest(&manifest);
     // An index whose arm64 entry must not be chosen on --platform linux/amd64 (both entries
     // point at the one pushed manifest, which the registry requires to exist).
     let index = serde_json::json!({
@@ -163,7 +163,7 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let index_digest = lazysnap::image::sha256_digest(&index_bytes);
+    let index_digest = lazysnap::digest::sha256_digest(&index_bytes);
     assert!(
         stdout.contains(&index_digest),
         "the image target is the index: {stdout}"

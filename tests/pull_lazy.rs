@@ -65,7 +65,7 @@ fn pull_cli_lazy_layers_are_not_fetched_and_run() {
     let registry = RegistryServer::start().expect("start registry");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let image = runtime.block_on(push_fixture(&registry.host(), "esgz", "fixture", "esgz"));
-    let manifest_digest = lazysnap::image::sha256_digest(
+    let manifest_digest = lazysnap::digest::sha256_digest(
         &std::fs::read(fixture_dir("esgz").join("manifest.json")).unwrap(),
     );
     let layers = [

@@ -53,7 +53,7 @@ impl ImageSource for DirSource {
     fn resolve(&self) -> BoxFuture<'_, Result<FetchedManifest, ContainerdError>> {
         let fetched = FetchedManifest {
             media_type: "application/vnd.oci.image.manifest.v1+json".to_string(),
-            digest: lazysnap::image::sha256_digest(&self.manifest),
+            digest: lazysnap::digest::sha256_digest(&self.manifest),
             bytes: self.manifest.clone(),
         };
         async move { Ok(fetched) }.boxed()

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lazysnap::blob::BlobSource;
-use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RegistryError};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, RegistryError};
 use lazysnap_testbed::{
     write_docker_config, write_htpasswd, RegistryOptions, RegistryServer, TokenServer,
     TokenServerOptions,

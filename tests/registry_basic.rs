@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobSource};
-use lazysnap::registry::{
-    sha256_digest, Client, ClientConfig, Reference, RegistryError, MEDIA_TYPE_OCI_MANIFEST,
-};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, RegistryError, MEDIA_TYPE_OCI_MANIFEST};
 use lazysnap_testbed::RegistryServer;
 use tokio::io::AsyncReadExt as _;
 

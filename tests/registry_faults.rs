@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lazysnap::blob::{BlobError, BlobSource};
-use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RegistryError};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, RegistryError};
 use lazysnap_testbed::{Fault, FaultProxy, RegistryServer};
 use tokio::io::AsyncReadExt as _;
 

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, MEDIA_TYPE_OCI_MANIFEST};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, MEDIA_TYPE_OCI_MANIFEST};
 use lazysnap_testbed::{RegistryOptions, RegistryServer};
 
 /// Access-log GETs of `digest` (mirror requests carry `?ns=`, so match the path prefix).

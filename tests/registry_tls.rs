@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazysnap::registry::{sha256_digest, Client, ClientConfig, Reference, RegistryError};
+use lazysnap::digest::sha256_digest;
+use lazysnap::registry::{Client, ClientConfig, Reference, RegistryError};
 
 struct Server(Child);
 

@@ -134,7 +134,7 @@ fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
         out!(
             "  {:<width$} {:<14} {:>10} {:>10} {:>8}",
             layer.image,
-            lazysnap::layer::short_digest(&layer.digest),
+            lazysnap::digest::short_digest(&layer.digest),
             HumanBytes(layer.cached_bytes).to_string(),
             HumanBytes(layer.shared_bytes).to_string(),
             layer.cached_chunks

@@ -679,7 +679,7 @@ async fn unpack_cached(
         return Ok(dest);
     }
     tracing::info!(
-        layer = %layer::short_digest(&spec.layer.digest),
+        layer = %lazysnap::digest::short_digest(&spec.layer.digest),
         "layer is not eStargz: downloading and unpacking it"
     );
     let reader = client

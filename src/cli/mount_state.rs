@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use lazysnap::fetch::LayerFetchStats;
-use lazysnap::image;
-use lazysnap::layer;
 
 /// What the mount daemon publishes about one mount (the file `<state-dir>/<hash of dir>.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,8 +50,8 @@ pub struct LayerState {
 }
 
 pub fn state_file(state_dir: &Path, dir: &Path) -> PathBuf {
-    let digest = image::sha256_digest(dir.as_os_str().as_encoded_bytes());
-    state_dir.join(format!("{}.json", layer::short_digest(&digest)))
+    let digest = lazysnap::digest::sha256_digest(dir.as_os_str().as_encoded_bytes());
+    state_dir.join(format!("{}.json", lazysnap::digest::short_digest(&digest)))
 }
 
 pub fn read_state(path: &Path) -> Option<MountState> {

@@ -173,7 +173,7 @@ fn print_report(report: &OptimizeReport, stop: &StopWhen, dst: &ImageLocation) {
     for layer in &report.layers {
         out!(
             "{:<20} {:>14} {:>22} {:>16} {:>16}",
-            lazysnap::layer::short_digest(&layer.source_digest),
+            lazysnap::digest::short_digest(&layer.source_digest),
             format!("{}/{}", layer.files_used, layer.files),
             format!("{} / {}", mb(layer.bytes_read), mb(layer.file_bytes)),
             mb(layer.prefetch_bytes),

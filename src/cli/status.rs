@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 
-use lazysnap::layer;
-
 use super::human_bytes;
 use super::mount_state::{process_alive, read_state, LayerState};
 use super::serve_control;
@@ -123,7 +121,7 @@ fn print_layers(layers: &[LayerState]) {
         out!(
             "  {}{:<14} {:<9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
             image_header(layer.image.as_deref().unwrap_or("")),
-            layer::short_digest(&layer.digest),
+            lazysnap::digest::short_digest(&layer.digest),
             layer.mode,
             human_bytes(layer.size),
             human_bytes(layer.on_demand_bytes),

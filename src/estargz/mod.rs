@@ -18,8 +18,6 @@ mod writer;
 
 use std::ops::Range;
 
-use sha2::{Digest, Sha256};
-
 pub use chunk_decoder::{ChunkDecoder, Decoded};
 pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
@@ -165,11 +163,6 @@ pub fn decode_chunk(
     compressed: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
     ChunkDecoder::decode_whole(compression, name, chunk, compressed)
-}
-
-/// `sha256:<hex>` of `data`.
-pub(crate) fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
 #[cfg(test)]

@@ -396,7 +396,7 @@ pub fn layer_from_toc_json(
     blob_size: u64,
     expected_toc_digest: Option<&str>,
 ) -> Result<LayerToc, FormatError> {
-    let toc_digest = super::sha256_digest(&json);
+    let toc_digest = crate::digest::sha256_digest(&json);
     if let Some(expected) = expected_toc_digest {
         if expected != toc_digest {
             return Err(FormatError::TocDigestMismatch {
@@ -550,9 +550,7 @@ pub(crate) fn normalize_name(name: &str) -> Result<String, String> {
 }
 
 fn check_digest(value: &str) -> bool {
-    value
-        .strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    crate::digest::Digest::parse_sha256(value).is_ok()
 }
 
 struct Normalized {

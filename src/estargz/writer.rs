@@ -26,10 +26,11 @@ use super::tarfmt::{padding, ustar_reg_header, RawMember, TarMeta, TarStream, MA
 use super::timefmt::format_rfc3339;
 use super::toc::{Toc, TocEntry, MAX_TOC_ENTRIES};
 use super::{
-    sha256_digest, Compression, FormatError, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENT,
-    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    Compression, FormatError, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENT, NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
     ZSTD_MANIFEST_CHECKSUM_ANNOTATION, ZSTD_MANIFEST_POSITION_ANNOTATION,
 };
+use crate::digest::sha256_digest;
 
 /// Default gzip level (ctr-remote uses best compression).
 pub const DEFAULT_GZIP_LEVEL: u32 = 9;

@@ -20,12 +20,12 @@ use tracing::{debug, info, info_span, Instrument};
 use super::layout::OciLayout;
 use super::location::ImageLocation;
 use super::types::{
-    is_index, is_layer, is_manifest, parse_json, sha256_digest, to_json, Descriptor, ImageConfig,
-    Index, Manifest, DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
-    OCI_MANIFEST,
+    is_index, is_layer, is_manifest, parse_json, to_json, Descriptor, ImageConfig, Index, Manifest,
+    DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
 };
 use super::{select_platform, ImageError, Platform};
 use crate::blob::{BlobSource, FileBlob};
+use crate::digest::sha256_digest;
 use crate::estargz::{self, BuildOptions, Compression, RecordedFile};
 use crate::labels;
 use crate::registry::{Client, Reference, RegistryError};

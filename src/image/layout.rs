@@ -5,8 +5,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::types::{digest_hex, parse_json, sha256_digest, to_json, MAX_METADATA_BYTES};
+use super::types::{digest_hex, parse_json, to_json, MAX_METADATA_BYTES};
 use super::{Descriptor, ImageError, Index, REF_NAME_ANNOTATION};
+use crate::digest::sha256_digest;
 
 const LAYOUT_FILE: &str = "oci-layout";
 const LAYOUT_CONTENT: &str = "{\"imageLayoutVersion\":\"1.0.0\"}";

@@ -1,6 +1,7 @@
 //! Media types and the serde types of manifests, indexes, descriptors and image configs, for both
 //! OCI and Docker schema 2. Unknown fields are kept (`extra`) so a round trip loses nothing.
 
+use crate::digest::Digest;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -248,28 +249,11 @@ pub fn to_json<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, ImageErro
     serde_json::to_vec(value).map_err(|e| ImageError::Invalid(format!("serializing {what}: {e}")))
 }
 
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 /// Checks that `digest` is `sha256:` followed by 64 lowercase hex digits (the only algorithm
 /// lazysnap writes or reads paths for), and returns the hex part.
 pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| ImageError::Invalid(format!("digest {digest:?} is not sha256:<hex>")))?;
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(ImageError::Invalid(format!(
-            "digest {digest:?} is not sha256 followed by 64 lowercase hex digits"
-        )));
-    }
-    Ok(hex)
+    Digest::parse_sha256(digest).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    Ok(&digest["sha256:".len()..])
 }
 
 #[cfg(test)]
@@ -336,7 +320,7 @@ mod tests {
     fn digests_are_checked_before_use_as_paths() {
         assert!(digest_hex("sha256:../../etc/passwd").is_err());
         assert!(digest_hex("md5:00").is_err());
-        let d = sha256_digest(b"");
+        let d = crate::digest::sha256_digest(b"");
         assert_eq!(
             digest_hex(&d).unwrap(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -10,6 +10,7 @@ pub use index::build_index;
 pub use lower::LowerLayers;
 pub use unpack::{unpack_layer, UnpackError};
 
+use crate::digest::short_digest;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -963,12 +964,6 @@ fn unescape_mountinfo(field: &str) -> String {
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
-}
-
-/// The first 12 hex digits of a digest, for names and logs.
-pub fn short_digest(digest: &str) -> String {
-    let hex = digest.split_once(':').map_or(digest, |(_, hex)| hex);
-    hex.chars().take(12).collect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -14,15 +14,14 @@ use tracing::Instrument;
 
 use crate::blob::BlobSource;
 use crate::cache::{CacheError, CacheOptions, ChunkCache};
+use crate::digest::short_digest;
 use crate::estargz::{self, EntryKind, FormatError};
 use crate::fetch::{FetchOptions, LayerReader};
 use crate::image::{
     convert_image, image_config, is_layer, resolve_image, ConvertOptions, ConvertProgress,
     ConvertReport, ImageConfig, ImageError, ImageLocation, ResolvedImage,
 };
-use crate::layer::{
-    build_index, mount_index, short_digest, LayerError, LowerLayers, LAZY_READ_AHEAD_KB,
-};
+use crate::layer::{build_index, mount_index, LayerError, LowerLayers, LAZY_READ_AHEAD_KB};
 use crate::registry::Client;
 
 pub use record::{AccessLog, Record, RecordError, RecordedAccess};

@@ -19,10 +19,11 @@ use super::hosts::{HostCapabilities, HostConfig, HostsDir};
 use super::reference::Reference;
 use super::retry::{status_failure, transport_failure, with_note, Backoff, Failure, Retry};
 use super::{
-    sha256_digest, verify_digest, ClientConfig, DockerConfig, FetchedManifest, RegistryError,
+    verify_digest, ClientConfig, DockerConfig, FetchedManifest, RegistryError,
     MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
 };
+use crate::digest::sha256_digest;
 
 /// Largest manifest accepted (bounded allocation).
 const MAX_MANIFEST_BYTES: u64 = 8 << 20;

@@ -156,12 +156,6 @@ pub struct FetchedManifest {
     pub bytes: Bytes,
 }
 
-/// `sha256:<hex>` of `data`.
-pub fn sha256_digest(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
-}
-
 /// Checks that `data` has `expected` digest (`sha256:` or `sha512:`).
 pub fn verify_digest(expected: &str, data: &[u8], what: &str) -> Result<(), RegistryError> {
     let mut verifier = DigestVerifier::new(expected)?;
@@ -226,7 +220,7 @@ mod tests {
 
     #[test]
     fn digest_verification() {
-        let d = sha256_digest(b"hello");
+        let d = crate::digest::sha256_digest(b"hello");
         assert!(verify_digest(&d, b"hello", "t").is_ok());
         assert!(matches!(
             verify_digest(&d, b"hellO", "t"),

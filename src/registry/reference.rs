@@ -1,6 +1,7 @@
 //! Image references: `[registry[:port]/]repository[:tag][@digest]`, with Docker Hub
 //! normalisation (`docker.io`, `library/`), IPv6 literals and localhost.
 
+use crate::digest::Digest;
 use std::fmt;
 
 use super::RegistryError;
@@ -165,26 +166,7 @@ impl std::str::FromStr for Reference {
 }
 
 fn validate_digest(d: &str) -> Result<(), String> {
-    let (algorithm, hex) = d
-        .split_once(':')
-        .ok_or_else(|| format!("digest {d:?} must be <algorithm>:<hex>"))?;
-    let ok_len = match algorithm {
-        "sha256" => hex.len() == 64,
-        "sha512" => hex.len() == 128,
-        _ => {
-            return Err(format!(
-                "digest algorithm {algorithm:?} is not sha256 or sha512"
-            ))
-        }
-    };
-    if !ok_len
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(format!("digest {d:?} has a malformed hex part"));
-    }
-    Ok(())
+    Digest::parse(d).map(drop).map_err(|e| e.to_string())
 }
 
 fn validate_tag(t: &str) -> Result<(), String> {

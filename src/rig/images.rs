@@ -175,7 +175,7 @@ pub fn write_image(
     let mut layer_descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for tar in layers {
-        diff_ids.push(image::sha256_digest(tar));
+        diff_ids.push(crate::digest::sha256_digest(tar));
         let (blob, media_type) = match options.compression {
             LayerCompression::None => (
                 tar.clone(),

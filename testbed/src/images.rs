@@ -404,7 +404,7 @@ pub fn tree_listing(root: &Path) -> Result<Vec<String>, RigError> {
             line.push_str(&format!(
                 " size={} {}",
                 data.len(),
-                lazysnap::image::sha256_digest(&data)
+                lazysnap::digest::sha256_digest(&data)
             ));
             if meta.nlink() > 1 {
                 let first = first_path_of_inode
@@ -594,7 +594,7 @@ mod tests {
             push_layout_image(&layout, Some("v1"), &registry.host(), "test/every", "v1").unwrap();
         assert_eq!(digest, image.manifest.digest);
         let got = fetch_manifest(&registry.url(), "test/every", "v1").unwrap();
-        assert_eq!(image::sha256_digest(&got), digest);
+        assert_eq!(lazysnap::digest::sha256_digest(&got), digest);
         let out = dir.path().join("x");
         extract_with_gnu_tar(&layout.blob_path(&image.layers[1].digest).unwrap(), &out).unwrap();
         let listing = tree_listing(&out).unwrap();
