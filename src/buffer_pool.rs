@@ -40,9 +40,7 @@ impl BufferPool {
     }
 
     fn spare(&self) -> std::sync::MutexGuard<'_, Spare> {
-        self.spare
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.spare)
     }
 
     /// An empty buffer with room for at least `capacity` bytes: the smallest idle one that fits,

@@ -19,13 +19,14 @@
 //! only: which chunks are being fetched, and by whom, is the fetch scheduler's
 //! ([`crate::fetch::ClaimTable`]).
 
+use crate::sync::lock;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -300,12 +301,6 @@ impl Drop for MappedChunk {
         // SAFETY: unmaps exactly the mapping made in `map`, once.
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (every critical section
-    // only moves entries), so poisoning is ignored.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ChunkCache {

@@ -812,7 +812,7 @@ fn error_reason(e: &BlobError) -> &'static str {
 
 impl Inner {
     fn assembly(&self) -> std::sync::MutexGuard<'_, Assembly> {
-        self.assembly.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.assembly)
     }
 
     /// Whether file `index`'s chunks were shown to make its assembled cache file.
@@ -933,11 +933,7 @@ impl Inner {
         let Ok(file) = u32::try_from(index) else {
             return;
         };
-        let first_time = self
-            .libraries_asked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(file);
+        let first_time = crate::sync::lock(&self.libraries_asked).insert(file);
         if first_time {
             let inner = Arc::clone(self);
             self.runtime

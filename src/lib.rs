@@ -36,3 +36,4 @@ pub mod proto;
 pub mod registry;
 pub mod rig;
 pub mod snapshotter;
+pub mod sync;

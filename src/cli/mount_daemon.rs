@@ -4,10 +4,11 @@
 //! mount directory), keeps one state file per mount, and exits when its last mount is gone, or
 //! unmounts everything on SIGTERM / SIGINT.
 
+use lazysnap::sync::lock;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -92,12 +93,6 @@ struct Inner {
     idle_since: Instant,
     /// Why a `--foreground` daemon's first mount failed.
     fatal: Option<anyhow::Error>,
-}
-
-fn lock(mutex: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn serve(

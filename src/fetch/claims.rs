@@ -63,7 +63,7 @@ pub fn rank(kind: FetchKind) -> u8 {
 
 impl ClaimTable {
     fn lock(&self) -> MutexGuard<'_, (u64, HashMap<ChunkDigest, Claim>)> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.claims)
     }
 
     /// Joins or starts the fetch of `digest` for a reader of priority `kind`.

@@ -150,7 +150,7 @@ impl FetchScheduler {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Marks one on-demand read as waiting for the network until the guard drops; restarts the

@@ -11,6 +11,7 @@ pub use lower::LowerLayers;
 pub use unpack::{unpack_layer, UnpackError};
 
 use crate::digest::short_digest;
+use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -964,13 +965,6 @@ fn unescape_mountinfo(field: &str) -> String {
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 impl LayerManager {

@@ -419,7 +419,7 @@ impl AuthStore {
     /// The `Authorization` value to send preemptively to `host` for `scope`, if one is known.
     pub async fn cached_header(&self, host: &str, scope: &str) -> Option<HeaderValue> {
         let token = {
-            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let tokens = crate::sync::lock(&self.tokens);
             tokens
                 .get(&(host.to_string(), scope.to_string()))
                 .filter(|t| t.expires > Instant::now())
@@ -428,11 +428,7 @@ impl AuthStore {
         if token.is_some() {
             return token;
         }
-        let basic = self
-            .basic_hosts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(host);
+        let basic = crate::sync::lock(&self.basic_hosts).contains(host);
         if basic {
             return self.credentials(host).await.ok().flatten()?.basic_header();
         }
@@ -457,7 +453,7 @@ impl AuthStore {
         // One token fetch at a time: requests refused together share the new token.
         let _fetching = self.fetch_lock.lock().await;
         {
-            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tokens = crate::sync::lock(&self.tokens);
             let key = (host.to_string(), scope.to_string());
             match tokens.get(&key) {
                 Some(t) if t.expires > Instant::now() && Some(&t.header) != sent => {
@@ -488,10 +484,7 @@ impl AuthStore {
                     "{host} requires Basic auth and no username/password is configured for it (docker login {host}, or add it to the docker config)"
                 ))
             })?;
-            self.basic_hosts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(host.to_string());
+            crate::sync::lock(&self.basic_hosts).insert(host.to_string());
             return Ok(header);
         }
         Err(RegistryError::Auth(format!(
@@ -613,16 +606,13 @@ impl AuthStore {
         // Spec default is 60 s; refresh a little early.
         let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).clamp(1, 86_400));
         let expires = Instant::now() + lifetime.mul_f64(0.9);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                (host.to_string(), scope.to_string()),
-                CachedToken {
-                    header: header.clone(),
-                    expires,
-                },
-            );
+        crate::sync::lock(&self.tokens).insert(
+            (host.to_string(), scope.to_string()),
+            CachedToken {
+                header: header.clone(),
+                expires,
+            },
+        );
         tracing::debug!(host, scope, ?lifetime, "registry token obtained");
         Ok(header)
     }

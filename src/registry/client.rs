@@ -198,11 +198,7 @@ impl Client {
     }
 
     fn http_for(&self, key: &TlsKey) -> Result<reqwest::Client, RegistryError> {
-        let mut cache = self
-            .inner
-            .http_by_tls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut cache = crate::sync::lock(&self.inner.http_by_tls);
         if let Some(c) = cache.get(key) {
             return Ok(c.clone());
         }
@@ -262,13 +258,7 @@ impl Client {
         &self,
         reference: &Reference,
     ) -> Result<Arc<Vec<Endpoint>>, RegistryError> {
-        if let Some(e) = self
-            .inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&reference.registry)
-        {
+        if let Some(e) = crate::sync::lock(&self.inner.endpoints).get(&reference.registry) {
             return Ok(e.clone());
         }
         let hosts = self.inner.hosts.endpoints(reference)?;
@@ -286,29 +276,18 @@ impl Client {
             });
         }
         let endpoints = Arc::new(endpoints);
-        self.inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner.endpoints)
             .insert(reference.registry.clone(), endpoints.clone());
         Ok(endpoints)
     }
 
     pub(crate) fn multi_range_known_unsupported(&self, endpoint: &Endpoint) -> bool {
-        self.inner
-            .no_multi_range
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&endpoint.host.api_base)
+        crate::sync::lock(&self.inner.no_multi_range).contains(&endpoint.host.api_base)
     }
 
     pub(crate) fn remember_no_multi_range(&self, endpoint: &Endpoint) {
         tracing::info!(host = %endpoint.host.host, "registry rejects multi-range requests; using single ranges from now on");
-        self.inner
-            .no_multi_range
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(endpoint.host.api_base.clone());
+        crate::sync::lock(&self.inner.no_multi_range).insert(endpoint.host.api_base.clone());
     }
 
     /// Sends one request, answering a 401 challenge once (token or Basic) and resending.
@@ -416,11 +395,7 @@ impl Client {
             let now = Instant::now();
             for endpoint in &usable {
                 let cooling = endpoint.host.is_mirror
-                    && self
-                        .inner
-                        .mirror_down_until
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                    && crate::sync::lock(&self.inner.mirror_down_until)
                         .get(&endpoint.host.api_base)
                         .is_some_and(|until| *until > now);
                 if cooling {
@@ -439,14 +414,10 @@ impl Client {
                     Err(failure) => {
                         if endpoint.host.is_mirror && failure.retry != Retry::Never {
                             tracing::warn!(mirror = %endpoint.host.host, error = %failure.error, "mirror failed; skipping it for a while");
-                            self.inner
-                                .mirror_down_until
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(
-                                    endpoint.host.api_base.clone(),
-                                    Instant::now() + self.inner.config.mirror_cooldown,
-                                );
+                            crate::sync::lock(&self.inner.mirror_down_until).insert(
+                                endpoint.host.api_base.clone(),
+                                Instant::now() + self.inner.config.mirror_cooldown,
+                            );
                         }
                         last = Some(failure);
                     }

@@ -485,11 +485,7 @@ impl RemoteBlob {
         headers.insert(RANGE, range);
         let config = self.inner.client.config();
         let remembered = {
-            let mut slot = self
-                .inner
-                .redirect
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut slot = crate::sync::lock(&self.inner.redirect);
             match &*slot {
                 Some(r)
                     if r.api_base == endpoint.host.api_base
@@ -526,11 +522,7 @@ impl RemoteBlob {
                     tracing::debug!(error = %failure.error, "remembered blob redirect failed; re-resolving");
                 }
             }
-            *self
-                .inner
-                .redirect
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = None;
+            *crate::sync::lock(&self.inner.redirect) = None;
         }
         let (response, redirected) = self
             .inner
@@ -545,11 +537,7 @@ impl RemoteBlob {
             )
             .await?;
         if let Some(url) = redirected {
-            *self
-                .inner
-                .redirect
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(RememberedRedirect {
+            *crate::sync::lock(&self.inner.redirect) = Some(RememberedRedirect {
                 api_base: endpoint.host.api_base.clone(),
                 url,
                 at: Instant::now(),

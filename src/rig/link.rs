@@ -255,10 +255,7 @@ impl TokenBucket {
         };
         let send_time = Duration::from_secs_f64(bytes as f64 / rate as f64);
         let wait_until = {
-            let mut state = match self.state.lock() {
-                Ok(state) => state,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut state = crate::sync::lock(&self.state);
             let start = state.busy_until.max(Instant::now());
             state.busy_until = start + send_time;
             state.busy_until

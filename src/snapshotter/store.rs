@@ -147,7 +147,7 @@ impl MetadataStore {
     ) -> Result<T, StoreError> {
         for attempt in 0..2 {
             {
-                let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+                let guard = crate::sync::read(&self.db);
                 if let Some(db) = guard.as_ref() {
                     match begin(db) {
                         Ok(txn) => return Ok(txn),
@@ -164,7 +164,7 @@ impl MetadataStore {
 
     /// Closes the database (redb poisons it after an I/O error) and opens it again.
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = crate::sync::write(&self.db);
         if let Some(db) = guard.take() {
             drop(db);
             tracing::warn!(path = %self.path, "snapshot metadata store failed an earlier write (disk full?): reopening it");
