@@ -1,7 +1,6 @@
 //! `lazysnap inspect TARGET`: summary, TOC and full verification of an eStargz / zstd:chunked
 //! layer blob file, or of every layer of an image.
 
-use lazysnap::labels;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,6 +9,7 @@ use anyhow::Context;
 use lazysnap::blob::{BlobSource, FileBlob};
 use lazysnap::estargz::{self, Compression, LayerToc};
 use lazysnap::image::{self, ImageLocation, Platform};
+use lazysnap::labels;
 use lazysnap::registry::{Client, ClientConfig};
 
 #[derive(clap::Args)]

@@ -4,7 +4,6 @@
 //! mount directory), keeps one state file per mount, and exits when its last mount is gone, or
 //! unmounts everything on SIGTERM / SIGINT.
 
-use lazysnap::sync::lock;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,9 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-
 use lazysnap::cache::{CacheError, CacheOptions, ChunkCache};
 use lazysnap::estargz;
 use lazysnap::fetch::FetchOptions;
@@ -23,6 +19,9 @@ use lazysnap::layer::{
     self, LayerManager, LayerManagerOptions, LowerLayers, MountedLayer, RemoteLayerSpec,
 };
 use lazysnap::registry::{Client, ClientConfig, Reference};
+use lazysnap::sync::lock;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 
 use super::mount_socket::{self, MountRequest, Reply, Request, StarterLock};
 use super::mount_state::{state_file, write_state, LayerState, MountState};

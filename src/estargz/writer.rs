@@ -9,7 +9,6 @@
 //! member is compressed independently with fixed boundaries, so the output bytes do not depend on
 //! the number of threads.
 
-use crate::labels;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -19,6 +18,9 @@ use std::os::unix::fs::FileExt;
 use base64::Engine;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use sha2::{Digest, Sha256};
+
+use crate::digest::sha256_digest;
+use crate::labels;
 
 use super::footer::{estargz_footer, zstd_footer, ZSTD_SKIPPABLE_MAGIC};
 use super::reader::normalize_name;
@@ -30,7 +32,6 @@ use super::{
     PREFETCH_LANDMARK, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
     ZSTD_MANIFEST_CHECKSUM_ANNOTATION, ZSTD_MANIFEST_POSITION_ANNOTATION,
 };
-use crate::digest::sha256_digest;
 
 /// Default gzip level (ctr-remote uses best compression).
 pub const DEFAULT_GZIP_LEVEL: u32 = 9;

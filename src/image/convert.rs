@@ -17,6 +17,12 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, info_span, Instrument};
 
+use crate::blob::{BlobSource, FileBlob};
+use crate::digest::sha256_digest;
+use crate::estargz::{self, BuildOptions, Compression, RecordedFile};
+use crate::labels;
+use crate::registry::{Client, Reference, RegistryError};
+
 use super::layout::OciLayout;
 use super::location::ImageLocation;
 use super::types::{
@@ -24,11 +30,6 @@ use super::types::{
     DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
 };
 use super::{select_platform, ImageError, Platform};
-use crate::blob::{BlobSource, FileBlob};
-use crate::digest::sha256_digest;
-use crate::estargz::{self, BuildOptions, Compression, RecordedFile};
-use crate::labels;
-use crate::registry::{Client, Reference, RegistryError};
 
 /// How to convert.
 #[derive(Debug, Clone)]

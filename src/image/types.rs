@@ -1,10 +1,11 @@
 //! Media types and the serde types of manifests, indexes, descriptors and image configs, for both
 //! OCI and Docker schema 2. Unknown fields are kept (`extra`) so a round trip loses nothing.
 
-use crate::digest::Digest;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
 
 use super::{ImageError, Platform};
 

@@ -1,8 +1,9 @@
 //! Image references: `[registry[:port]/]repository[:tag][@digest]`, with Docker Hub
 //! normalisation (`docker.io`, `library/`), IPv6 literals and localhost.
 
-use crate::digest::Digest;
 use std::fmt;
+
+use crate::digest::Digest;
 
 use super::RegistryError;
 

@@ -9,11 +9,12 @@
 //!   `…/stargz.digest`, `…/stargz.layers`.
 //! - The layer's TOC digest annotation `containerd.io/snapshot/stargz/toc.digest`.
 
-use crate::labels;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+
+use crate::labels;
 
 /// Which label family located the layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,25 +1,34 @@
 //! The snapshotter itself: containerd's snapshot semantics over the metadata store and the
 //! snapshot directories, the remote-layer path of Prepare, restart recovery, and the thin tonic
 //! adapter that maps every call to gRPC (one tracing span per call, errors to containerd's codes).
+//! The remote-layer path and restore are `service/remote_prepare.rs`, local snapshot directories
+//! and mounts `service/local.rs`, filesystem helpers `service/fs.rs`, the tonic adapter
+//! `service/grpc.rs`.
 
-use crate::labels;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tonic::Status;
+use tracing::warn;
+
+use crate::labels;
 
 use super::filter::{matches_any, Filter};
-use super::mounts::{snapshot_mounts, OverlayOptions};
-use super::proto::snapshots as pb;
+use super::mounts::OverlayOptions;
 use super::proto::Mount;
-use super::remote::{LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers};
+use super::remote::{LayerLocator, RemoteLayers};
 use super::store::{now_nanos, Kind, MetadataStore, SnapshotInfo, SnapshotRecord, StoreError};
+
+mod fs;
+mod grpc;
+mod local;
+mod remote_prepare;
+use fs::{disk_usage, is_mountpoint, remove_dir_quietly};
+pub use grpc::info_to_proto;
+use remote_prepare::RemoteAttempt;
 
 /// A snapshotter call's failure, mapped to the gRPC code containerd converts back.
 #[derive(Debug, thiserror::Error)]
@@ -215,48 +224,6 @@ impl Service {
             })?
     }
 
-    /// Remounts every remote layer recorded in the metadata (after a restart). Returns how many
-    /// were restored; failures are logged and counted.
-    pub async fn restore_remote_layers(&self) -> Result<usize, SnapshotError> {
-        // Parents first: a layer's whiteouts are judged against the layers below it, mounted.
-        let records = self
-            .blocking(|s| {
-                let mut remote = Vec::new();
-                for (name, record) in s.inner.store.all()? {
-                    if record.remote {
-                        let lower_dirs = s.layer_dirs(&record.parent)?;
-                        remote.push((name, record, lower_dirs));
-                    }
-                }
-                remote.sort_by_key(|(_, _, lower)| lower.len());
-                Ok(remote)
-            })
-            .await?;
-        let mut restored = 0;
-        for (name, record, lower_dirs) in records {
-            let mountpoint = self.dir(record.id).join("fs");
-            match self
-                .inner
-                .remote
-                .restore_layer(&mountpoint, &record.labels, &lower_dirs)
-                .await
-            {
-                Ok(()) => {
-                    restored += 1;
-                    self.inner.remote_restored.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(err) => {
-                    self.inner
-                        .remote_restore_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(snapshot = %name, mountpoint = %mountpoint.display(), error = %err,
-                        "remote layer could not be remounted after restart; containers using it will fail until it is removed and pulled again");
-                }
-            }
-        }
-        Ok(restored)
-    }
-
     /// Prepare: an active snapshot on `parent`. With layer labels, first asks the remote hook to
     /// mount the layer lazily; success commits it as the `containerd.io/snapshot.ref` target and
     /// answers `AlreadyExists` (containerd then skips fetch and unpack).
@@ -335,133 +302,6 @@ impl Service {
             .await
     }
 
-    async fn prepare_remote(
-        &self,
-        key: &str,
-        parent: &str,
-        target: &str,
-        labels: &BTreeMap<String, String>,
-        locator: LayerLocator,
-    ) -> Result<(), RemoteAttempt> {
-        let fallback = |e: SnapshotError| RemoteAttempt::Fallback {
-            kind: "snapshotter_error",
-            reason: e.to_string(),
-        };
-        let (target_owned, parent_owned) = (target.to_string(), parent.to_string());
-        let (id, mountpoint, name, lower_dirs) = self
-            .blocking(move |s| {
-                // containerd looks the result up by (snapshot.ref label, parent); one such
-                // snapshot is enough.
-                if s.find_target(&target_owned, &parent_owned)?.is_some() {
-                    return Ok(None);
-                }
-                if !parent_owned.is_empty() {
-                    match s.inner.store.get(&parent_owned)? {
-                        Some(p) if p.kind == Kind::Committed => {}
-                        _ => {
-                            return Err(SnapshotError::InvalidArgument(format!(
-                                "parent {parent_owned:?} is not a committed snapshot"
-                            )))
-                        }
-                    }
-                }
-                let id = s.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                // The chain ID names the snapshot, unless that name is taken by the same layer on
-                // another parent (another namespace's unpacked parent): then a unique name.
-                let name = if s.inner.store.get(&target_owned)?.is_some() {
-                    format!("{target_owned}@{id}")
-                } else {
-                    target_owned.clone()
-                };
-                let dir = s.dir(id);
-                let mountpoint = dir.join("fs");
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(&mountpoint)
-                    .map_err(SnapshotError::io(format!(
-                        "creating {}",
-                        mountpoint.display()
-                    )))?;
-                let lower_dirs = s.layer_dirs(&parent_owned)?;
-                Ok(Some((id, mountpoint, name, lower_dirs)))
-            })
-            .await
-            .map_err(fallback)?
-            .ok_or(RemoteAttempt::TargetExists)?;
-
-        let request = RemoteLayerRequest {
-            target: target.to_string(),
-            key: key.to_string(),
-            parent: parent.to_string(),
-            labels: labels.clone(),
-            locator,
-            mountpoint: mountpoint.clone(),
-            lower_dirs,
-        };
-        let span = info_span!("remote_layer.mount", target, layer = %request.locator.layer_digest);
-        if let Err(err) = self
-            .inner
-            .remote
-            .mount_layer(&request)
-            .instrument(span)
-            .await
-        {
-            let dir = self.dir(id);
-            let _ = self.blocking(move |_| remove_dir_quietly(&dir)).await;
-            let kind = match err {
-                RemoteLayerError::Declined(_) => "declined",
-                RemoteLayerError::Failed(_) => "remote_failed",
-            };
-            return Err(RemoteAttempt::Fallback {
-                kind,
-                reason: err.to_string(),
-            });
-        }
-
-        let record = SnapshotRecord {
-            id,
-            kind: Kind::Committed,
-            parent: parent.to_string(),
-            created_nanos: now_nanos(),
-            updated_nanos: now_nanos(),
-            labels: labels.clone(),
-            remote: true,
-            usage: Some((0, 0)),
-        };
-        let committed = self
-            .blocking(move |s| {
-                let txn = s.inner.store.begin()?;
-                let raced = txn.all()?.iter().any(|(other, r)| {
-                    other == &name
-                        || (r.parent == record.parent
-                            && r.labels.get(labels::SNAPSHOT_REF)
-                                == record.labels.get(labels::SNAPSHOT_REF))
-                });
-                if raced {
-                    return Ok(false);
-                }
-                txn.put(&name, &record)?;
-                txn.commit()?;
-                Ok(true)
-            })
-            .await;
-        match committed {
-            Ok(true) => {
-                self.inner.remote_mounted.fetch_add(1, Ordering::Relaxed);
-                info!(target, key, "layer mounted lazily");
-                Ok(())
-            }
-            other => {
-                self.release_remote_dir(id).await;
-                match other {
-                    Ok(_) => Err(RemoteAttempt::TargetExists),
-                    Err(e) => Err(fallback(e)),
-                }
-            }
-        }
-    }
-
     /// The name of a committed snapshot labelled `containerd.io/snapshot.ref` = `target` on
     /// `parent`, if any.
     fn find_target(&self, target: &str, parent: &str) -> Result<Option<String>, SnapshotError> {
@@ -476,115 +316,6 @@ impl Service {
                     && r.labels.get(labels::SNAPSHOT_REF).map(String::as_str) == Some(target)
             })
             .map(|(name, _)| name))
-    }
-
-    /// Unmounts (through the hook) and deletes a remote snapshot's directory.
-    async fn release_remote_dir(&self, id: u64) {
-        let dir = self.dir(id);
-        let mountpoint = dir.join("fs");
-        if let Err(err) = self.inner.remote.unmount_layer(&mountpoint).await {
-            warn!(mountpoint = %mountpoint.display(), error = %err,
-                "unmounting remote layer failed; Cleanup will retry");
-            return;
-        }
-        let _ = self.blocking(move |_| remove_dir_quietly(&dir)).await;
-    }
-
-    /// Creates an active or view snapshot: directory made under a temporary name, then renamed
-    /// into place inside the metadata transaction.
-    fn create_local(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, SnapshotError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let temp = self.inner.snapshots_dir.join(format!("new-{id}"));
-        let result = self.create_local_in(kind, key, parent, labels, id, &temp);
-        if result.is_err() {
-            remove_dir_quietly(&temp).ok();
-        }
-        result
-    }
-
-    fn create_local_in(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: BTreeMap<String, String>,
-        id: u64,
-        temp: &Path,
-    ) -> Result<Vec<Mount>, SnapshotError> {
-        let mkdir = |path: &Path, mode: u32| {
-            std::fs::DirBuilder::new()
-                .mode(mode)
-                .create(path)
-                .map_err(SnapshotError::io(format!("creating {}", path.display())))
-        };
-        mkdir(temp, 0o700)?;
-        mkdir(&temp.join("fs"), 0o755)?;
-        if kind == Kind::Active {
-            mkdir(&temp.join("work"), 0o711)?;
-        }
-
-        let txn = self.inner.store.begin()?;
-        if txn.get(key)?.is_some() {
-            return Err(SnapshotError::AlreadyExists(format!("snapshot {key:?}")));
-        }
-        let mut chain = Vec::new();
-        if !parent.is_empty() {
-            let parent_record = txn
-                .get(parent)?
-                .ok_or_else(|| SnapshotError::NotFound(format!("parent snapshot {parent:?}")))?;
-            if parent_record.kind != Kind::Committed {
-                return Err(SnapshotError::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-            chain = txn.chain_ids(parent)?;
-            // The new upper dir takes the owner of the parent's root, as containerd's overlay does.
-            let parent_fs = self.dir(parent_record.id).join("fs");
-            if let Ok(meta) = std::fs::metadata(&parent_fs) {
-                std::os::unix::fs::lchown(temp.join("fs"), Some(meta.uid()), Some(meta.gid()))
-                    .map_err(SnapshotError::io(format!(
-                        "setting the owner of {}",
-                        temp.join("fs").display()
-                    )))?;
-            }
-        }
-        let now = now_nanos();
-        txn.put(
-            key,
-            &SnapshotRecord {
-                id,
-                kind,
-                parent: parent.to_string(),
-                created_nanos: now,
-                updated_nanos: now,
-                labels,
-                remote: false,
-                usage: None,
-            },
-        )?;
-        let dir = self.dir(id);
-        std::fs::rename(temp, &dir).map_err(SnapshotError::io(format!(
-            "renaming {} to {}",
-            temp.display(),
-            dir.display()
-        )))?;
-        if let Err(err) = txn.commit() {
-            remove_dir_quietly(&dir).ok();
-            return Err(err.into());
-        }
-        Ok(self.mounts_for(kind, id, &chain))
-    }
-
-    fn mounts_for(&self, kind: Kind, id: u64, chain: &[(u64, bool)]) -> Vec<Mount> {
-        let parent_dirs: Vec<PathBuf> = chain.iter().map(|&(pid, _)| self.dir(pid)).collect();
-        let refs: Vec<&Path> = parent_dirs.iter().map(PathBuf::as_path).collect();
-        snapshot_mounts(kind, &self.dir(id), &refs, &self.inner.overlay)
     }
 
     /// Mounts: the mounts of an active snapshot or a view; remote ancestors are health-checked
@@ -613,22 +344,6 @@ impl Service {
         self.check_remote_chain(&chain);
         let ids: Vec<(u64, bool)> = chain.iter().map(|r| (r.id, r.remote)).collect();
         Ok(self.mounts_for(record.kind, record.id, &ids))
-    }
-
-    /// Checks the remote layers of `chain` (one small read each, which also refreshes tokens,
-    /// redirects and connections) in the background, all at once: an unhealthy layer is only
-    /// logged, so the call that asked does not wait a round trip per layer for it.
-    fn check_remote_chain(&self, chain: &[SnapshotRecord]) {
-        for link in chain.iter().filter(|r| r.remote) {
-            let mountpoint = self.dir(link.id).join("fs");
-            let remote = Arc::clone(&self.inner.remote);
-            let labels = link.labels.clone();
-            tokio::spawn(async move {
-                if let Err(err) = remote.check_layer(&mountpoint, &labels).await {
-                    warn!(mountpoint = %mountpoint.display(), error = %err, "remote layer is unhealthy");
-                }
-            });
-        }
     }
 
     /// Commit: turns active snapshot `key` into committed snapshot `name` (usage measured now).
@@ -848,18 +563,6 @@ impl Service {
     }
 }
 
-/// Why the remote path of Prepare did not mount a layer.
-enum RemoteAttempt {
-    /// The target snapshot already exists: answer AlreadyExists.
-    TargetExists,
-    /// Fall back to a normal snapshot, for this reason.
-    Fallback {
-        /// Short stable word for the fallback metric.
-        kind: &'static str,
-        reason: String,
-    },
-}
-
 /// Parses a snapshot directory name (`<id>`, `new-<id>`) into its id.
 fn dir_id(name: &str) -> Option<u64> {
     name.strip_prefix("new-").unwrap_or(name).parse().ok()
@@ -880,213 +583,4 @@ fn validate(key: &str, labels: &BTreeMap<String, String>) -> Result<(), Snapshot
         }
     }
     Ok(())
-}
-
-/// True when `path` is the root of a mount (its device differs from its parent's).
-fn is_mountpoint(path: &Path) -> bool {
-    let (Some(parent), Ok(meta)) = (path.parent(), std::fs::symlink_metadata(path)) else {
-        return false;
-    };
-    match std::fs::symlink_metadata(parent) {
-        Ok(parent_meta) => parent_meta.dev() != meta.dev(),
-        Err(_) => false,
-    }
-}
-
-fn remove_dir_quietly(dir: &Path) -> Result<(), SnapshotError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SnapshotError::io(format!("deleting {}", dir.display()))(e)),
-    }
-}
-
-/// Bytes (allocated blocks × 512) and inodes under `root`, hard links counted once, without
-/// crossing into other filesystems.
-fn disk_usage(root: &Path) -> Result<(u64, u64), SnapshotError> {
-    let root_meta = std::fs::symlink_metadata(root)
-        .map_err(SnapshotError::io(format!("measuring {}", root.display())))?;
-    let device = root_meta.dev();
-    let mut seen = HashSet::new();
-    let mut size = 0u64;
-    let mut inodes = 0u64;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.dev() != device || !seen.insert(meta.ino()) {
-            continue;
-        }
-        inodes = inodes.saturating_add(1);
-        size = size.saturating_add(meta.blocks().saturating_mul(512));
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        }
-    }
-    Ok((size, inodes))
-}
-
-fn to_map(labels: HashMap<String, String>) -> BTreeMap<String, String> {
-    labels.into_iter().collect()
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// Converts a snapshot info to its protobuf form.
-pub fn info_to_proto(info: SnapshotInfo) -> pb::Info {
-    let kind = match info.kind {
-        Kind::View => pb::Kind::View,
-        Kind::Active => pb::Kind::Active,
-        Kind::Committed => pb::Kind::Committed,
-    };
-    pb::Info {
-        name: info.name,
-        parent: info.parent,
-        kind: kind as i32,
-        created_at: Some(timestamp(info.created)),
-        updated_at: Some(timestamp(info.updated)),
-        labels: info.labels.into_iter().collect(),
-    }
-}
-
-type ListStream =
-    Pin<Box<dyn futures::Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
-
-/// How many infos one List response message carries.
-const LIST_BATCH: usize = 100;
-
-#[tonic::async_trait]
-impl pb::snapshots_server::Snapshots for Service {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareSnapshotRequest>,
-    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Prepare", key = %r.key, parent = %r.parent);
-        let mounts = Service::prepare(self, &r.key, &r.parent, to_map(r.labels))
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
-    }
-
-    async fn view(
-        &self,
-        request: Request<pb::ViewSnapshotRequest>,
-    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.View", key = %r.key, parent = %r.parent);
-        let mounts = Service::view(self, &r.key, &r.parent, to_map(r.labels))
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
-    }
-
-    async fn mounts(
-        &self,
-        request: Request<pb::MountsRequest>,
-    ) -> Result<Response<pb::MountsResponse>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Mounts", key = %r.key);
-        let mounts = Service::mounts(self, &r.key).instrument(span).await?;
-        Ok(Response::new(pb::MountsResponse { mounts }))
-    }
-
-    async fn commit(
-        &self,
-        request: Request<pb::CommitSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Commit", name = %r.name, key = %r.key);
-        Service::commit(self, &r.name, &r.key, to_map(r.labels))
-            .instrument(span)
-            .await?;
-        Ok(Response::new(()))
-    }
-
-    async fn remove(
-        &self,
-        request: Request<pb::RemoveSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Remove", key = %r.key);
-        Service::remove(self, &r.key).instrument(span).await?;
-        Ok(Response::new(()))
-    }
-
-    async fn stat(
-        &self,
-        request: Request<pb::StatSnapshotRequest>,
-    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Stat", key = %r.key);
-        let info = Service::stat(self, &r.key).instrument(span).await?;
-        Ok(Response::new(pb::StatSnapshotResponse {
-            info: Some(info_to_proto(info)),
-        }))
-    }
-
-    async fn update(
-        &self,
-        request: Request<pb::UpdateSnapshotRequest>,
-    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let info = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("Update needs info with a snapshot name"))?;
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let span = info_span!("snapshots.Update", name = %info.name);
-        let updated = Service::update(self, &info.name, to_map(info.labels), paths)
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::UpdateSnapshotResponse {
-            info: Some(info_to_proto(updated)),
-        }))
-    }
-
-    type ListStream = ListStream;
-
-    async fn list(
-        &self,
-        request: Request<pb::ListSnapshotsRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.List", filters = ?r.filters);
-        let infos = Service::list(self, &r.filters).instrument(span).await?;
-        let mut batches = Vec::new();
-        let mut infos = infos.into_iter().map(info_to_proto).peekable();
-        while infos.peek().is_some() {
-            let info: Vec<pb::Info> = infos.by_ref().take(LIST_BATCH).collect();
-            batches.push(Ok(pb::ListSnapshotsResponse { info }));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
-    }
-
-    async fn usage(
-        &self,
-        request: Request<pb::UsageRequest>,
-    ) -> Result<Response<pb::UsageResponse>, Status> {
-        let r = request.into_inner();
-        let span = info_span!("snapshots.Usage", key = %r.key);
-        let (size, inodes) = Service::usage(self, &r.key).instrument(span).await?;
-        Ok(Response::new(pb::UsageResponse {
-            size: i64::try_from(size).unwrap_or(i64::MAX),
-            inodes: i64::try_from(inodes).unwrap_or(i64::MAX),
-        }))
-    }
-
-    async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        let span = info_span!("snapshots.Cleanup");
-        let removed = Service::cleanup(self).instrument(span).await?;
-        info!(removed, "cleanup removed orphan snapshot directories");
-        Ok(Response::new(()))
-    }
 }
