@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::warn;
 
 use crate::labels;
+use crate::layer::is_mountpoint;
 
 use super::filter::{matches_any, Filter};
 use super::mounts::OverlayOptions;
@@ -26,7 +27,7 @@ mod fs;
 mod grpc;
 mod local;
 mod remote_prepare;
-use fs::{disk_usage, is_mountpoint, remove_dir_quietly};
+use fs::{disk_usage, remove_dir_quietly};
 pub use grpc::info_to_proto;
 use remote_prepare::RemoteAttempt;
 

@@ -1,21 +1,10 @@
-//! Filesystem helpers of the snapshot service: mountpoint checks, quiet removal, disk usage.
+//! Filesystem helpers of the snapshot service: quiet removal, disk usage.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::SnapshotError;
-
-/// True when `path` is the root of a mount (its device differs from its parent's).
-pub(super) fn is_mountpoint(path: &Path) -> bool {
-    let (Some(parent), Ok(meta)) = (path.parent(), std::fs::symlink_metadata(path)) else {
-        return false;
-    };
-    match std::fs::symlink_metadata(parent) {
-        Ok(parent_meta) => parent_meta.dev() != meta.dev(),
-        Err(_) => false,
-    }
-}
 
 pub(super) fn remove_dir_quietly(dir: &Path) -> Result<(), SnapshotError> {
     match std::fs::remove_dir_all(dir) {
