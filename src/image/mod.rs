@@ -5,15 +5,17 @@ mod convert;
 mod layout;
 mod location;
 mod platform;
+mod resolve;
 mod types;
 
 pub use convert::{
-    convert_image, image_config, resolve_image, ConvertOptions, ConvertProgress, ConvertReport,
-    ImageReport, LayerAction, LayerReport, NoProgress, ResolvedImage,
+    convert_image, ConvertOptions, ConvertProgress, ConvertReport, ImageReport, LayerAction,
+    LayerReport, NoProgress,
 };
 pub use layout::OciLayout;
 pub use location::ImageLocation;
 pub use platform::{select_platform, Platform};
+pub use resolve::{image_config, resolve_image, ResolvedImage};
 pub use types::*;
 
 /// Errors reading, writing or converting images; each names the image, blob or file concerned.
