@@ -1,5 +1,6 @@
 //! Unit tests of the bench report: medians, ratios, the table, the charts.
 
+use super::render::{format_seconds, grid_steps, nice_ceiling};
 use super::*;
 
 fn run(pull: f64, run: f64, bytes: u64) -> RunResult {
