@@ -4,20 +4,26 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
     Request,
 };
 
 use crate::handles::{OpenMode, OpenTable};
-use crate::index::{system_time, Index, Inode, Kind, FLAG_OPAQUE};
-use crate::{ContentId, ContentSource};
+use crate::index::{Index, Inode, Kind};
+use crate::ContentSource;
+
+mod nodes;
+mod observe;
+use observe::bump;
+pub(crate) use observe::Counters;
+pub use observe::{FsStats, OpObserver, OpenObserver};
 
 /// Block size reported in attributes and statfs.
 const BLOCK_SIZE: u32 = 4096;
@@ -27,67 +33,6 @@ const DIR_SIZE: u64 = 4096;
 pub(crate) const TRUSTED_OPAQUE: &[u8] = b"trusted.overlay.opaque";
 /// xattr that marks an opaque directory for overlayfs mounted with `userxattr`.
 pub(crate) const USER_OPAQUE: &[u8] = b"user.overlay.opaque";
-
-/// Operation counters shared between the filesystem and its [`crate::MountHandle`].
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) lookups: AtomicU64,
-    pub(crate) getattrs: AtomicU64,
-    pub(crate) readdirs: AtomicU64,
-    pub(crate) opens: AtomicU64,
-    pub(crate) passthrough_opens: AtomicU64,
-    pub(crate) reads: AtomicU64,
-    pub(crate) read_bytes: AtomicU64,
-    pub(crate) read_errors: AtomicU64,
-    pub(crate) reads_in_flight: AtomicU64,
-    pub(crate) xattr_ops: AtomicU64,
-}
-
-/// A snapshot of a mount's operation counts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FsStats {
-    pub lookups: u64,
-    pub getattrs: u64,
-    pub readdirs: u64,
-    /// Opens of regular files (passthrough ones included).
-    pub opens: u64,
-    /// Opens served by FUSE passthrough (reads bypass the daemon).
-    pub passthrough_opens: u64,
-    /// Read requests handed to the content source.
-    pub reads: u64,
-    /// Bytes returned by those reads.
-    pub read_bytes: u64,
-    /// Reads answered with an error.
-    pub read_errors: u64,
-    /// Reads handed to the source and not answered yet.
-    pub reads_in_flight: u64,
-    pub xattr_ops: u64,
-    /// Whether passthrough was negotiated with the kernel and not refused since.
-    pub passthrough_active: bool,
-}
-
-impl Counters {
-    pub(crate) fn snapshot(&self, passthrough_active: bool) -> FsStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        FsStats {
-            lookups: get(&self.lookups),
-            getattrs: get(&self.getattrs),
-            readdirs: get(&self.readdirs),
-            opens: get(&self.opens),
-            passthrough_opens: get(&self.passthrough_opens),
-            reads: get(&self.reads),
-            read_bytes: get(&self.read_bytes),
-            read_errors: get(&self.read_errors),
-            reads_in_flight: get(&self.reads_in_flight),
-            xattr_ops: get(&self.xattr_ops),
-            passthrough_active,
-        }
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
 
 /// Settings of one filesystem instance.
 #[derive(Clone, Debug)]
@@ -100,44 +45,6 @@ pub(crate) struct FsConfig {
     pub(crate) open_observer: Option<OpenObserver>,
 }
 
-/// Called with the [`ContentId`] of every regular file opened through the mount, in order (a
-/// recording mount for access-order optimization; the receiver dedups).
-#[derive(Clone)]
-pub struct OpenObserver(pub Arc<dyn Fn(ContentId) + Send + Sync>);
-
-impl std::fmt::Debug for OpenObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OpenObserver")
-    }
-}
-
-/// Receives the duration of every FUSE operation the filesystem answers, by operation name
-/// ("lookup", "getattr", "readdir", "open", "read", "getxattr", ...); for reads it is the time
-/// until the answer was sent, waiting on the content source included. Wire it to metrics.
-#[derive(Clone)]
-pub struct OpObserver(pub Arc<dyn Fn(&'static str, Duration) + Send + Sync>);
-
-impl std::fmt::Debug for OpObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OpObserver")
-    }
-}
-
-/// Reports an operation's duration to the observer when dropped.
-struct OpTimer {
-    observer: Option<OpObserver>,
-    op: &'static str,
-    start: Instant,
-}
-
-impl Drop for OpTimer {
-    fn drop(&mut self) {
-        if let Some(observer) = &self.observer {
-            (observer.0)(self.op, self.start.elapsed());
-        }
-    }
-}
-
 pub(crate) struct LayerFs {
     index: Index,
     source: Arc<dyn ContentSource>,
@@ -148,175 +55,7 @@ pub(crate) struct LayerFs {
     handles: OpenTable,
 }
 
-impl LayerFs {
-    pub(crate) fn new(
-        index: Index,
-        source: Arc<dyn ContentSource>,
-        config: FsConfig,
-        counters: Arc<Counters>,
-        passthrough_live: Arc<AtomicBool>,
-    ) -> Self {
-        LayerFs {
-            index,
-            source,
-            config,
-            counters,
-            passthrough_live,
-            handles: OpenTable::default(),
-        }
-    }
-
-    fn timer(&self, op: &'static str) -> OpTimer {
-        OpTimer {
-            observer: self.config.observer.clone(),
-            op,
-            start: Instant::now(),
-        }
-    }
-
-    fn opaque_xattr_name(&self) -> &'static [u8] {
-        if self.config.userxattr {
-            USER_OPAQUE
-        } else {
-            TRUSTED_OPAQUE
-        }
-    }
-
-    fn attr(&self, ino: u64, inode: &Inode) -> FileAttr {
-        let (kind, size, rdev) = match inode.kind {
-            Kind::Dir => (FileType::Directory, DIR_SIZE, 0),
-            Kind::Reg => (FileType::RegularFile, inode.size, 0),
-            Kind::Symlink => (FileType::Symlink, inode.size, 0),
-            Kind::Char => (FileType::CharDevice, 0, inode.data as u32),
-            Kind::Block => (FileType::BlockDevice, 0, inode.data as u32),
-            Kind::Fifo => (FileType::NamedPipe, 0, 0),
-        };
-        let time = system_time(inode.mtime);
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: time,
-            mtime: time,
-            ctime: time,
-            crtime: time,
-            kind,
-            perm: inode.mode,
-            nlink: inode.nlink,
-            uid: inode.uid,
-            gid: inode.gid,
-            rdev,
-            blksize: BLOCK_SIZE,
-            flags: 0,
-        }
-    }
-
-    fn file_type(kind: Kind) -> FileType {
-        match kind {
-            Kind::Dir => FileType::Directory,
-            Kind::Reg => FileType::RegularFile,
-            Kind::Symlink => FileType::Symlink,
-            Kind::Char => FileType::CharDevice,
-            Kind::Block => FileType::BlockDevice,
-            Kind::Fifo => FileType::NamedPipe,
-        }
-    }
-
-    /// (inode number, name, kind) of directory position `pos`: 0 is ".", 1 is "..", then children.
-    fn dir_entry(&self, ino: u64, dir: &Inode, pos: usize) -> Option<(u64, &[u8])> {
-        match pos {
-            0 => Some((ino, b".")),
-            1 => Some((u64::from(dir.parent), b"..")),
-            _ => {
-                let d = self.index.children(ino).get(pos - 2)?;
-                Some((u64::from(d.ino), self.index.name(d)))
-            }
-        }
-    }
-
-    fn xattr_names(&self, ino: u64, inode: &Inode) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, _) in self.index.xattrs(ino) {
-            out.extend_from_slice(name);
-            out.push(0);
-        }
-        if inode.flags & FLAG_OPAQUE != 0 {
-            out.extend_from_slice(self.opaque_xattr_name());
-            out.push(0);
-        }
-        out
-    }
-
-    fn xattr_value(&self, ino: u64, inode: &Inode, name: &[u8]) -> Option<Vec<u8>> {
-        if inode.flags & FLAG_OPAQUE != 0 && name == self.opaque_xattr_name() {
-            return Some(b"y".to_vec());
-        }
-        self.index
-            .xattrs(ino)
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.to_vec())
-    }
-
-    /// Opens `ino` through FUSE passthrough if the source has it on disk. Returns the reply back
-    /// when passthrough does not apply.
-    fn try_open_passthrough(&self, ino: u64, inode: &Inode, reply: ReplyOpen) -> Option<ReplyOpen> {
-        let content = inode.data;
-        if !self.config.passthrough || !self.passthrough_live.load(Ordering::Relaxed) {
-            return Some(reply);
-        }
-        // An inode already open in cached mode must stay cached until closed (the kernel refuses
-        // mixing modes on one inode); one already passthrough reuses its backing id.
-        if let Some(backing) = self.handles.reuse_passthrough(ino) {
-            bump(&self.counters.passthrough_opens);
-            reply.opened_passthrough(
-                FileHandle(OpenMode::Passthrough as u64),
-                FopenFlags::empty(),
-                &backing,
-            );
-            return None;
-        }
-        if self.handles.has_cached_opens(ino) {
-            return Some(reply);
-        }
-        let Some(file) = self.source.local_file(content) else {
-            return Some(reply);
-        };
-        // A backing file of another length would serve wrong bytes or a short file.
-        match file.metadata() {
-            Ok(meta) if meta.is_file() && meta.len() == inode.size => {}
-            Ok(meta) => {
-                tracing::warn!(ino, content, expected = inode.size, actual = meta.len(), "local file offered for passthrough has the wrong size; reading through the source");
-                return Some(reply);
-            }
-            Err(err) => {
-                tracing::warn!(ino, content, error = %err, "cannot stat the local file offered for passthrough");
-                return Some(reply);
-            }
-        }
-        let backing = match reply.open_backing(&file) {
-            Ok(backing) => Arc::new(backing),
-            Err(err) => {
-                if self.passthrough_live.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(ino, error = %err, "kernel refused a FUSE passthrough backing file; serving reads through the daemon from now on");
-                }
-                return Some(reply);
-            }
-        };
-        match self.handles.open_passthrough(ino, backing) {
-            Some(backing) => {
-                bump(&self.counters.passthrough_opens);
-                reply.opened_passthrough(
-                    FileHandle(OpenMode::Passthrough as u64),
-                    FopenFlags::empty(),
-                    &backing,
-                );
-                None
-            }
-            // A cached open raced in meanwhile: stay cached.
-            None => Some(reply),
-        }
-    }
-}
+impl LayerFs {}
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
