@@ -1,5 +1,8 @@
 //! Unit tests of the metrics: names, labels, exposition.
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
 use super::*;
 
 #[test]

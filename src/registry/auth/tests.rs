@@ -1,5 +1,7 @@
 //! Unit tests of registry authorization: challenges, tokens, credentials.
 
+use base64::Engine as _;
+
 use super::*;
 
 #[test]
