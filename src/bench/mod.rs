@@ -51,8 +51,6 @@ use prepare::{
 const REPOSITORY: &str = "bench/app";
 /// containerd namespace the bench pulls into.
 const NAMESPACE: &str = "lazysnap-bench";
-/// Layer digest annotation that marks a layer as lazily pullable eStargz.
-const TOC_ANNOTATION: &str = crate::labels::TOC_DIGEST;
 
 /// Errors of the bench; each names the step and how to fix it.
 #[derive(Debug, thiserror::Error)]

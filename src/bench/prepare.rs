@@ -6,12 +6,13 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::image::OciLayout;
+use crate::labels;
 use crate::rig::images::push_layout_image;
 use crate::rig::{require_program, ContainerdOptions, ContainerdServer, RegistryServer};
 
 use super::options::BenchOptions;
 use super::procs::run_timed;
-use super::{check_interrupted, BenchError, NAMESPACE, REPOSITORY, TOC_ANNOTATION};
+use super::{check_interrupted, BenchError, NAMESPACE, REPOSITORY};
 use super::{image, procs};
 
 /// Converts the pushed gzip image to `…:estargz` with `lazysnap convert`; when the binary fails
@@ -47,13 +48,16 @@ pub(super) fn convert_sample(
             let layers = image::registry_layers(&registry.url(), REPOSITORY, "estargz")?;
             if layers
                 .iter()
-                .all(|layer| layer.annotations.contains_key(TOC_ANNOTATION))
+                .all(|layer| layer.annotations.contains_key(labels::TOC_DIGEST))
             {
                 Ok(())
             } else {
                 Err(BenchError::Step {
                     what: "lazysnap convert".into(),
-                    detail: format!("the converted layers lack the {TOC_ANNOTATION} annotation"),
+                    detail: format!(
+                        "the converted layers lack the {} annotation",
+                        labels::TOC_DIGEST
+                    ),
                 })
             }
         });
