@@ -29,6 +29,9 @@ fi
 echo "== cargo deny check bans licenses sources"
 cargo deny check bans licenses sources
 (cd fuzz && cargo deny check bans licenses sources)
+# How full the disk under the tests is: above the cache's high watermark (90%) the chunk caches
+# the tests start evict, which a failure's log should show.
+echo "== disk under ${TMPDIR:-/tmp}: $(df -h --output=pcent,avail "${TMPDIR:-/tmp}" | tail -1)"
 echo "== cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

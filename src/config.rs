@@ -26,7 +26,9 @@
 //! memory_bytes = 67108864
 //! # Disk-usage watermarks of the filesystem holding the cache (like kubelet's image GC): when it
 //! # is fuller than high_watermark_pct (Use% as df shows it, root's reserve not counted), chunks
-//! # are evicted until it is below low_watermark_pct.
+//! # are evicted until it is below low_watermark_pct. Chunks used in the last two minutes are
+//! # spared while they take no more than the room above high_watermark_pct, so a disk that
+//! # other data fills does not make running containers fetch the same chunks again and again.
 //! high_watermark_pct = 90
 //! low_watermark_pct = 80
 //!

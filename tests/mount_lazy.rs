@@ -468,6 +468,66 @@ fn the_mount_daemon_keeps_its_cache_filesystem_below_the_high_watermark() {
 }
 
 #[test]
+fn a_disk_that_other_data_filled_past_the_high_watermark_keeps_the_chunks_in_use() {
+    require_root_and_fuse();
+    let registry = RegistryServer::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..8u64)
+        .map(|i| images::pseudo_random_bytes(1 << 20, 500 + i))
+        .collect();
+    let tar = tar_of(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, data)| (format!("used/{i}.bin"), data.clone())),
+    );
+    let source = push_generated(&registry, work.path(), &[tar], "full");
+    let esgz = format!("{}/full:esgz", registry.host());
+    lazysnap_ok(&["convert", &source, &esgz]);
+
+    // A 256 MiB filesystem that other data has filled to 92%: past the default high watermark
+    // (90%), with room for the 8 MiB the workload reads.
+    let cache = work.path().join("cache-full");
+    let _tmpfs = Tmpfs::mount(&cache, "256m");
+    let filler = std::fs::File::create(cache.join("other-data")).unwrap();
+    filler.set_len(0).unwrap();
+    let stats = nix::sys::statvfs::statvfs(&cache).unwrap();
+    let target = stats.blocks() * stats.fragment_size() / 100 * 92;
+    std::io::Write::write_all(&mut &filler, &vec![0x5a; target as usize]).unwrap();
+    drop(filler);
+
+    let mounted = MountedImage::new(&esgz, work.path(), "full", &["--no-background"]);
+    for round in 0..2 {
+        for (i, data) in files.iter().enumerate() {
+            let read = std::fs::read(mounted.dir.join(format!("used/{i}.bin"))).unwrap();
+            assert!(
+                read == *data,
+                "used/{i}.bin read back wrong in round {round}"
+            );
+        }
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    }
+    let chunk_files = std::fs::read_dir(cache.join("chunks/sha256"))
+        .unwrap()
+        .map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count())
+        .sum::<usize>();
+    assert_eq!(
+        chunk_files,
+        files.len(),
+        "the chunks just read were evicted for the watermark"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&images::fetch_manifest(&registry.url(), "full", "esgz").unwrap())
+            .unwrap();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let served = registry.blob_bytes_served(manifest["layers"][0]["digest"].as_str().unwrap());
+    assert!(
+        served <= size + size / 4,
+        "the layer ({size} bytes) was fetched {served} bytes' worth: chunks fetched again"
+    );
+}
+
+#[test]
 fn a_decompression_bomb_neither_fills_memory_nor_overruns_the_cache_bound() {
     require_root_and_fuse();
     // Four 64 MiB files of zeros (each with its own first byte, so four chunks), one chunk each:

@@ -262,7 +262,7 @@ impl ChunkCache {
             DiskEntry {
                 size: len,
                 verified: true,
-                touched: self.now_secs(),
+                touched: self.now_secs().max(1),
             },
         ) {
             disk.bytes = disk.bytes.saturating_sub(old.size);

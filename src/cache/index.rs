@@ -20,11 +20,17 @@ use super::{CacheError, ChunkCache};
 /// restart.
 pub(super) const TOUCH_INTERVAL_SECS: u64 = 60;
 
+/// Chunks used within this many seconds are the working set of what runs now: eviction for the
+/// disk's watermarks spares them (up to the headroom above the high watermark), so a node whose
+/// disk others have filled does not fetch the same chunks again and again.
+pub(super) const WATERMARK_SPARE_SECS: u64 = 2 * TOUCH_INTERVAL_SECS;
+
 pub(super) struct DiskEntry {
     pub(super) size: u64,
     /// False for entries found at open until their bytes have been hashed once.
     pub(super) verified: bool,
-    /// Seconds since the cache was opened when the file's mtime was last refreshed.
+    /// Seconds since the cache was opened (at least 1) when the chunk was stored or its file's
+    /// mtime last refreshed; 0 for an entry found at open and not used since.
     pub(super) touched: u64,
 }
 
@@ -212,8 +218,23 @@ impl ChunkCache {
         target: u64,
         keep: Option<&ChunkDigest>,
     ) -> u64 {
+        self.evict_while(disk, keep, |bytes, _| bytes > target)
+    }
+
+    /// Evicts the least recently used chunk while `go_on(bytes held, that chunk)` says so
+    /// (never `keep`); returns how many were evicted.
+    fn evict_while(
+        &self,
+        disk: &mut DiskIndex,
+        keep: Option<&ChunkDigest>,
+        go_on: impl Fn(u64, &DiskEntry) -> bool,
+    ) -> u64 {
         let mut evicted = 0;
-        while disk.bytes > target {
+        loop {
+            match disk.lru.peek_lru() {
+                Some((_, oldest)) if go_on(disk.bytes, oldest) => {}
+                _ => break,
+            }
             let Some((key, entry)) = disk.lru.pop_lru() else {
                 break;
             };
@@ -246,7 +267,9 @@ impl ChunkCache {
     }
 
     /// If the filesystem is above the high watermark, evicts down to the low one (never `keep`,
-    /// the chunk just stored).
+    /// the chunk just stored). Chunks used in the last [`WATERMARK_SPARE_SECS`] are spared while
+    /// the cache holds no more than the headroom above the high watermark: when others have
+    /// filled the disk, the cache shrinks to what is in use instead of refetching it on every read.
     pub(super) fn enforce_watermarks(&self, keep: Option<&ChunkDigest>) {
         let (Some(high), Some(low)) = (self.opts.high_watermark_pct, self.opts.low_watermark_pct)
         else {
@@ -268,14 +291,19 @@ impl ChunkCache {
         }
         let low_bytes = fill.capacity / 100 * u64::from(low);
         let to_free = fill.used.saturating_sub(low_bytes);
+        let headroom = fill.capacity / 100 * u64::from(100u8.saturating_sub(high));
+        let now = self.now_secs();
         let mut disk = lock(&self.disk);
         let target = disk.bytes.saturating_sub(to_free);
-        let evicted = self.evict_locked(&mut disk, target, keep);
+        let evicted = self.evict_while(&mut disk, keep, |bytes, oldest| {
+            let in_use = oldest.touched != 0 && now < oldest.touched + WATERMARK_SPARE_SECS;
+            bytes > target && (bytes > headroom || !in_use)
+        });
         self.note_evictions(evicted, disk.bytes);
-        let now = self.now_secs() + 1;
+        let stamp = now + 1;
         let last = self.watermark_logged.load(Ordering::Relaxed);
-        if last == 0 || now.saturating_sub(last) >= 10 {
-            self.watermark_logged.store(now, Ordering::Relaxed);
+        if last == 0 || stamp.saturating_sub(last) >= 10 {
+            self.watermark_logged.store(stamp, Ordering::Relaxed);
             tracing::info!(
                 used_pct = fill.used * 100 / fill.capacity,
                 high,

@@ -68,7 +68,9 @@ pub struct CacheOptions {
     /// Upper bound on the bytes of hot chunks kept in memory (0 turns the memory tier off).
     pub memory_bytes: u64,
     /// When the filesystem holding `dir` is at least this full (percent of its capacity),
-    /// chunks are evicted until it is at most `low_watermark_pct` full or the cache is empty.
+    /// chunks are evicted until it is at most `low_watermark_pct` full or the cache is empty,
+    /// sparing the chunks used in the last two minutes while they take no more than the
+    /// headroom above the high watermark.
     /// `None` (with `low_watermark_pct` `None`) turns watermarks off.
     pub high_watermark_pct: Option<u8>,
     /// See `high_watermark_pct`.

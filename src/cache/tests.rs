@@ -296,22 +296,53 @@ fn fullness_is_dfs_so_a_root_reserve_is_not_counted_as_used() {
     assert_eq!(DiskFill::of(0, 0, 0), None);
 }
 
+/// A cache opened `secs` seconds ago, as far as the recency of its entries goes.
+fn open_aged(o: CacheOptions, secs: u64) -> Arc<ChunkCache> {
+    let mut cache = ChunkCache::open(o).unwrap();
+    Arc::get_mut(&mut cache).unwrap().opened = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_secs(secs))
+        .expect("the machine has been up longer than the age asked for");
+    cache
+}
+
 #[test]
-fn watermark_below_current_usage_evicts_all_but_the_newest_chunk() {
-    // high = 1 %: any real filesystem is above it, so every insert triggers eviction
-    // down to "low" = 0 %, which the cache can never reach: it keeps only the chunk just
-    // stored.
+fn watermark_below_current_usage_evicts_all_but_the_newest_chunk_when_none_is_in_use() {
+    // high = 1 %: any real filesystem is above it, so every insert evicts towards low = 0 %,
+    // which the cache can never reach. The chunk stored first is made older than the spare
+    // window, so it goes; the one just stored is kept.
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path(), 1 << 20, 0);
     o.high_watermark_pct = Some(1);
     o.low_watermark_pct = Some(0);
-    let cache = ChunkCache::open(o).unwrap();
+    let cache = open_aged(o, 10 * index::WATERMARK_SPARE_SECS);
     let a = Bytes::from(vec![1u8; 100]);
     let b = Bytes::from(vec![2u8; 100]);
     cache.insert(&digest_of(&a), a.clone()).unwrap();
+    lock(&cache.disk)
+        .lru
+        .peek_mut(&digest_of(&a))
+        .unwrap()
+        .touched = 1;
     cache.insert(&digest_of(&b), b.clone()).unwrap();
     assert_eq!(cache.stats().disk_entries, 1);
     assert!(cache.contains(&digest_of(&b)));
     assert!(!cache.contains(&digest_of(&a)));
     assert_eq!(cache.stats().evictions, 1);
+}
+
+#[test]
+fn watermark_eviction_spares_chunks_in_use_up_to_the_headroom() {
+    // Any real filesystem is above 1 % full: every insert evicts towards 0 %. Chunks used in the
+    // last two minutes stay while they fit in the headroom above the high watermark.
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 1 << 20, 0);
+    o.high_watermark_pct = Some(1);
+    o.low_watermark_pct = Some(0);
+    let cache = open_aged(o, 10 * index::WATERMARK_SPARE_SECS);
+    let chunks: Vec<Bytes> = (1..=3u8).map(|i| Bytes::from(vec![i; 100])).collect();
+    for c in &chunks {
+        cache.insert(&digest_of(c), c.clone()).unwrap();
+    }
+    assert_eq!(cache.stats().disk_entries, 3, "chunks in use were evicted");
+    assert_eq!(cache.stats().evictions, 0);
 }
