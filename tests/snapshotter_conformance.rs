@@ -1,289 +1,18 @@
 //! Conformance suite for the snapshotter, in the spirit of containerd's snapshotter testsuite:
 //! every test starts the real service on a temp unix socket and drives it with a tonic client,
 //! mounting what it returns with real bind / overlay mounts (needs root: fails loudly without).
+//! The remote-layer path of Prepare is `snapshotter_remote_layers.rs`.
+
+mod snapshotter_common;
+use snapshotter_common::*;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use lazysnap::labels;
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-use async_trait::async_trait;
 use lazysnap::snapshotter::proto::snapshots as pb;
-use lazysnap::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
-use lazysnap::snapshotter::proto::Mount;
-use lazysnap::snapshotter::{
-    NoRemoteLayers, RemoteLayerError, RemoteLayerRequest, RemoteLayers, Service, ServiceOptions,
-};
-use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use lazysnap::snapshotter::NoRemoteLayers;
 use tonic::Code;
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the snapshotter conformance suite mounts overlayfs and must run as root"
-    );
-}
-
-/// A running service on a temp socket plus a client connected to it.
-struct Harness {
-    dir: tempfile::TempDir,
-    client: SnapshotsClient<Channel>,
-    service: Service,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Harness {
-    async fn start() -> Self {
-        Self::start_with(Arc::new(NoRemoteLayers)).await
-    }
-
-    async fn start_with(remote: Arc<dyn RemoteLayers>) -> Self {
-        // A short root keeps 128-layer lowerdir options small.
-        let dir = tempfile::Builder::new()
-            .prefix("ls")
-            .tempdir_in("/tmp")
-            .unwrap();
-        Self::start_in(dir, remote).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, remote: Arc<dyn RemoteLayers>) -> Self {
-        require_root();
-        let service = Service::open(ServiceOptions::new(dir.path().join("root")), remote).unwrap();
-        service.restore_remote_layers().await.unwrap();
-        let socket = dir.path().join("snap.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let served = service.clone();
-        let server = tokio::spawn(async move {
-            lazysnap::snapshotter::serve(listener, served, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let channel = Endpoint::from_shared(format!("unix://{}", socket.display()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            dir,
-            client: SnapshotsClient::new(channel),
-            service,
-            stop: Some(stop),
-            server: Some(server),
-        }
-    }
-
-    /// Stops the server and hands back the state directory (for restart tests).
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.await.unwrap();
-        }
-        let Harness { dir, .. } = self;
-        dir
-    }
-
-    fn snapshots_dir(&self) -> PathBuf {
-        self.dir.path().join("root/snapshots")
-    }
-
-    fn mount_dir(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join("mnt").join(name);
-        std::fs::create_dir_all(&path).unwrap();
-        path
-    }
-
-    async fn prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        self.prepare_labeled(key, parent, HashMap::new()).await
-    }
-
-    async fn prepare_labeled(
-        &mut self,
-        key: &str,
-        parent: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, tonic::Status> {
-        self.client
-            .prepare(pb::PrepareSnapshotRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels,
-            })
-            .await
-            .map(|r| r.into_inner().mounts)
-    }
-
-    async fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        self.client
-            .view(pb::ViewSnapshotRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: HashMap::new(),
-            })
-            .await
-            .map(|r| r.into_inner().mounts)
-    }
-
-    async fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
-        self.client
-            .commit(pb::CommitSnapshotRequest {
-                snapshotter: "lazysnap".into(),
-                name: name.into(),
-                key: key.into(),
-                labels: HashMap::from([("origin".to_string(), key.to_string())]),
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
-        self.client
-            .remove(pb::RemoveSnapshotRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn stat(&mut self, key: &str) -> Result<pb::Info, tonic::Status> {
-        self.client
-            .stat(pb::StatSnapshotRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-            })
-            .await
-            .map(|r| r.into_inner().info.unwrap())
-    }
-
-    async fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, tonic::Status> {
-        self.client
-            .mounts(pb::MountsRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-            })
-            .await
-            .map(|r| r.into_inner().mounts)
-    }
-
-    async fn list(&mut self, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
-        let mut stream = self
-            .client
-            .list(pb::ListSnapshotsRequest {
-                snapshotter: "lazysnap".into(),
-                filters: filters.iter().map(|f| f.to_string()).collect(),
-            })
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(batch) = stream.message().await? {
-            out.extend(batch.info);
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    async fn names(&mut self, filters: &[&str]) -> Vec<String> {
-        self.list(filters)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.name)
-            .collect()
-    }
-
-    async fn cleanup(&mut self) {
-        self.client
-            .cleanup(pb::CleanupRequest {
-                snapshotter: "lazysnap".into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn usage(&mut self, key: &str) -> Result<pb::UsageResponse, tonic::Status> {
-        self.client
-            .usage(pb::UsageRequest {
-                snapshotter: "lazysnap".into(),
-                key: key.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
-/// Performs `mounts` at `target` the way containerd would, with mount(8). Overlay lowerdirs under
-/// the snapshots dir are passed relative to it (mount runs there), as containerd does for long
-/// chains, so 128 layers fit in one page of options.
-fn mount_all(mounts: &[Mount], target: &Path, snapshots_dir: &Path) -> Mounted {
-    assert_eq!(mounts.len(), 1, "one mount expected: {mounts:?}");
-    let m = &mounts[0];
-    let prefix = format!("{}/", snapshots_dir.display());
-    let status = match m.r#type.as_str() {
-        "bind" => Command::new("mount")
-            .arg("-o")
-            .arg(m.options.join(","))
-            .arg(&m.source)
-            .arg(target)
-            .status()
-            .unwrap(),
-        "overlay" => {
-            let options: Vec<String> = m
-                .options
-                .iter()
-                .map(|o| match o.strip_prefix("lowerdir=") {
-                    Some(dirs) => format!(
-                        "lowerdir={}",
-                        dirs.split(':')
-                            .map(|d| d.strip_prefix(&prefix).unwrap_or(d))
-                            .collect::<Vec<_>>()
-                            .join(":")
-                    ),
-                    None => o.clone(),
-                })
-                .collect();
-            Command::new("mount")
-                .current_dir(snapshots_dir)
-                .args(["-t", "overlay", "overlay", "-o"])
-                .arg(options.join(","))
-                .arg(target)
-                .status()
-                .unwrap()
-        }
-        other => panic!("unexpected mount type {other}"),
-    };
-    assert!(
-        status.success(),
-        "mount {m:?} at {} failed",
-        target.display()
-    );
-    Mounted(target.to_path_buf())
-}
-
-/// Unmounts on drop (also when an assertion fails), so tests clean up what they mount.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-fn read(path: impl AsRef<Path>) -> String {
-    std::fs::read_to_string(path.as_ref())
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.as_ref().display()))
-}
 
 #[tokio::test]
 async fn basic_prepare_commit_view_with_real_mounts() {
@@ -664,212 +393,85 @@ async fn metadata_survives_restart() {
     h.stop().await;
 }
 
-/// A remote-layer hook for tests: "mounts" a layer by writing a marker file into the mountpoint
-/// (or declines), and records every call.
-#[derive(Default)]
-struct FakeRemote {
-    decline: bool,
-    mounted: AtomicUsize,
-    restored: Mutex<Vec<PathBuf>>,
-    unmounted: Mutex<Vec<PathBuf>>,
-}
-
-#[async_trait]
-impl RemoteLayers for FakeRemote {
-    async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
-        if self.decline {
-            return Err(RemoteLayerError::Declined("test declines".into()));
-        }
-        assert!(request.mountpoint.is_dir());
-        assert_eq!(
-            request.locator.toc_digest.as_deref(),
-            Some("sha256:toc"),
-            "TOC digest label reaches the hook"
-        );
-        std::fs::write(
-            request.mountpoint.join("remote-file"),
-            &request.locator.layer_digest,
-        )
-        .unwrap();
-        self.mounted.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn restore_layer(
-        &self,
-        mountpoint: &Path,
-        labels: &BTreeMap<String, String>,
-        _lower_dirs: &[std::path::PathBuf],
-    ) -> Result<(), RemoteLayerError> {
-        assert!(labels.contains_key(labels::STARGZ_DIGEST));
-        self.restored.lock().unwrap().push(mountpoint.to_path_buf());
-        Ok(())
-    }
-
-    async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {
-        self.unmounted
-            .lock()
-            .unwrap()
-            .push(mountpoint.to_path_buf());
-        Ok(())
-    }
-}
-
-fn stargz_labels(target: &str, digest: &str) -> HashMap<String, String> {
-    HashMap::from([
-        (labels::SNAPSHOT_REF.to_string(), target.to_string()),
-        (
-            labels::STARGZ_REFERENCE.to_string(),
-            "127.0.0.1:5000/app:1".to_string(),
-        ),
-        (labels::STARGZ_DIGEST.to_string(), digest.to_string()),
-        (
-            labels::STARGZ_LAYERS.to_string(),
-            "sha256:l0,sha256:l1".to_string(),
-        ),
-        (labels::TOC_DIGEST.to_string(), "sha256:toc".to_string()),
-    ])
+/// How many metadata transactions `call` began.
+macro_rules! transactions_of {
+    ($h:expr, $call:expr) => {{
+        let before = $h.service.metadata_transactions();
+        let _ = $call;
+        $h.service.metadata_transactions() - before
+    }};
 }
 
 #[tokio::test]
-async fn remote_layers_commit_under_target_and_answer_already_exists() {
-    let remote = Arc::new(FakeRemote::default());
-    let mut h = Harness::start_with(remote.clone()).await;
-    let snaps = h.snapshots_dir();
-
-    let err = h
-        .prepare_labeled(
-            "default/1/extract-1 sha256:chain0",
-            "",
-            stargz_labels("sha256:chain0", "sha256:l0"),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists);
-    let err = h
-        .prepare_labeled(
-            "default/2/extract-2 sha256:chain1",
-            "sha256:chain0",
-            stargz_labels("sha256:chain1", "sha256:l1"),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists);
-    assert_eq!(remote.mounted.load(Ordering::SeqCst), 2);
-    assert_eq!(h.service.stats().remote_mounted, 2);
-
-    // containerd finds the remote snapshot by label and parent.
-    let found = h
-        .list(&[r#"labels."containerd.io/snapshot.ref"==sha256:chain1,parent==sha256:chain0"#])
-        .await
-        .unwrap();
-    assert_eq!(found.len(), 1);
-    assert_eq!(found[0].name, "sha256:chain1");
-    assert_eq!(found[0].kind, pb::Kind::Committed as i32);
+async fn every_call_is_one_metadata_transaction() {
+    let mut h = Harness::start().await;
     assert_eq!(
-        found[0]
-            .labels
-            .get(labels::STARGZ_DIGEST)
-            .map(String::as_str),
-        Some("sha256:l1")
+        transactions_of!(h, h.prepare("a", "").await.unwrap()),
+        1,
+        "Prepare"
     );
-    // A second prepare of an existing target answers AlreadyExists without mounting again.
-    let err = h
-        .prepare_labeled(
-            "default/3/extract-3 sha256:chain1",
-            "sha256:chain0",
-            stargz_labels("sha256:chain1", "sha256:l1"),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists);
-    assert_eq!(remote.mounted.load(Ordering::SeqCst), 2);
-
-    // The same layer on another parent (another namespace unpacked the parent) is mounted
-    // again under a unique name; containerd finds each by (label, parent).
-    h.prepare("other-a", "").await.unwrap();
-    h.commit("other-base", "other-a").await.unwrap();
-    let err = h
-        .prepare_labeled(
-            "other/1/extract-4 sha256:chain1",
-            "other-base",
-            stargz_labels("sha256:chain1", "sha256:l1"),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists);
-    assert_eq!(remote.mounted.load(Ordering::SeqCst), 3);
-    let found = h
-        .names(&[r#"labels."containerd.io/snapshot.ref"==sha256:chain1,parent==other-base"#])
-        .await;
-    assert_eq!(found.len(), 1);
-    assert_ne!(found[0], "sha256:chain1");
-    h.remove(&found[0]).await.unwrap();
-    h.remove("other-base").await.unwrap();
-
-    // A container on top sees the remote layers through overlay.
-    let mounts = h.prepare("container", "sha256:chain1").await.unwrap();
-    {
-        let target = h.mount_dir("container");
-        let _m = mount_all(&mounts, &target, &snaps);
-        assert_eq!(read(target.join("remote-file")), "sha256:l1");
-    }
-    h.remove("container").await.unwrap();
-    h.remove("sha256:chain1").await.unwrap();
-    assert_eq!(remote.unmounted.lock().unwrap().len(), 2);
-
-    // Restart: the remaining remote layer is restored through the hook.
-    let dir = h.stop().await;
-    let remote2 = Arc::new(FakeRemote::default());
-    let mut h = Harness::start_in(dir, remote2.clone()).await;
-    assert_eq!(remote2.restored.lock().unwrap().len(), 1);
-    assert_eq!(h.names(&[]).await, ["sha256:chain0"]);
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn declined_remote_layers_fall_back_to_normal_snapshots() {
-    let remote = Arc::new(FakeRemote {
-        decline: true,
-        ..Default::default()
-    });
-    let mut h = Harness::start_with(remote).await;
-    let key = "default/1/extract-1 sha256:chain0";
-    let mounts = h
-        .prepare_labeled(key, "", stargz_labels("sha256:chain0", "sha256:l0"))
-        .await
-        .unwrap();
-    assert_eq!(mounts[0].r#type, "bind");
-    assert_eq!(h.service.stats().remote_fallbacks, 1);
-    // containerd unpacks into it and commits under the chain ID.
-    h.commit("sha256:chain0", key).await.unwrap();
-    assert_eq!(h.names(&[]).await, ["sha256:chain0"]);
-    // The directory of a declined mount attempt was removed again.
-    assert_eq!(std::fs::read_dir(h.snapshots_dir()).unwrap().count(), 1);
-    h.stop().await;
-}
-
-/// An unpack whose Prepare carries the target label but none of the image's (containerd 2.x's
-/// transfer service without remote-snapshot exports) falls back visibly: counted and metered
-/// as `no_labels`, and still a working snapshot.
-#[tokio::test]
-async fn a_layer_prepared_without_image_labels_is_counted_as_a_fallback() {
-    let mut h = Harness::start_with(Arc::new(FakeRemote::default())).await;
-    let key = "default/1/extract-2 sha256:chain-nolabels";
-    let labels: HashMap<String, String> = [(
-        "containerd.io/snapshot.ref".to_string(),
-        "sha256:chain-nolabels".to_string(),
-    )]
-    .into_iter()
-    .collect();
-    let mounts = h.prepare_labeled(key, "", labels).await.unwrap();
-    assert_eq!(mounts[0].r#type, "bind");
-    assert_eq!(h.service.stats().remote_fallbacks, 1);
-    assert_eq!(h.service.stats().remote_mounted, 0);
-    let text = lazysnap::metrics::encode();
-    assert!(
-        text.contains("lazysnap_fallbacks_total{reason=\"no_labels\"}"),
-        "{text}"
+    assert_eq!(
+        transactions_of!(h, h.mounts("a").await.unwrap()),
+        1,
+        "Mounts"
+    );
+    assert_eq!(transactions_of!(h, h.usage("a").await.unwrap()), 1, "Usage");
+    assert_eq!(
+        transactions_of!(h, h.commit("base", "a").await.unwrap()),
+        1,
+        "Commit"
+    );
+    assert_eq!(
+        transactions_of!(h, h.prepare("b", "base").await.unwrap()),
+        1,
+        "Prepare on a parent"
+    );
+    assert_eq!(
+        transactions_of!(h, h.view("v", "base").await.unwrap()),
+        1,
+        "View"
+    );
+    assert_eq!(
+        transactions_of!(h, h.stat("base").await.unwrap()),
+        1,
+        "Stat"
+    );
+    assert_eq!(
+        transactions_of!(h, h.list(&["parent==base"]).await.unwrap()),
+        1,
+        "List"
+    );
+    let update = pb::UpdateSnapshotRequest {
+        snapshotter: "lazysnap".into(),
+        info: Some(pb::Info {
+            name: "base".into(),
+            labels: HashMap::from([("k".to_string(), "v".to_string())]),
+            ..Default::default()
+        }),
+        update_mask: None,
+    };
+    assert_eq!(
+        transactions_of!(h, h.client.update(update).await.unwrap()),
+        1,
+        "Update"
+    );
+    assert_eq!(
+        transactions_of!(h, h.remove("base").await.unwrap_err()),
+        1,
+        "Remove refused"
+    );
+    assert_eq!(
+        transactions_of!(h, h.remove("v").await.unwrap()),
+        1,
+        "Remove"
+    );
+    assert_eq!(transactions_of!(h, h.cleanup().await), 1, "Cleanup");
+    // A layer with its target label but not the image's labels is prepared locally: one.
+    let labelled = HashMap::from([(labels::SNAPSHOT_REF.to_string(), "sha256:c".to_string())]);
+    assert_eq!(
+        transactions_of!(h, h.prepare_labeled("c", "base", labelled).await.unwrap()),
+        1,
+        "Prepare of a labelled layer"
     );
     h.stop().await;
 }

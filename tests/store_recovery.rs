@@ -7,7 +7,7 @@ use cli_common::Tmpfs;
 
 use std::collections::BTreeMap;
 
-use lazysnap::snapshotter::store::{Kind, MetadataStore, SnapshotRecord};
+use lazysnap::snapshotter::store::{Kind, MetadataStore, SnapshotRecord, SnapshotView};
 
 fn record(id: u64, payload: usize) -> SnapshotRecord {
     let mut labels = BTreeMap::new();
@@ -61,6 +61,7 @@ fn a_full_disk_fails_one_write_and_the_store_recovers_once_space_is_back() {
         .expect("the store recovers once space is back");
     txn.put("after", &record(99, 100)).unwrap();
     txn.commit().unwrap();
-    assert_eq!(store.get("kept").unwrap().unwrap().id, 1);
-    assert_eq!(store.get("after").unwrap().unwrap().id, 99);
+    let read = store.read().unwrap();
+    assert_eq!(read.get("kept").unwrap().unwrap().id, 1);
+    assert_eq!(read.get("after").unwrap().unwrap().id, 99);
 }

@@ -21,7 +21,9 @@ use super::filter::{matches_any, Filter};
 use super::mounts::OverlayOptions;
 use super::proto::Mount;
 use super::remote::{LayerLocator, RemoteLayers};
-use super::store::{now_nanos, Kind, MetadataStore, SnapshotInfo, SnapshotRecord, StoreError};
+use super::store::{
+    now_nanos, Kind, MetadataStore, SnapshotInfo, SnapshotRecord, SnapshotView, StoreError,
+};
 
 mod fs;
 mod grpc;
@@ -148,7 +150,13 @@ impl Service {
                 snapshots_dir.display()
             )))?;
         let store = MetadataStore::open(&options.root.join("metadata.db"))?;
-        let mut max_id = store.all()?.iter().map(|(_, r)| r.id).max().unwrap_or(0);
+        let mut max_id = store
+            .read()?
+            .all()?
+            .iter()
+            .map(|(_, r)| r.id)
+            .max()
+            .unwrap_or(0);
         for entry in std::fs::read_dir(&snapshots_dir)
             .map_err(SnapshotError::io(format!(
                 "listing {}",
@@ -192,18 +200,27 @@ impl Service {
         }
     }
 
+    /// How many metadata transactions were begun since open: one per call (two for a layer
+    /// mounted remotely: a read before the mount, a write after it).
+    pub fn metadata_transactions(&self) -> u64 {
+        self.inner.store.transactions()
+    }
+
     /// The directory of snapshot `id`.
     fn dir(&self, id: u64) -> PathBuf {
         self.inner.snapshots_dir.join(id.to_string())
     }
 
     /// The layer trees of snapshot `name` and its ancestors, nearest first (what overlayfs
-    /// stacks as lowerdirs); empty for "".
-    fn layer_dirs(&self, name: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+    /// stacks as lowerdirs), as `txn` sees them; empty for "".
+    fn layer_dirs(
+        &self,
+        txn: &impl SnapshotView,
+        name: &str,
+    ) -> Result<Vec<PathBuf>, SnapshotError> {
         if name.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.inner.store.begin()?;
         Ok(txn
             .chain_ids(name)?
             .into_iter()
@@ -273,20 +290,12 @@ impl Service {
                 }
             }
         }
-        if !parent.is_empty() {
-            // A container's rootfs comes from Prepare: check its remote layers.
-            let parent_owned = parent.to_string();
-            if let Ok(chain) = self
-                .blocking(move |s| Ok(s.inner.store.begin()?.chain(&parent_owned)?))
-                .await
-            {
-                self.check_remote_chain(&chain);
-            }
-        }
         let (key, parent) = (key.to_string(), parent.to_string());
-        let mounts = self
+        let (mounts, chain) = self
             .blocking(move |s| s.create_local(Kind::Active, &key, &parent, labels))
             .await?;
+        // A container's rootfs comes from Prepare: check its remote layers.
+        self.check_remote_chain(&chain);
         Ok(mounts)
     }
 
@@ -299,24 +308,10 @@ impl Service {
     ) -> Result<Vec<Mount>, SnapshotError> {
         validate(key, &labels)?;
         let (key, parent) = (key.to_string(), parent.to_string());
-        self.blocking(move |s| s.create_local(Kind::View, &key, &parent, labels))
-            .await
-    }
-
-    /// The name of a committed snapshot labelled `containerd.io/snapshot.ref` = `target` on
-    /// `parent`, if any.
-    fn find_target(&self, target: &str, parent: &str) -> Result<Option<String>, SnapshotError> {
-        Ok(self
-            .inner
-            .store
-            .all()?
-            .into_iter()
-            .find(|(_, r)| {
-                r.kind == Kind::Committed
-                    && r.parent == parent
-                    && r.labels.get(labels::SNAPSHOT_REF).map(String::as_str) == Some(target)
-            })
-            .map(|(name, _)| name))
+        let (mounts, _) = self
+            .blocking(move |s| s.create_local(Kind::View, &key, &parent, labels))
+            .await?;
+        Ok(mounts)
     }
 
     /// Mounts: the mounts of an active snapshot or a view; remote ancestors are health-checked
@@ -325,7 +320,7 @@ impl Service {
         let key_owned = key.to_string();
         let (record, chain) = self
             .blocking(move |s| {
-                let txn = s.inner.store.begin()?;
+                let txn = s.inner.store.read()?;
                 let record = txn
                     .get(&key_owned)?
                     .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key_owned:?}")))?;
@@ -426,6 +421,7 @@ impl Service {
         self.blocking(move |s| {
             s.inner
                 .store
+                .read()?
                 .get(&key)?
                 .map(|r| r.info(&key))
                 .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key:?}")))
@@ -485,6 +481,7 @@ impl Service {
         self.blocking(move |s| {
             Ok(s.inner
                 .store
+                .read()?
                 .all()?
                 .into_iter()
                 .map(|(name, record)| record.info(&name))
@@ -502,6 +499,7 @@ impl Service {
             let record = s
                 .inner
                 .store
+                .read()?
                 .get(&key)?
                 .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key:?}")))?;
             match record.usage {
@@ -518,7 +516,14 @@ impl Service {
     pub async fn cleanup(&self) -> Result<usize, SnapshotError> {
         let orphans = self
             .blocking(|s| {
-                let owned: HashSet<u64> = s.inner.store.all()?.iter().map(|(_, r)| r.id).collect();
+                let owned: HashSet<u64> = s
+                    .inner
+                    .store
+                    .read()?
+                    .all()?
+                    .iter()
+                    .map(|(_, r)| r.id)
+                    .collect();
                 let mut orphans = Vec::new();
                 for entry in std::fs::read_dir(&s.inner.snapshots_dir)
                     .map_err(SnapshotError::io(format!(

@@ -1,16 +1,30 @@
 //! Snapshot metadata in redb: one record per snapshot name (id, kind, parent, times, labels,
-//! remote flag, usage). Callers open exactly one transaction per snapshotter call.
+//! remote flag, usage), and the indexes of the lookups containerd makes: the children of a
+//! snapshot, and the snapshots with a given parent and `containerd.io/snapshot.ref` target.
+//! Each snapshotter call opens one transaction: [`MetadataStore::read`] or
+//! [`MetadataStore::begin`]; both read through [`SnapshotView`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    TableDefinition,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::labels;
 
 /// name → JSON-encoded [`SnapshotRecord`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// parent name ("" for none) → the names of the snapshots on it.
+const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
+/// (parent name, `containerd.io/snapshot.ref` label) → the names of the snapshots with both.
+const TARGETS: MultimapTableDefinition<(&str, &str), &str> =
+    MultimapTableDefinition::new("targets");
 
 /// The kind of a snapshot, as containerd defines it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +124,8 @@ pub struct MetadataStore {
     db: RwLock<Option<redb::Database>>,
     file: PathBuf,
     path: String,
+    /// Transactions begun since open (the one-per-call rule is tested on it).
+    transactions: AtomicU64,
 }
 
 /// A write transaction over the snapshots table; dropped without [`WriteTxn::commit`] it aborts.
@@ -125,8 +141,12 @@ impl MetadataStore {
             db: RwLock::new(Some(Self::create(path)?)),
             file: path.to_path_buf(),
             path: path.display().to_string(),
+            transactions: AtomicU64::new(0),
         };
+        // The indexes are derived data: rebuilt at every open, so a database written by a
+        // version without them (or with other ones) is read right.
         let txn = store.begin()?;
+        txn.rebuild_indexes()?;
         txn.commit()?;
         Ok(store)
     }
@@ -150,7 +170,10 @@ impl MetadataStore {
                 let guard = crate::sync::read(&self.db);
                 if let Some(db) = guard.as_ref() {
                     match begin(db) {
-                        Ok(txn) => return Ok(txn),
+                        Ok(txn) => {
+                            self.transactions.fetch_add(1, Ordering::Relaxed);
+                            return Ok(txn);
+                        }
                         Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo))
                             if attempt == 0 => {}
                         Err(e) => return Err(self.err(e)),
@@ -176,10 +199,12 @@ impl MetadataStore {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        }
+        store_err(&self.path, e)
+    }
+
+    /// How many transactions were begun since the store was opened.
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
     }
 
     /// Starts the one write transaction of a call.
@@ -187,32 +212,170 @@ impl MetadataStore {
         let txn = self.transaction(|db| db.begin_write())?;
         {
             txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+            txn.open_multimap_table(CHILDREN).map_err(|e| self.err(e))?;
+            txn.open_multimap_table(TARGETS).map_err(|e| self.err(e))?;
         }
         Ok(WriteTxn { txn, store: self })
     }
 
-    /// Reads every record in one read transaction (name order).
-    pub fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
+    /// Starts the one read transaction of a call that changes nothing: it never waits for a
+    /// writer, and sees the store as it was when it began.
+    pub fn read(&self) -> Result<ReadTxn<'_>, StoreError> {
         let txn = self.transaction(|db| db.begin_read())?;
-        let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let name = k.value().to_string();
-            let record = decode(&self.path, &name, v.value())?;
-            out.push((name, record));
-        }
-        Ok(out)
+        Ok(ReadTxn { txn, store: self })
+    }
+}
+
+/// A read transaction over the snapshots and their indexes.
+pub struct ReadTxn<'a> {
+    txn: redb::ReadTransaction,
+    store: &'a MetadataStore,
+}
+
+/// What a transaction reads: records by name, every record, and the two indexes.
+pub trait SnapshotView {
+    /// The record stored under `name`, if any.
+    fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError>;
+
+    /// Every record (name order).
+    fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError>;
+
+    /// The names of the snapshots whose parent is `name`.
+    fn children(&self, name: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The names of the snapshots on `parent` labelled `containerd.io/snapshot.ref` = `target`.
+    fn with_target(&self, parent: &str, target: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The database file, for errors.
+    fn path(&self) -> &str;
+
+    /// True when some snapshot names `name` as its parent.
+    fn has_children(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(!self.children(name)?.is_empty())
     }
 
-    /// Reads one record in its own read transaction.
-    pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
-        let txn = self.transaction(|db| db.begin_read())?;
-        let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-        let value = table.get(name).map_err(|e| self.err(e))?;
-        value
-            .map(|v| decode(&self.path, name, v.value()))
-            .transpose()
+    /// The name of a committed snapshot on `parent` labelled `containerd.io/snapshot.ref` =
+    /// `target`, if any: what containerd looks a layer up by.
+    fn committed_target(&self, parent: &str, target: &str) -> Result<Option<String>, StoreError> {
+        for name in self.with_target(parent, target)? {
+            if self.get(&name)?.is_some_and(|r| r.kind == Kind::Committed) {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The records of `name` and its ancestors, nearest first.
+    fn chain(&self, name: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let mut records = Vec::new();
+        let mut next = name.to_string();
+        while !next.is_empty() {
+            let record = self.get(&next)?.ok_or_else(|| StoreError {
+                path: self.path().to_string(),
+                detail: format!("snapshot {next:?} is named as a parent but has no record"),
+            })?;
+            next = record.parent.clone();
+            records.push(record);
+            // A cycle can only come from a corrupt store; stop rather than loop forever.
+            if records.len() > 100_000 {
+                return Err(StoreError {
+                    path: self.path().to_string(),
+                    detail: "parent chain longer than 100000: corrupt store".to_string(),
+                });
+            }
+        }
+        Ok(records)
+    }
+
+    /// The directory ids of `name` and its ancestors, nearest first, with their remote flag.
+    fn chain_ids(&self, name: &str) -> Result<Vec<(u64, bool)>, StoreError> {
+        Ok(self
+            .chain(name)?
+            .into_iter()
+            .map(|r| (r.id, r.remote))
+            .collect())
+    }
+}
+
+type RecordTable = TableDefinition<'static, &'static str, &'static [u8]>;
+
+fn get_record(
+    path: &str,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<SnapshotRecord>, StoreError> {
+    let value = table.get(name).map_err(|e| store_err(path, e))?;
+    value.map(|v| decode(path, name, v.value())).transpose()
+}
+
+fn all_records(
+    path: &str,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.iter().map_err(|e| store_err(path, e))? {
+        let (k, v) = item.map_err(|e| store_err(path, e))?;
+        let name = k.value().to_string();
+        let record = decode(path, &name, v.value())?;
+        out.push((name, record));
+    }
+    Ok(out)
+}
+
+fn names(
+    path: &str,
+    values: Result<redb::MultimapValue<'_, &'static str>, redb::StorageError>,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for value in values.map_err(|e| store_err(path, e))? {
+        out.push(value.map_err(|e| store_err(path, e))?.value().to_string());
+    }
+    Ok(out)
+}
+
+fn store_err(path: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError {
+        path: path.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+impl SnapshotView for ReadTxn<'_> {
+    fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        get_record(self.path(), &self.open(SNAPSHOTS)?, name)
+    }
+
+    fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
+        all_records(self.path(), &self.open(SNAPSHOTS)?)
+    }
+
+    fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let table = self
+            .txn
+            .open_multimap_table(CHILDREN)
+            .map_err(|e| self.store.err(e))?;
+        names(self.path(), table.get(name))
+    }
+
+    fn with_target(&self, parent: &str, target: &str) -> Result<Vec<String>, StoreError> {
+        let table = self
+            .txn
+            .open_multimap_table(TARGETS)
+            .map_err(|e| self.store.err(e))?;
+        names(self.path(), table.get((parent, target)))
+    }
+
+    fn path(&self) -> &str {
+        &self.store.path
+    }
+}
+
+impl ReadTxn<'_> {
+    fn open(
+        &self,
+        table: RecordTable,
+    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+        self.txn.open_table(table).map_err(|e| self.store.err(e))
     }
 }
 
@@ -223,91 +386,108 @@ fn decode(path: &str, name: &str, bytes: &[u8]) -> Result<SnapshotRecord, StoreE
     })
 }
 
-impl WriteTxn<'_> {
-    /// The record stored under `name`, if any.
-    pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+impl SnapshotView for WriteTxn<'_> {
+    fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        get_record(self.path(), &self.records()?, name)
+    }
+
+    fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
+        all_records(self.path(), &self.records()?)
+    }
+
+    fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
         let table = self
             .txn
-            .open_table(SNAPSHOTS)
+            .open_multimap_table(CHILDREN)
             .map_err(|e| self.store.err(e))?;
-        let value = table.get(name).map_err(|e| self.store.err(e))?;
-        value
-            .map(|v| decode(&self.store.path, name, v.value()))
-            .transpose()
+        names(self.path(), table.get(name))
+    }
+
+    fn with_target(&self, parent: &str, target: &str) -> Result<Vec<String>, StoreError> {
+        let table = self
+            .txn
+            .open_multimap_table(TARGETS)
+            .map_err(|e| self.store.err(e))?;
+        names(self.path(), table.get((parent, target)))
+    }
+
+    fn path(&self) -> &str {
+        &self.store.path
+    }
+}
+
+impl WriteTxn<'_> {
+    fn records(&self) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
+        self.txn
+            .open_table(SNAPSHOTS)
+            .map_err(|e| self.store.err(e))
     }
 
     /// Stores `record` under `name`, replacing any previous one.
     pub fn put(&self, name: &str, record: &SnapshotRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(|e| self.store.err(e))?;
-        let mut table = self
-            .txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| self.store.err(e))?;
-        table
+        self.unindex(name)?;
+        self.records()?
             .insert(name, bytes.as_slice())
             .map_err(|e| self.store.err(e))?;
-        Ok(())
+        self.index(name, record)
     }
 
     /// Deletes the record under `name`.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        let mut table = self
-            .txn
-            .open_table(SNAPSHOTS)
+        self.unindex(name)?;
+        self.records()?
+            .remove(name)
             .map_err(|e| self.store.err(e))?;
-        table.remove(name).map_err(|e| self.store.err(e))?;
         Ok(())
     }
 
-    /// Every record (name order), seen from inside this transaction.
-    pub fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
-        let table = self
-            .txn
-            .open_table(SNAPSHOTS)
+    /// Adds `record`, stored under `name`, to the indexes.
+    fn index(&self, name: &str, record: &SnapshotRecord) -> Result<(), StoreError> {
+        let err = |e| self.store.err(e);
+        let mut children = self.txn.open_multimap_table(CHILDREN).map_err(err)?;
+        children
+            .insert(record.parent.as_str(), name)
             .map_err(|e| self.store.err(e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.store.err(e))? {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
-            let name = k.value().to_string();
-            let record = decode(&self.store.path, &name, v.value())?;
-            out.push((name, record));
+        if let Some(target) = record.labels.get(labels::SNAPSHOT_REF) {
+            let mut targets = self.txn.open_multimap_table(TARGETS).map_err(err)?;
+            targets
+                .insert((record.parent.as_str(), target.as_str()), name)
+                .map_err(|e| self.store.err(e))?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// True when some snapshot names `name` as its parent.
-    pub fn has_children(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.all()?.iter().any(|(_, r)| r.parent == name))
-    }
-
-    /// The directory ids of `name` and its ancestors, nearest first, with their remote flag.
-    pub fn chain_ids(&self, name: &str) -> Result<Vec<(u64, bool)>, StoreError> {
-        Ok(self
-            .chain(name)?
-            .into_iter()
-            .map(|r| (r.id, r.remote))
-            .collect())
-    }
-
-    /// The records of `name` and its ancestors, nearest first.
-    pub fn chain(&self, name: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let mut records = Vec::new();
-        let mut next = name.to_string();
-        while !next.is_empty() {
-            let record = self.get(&next)?.ok_or_else(|| StoreError {
-                path: self.store.path.clone(),
-                detail: format!("snapshot {next:?} is named as a parent but has no record"),
-            })?;
-            next = record.parent.clone();
-            records.push(record);
-            // A cycle can only come from a corrupt store; stop rather than loop forever.
-            if records.len() > 100_000 {
-                return Err(self
-                    .store
-                    .err("parent chain longer than 100000: corrupt store"));
-            }
+    /// Takes the record stored under `name` (if any) out of the indexes.
+    fn unindex(&self, name: &str) -> Result<(), StoreError> {
+        let Some(old) = self.get(name)? else {
+            return Ok(());
+        };
+        let err = |e| self.store.err(e);
+        let mut children = self.txn.open_multimap_table(CHILDREN).map_err(err)?;
+        children
+            .remove(old.parent.as_str(), name)
+            .map_err(|e| self.store.err(e))?;
+        if let Some(target) = old.labels.get(labels::SNAPSHOT_REF) {
+            let mut targets = self.txn.open_multimap_table(TARGETS).map_err(err)?;
+            targets
+                .remove((old.parent.as_str(), target.as_str()), name)
+                .map_err(|e| self.store.err(e))?;
         }
-        Ok(records)
+        Ok(())
+    }
+
+    /// Builds both indexes again from the records.
+    fn rebuild_indexes(&self) -> Result<(), StoreError> {
+        let err = |e| self.store.err(e);
+        self.txn.delete_multimap_table(CHILDREN).map_err(err)?;
+        self.txn.delete_multimap_table(TARGETS).map_err(err)?;
+        self.txn.open_multimap_table(CHILDREN).map_err(err)?;
+        self.txn.open_multimap_table(TARGETS).map_err(err)?;
+        for (name, record) in self.all()? {
+            self.index(&name, &record)?;
+        }
+        Ok(())
     }
 
     /// Makes every change of this transaction durable.
@@ -349,11 +529,77 @@ mod tests {
             drop(txn);
         }
         let store = MetadataStore::open(&path).unwrap();
-        let names: Vec<String> = store.all().unwrap().into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = store
+            .read()
+            .unwrap()
+            .all()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         let txn = store.begin().unwrap();
         assert_eq!(txn.chain_ids("b").unwrap(), [(2, false), (1, false)]);
         assert!(txn.has_children("a").unwrap());
         assert!(!txn.has_children("b").unwrap());
+    }
+
+    #[test]
+    fn the_indexes_follow_puts_updates_and_deletes_and_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        let targeted = |id, parent: &str, target: &str, kind| SnapshotRecord {
+            kind,
+            labels: BTreeMap::from([(labels::SNAPSHOT_REF.to_string(), target.to_string())]),
+            ..record(id, parent)
+        };
+        {
+            let store = MetadataStore::open(&path).unwrap();
+            let txn = store.begin().unwrap();
+            txn.put("base", &record(1, "")).unwrap();
+            txn.put("extract-1", &targeted(2, "base", "sha256:l2", Kind::Active))
+                .unwrap();
+            txn.put("l2", &targeted(3, "base", "sha256:l2", Kind::Committed))
+                .unwrap();
+            txn.commit().unwrap();
+
+            let read = store.read().unwrap();
+            assert_eq!(read.children("base").unwrap(), ["extract-1", "l2"]);
+            assert_eq!(
+                read.with_target("base", "sha256:l2").unwrap(),
+                ["extract-1", "l2"]
+            );
+            assert_eq!(
+                read.committed_target("base", "sha256:l2")
+                    .unwrap()
+                    .as_deref(),
+                Some("l2")
+            );
+            assert_eq!(read.committed_target("", "sha256:l2").unwrap(), None);
+            drop(read);
+
+            // Relabelled, reparented and deleted records leave the indexes.
+            let txn = store.begin().unwrap();
+            txn.delete("extract-1").unwrap();
+            txn.put("l2", &targeted(3, "", "sha256:other", Kind::Committed))
+                .unwrap();
+            txn.commit().unwrap();
+            let read = store.read().unwrap();
+            assert!(!read.has_children("base").unwrap());
+            assert!(read.with_target("base", "sha256:l2").unwrap().is_empty());
+            assert_eq!(read.with_target("", "sha256:other").unwrap(), ["l2"]);
+        }
+        // A database from before the indexes: only the records table.
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_multimap_table(CHILDREN).unwrap();
+            txn.delete_multimap_table(TARGETS).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = MetadataStore::open(&path).unwrap();
+        let read = store.read().unwrap();
+        assert_eq!(read.children("").unwrap(), ["base", "l2"]);
+        assert_eq!(read.with_target("", "sha256:other").unwrap(), ["l2"]);
     }
 }

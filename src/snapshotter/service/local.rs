@@ -8,21 +8,22 @@ use std::sync::atomic::Ordering;
 
 use crate::snapshotter::mounts::snapshot_mounts;
 use crate::snapshotter::proto::Mount;
-use crate::snapshotter::store::{now_nanos, Kind, SnapshotRecord};
+use crate::snapshotter::store::{now_nanos, Kind, SnapshotRecord, SnapshotView};
 
 use super::fs::remove_dir_quietly;
 use super::{Service, SnapshotError};
 
 impl Service {
     /// Creates an active or view snapshot: directory made under a temporary name, then renamed
-    /// into place inside the metadata transaction.
+    /// into place inside the metadata transaction. Returns its mounts and the records of its
+    /// parent chain, nearest first.
     pub(super) fn create_local(
         &self,
         kind: Kind,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    ) -> Result<(Vec<Mount>, Vec<SnapshotRecord>), SnapshotError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let temp = self.inner.snapshots_dir.join(format!("new-{id}"));
         let result = self.create_local_in(kind, key, parent, labels, id, &temp);
@@ -40,7 +41,7 @@ impl Service {
         labels: BTreeMap<String, String>,
         id: u64,
         temp: &Path,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    ) -> Result<(Vec<Mount>, Vec<SnapshotRecord>), SnapshotError> {
         let mkdir = |path: &Path, mode: u32| {
             std::fs::DirBuilder::new()
                 .mode(mode)
@@ -67,7 +68,7 @@ impl Service {
                     "parent {parent:?} is not a committed snapshot"
                 )));
             }
-            chain = txn.chain_ids(parent)?;
+            chain = txn.chain(parent)?;
             // The new upper dir takes the owner of the parent's root, as containerd's overlay does.
             let parent_fs = self.dir(parent_record.id).join("fs");
             if let Ok(meta) = std::fs::metadata(&parent_fs) {
@@ -102,7 +103,8 @@ impl Service {
             remove_dir_quietly(&dir).ok();
             return Err(err.into());
         }
-        Ok(self.mounts_for(kind, id, &chain))
+        let ids: Vec<(u64, bool)> = chain.iter().map(|r| (r.id, r.remote)).collect();
+        Ok((self.mounts_for(kind, id, &ids), chain))
     }
 
     pub(super) fn mounts_for(&self, kind: Kind, id: u64, chain: &[(u64, bool)]) -> Vec<Mount> {

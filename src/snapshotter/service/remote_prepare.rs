@@ -11,7 +11,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::labels;
 use crate::snapshotter::remote::{LayerLocator, RemoteLayerError, RemoteLayerRequest};
-use crate::snapshotter::store::{now_nanos, Kind, SnapshotRecord};
+use crate::snapshotter::store::{now_nanos, Kind, SnapshotRecord, SnapshotView};
 
 use super::fs::remove_dir_quietly;
 use super::{Service, SnapshotError};
@@ -35,10 +35,11 @@ impl Service {
         // Parents first: a layer's whiteouts are judged against the layers below it, mounted.
         let records = self
             .blocking(|s| {
+                let txn = s.inner.store.read()?;
                 let mut remote = Vec::new();
-                for (name, record) in s.inner.store.all()? {
+                for (name, record) in txn.all()? {
                     if record.remote {
-                        let lower_dirs = s.layer_dirs(&record.parent)?;
+                        let lower_dirs = s.layer_dirs(&txn, &record.parent)?;
                         remote.push((name, record, lower_dirs));
                     }
                 }
@@ -71,6 +72,9 @@ impl Service {
         Ok(restored)
     }
 
+    /// The remote path of Prepare: one read transaction checks the target and the parent, the
+    /// hook mounts the layer with no transaction open (a mount takes round trips), and one write
+    /// transaction commits it unless another Prepare committed the same target meanwhile.
     pub(super) async fn prepare_remote(
         &self,
         key: &str,
@@ -86,13 +90,17 @@ impl Service {
         let (target_owned, parent_owned) = (target.to_string(), parent.to_string());
         let (id, mountpoint, name, lower_dirs) = self
             .blocking(move |s| {
+                let txn = s.inner.store.read()?;
                 // containerd looks the result up by (snapshot.ref label, parent); one such
                 // snapshot is enough.
-                if s.find_target(&target_owned, &parent_owned)?.is_some() {
+                if txn
+                    .committed_target(&parent_owned, &target_owned)?
+                    .is_some()
+                {
                     return Ok(None);
                 }
                 if !parent_owned.is_empty() {
-                    match s.inner.store.get(&parent_owned)? {
+                    match txn.get(&parent_owned)? {
                         Some(p) if p.kind == Kind::Committed => {}
                         _ => {
                             return Err(SnapshotError::InvalidArgument(format!(
@@ -104,7 +112,7 @@ impl Service {
                 let id = s.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 // The chain ID names the snapshot, unless that name is taken by the same layer on
                 // another parent (another namespace's unpacked parent): then a unique name.
-                let name = if s.inner.store.get(&target_owned)?.is_some() {
+                let name = if txn.get(&target_owned)?.is_some() {
                     format!("{target_owned}@{id}")
                 } else {
                     target_owned.clone()
@@ -119,7 +127,7 @@ impl Service {
                         "creating {}",
                         mountpoint.display()
                     )))?;
-                let lower_dirs = s.layer_dirs(&parent_owned)?;
+                let lower_dirs = s.layer_dirs(&txn, &parent_owned)?;
                 Ok(Some((id, mountpoint, name, lower_dirs)))
             })
             .await
@@ -168,12 +176,11 @@ impl Service {
         let committed = self
             .blocking(move |s| {
                 let txn = s.inner.store.begin()?;
-                let raced = txn.all()?.iter().any(|(other, r)| {
-                    other == &name
-                        || (r.parent == record.parent
-                            && r.labels.get(labels::SNAPSHOT_REF)
-                                == record.labels.get(labels::SNAPSHOT_REF))
-                });
+                let raced = txn.get(&name)?.is_some()
+                    || match record.labels.get(labels::SNAPSHOT_REF) {
+                        Some(target) => !txn.with_target(&record.parent, target)?.is_empty(),
+                        None => false,
+                    };
                 if raced {
                     return Ok(false);
                 }
