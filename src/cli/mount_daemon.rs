@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lazysnap::cache::{CacheError, CacheOptions, ChunkCache};
+use lazysnap::cache::{CacheError, ChunkCache};
 use lazysnap::layer::{self};
 use lazysnap::sync::lock;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -185,12 +185,11 @@ async fn open_cache(
 ) -> anyhow::Result<Arc<ChunkCache>> {
     let started = Instant::now();
     loop {
-        let mut options = CacheOptions::new(cache_dir);
-        options.max_bytes = cache_limit;
-        // The disk watermarks `serve` keeps by default: a small filesystem never fills up.
-        let defaults = lazysnap::config::CacheConfig::default();
-        options.high_watermark_pct = Some(defaults.high_watermark_pct);
-        options.low_watermark_pct = Some(defaults.low_watermark_pct);
+        // `serve`'s defaults (memory tier, disk watermarks) with this cache dir and bound.
+        let mut config = lazysnap::config::Config::default();
+        config.cache.dir = cache_dir.to_path_buf();
+        config.cache.max_bytes = cache_limit;
+        let options = lazysnap::daemon::cache_options(&config);
         match tokio::task::spawn_blocking(move || ChunkCache::open(options)).await? {
             Ok(cache) => return Ok(cache),
             Err(CacheError::Locked { .. }) if started.elapsed() < CACHE_LOCK_WAIT => {

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use lazysnap::config::Config;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,24 @@ pub struct MountRequest {
     pub no_passthrough: bool,
     /// Seconds.
     pub read_deadline: u64,
+}
+
+impl MountRequest {
+    /// The daemon configuration these flags stand for (the rest is `serve`'s defaults).
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.registry.config_path = self.hosts_dir.clone().unwrap_or_default();
+        config.registry.plain_http = self.plain_http;
+        config.fetch.read_deadline_secs = self.read_deadline;
+        config.fetch.prefetch = !self.no_prefetch;
+        config.fetch.background_fill = !self.no_prefetch && !self.no_background;
+        config.fetch.readahead = !self.no_prefetch;
+        config.fetch.library_prefetch = !self.no_prefetch;
+        config.fetch.passthrough = !self.no_passthrough;
+        // The startup prefetch is the snapshotter's: it knows the image's TOCs at once.
+        config.fetch.startup_prefetch = false;
+        config
+    }
 }
 
 /// One reply, one JSON line.
@@ -340,5 +359,68 @@ pub fn connect_or_start(cache_dir: &Path, cache_size: u64) -> anyhow::Result<Dae
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> MountRequest {
+        MountRequest {
+            image: "127.0.0.1:5000/app:1".into(),
+            dir: "/mnt/app".into(),
+            state_dir: "/run/lazysnap-mounts".into(),
+            platform: None,
+            plain_http: true,
+            hosts_dir: None,
+            no_prefetch: false,
+            no_background: false,
+            no_passthrough: false,
+            read_deadline: 12,
+        }
+    }
+
+    #[test]
+    fn mount_flags_become_serve_defaults_with_their_overrides() {
+        let config = request().config();
+        let defaults = Config::default();
+        assert_eq!(config.cache, defaults.cache);
+        assert!(config.registry.config_path.as_os_str().is_empty());
+        assert!(config.registry.plain_http);
+        assert_eq!(config.fetch.read_deadline_secs, 12);
+        assert!(config.fetch.prefetch && config.fetch.background_fill);
+        assert!(config.fetch.readahead && config.fetch.library_prefetch);
+        assert!(config.fetch.passthrough);
+        assert!(
+            !config.fetch.startup_prefetch,
+            "the snapshotter's, not a mount's"
+        );
+        assert_eq!(
+            config.fetch.background_concurrency,
+            defaults.fetch.background_concurrency
+        );
+
+        let config = MountRequest {
+            no_background: true,
+            no_passthrough: true,
+            hosts_dir: Some("/etc/containerd/certs.d".into()),
+            ..request()
+        }
+        .config();
+        assert!(config.fetch.prefetch && !config.fetch.background_fill);
+        assert!(!config.fetch.passthrough);
+        assert_eq!(
+            config.registry.config_path,
+            Path::new("/etc/containerd/certs.d")
+        );
+
+        let config = MountRequest {
+            no_prefetch: true,
+            ..request()
+        }
+        .config();
+        assert!(!config.fetch.prefetch && !config.fetch.background_fill);
+        assert!(!config.fetch.readahead && !config.fetch.library_prefetch);
     }
 }

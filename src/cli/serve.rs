@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use lazysnap::config::Config;
+use lazysnap::daemon;
 use lazysnap::layer::LayerManager;
 use lazysnap::snapshotter::{self, RemoteLayers, Service, ServiceOptions};
 use tokio::net::UnixListener;
@@ -67,7 +68,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let _root_lock = lock_root(&config.root)?;
     super::runtime()?.block_on(async {
-        let manager = LayerManager::from_config(&config, tokio::runtime::Handle::current())
+        let manager = daemon::serve_layer_manager(&config, tokio::runtime::Handle::current())
             .context("setting up lazy remote layers")?;
         serve(config, Arc::new(manager)).await
     })?;

@@ -3,17 +3,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use lazysnap::cache::ChunkCache;
+use lazysnap::daemon;
 use lazysnap::estargz;
-use lazysnap::fetch::FetchOptions;
+use lazysnap::fetch::FetchScheduler;
 use lazysnap::image::{self, ImageLocation, Platform};
-use lazysnap::layer::{
-    self, LayerManager, LayerManagerOptions, LowerLayers, MountedLayer, RemoteLayerSpec,
-};
-use lazysnap::registry::{Client, ClientConfig, Reference};
+use lazysnap::layer::{self, LowerLayers, MountedLayer, RemoteLayerSpec};
+use lazysnap::registry::{Client, Reference};
 
 use crate::cli::mount_socket::MountRequest;
 use crate::cli::mount_state::{state_file, LayerState};
@@ -126,34 +124,17 @@ pub(super) async fn mount_layers(
         Some(text) => Platform::parse(text)?,
         None => Platform::host(),
     };
-    let client = Client::new(ClientConfig {
-        hosts_dir: request.hosts_dir.clone(),
-        plain_http: request.plain_http,
-        read_deadline: Duration::from_secs(request.read_deadline),
-        ..ClientConfig::default()
-    })?;
-    let fetch = FetchOptions {
-        deadline: Duration::from_secs(request.read_deadline),
-        prefetch: !request.no_prefetch,
-        background: !request.no_prefetch && !request.no_background,
-        readahead: !request.no_prefetch,
-        library_prefetch: !request.no_prefetch,
-        ..FetchOptions::default()
-    };
-    let manager = LayerManager::new(
+    let config = request.config();
+    let client = daemon::registry_client(&config)?;
+    // The process-wide scheduler: it bounds background work across every image this daemon
+    // mounts.
+    let manager = daemon::layer_manager(
+        &config,
         client.clone(),
         cache.clone(),
+        FetchScheduler::global(),
+        platform.clone(),
         tokio::runtime::Handle::current(),
-        LayerManagerOptions {
-            fetch,
-            platform: platform.clone(),
-            mount: lazysnap_fuse::MountOptions {
-                passthrough: !request.no_passthrough,
-                ..LayerManagerOptions::default().mount
-            },
-            // The startup prefetch is the snapshotter's: it knows the image's TOCs at once.
-            startup_prefetch: false,
-        },
     );
     let reference = Reference::parse(&request.image)?;
     let resolved = image::resolve_image(
