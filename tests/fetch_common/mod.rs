@@ -63,6 +63,20 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Incompressible pseudo-random bytes (xorshift): compressed, a chunk of them is as large as
+/// its data.
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 29) as u8
+        })
+        .collect()
+}
+
 pub fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
     match compression {
         Compression::Gzip => {
@@ -401,3 +415,17 @@ pub fn sample_contents() -> Vec<Vec<u8>> {
 }
 
 // ---------- tests ----------
+
+/// A tar of regular files (mode 0644, one fixed mtime), in the map's order.
+pub fn tar_of(files: &std::collections::BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, path, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap()
+}

@@ -191,3 +191,20 @@ pub fn is_mounted(path: &Path) -> bool {
         .lines()
         .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
 }
+
+/// Node attributes: mode, owner, group, mtime.
+pub fn attr(mode: u32, uid: u32, gid: u32, mtime: i64) -> lazysnap_fuse::NodeAttr {
+    lazysnap_fuse::NodeAttr::new(mode, uid, gid, mtime)
+}
+
+/// A node of `kind` with `attr` and no xattrs.
+pub fn node(
+    kind: lazysnap_fuse::NodeKind,
+    attr: lazysnap_fuse::NodeAttr,
+) -> lazysnap_fuse::NewNode {
+    lazysnap_fuse::NewNode {
+        kind,
+        attr,
+        xattrs: vec![],
+    }
+}
