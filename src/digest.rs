@@ -1,13 +1,18 @@
 //! Content digests as OCI writes them (`<algorithm>:<lowercase hex>`): [`Digest`], the one type
-//! that checks one, and [`sha256_digest`], the one function that computes one.
+//! that holds one (blob digests in descriptors and the registry's API are `Digest`s, checked when
+//! they are parsed), and [`sha256_digest`], the one function that computes one.
 
 use std::fmt;
 
 use sha2::Digest as _;
 
 /// A well-formed content digest: `sha256:` and 64 lowercase hex digits, or `sha512:` and 128.
-/// Safe to use in a file name or a URL path once parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Safe to use in a file name or a URL path once parsed; reads as its text (`&str`) where one is
+/// wanted, and is checked when deserialized (a manifest with a malformed digest is refused).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
 /// A digest that is not `<algorithm>:<lowercase hex>` of a supported algorithm.
@@ -58,12 +63,9 @@ impl Digest {
         }
     }
 
-    /// The sha256 digest of `bytes`.
-    pub fn sha256_of(bytes: &[u8]) -> Self {
-        Self(format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(bytes))
-        ))
+    /// The digest of a finished sha256 hash (of a stream hashed as it was written).
+    pub fn of_sha256(hash: [u8; 32]) -> Self {
+        Self(format!("sha256:{}", hex::encode(hash)))
     }
 
     /// `sha256` or `sha512`.
@@ -96,6 +98,62 @@ impl std::str::FromStr for Digest {
     }
 }
 
+impl TryFrom<String> for Digest {
+    type Error = DigestError;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::parse(&text)
+    }
+}
+
+impl std::ops::Deref for Digest {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Digest {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Digest {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Digest {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Digest {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Digest {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl PartialEq<Digest> for String {
+    fn eq(&self, other: &Digest) -> bool {
+        *self == other.0
+    }
+}
+
+impl PartialEq<Digest> for &str {
+    fn eq(&self, other: &Digest) -> bool {
+        *self == other.0
+    }
+}
+
 impl From<Digest> for String {
     fn from(digest: Digest) -> Self {
         digest.0
@@ -103,8 +161,8 @@ impl From<Digest> for String {
 }
 
 /// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    Digest::sha256_of(bytes).into()
+pub fn sha256_digest(bytes: &[u8]) -> Digest {
+    Digest::of_sha256(sha2::Sha256::digest(bytes).into())
 }
 
 /// The first 12 hex digits of a digest (or of any text, unchecked), for names and logs.
@@ -125,7 +183,7 @@ mod tests {
         assert_eq!(digest.algorithm(), "sha256");
         assert_eq!(digest.hex().len(), 64);
         assert_eq!(digest.to_string(), empty);
-        assert_eq!(Digest::parse_sha256(empty).unwrap(), Digest::sha256_of(b""));
+        assert_eq!(Digest::parse_sha256(empty).unwrap(), sha256_digest(b""));
         let sha512 = format!("sha512:{}", "ab".repeat(64));
         assert!(Digest::parse(&sha512).is_ok());
         assert!(matches!(

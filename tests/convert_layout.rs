@@ -13,7 +13,7 @@ use lazysnap_testbed::RegistryServer;
 
 /// A layout tagged `multi` with an index over linux/amd64 (OCI, gzip) and linux/arm64 (Docker
 /// media types, uncompressed) images, each with a marker file naming its platform.
-fn multi_platform_layout(dir: &std::path::Path) -> (OciLayout, Vec<String>) {
+fn multi_platform_layout(dir: &std::path::Path) -> (OciLayout, Vec<lazysnap::digest::Digest>) {
     let layout = OciLayout::create(dir).unwrap();
     let mut images = Vec::new();
     for (platform, docker, compression) in [

@@ -22,9 +22,9 @@ use lazysnap_testbed::{LinkEmulator, LinkProfile, RegistryServer};
 const CHUNK: u64 = 256 << 10;
 
 struct Pushed {
-    digest: String,
+    digest: lazysnap::digest::Digest,
     size: u64,
-    toc_digest: String,
+    toc_digest: lazysnap::digest::Digest,
 }
 
 fn build_and_push(

@@ -20,7 +20,7 @@ fn push_three_layer_image(
     registry: &RegistryServer,
     dir: &std::path::Path,
     repo: &str,
-) -> Vec<String> {
+) -> Vec<lazysnap::digest::Digest> {
     use lazysnap::image::{convert_image, ConvertOptions, ImageLocation, NoProgress, OciLayout};
     use lazysnap_testbed::images::{push_layout_image, write_image, ImageOptions};
     let layout = OciLayout::create(&dir.join("oci")).unwrap();
@@ -83,7 +83,7 @@ fn on_demand_layer_manager(
 /// labels), mounting at `mountpoint`.
 fn remote_layer_request(
     image_ref: &str,
-    layers: &[String],
+    layers: &[lazysnap::digest::Digest],
     i: usize,
     toc_digest: Option<String>,
     mountpoint: std::path::PathBuf,
@@ -97,8 +97,8 @@ fn remote_layer_request(
         labels: BTreeMap::new(),
         locator: LayerLocator {
             image_ref: image_ref.to_string(),
-            layer_digest: layers[i].clone(),
-            image_layers: layers[i..].to_vec(),
+            layer_digest: layers[i].to_string(),
+            image_layers: layers[i..].iter().map(ToString::to_string).collect(),
             toc_digest,
             source: LocatorSource::Stargz,
         },
@@ -286,9 +286,9 @@ fn a_blobs_tail_comes_with_its_size_from_one_suffix_range() {
         let expected = &whole[whole.len().saturating_sub(len as usize)..];
         assert!(tail == expected, "the last {len} bytes read back wrong");
     }
-    let missing = format!("sha256:{}", "1".repeat(64));
+    let missing = lazysnap::digest::Digest::parse(&format!("sha256:{}", "1".repeat(64))).unwrap();
     let err = rt
         .block_on(client.blob_tail(&reference, &missing, 100))
         .unwrap_err();
-    assert!(err.to_string().contains(&missing), "{err}");
+    assert!(err.to_string().contains(missing.as_str()), "{err}");
 }

@@ -86,7 +86,10 @@ fn a_manifest_that_does_not_match_its_digest_is_refused() {
     let output = lazysnap(&["convert", &by_digest, &target]);
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains(&digest), "the error names the digest: {err}");
+    assert!(
+        err.contains(digest.as_str()),
+        "the error names the digest: {err}"
+    );
     assert!(
         err.to_lowercase().contains("digest"),
         "the error says the digest does not match: {err}"

@@ -165,12 +165,12 @@ fn pull_cli_picks_the_platform_manifest_from_an_index() {
     );
     let index_digest = lazysnap::digest::sha256_digest(&index_bytes);
     assert!(
-        stdout.contains(&index_digest),
+        stdout.contains(index_digest.as_str()),
         "the image target is the index: {stdout}"
     );
     let (ok, images, err) = containerd.ctr(namespace, &["images", "ls"]);
     assert!(ok, "{err}");
-    assert!(images.contains(&index_digest), "{images}");
+    assert!(images.contains(index_digest.as_str()), "{images}");
     let out = containerd.run(
         namespace,
         "overlayfs",

@@ -61,7 +61,7 @@ impl ImageSource for DirSource {
 
     fn manifest<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a lazysnap::digest::Digest,
     ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>> {
         async move {
             Err(ContainerdError::Source(format!(
@@ -71,13 +71,16 @@ impl ImageSource for DirSource {
         .boxed()
     }
 
-    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
+    fn blob<'a>(
+        &'a self,
+        digest: &'a lazysnap::digest::Digest,
+    ) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
         async move { self.read(digest) }.boxed()
     }
 
     fn blob_stream<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a lazysnap::digest::Digest,
         _size: u64,
     ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>
     {
@@ -233,16 +236,19 @@ impl ImageSource for CorruptingSource {
     }
     fn manifest<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a lazysnap::digest::Digest,
     ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>> {
         self.0.manifest(digest)
     }
-    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
+    fn blob<'a>(
+        &'a self,
+        digest: &'a lazysnap::digest::Digest,
+    ) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
         self.0.blob(digest)
     }
     fn blob_stream<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a lazysnap::digest::Digest,
         _size: u64,
     ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>
     {

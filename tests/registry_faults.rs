@@ -15,7 +15,7 @@ struct Bed {
     proxy: FaultProxy,
     client: Client,
     repo: Reference,
-    digest: String,
+    digest: lazysnap::digest::Digest,
     data: Bytes,
 }
 

@@ -64,7 +64,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// containerd's Prepare of `layers[i]` (base first) of `image_ref`, stacked on the mounts of
 /// the layers below.
-fn prepare(image_ref: &str, layers: &[String], i: usize, dir: &Path) -> RemoteLayerRequest {
+fn prepare(
+    image_ref: &str,
+    layers: &[lazysnap::digest::Digest],
+    i: usize,
+    dir: &Path,
+) -> RemoteLayerRequest {
     let mountpoint = dir.join(format!("mnt{i}"));
     std::fs::create_dir_all(&mountpoint).unwrap();
     RemoteLayerRequest {
@@ -74,8 +79,8 @@ fn prepare(image_ref: &str, layers: &[String], i: usize, dir: &Path) -> RemoteLa
         labels: BTreeMap::new(),
         locator: LayerLocator {
             image_ref: image_ref.to_string(),
-            layer_digest: layers[i].clone(),
-            image_layers: layers[i..].to_vec(),
+            layer_digest: layers[i].to_string(),
+            image_layers: layers[i..].iter().map(ToString::to_string).collect(),
             toc_digest: None,
             source: LocatorSource::Stargz,
         },
@@ -146,7 +151,8 @@ fn mounting_an_image_fetches_its_program_and_what_every_start_reads_and_nothing_
         &lazysnap_testbed::images::fetch_manifest(&registry.url(), "startup/app", "v1").unwrap(),
     )
     .unwrap();
-    let layers: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    let layers: Vec<lazysnap::digest::Digest> =
+        manifest.layers.iter().map(|l| l.digest.clone()).collect();
 
     // Prefetch on, but no background fill and no read-ahead: only the startup prefetch fetches.
     let cache = ChunkCache::open(CacheOptions::new(dir.path().join("cache"))).unwrap();

@@ -193,7 +193,7 @@ pub fn write_estargz_image(
         variant: platform.variant.clone(),
         rootfs: RootFs {
             kind: "layers".into(),
-            diff_ids,
+            diff_ids: diff_ids.iter().map(ToString::to_string).collect(),
         },
         extra,
     };

@@ -72,7 +72,7 @@ pub struct ServeStatus {
 fn layer_state(report: layer::MountedLayerReport) -> LayerState {
     LayerState::new(
         Some(report.image),
-        report.digest,
+        report.digest.to_string(),
         "lazy",
         report.mountpoint,
         report.size,
@@ -157,7 +157,7 @@ async fn answer(request: Request, manager: &LayerManager, root: &Path) -> Reply 
             let warmed = manager
                 .mounted_layers()
                 .into_iter()
-                .filter(|l| layers.contains(&l.digest))
+                .filter(|l| layers.iter().any(|d| *d == l.digest))
                 .map(layer_state)
                 .collect();
             Reply::Warmed {

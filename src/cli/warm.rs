@@ -78,7 +78,7 @@ async fn pull_lazily(args: &WarmArgs, image: &str) -> anyhow::Result<Vec<String>
         .layers
         .iter()
         .filter(|l| l.outcome != LayerOutcome::Unpacked)
-        .map(|l| l.digest.clone())
+        .map(|l| l.digest.to_string())
         .collect())
 }
 

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::client::Containerd;
 use super::proto::Descriptor as ProtoDescriptor;
 use super::ContainerdError;
+use crate::digest::Digest;
 use crate::image::{self, Descriptor, ImageConfig, Index, Manifest, Platform};
 use crate::labels;
 
@@ -27,7 +28,7 @@ use layer::{BlobFetch, LayerContext, SharedFetch, PREFETCH_CONCURRENCY};
 #[derive(Debug, Clone)]
 pub struct FetchedManifest {
     pub media_type: String,
-    pub digest: String,
+    pub digest: Digest,
     pub bytes: Bytes,
 }
 
@@ -39,14 +40,14 @@ pub trait ImageSource: Send + Sync {
     /// A manifest of the same repository by digest (a platform's manifest from an index).
     fn manifest<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a Digest,
     ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>>;
     /// A small blob (the config) whole.
-    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>>;
+    fn blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Result<Bytes, ContainerdError>>;
     /// A layer blob as a stream of byte chunks.
     fn blob_stream<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a Digest,
         size: u64,
     ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>;
     /// `(registry host, repository)` for containerd's `distribution.source` labels, if known.
@@ -91,7 +92,7 @@ impl LayerOutcome {
 /// One layer of the pulled image.
 #[derive(Debug, Clone)]
 pub struct LayerReport {
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     pub chain_id: String,
     pub outcome: LayerOutcome,
@@ -103,9 +104,9 @@ pub struct LayerReport {
 #[derive(Debug, Clone)]
 pub struct PullReport {
     /// Digest of the image target (the index, or the manifest when there is none).
-    pub target_digest: String,
-    pub manifest_digest: String,
-    pub config_digest: String,
+    pub target_digest: Digest,
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
     /// Chain ID of the top layer: the snapshot containers of this image start from.
     pub top_chain_id: String,
     pub layers: Vec<LayerReport>,
@@ -233,12 +234,12 @@ async fn pull_under_lease(
     let mut manifest_labels = HashMap::new();
     manifest_labels.insert(
         format!("{}.config", labels::GC_REF_CONTENT),
-        manifest.config.digest.clone(),
+        manifest.config.digest.to_string(),
     );
     for (i, layer) in layers.iter().enumerate() {
         manifest_labels.insert(
             format!("{}.l.{i}", labels::GC_REF_CONTENT),
-            layer.digest.clone(),
+            layer.digest.to_string(),
         );
     }
     write_whole(
@@ -253,7 +254,7 @@ async fn pull_under_lease(
         for (i, entry) in index.manifests.iter().enumerate() {
             index_labels.insert(
                 format!("{}.m.{i}", labels::GC_REF_CONTENT),
-                entry.digest.clone(),
+                entry.digest.to_string(),
             );
         }
         write_whole(
@@ -265,7 +266,7 @@ async fn pull_under_lease(
         .await?;
     }
 
-    let layer_digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    let layer_digests: Vec<String> = layers.iter().map(|l| l.digest.to_string()).collect();
     let content_labels = with_source(HashMap::new());
     // Layers without a TOC annotation cannot be mounted lazily: start fetching their blobs into
     // the content store now, a few at a time, while earlier layers are prepared and unpacked
@@ -350,7 +351,7 @@ async fn pull_under_lease(
 
     let target = ProtoDescriptor {
         media_type: top.media_type.clone(),
-        digest: top.digest.clone(),
+        digest: top.digest.to_string(),
         size: top.bytes.len() as i64,
         annotations: HashMap::new(),
     };

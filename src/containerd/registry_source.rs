@@ -9,6 +9,7 @@ use tokio_util::io::ReaderStream;
 
 use super::pull::{source_stream, FetchedManifest, ImageSource};
 use super::ContainerdError;
+use crate::digest::Digest;
 use crate::registry::{Client, Reference, RegistryError};
 
 /// One image reference on a registry.
@@ -55,7 +56,7 @@ impl ImageSource for RegistrySource {
 
     fn manifest<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a Digest,
     ) -> BoxFuture<'a, Result<FetchedManifest, ContainerdError>> {
         async move {
             self.client
@@ -67,7 +68,7 @@ impl ImageSource for RegistrySource {
         .boxed()
     }
 
-    fn blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
+    fn blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Result<Bytes, ContainerdError>> {
         async move {
             self.client
                 .get_blob(&self.reference, digest)
@@ -79,7 +80,7 @@ impl ImageSource for RegistrySource {
 
     fn blob_stream<'a>(
         &'a self,
-        digest: &'a str,
+        digest: &'a Digest,
         _size: u64,
     ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, ContainerdError>>, ContainerdError>>
     {

@@ -12,6 +12,7 @@ use super::footer::{parse_footer, Footer, MAX_FOOTER_SIZE};
 use super::toc::Toc;
 use super::{ChunkInfo, Compression, FormatError, TOC_TAR_NAME};
 use crate::blob::BlobSource;
+use crate::digest::Digest;
 
 mod normalize;
 mod verify;
@@ -132,7 +133,7 @@ impl From<Range<u64>> for PrefetchPlan {
 #[derive(Debug, Clone)]
 pub struct LayerToc {
     compression: Compression,
-    toc_digest: String,
+    toc_digest: Digest,
     /// The parsed TOC as read, until [`without_raw_toc`](LayerToc::without_raw_toc).
     toc: Option<Toc>,
     entries: Vec<Entry>,
@@ -148,7 +149,7 @@ impl LayerToc {
         self.compression
     }
     /// `sha256:<hex>` of the uncompressed TOC JSON.
-    pub fn toc_digest(&self) -> &str {
+    pub fn toc_digest(&self) -> &Digest {
         &self.toc_digest
     }
     /// The raw TOC, unless [`without_raw_toc`](Self::without_raw_toc) dropped it.
@@ -401,7 +402,7 @@ pub fn layer_from_toc_json(
         if expected != toc_digest {
             return Err(FormatError::TocDigestMismatch {
                 expected: expected.to_string(),
-                actual: toc_digest,
+                actual: toc_digest.to_string(),
             });
         }
     }

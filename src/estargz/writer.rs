@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::labels;
 
 use super::{
@@ -114,14 +114,14 @@ impl BuildOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltLayer {
     /// `sha256:<hex>` of the blob written.
-    pub blob_digest: String,
+    pub blob_digest: Digest,
     pub blob_size: u64,
     /// `sha256:<hex>` of the decompressed stream.
-    pub diff_id: String,
+    pub diff_id: Digest,
     /// Length of the decompressed stream.
     pub uncompressed_size: u64,
     /// `sha256:<hex>` of the uncompressed TOC JSON.
-    pub toc_digest: String,
+    pub toc_digest: Digest,
     /// zstd:chunked: `sha256:<hex>` of the compressed TOC.
     pub zstd_manifest_checksum: Option<String>,
     /// zstd:chunked: `offset:compressedLen:uncompressedLen:1`.
@@ -132,7 +132,7 @@ impl BuiltLayer {
     /// The layer annotations to put in the image manifest.
     pub fn annotations(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        out.insert(labels::TOC_DIGEST.to_string(), self.toc_digest.clone());
+        out.insert(labels::TOC_DIGEST.to_string(), self.toc_digest.to_string());
         out.insert(
             UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
             self.uncompressed_size.to_string(),
@@ -237,7 +237,11 @@ fn compress_member(
     level: u32,
 ) -> Result<Compressed, FormatError> {
     let chunk_digest = (job.digest_len > 0)
-        .then(|| job.data.get(..job.digest_len).map(sha256_digest))
+        .then(|| {
+            job.data
+                .get(..job.digest_len)
+                .map(|data| sha256_digest(data).into())
+        })
         .flatten();
     let compressed =
         compress_bytes(&job.data, compression, level).map_err(|e| FormatError::Io {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, info, info_span, Instrument};
 
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::estargz::{self, BuildOptions, Compression, RecordedFile};
 use crate::labels;
 use crate::registry::{Client, RegistryError};
@@ -108,9 +108,10 @@ pub enum LayerAction {
 /// One layer of a converted image.
 #[derive(Debug, Clone)]
 pub struct LayerReport {
-    pub source_digest: String,
+    pub source_digest: Digest,
     pub target: Descriptor,
-    pub diff_id: String,
+    /// The digest of the layer's tar; `None` for a blob that is not a tar layer (copied as is).
+    pub diff_id: Option<Digest>,
     pub action: LayerAction,
     /// False when the destination already had the blob.
     pub uploaded: bool,
@@ -342,7 +343,7 @@ impl Job<'_> {
         config.rootfs.diff_ids = layers
             .iter()
             .filter(|l| l.action != LayerAction::Copied)
-            .map(|l| l.diff_id.clone())
+            .filter_map(|l| l.diff_id.as_ref().map(Digest::to_string))
             .collect();
         let new_config = Bytes::from(to_json("config", &config)?);
         let config_digest = sha256_digest(&new_config);
@@ -386,16 +387,16 @@ impl Job<'_> {
         layer: &Descriptor,
         tar_layer: Option<(usize, String)>,
     ) -> Result<LayerReport, ImageError> {
-        let digest = layer.digest.as_str();
+        let digest = &layer.digest;
         let span = info_span!("layer", digest = %digest, size = layer.size);
         async {
             self.progress.layer_started(digest, layer.size);
             let Some((position, diff_id)) = tar_layer else {
                 let uploaded = self.copy_blob(layer).await?;
                 let report = LayerReport {
-                    source_digest: digest.to_string(),
+                    source_digest: digest.clone(),
                     target: layer.clone(),
-                    diff_id: String::new(),
+                    diff_id: None,
                     action: LayerAction::Copied,
                     uploaded,
                     uncompressed_size: 0,
@@ -444,6 +445,12 @@ impl Job<'_> {
         layer: &Descriptor,
         diff_id: &str,
     ) -> Result<Option<LayerReport>, ImageError> {
+        let diff_id = Digest::parse(diff_id).map_err(|e| {
+            ImageError::Invalid(format!(
+                "the config's diff_id of layer {}: {e}",
+                layer.digest
+            ))
+        })?;
         let blob = self.source.ranged(layer)?;
         let expected = layer
             .annotations
@@ -473,7 +480,7 @@ impl Job<'_> {
         Ok(Some(LayerReport {
             source_digest: layer.digest.clone(),
             target,
-            diff_id: diff_id.to_string(),
+            diff_id: Some(diff_id),
             action: LayerAction::Reused,
             uploaded,
             uncompressed_size,
@@ -550,7 +557,7 @@ impl Job<'_> {
         Ok(LayerReport {
             source_digest: digest,
             target,
-            diff_id: built.diff_id.clone(),
+            diff_id: Some(built.diff_id.clone()),
             action: LayerAction::Converted,
             uploaded,
             uncompressed_size: built.uncompressed_size,

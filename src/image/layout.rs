@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::types::{digest_hex, parse_json, to_json, MAX_METADATA_BYTES};
 use super::{Descriptor, ImageError, Index, REF_NAME_ANNOTATION};
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 
 const LAYOUT_FILE: &str = "oci-layout";
 const LAYOUT_CONTENT: &str = "{\"imageLayoutVersion\":\"1.0.0\"}";
@@ -122,18 +122,18 @@ impl OciLayout {
     }
 
     /// Path of a blob (which may not exist).
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+    pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, ImageError> {
         let hex = digest_hex(digest)?;
         Ok(self.dir.join("blobs").join("sha256").join(hex))
     }
 
     /// True when the layout holds the blob.
-    pub fn has_blob(&self, digest: &str) -> bool {
+    pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).map(|p| p.is_file()).unwrap_or(false)
     }
 
     /// Reads a small blob (manifest, index, config) and checks its digest.
-    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(digest)?;
         if !path.is_file() {
             return Err(ImageError::NotFound(format!(
@@ -143,7 +143,7 @@ impl OciLayout {
         }
         let bytes = read_bounded(&path)?;
         let actual = sha256_digest(&bytes);
-        if actual != digest {
+        if actual != *digest {
             return Err(ImageError::Corrupt(format!(
                 "blob {} has digest {actual}, not {digest}",
                 path.display()
@@ -153,7 +153,7 @@ impl OciLayout {
     }
 
     /// Stores `bytes` as a blob and returns its digest.
-    pub fn write_blob(&self, bytes: &[u8]) -> Result<String, ImageError> {
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<Digest, ImageError> {
         let digest = sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
         if !path.is_file() {
@@ -167,7 +167,7 @@ impl OciLayout {
 
     /// Stores the file at `source` as the blob `digest` (the caller computed the digest while
     /// writing it). The file is moved when it is on the same filesystem, else copied.
-    pub fn import_blob_file(&self, digest: &str, source: &Path) -> Result<(), ImageError> {
+    pub fn import_blob_file(&self, digest: &Digest, source: &Path) -> Result<(), ImageError> {
         let path = self.blob_path(digest)?;
         if path.is_file() {
             return Ok(());

@@ -141,7 +141,11 @@ mod tests {
     fn desc(digest_byte: char, p: &str) -> Descriptor {
         let mut d = Descriptor::new(
             OCI_MANIFEST,
-            &format!("sha256:{}", digest_byte.to_string().repeat(64)),
+            &crate::digest::Digest::parse(&format!(
+                "sha256:{}",
+                digest_byte.to_string().repeat(64)
+            ))
+            .unwrap(),
             1,
         );
         d.platform = Some(Platform::parse(p).unwrap());

@@ -68,7 +68,7 @@ pub fn is_layer(media_type: &str) -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
@@ -82,10 +82,10 @@ pub struct Descriptor {
 
 impl Descriptor {
     /// A descriptor with no annotations, platform or URLs.
-    pub fn new(media_type: &str, digest: &str, size: u64) -> Self {
+    pub fn new(media_type: &str, digest: &Digest, size: u64) -> Self {
         Self {
             media_type: media_type.to_string(),
-            digest: digest.to_string(),
+            digest: digest.clone(),
             size,
             urls: Vec::new(),
             annotations: BTreeMap::new(),
@@ -252,9 +252,13 @@ pub fn to_json<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, ImageErro
 
 /// Checks that `digest` is `sha256:` followed by 64 lowercase hex digits (the only algorithm
 /// lazysnap writes or reads paths for), and returns the hex part.
-pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
-    Digest::parse_sha256(digest).map_err(|e| ImageError::Invalid(e.to_string()))?;
-    Ok(&digest["sha256:".len()..])
+pub fn digest_hex(digest: &Digest) -> Result<&str, ImageError> {
+    if digest.algorithm() != "sha256" {
+        return Err(ImageError::Invalid(format!(
+            "digest {digest} is not sha256 (the only algorithm an OCI layout here holds)"
+        )));
+    }
+    Ok(digest.hex())
 }
 
 #[cfg(test)]
@@ -319,8 +323,14 @@ mod tests {
 
     #[test]
     fn digests_are_checked_before_use_as_paths() {
-        assert!(digest_hex("sha256:../../etc/passwd").is_err());
-        assert!(digest_hex("md5:00").is_err());
+        // A descriptor naming a path instead of a digest is refused where it is parsed.
+        let traversal = r#"{"mediaType":"x","size":1,"digest":"sha256:../../etc/passwd"}"#;
+        let err = parse_json::<Descriptor>("descriptor", traversal.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("../../etc/passwd"), "{err}");
+        let md5 = r#"{"mediaType":"x","size":1,"digest":"md5:00"}"#;
+        assert!(parse_json::<Descriptor>("descriptor", md5.as_bytes()).is_err());
+        let sha512 = Digest::parse(&format!("sha512:{}", "ab".repeat(64))).unwrap();
+        assert!(digest_hex(&sha512).is_err());
         let d = crate::digest::sha256_digest(b"");
         assert_eq!(
             digest_hex(&d).unwrap(),

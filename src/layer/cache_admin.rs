@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::digest::Digest;
 use crate::estargz::ChunkDigest;
 use crate::sync::lock;
 
@@ -26,7 +27,7 @@ pub struct CacheUsage {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerCacheUsage {
     pub image: String,
-    pub digest: String,
+    pub digest: Digest,
     /// Bytes of its chunks (and assembled files) on disk.
     pub cached_bytes: u64,
     /// Of those, bytes another mounted layer uses too.

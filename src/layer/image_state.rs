@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::Instrument;
 
+use crate::digest::Digest;
 use crate::estargz::{self};
 use crate::image::{self, Descriptor, Manifest};
 use crate::labels;
@@ -24,7 +25,7 @@ pub(super) struct ImageStartup {
     /// The process part of the image config; `None` when the config could not be read.
     pub(super) process: tokio::sync::OnceCell<Option<image::ProcessConfig>>,
     /// The files each layer prefetches at mount, by layer digest.
-    pub(super) files: std::sync::OnceLock<HashMap<String, Vec<String>>>,
+    pub(super) files: std::sync::OnceLock<HashMap<Digest, Vec<String>>>,
 }
 
 /// Longest a layer's first mount waits for the image config (read beside the TOCs) for the
@@ -178,7 +179,7 @@ impl LayerManager {
     }
 
     /// The files layer `digest` of `image` prefetches at mount (none when unknown).
-    pub(super) fn startup_files_of(&self, image: &Reference, digest: &str) -> Vec<String> {
+    pub(super) fn startup_files_of(&self, image: &Reference, digest: &Digest) -> Vec<String> {
         let startup = lock(&self.startups)
             .get(&image.to_string())
             .map(|(_, startup)| startup.clone());
@@ -206,10 +207,10 @@ impl LayerManager {
     }
 
     /// The read-ahead cell of one layer's TOC (created empty), dropping expired ones.
-    pub(super) fn toc_cell(&self, image: &Reference, digest: &str) -> TocCell {
+    pub(super) fn toc_cell(&self, image: &Reference, digest: &Digest) -> TocCell {
         let mut tocs = lock(&self.tocs);
         tocs.retain(|_, (created, _)| created.elapsed() < TOC_READ_AHEAD_TTL);
-        tocs.entry((image.to_string(), digest.to_string()))
+        tocs.entry((image.to_string(), digest.clone()))
             .or_insert_with(|| (std::time::Instant::now(), TocCell::default()))
             .1
             .clone()

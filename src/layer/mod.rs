@@ -10,7 +10,7 @@ pub use index::build_index;
 pub use lower::LowerLayers;
 pub use unpack::{unpack_layer, UnpackError};
 
-use crate::digest::short_digest;
+use crate::digest::{short_digest, Digest};
 use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ pub enum LayerError {
     Registry(#[from] RegistryError),
     #[error("layer {digest} is not lazily pullable: {source}")]
     Format {
-        digest: String,
+        digest: Digest,
         #[source]
         source: FormatError,
     },
@@ -53,7 +53,7 @@ pub enum LayerError {
     #[error("chunk cache: {0}")]
     Cache(#[from] crate::cache::CacheError),
     #[error("layer {digest} is not in image {image}")]
-    NotInImage { digest: String, image: String },
+    NotInImage { digest: Digest, image: String },
     #[error("TOC entry {entry:?} cannot be indexed: {source}")]
     Index {
         entry: String,
@@ -71,7 +71,7 @@ pub enum LayerError {
     #[error("layer at {0} is not mounted by this process")]
     NotMounted(PathBuf),
     #[error("layer blob {digest} is unreachable: {detail}")]
-    Unhealthy { digest: String, detail: String },
+    Unhealthy { digest: Digest, detail: String },
 }
 
 impl LayerError {
@@ -165,7 +165,7 @@ pub struct MountedLayerReport {
     /// The image it was mounted for.
     pub image: String,
     /// Its blob digest and compressed size.
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     pub mountpoint: PathBuf,
     pub stats: LayerFetchStats,
@@ -255,7 +255,7 @@ pub struct LayerManager {
     /// Manifests already resolved, by image reference.
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
     /// TOCs read (or being read) ahead of their layer's Prepare, by image reference and layer.
-    tocs: Mutex<HashMap<(String, String), (std::time::Instant, TocCell)>>,
+    tocs: Mutex<HashMap<(String, Digest), (std::time::Instant, TocCell)>>,
     /// What the first Prepare of an image learned for the startup prefetch, by image reference.
     startups: Mutex<HashMap<String, (std::time::Instant, Arc<ImageStartup>)>>,
 }
@@ -305,16 +305,16 @@ impl LayerManager {
     pub async fn locate(
         &self,
         image: &Reference,
-        digest: &str,
+        digest: &Digest,
     ) -> Result<RemoteLayerSpec, LayerError> {
         let manifest = self.image_manifest(image).await?;
         let layer = manifest
             .layers
             .iter()
-            .find(|layer| layer.digest == digest)
+            .find(|layer| layer.digest == *digest)
             .cloned()
             .ok_or_else(|| LayerError::NotInImage {
-                digest: digest.to_string(),
+                digest: digest.clone(),
                 image: image.to_string(),
             })?;
         Ok(RemoteLayerSpec {
@@ -408,7 +408,7 @@ impl LayerManager {
     }
 
     /// Fetch statistics of every layer mounted through the hook, by mountpoint.
-    pub fn mounted_stats(&self) -> BTreeMap<PathBuf, (String, LayerFetchStats)> {
+    pub fn mounted_stats(&self) -> BTreeMap<PathBuf, (Digest, LayerFetchStats)> {
         lock(&self.mounted)
             .iter()
             .map(|(path, layer)| {
@@ -428,6 +428,8 @@ impl LayerManager {
     ) -> Result<(), RemoteLayerError> {
         let image = Reference::parse(&locator.image_ref)
             .map_err(|e| RemoteLayerError::Declined(format!("image reference: {e}")))?;
+        let layer_digest = Digest::parse(&locator.layer_digest)
+            .map_err(|e| RemoteLayerError::Declined(format!("layer digest label: {e}")))?;
         // The first Prepare of an image fetches its manifest (for this layer's size and the
         // other layers' TOCs); when the labels name this layer's TOC digest, its tail is read
         // meanwhile by a suffix range, which tells the size too: one round trip less.
@@ -437,13 +439,12 @@ impl LayerManager {
             }
             let read = self
                 .client
-                .blob_tail(&image, &locator.layer_digest, estargz::DEFAULT_TAIL_GUESS)
+                .blob_tail(&image, &layer_digest, estargz::DEFAULT_TAIL_GUESS)
                 .await;
             read.map_err(|e| tracing::debug!(error = %e, "reading the layer's tail before the manifest failed; reading it after"))
                 .ok()
         };
-        let (located, early_tail) =
-            tokio::join!(self.locate(&image, &locator.layer_digest), early_tail);
+        let (located, early_tail) = tokio::join!(self.locate(&image, &layer_digest), early_tail);
         let mut spec = located.map_err(to_remote_error)?;
         // Kept only when the registry's size agrees with the manifest's.
         let early_tail = early_tail

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::blob::BlobSource;
 use crate::cache::{CacheError, CacheOptions, ChunkCache};
-use crate::digest::short_digest;
+use crate::digest::{short_digest, Digest};
 use crate::estargz::{self, EntryKind, FormatError};
 use crate::fetch::{FetchOptions, LayerReader};
 use crate::image::{
@@ -199,7 +199,7 @@ pub async fn optimize_image(
 }
 
 /// The tar layers of an image with their blobs, in order.
-fn tar_layers(resolved: &ResolvedImage) -> Vec<(String, Arc<dyn BlobSource>)> {
+fn tar_layers(resolved: &ResolvedImage) -> Vec<(Digest, Arc<dyn BlobSource>)> {
     resolved
         .manifest
         .layers
@@ -211,14 +211,14 @@ fn tar_layers(resolved: &ResolvedImage) -> Vec<(String, Arc<dyn BlobSource>)> {
 }
 
 /// The source digests of the tar layers a conversion read, in order.
-fn source_tar_layers(report: &ConvertReport) -> Vec<String> {
+fn source_tar_layers(report: &ConvertReport) -> Vec<Digest> {
     report
         .images
         .first()
         .map(|i| {
             i.layers
                 .iter()
-                .filter(|l| !l.diff_id.is_empty())
+                .filter(|l| l.diff_id.is_some())
                 .map(|l| l.source_digest.clone())
                 .collect()
         })
@@ -241,7 +241,7 @@ async fn layer_use(
             estargz::open_layer(&*blob, None)
                 .await
                 .map_err(|source| OptimizeError::Format {
-                    layer: digest.clone(),
+                    layer: digest.to_string(),
                     source,
                 })?;
         let mut usage = LayerUse {
@@ -250,7 +250,7 @@ async fn layer_use(
                 .iter()
                 .find(|a| a.layer == position && !a.layer_digest.is_empty())
                 .map(|a| a.layer_digest.clone())
-                .or_else(|| sources.get(position).cloned())
+                .or_else(|| sources.get(position).map(Digest::to_string))
                 .unwrap_or_default(),
             prefetch_bytes: toc.prefetch_bytes(),
             toc_bytes: blob.size().saturating_sub(toc.data_end()),
@@ -306,7 +306,7 @@ impl Drop for RecordingMounts {
 async fn record_run(
     resolved: &ResolvedImage,
     config: &ImageConfig,
-    digests: &[String],
+    digests: &[Digest],
     work: &Path,
     opts: &OptimizeOptions,
 ) -> Result<(Record, RunOutcome), OptimizeError> {
@@ -333,7 +333,7 @@ async fn record_run(
             .instrument(span.clone())
             .await
             .map_err(|source| OptimizeError::Format {
-                layer: digest.clone(),
+                layer: digest.to_string(),
                 source,
             })?;
         let below = LowerLayers::new(lower_dirs.iter().rev().cloned().collect());

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use lazysnap_fuse::{ContentId, ContentSource, OpenObserver, ReadDone};
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
 use crate::estargz::RecordedFile;
 
 /// Reads closer than this are prefetched together (a gap this small costs less than a miss, and
@@ -232,7 +233,7 @@ impl AccessLog {
     }
 
     /// The record: `names[layer][content]` names each file, `digests[layer]` each layer.
-    pub fn record(&self, names: &[LayerFileNames], digests: &[String]) -> Record {
+    pub fn record(&self, names: &[LayerFileNames], digests: &[Digest]) -> Record {
         let inner = self.lock();
         let mut accesses = Vec::with_capacity(inner.files.len());
         for ((layer, content), ranges) in &inner.files {
@@ -244,7 +245,10 @@ impl AccessLog {
             };
             accesses.push(RecordedAccess {
                 layer: *layer,
-                layer_digest: digests.get(*layer).cloned().unwrap_or_default(),
+                layer_digest: digests
+                    .get(*layer)
+                    .map(Digest::to_string)
+                    .unwrap_or_default(),
                 path: path.clone(),
                 size: *size,
                 read: merge(ranges, *size),
@@ -335,7 +339,9 @@ mod tests {
             vec![("a".into(), 1), ("b".into(), 2), ("big".into(), 10_000)],
             vec![("first".into(), 5000)],
         ];
-        let record = log.record(&names, &["sha256:l0".into(), "sha256:l1".into()]);
+        let l0 = crate::digest::sha256_digest(b"l0");
+        let l1 = crate::digest::sha256_digest(b"l1");
+        let record = log.record(&names, &[l0, l1]);
         let paths: Vec<_> = record
             .accesses
             .iter()

@@ -16,6 +16,7 @@ use super::client::{pull_scope, Client};
 use super::reference::Reference;
 use super::RegistryError;
 use crate::blob::{check_range, BlobError, BlobFuture, BlobSource, BlobStream};
+use crate::digest::Digest;
 
 mod request;
 mod sequential;
@@ -34,7 +35,7 @@ pub struct RemoteBlob {
 struct BlobInner {
     client: Client,
     reference: Reference,
-    digest: String,
+    digest: Digest,
     size: u64,
     scope: String,
     redirect: Mutex<Option<RememberedRedirect>>,
@@ -76,8 +77,8 @@ fn range_header(ranges: &[Range<u64>]) -> Option<HeaderValue> {
 
 impl Client {
     /// A ranged-read handle on blob `digest` of `size` bytes (no request is made now).
-    pub fn blob(&self, reference: &Reference, digest: &str, size: u64) -> RemoteBlob {
-        RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), size)
+    pub fn blob(&self, reference: &Reference, digest: &Digest, size: u64) -> RemoteBlob {
+        RemoteBlob::new(self.clone(), reference.clone(), digest.clone(), size)
     }
 
     /// The last `len` bytes of blob `digest` (all of it when shorter), in one request
@@ -86,15 +87,15 @@ impl Client {
     pub async fn blob_tail(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         len: u64,
     ) -> Result<(RemoteBlob, Bytes), RegistryError> {
-        let probe = RemoteBlob::new(self.clone(), reference.clone(), digest.to_string(), 0);
+        let probe = RemoteBlob::new(self.clone(), reference.clone(), digest.clone(), 0);
         let span = tracing::info_span!(
             "registry.read_tail",
             registry = %reference.registry,
             repository = %reference.repository,
-            digest,
+            digest = %digest,
             bytes = len
         );
         let probe = &probe;
@@ -112,7 +113,7 @@ impl Client {
 }
 
 impl RemoteBlob {
-    pub(crate) fn new(client: Client, reference: Reference, digest: String, size: u64) -> Self {
+    pub(crate) fn new(client: Client, reference: Reference, digest: Digest, size: u64) -> Self {
         let scope = pull_scope(&reference.repository);
         Self {
             inner: Arc::new(BlobInner {
@@ -131,7 +132,7 @@ impl RemoteBlob {
     }
 
     /// The blob's digest.
-    pub fn digest(&self) -> &str {
+    pub fn digest(&self) -> &Digest {
         &self.inner.digest
     }
 

@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::StreamReader;
 use tracing::Instrument as _;
 
+use crate::digest::Digest;
+
 use super::client::{header_str, identity_headers, pull_scope, Client};
 use super::multipart::parse_content_range;
 use super::reference::Reference;
@@ -38,7 +40,7 @@ impl std::fmt::Debug for BlobReader {
 struct State {
     client: Client,
     reference: Reference,
-    digest: String,
+    digest: Digest,
     response: Option<reqwest::Response>,
     offset: u64,
     size: Option<u64>,
@@ -60,9 +62,9 @@ impl Client {
     pub async fn blob_reader(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
     ) -> Result<BlobReader, RegistryError> {
-        BlobReader::open(self.clone(), reference.clone(), digest.to_string()).await
+        BlobReader::open(self.clone(), reference.clone(), digest.clone()).await
     }
 }
 
@@ -70,9 +72,9 @@ impl BlobReader {
     pub(crate) async fn open(
         client: Client,
         reference: Reference,
-        digest: String,
+        digest: Digest,
     ) -> Result<BlobReader, RegistryError> {
-        let verifier = DigestVerifier::new(&digest)?;
+        let verifier = DigestVerifier::new(&digest);
         let response = open_at(&client, &reference, &digest, 0).await?;
         let size = response.content_length();
         let backoff = Backoff::new(client.config());
@@ -128,11 +130,11 @@ impl AsyncRead for BlobReader {
 async fn open_at(
     client: &Client,
     reference: &Reference,
-    digest: &str,
+    digest: &Digest,
     offset: u64,
 ) -> Result<reqwest::Response, RegistryError> {
     let scope = pull_scope(&reference.repository);
-    let span = tracing::info_span!("registry.blob_stream", registry = %reference.registry, repository = %reference.repository, digest, offset);
+    let span = tracing::info_span!("registry.blob_stream", registry = %reference.registry, repository = %reference.repository, digest = %digest, offset);
     client
         .with_endpoints(
             reference,

@@ -23,7 +23,7 @@ pub struct Reference {
     /// Tag, if any.
     pub tag: Option<String>,
     /// Digest (`sha256:<hex>`), if any.
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
 }
 
 impl Reference {
@@ -37,9 +37,10 @@ impl Reference {
             Some((n, d)) => (n, Some(d)),
             None => (s, None),
         };
-        if let Some(d) = digest {
-            validate_digest(d).map_err(|why| invalid(&why))?;
-        }
+        let parsed_digest = digest
+            .map(Digest::parse)
+            .transpose()
+            .map_err(|e| invalid(&e.to_string()))?;
         // A tag is after the last ':' that follows the last '/'.
         let last_slash = name_and_tag.rfind('/');
         let (name, tag) = match name_and_tag.rfind(':') {
@@ -85,17 +86,17 @@ impl Reference {
             registry,
             repository,
             tag,
-            digest: digest.map(str::to_string),
+            digest: parsed_digest,
         })
     }
 
     /// The same repository at `digest` (the tag is dropped).
-    pub fn with_digest(&self, digest: &str) -> Reference {
+    pub fn with_digest(&self, digest: &Digest) -> Reference {
         Reference {
             registry: self.registry.clone(),
             repository: self.repository.clone(),
             tag: None,
-            digest: Some(digest.to_string()),
+            digest: Some(digest.clone()),
         }
     }
 
@@ -164,10 +165,6 @@ impl std::str::FromStr for Reference {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Reference::parse(s)
     }
-}
-
-fn validate_digest(d: &str) -> Result<(), String> {
-    Digest::parse(d).map(drop).map_err(|e| e.to_string())
 }
 
 fn validate_tag(t: &str) -> Result<(), String> {
@@ -291,9 +288,13 @@ mod tests {
     #[test]
     fn with_digest_and_tag() {
         let r = p("example.com/a/b:t");
-        assert_eq!(r.with_digest(D).to_string(), format!("example.com/a/b@{D}"));
+        let d = Digest::parse(D).unwrap();
+        assert_eq!(
+            r.with_digest(&d).to_string(),
+            format!("example.com/a/b@{D}")
+        );
         assert_eq!(r.with_tag("x").object(), "x");
-        assert_eq!(r.with_digest(D).object(), D);
+        assert_eq!(r.with_digest(&d).object(), D);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::process::Command;
 use tar::{EntryType, Header};
 
 use super::RigError;
+use crate::digest::Digest;
 use crate::image::{self, Descriptor, ImageConfig, Index, Manifest, OciLayout, Platform, RootFs};
 
 /// Modification time of every generated entry (2023-11-14).
@@ -157,10 +158,10 @@ impl Default for ImageOptions {
 pub struct GeneratedImage {
     /// Descriptor of the manifest (with the platform set).
     pub manifest: Descriptor,
-    pub config_digest: String,
+    pub config_digest: Digest,
     pub layers: Vec<Descriptor>,
     /// `sha256` of each uncompressed layer tar.
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 /// Writes an image made of `layers` (uncompressed tars, bottom first) into `layout`, tagged `tag`
@@ -222,7 +223,7 @@ pub fn write_image(
         variant: options.platform.variant.clone(),
         rootfs: RootFs {
             kind: "layers".into(),
-            diff_ids: diff_ids.clone(),
+            diff_ids: diff_ids.iter().map(ToString::to_string).collect(),
         },
         extra,
     };
@@ -289,7 +290,7 @@ pub fn push_layout_image(
     registry_host: &str,
     repository: &str,
     target_tag: &str,
-) -> Result<String, RigError> {
+) -> Result<Digest, RigError> {
     let top = layout.resolve(tag).map_err(image_err)?;
     let pusher = Pusher {
         layout,
@@ -330,7 +331,7 @@ impl Pusher<'_> {
         Ok(())
     }
 
-    fn push_blob(&self, digest: &str) -> Result<(), RigError> {
+    fn push_blob(&self, digest: &Digest) -> Result<(), RigError> {
         let path = self.layout.blob_path(digest).map_err(image_err)?;
         let start = curl(&[
             "-X",

@@ -249,6 +249,7 @@ pub async fn push_fixture(host: &str, variant: &str, repo: &str, tag: &str) -> S
         blobs.push((digest, bytes));
     }
     for (digest, bytes) in blobs {
+        let digest = lazysnap::digest::Digest::parse(&digest).expect("blob digest");
         client
             .push_blob_bytes(&reference, &digest, bytes.into())
             .await

@@ -46,7 +46,7 @@ impl ImageMount {
                     .map_or(0, |s| s.passthrough_opens);
                 LayerState::new(
                     None,
-                    descriptor.digest.clone(),
+                    descriptor.digest.to_string(),
                     if mounted.is_some() {
                         "lazy"
                     } else {

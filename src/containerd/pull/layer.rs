@@ -145,7 +145,7 @@ impl LayerContext<'_> {
         }
         map.insert(
             labels::CRI_LAYER_DIGEST.to_string(),
-            self.layer.digest.clone(),
+            self.layer.digest.to_string(),
         );
         map.insert(
             labels::CRI_MANIFEST_DIGEST.to_string(),
@@ -186,7 +186,7 @@ impl LayerContext<'_> {
         };
         let layer = ProtoDescriptor {
             media_type: self.layer.media_type.clone(),
-            digest: digest.clone(),
+            digest: digest.to_string(),
             size: i64::try_from(self.layer.size).map_err(|_| ContainerdError::Invalid {
                 what: format!("layer {digest}"),
                 detail: format!("size {} does not fit containerd's int64", self.layer.size),
@@ -196,7 +196,7 @@ impl LayerContext<'_> {
         let applied = self.containerd.apply_layer(layer, mounts).await?;
         if applied != self.diff_id {
             return Err(ContainerdError::DiffIdMismatch {
-                layer: digest.clone(),
+                layer: digest.to_string(),
                 expected: self.diff_id.to_string(),
                 actual: applied,
             });

@@ -304,7 +304,7 @@ impl<'a> Layout<'a> {
             return self.flush_if_large();
         }
         if meta.size == 0 {
-            toc.digest = sha256_digest(&[]);
+            toc.digest = sha256_digest(&[]).into();
             self.entries.push(PlannedEntry {
                 toc,
                 member: None,

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use crossbeam_channel::{Receiver, Sender};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::estargz::footer::{estargz_footer, zstd_footer, ZSTD_SKIPPABLE_MAGIC};
 use crate::estargz::tarfmt::{padding, ustar_reg_header};
 use crate::estargz::toc::Toc;
@@ -161,7 +161,7 @@ impl<'w, W: Write> OutputSink<'w, W> {
                 let (clen, ulen) = (compressed.len() as u64, json.len() as u64);
                 self.write(&zstd_footer(toc_offset, clen, ulen))?;
                 (
-                    Some(sha256_digest(&compressed)),
+                    Some(sha256_digest(&compressed).into()),
                     Some(format!("{toc_offset}:{clen}:{ulen}:1")),
                 )
             }
@@ -170,9 +170,9 @@ impl<'w, W: Write> OutputSink<'w, W> {
             .flush()
             .map_err(io("flushing the layer output"))?;
         Ok(BuiltLayer {
-            blob_digest: format!("sha256:{}", hex::encode(self.blob_hasher.finalize())),
+            blob_digest: Digest::of_sha256(self.blob_hasher.finalize().into()),
             blob_size: self.offset,
-            diff_id: format!("sha256:{}", hex::encode(self.diff_hasher.finalize())),
+            diff_id: Digest::of_sha256(self.diff_hasher.finalize().into()),
             uncompressed_size: self.uncompressed,
             toc_digest,
             zstd_manifest_checksum: checksum,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::blob::{BlobSource, FileBlob};
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::image::layout::OciLayout;
 use crate::image::location::ImageLocation;
 use crate::image::types::Descriptor;
@@ -96,7 +96,7 @@ impl<'a> Source<'a> {
         })
     }
 
-    pub(crate) async fn small_blob(&self, digest: &str) -> Result<Bytes, ImageError> {
+    pub(crate) async fn small_blob(&self, digest: &Digest) -> Result<Bytes, ImageError> {
         match self {
             Source::Registry { client, reference } => client
                 .get_blob(reference, digest)
@@ -217,7 +217,7 @@ impl Sink<'_> {
         .to_string()
     }
 
-    pub(super) async fn has_blob(&self, digest: &str) -> Result<bool, ImageError> {
+    pub(super) async fn has_blob(&self, digest: &Digest) -> Result<bool, ImageError> {
         match self {
             Sink::Registry { client, reference } => client
                 .blob_exists(reference, digest)
@@ -230,7 +230,7 @@ impl Sink<'_> {
     }
 
     /// Tries a cross-repository mount from `source` (same registry only).
-    pub(super) async fn mount_from(&self, source: &Source<'_>, digest: &str) -> bool {
+    pub(super) async fn mount_from(&self, source: &Source<'_>, digest: &Digest) -> bool {
         match (self, source) {
             (
                 Sink::Registry { client, reference },
@@ -247,7 +247,7 @@ impl Sink<'_> {
         }
     }
 
-    pub(super) async fn push_file(&self, digest: &str, path: &Path) -> Result<(), ImageError> {
+    pub(super) async fn push_file(&self, digest: &Digest, path: &Path) -> Result<(), ImageError> {
         match self {
             Sink::Registry { client, reference } => client
                 .push_blob_file(reference, digest, path)
@@ -259,7 +259,7 @@ impl Sink<'_> {
         }
     }
 
-    pub(super) async fn push_bytes(&self, digest: &str, bytes: Bytes) -> Result<(), ImageError> {
+    pub(super) async fn push_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<(), ImageError> {
         if self.has_blob(digest).await? {
             return Ok(());
         }

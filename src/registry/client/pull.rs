@@ -8,7 +8,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT};
 use reqwest::{Method, StatusCode};
 use tracing::Instrument as _;
 
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::registry::reference::Reference;
 use crate::registry::retry::{status_failure, transport_failure, Failure};
 use crate::registry::{
@@ -149,7 +149,7 @@ impl Client {
         &self,
         endpoint: &Endpoint,
         repository: &str,
-        digest: &str,
+        digest: &Digest,
         headers: HeaderMap,
         scope: &str,
         timeout: Duration,
@@ -231,11 +231,10 @@ impl Client {
     pub async fn get_blob(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
     ) -> Result<Bytes, RegistryError> {
-        crate::registry::DigestVerifier::new(digest)?;
         let scope = pull_scope(&reference.repository);
-        let span = tracing::info_span!("registry.get_blob", registry = %reference.registry, repository = %reference.repository, digest);
+        let span = tracing::info_span!("registry.get_blob", registry = %reference.registry, repository = %reference.repository, digest = %digest);
         self.with_endpoints(
             reference,
             |c| c.pull,

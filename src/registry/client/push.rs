@@ -9,7 +9,7 @@ use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use tracing::Instrument as _;
 
-use crate::digest::sha256_digest;
+use crate::digest::{sha256_digest, Digest};
 use crate::registry::reference::Reference;
 use crate::registry::retry::{status_failure, Backoff, Failure};
 use crate::registry::{verify_digest, RegistryError};
@@ -51,10 +51,10 @@ impl Client {
     pub async fn blob_exists(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
     ) -> Result<bool, RegistryError> {
         let scope = push_scope(&reference.repository);
-        let span = tracing::info_span!("registry.blob_exists", registry = %reference.registry, repository = %reference.repository, digest);
+        let span = tracing::info_span!("registry.blob_exists", registry = %reference.registry, repository = %reference.repository, digest = %digest);
         self.with_endpoints(
             reference,
             |c| c.push,
@@ -97,7 +97,7 @@ impl Client {
     pub async fn mount_blob(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         from_repository: &str,
     ) -> Result<bool, RegistryError> {
         let scope = format!(
@@ -105,7 +105,7 @@ impl Client {
             push_scope(&reference.repository),
             pull_scope(from_repository)
         );
-        let span = tracing::info_span!("registry.mount_blob", registry = %reference.registry, repository = %reference.repository, digest, from = from_repository);
+        let span = tracing::info_span!("registry.mount_blob", registry = %reference.registry, repository = %reference.repository, digest = %digest, from = from_repository);
         let result = self
             .with_endpoints(
                 reference,
@@ -184,11 +184,11 @@ impl Client {
     pub async fn push_blob_bytes(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         bytes: Bytes,
     ) -> Result<(), RegistryError> {
         verify_digest(digest, &bytes, "blob to push")?;
-        let span = tracing::info_span!("registry.push_blob", registry = %reference.registry, repository = %reference.repository, digest, size = bytes.len());
+        let span = tracing::info_span!("registry.push_blob", registry = %reference.registry, repository = %reference.repository, digest = %digest, size = bytes.len());
         self.upload(reference, digest, Body::Bytes(bytes))
             .instrument(span)
             .await
@@ -199,17 +199,16 @@ impl Client {
     pub async fn push_blob_file(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         path: &Path,
     ) -> Result<(), RegistryError> {
-        crate::registry::DigestVerifier::new(digest)?;
         let size = tokio::fs::metadata(path)
             .await
             .map_err(|e| {
                 RegistryError::Invalid(format!("stat {} for upload: {e}", path.display()))
             })?
             .len();
-        let span = tracing::info_span!("registry.push_blob", registry = %reference.registry, repository = %reference.repository, digest, size);
+        let span = tracing::info_span!("registry.push_blob", registry = %reference.registry, repository = %reference.repository, digest = %digest, size);
         self.upload(
             reference,
             digest,
@@ -226,7 +225,7 @@ impl Client {
     pub(super) async fn upload(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         body: Body,
     ) -> Result<(), RegistryError> {
         let scope = push_scope(&reference.repository);
@@ -431,7 +430,7 @@ impl Client {
         reference: &Reference,
         media_type: &str,
         bytes: Bytes,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<Digest, RegistryError> {
         let digest = sha256_digest(&bytes);
         if let Some(d) = &reference.digest {
             verify_digest(d, &bytes, "manifest to push")?;
