@@ -258,12 +258,8 @@ impl Service {
                     .prepare_remote(key, parent, &target, &labels, locator)
                     .await
                 {
-                    Ok(()) => {
-                        return Err(SnapshotError::AlreadyExists(format!(
-                            "target snapshot {target:?}"
-                        )))
-                    }
-                    Err(RemoteAttempt::TargetExists) => {
+                    // Mounted now, or by an earlier Prepare: containerd skips fetch and unpack.
+                    Ok(()) | Err(RemoteAttempt::TargetExists) => {
                         return Err(SnapshotError::AlreadyExists(format!(
                             "target snapshot {target:?}"
                         )))

@@ -297,8 +297,6 @@ pub trait SnapshotView {
     }
 }
 
-type RecordTable = TableDefinition<'static, &'static str, &'static [u8]>;
-
 fn get_record(
     path: &str,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -340,80 +338,88 @@ fn store_err(path: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-impl SnapshotView for ReadTxn<'_> {
+/// The tables of a transaction, opened for reading: what read and write transactions share, so
+/// [`SnapshotView`] is written once for both.
+trait ReadTables {
+    fn store(&self) -> &MetadataStore;
+    fn records_table(&self) -> Result<impl ReadableTable<&'static str, &'static [u8]>, StoreError>;
+    fn children_table(
+        &self,
+    ) -> Result<impl ReadableMultimapTable<&'static str, &'static str>, StoreError>;
+    fn targets_table(
+        &self,
+    ) -> Result<impl ReadableMultimapTable<(&'static str, &'static str), &'static str>, StoreError>;
+}
+
+impl<T: ReadTables> SnapshotView for T {
     fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
-        get_record(self.path(), &self.open(SNAPSHOTS)?, name)
+        get_record(self.path(), &self.records_table()?, name)
     }
 
     fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
-        all_records(self.path(), &self.open(SNAPSHOTS)?)
+        all_records(self.path(), &self.records_table()?)
     }
 
     fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        let table = self
-            .txn
-            .open_multimap_table(CHILDREN)
-            .map_err(|e| self.store.err(e))?;
-        names(self.path(), table.get(name))
+        names(self.path(), self.children_table()?.get(name))
     }
 
     fn with_target(&self, parent: &str, target: &str) -> Result<Vec<String>, StoreError> {
-        let table = self
-            .txn
-            .open_multimap_table(TARGETS)
-            .map_err(|e| self.store.err(e))?;
-        names(self.path(), table.get((parent, target)))
+        names(self.path(), self.targets_table()?.get((parent, target)))
     }
 
     fn path(&self) -> &str {
-        &self.store.path
+        &self.store().path
     }
 }
 
-impl ReadTxn<'_> {
-    fn open(
-        &self,
-        table: RecordTable,
-    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
-        self.txn.open_table(table).map_err(|e| self.store.err(e))
-    }
+/// Implements [`ReadTables`] for a transaction type whose `txn` is a redb transaction: read and
+/// write transactions open tables with the same calls, returning different table types.
+macro_rules! read_tables {
+    ($txn:ty) => {
+        impl ReadTables for $txn {
+            fn store(&self) -> &MetadataStore {
+                self.store
+            }
+
+            fn records_table(
+                &self,
+            ) -> Result<impl ReadableTable<&'static str, &'static [u8]>, StoreError> {
+                self.txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| self.store.err(e))
+            }
+
+            fn children_table(
+                &self,
+            ) -> Result<impl ReadableMultimapTable<&'static str, &'static str>, StoreError> {
+                self.txn
+                    .open_multimap_table(CHILDREN)
+                    .map_err(|e| self.store.err(e))
+            }
+
+            fn targets_table(
+                &self,
+            ) -> Result<
+                impl ReadableMultimapTable<(&'static str, &'static str), &'static str>,
+                StoreError,
+            > {
+                self.txn
+                    .open_multimap_table(TARGETS)
+                    .map_err(|e| self.store.err(e))
+            }
+        }
+    };
 }
+
+read_tables!(ReadTxn<'_>);
+read_tables!(WriteTxn<'_>);
 
 fn decode(path: &str, name: &str, bytes: &[u8]) -> Result<SnapshotRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError {
         path: path.to_string(),
         detail: format!("record of snapshot {name:?} is corrupt: {e}"),
     })
-}
-
-impl SnapshotView for WriteTxn<'_> {
-    fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
-        get_record(self.path(), &self.records()?, name)
-    }
-
-    fn all(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
-        all_records(self.path(), &self.records()?)
-    }
-
-    fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        let table = self
-            .txn
-            .open_multimap_table(CHILDREN)
-            .map_err(|e| self.store.err(e))?;
-        names(self.path(), table.get(name))
-    }
-
-    fn with_target(&self, parent: &str, target: &str) -> Result<Vec<String>, StoreError> {
-        let table = self
-            .txn
-            .open_multimap_table(TARGETS)
-            .map_err(|e| self.store.err(e))?;
-        names(self.path(), table.get((parent, target)))
-    }
-
-    fn path(&self) -> &str {
-        &self.store.path
-    }
 }
 
 impl WriteTxn<'_> {
@@ -498,108 +504,4 @@ impl WriteTxn<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(id: u64, parent: &str) -> SnapshotRecord {
-        SnapshotRecord {
-            id,
-            kind: Kind::Committed,
-            parent: parent.into(),
-            created_nanos: now_nanos(),
-            updated_nanos: now_nanos(),
-            labels: BTreeMap::new(),
-            remote: false,
-            usage: None,
-        }
-    }
-
-    #[test]
-    fn records_survive_reopen_and_aborted_txns_leave_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metadata.db");
-        {
-            let store = MetadataStore::open(&path).unwrap();
-            let txn = store.begin().unwrap();
-            txn.put("a", &record(1, "")).unwrap();
-            txn.put("b", &record(2, "a")).unwrap();
-            txn.commit().unwrap();
-            let txn = store.begin().unwrap();
-            txn.put("c", &record(3, "b")).unwrap();
-            drop(txn);
-        }
-        let store = MetadataStore::open(&path).unwrap();
-        let names: Vec<String> = store
-            .read()
-            .unwrap()
-            .all()
-            .unwrap()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        assert_eq!(names, ["a", "b"]);
-        let txn = store.begin().unwrap();
-        assert_eq!(txn.chain_ids("b").unwrap(), [(2, false), (1, false)]);
-        assert!(txn.has_children("a").unwrap());
-        assert!(!txn.has_children("b").unwrap());
-    }
-
-    #[test]
-    fn the_indexes_follow_puts_updates_and_deletes_and_are_rebuilt_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metadata.db");
-        let targeted = |id, parent: &str, target: &str, kind| SnapshotRecord {
-            kind,
-            labels: BTreeMap::from([(labels::SNAPSHOT_REF.to_string(), target.to_string())]),
-            ..record(id, parent)
-        };
-        {
-            let store = MetadataStore::open(&path).unwrap();
-            let txn = store.begin().unwrap();
-            txn.put("base", &record(1, "")).unwrap();
-            txn.put("extract-1", &targeted(2, "base", "sha256:l2", Kind::Active))
-                .unwrap();
-            txn.put("l2", &targeted(3, "base", "sha256:l2", Kind::Committed))
-                .unwrap();
-            txn.commit().unwrap();
-
-            let read = store.read().unwrap();
-            assert_eq!(read.children("base").unwrap(), ["extract-1", "l2"]);
-            assert_eq!(
-                read.with_target("base", "sha256:l2").unwrap(),
-                ["extract-1", "l2"]
-            );
-            assert_eq!(
-                read.committed_target("base", "sha256:l2")
-                    .unwrap()
-                    .as_deref(),
-                Some("l2")
-            );
-            assert_eq!(read.committed_target("", "sha256:l2").unwrap(), None);
-            drop(read);
-
-            // Relabelled, reparented and deleted records leave the indexes.
-            let txn = store.begin().unwrap();
-            txn.delete("extract-1").unwrap();
-            txn.put("l2", &targeted(3, "", "sha256:other", Kind::Committed))
-                .unwrap();
-            txn.commit().unwrap();
-            let read = store.read().unwrap();
-            assert!(!read.has_children("base").unwrap());
-            assert!(read.with_target("base", "sha256:l2").unwrap().is_empty());
-            assert_eq!(read.with_target("", "sha256:other").unwrap(), ["l2"]);
-        }
-        // A database from before the indexes: only the records table.
-        {
-            let db = redb::Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.delete_multimap_table(CHILDREN).unwrap();
-            txn.delete_multimap_table(TARGETS).unwrap();
-            txn.commit().unwrap();
-        }
-        let store = MetadataStore::open(&path).unwrap();
-        let read = store.read().unwrap();
-        assert_eq!(read.children("").unwrap(), ["base", "l2"]);
-        assert_eq!(read.with_target("", "sha256:other").unwrap(), ["l2"]);
-    }
-}
+mod tests;
