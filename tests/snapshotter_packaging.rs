@@ -1,6 +1,7 @@
 //! The shipped packaging files say what they must: containerd snippets register the proxy plugin
 //! on lazysnap's default socket and switch CRI to it with annotations on; the systemd unit keeps
-//! helpers alive on restart; the DaemonSet shares mounts with the host.
+//! helpers alive on restart, is ready when serve says so and is wanted, not required, by
+//! containerd; the DaemonSet shares mounts with the host.
 
 use std::path::Path;
 
@@ -49,6 +50,16 @@ fn systemd_unit_and_daemonset() {
     let unit = read("packaging/systemd/lazysnap.service");
     assert!(unit.lines().any(|l| l == "KillMode=process"));
     assert!(unit.lines().any(|l| l == "Before=containerd.service"));
+    // Ready when serve says so (sd_notify), and wanted, never required, by containerd: a failed
+    // or restarted lazysnap neither keeps containerd down nor restarts it.
+    assert!(unit.lines().any(|l| l == "Type=notify"));
+    assert!(unit.lines().any(|l| l == "NotifyAccess=main"));
+    assert!(!unit.contains("RequiredBy="), "{unit}");
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("WantedBy=") && l.contains("containerd.service")),
+        "{unit}"
+    );
     assert!(unit.contains("lazysnap serve --config /etc/lazysnap/config.toml"));
     let daemonset = read("packaging/kubernetes/lazysnap-daemonset.yaml");
     assert!(daemonset.contains("kind: DaemonSet"));

@@ -1,5 +1,7 @@
 //! `lazysnap serve` as users run it: config keys it rejects are named, the config's root and
-//! address are used, the metrics endpoint answers on the configured loopback port, a second server on a live socket is refused, SIGTERM stops it cleanly.
+//! address are used, the metrics endpoint answers on the configured loopback port, a second server
+//! on a live socket is refused, SIGTERM stops it cleanly, and systemd hears READY=1 once the socket
+//! answers and STOPPING=1 on the way out.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -243,4 +245,60 @@ fn serve_reads_the_default_config_file_without_config() {
         log.contains("DEBUG"),
         "log_level = debug was not applied:\n{log}"
     );
+}
+
+/// The next datagram on `socket`, within 30 s.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let len = socket
+        .recv(&mut buf)
+        .expect("a notification on $NOTIFY_SOCKET within 30 s");
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+#[test]
+fn serve_tells_systemd_it_is_ready_once_its_socket_answers_and_when_it_stops() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "serve creates its socket with mode 0660 under a root-owned dir: run as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    let socket = dir.path().join("run/lazysnap.sock");
+    // What systemd gives a Type=notify service: a datagram socket named in $NOTIFY_SOCKET.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut server = lazysnap()
+        .args(["serve", "--root"])
+        .arg(&root)
+        .arg("--address")
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = next_notification(&notify);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready.contains(&format!("STATUS=serving on {}", socket.display())),
+        "{ready:?}"
+    );
+    // Ready means ready: the socket answers at once, no retry.
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "READY=1 came before {} accepted connections",
+        socket.display()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopping = next_notification(&notify);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(server.wait().unwrap().success());
 }

@@ -111,6 +111,12 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         restored_remote_layers = restored,
         "lazysnap snapshotter serving"
     );
+    // Under systemd (Type=notify) the unit is started, and containerd ordered after it may
+    // start, only now that the socket accepts calls and remote layers are mounted again.
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {}", config.address.display())),
+    ]);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -122,6 +128,7 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
     };
     let stats_service = service.clone();
     snapshotter::serve(listener, service, shutdown).await?;
+    notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     let _ = std::fs::remove_file(super::serve_control::socket_path(&config.root));
     stats_service.shutdown().await;
@@ -135,6 +142,14 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         warn!(address = %config.address.display(), error = %err, "could not remove the socket");
     }
     Ok(())
+}
+
+/// Tells the service manager (systemd's `$NOTIFY_SOCKET`, when set) how the daemon is; a failure
+/// is logged, never fatal.
+fn notify_service_manager(states: &[sd_notify::NotifyState]) {
+    if let Err(err) = sd_notify::notify(states) {
+        warn!(error = %err, "could not notify the service manager ($NOTIFY_SOCKET)");
+    }
 }
 
 /// Takes `<root>/serve.lock` for as long as the process runs: one `serve` per root.
