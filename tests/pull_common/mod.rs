@@ -97,9 +97,16 @@ impl TestContainerd {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("pulltest-{}-{run}", std::process::id());
+        // The container's stdout goes to a file the shim hands the process as its stdout: ctr's
+        // FIFO copy can lose what a process prints just before it exits (containerd#770).
+        let log_dir = tempfile::tempdir().expect("a temp dir for the container's output");
+        let log = log_dir.path().join("stdout");
+        let log_uri = format!("file://{}", log.display());
         let mut args = vec![
             "run",
             "--rm",
+            "--log-uri",
+            log_uri.as_str(),
             "--snapshotter",
             snapshotter,
             image,
@@ -112,7 +119,8 @@ impl TestContainerd {
             "ctr run failed: {err}\nstdout: {out}\ncontainerd log:\n{}",
             self.log()
         );
-        out
+        std::fs::read_to_string(&log)
+            .unwrap_or_else(|e| panic!("the container's output {}: {e}", log.display()))
     }
 }
 
