@@ -112,24 +112,6 @@ impl std::ops::Deref for Digest {
     }
 }
 
-impl AsRef<str> for Digest {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for Digest {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl PartialEq<str> for Digest {
-    fn eq(&self, other: &str) -> bool {
-        self.0 == other
-    }
-}
-
 impl PartialEq<&str> for Digest {
     fn eq(&self, other: &&str) -> bool {
         self.0 == *other

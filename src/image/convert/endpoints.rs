@@ -180,8 +180,8 @@ impl<'a> Source<'a> {
                 file.flush()
                     .await
                     .map_err(io_err(format!("writing {}", path.display())))?;
-                let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-                if &actual != digest {
+                let actual = Digest::of_sha256(hasher.finalize().into());
+                if actual != *digest {
                     return Err(ImageError::Corrupt(format!(
                         "layer {digest} of {reference} downloaded as {total} bytes with digest {actual}"
                     )));
