@@ -3,11 +3,19 @@
 //! on a live socket is refused, SIGTERM stops it cleanly, and systemd hears READY=1 once the socket
 //! answers and STOPPING=1 on the way out.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn lazysnap() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+}
+
+/// serve creates its socket with mode 0660 under a root-owned dir: those tests need root.
+fn require_root_for_the_socket() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "serve creates its socket with mode 0660 under a root-owned dir: run as root"
+    );
 }
 
 /// Whether a server accepts connections on `socket` within 30 s.
@@ -62,10 +70,7 @@ fn version_names_the_commit_and_date_built() {
 
 #[test]
 fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "serve creates its socket with mode 0660 under a root-owned dir: run as root"
-    );
+    require_root_for_the_socket();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("state");
     let socket = dir.path().join("run/lazysnap.sock");
@@ -247,24 +252,28 @@ fn serve_reads_the_default_config_file_without_config() {
     );
 }
 
-/// The next datagram on `socket`, within 30 s.
-fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+/// The next datagram on `socket`, within 30 s; else `serve`'s log, after killing it.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram, server: &mut Child) -> String {
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut buf = [0u8; 4096];
-    let len = socket
-        .recv(&mut buf)
-        .expect("a notification on $NOTIFY_SOCKET within 30 s");
-    String::from_utf8_lossy(&buf[..len]).into_owned()
+    match socket.recv(&mut buf) {
+        Ok(len) => String::from_utf8_lossy(&buf[..len]).into_owned(),
+        Err(e) => {
+            let _ = server.kill();
+            let mut log = String::new();
+            if let Some(mut stderr) = server.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            }
+            panic!("no notification on $NOTIFY_SOCKET within 30 s ({e}); serve's log:\n{log}")
+        }
+    }
 }
 
 #[test]
 fn serve_tells_systemd_it_is_ready_once_its_socket_answers_and_when_it_stops() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "serve creates its socket with mode 0660 under a root-owned dir: run as root"
-    );
+    require_root_for_the_socket();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("state");
     let socket = dir.path().join("run/lazysnap.sock");
@@ -281,7 +290,7 @@ fn serve_tells_systemd_it_is_ready_once_its_socket_answers_and_when_it_stops() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let ready = next_notification(&notify);
+    let ready = next_notification(&notify, &mut server);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     assert!(
         ready.contains(&format!("STATUS=serving on {}", socket.display())),
@@ -298,7 +307,7 @@ fn serve_tells_systemd_it_is_ready_once_its_socket_answers_and_when_it_stops() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let stopping = next_notification(&notify);
+    let stopping = next_notification(&notify, &mut server);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(server.wait().unwrap().success());
 }

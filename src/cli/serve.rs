@@ -111,15 +111,16 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         restored_remote_layers = restored,
         "lazysnap snapshotter serving"
     );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     // Under systemd (Type=notify) the unit is started, and containerd ordered after it may
-    // start, only now that the socket accepts calls and remote layers are mounted again.
+    // start, only now: the socket accepts calls, remote layers are mounted again, and a SIGTERM
+    // sent at once is a clean shutdown (the handlers are in place).
     notify_service_manager(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {}", config.address.display())),
     ]);
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
