@@ -14,20 +14,9 @@ use lazysnap::cache::{CacheOptions, ChunkCache};
 use lazysnap::estargz::{ChunkDigest, ChunkInfo, Compression};
 use lazysnap::fetch::{FetchOptions, FetchScheduler, LayerFiles, LayerReader, SchedulerOptions};
 use lazysnap_fuse::ContentSource;
+use lazysnap_testbed::images::incompressible_bytes;
 
 const CHUNK: usize = 4 << 20;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 29) as u8
-        })
-        .collect()
-}
 
 fn digest(data: &[u8]) -> ChunkDigest {
     ChunkDigest::of(data)
@@ -40,7 +29,7 @@ fn cached_reader(
     memory_bytes: u64,
     chunks: usize,
 ) -> Arc<LayerReader> {
-    let content = pseudo_random(chunks * CHUNK, 5);
+    let content = incompressible_bytes(chunks * CHUNK, 5);
     let mut blob = Vec::new();
     let mut infos = Vec::new();
     for (i, piece) in content.chunks(CHUNK).enumerate() {
@@ -126,7 +115,7 @@ fn inserts(c: &mut Criterion) {
         let count = 48;
         let chunks: Vec<(ChunkDigest, Bytes)> = (0..count)
             .map(|i| {
-                let data = pseudo_random(size, i as u64 + 100);
+                let data = incompressible_bytes(size, i as u64 + 100);
                 (digest(&data), Bytes::from(data))
             })
             .collect();
@@ -155,7 +144,7 @@ fn inserts(c: &mut Criterion) {
 fn decodes(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_chunk");
     let len = 1 << 20;
-    let random = pseudo_random(len, 9);
+    let random = incompressible_bytes(len, 9);
     let text: Vec<u8> = b"lazily pulled layers read only what they need\n"
         .iter()
         .copied()

@@ -4,7 +4,8 @@
 //! gives EIO for uncached reads (cached ones keep working) until it is restarted.
 
 mod fetch_common;
-use fetch_common::{incompressible, runtime, tar_of, wait_until};
+use fetch_common::{runtime, tar_of, wait_until};
+use lazysnap_testbed::images::incompressible_bytes as incompressible;
 
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};

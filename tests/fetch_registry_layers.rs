@@ -4,7 +4,8 @@
 //! manifest is on its way, and a blob's tail comes with its size from one suffix range.
 
 mod fetch_common;
-use fetch_common::{incompressible, runtime, tar_of};
+use fetch_common::{runtime, tar_of};
+use lazysnap_testbed::images::incompressible_bytes as incompressible;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -15,20 +15,10 @@ use lazysnap::registry::{Client, ClientConfig, Reference};
 use lazysnap::snapshotter::remote::{
     LayerLocator, LocatorSource, RemoteLayerRequest, RemoteLayers,
 };
-use lazysnap_testbed::images::{push_layout_image, write_image, ImageOptions};
+use lazysnap_testbed::images::{
+    incompressible_bytes, push_layout_image, write_image, ImageOptions,
+};
 use lazysnap_testbed::RegistryServer;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 29) as u8
-        })
-        .collect()
-}
 
 /// A tar of regular files and (`Err(target)`) symlinks.
 fn tar_of(entries: &[(&str, Result<Vec<u8>, &str>)]) -> Vec<u8> {
@@ -105,25 +95,28 @@ fn mounting_an_image_fetches_its_program_and_what_every_start_reads_and_nothing_
     );
     let mut registry = RegistryServer::start().expect("docker-registry must be installed");
     let dir = tempfile::tempdir().unwrap();
-    let program = pseudo_random(300 << 10, 1);
+    let program = incompressible_bytes(300 << 10, 1);
     let base_group = b"root:x:0:\n".to_vec();
     let top_group = b"root:x:0:\napp:x:100:\n".to_vec();
     let passwd = b"root:x:0:0:root:/root:/bin/sh\n".to_vec();
-    let ld_cache = pseudo_random(20 << 10, 2);
+    let ld_cache = incompressible_bytes(20 << 10, 2);
     let base = tar_of(&[
         ("etc/group", Ok(base_group)),
         ("etc/ld.so.cache", Ok(ld_cache.clone())),
         ("etc/passwd", Ok(passwd.clone())),
         ("usr/bin/prog", Ok(program.clone())),
-        ("usr/bin/unused", Ok(pseudo_random(300 << 10, 3))),
-        ("usr/share/doc/big", Ok(pseudo_random(1 << 20, 4))),
+        ("usr/bin/unused", Ok(incompressible_bytes(300 << 10, 3))),
+        ("usr/share/doc/big", Ok(incompressible_bytes(1 << 20, 4))),
     ]);
     // The layer above names the program under another name, in a directory earlier in PATH,
     // and shadows /etc/group.
     let top = tar_of(&[
         ("etc/group", Ok(top_group.clone())),
         ("usr/local/bin/app", Err("/usr/bin/prog")),
-        ("usr/local/share/other", Ok(pseudo_random(200 << 10, 5))),
+        (
+            "usr/local/share/other",
+            Ok(incompressible_bytes(200 << 10, 5)),
+        ),
     ]);
     let layout = OciLayout::create(&dir.path().join("oci")).unwrap();
     let options = ImageOptions {

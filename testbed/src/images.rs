@@ -141,6 +141,20 @@ pub const LONG_NAME: &str = "deep/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
 /// A UTF-8 name longer than 100 bytes, written with a PAX `path` record.
 pub const PAX_UTF8_NAME: &str = "ünïcødé/文件-名前-ファイル-файл-αρχείο-with-a-long-tail-to-pass-the-ustar-limit-of-one-hundred-bytes.txt";
 
+/// Deterministic incompressible bytes (xorshift): compressed, a chunk of them is as large as its
+/// data, so byte counts of fetches equal the data's.
+pub fn incompressible_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 29) as u8
+        })
+        .collect()
+}
+
 /// An uncompressed tar layer holding every entry type lazysnap must carry through: dirs; regular
 /// files from empty to multi-chunk ([`BIG_FILE_SIZE`]); relative and absolute symlinks; a
 /// hardlink; whiteouts `.wh.*` and an opaque `.wh..wh..opq`; PAX xattrs; a fifo; a char device;

@@ -63,20 +63,6 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Incompressible pseudo-random bytes (xorshift): compressed, a chunk of them is as large as
-/// its data.
-pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 29) as u8
-        })
-        .collect()
-}
-
 pub fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
     match compression {
         Compression::Gzip => {
