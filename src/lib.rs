@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod digest;
 pub mod estargz;
 pub mod fetch;
+pub mod fuse_holder;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;

@@ -3,6 +3,7 @@
 //! waits for content) and keeps the passthrough handle table.
 
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub(crate) struct LayerFs {
     /// Passthrough negotiated and not refused by the kernel since.
     passthrough_live: Arc<AtomicBool>,
     handles: OpenTable,
+    /// The connection's /dev/fuse descriptor, on which backing ids are registered and closed.
+    device: Option<Arc<OwnedFd>>,
 }
 
 impl LayerFs {}
@@ -163,14 +166,7 @@ impl Filesystem for LayerFs {
             return;
         };
         match self.handles.open_cached(ino.0) {
-            Some(backing) => {
-                bump(&self.counters.passthrough_opens);
-                reply.opened_passthrough(
-                    FileHandle(OpenMode::Passthrough as u64),
-                    FopenFlags::empty(),
-                    &backing,
-                )
-            }
+            Some(backing) => nodes::reply_passthrough(reply, &backing, &self.counters),
             None => reply.opened(
                 FileHandle(OpenMode::Cached as u64),
                 FopenFlags::FOPEN_KEEP_CACHE,

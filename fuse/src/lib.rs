@@ -36,6 +36,7 @@ mod fs;
 mod handles;
 mod index;
 mod mount;
+mod resume;
 
 pub use fs::{FsStats, OpObserver, OpenObserver};
 pub use index::{
@@ -43,6 +44,7 @@ pub use index::{
     NodeKindInfo, OPAQUE_MARKER, ROOT_INO, WHITEOUT_PREFIX,
 };
 pub use mount::{detach_stale_mount, mount, FuseError, MountHandle, MountOptions};
+pub use resume::{check_resumable, resume};
 
 /// Identifies the content of a regular file for a [`ContentSource`]; chosen by whoever builds the
 /// index (e.g. the position of the file in the layer's TOC). Hard links share one id.

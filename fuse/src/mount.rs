@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use fuser::{BackgroundSession, Config, Session, SessionACL};
 
 use crate::fs::{Counters, FsConfig, FsStats, LayerFs, OpObserver, OpenObserver};
+use crate::handles::{OpenRecord, OpenTable};
+use crate::resume::Relay;
 use crate::{ContentSource, Index};
 
 /// How long `unmount` waits for the session threads to stop after a successful unmount before
@@ -48,6 +50,9 @@ pub struct MountOptions {
     pub observer: Option<OpObserver>,
     /// Called with the content id of every regular file opened (access recording).
     pub open_observer: Option<OpenObserver>,
+    /// A file mirroring which inodes are open and how, so that a daemon resuming this mount
+    /// after a restart ([`resume`](crate::resume)) keeps the kernel's open files consistent.
+    pub open_record: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -63,6 +68,7 @@ impl Default for MountOptions {
             read_ahead_kb: Some(4096),
             observer: None,
             open_observer: None,
+            open_record: None,
         }
     }
 }
@@ -87,6 +93,8 @@ pub enum FuseError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot resume the FUSE connection of {path}: {detail} (detach it and mount again)")]
+    Resume { path: PathBuf, detail: String },
     #[error("unmount of {path} failed: {source}")]
     Unmount {
         path: PathBuf,
@@ -106,7 +114,9 @@ pub struct MountHandle {
     /// mount point still holds this layer, so a later mount at the same path (which may even
     /// reuse the device number) is never unmounted by this handle.
     dev: Option<u64>,
-    connection: Option<OwnedFd>,
+    connection: Option<Arc<OwnedFd>>,
+    /// For a resumed connection: the threads relaying it to the session.
+    relay: Option<Relay>,
 }
 
 /// Mounts `index` at `mountpoint`, serving file contents from `source`.
@@ -149,6 +159,56 @@ pub fn mount(
         source,
     })?;
 
+    let connection = match device.try_clone() {
+        Ok(connection) => Arc::new(connection),
+        Err(source) => {
+            let _ = detach(&mountpoint);
+            return Err(FuseError::Session {
+                path: mountpoint,
+                source,
+            });
+        }
+    };
+    let record = match &opts.open_record {
+        Some(path) => match OpenRecord::create(path, index.inode_count() as u64) {
+            Ok(record) => Some(record),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot keep the open-file record; a daemon resuming this mount will not know its open files");
+                None
+            }
+        },
+        None => None,
+    };
+    let table = OpenTable::new(record, Some(&connection));
+    let started = start_session(
+        index,
+        source,
+        mountpoint.clone(),
+        opts,
+        table,
+        device,
+        connection,
+        None,
+    );
+    if started.is_err() {
+        let _ = detach(&mountpoint);
+    }
+    started
+}
+
+/// Serves `index` on a FUSE connection: `session_fd` is what fuser reads requests from (the
+/// connection itself, or the relay of a resumed one), `connection` the /dev/fuse descriptor.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_session(
+    index: Index,
+    source: Arc<dyn ContentSource>,
+    mountpoint: PathBuf,
+    opts: &MountOptions,
+    table: OpenTable,
+    session_fd: OwnedFd,
+    connection: Arc<OwnedFd>,
+    relay: Option<Relay>,
+) -> Result<MountHandle, FuseError> {
     let counters = Arc::new(Counters::default());
     let passthrough_live = Arc::new(AtomicBool::new(false));
     let fs = LayerFs::new(
@@ -164,6 +224,8 @@ pub fn mount(
         },
         Arc::clone(&counters),
         Arc::clone(&passthrough_live),
+        table,
+        Some(Arc::clone(&connection)),
     );
     let mut config = Config::default();
     config.n_threads = Some(opts.threads.max(1));
@@ -174,43 +236,67 @@ pub fn mount(
     };
     config.acl = acl;
 
-    let connection = device.try_clone().ok();
-    let started = Session::from_fd(fs, device, acl, config).and_then(Session::spawn);
-    match started {
-        Ok(session) => {
-            let dev = std::fs::metadata(&mountpoint).map(|m| m.dev()).ok();
-            if let (Some(kb), Some(dev)) = (opts.read_ahead_kb, dev) {
-                if let Err(err) = set_read_ahead(dev, kb) {
-                    tracing::warn!(error = %err, "could not raise the mount's readahead; sequential reads use the kernel default");
-                }
+    let session = Session::from_fd(fs, session_fd, acl, config)
+        .and_then(|session| {
+            // A resumed connection's relay starts once fuser has answered the synthetic INIT.
+            if let Some(relay) = &relay {
+                relay.start()?;
             }
-            tracing::info!(
-                passthrough = passthrough_live.load(Ordering::Relaxed),
-                "layer mounted"
-            );
-            Ok(MountHandle {
-                session: Some(session),
-                mountpoint,
-                counters,
-                passthrough_live,
-                dev,
-                connection,
-            })
-        }
-        Err(source) => {
-            let _ = detach(&mountpoint);
-            Err(FuseError::Session {
-                path: mountpoint,
-                source,
-            })
+            Session::spawn(session)
+        })
+        .map_err(|source| FuseError::Session {
+            path: mountpoint.clone(),
+            source,
+        })?;
+    let dev = std::fs::metadata(&mountpoint).map(|m| m.dev()).ok();
+    if relay.is_none() {
+        if let (Some(kb), Some(dev)) = (opts.read_ahead_kb, dev) {
+            if let Err(err) = set_read_ahead(dev, kb) {
+                tracing::warn!(error = %err, "could not raise the mount's readahead; sequential reads use the kernel default");
+            }
         }
     }
+    tracing::info!(
+        passthrough = passthrough_live.load(Ordering::Relaxed),
+        resumed = relay.is_some(),
+        "layer mounted"
+    );
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint,
+        counters,
+        passthrough_live,
+        dev,
+        connection: Some(connection),
+        relay,
+    })
 }
 
 impl MountHandle {
     /// Where the layer is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The mount's /dev/fuse connection, for a holder that keeps it open across restarts of the
+    /// daemon ([`resume`](crate::resume) serves it again).
+    pub fn connection(&self) -> Option<BorrowedFd<'_>> {
+        self.connection.as_deref().map(AsFd::as_fd)
+    }
+
+    /// Device number of the mounted filesystem (tells a later daemon that the mount point still
+    /// holds this connection).
+    pub fn device_number(&self) -> Option<u64> {
+        self.dev
+    }
+
+    /// Leaves the layer mounted when the handle goes: the daemon is exiting and another one
+    /// resumes the connection, which a holder keeps open meanwhile.
+    pub fn leave_mounted(mut self) {
+        self.session.take();
+        if let Some(relay) = self.relay.take() {
+            relay.forget();
+        }
     }
 
     /// Operation counts so far.
@@ -237,7 +323,7 @@ impl MountHandle {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             }
         })?;
-        let alive = self.connection.as_ref().is_none_or(connection_alive);
+        let alive = self.connection.as_deref().is_none_or(connection_alive);
         let still_ours = alive
             && match (self.dev, std::fs::metadata(&self.mountpoint)) {
                 (Some(dev), Ok(meta)) => meta.dev() == dev,
@@ -280,7 +366,8 @@ impl MountHandle {
             std::thread::sleep(Duration::from_millis(5));
         }
         if session.guard.is_finished() {
-            if let Err(err) = session.join() {
+            // A relayed session ends when its relay closes: that is no error.
+            if let (Err(err), None) = (session.join(), &self.relay) {
                 tracing::warn!(error = %err, "FUSE session ended with an error");
             }
         } else {
@@ -328,7 +415,7 @@ fn set_read_ahead(dev: u64, kb: u32) -> std::io::Result<()> {
 }
 
 /// Whether the FUSE connection behind `device` still exists (the filesystem is not gone).
-fn connection_alive(device: &OwnedFd) -> bool {
+pub(crate) fn connection_alive(device: &OwnedFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: device.as_raw_fd(),
         events: 0,

@@ -81,6 +81,13 @@ enum Command {
     /// The daemon `lazysnap mount` starts for a cache directory (not run by hand).
     #[command(hide = true)]
     MountDaemon(mount_daemon::DaemonArgs),
+    /// The process `serve` starts to keep its FUSE connections across restarts (not run by hand).
+    #[command(hide = true)]
+    FuseHolder {
+        /// Unix socket to listen on.
+        #[arg(long, value_name = "SOCK")]
+        socket: std::path::PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -122,6 +129,9 @@ pub fn main() -> ExitCode {
         }
         Command::Man => print_man_page(),
         Command::MountDaemon(args) => mount_daemon::run(args),
+        Command::FuseHolder { socket } => lazysnap::fuse_holder::run_holder(&socket)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use lazysnap::config::Config;
 use lazysnap::daemon;
+use lazysnap::fuse_holder::FuseHolder;
 use lazysnap::layer::LayerManager;
 use lazysnap::snapshotter::{self, RemoteLayers, Service, ServiceOptions};
 use tokio::net::UnixListener;
@@ -27,6 +28,11 @@ pub struct ServeArgs {
     /// Unix socket to serve on (overrides `address`; default /run/lazysnap/lazysnap.sock).
     #[arg(long, value_name = "SOCK")]
     address: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, unmount every layer (for maintenance: running containers lose their
+    /// lazy layers). By default the layers stay mounted, kept by the FUSE holder process, and
+    /// the next start serves them again, so running containers never notice a restart.
+    #[arg(long)]
+    unmount_on_exit: bool,
 }
 
 /// The configuration file `serve` reads: `--config`, else the default path when it exists.
@@ -70,10 +76,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     super::runtime()?.block_on(async {
         let manager = daemon::serve_layer_manager(&config, tokio::runtime::Handle::current())
             .context("setting up lazy remote layers")?;
+        let manager = keep_connections(manager, &config.root);
+        if args.unmount_on_exit {
+            manager.unmount_on_exit();
+        }
         serve(config, Arc::new(manager)).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Gives `manager` the FUSE holder of `root` (started when none runs), which keeps the layers'
+/// connections through restarts; without one, a restart breaks running containers.
+fn keep_connections(mut manager: LayerManager, root: &Path) -> LayerManager {
+    let socket = root.join(FUSE_HOLDER_SOCKET);
+    let attached =
+        FuseHolder::connect_or_start(&socket).and_then(|holder| manager.attach_fuse_holder(holder));
+    if let Err(err) = attached {
+        warn!(error = %err, "no FUSE holder: restarts of the daemon will break running containers");
+    }
+    manager
+}
+
+/// The FUSE holder's socket in the daemon's root.
+const FUSE_HOLDER_SOCKET: &str = "fuse-holder.sock";
 
 /// Runs the snapshotter described by `config`, mounting remote layers with `manager`, until
 /// SIGTERM or SIGINT; answers `lazysnap status` and `lazysnap warm` on its control socket.
@@ -97,6 +122,7 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         .restore_remote_layers()
         .await
         .context("restoring remote layers")?;
+    manager.release_unclaimed_connections();
     let listener = bind_socket(&config.address)?;
     // Bound once the root is ours (Service::open refuses a root another serve holds).
     let control = super::serve_control::bind(&config.root)?;

@@ -9,10 +9,11 @@ use crate::snapshotter::remote::{
     LayerLocator, RemoteLayerError, RemoteLayerRequest, RemoteLayers,
 };
 use crate::sync::lock;
+use std::sync::atomic::Ordering;
 
 use super::lower::LowerLayers;
 use super::mountinfo::detach_stale_mount;
-use super::{LayerError, LayerManager};
+use super::{LayerError, LayerManager, MountedLayer};
 
 pub(super) fn to_remote_error(error: LayerError) -> RemoteLayerError {
     if error.is_not_lazy() {
@@ -26,7 +27,7 @@ pub(super) fn to_remote_error(error: LayerError) -> RemoteLayerError {
 impl RemoteLayers for LayerManager {
     async fn mount_layer(&self, request: &RemoteLayerRequest) -> Result<(), RemoteLayerError> {
         let lower = LowerLayers::new(request.lower_dirs.clone());
-        self.mount_located(&request.locator, &request.mountpoint, &lower)
+        self.mount_located(&request.locator, &request.mountpoint, &lower, None)
             .await
     }
 
@@ -58,12 +59,17 @@ impl RemoteLayers for LayerManager {
                 mountpoint.display()
             ))
         })?;
-        detach_stale_mount(mountpoint);
-        self.mount_located(&locator, mountpoint, &LowerLayers::new(lower_dirs.to_vec()))
-            .await
+        // A connection the holder kept is resumed; anything else left there is stale.
+        let held = lock(&self.held).remove(mountpoint);
+        if held.is_none() {
+            detach_stale_mount(mountpoint);
+        }
+        let lower = LowerLayers::new(lower_dirs.to_vec());
+        self.mount_located(&locator, mountpoint, &lower, held).await
     }
 
     async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {
+        self.release_connection(mountpoint);
         let layer = lock(&self.mounted).remove(mountpoint);
         match layer {
             Some(layer) => tokio::task::spawn_blocking(move || layer.unmount())
@@ -73,6 +79,31 @@ impl RemoteLayers for LayerManager {
             None => {
                 detach_stale_mount(mountpoint);
                 Ok(())
+            }
+        }
+    }
+
+    /// With a holder, layers stay mounted for their running containers (the next daemon
+    /// resumes them) unless an unmount on exit was asked for; without one, they go with the
+    /// daemon.
+    async fn shutdown(&self) {
+        let layers: Vec<(PathBuf, MountedLayer)> = lock(&self.mounted).drain().collect();
+        let keep = self.holder.is_some() && !self.unmount_on_exit.load(Ordering::Relaxed);
+        if keep && !layers.is_empty() {
+            tracing::info!(
+                layers = layers.len(),
+                "leaving the layers mounted for their containers; the next start resumes them"
+            );
+        }
+        for (mountpoint, layer) in layers {
+            if keep {
+                layer.leave_mounted();
+            } else {
+                self.release_connection(&mountpoint);
+                let unmounted = tokio::task::spawn_blocking(move || layer.unmount()).await;
+                if let Ok(Err(err)) = unmounted {
+                    tracing::warn!(error = %err, "unmount on exit failed");
+                }
             }
         }
     }

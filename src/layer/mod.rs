@@ -14,6 +14,7 @@ use crate::digest::{short_digest, Digest};
 use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -23,6 +24,7 @@ use crate::blob::BlobSource;
 use crate::cache::ChunkCache;
 use crate::estargz::{self, FormatError};
 use crate::fetch::{FetchOptions, LayerFetchStats, LayerReader};
+use crate::fuse_holder::{FuseHolder, HeldConnection, HolderError};
 use crate::image::{self, Descriptor, Manifest, Platform};
 use crate::labels;
 use crate::registry::{Client, Reference, RegistryError};
@@ -159,6 +161,28 @@ pub async fn mount_index(
         })
 }
 
+/// Serves `index` again on a connection a previous daemon left mounted at `mountpoint`.
+async fn resume_index(
+    index: lazysnap_fuse::Index,
+    source: Arc<dyn lazysnap_fuse::ContentSource>,
+    mountpoint: &Path,
+    options: lazysnap_fuse::MountOptions,
+    held: HeldConnection,
+) -> Result<lazysnap_fuse::MountHandle, LayerError> {
+    let target = mountpoint.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        lazysnap_fuse::resume(index, source, &target, &options, held.fd, held.dev)
+    })
+    .await
+    .map_err(|join| LayerError::Toc {
+        detail: format!("resume task failed: {join}"),
+    })?
+    .map_err(|source| LayerError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    })
+}
+
 /// One layer a [`LayerManager`] has mounted, as `lazysnap status` shows it.
 #[derive(Debug, Clone)]
 pub struct MountedLayerReport {
@@ -225,6 +249,14 @@ impl MountedLayer {
         self.handle.as_ref().map(|h| h.stats())
     }
 
+    /// Stops fetching and leaves the layer mounted (the daemon exits; the holder keeps it).
+    pub fn leave_mounted(mut self) {
+        self.reader.shutdown();
+        if let Some(handle) = self.handle.take() {
+            handle.leave_mounted();
+        }
+    }
+
     /// Stops fetching and unmounts, reporting unmount errors.
     pub fn unmount(mut self) -> Result<(), LayerError> {
         self.reader.shutdown();
@@ -258,6 +290,12 @@ pub struct LayerManager {
     tocs: Mutex<HashMap<(String, Digest), (std::time::Instant, TocCell)>>,
     /// What the first Prepare of an image learned for the startup prefetch, by image reference.
     startups: Mutex<HashMap<String, (std::time::Instant, Arc<ImageStartup>)>>,
+    /// Keeps the FUSE connections of hook-mounted layers across restarts of the daemon.
+    holder: Option<FuseHolder>,
+    /// Connections a previous daemon left mounted, by mount point, until restored.
+    held: Mutex<HashMap<PathBuf, HeldConnection>>,
+    /// Unmount the layers when the daemon stops, even with a holder (maintenance).
+    unmount_on_exit: AtomicBool,
 }
 
 impl LayerManager {
@@ -277,6 +315,50 @@ impl LayerManager {
             manifests: Mutex::new(HashMap::new()),
             tocs: Mutex::new(HashMap::new()),
             startups: Mutex::new(HashMap::new()),
+            holder: None,
+            held: Mutex::new(HashMap::new()),
+            unmount_on_exit: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands the FUSE connection of every layer mounted through the hook to `holder`, and takes
+    /// over the ones it kept from a previous daemon: restoring those layers resumes them, so
+    /// running containers keep reading through restarts.
+    pub fn attach_fuse_holder(&mut self, holder: FuseHolder) -> Result<(), HolderError> {
+        let held = holder.list()?;
+        if !held.is_empty() {
+            tracing::info!(
+                connections = held.len(),
+                "resuming FUSE connections a previous daemon left mounted"
+            );
+        }
+        self.held = Mutex::new(held);
+        self.holder = Some(holder);
+        Ok(())
+    }
+
+    /// Unmount every layer when the daemon stops (`serve --unmount-on-exit`), for maintenance.
+    pub fn unmount_on_exit(&self) {
+        self.unmount_on_exit
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lets go of the held connections no restored snapshot claimed (their snapshots are gone):
+    /// they are detached, as nothing will serve them.
+    pub fn release_unclaimed_connections(&self) {
+        let unclaimed: Vec<PathBuf> = lock(&self.held).drain().map(|(path, _)| path).collect();
+        for mountpoint in unclaimed {
+            tracing::info!(mountpoint = %mountpoint.display(), "detaching a held FUSE connection no snapshot uses");
+            self.release_connection(&mountpoint);
+            detach_stale_mount(&mountpoint);
+        }
+    }
+
+    fn release_connection(&self, mountpoint: &Path) {
+        if let Some(holder) = &self.holder {
+            if let Err(err) = holder.release(mountpoint) {
+                tracing::warn!(error = %err, "cannot tell the FUSE holder to let a connection go");
+            }
         }
     }
 
@@ -337,7 +419,7 @@ impl LayerManager {
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
         let mounted = async {
             let toc = self.read_toc(spec, None).await?;
-            self.mount_toc(spec, &toc, mountpoint, lower, below, &[])
+            self.mount_toc(spec, &toc, mountpoint, lower, below, &[], None)
                 .await
         }
         .instrument(span)
@@ -348,7 +430,9 @@ impl LayerManager {
     }
 
     /// Mounts a layer whose TOC was read by [`read_toc`](Self::read_toc), stacked on `lower`
-    /// (whiteouts of what `lower` lacks are left out).
+    /// (whiteouts of what `lower` lacks are left out); resumes `held` instead when a previous
+    /// daemon left it mounted there.
+    #[allow(clippy::too_many_arguments)]
     async fn mount_toc(
         &self,
         spec: &RemoteLayerSpec,
@@ -357,6 +441,7 @@ impl LayerManager {
         lower: &LowerLayers,
         below: &[Arc<LayerReader>],
         startup_files: &[String],
+        held: Option<HeldConnection>,
     ) -> Result<MountedLayer, LayerError> {
         let blob: Arc<dyn BlobSource> = Arc::new(self.client.blob(
             &spec.image,
@@ -376,8 +461,36 @@ impl LayerManager {
         reader.set_lower_layers(below);
         let mut mount_options = self.options.mount.clone();
         mount_options.fs_name = format!("lazysnap:{}", short_digest(&spec.layer.digest));
+        if self.holder.is_some() {
+            mount_options.open_record = Some(mountpoint.with_file_name("fs.opens"));
+        }
         let source: Arc<dyn lazysnap_fuse::ContentSource> = reader.clone();
-        let handle = mount_index(index, source, mountpoint, mount_options).await?;
+        // A connection a previous daemon left mounted here is served again (its containers
+        // never notice); one that is gone or replaced is detached and the layer mounted afresh.
+        let held = held.and_then(|held| {
+            match lazysnap_fuse::check_resumable(&held.fd, mountpoint, held.dev) {
+                Ok(()) => Some(held),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot resume the layer's connection; mounting it afresh");
+                    detach_stale_mount(mountpoint);
+                    None
+                }
+            }
+        });
+        let handle = match held {
+            Some(held) => resume_index(index, source, mountpoint, mount_options, held).await?,
+            None => {
+                let handle = mount_index(index, source, mountpoint, mount_options).await?;
+                if let (Some(holder), Some(connection), Some(dev)) =
+                    (&self.holder, handle.connection(), handle.device_number())
+                {
+                    if let Err(err) = holder.hold(mountpoint, dev, connection) {
+                        tracing::warn!(error = %err, "the FUSE holder does not keep this layer: a restart of the daemon breaks its containers");
+                    }
+                }
+                handle
+            }
+        };
         reader.start_prefetch(toc.prefetch_plan().cloned());
         reader.prefetch_startup_files(startup_files);
         tracing::info!(entries = toc.entries().len(), toc_digest = %toc.toc_digest(), "layer mounted lazily");
@@ -425,6 +538,7 @@ impl LayerManager {
         locator: &LayerLocator,
         mountpoint: &Path,
         lower: &LowerLayers,
+        held: Option<HeldConnection>,
     ) -> Result<(), RemoteLayerError> {
         let image = Reference::parse(&locator.image_ref)
             .map_err(|e| RemoteLayerError::Declined(format!("image reference: {e}")))?;
@@ -478,7 +592,7 @@ impl LayerManager {
             };
             let startup_files = self.startup_files_of(&image, &spec.layer.digest);
             let mounted = self
-                .mount_toc(&spec, &toc, mountpoint, lower, &below, &startup_files)
+                .mount_toc(&spec, &toc, mountpoint, lower, &below, &startup_files, held)
                 .await
                 .map_err(to_remote_error);
             lock(&self.tocs).remove(&(image.to_string(), spec.layer.digest.clone()));

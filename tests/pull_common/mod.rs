@@ -128,6 +128,10 @@ impl TestContainerd {
 pub struct TestLazysnap {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The executable `serve` runs from (a copy stands for an upgraded binary).
+    binary: PathBuf,
+    /// Flags given to `serve` besides its paths.
+    flags: Vec<String>,
 }
 
 impl TestLazysnap {
@@ -142,7 +146,12 @@ impl TestLazysnap {
             .tempdir_in("/tmp")
             .expect("temp dir");
         std::fs::write(dir.path().join("config.toml"), config_toml).expect("config");
-        let mut started = TestLazysnap { dir, child: None };
+        let mut started = TestLazysnap {
+            dir,
+            child: None,
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_lazysnap")),
+            flags: Vec::new(),
+        };
         started.spawn();
         started
     }
@@ -154,7 +163,7 @@ impl TestLazysnap {
             .append(true)
             .open(dir.join("lazysnap.log"))
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        let child = Command::new(&self.binary)
             .arg("serve")
             .arg("--config")
             .arg(dir.join("config.toml"))
@@ -162,6 +171,7 @@ impl TestLazysnap {
             .arg(dir.join("root"))
             .arg("--address")
             .arg(dir.join("lazysnap.sock"))
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -193,6 +203,41 @@ impl TestLazysnap {
             let _ = child.wait();
         }
         self.spawn();
+    }
+
+    /// Stops `lazysnap serve` with SIGTERM, waits for it to exit and starts it again.
+    pub fn terminate_and_restart(&mut self) {
+        self.terminate();
+        self.spawn();
+    }
+
+    /// Stops `lazysnap serve` with SIGTERM and starts `binary` (another executable, as in an
+    /// upgrade) as the daemon on the same root, socket and configuration.
+    pub fn restart_as(&mut self, binary: &Path) {
+        self.terminate();
+        self.binary = binary.to_path_buf();
+        self.spawn();
+    }
+
+    /// Stops `lazysnap serve` with SIGTERM and starts it again with `flags` added.
+    pub fn terminate_and_restart_with(&mut self, flags: &[&str]) {
+        self.terminate();
+        self.flags = flags.iter().map(|f| f.to_string()).collect();
+        self.spawn();
+    }
+
+    /// Stops `lazysnap serve` with SIGTERM and waits for it to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let status = child.wait().expect("waiting for lazysnap serve");
+            assert!(
+                status.success(),
+                "serve exited with {status} on SIGTERM:\n{}",
+                self.log()
+            );
+        }
     }
 
     pub fn socket(&self) -> PathBuf {

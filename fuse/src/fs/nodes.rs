@@ -1,13 +1,14 @@
 //! The filesystem's view of index nodes: attributes, directory entries, extended attributes
 //! (overlay's opaque marker included) and the passthrough open of a file backed by one file.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use fuser::{FileAttr, FileHandle, FileType, FopenFlags, INodeNo, ReplyOpen};
 
-use crate::handles::{OpenMode, OpenTable};
+use crate::handles::{Backing, OpenMode, OpenTable};
 use crate::index::{system_time, Index, Inode, Kind, FLAG_OPAQUE};
 use crate::ContentSource;
 
@@ -21,6 +22,8 @@ impl LayerFs {
         config: FsConfig,
         counters: Arc<Counters>,
         passthrough_live: Arc<AtomicBool>,
+        handles: OpenTable,
+        device: Option<Arc<OwnedFd>>,
     ) -> Self {
         LayerFs {
             index,
@@ -28,7 +31,8 @@ impl LayerFs {
             config,
             counters,
             passthrough_live,
-            handles: OpenTable::default(),
+            handles,
+            device,
         }
     }
 
@@ -138,12 +142,7 @@ impl LayerFs {
         // An inode already open in cached mode must stay cached until closed (the kernel refuses
         // mixing modes on one inode); one already passthrough reuses its backing id.
         if let Some(backing) = self.handles.reuse_passthrough(ino) {
-            bump(&self.counters.passthrough_opens);
-            reply.opened_passthrough(
-                FileHandle(OpenMode::Passthrough as u64),
-                FopenFlags::empty(),
-                &backing,
-            );
+            reply_passthrough(reply, &backing, &self.counters);
             return None;
         }
         if self.handles.has_cached_opens(ino) {
@@ -164,7 +163,10 @@ impl LayerFs {
                 return Some(reply);
             }
         }
-        let backing = match reply.open_backing(&file) {
+        let Some(device) = &self.device else {
+            return Some(reply);
+        };
+        let backing = match Backing::open(device, &file) {
             Ok(backing) => Arc::new(backing),
             Err(err) => {
                 if self.passthrough_live.swap(false, Ordering::Relaxed) {
@@ -175,16 +177,26 @@ impl LayerFs {
         };
         match self.handles.open_passthrough(ino, backing) {
             Some(backing) => {
-                bump(&self.counters.passthrough_opens);
-                reply.opened_passthrough(
-                    FileHandle(OpenMode::Passthrough as u64),
-                    FopenFlags::empty(),
-                    &backing,
-                );
+                reply_passthrough(reply, &backing, &self.counters);
                 None
             }
             // A cached open raced in meanwhile: stay cached.
             None => Some(reply),
         }
     }
+}
+
+/// Answers an open with `backing`, which this filesystem owns (and closes on the connection when
+/// its last handle goes), not fuser: the reply only borrows the id.
+pub(super) fn reply_passthrough(reply: ReplyOpen, backing: &Backing, counters: &Counters) {
+    bump(&counters.passthrough_opens);
+    // SAFETY: the id is open on this connection and stays open while `backing` lives; the
+    // wrapper is turned back into the raw id right after the reply, so fuser never closes it.
+    let wrapped = unsafe { reply.wrap_backing(backing.id()) };
+    reply.opened_passthrough(
+        FileHandle(OpenMode::Passthrough as u64),
+        FopenFlags::empty(),
+        &wrapped,
+    );
+    wrapped.into_raw();
 }
