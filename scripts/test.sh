@@ -15,6 +15,11 @@ bash scripts/install-deps.sh
 echo "== scripts/get-soci.sh: $(bash scripts/get-soci.sh)"
 # stargz-snapshotter's daemon, the other peer, built from Debian 12's packages.
 echo "== scripts/get-stargz.sh: $(bash scripts/get-stargz.sh)"
+# containerd 1.7 (Debian 13) and 2.x (unstable) beside the system's 1.6, extracted privately, for
+# tests/containerd_versions.rs.
+for suite in trixie unstable; do
+    echo "== scripts/get-containerd.sh $suite: $(bash scripts/get-containerd.sh "$suite")"
+done
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

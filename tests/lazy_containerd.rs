@@ -16,23 +16,6 @@ use pull_common::*;
 const ON_DEMAND_ONLY: &str =
     "[fetch]\nprefetch = false\nbackground_fill = false\nreadahead = false\n";
 
-fn layer_digests(variant: &str) -> Vec<(String, u64)> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture_dir(variant).join("manifest.json")).unwrap())
-            .unwrap();
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_string(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn assert_pulled_lazily(stdout: &str, lazysnap: &TestLazysnap) {
     let layer_lines: Vec<&str> = stdout
         .lines()

@@ -39,10 +39,25 @@ fn containerd_v3_snippet_uses_cri_images_plugin() {
     );
     let images = &v["plugins"]["io.containerd.cri.v1.images"];
     assert_eq!(images["snapshotter"].as_str(), Some("lazysnap"));
+    // Setting it makes containerd 2.x's CRI fall back to its legacy pull.
+    assert!(images.get("disable_snapshot_annotations").is_none());
+    let exports = &v["proxy_plugins"]["lazysnap"]["exports"];
     assert_eq!(
-        images["disable_snapshot_annotations"].as_bool(),
-        Some(false)
+        exports["enable_remote_snapshot_annotations"].as_str(),
+        Some("true")
     );
+    assert_eq!(
+        exports["root"].as_str(),
+        Some(lazysnap::config::DEFAULT_ROOT)
+    );
+    let unpack = v["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+        .as_array()
+        .unwrap();
+    let snapshotters: Vec<&str> = unpack
+        .iter()
+        .filter_map(|u| u["snapshotter"].as_str())
+        .collect();
+    assert_eq!(snapshotters, ["overlayfs", "lazysnap"]);
 }
 
 #[test]

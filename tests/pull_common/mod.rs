@@ -360,3 +360,21 @@ pub fn registry_with_fixture(
     let image = runtime.block_on(push_fixture(&registry.host(), variant, repo, tag));
     (registry, image)
 }
+
+/// The layers of fixture `variant` as (digest, size), in manifest order.
+pub fn layer_digests(variant: &str) -> Vec<(String, u64)> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_dir(variant).join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
