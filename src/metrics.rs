@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 mod http;
-pub use http::{encode, serve, serve_listener, MetricsError};
+pub use http::{encode, serve, serve_listener, set_serving, MetricsError};
 
 /// Why chunk bytes were fetched; the `kind` label of `lazysnap_fetched_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -119,6 +119,16 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
     ] {
         assert!(metrics.contains(family), "{family} missing:\n{metrics}");
     }
+    // The probes a DaemonSet uses: serving (readiness) and answering (liveness).
+    for probe in ["healthz", "livez"] {
+        let answer = Command::new("curl")
+            .args(["-sSf"])
+            .arg(format!("http://127.0.0.1:{metrics_port}/{probe}"))
+            .output()
+            .unwrap();
+        assert!(answer.status.success(), "/{probe} answers 200 while serving");
+        assert_eq!(String::from_utf8_lossy(&answer.stdout), "ok\n");
+    }
     // Which build is running, from the start.
     assert!(
         metrics.contains(&format!(

@@ -143,6 +143,7 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
     // Under systemd (Type=notify) the unit is started, and containerd ordered after it may
     // start, only now: the socket accepts calls, remote layers are mounted again, and a SIGTERM
     // sent at once is a clean shutdown (the handlers are in place).
+    lazysnap::metrics::set_serving(true);
     notify_service_manager(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {}", config.address.display())),
@@ -155,6 +156,7 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
     };
     let stats_service = service.clone();
     snapshotter::serve(listener, service, shutdown).await?;
+    lazysnap::metrics::set_serving(false);
     notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     let _ = std::fs::remove_file(super::serve_control::socket_path(&config.root));

@@ -1,7 +1,9 @@
 //! The metrics endpoint: the registry encoded in the Prometheus text format and served over
-//! plain HTTP (`/metrics`, and `/healthz`).
+//! plain HTTP (`/metrics`), with the probes of an orchestrator: `/livez` (the process answers)
+//! and `/healthz` (the snapshotter serves: 503 while starting or stopping).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,6 +13,15 @@ use tokio::net::{TcpListener, TcpStream};
 use super::METRICS;
 
 pub(super) static ENCODE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Whether the snapshotter serves containerd (what `/healthz` reports).
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// Tells `/healthz` whether the snapshotter serves (set once its socket answers and its remote
+/// layers are mounted again; cleared when it stops).
+pub fn set_serving(serving: bool) {
+    SERVING.store(serving, Ordering::Relaxed);
+}
 
 /// All metrics in the Prometheus text exposition format (OpenMetrics flavour).
 pub fn encode() -> String {
@@ -95,18 +106,26 @@ pub(super) async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
     let mut parts = first_line.split_whitespace();
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("");
-    let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path == "/") {
-        (
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics" | "/") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             encode(),
-        )
-    } else {
-        (
+        ),
+        ("GET", "/livez") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/healthz") if SERVING.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ok\n".to_string())
+        }
+        ("GET", "/healthz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "the snapshotter is not serving (starting or stopping)\n".to_string(),
+        ),
+        _ => (
             "404 Not Found",
             "text/plain",
-            "only GET /metrics is served here\n".to_string(),
-        )
+            "GET /metrics, /healthz or /livez\n".to_string(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -51,3 +51,27 @@ async fn endpoint_serves_metrics_over_http() {
     assert!(response.contains("lazysnap_fallbacks_total{reason=\"endpoint_test\"}"));
     server.abort();
 }
+
+#[tokio::test]
+async fn healthz_says_whether_the_snapshotter_serves() {
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve_listener(listener));
+    crate::metrics::set_serving(false);
+    assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
+    assert!(get(addr, "/livez").await.starts_with("HTTP/1.1 200"));
+    crate::metrics::set_serving(true);
+    assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    crate::metrics::set_serving(false);
+    server.abort();
+}
