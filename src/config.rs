@@ -14,7 +14,8 @@
 //! # Log level: error, warn, info, debug, trace, or a filter such as "info,lazysnap::fetch=debug"
 //! # (the LAZYSNAP_LOG environment variable and --log-level win over it).
 //! log_level = "info"
-//! # Prometheus endpoint, e.g. "127.0.0.1:9345"; empty = off. Must be a loopback address.
+//! # Prometheus endpoint, e.g. "127.0.0.1:9345"; empty = off. Loopback unless a cluster's Prometheus
+//! # scrapes it (then e.g. "0.0.0.0:9345"). Also serves /healthz (503 until serving) and /livez.
 //! metrics_address = ""
 //!
 //! [cache]
@@ -74,6 +75,17 @@
 //! docker_config = ""
 //! # Use plain HTTP for every registry (localhost / 127.0.0.1 always use plain HTTP).
 //! plain_http = false
+//!
+//! [cri_keychain]
+//! # Private images under Kubernetes: kubelet hands pull secrets to the CRI image service, never to
+//! # a snapshotter. With enable = true, serve also serves the CRI image service on listen_path,
+//! # forwards every call to containerd's (image_service_path), and keeps the credentials of each
+//! # PullImage in memory, per image, for ttl_secs after its last pull, to fetch that image's lazy
+//! # layers. Point kubelet there: --image-service-endpoint=unix:///run/lazysnap/cri-image.sock.
+//! enable = false
+//! listen_path = "/run/lazysnap/cri-image.sock"
+//! image_service_path = "/run/containerd/containerd.sock"
+//! ttl_secs = 86400
 //! ```
 
 use std::net::SocketAddr;
@@ -131,11 +143,37 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A tracing filter: a level (default `info`) or directives like `info,lazysnap::fetch=debug`.
     pub log_level: String,
-    /// Prometheus endpoint address; empty (default) = off; loopback only.
+    /// Prometheus endpoint address; empty (default) = off.
     pub metrics_address: String,
     pub cache: CacheConfig,
     pub fetch: FetchConfig,
     pub registry: RegistryConfig,
+    pub cri_keychain: CriKeychainConfig,
+}
+
+/// `[cri_keychain]`: the CRI image service lazysnap can serve to learn kubelet's pull secrets.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriKeychainConfig {
+    /// Serve the CRI image service and keep the credentials of its pulls (default false).
+    pub enable: bool,
+    /// Socket kubelet's `--image-service-endpoint` points at.
+    pub listen_path: PathBuf,
+    /// containerd's socket, where every call is forwarded.
+    pub image_service_path: PathBuf,
+    /// How long credentials are kept after the last pull of their image (default one day).
+    pub ttl_secs: u64,
+}
+
+impl Default for CriKeychainConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            listen_path: PathBuf::from("/run/lazysnap/cri-image.sock"),
+            image_service_path: PathBuf::from("/run/containerd/containerd.sock"),
+            ttl_secs: 86400,
+        }
+    }
 }
 
 /// `[cache]`: the chunk cache.
@@ -209,6 +247,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
             registry: RegistryConfig::default(),
+            cri_keychain: CriKeychainConfig::default(),
         }
     }
 }
@@ -324,11 +363,32 @@ impl Config {
                     ),
                 )
             })?;
-            if !addr.ip().is_loopback() {
+            if addr.port() == 0 {
                 return Err(invalid(
                     "metrics_address",
+                    format!("{addr} has no port; e.g. \"127.0.0.1:9345\""),
+                ));
+            }
+        }
+        let k = &self.cri_keychain;
+        if k.enable {
+            for (key, path) in [
+                ("cri_keychain.listen_path", &k.listen_path),
+                ("cri_keychain.image_service_path", &k.image_service_path),
+            ] {
+                if !path.is_absolute() {
+                    return Err(invalid(
+                        key,
+                        format!("{path:?} must be an absolute socket path"),
+                    ));
+                }
+            }
+            if k.listen_path == k.image_service_path || k.listen_path == self.address {
+                return Err(invalid(
+                    "cri_keychain.listen_path",
                     format!(
-                        "{addr} is not a loopback address; the metrics endpoint only binds 127.0.0.1 or ::1"
+                        "{:?} must be a socket of its own (not containerd's nor the snapshotter's)",
+                        k.listen_path
                     ),
                 ));
             }
@@ -439,8 +499,19 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let err = Config::parse("metrics_address = \"0.0.0.0:9000\"\n", "f").unwrap_err();
+        let err = Config::parse("metrics_address = \"localhost\"\n", "f").unwrap_err();
         assert!(err.to_string().contains("metrics_address"), "{err}");
+        // A cluster's Prometheus may scrape another address than loopback.
+        Config::parse("metrics_address = \"0.0.0.0:9000\"\n", "f").unwrap();
+        let err = Config::parse(
+            "[cri_keychain]\nenable = true\nlisten_path = \"/run/containerd/containerd.sock\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("cri_keychain.listen_path"),
+            "{err}"
+        );
         let err = Config::parse(
             "[cache]\nhigh_watermark_pct = 50\nlow_watermark_pct = 60\n",
             "f",

@@ -12,12 +12,21 @@ use crate::config::Config;
 use crate::fetch::{FetchOptions, FetchScheduler, SchedulerOptions};
 use crate::image::Platform;
 use crate::layer::{LayerError, LayerManager, LayerManagerOptions};
-use crate::registry::{Client, ClientConfig, RegistryError};
+use crate::registry::{Client, ClientConfig, Keychain, RegistryError};
 
 /// The registry client: hosts.toml directory, credentials, plain HTTP, timeouts.
 pub fn registry_client(config: &Config) -> Result<Client, RegistryError> {
+    registry_client_with(config, None)
+}
+
+/// The registry client, consulting `keychain` (credentials given at run time) first.
+fn registry_client_with(
+    config: &Config,
+    keychain: Option<Arc<Keychain>>,
+) -> Result<Client, RegistryError> {
     let registry = &config.registry;
     Client::new(ClientConfig {
+        keychain,
         hosts_dir: (!registry.config_path.as_os_str().is_empty())
             .then(|| registry.config_path.clone()),
         docker_config: (!registry.docker_config.as_os_str().is_empty())
@@ -89,10 +98,23 @@ pub fn layer_manager(
     )
 }
 
-/// Everything `lazysnap serve` mounts layers with: client, cache (opened here), scheduler and
-/// manager, for the host's platform.
-pub fn serve_layer_manager(config: &Config, runtime: Handle) -> Result<LayerManager, LayerError> {
-    let client = registry_client(config)?;
+/// The CRI keychain `[cri_keychain]` turns on: filled by the CRI image service `serve` forwards,
+/// read by the registry client.
+pub fn cri_keychain(config: &Config) -> Option<Arc<Keychain>> {
+    let keychain = &config.cri_keychain;
+    keychain
+        .enable
+        .then(|| Arc::new(Keychain::new(Duration::from_secs(keychain.ttl_secs))))
+}
+
+/// Everything `lazysnap serve` mounts layers with: client (with `keychain`), cache (opened here),
+/// scheduler and manager, for the host's platform.
+pub fn serve_layer_manager(
+    config: &Config,
+    keychain: Option<Arc<Keychain>>,
+    runtime: Handle,
+) -> Result<LayerManager, LayerError> {
+    let client = registry_client_with(config, keychain)?;
     let cache = ChunkCache::open(cache_options(config))?;
     Ok(layer_manager(
         config,

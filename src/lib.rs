@@ -22,6 +22,7 @@ pub mod buffer_pool;
 pub mod cache;
 pub mod config;
 pub mod containerd;
+pub mod cri_keychain;
 pub mod daemon;
 pub mod digest;
 pub mod estargz;

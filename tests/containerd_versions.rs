@@ -176,6 +176,7 @@ fn cri_pull_runs_lazily(version: Version) {
                 image: node.image.clone(),
                 ..Default::default()
             }),
+            auth: None,
         })
         .await
         .unwrap_or_else(|e| {

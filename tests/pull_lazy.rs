@@ -235,6 +235,7 @@ fn cri_pull_image_mounts_layers_lazily() {
                 image: image.clone(),
                 annotations: Default::default(),
             }),
+            auth: None,
         })
         .await
         .unwrap_or_else(|e| panic!("CRI PullImage: {e}\ncontainerd log:\n{}", containerd.log()))

@@ -442,6 +442,7 @@ fn cri_pull_image_mounts_remote_layers_with_cri_labels() {
                     image,
                     annotations: Default::default(),
                 }),
+                auth: None,
             })
             .await
     });

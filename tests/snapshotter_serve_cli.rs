@@ -126,7 +126,10 @@ fn serve_uses_config_refuses_a_live_socket_and_stops_on_sigterm() {
             .arg(format!("http://127.0.0.1:{metrics_port}/{probe}"))
             .output()
             .unwrap();
-        assert!(answer.status.success(), "/{probe} answers 200 while serving");
+        assert!(
+            answer.status.success(),
+            "/{probe} answers 200 while serving"
+        );
         assert_eq!(String::from_utf8_lossy(&answer.stdout), "ok\n");
     }
     // Which build is running, from the start.

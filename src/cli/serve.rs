@@ -11,6 +11,7 @@ use lazysnap::config::Config;
 use lazysnap::daemon;
 use lazysnap::fuse_holder::FuseHolder;
 use lazysnap::layer::LayerManager;
+use lazysnap::registry::Keychain;
 use lazysnap::snapshotter::{self, RemoteLayers, Service, ServiceOptions};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -74,13 +75,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let _root_lock = lock_root(&config.root)?;
     super::runtime()?.block_on(async {
-        let manager = daemon::serve_layer_manager(&config, tokio::runtime::Handle::current())
-            .context("setting up lazy remote layers")?;
+        let keychain = daemon::cri_keychain(&config);
+        let manager = daemon::serve_layer_manager(
+            &config,
+            keychain.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .context("setting up lazy remote layers")?;
         let manager = keep_connections(manager, &config.root);
         if args.unmount_on_exit {
             manager.unmount_on_exit();
         }
-        serve(config, Arc::new(manager)).await
+        serve(config, Arc::new(manager), keychain).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -102,7 +108,11 @@ const FUSE_HOLDER_SOCKET: &str = "fuse-holder.sock";
 
 /// Runs the snapshotter described by `config`, mounting remote layers with `manager`, until
 /// SIGTERM or SIGINT; answers `lazysnap status` and `lazysnap warm` on its control socket.
-pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    manager: Arc<LayerManager>,
+    keychain: Option<Arc<Keychain>>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("creating root {}", config.root.display()))?;
     if let Some(addr) = config.metrics_socket_addr() {
@@ -138,6 +148,29 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
         "lazysnap snapshotter serving"
     );
 
+    let (stop_cri, cri_stopped) = tokio::sync::oneshot::channel::<()>();
+    let cri = match keychain {
+        Some(keychain) => {
+            let settings = config.cri_keychain.clone();
+            Some(tokio::spawn(async move {
+                let stopped = async {
+                    let _ = cri_stopped.await;
+                };
+                if let Err(err) = lazysnap::cri_keychain::serve(
+                    &settings.listen_path,
+                    &settings.image_service_path,
+                    keychain,
+                    stopped,
+                )
+                .await
+                {
+                    tracing::error!(error = %err, "the CRI keychain stopped: kubelet's pulls through it fail");
+                }
+            }))
+        }
+        None => None,
+    };
+
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     // Under systemd (Type=notify) the unit is started, and containerd ordered after it may
@@ -158,6 +191,10 @@ pub async fn serve(config: Config, manager: Arc<LayerManager>) -> anyhow::Result
     snapshotter::serve(listener, service, shutdown).await?;
     lazysnap::metrics::set_serving(false);
     notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_cri.send(());
+    if let Some(cri) = cri {
+        let _ = cri.await;
+    }
     control.abort();
     let _ = std::fs::remove_file(super::serve_control::socket_path(&config.root));
     stats_service.shutdown().await;

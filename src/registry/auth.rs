@@ -13,8 +13,10 @@ use tracing::Instrument as _;
 use super::RegistryError;
 
 mod credentials;
+mod keychain;
 use credentials::sensitive_header;
 pub use credentials::{Credentials, DockerConfig};
+pub use keychain::Keychain;
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +119,8 @@ struct TokenResponse {
 /// Credentials and tokens of one client, shared by its clones.
 pub(crate) struct AuthStore {
     docker_config: DockerConfig,
+    /// Credentials given at run time (CRI pulls), consulted first and never cached here.
+    keychain: Option<std::sync::Arc<Keychain>>,
     credentials: tokio::sync::Mutex<HashMap<String, Option<Credentials>>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     basic_hosts: Mutex<HashSet<String>>,
@@ -124,9 +128,10 @@ pub(crate) struct AuthStore {
 }
 
 impl AuthStore {
-    pub fn new(docker_config: DockerConfig) -> Self {
+    pub fn new(docker_config: DockerConfig, keychain: Option<std::sync::Arc<Keychain>>) -> Self {
         Self {
             docker_config,
+            keychain,
             credentials: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             basic_hosts: Mutex::new(HashSet::new()),
@@ -134,7 +139,20 @@ impl AuthStore {
         }
     }
 
-    async fn credentials(&self, host: &str) -> Result<Option<Credentials>, RegistryError> {
+    async fn credentials(
+        &self,
+        host: &str,
+        scope: &str,
+    ) -> Result<Option<Credentials>, RegistryError> {
+        if let Some(keychain) = &self.keychain {
+            let repository = scope
+                .strip_prefix("repository:")
+                .and_then(|rest| rest.rsplit_once(':'))
+                .map(|(repository, _)| repository);
+            if let Some(found) = keychain.credentials_for(host, repository) {
+                return Ok(Some(found));
+            }
+        }
         let mut cache = self.credentials.lock().await;
         if let Some(c) = cache.get(host) {
             return Ok(c.clone());
@@ -158,7 +176,12 @@ impl AuthStore {
         }
         let basic = crate::sync::lock(&self.basic_hosts).contains(host);
         if basic {
-            return self.credentials(host).await.ok().flatten()?.basic_header();
+            return self
+                .credentials(host, scope)
+                .await
+                .ok()
+                .flatten()?
+                .basic_header();
         }
         None
     }
@@ -192,7 +215,7 @@ impl AuthStore {
                 }
             }
         }
-        let credentials = self.credentials(host).await?;
+        let credentials = self.credentials(host, scope).await?;
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let span = tracing::info_span!(
                 "registry.token",

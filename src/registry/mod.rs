@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use auth::{Credentials, DockerConfig};
+pub use auth::{Credentials, DockerConfig, Keychain};
 pub use client::Client;
 pub use hosts::{HostCapabilities, HostConfig, HostsDir};
 pub use ranged::RemoteBlob;
@@ -92,6 +92,8 @@ pub struct ClientConfig {
     pub docker_config: Option<PathBuf>,
     /// Use plain HTTP for every registry (`--plain-http`); localhost registries always do.
     pub plain_http: bool,
+    /// Credentials given at run time (the CRI keychain), consulted before the docker config.
+    pub keychain: Option<std::sync::Arc<Keychain>>,
     /// Deadline of one HTTP request including its body.
     pub request_timeout: Duration,
     /// Bound on the total time of one logical read (all retries and endpoints included).
@@ -128,6 +130,7 @@ impl Default for ClientConfig {
         Self {
             hosts_dir: None,
             docker_config: None,
+            keychain: None,
             plain_http: false,
             request_timeout: Duration::from_secs(30),
             read_deadline: Duration::from_secs(60),
