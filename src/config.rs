@@ -75,6 +75,12 @@
 //! docker_config = ""
 //! # Use plain HTTP for every registry (localhost / 127.0.0.1 always use plain HTTP).
 //! plain_http = false
+//! # kubelet's credential provider plugins (ECR, GCR, ACR tokens): the CredentialProviderConfig
+//! # file kubelet's --image-credential-provider-config names (empty = none) and the plugins'
+//! # directory (--image-credential-provider-bin-dir). Answers are cached for their cacheDuration
+//! # and asked again after 80% of it, before short-lived tokens expire.
+//! credential_provider_config = ""
+//! credential_provider_bin_dir = "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec"
 //!
 //! [cri_keychain]
 //! # Private images under Kubernetes: kubelet hands pull secrets to the CRI image service, never to
@@ -234,6 +240,10 @@ pub struct RegistryConfig {
     pub docker_config: PathBuf,
     /// Plain HTTP for every registry (default false).
     pub plain_http: bool,
+    /// kubelet's `CredentialProviderConfig` file; empty (default) = no credential providers.
+    pub credential_provider_config: PathBuf,
+    /// Directory of the credential provider plugins (kubelet's `--image-credential-provider-bin-dir`).
+    pub credential_provider_bin_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -289,6 +299,10 @@ impl Default for RegistryConfig {
             config_path: PathBuf::from("/etc/containerd/certs.d"),
             docker_config: PathBuf::new(),
             plain_http: false,
+            credential_provider_config: PathBuf::new(),
+            credential_provider_bin_dir: PathBuf::from(
+                "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec",
+            ),
         }
     }
 }

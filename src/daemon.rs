@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::fetch::{FetchOptions, FetchScheduler, SchedulerOptions};
 use crate::image::Platform;
 use crate::layer::{LayerError, LayerManager, LayerManagerOptions};
-use crate::registry::{Client, ClientConfig, Keychain, RegistryError};
+use crate::registry::{Client, ClientConfig, CredentialProviders, Keychain, RegistryError};
 
 /// The registry client: hosts.toml directory, credentials, plain HTTP, timeouts.
 pub fn registry_client(config: &Config) -> Result<Client, RegistryError> {
@@ -25,8 +25,17 @@ fn registry_client_with(
     keychain: Option<Arc<Keychain>>,
 ) -> Result<Client, RegistryError> {
     let registry = &config.registry;
+    let credential_providers = if registry.credential_provider_config.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Arc::new(CredentialProviders::load(
+            &registry.credential_provider_config,
+            &registry.credential_provider_bin_dir,
+        )?))
+    };
     Client::new(ClientConfig {
         keychain,
+        credential_providers,
         hosts_dir: (!registry.config_path.as_os_str().is_empty())
             .then(|| registry.config_path.clone()),
         docker_config: (!registry.docker_config.as_os_str().is_empty())

@@ -14,9 +14,11 @@ use super::RegistryError;
 
 mod credentials;
 mod keychain;
+mod provider;
 use credentials::sensitive_header;
 pub use credentials::{Credentials, DockerConfig};
 pub use keychain::Keychain;
+pub use provider::CredentialProviders;
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +123,8 @@ pub(crate) struct AuthStore {
     docker_config: DockerConfig,
     /// Credentials given at run time (CRI pulls), consulted first and never cached here.
     keychain: Option<std::sync::Arc<Keychain>>,
+    /// kubelet credential provider plugins, consulted next (they cache their answers).
+    providers: Option<std::sync::Arc<CredentialProviders>>,
     credentials: tokio::sync::Mutex<HashMap<String, Option<Credentials>>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     basic_hosts: Mutex<HashSet<String>>,
@@ -128,10 +132,15 @@ pub(crate) struct AuthStore {
 }
 
 impl AuthStore {
-    pub fn new(docker_config: DockerConfig, keychain: Option<std::sync::Arc<Keychain>>) -> Self {
+    pub fn new(
+        docker_config: DockerConfig,
+        keychain: Option<std::sync::Arc<Keychain>>,
+        providers: Option<std::sync::Arc<CredentialProviders>>,
+    ) -> Self {
         Self {
             docker_config,
             keychain,
+            providers,
             credentials: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             basic_hosts: Mutex::new(HashSet::new()),
@@ -144,12 +153,17 @@ impl AuthStore {
         host: &str,
         scope: &str,
     ) -> Result<Option<Credentials>, RegistryError> {
+        let repository = scope
+            .strip_prefix("repository:")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .map(|(repository, _)| repository);
         if let Some(keychain) = &self.keychain {
-            let repository = scope
-                .strip_prefix("repository:")
-                .and_then(|rest| rest.rsplit_once(':'))
-                .map(|(repository, _)| repository);
             if let Some(found) = keychain.credentials_for(host, repository) {
+                return Ok(Some(found));
+            }
+        }
+        if let Some(providers) = &self.providers {
+            if let Some(found) = providers.credentials_for(host, repository).await? {
                 return Ok(Some(found));
             }
         }

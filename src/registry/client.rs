@@ -160,7 +160,11 @@ impl Client {
         let hosts = HostsDir::new(config.hosts_dir.clone(), config.plain_http);
         let client = Client {
             inner: Arc::new(Inner {
-                auth: AuthStore::new(docker_config, config.keychain.clone()),
+                auth: AuthStore::new(
+                    docker_config,
+                    config.keychain.clone(),
+                    config.credential_providers.clone(),
+                ),
                 hosts,
                 http_by_tls: Mutex::new(HashMap::new()),
                 endpoints: Mutex::new(HashMap::new()),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use auth::{Credentials, DockerConfig, Keychain};
+pub use auth::{CredentialProviders, Credentials, DockerConfig, Keychain};
 pub use client::Client;
 pub use hosts::{HostCapabilities, HostConfig, HostsDir};
 pub use ranged::RemoteBlob;
@@ -94,6 +94,8 @@ pub struct ClientConfig {
     pub plain_http: bool,
     /// Credentials given at run time (the CRI keychain), consulted before the docker config.
     pub keychain: Option<std::sync::Arc<Keychain>>,
+    /// kubelet credential provider plugins, consulted after the keychain.
+    pub credential_providers: Option<std::sync::Arc<CredentialProviders>>,
     /// Deadline of one HTTP request including its body.
     pub request_timeout: Duration,
     /// Bound on the total time of one logical read (all retries and endpoints included).
@@ -131,6 +133,7 @@ impl Default for ClientConfig {
             hosts_dir: None,
             docker_config: None,
             keychain: None,
+            credential_providers: None,
             plain_http: false,
             request_timeout: Duration::from_secs(30),
             read_deadline: Duration::from_secs(60),
