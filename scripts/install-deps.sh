@@ -3,7 +3,7 @@
 # apt runs only when a package is missing. Also checks the Rust toolchain.
 set -euo pipefail
 
-PACKAGES=(gcc containerd runc docker-registry fuse3 libfuse3-dev busybox-static stargz-snapshotter curl jq openssl python3 zstd attr debootstrap e2fsprogs fonts-dejavu-core)
+PACKAGES=(gcc binutils ca-certificates containerd runc docker-registry fuse3 libfuse3-dev busybox-static stargz-snapshotter curl jq openssl python3 zstd attr debootstrap e2fsprogs fonts-dejavu-core)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

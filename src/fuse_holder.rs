@@ -2,9 +2,11 @@
 //! `serve` mounts, so that running containers keep their filesystems through a crash, a restart
 //! or an upgrade of the daemon (the kernel queues their requests meanwhile), and hands them to
 //! the next `serve`, which resumes serving them. It exits once it holds nothing and no daemon is
-//! connected. Protocol: one text message per datagram on a unix SOCK_SEQPACKET socket, with the
-//! descriptor attached (SCM_RIGHTS): `hold DEV PATH` + fd, `release PATH`, `list` (answered by
-//! `entry DEV PATH` + fd per connection, then `end`); other answers are `ok` or `error TEXT`.
+//! connected (unless told to stay, as the sidecar of a DaemonSet does). A holder starting where
+//! another one listens takes its connections over and tells it to quit. Protocol: one text
+//! message per datagram on a unix SOCK_SEQPACKET socket, with the descriptor attached
+//! (SCM_RIGHTS): `hold DEV PATH` + fd, `release PATH`, `list` (answered by `entry DEV PATH` + fd
+//! per connection, then `end`), `quit`; other answers are `ok` or `error TEXT`.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
@@ -236,12 +238,24 @@ fn parse_dev_path(message: &[u8], prefix: &[u8]) -> Option<(u64, PathBuf)> {
     Some((dev, PathBuf::from(path)))
 }
 
-/// Runs the holder on `socket` until it holds nothing and no daemon is connected for a while.
-pub fn run_holder(socket: &Path) -> Result<(), HolderError> {
+/// Runs the holder on `socket` until it holds nothing and no daemon is connected for a while
+/// (with `stay`, until killed).
+pub fn run_holder(socket: &Path, stay: bool) -> Result<(), HolderError> {
     let fail = |what: &str, e: nix::Error| io_error(socket, what, e);
+    let mut held: Vec<(PathBuf, HeldConnection)> = Vec::new();
+    // Another holder there: take its connections, then let it go.
+    if let Ok(stream) = connect_to(socket) {
+        let previous = FuseHolder::new(socket, stream);
+        let taken = previous.list()?;
+        tracing::info!(
+            connections = taken.len(),
+            "taking over from the holder already running"
+        );
+        held.extend(taken);
+        previous.call(b"quit", None)?;
+    }
     let listener = socket_listening(socket).map_err(|e| fail("listening", e))?;
     let mut clients: Vec<OwnedFd> = Vec::new();
-    let mut held: Vec<(PathBuf, HeldConnection)> = Vec::new();
     let mut idle_since = Instant::now();
     loop {
         let revents: Vec<PollFlags> = {
@@ -282,6 +296,11 @@ pub fn run_holder(socket: &Path) -> Result<(), HolderError> {
             }
             let stays = match receive(&clients[i]) {
                 Ok((message, _)) if message.is_empty() => false,
+                Ok((message, _)) if message == b"quit" => {
+                    // Another holder took the connections over and owns the socket now.
+                    let _ = send(&clients[i], b"ok", None);
+                    return Ok(());
+                }
                 Ok((message, fd)) => serve_request(&clients[i], &message, fd, &mut held).is_ok(),
                 Err(_) => false,
             };
@@ -299,7 +318,7 @@ pub fn run_holder(socket: &Path) -> Result<(), HolderError> {
                 Err(e) => tracing::warn!(error = %e, "accepting a daemon failed"),
             }
         }
-        if !held.is_empty() || !clients.is_empty() {
+        if stay || !held.is_empty() || !clients.is_empty() {
             idle_since = Instant::now();
         } else if idle_since.elapsed() >= IDLE_EXIT {
             let _ = std::fs::remove_file(socket);
@@ -363,7 +382,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("holder.sock");
         let server_socket = socket.clone();
-        std::thread::spawn(move || run_holder(&server_socket));
+        let first_holder = std::thread::spawn(move || run_holder(&server_socket, false));
         let deadline = Instant::now() + START_WAIT;
         let stream = loop {
             match connect_to(&socket) {
@@ -392,5 +411,27 @@ mod tests {
         let ours = nix::sys::stat::fstat(&kept).unwrap();
         let theirs = nix::sys::stat::fstat(&entry.fd).unwrap();
         assert_eq!((ours.st_dev, ours.st_ino), (theirs.st_dev, theirs.st_ino));
+        drop(second);
+
+        // A holder started on the same socket (a DaemonSet's sidecar) takes the connection over
+        // and the first one quits.
+        let takeover_socket = socket.clone();
+        std::thread::spawn(move || run_holder(&takeover_socket, true));
+        let deadline = Instant::now() + START_WAIT;
+        while !first_holder.is_finished() {
+            assert!(Instant::now() < deadline, "the first holder did not quit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(first_holder.join().unwrap().is_ok());
+        let third = loop {
+            match connect_to(&socket) {
+                Ok(stream) => break FuseHolder::new(&socket, stream),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("the new holder is not listening: {e}"),
+            }
+        };
+        assert!(third.list().unwrap().contains_key(Path::new("/mnt/a b")));
     }
 }

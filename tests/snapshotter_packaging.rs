@@ -80,6 +80,18 @@ fn systemd_unit_and_daemonset() {
     assert!(daemonset.contains("kind: DaemonSet"));
     assert!(daemonset.contains("mountPropagation: Bidirectional"));
     assert!(daemonset.contains("privileged: true"));
+    // Pinned to the version scripts/build-image.sh tags, probed, and with the holder as a
+    // sidecar that outlives restarts of the lazysnap container.
+    assert!(!daemonset.contains(":latest"), "{daemonset}");
+    assert!(daemonset.contains(&format!(
+        "image: ghcr.io/lazysnap/lazysnap:{}",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(daemonset.contains("path: /healthz") && daemonset.contains("path: /livez"));
+    assert!(daemonset.contains("restartPolicy: Always"));
+    assert!(daemonset.contains(
+        "\"fuse-holder\", \"--socket\", \"/var/lib/lazysnap/fuse-holder.sock\", \"--stay\""
+    ));
     // The ConfigMap's config is a valid lazysnap config.
     let start = daemonset.find("config.toml: |").unwrap();
     let body: String = daemonset[start..]

@@ -87,6 +87,9 @@ enum Command {
         /// Unix socket to listen on.
         #[arg(long, value_name = "SOCK")]
         socket: std::path::PathBuf,
+        /// Keep running when idle (a DaemonSet's sidecar, which outlives restarts of `serve`).
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -129,7 +132,7 @@ pub fn main() -> ExitCode {
         }
         Command::Man => print_man_page(),
         Command::MountDaemon(args) => mount_daemon::run(args),
-        Command::FuseHolder { socket } => lazysnap::fuse_holder::run_holder(&socket)
+        Command::FuseHolder { socket, stay } => lazysnap::fuse_holder::run_holder(&socket, stay)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
     };

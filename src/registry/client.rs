@@ -236,9 +236,19 @@ impl Client {
             })?;
             builder = builder.identity(identity);
         }
-        let http = builder
-            .build()
-            .map_err(|e| RegistryError::Config(format!("building the HTTP client: {e}")))?;
+        let http = builder.build().map_err(|e| {
+            let mut detail = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                detail.push_str(": ");
+                detail.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            RegistryError::Config(format!(
+                "building the HTTP client: {detail} (TLS needs the system's CA certificates, \
+                 /etc/ssl/certs/ca-certificates.crt from Debian's ca-certificates)"
+            ))
+        })?;
         cache.insert(key.clone(), http.clone());
         Ok(http)
     }
