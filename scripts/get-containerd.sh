@@ -16,23 +16,10 @@ if [[ -x $bin/containerd && -x $bin/containerd-shim-runc-v2 && -x $bin/ctr ]]; t
     exit 0
 fi
 
-mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs" "$dir/root"
-echo "deb http://deb.debian.org/debian $suite main" >"$dir/sources.list"
-apt_private=(
-    -o "APT::Sandbox::User=root"
-    -o "Dir::Etc::sourcelist=$dir/sources.list"
-    -o "Dir::Etc::sourceparts=/dev/null"
-    -o "Dir::State::lists=$dir/lists"
-    -o "Dir::Cache=$dir/cache"
-)
-echo "get-containerd: reading Debian $suite's package lists into $dir/lists" >&2
-apt-get "${apt_private[@]}" update -qq >&2
-(cd "$dir/debs" && apt-get "${apt_private[@]}" download containerd >&2)
-deb=$(ls -1 "$dir"/debs/containerd_*.deb | tail -n1)
-dpkg-deb -x "$deb" "$dir/root"
+bash "$(dirname "$0")/debian-download.sh" "$suite" containerd "$dir"
 for program in containerd containerd-shim-runc-v2 ctr; do
     [[ -x $bin/$program ]] || {
-        echo "get-containerd: $deb has no usr/bin/$program" >&2
+        echo "get-containerd: the $suite containerd package has no usr/bin/$program" >&2
         exit 1
     }
 done

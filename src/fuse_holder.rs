@@ -179,13 +179,18 @@ fn io_error(socket: &Path, what: &str, err: impl std::fmt::Display) -> HolderErr
     }
 }
 
-fn connect_to(path: &Path) -> nix::Result<OwnedFd> {
-    let fd = socket(
+/// A unix socket whose messages keep their boundaries (one request or answer per datagram).
+fn message_socket() -> nix::Result<OwnedFd> {
+    socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+fn connect_to(path: &Path) -> nix::Result<OwnedFd> {
+    let fd = message_socket()?;
     connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     Ok(fd)
 }
@@ -329,12 +334,7 @@ pub fn run_holder(socket: &Path, stay: bool) -> Result<(), HolderError> {
 
 fn socket_listening(path: &Path) -> nix::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = message_socket()?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     listen(&fd, Backlog::new(16)?)?;
     Ok(fd)

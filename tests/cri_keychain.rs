@@ -16,7 +16,6 @@ use lazysnap::containerd::proto::runtime::v1::{
     image_service_client::ImageServiceClient, AuthConfig, ImageFsInfoRequest, ImageSpec,
     PullImageRequest,
 };
-use lazysnap_testbed::{write_htpasswd, RegistryOptions, RegistryServer};
 use pull_common::*;
 
 const USER: &str = "kube";
@@ -42,20 +41,7 @@ async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
 fn a_cri_pull_with_credentials_only_in_the_request_mounts_lazily() {
     require_root_and_containerd();
     let work = tempfile::tempdir().unwrap();
-    // The fixture is pushed to an open registry; a second one serves the same storage behind
-    // Basic auth, and only it is pulled from.
-    let open = RegistryServer::start().unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(push_fixture(&open.host(), "esgz", "private", "esgz"));
-    let htpasswd = work.path().join("htpasswd");
-    write_htpasswd(&htpasswd, &[(USER, PASSWORD)]).unwrap();
-    let private = RegistryServer::start_with(&RegistryOptions {
-        htpasswd: Some(htpasswd),
-        storage_root: Some(open.storage_root().to_path_buf()),
-        ..RegistryOptions::default()
-    })
-    .unwrap();
-    let image = format!("{}/private:esgz", private.host());
+    let (_open, private, image) = private_registry_with_fixture(work.path(), USER, PASSWORD);
 
     // containerd starts after lazysnap, at a path known only then: lazysnap dials a link to it.
     let containerd_link = work.path().join("containerd.sock");
@@ -73,6 +59,7 @@ fn a_cri_pull_with_credentials_only_in_the_request_mounts_lazily() {
     });
     std::os::unix::fs::symlink(containerd.socket(), &containerd_link).unwrap();
 
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let (mountpoints, image_ref) = runtime.block_on(async {
         let mut cri = ImageServiceClient::new(unix_channel(&cri_socket).await);
         let pulled = cri

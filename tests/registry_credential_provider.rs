@@ -9,7 +9,7 @@ mod pull_common;
 
 use std::process::Command;
 
-use lazysnap_testbed::{write_docker_config, write_htpasswd, RegistryOptions, RegistryServer};
+use lazysnap_testbed::write_docker_config;
 use pull_common::*;
 
 const USER: &str = "robot";
@@ -19,18 +19,7 @@ const PASSWORD: &str = "provider-token-93b2f1";
 fn serve_fetches_lazy_layers_with_a_credential_provider_plugins_token() {
     require_root_and_containerd();
     let work = tempfile::tempdir().unwrap();
-    let open = RegistryServer::start().unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(push_fixture(&open.host(), "esgz", "private", "esgz"));
-    let htpasswd = work.path().join("htpasswd");
-    write_htpasswd(&htpasswd, &[(USER, PASSWORD)]).unwrap();
-    let private = RegistryServer::start_with(&RegistryOptions {
-        htpasswd: Some(htpasswd),
-        storage_root: Some(open.storage_root().to_path_buf()),
-        ..RegistryOptions::default()
-    })
-    .unwrap();
-    let image = format!("{}/private:esgz", private.host());
+    let (_open, private, image) = private_registry_with_fixture(work.path(), USER, PASSWORD);
 
     // The plugin: answers kubelet's request with the registry's credentials, counting its runs.
     let bin_dir = work.path().join("plugins");

@@ -9,7 +9,7 @@ mod pull_common;
 use std::process::Command;
 
 use base64::Engine as _;
-use lazysnap_testbed::{write_docker_config, write_htpasswd, RegistryOptions, RegistryServer};
+use lazysnap_testbed::write_docker_config;
 use pull_common::*;
 
 const USER: &str = "alice";
@@ -19,20 +19,7 @@ const PASSWORD: &str = "pw-4f0b9c1e-never-print";
 fn credentials_appear_in_no_log_metric_or_output_at_debug_level() {
     require_root_and_containerd();
     let work = tempfile::tempdir().unwrap();
-    // The fixture is pushed to an open registry; a second registry serves the same storage
-    // behind Basic auth, and only it is pulled from.
-    let open = RegistryServer::start().unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(push_fixture(&open.host(), "esgz", "private", "esgz"));
-    let htpasswd = work.path().join("htpasswd");
-    write_htpasswd(&htpasswd, &[(USER, PASSWORD)]).unwrap();
-    let private = RegistryServer::start_with(&RegistryOptions {
-        htpasswd: Some(htpasswd),
-        storage_root: Some(open.storage_root().to_path_buf()),
-        ..RegistryOptions::default()
-    })
-    .unwrap();
-    let image = format!("{}/private:esgz", private.host());
+    let (_open, private, image) = private_registry_with_fixture(work.path(), USER, PASSWORD);
     let docker_config = work.path().join("docker");
     write_docker_config(&docker_config, &[(&private.host(), USER, PASSWORD)]).unwrap();
 

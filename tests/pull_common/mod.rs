@@ -378,3 +378,31 @@ pub fn layer_digests(variant: &str) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// A registry behind Basic auth (`user`, `password`) serving the fixture `esgz` as
+/// `HOST/private:esgz`, pushed through an open registry over the same storage (kept alive
+/// beside it). Returns (open, private, image reference).
+pub fn private_registry_with_fixture(
+    work: &Path,
+    user: &str,
+    password: &str,
+) -> (
+    lazysnap_testbed::RegistryServer,
+    lazysnap_testbed::RegistryServer,
+    String,
+) {
+    let open = lazysnap_testbed::RegistryServer::start().expect("start registry");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(push_fixture(&open.host(), "esgz", "private", "esgz"));
+    let htpasswd = work.join("htpasswd");
+    lazysnap_testbed::write_htpasswd(&htpasswd, &[(user, password)]).expect("htpasswd");
+    let private =
+        lazysnap_testbed::RegistryServer::start_with(&lazysnap_testbed::RegistryOptions {
+            htpasswd: Some(htpasswd),
+            storage_root: Some(open.storage_root().to_path_buf()),
+            ..lazysnap_testbed::RegistryOptions::default()
+        })
+        .expect("start the registry behind Basic auth");
+    let image = format!("{}/private:esgz", private.host());
+    (open, private, image)
+}
