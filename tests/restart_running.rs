@@ -1,9 +1,10 @@
 //! Running containers through restarts of the daemon: 10 containers run from a lazily pulled
-//! image (real registry, `lazysnap serve`, containerd, runc), each looping over a file it read
-//! before; `serve` is then killed with SIGKILL and started, stopped with SIGTERM and started, and
-//! replaced by another copy of the binary. After each, every container still runs, its loop saw
-//! no error, and it reads files it had read (cached) and files nobody had read (fetched by the
-//! new daemon) with the right bytes.
+//! image (real registry behind a 0.5 Mbit/s link, `lazysnap serve`, containerd, runc), each
+//! looping over a file it read before; `serve` is then killed with SIGKILL while every container
+//! is reading a file nobody had fetched (the reads are in flight), started again, stopped with
+//! SIGTERM and started, and replaced by another copy of the binary. After each, every container
+//! still runs, its loop saw no error, the reads in flight completed with the right bytes, and it
+//! reads files it had read (cached) and files nobody had read (fetched by the new daemon).
 
 mod fixtures_common;
 mod pull_common;
@@ -17,6 +18,8 @@ const ON_DEMAND_ONLY: &str =
     "[fetch]\nprefetch = false\nbackground_fill = false\nreadahead = false\n";
 const CONTAINERS: usize = 10;
 const NAMESPACE: &str = "restarts";
+/// sha256 of the fixture's /data/big-9m.bin.
+const BIG_FILE_SHA256: &str = "4796a41b7612494638025e4c6565450c444ba1cd7bd45217eb09817a8d86c1d1";
 
 /// Name of container `i` (unique per run: runc's state outlives a test's containerd).
 fn container(i: usize) -> String {
@@ -26,8 +29,8 @@ fn container(i: usize) -> String {
 /// What container `i` runs: reads its file again and again, noting every failure.
 fn reader_loop(i: usize) -> String {
     format!(
-        "while true; do cat /data/small/file-{i:03} > /dev/null 2>> /tmp/errors \
-         || echo 'read failed' >> /tmp/errors; sleep 0.1; done"
+        "while true; do cat /data/small/file-{i:03} > /dev/null 2>> /errors \
+         || echo 'read failed' >> /errors; sleep 0.1; done"
     )
 }
 
@@ -89,7 +92,7 @@ fn check_containers(
                     &format!("{round}-{i}"),
                     &format!(
                         "cat /data/small/file-{i:03} /data/small/file-{fresh:03} /data/one-byte.txt; \
-                         cat /tmp/errors 2>/dev/null; true"
+                         cat /errors 2>/dev/null; true"
                     ),
                 );
                 assert_eq!(
@@ -106,7 +109,14 @@ fn check_containers(
 #[test]
 fn running_containers_keep_reading_through_kill_sigterm_and_a_new_binary() {
     require_root_and_containerd();
-    let (_registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
+    let (registry, _) = registry_with_fixture("esgz", "fixture", "esgz");
+    // A slow link (the data layer takes seconds), so that reads are in flight when `serve` dies.
+    let link = lazysnap_testbed::LinkEmulator::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], registry.port())),
+        lazysnap_testbed::LinkProfile::new(0.5, Duration::from_millis(20)),
+    )
+    .expect("link emulator");
+    let image = format!("{}/fixture:esgz", link.addr());
     let mut lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     lazysnap_pull(&containerd, NAMESPACE, "lazysnap", &image);
@@ -135,10 +145,67 @@ fn running_containers_keep_reading_through_kill_sigterm_and_a_new_binary() {
     }
     // Let every loop read its file (cached from now on) a few times.
     std::thread::sleep(Duration::from_secs(2));
+    // The loops' error log is writable (an unwritable one would hide every failure).
+    exec(
+        &containerd,
+        &lazysnap,
+        &container(0),
+        "probe",
+        "touch /errors.probe && rm /errors.probe",
+    );
     check_containers(&containerd, &lazysnap, "start", |i| 100 + i);
 
-    lazysnap.kill9_and_restart();
-    std::thread::sleep(Duration::from_secs(1));
+    // Reads in flight when the daemon dies: every container hashes the 9 MiB file nobody read
+    // yet while `serve` is killed; the kernel hands what the dead daemon left unanswered to the
+    // next one, and each hash comes out right.
+    std::thread::scope(|scope| {
+        let hashing: Vec<_> = (0..CONTAINERS)
+            .map(|i| {
+                let containerd = &containerd;
+                scope.spawn(move || {
+                    containerd.ctr(
+                        NAMESPACE,
+                        &[
+                            "tasks",
+                            "exec",
+                            "--exec-id",
+                            &format!("big-{i}"),
+                            &container(i),
+                            "/bin/sh",
+                            "-c",
+                            "sha256sum /data/big-9m.bin > /big.sum 2>&1",
+                        ],
+                    )
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        lazysnap.kill9_and_restart();
+        for (i, hashed) in hashing.into_iter().enumerate() {
+            let (ok, _, err) = hashed.join().expect("exec thread");
+            assert!(
+                ok,
+                "hashing in container {i}: {err}\nlazysnap log:\n{}",
+                lazysnap.log()
+            );
+        }
+    });
+    for i in 0..CONTAINERS {
+        let name = container(i);
+        let sum = exec(
+            &containerd,
+            &lazysnap,
+            &name,
+            &format!("sum-{i}"),
+            "cat /big.sum",
+        );
+        assert_eq!(
+            sum.split_whitespace().next(),
+            Some(BIG_FILE_SHA256),
+            "container {name}: the read in flight across kill -9\nlazysnap log:\n{}",
+            lazysnap.log()
+        );
+    }
     check_containers(&containerd, &lazysnap, "kill-9", |i| 200 + i);
 
     lazysnap.terminate_and_restart();
