@@ -390,7 +390,7 @@ impl Drop for MountHandle {
 /// come from the heap and are zeroed page by page: 16 MiB resident per thread instead of the few
 /// KiB requests touch. A fixed threshold of 8 MiB keeps them mmap-backed (lazily zero), which
 /// measured ~16 MiB less RSS per mount; smaller allocations are unaffected.
-fn keep_request_buffers_lazy() {
+pub(crate) fn keep_request_buffers_lazy() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();

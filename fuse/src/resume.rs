@@ -13,7 +13,10 @@ use nix::errno::Errno;
 use nix::sys::socket::{self, sockopt, AddressFamily, Shutdown, SockFlag, SockType};
 
 use crate::handles::{OpenRecord, OpenTable};
-use crate::mount::{connection_alive, start_session, FuseError, MountHandle, MountOptions};
+use crate::mount::{
+    connection_alive, keep_request_buffers_lazy, start_session, FuseError, MountHandle,
+    MountOptions,
+};
 use crate::{ContentSource, Index};
 
 /// FUSE opcode of INIT.
@@ -49,6 +52,7 @@ pub fn resume(
         detail: detail.to_string(),
     };
     check_resumable(&connection, mountpoint, dev)?;
+    keep_request_buffers_lazy();
     let (session_end, relay_end) = relay_sockets().map_err(|e| failed(&e.to_string()))?;
     nix::unistd::write(&relay_end, &synthetic_init())
         .map_err(|e| failed(&format!("cannot hand the session its INIT: {e}")))?;

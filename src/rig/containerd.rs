@@ -280,9 +280,15 @@ fn base_config(dir: &Path, options: &ContainerdOptions, version: i64) -> String 
         } else {
             "io.containerd.grpc.v1.cri\".cni"
         };
+        // 2.x reads `bin_dirs` (a list) and warns about `bin_dir`.
+        let bin_dir = if version >= 3 {
+            format!("bin_dirs = [\"{d}/cni/bin\"]")
+        } else {
+            format!("bin_dir = \"{d}/cni/bin\"")
+        };
         config.push_str(&format!(
             "[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-             [plugins.\"{cni}]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n"
+             [plugins.\"{cni}]\n  {bin_dir}\n  conf_dir = \"{d}/cni/conf\"\n"
         ));
     }
     config
