@@ -82,6 +82,29 @@ struct ReasonLabel {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabel {
+    how: String,
+}
+
+/// How a layer was mounted again after a restart of the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerRestore {
+    /// Its FUSE connection was kept and is served again: running containers kept reading.
+    Resumed,
+    /// It was mounted afresh: containers started before the restart lost it.
+    Remounted,
+}
+
+impl LayerRestore {
+    fn label(self) -> &'static str {
+        match self {
+            LayerRestore::Resumed => "resumed",
+            LayerRestore::Remounted => "remounted",
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~100 s
     Histogram::new(exponential_buckets(0.000_05, 2.5, 16))
@@ -100,6 +123,7 @@ struct Metrics {
     fuse_op_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
     verify_failures: Family<VerifyFailureLabels, Counter>,
     fallbacks: Family<ReasonLabel, Counter>,
+    layer_restores: Family<HowLabel, Counter>,
     on_demand_wait: Histogram,
     on_demand_behind: Histogram,
     link_rate: Gauge,
@@ -279,6 +303,7 @@ impl Metrics {
             fuse_op_latency,
             verify_failures: Family::default(),
             fallbacks: Family::default(),
+            layer_restores: Family::default(),
             on_demand_wait: latency_histogram(),
             // 4 KiB .. 1 GiB
             on_demand_behind: Histogram::new(exponential_buckets(4096.0, 4.0, 10)),
@@ -343,6 +368,11 @@ impl Metrics {
             metrics.fallbacks.clone(),
         );
         registry.register(
+            "layer_restores",
+            "Layers mounted again after a restart of the daemon: resumed (their running containers kept reading) or remounted (containers started before the restart lost them)",
+            metrics.layer_restores.clone(),
+        );
+        registry.register(
             "on_demand_wait_seconds",
             "How long reads that missed the cache waited for the network",
             metrics.on_demand_wait.clone(),
@@ -372,6 +402,11 @@ impl Metrics {
         for reason in FALLBACK_REASONS {
             drop(metrics.fallbacks.get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
+            }));
+        }
+        for how in [LayerRestore::Resumed, LayerRestore::Remounted] {
+            drop(metrics.layer_restores.get_or_create(&HowLabel {
+                how: how.label().to_string(),
             }));
         }
         let build_info: Family<BuildLabels, Gauge> = Family::default();
@@ -492,6 +527,16 @@ pub fn record_verify_failure(layer: &str, reason: &'static str) {
         .get_or_create(&VerifyFailureLabels {
             layer: layer.to_string(),
             reason,
+        })
+        .inc();
+}
+
+/// Counts a layer mounted again after a restart of the daemon.
+pub fn record_layer_restore(how: LayerRestore) {
+    METRICS
+        .layer_restores
+        .get_or_create(&HowLabel {
+            how: how.label().to_string(),
         })
         .inc();
 }

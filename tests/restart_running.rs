@@ -251,7 +251,10 @@ fn fuse_mounts_under(root: &std::path::Path) -> Vec<String> {
 fn sigterm_leaves_layers_mounted_and_unmount_on_exit_removes_them() {
     require_root_and_containerd();
     let (_registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
-    let mut lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
+    let metrics_port = lazysnap_testbed::free_port().unwrap();
+    let mut lazysnap = TestLazysnap::start_with_config(&format!(
+        "metrics_address = \"127.0.0.1:{metrics_port}\"\n{ON_DEMAND_ONLY}"
+    ));
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     lazysnap_pull(&containerd, "unmount-on-exit", "lazysnap", &image);
     let mounted = fuse_mounts_under(&lazysnap.root());
@@ -265,6 +268,19 @@ fn sigterm_leaves_layers_mounted_and_unmount_on_exit_removes_them() {
         "{}",
         lazysnap.log()
     );
+    // What an operator graphs: both layers resumed, none remounted.
+    let metrics = std::process::Command::new("curl")
+        .arg("-sSf")
+        .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    for series in [
+        "lazysnap_layer_restores_total{how=\"resumed\"} 2",
+        "lazysnap_layer_restores_total{how=\"remounted\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
 
     lazysnap.terminate();
     let left = fuse_mounts_under(&lazysnap.root());

@@ -65,7 +65,13 @@ impl RemoteLayers for LayerManager {
             detach_stale_mount(mountpoint);
         }
         let lower = LowerLayers::new(lower_dirs.to_vec());
-        self.mount_located(&locator, mountpoint, &lower, held).await
+        let resumable = held.is_some();
+        self.mount_located(&locator, mountpoint, &lower, held)
+            .await?;
+        if !resumable {
+            crate::metrics::record_layer_restore(crate::metrics::LayerRestore::Remounted);
+        }
+        Ok(())
     }
 
     async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {

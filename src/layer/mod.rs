@@ -473,12 +473,17 @@ impl LayerManager {
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot resume the layer's connection; mounting it afresh");
                     detach_stale_mount(mountpoint);
+                    crate::metrics::record_layer_restore(crate::metrics::LayerRestore::Remounted);
                     None
                 }
             }
         });
         let handle = match held {
-            Some(held) => resume_index(index, source, mountpoint, mount_options, held).await?,
+            Some(held) => {
+                let handle = resume_index(index, source, mountpoint, mount_options, held).await?;
+                crate::metrics::record_layer_restore(crate::metrics::LayerRestore::Resumed);
+                handle
+            }
             None => {
                 let handle = mount_index(index, source, mountpoint, mount_options).await?;
                 if let (Some(holder), Some(connection), Some(dev)) =
