@@ -55,7 +55,7 @@ pub(crate) struct LayerFs {
     passthrough_live: Arc<AtomicBool>,
     handles: OpenTable,
     /// The connection's /dev/fuse descriptor, on which backing ids are registered and closed.
-    device: Option<Arc<OwnedFd>>,
+    device: Arc<OwnedFd>,
 }
 
 impl LayerFs {}

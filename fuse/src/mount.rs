@@ -114,7 +114,7 @@ pub struct MountHandle {
     /// mount point still holds this layer, so a later mount at the same path (which may even
     /// reuse the device number) is never unmounted by this handle.
     dev: Option<u64>,
-    connection: Option<Arc<OwnedFd>>,
+    connection: Arc<OwnedFd>,
     /// For a resumed connection: the threads relaying it to the session.
     relay: Option<Relay>,
 }
@@ -225,7 +225,7 @@ pub(crate) fn start_session(
         Arc::clone(&counters),
         Arc::clone(&passthrough_live),
         table,
-        Some(Arc::clone(&connection)),
+        Arc::clone(&connection),
     );
     let mut config = Config::default();
     config.n_threads = Some(opts.threads.max(1));
@@ -267,7 +267,7 @@ pub(crate) fn start_session(
         counters,
         passthrough_live,
         dev,
-        connection: Some(connection),
+        connection,
         relay,
     })
 }
@@ -280,8 +280,8 @@ impl MountHandle {
 
     /// The mount's /dev/fuse connection, for a holder that keeps it open across restarts of the
     /// daemon ([`resume`](crate::resume) serves it again).
-    pub fn connection(&self) -> Option<BorrowedFd<'_>> {
-        self.connection.as_deref().map(AsFd::as_fd)
+    pub fn connection(&self) -> BorrowedFd<'_> {
+        self.connection.as_fd()
     }
 
     /// Device number of the mounted filesystem (tells a later daemon that the mount point still
@@ -293,10 +293,9 @@ impl MountHandle {
     /// Leaves the layer mounted when the handle goes: the daemon is exiting and another one
     /// resumes the connection, which a holder keeps open meanwhile.
     pub fn leave_mounted(mut self) {
+        // Without a session, dropping the handle unmounts nothing; the session's and the
+        // relay's threads serve on until the process exits.
         self.session.take();
-        if let Some(relay) = self.relay.take() {
-            relay.forget();
-        }
     }
 
     /// Operation counts so far.
@@ -323,7 +322,7 @@ impl MountHandle {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             }
         })?;
-        let alive = self.connection.as_deref().is_none_or(connection_alive);
+        let alive = connection_alive(&self.connection);
         let still_ours = alive
             && match (self.dev, std::fs::metadata(&self.mountpoint)) {
                 (Some(dev), Ok(meta)) => meta.dev() == dev,

@@ -160,9 +160,6 @@ impl Relay {
         }
         Ok(())
     }
-
-    /// Leaves the relay running until the process exits.
-    pub(crate) fn forget(self) {}
 }
 
 /// Kernel -> session, until the connection ends; then closes the socket, which ends the session.

@@ -486,10 +486,8 @@ impl LayerManager {
             }
             None => {
                 let handle = mount_index(index, source, mountpoint, mount_options).await?;
-                if let (Some(holder), Some(connection), Some(dev)) =
-                    (&self.holder, handle.connection(), handle.device_number())
-                {
-                    if let Err(err) = holder.hold(mountpoint, dev, connection) {
+                if let (Some(holder), Some(dev)) = (&self.holder, handle.device_number()) {
+                    if let Err(err) = holder.hold(mountpoint, dev, handle.connection()) {
                         tracing::warn!(error = %err, "the FUSE holder does not keep this layer: a restart of the daemon breaks its containers");
                     }
                 }

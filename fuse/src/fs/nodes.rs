@@ -23,7 +23,7 @@ impl LayerFs {
         counters: Arc<Counters>,
         passthrough_live: Arc<AtomicBool>,
         handles: OpenTable,
-        device: Option<Arc<OwnedFd>>,
+        device: Arc<OwnedFd>,
     ) -> Self {
         LayerFs {
             index,
@@ -163,10 +163,7 @@ impl LayerFs {
                 return Some(reply);
             }
         }
-        let Some(device) = &self.device else {
-            return Some(reply);
-        };
-        let backing = match Backing::open(device, &file) {
+        let backing = match Backing::open(&self.device, &file) {
             Ok(backing) => Arc::new(backing),
             Err(err) => {
                 if self.passthrough_live.swap(false, Ordering::Relaxed) {
