@@ -286,3 +286,60 @@ fn sigterm_leaves_layers_mounted_and_unmount_on_exit_removes_them() {
     let left = fuse_mounts_under(&lazysnap.root());
     assert!(left.is_empty(), "{left:?}\n{}", lazysnap.log());
 }
+
+/// A kept connection that cannot be served again (the registry is gone when `serve` restarts,
+/// so the layer's TOC cannot be read) is detached: its container's reads fail at once, as
+/// without the holder, instead of waiting for ever.
+#[test]
+fn a_connection_that_cannot_be_resumed_fails_reads_instead_of_blocking_them() {
+    require_root_and_containerd();
+    let (registry, image) = registry_with_fixture("esgz", "fixture", "esgz");
+    let mut lazysnap = TestLazysnap::start_with_config(ON_DEMAND_ONLY);
+    let containerd = TestContainerd::start(Some(&lazysnap.socket()));
+    lazysnap_pull(&containerd, NAMESPACE, "lazysnap", &image);
+    let name = format!("gone-{}", std::process::id());
+    let (ok, _, err) = containerd.ctr(
+        NAMESPACE,
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "lazysnap",
+            &image,
+            &name,
+            "/bin/sh",
+            "-c",
+            "while true; do sleep 1; done",
+        ],
+    );
+    assert!(ok, "{err}");
+    drop(registry);
+    lazysnap.kill9_and_restart();
+
+    // A thread of its own, not joined: a blocked read must fail this test, not hang it.
+    let mut read = containerd.server.ctr();
+    read.args(["-n", NAMESPACE, "tasks", "exec", "--exec-id", "read", &name])
+        .args(["/bin/sh", "-c", "cat /data/small/file-077"]);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(read.output());
+    });
+    let answer = finished
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "a read on a connection nothing serves blocked for a minute\nlazysnap log:\n{}",
+                lazysnap.log()
+            )
+        });
+    let output = answer.expect("run ctr");
+    assert!(
+        !output.status.success(),
+        "the read cannot succeed without the layer: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    containerd.ctr(NAMESPACE, &["tasks", "kill", "-s", "SIGKILL", &name]);
+    std::thread::sleep(Duration::from_millis(500));
+    containerd.ctr(NAMESPACE, &["tasks", "delete", "-f", &name]);
+    containerd.ctr(NAMESPACE, &["containers", "delete", &name]);
+}

@@ -66,12 +66,23 @@ impl RemoteLayers for LayerManager {
         }
         let lower = LowerLayers::new(lower_dirs.to_vec());
         let resumable = held.is_some();
-        self.mount_located(&locator, mountpoint, &lower, held)
-            .await?;
-        if !resumable {
-            crate::metrics::record_layer_restore(crate::metrics::LayerRestore::Remounted);
+        match self.mount_located(&locator, mountpoint, &lower, held).await {
+            Ok(()) => {
+                if !resumable {
+                    crate::metrics::record_layer_restore(crate::metrics::LayerRestore::Remounted);
+                }
+                Ok(())
+            }
+            // A kept connection nothing serves would block its containers' reads for ever:
+            // detach it, so they fail as they would have without the holder.
+            Err(err) => {
+                if resumable {
+                    self.release_connection(mountpoint);
+                    detach_stale_mount(mountpoint);
+                }
+                Err(err)
+            }
         }
-        Ok(())
     }
 
     async fn unmount_layer(&self, mountpoint: &Path) -> Result<(), RemoteLayerError> {
