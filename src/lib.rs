@@ -39,4 +39,5 @@ pub mod proto;
 pub mod registry;
 pub mod rig;
 pub mod snapshotter;
+pub mod soci;
 pub mod sync;

@@ -268,7 +268,7 @@ async fn our_footers_are_byte_identical_to_ctr_remote_footers() {
         let bytes = std::fs::read(&fixture.file).unwrap();
         let blob = FileBlob::open(&fixture.file).unwrap();
         let layer = open_layer(&blob, None).await.unwrap();
-        match layer.footer() {
+        match layer.footer().expect("an eStargz layer has a footer") {
             Footer::Estargz { toc_offset } => {
                 assert_eq!(bytes[bytes.len() - 51..], estargz_footer(toc_offset));
             }

@@ -12,7 +12,7 @@ mod decompress;
 pub mod footer;
 mod reader;
 mod tarfmt;
-mod timefmt;
+pub(crate) mod timefmt;
 pub mod toc;
 mod writer;
 
@@ -21,6 +21,7 @@ use std::ops::Range;
 pub use chunk_decoder::{ChunkDecoder, Decoded};
 pub use chunk_digest::{ChunkDigest, InvalidChunkDigest};
 pub use decompress::decompressed_reader;
+pub(crate) use reader::normalize_name;
 pub use reader::{
     layer_from_toc_json, open_layer, open_layer_from_tail, open_layer_with_tail, parse_toc_json,
     verify_layer, Entry, EntryKind, Landmark, LayerToc, PrefetchPlan, VerifyReport,

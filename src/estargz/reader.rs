@@ -62,7 +62,7 @@ impl EntryKind {
         }
     }
 
-    fn from_toc_type(kind: &str) -> Option<EntryKind> {
+    pub(crate) fn from_toc_type(kind: &str) -> Option<EntryKind> {
         Some(match kind {
             "dir" => EntryKind::Dir,
             "reg" => EntryKind::Reg,
@@ -98,8 +98,13 @@ pub struct Entry {
     pub xattrs: BTreeMap<String, Vec<u8>>,
     /// `sha256:<hex>` of the whole file, when the TOC gives it.
     pub digest: Option<String>,
-    /// Chunks in file order, covering `0..size` exactly.
+    /// Chunks in file order. They cover `0..size` exactly when `stream_offset` is 0 (the
+    /// file's own chunks, eStargz and zstd:chunked); otherwise they are the gzip spans of the
+    /// layer's tar stream that cover `stream_offset..stream_offset + size` (a SOCI zTOC), and
+    /// their `file_offset`s are offsets in that stream.
     pub chunks: Vec<ChunkInfo>,
+    /// Where the file's bytes start in the byte sequence its chunks make.
+    pub stream_offset: u64,
 }
 
 /// What lazysnap's prefetch of a layer fetches: the chunks whose compressed member starts in
@@ -140,10 +145,39 @@ pub struct LayerToc {
     prefetch: Option<PrefetchPlan>,
     landmark: Option<Landmark>,
     blob_size: u64,
-    footer: Footer,
+    /// `None` for a gzip layer read through a SOCI zTOC.
+    footer: Option<Footer>,
+    /// The spans the chunks are, for a gzip layer read through a SOCI zTOC.
+    spans: Option<std::sync::Arc<crate::soci::GzipSpans>>,
 }
 
 impl LayerToc {
+    /// A plain gzip layer read through a SOCI zTOC: its entries (whose chunks are the layer's
+    /// spans) and the spans; `ztoc_digest` stands for the TOC digest. Hard links are resolved
+    /// as for a TOC.
+    pub(crate) fn from_spans(
+        ztoc_digest: Digest,
+        mut entries: Vec<Entry>,
+        spans: std::sync::Arc<crate::soci::GzipSpans>,
+        blob_size: u64,
+    ) -> Result<LayerToc, FormatError> {
+        normalize::resolve_hardlinks(&mut entries)?;
+        Ok(LayerToc {
+            compression: Compression::Gzip,
+            toc_digest: ztoc_digest,
+            toc: None,
+            entries,
+            prefetch: None,
+            landmark: None,
+            blob_size,
+            footer: None,
+            spans: Some(spans),
+        })
+    }
+    /// The gzip spans the chunks are, when the layer was read through a SOCI zTOC.
+    pub fn spans(&self) -> Option<&std::sync::Arc<crate::soci::GzipSpans>> {
+        self.spans.as_ref()
+    }
     /// Compression of the chunks.
     pub fn compression(&self) -> Compression {
         self.compression
@@ -204,14 +238,14 @@ impl LayerToc {
     pub fn blob_size(&self) -> u64 {
         self.blob_size
     }
-    /// The footer the layer ends with.
-    pub fn footer(&self) -> Footer {
+    /// The footer the layer ends with (none for a layer read through a SOCI zTOC).
+    pub fn footer(&self) -> Option<Footer> {
         self.footer
     }
     /// Compressed offset where file data ends and the TOC begins (including zstd:chunked's
-    /// skippable frame header).
+    /// skippable frame header); the blob's end when the TOC is not in the blob.
     pub fn data_end(&self) -> u64 {
-        data_end(&self.footer)
+        self.footer.as_ref().map_or(self.blob_size, data_end)
     }
 }
 
@@ -424,7 +458,8 @@ pub fn layer_from_toc_json(
         prefetch: normalized.prefetch,
         landmark: normalized.landmark,
         blob_size,
-        footer,
+        footer: Some(footer),
+        spans: None,
     })
 }
 

@@ -256,6 +256,7 @@ pub(super) fn normalize(toc: &Toc, data_end: u64) -> Result<Normalized, FormatEr
             xattrs,
             digest: None,
             chunks: Vec::new(),
+            stream_offset: 0,
         };
         match kind {
             EntryKind::Reg => {
@@ -394,7 +395,7 @@ pub(super) fn check_overlaps(places: &mut [ChunkPlace]) -> Result<(), FormatErro
 }
 
 /// Resolves every hardlink target to an existing non-hardlink, non-directory entry.
-pub(super) fn resolve_hardlinks(entries: &mut [Entry]) -> Result<(), FormatError> {
+pub(crate) fn resolve_hardlinks(entries: &mut [Entry]) -> Result<(), FormatError> {
     let mut by_path: HashMap<&str, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         by_path.insert(e.path.as_str(), i);
