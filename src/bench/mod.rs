@@ -17,6 +17,7 @@ mod named_image;
 mod procs;
 mod report;
 mod soci;
+pub use soci::StateMount;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,7 +8,7 @@ use std::io::Write;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkDigest, ChunkInfo, Compression, FormatError};
+use super::{ChunkCoding, ChunkDigest, ChunkInfo, Compression, FormatError};
 use crate::buffer_pool::POOL;
 
 /// Largest initial buffer reserved for a chunk; bigger chunks grow as real data arrives, so a
@@ -251,6 +251,13 @@ enum Decompressor {
     /// gzip into a writer: inflated as it arrives.
     GzipStream(Box<flate2::write::MultiGzDecoder<ChunkSink>>),
     Zstd(Box<zstd::stream::write::Decoder<'static, ChunkSink>>),
+    /// A gzip span: gathered, checked against its digest and inflated from its checkpoint at
+    /// the end, into memory or into `to`.
+    Span {
+        gathered: Gathered,
+        spans: std::sync::Arc<crate::soci::GzipSpans>,
+        to: Option<Box<dyn Write + Send>>,
+    },
 }
 
 /// Decodes one chunk of a file named `name` (for errors) from compressed bytes fed in order. It
@@ -264,10 +271,14 @@ pub struct ChunkDecoder {
 impl ChunkDecoder {
     /// A decoder for `chunk`, whose compressed bytes (`chunk.compressed`) will be fed.
     pub fn new(
-        compression: Compression,
+        coding: impl Into<ChunkCoding>,
         name: &str,
         chunk: &ChunkInfo,
     ) -> Result<ChunkDecoder, FormatError> {
+        let compression = match coding.into() {
+            ChunkCoding::Members(compression) => compression,
+            ChunkCoding::GzipSpans(spans) => return Ok(Self::span(name, chunk, spans, None)),
+        };
         let decompressor = match compression {
             Compression::Gzip => {
                 let range = chunk.compressed.end.saturating_sub(chunk.compressed.start);
@@ -288,11 +299,15 @@ impl ChunkDecoder {
     /// formats stream), for chunks too large to hold in memory; [`finish`](Self::finish) then
     /// answers [`Decoded::Written`].
     pub fn into_writer(
-        compression: Compression,
+        coding: impl Into<ChunkCoding>,
         name: &str,
         chunk: &ChunkInfo,
         to: Box<dyn Write + Send>,
     ) -> Result<ChunkDecoder, FormatError> {
+        let compression = match coding.into() {
+            ChunkCoding::Members(compression) => compression,
+            ChunkCoding::GzipSpans(spans) => return Ok(Self::span(name, chunk, spans, Some(to))),
+        };
         let decompressor = streaming(compression, name, chunk, ChunkSink::into_writer(chunk, to))?;
         Ok(ChunkDecoder {
             name: name.to_string(),
@@ -301,11 +316,32 @@ impl ChunkDecoder {
         })
     }
 
+    /// A decoder for the gzip span `chunk` is (one of `spans`), into memory or into `to`.
+    fn span(
+        name: &str,
+        chunk: &ChunkInfo,
+        spans: std::sync::Arc<crate::soci::GzipSpans>,
+        to: Option<Box<dyn Write + Send>>,
+    ) -> ChunkDecoder {
+        let range = chunk.compressed.end.saturating_sub(chunk.compressed.start);
+        ChunkDecoder {
+            name: name.to_string(),
+            chunk: chunk.clone(),
+            decompressor: Decompressor::Span {
+                gathered: Gathered(
+                    POOL.take(usize::try_from(range.min(MAX_CHUNK_PREALLOC)).unwrap_or(0)),
+                ),
+                spans,
+                to,
+            },
+        }
+    }
+
     /// Takes the next compressed bytes. Once a zstd chunk is complete, more input (the rest of a
     /// frame shared with later chunks) is not decompressed.
     pub fn feed(&mut self, compressed: &[u8]) -> Result<(), FormatError> {
         match &mut self.decompressor {
-            Decompressor::Gzip(gathered) => {
+            Decompressor::Gzip(gathered) | Decompressor::Span { gathered, .. } => {
                 gathered.0.extend_from_slice(compressed);
                 Ok(())
             }
@@ -339,6 +375,11 @@ impl ChunkDecoder {
                 }
                 std::mem::take(d.get_mut()).verified(&self.name, &self.chunk)
             }
+            Decompressor::Span {
+                gathered,
+                spans,
+                to,
+            } => decode_span(&self.name, &self.chunk, &spans, &gathered.0, to),
         }
     }
 
@@ -355,6 +396,48 @@ impl ChunkDecoder {
         let mut decoder = ChunkDecoder::new(compression, name, chunk)?;
         decoder.feed(compressed)?;
         decoder.finish()?.into_memory(name, chunk)
+    }
+}
+
+/// Decodes the gzip span `chunk` from its compressed bytes: verified against the span digest,
+/// inflated from its checkpoint, and checked to be as long as the chunk.
+fn decode_span(
+    name: &str,
+    chunk: &ChunkInfo,
+    spans: &crate::soci::GzipSpans,
+    compressed: &[u8],
+    to: Option<Box<dyn Write + Send>>,
+) -> Result<Decoded, FormatError> {
+    let span = spans
+        .starting_at(chunk.compressed.start)
+        .filter(|span| span.compressed == chunk.compressed)
+        .ok_or_else(|| bad(name, chunk, "no gzip span of the zTOC is this chunk".into()))?;
+    let data = crate::soci::decode_span(span, compressed).map_err(|e| {
+        let prefix = match e {
+            crate::soci::SpanError::DigestMismatch { .. } => DIGEST_MISMATCH,
+            crate::soci::SpanError::Undecodable(_) => "gzip span",
+        };
+        bad(name, chunk, format!("{prefix}: {e}"))
+    })?;
+    if data.len() as u64 != chunk.len {
+        return Err(bad(
+            name,
+            chunk,
+            format!(
+                "gzip span decodes to {} bytes, not {}",
+                data.len(),
+                chunk.len
+            ),
+        ));
+    }
+    match to {
+        None => Ok(Decoded::Memory(data)),
+        Some(mut to) => {
+            to.write_all(&data)
+                .and_then(|()| to.flush())
+                .map_err(|e| bad(name, chunk, format!("cannot write the decoded chunk: {e}")))?;
+            Ok(Decoded::Written)
+        }
     }
 }
 

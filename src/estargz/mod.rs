@@ -138,6 +138,22 @@ impl FormatError {
     }
 }
 
+/// How a layer's chunks decode.
+#[derive(Debug, Clone)]
+pub enum ChunkCoding {
+    /// Each chunk starts a gzip member or a zstd frame of its own (eStargz, zstd:chunked).
+    Members(Compression),
+    /// Each chunk is a span of one gzip stream, decoded from its checkpoint (a plain gzip layer
+    /// read through a SOCI zTOC).
+    GzipSpans(std::sync::Arc<crate::soci::GzipSpans>),
+}
+
+impl From<Compression> for ChunkCoding {
+    fn from(compression: Compression) -> Self {
+        ChunkCoding::Members(compression)
+    }
+}
+
 /// One chunk of a regular file: where its compressed bytes lie in the blob, and what they decode
 /// to. This is what the fetch path needs from the TOC.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -178,6 +178,13 @@ impl LayerToc {
     pub fn spans(&self) -> Option<&std::sync::Arc<crate::soci::GzipSpans>> {
         self.spans.as_ref()
     }
+    /// How the chunks decode.
+    pub fn chunk_coding(&self) -> super::ChunkCoding {
+        match &self.spans {
+            Some(spans) => super::ChunkCoding::GzipSpans(spans.clone()),
+            None => super::ChunkCoding::Members(self.compression),
+        }
+    }
     /// Compression of the chunks.
     pub fn compression(&self) -> Compression {
         self.compression

@@ -1,5 +1,5 @@
 //! The per-file fetch metadata of a layer, laid out flat: one chunk array and one name arena for
-//! the whole layer, plus a 16-byte record per file, so a layer of many small files costs a few
+//! the whole layer, plus a 24-byte record per file, so a layer of many small files costs a few
 //! allocations instead of several per file.
 
 use std::ops::Range;
@@ -28,6 +28,9 @@ pub struct LayerFiles {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileRecord {
     pub(super) size: u64,
+    /// Where the file's bytes start in the byte sequence its chunks make: 0 for a file's own
+    /// chunks, its offset in the tar stream when the chunks are the layer's gzip spans.
+    pub(super) stream_offset: u64,
     pub(super) first_chunk: u32,
     pub(super) chunk_count: u32,
 }
@@ -77,6 +80,18 @@ impl LayerFiles {
         size: u64,
         chunks: &[ChunkInfo],
     ) -> Result<ContentId, LayerFilesFull> {
+        self.push_in_stream(name, size, 0, chunks)
+    }
+
+    /// Adds a file of `size` bytes that starts at `stream_offset` of the byte sequence `chunks`
+    /// make (the gzip spans of a layer's tar stream that hold it) and returns its content id.
+    pub fn push_in_stream(
+        &mut self,
+        name: &str,
+        size: u64,
+        stream_offset: u64,
+        chunks: &[ChunkInfo],
+    ) -> Result<ContentId, LayerFilesFull> {
         let full = |what| LayerFilesFull {
             name: name.chars().take(200).collect(),
             what,
@@ -95,6 +110,7 @@ impl LayerFiles {
         self.chunks.extend_from_slice(chunks);
         self.records.push(FileRecord {
             size,
+            stream_offset,
             first_chunk,
             chunk_count,
         });

@@ -33,7 +33,7 @@ use tracing::Instrument;
 
 use crate::blob::BlobSource;
 use crate::cache::ChunkCache;
-use crate::estargz::{ChunkDigest, ChunkInfo, Compression, PrefetchPlan};
+use crate::estargz::{ChunkCoding, ChunkDigest, ChunkInfo, PrefetchPlan};
 use crate::metrics::FetchKind;
 
 mod assembly;
@@ -153,7 +153,7 @@ pub struct LayerReader {
 struct Inner {
     layer: String,
     blob: Arc<dyn BlobSource>,
-    compression: Compression,
+    coding: ChunkCoding,
     files: LayerFiles,
     /// Why a file's chunk list is unusable (its reads fail with EIO), by file index, sorted;
     /// nearly always empty.
@@ -188,13 +188,32 @@ struct Inner {
 /// files at a few MiB; a TOC declaring more is refused rather than trusted with memory.
 const MAX_CHUNK_LEN: u64 = 1 << 30;
 
-/// Checks that `chunks` (sorted by file offset) cover a file of `size` bytes exactly, each within
-/// the blob and the chunk size limit.
-fn check_file(size: u64, chunks: &[ChunkInfo], blob_size: u64) -> Result<(), String> {
+/// Checks that `chunks` (sorted by file offset) cover bytes `stream_offset..stream_offset + size`
+/// of the sequence they make without a gap (exactly `0..size` for a file's own chunks), each
+/// within the blob and the chunk size limit.
+fn check_file(
+    size: u64,
+    stream_offset: u64,
+    chunks: &[ChunkInfo],
+    blob_size: u64,
+) -> Result<(), String> {
     if size == 0 {
         return Ok(());
     }
-    let mut expected = 0u64;
+    let end = stream_offset
+        .checked_add(size)
+        .ok_or_else(|| "file end overflows".to_string())?;
+    // A file's own chunks start at 0; spans start at or before the file.
+    let first = match chunks.first() {
+        Some(c) if stream_offset > 0 && c.file_offset <= stream_offset => c.file_offset,
+        Some(_) if stream_offset > 0 => {
+            return Err(format!(
+                "no chunk holds the file's first byte at {stream_offset}"
+            ))
+        }
+        _ => 0,
+    };
+    let mut expected = first;
     for c in chunks {
         if c.file_offset != expected {
             return Err(format!(
@@ -221,9 +240,10 @@ fn check_file(size: u64, chunks: &[ChunkInfo], blob_size: u64) -> Result<(), Str
             .checked_add(c.len)
             .ok_or_else(|| "chunk lengths overflow".to_string())?;
     }
-    if expected != size {
+    // Spans may run past the file's end; a file's own chunks end with it.
+    if expected < end || (stream_offset == 0 && expected != end) {
         return Err(format!(
-            "chunks cover {expected} bytes but the file has {size}"
+            "chunks cover {first}..{expected} but the file is {stream_offset}..{end}"
         ));
     }
     Ok(())
@@ -262,7 +282,7 @@ impl LayerReader {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         blob: Arc<dyn BlobSource>,
-        compression: Compression,
+        coding: impl Into<ChunkCoding>,
         mut files: LayerFiles,
         cache: Arc<ChunkCache>,
         opts: FetchOptions,
@@ -275,7 +295,12 @@ impl LayerReader {
         files.sort_chunks();
         let mut file_errors = Vec::new();
         for (index, record) in files.records().iter().enumerate() {
-            if let Err(e) = check_file(record.size, files.chunks_of(record), blob_size) {
+            if let Err(e) = check_file(
+                record.size,
+                record.stream_offset,
+                files.chunks_of(record),
+                blob_size,
+            ) {
                 let name = files.name(index).unwrap_or_default();
                 tracing::error!(layer = %layer, file = %name, error = %e, "file has an unusable chunk list; its reads fail");
                 file_errors.push((index, e));
@@ -286,7 +311,7 @@ impl LayerReader {
             inner: Arc::new(Inner {
                 layer,
                 blob,
-                compression,
+                coding: coding.into(),
                 files,
                 file_errors,
                 layer_chunks,
@@ -527,6 +552,11 @@ impl Inner {
         self.file_errors.get(found).map(|(_, e)| e.as_str())
     }
 
+    /// Whether the chunks are gzip spans of the layer's stream (a SOCI zTOC).
+    fn reads_gzip_spans(&self) -> bool {
+        matches!(self.coding, ChunkCoding::GzipSpans(_))
+    }
+
     /// Name of file `index`, for messages.
     fn file_name(&self, index: usize) -> &str {
         self.files.name(index).unwrap_or("<unknown file>")
@@ -552,11 +582,17 @@ mod tests {
 
     #[test]
     fn chunk_lists_are_checked() {
-        assert!(check_file(10, &[chunk(0, 4, 0..5), chunk(4, 6, 5..9)], 100).is_ok());
-        assert!(check_file(10, &[chunk(0, 4, 0..5)], 100).is_err());
-        assert!(check_file(10, &[chunk(0, 4, 0..5), chunk(5, 5, 5..9)], 100).is_err());
-        assert!(check_file(4, &[chunk(0, 4, 0..500)], 100).is_err());
-        assert!(check_file(0, &[], 100).is_ok());
+        assert!(check_file(10, 0, &[chunk(0, 4, 0..5), chunk(4, 6, 5..9)], 100).is_ok());
+        assert!(check_file(10, 0, &[chunk(0, 4, 0..5)], 100).is_err());
+        assert!(check_file(10, 0, &[chunk(0, 4, 0..5), chunk(5, 5, 5..9)], 100).is_err());
+        assert!(check_file(4, 0, &[chunk(0, 4, 0..500)], 100).is_err());
+        assert!(check_file(0, 0, &[], 100).is_ok());
+        // A file inside gzip spans: the spans must hold all of it, starting at or before it.
+        let spans = [chunk(1000, 500, 10..20), chunk(1500, 500, 20..30)];
+        assert!(check_file(600, 1200, &spans, 100).is_ok());
+        assert!(check_file(900, 1200, &spans, 100).is_err());
+        assert!(check_file(100, 1600, &spans[..1], 100).is_err());
+        assert!(check_file(100, 900, &spans, 100).is_err());
     }
 
     #[test]

@@ -70,9 +70,12 @@ impl ContentSource for LayerReader {
             reply.send(Ok(Bytes::new()));
             return;
         }
+        let first_bytes = offset == 0;
+        // From here on, offsets in the byte sequence the file's chunks make.
+        let (offset, end) = (offset + file.stream_offset, end + file.stream_offset);
         let found = match inner.read_cached(&file, offset, end) {
             Ok(data) => {
-                if offset == 0 {
+                if first_bytes {
                     inner.note_first_bytes(index, &data);
                 }
                 reply.send(Ok(data));
@@ -103,7 +106,7 @@ impl ContentSource for LayerReader {
                 }
             };
             match &result {
-                Ok(data) if offset == 0 => task_inner.note_first_bytes(index, data),
+                Ok(data) if first_bytes => task_inner.note_first_bytes(index, data),
                 Ok(_) => {}
                 Err(_) => {
                     task_inner
@@ -120,6 +123,10 @@ impl ContentSource for LayerReader {
     fn local_file(&self, content: ContentId) -> Option<std::fs::File> {
         let index = usize::try_from(content).ok()?;
         let file = self.inner.files.record(index)?;
+        if file.stream_offset != 0 {
+            // Its chunks are gzip spans shared with other files: read through FUSE.
+            return None;
+        }
         match self.inner.files.chunks_of(&file) {
             [only] if only.file_offset == 0 && only.len == file.size && file.size > 0 => {
                 self.inner.cache.open_file(&only.digest)
@@ -249,7 +256,8 @@ impl Inner {
         }
         if !leaders.is_empty() {
             // Read-ahead chunks may sit a tar header apart: they still share the request.
-            let max_gap = if self.opts.readahead {
+            // A gzip span already holds megabytes around the read: no more is taken.
+            let max_gap = if self.opts.readahead && !self.reads_gzip_spans() {
                 self.read_ahead(&mut leaders);
                 READ_AHEAD_MAX_GAP
             } else {

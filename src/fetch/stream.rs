@@ -468,7 +468,7 @@ impl Inner {
         let file = self.file_name(self.files.file_of_chunk(at));
         if chunk.len <= LARGE_CHUNK {
             if let Some(memory) = DecodeMemory::take(chunk.len) {
-                let decoder = ChunkDecoder::new(self.compression, file, chunk)?;
+                let decoder = ChunkDecoder::new(self.coding.clone(), file, chunk)?;
                 return Ok(Decoding {
                     decoder,
                     into: DecodeInto::Memory { _share: memory },
@@ -477,7 +477,7 @@ impl Inner {
         }
         let large = self.cache.begin_large(&chunk.digest, chunk.len).await?;
         let writer = large.writer()?;
-        let decoder = ChunkDecoder::into_writer(self.compression, file, chunk, writer)?;
+        let decoder = ChunkDecoder::into_writer(self.coding.clone(), file, chunk, writer)?;
         Ok(Decoding {
             decoder,
             into: DecodeInto::File(large),

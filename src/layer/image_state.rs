@@ -47,18 +47,26 @@ impl LayerManager {
         }
         let key = image.to_string();
         let location = image::ImageLocation::Registry(image.clone());
-        let manifest = Arc::new(
-            image::resolve_image(&self.client, &location, &self.options.platform)
-                .await?
-                .manifest,
-        );
-        lock(&self.manifests).insert(key, manifest.clone());
+        let resolved =
+            image::resolve_image(&self.client, &location, &self.options.platform).await?;
+        let manifest = Arc::new(resolved.manifest);
+        lock(&self.manifests).insert(key, (resolved.descriptor.digest, manifest.clone()));
         Ok(manifest)
     }
 
     /// The manifest of `image` if [`image_manifest`](Self::image_manifest) fetched it before.
     pub(super) fn cached_manifest(&self, image: &Reference) -> Option<Arc<Manifest>> {
-        lock(&self.manifests).get(&image.to_string()).cloned()
+        lock(&self.manifests)
+            .get(&image.to_string())
+            .map(|(_, manifest)| manifest.clone())
+    }
+
+    /// The digest of `image`'s manifest (for its platform), once
+    /// [`image_manifest`](Self::image_manifest) fetched it.
+    pub(super) fn cached_manifest_digest(&self, image: &Reference) -> Option<Digest> {
+        lock(&self.manifests)
+            .get(&image.to_string())
+            .map(|(digest, _)| digest.clone())
     }
 
     /// Reads and checks the footer and TOC of `spec`'s blob (see [`estargz::open_layer`]),

@@ -37,7 +37,7 @@ pub fn build_index(toc: &LayerToc, lower: &LowerLayers) -> Result<(Index, LayerF
             EntryKind::Dir => NodeKind::Dir,
             EntryKind::Reg => {
                 let content = files
-                    .push(&entry.path, entry.size, &entry.chunks)
+                    .push_in_stream(&entry.path, entry.size, entry.stream_offset, &entry.chunks)
                     .map_err(|e| LayerError::Toc {
                         detail: e.to_string(),
                     })?;

@@ -34,6 +34,7 @@ mod cache_admin;
 mod hook;
 mod image_state;
 mod mountinfo;
+mod soci_index;
 pub use cache_admin::{CacheUsage, LayerCacheUsage, PruneMode, PruneReport};
 use hook::to_remote_error;
 use image_state::{ImageStartup, TocCell};
@@ -284,8 +285,10 @@ pub struct LayerManager {
     options: LayerManagerOptions,
     /// Layers mounted through the [`RemoteLayers`] hook, by mountpoint.
     mounted: Mutex<HashMap<PathBuf, MountedLayer>>,
-    /// Manifests already resolved, by image reference.
-    manifests: Mutex<HashMap<String, Arc<Manifest>>>,
+    /// Manifests already resolved (with their digests), by image reference.
+    manifests: Mutex<HashMap<String, (Digest, Arc<Manifest>)>>,
+    /// Each image's SOCI index (looked up once), by image reference.
+    soci_indexes: Mutex<HashMap<String, soci_index::IndexCell>>,
     /// TOCs read (or being read) ahead of their layer's Prepare, by image reference and layer.
     tocs: Mutex<HashMap<(String, Digest), (std::time::Instant, TocCell)>>,
     /// What the first Prepare of an image learned for the startup prefetch, by image reference.
@@ -313,6 +316,7 @@ impl LayerManager {
             options,
             mounted: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            soci_indexes: Mutex::new(HashMap::new()),
             tocs: Mutex::new(HashMap::new()),
             startups: Mutex::new(HashMap::new()),
             holder: None,
@@ -451,7 +455,7 @@ impl LayerManager {
         let (index, files) = build_index(toc, lower)?;
         let reader = LayerReader::new(
             blob,
-            toc.compression(),
+            toc.chunk_coding(),
             files,
             self.cache.clone(),
             self.options.fetch.clone(),
@@ -572,27 +576,18 @@ impl LayerManager {
                 .annotations
                 .insert(labels::TOC_DIGEST.to_string(), toc_digest.clone());
         }
-        if spec.toc_digest().is_none() {
-            return Err(RemoteLayerError::Declined(format!(
-                "layer {} has no {} annotation: not eStargz / zstd:chunked",
-                spec.layer.digest,
-                labels::TOC_DIGEST
-            )));
-        }
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
+        if spec.toc_digest().is_none() {
+            return self
+                .mount_through_soci_index(&spec, mountpoint, lower, held)
+                .instrument(span)
+                .await;
+        }
         let layer = async {
             let toc = self
                 .toc_read_ahead(&image, &spec, &locator.image_layers, early_tail)
                 .await?;
-            // The lazy layers below, mounted before this one through the hook.
-            let below: Vec<Arc<LayerReader>> = {
-                let mounted = lock(&self.mounted);
-                lower
-                    .dirs()
-                    .iter()
-                    .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
-                    .collect()
-            };
+            let below = self.lazy_readers_below(lower);
             let startup_files = self.startup_files_of(&image, &spec.layer.digest);
             let mounted = self
                 .mount_toc(&spec, &toc, mountpoint, lower, &below, &startup_files, held)
@@ -606,6 +601,45 @@ impl LayerManager {
         }
         .instrument(span)
         .await?;
+        lock(&self.mounted).insert(mountpoint.to_path_buf(), layer);
+        Ok(())
+    }
+
+    /// The readers of the lazy layers among `lower`, mounted before through the hook, nearest
+    /// first.
+    fn lazy_readers_below(&self, lower: &LowerLayers) -> Vec<Arc<LayerReader>> {
+        let mounted = lock(&self.mounted);
+        lower
+            .dirs()
+            .iter()
+            .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
+            .collect()
+    }
+
+    /// Mounts a layer that is not eStargz / zstd:chunked through the zTOC of the image's SOCI
+    /// index; declines it (containerd pulls it whole) when the index has none for it.
+    async fn mount_through_soci_index(
+        &self,
+        spec: &RemoteLayerSpec,
+        mountpoint: &Path,
+        lower: &LowerLayers,
+        held: Option<HeldConnection>,
+    ) -> Result<(), RemoteLayerError> {
+        let Some(toc) = self.read_ztoc_layer(spec).await.map_err(to_remote_error)? else {
+            return Err(RemoteLayerError::Declined(format!(
+                "layer {} has no {} annotation (not eStargz / zstd:chunked) and no zTOC in a \
+                 SOCI index of the image",
+                spec.layer.digest,
+                labels::TOC_DIGEST
+            )));
+        };
+        let below = self.lazy_readers_below(lower);
+        let layer = self
+            .mount_toc(spec, &toc, mountpoint, lower, &below, &[], held)
+            .await
+            .map_err(to_remote_error)?;
+        drop(toc);
+        lazysnap_fuse::release_freed_memory();
         lock(&self.mounted).insert(mountpoint.to_path_buf(), layer);
         Ok(())
     }

@@ -143,6 +143,106 @@ impl Client {
         .await
     }
 
+    /// The referrers of manifest `subject` in `reference`'s repository whose artifact type is
+    /// `artifact_type`, as an image index: through the referrers API, and where the registry
+    /// lacks it, through the tag fallback (`sha256-<hex>`). `None` when neither has any.
+    pub async fn get_referrers(
+        &self,
+        reference: &Reference,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<crate::image::Index>, RegistryError> {
+        let scope = pull_scope(&reference.repository);
+        let span = tracing::info_span!("registry.get_referrers", reference = %reference, subject = %subject);
+        let from_api = self
+            .with_endpoints(
+                reference,
+                |c| c.resolve,
+                "listing referrers",
+                |endpoint| {
+                    let scope = scope.as_str();
+                    async move {
+                        let what = format!("referrers of {subject} on {}", endpoint.host.host);
+                        let mut url = reqwest::Url::parse(
+                            &endpoint.url(&format!("{}/referrers/{subject}", reference.repository)),
+                        )
+                        .map_err(|e| {
+                            Failure::fatal(RegistryError::Invalid(format!("{what}: {e}")))
+                        })?;
+                        url.query_pairs_mut()
+                            .append_pair("artifactType", artifact_type);
+                        let url = url.to_string();
+                        let mut headers = HeaderMap::new();
+                        headers.insert(
+                            ACCEPT,
+                            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+                        );
+                        let response = self
+                            .send(
+                                &endpoint,
+                                &Request {
+                                    method: Method::GET,
+                                    url,
+                                    headers,
+                                    body: Body::Empty,
+                                    scope,
+                                    timeout: self.inner.config.request_timeout,
+                                },
+                            )
+                            .await?;
+                        // A registry without the API answers 404 (or 400/405 for the path).
+                        if matches!(
+                            response.status(),
+                            StatusCode::NOT_FOUND
+                                | StatusCode::BAD_REQUEST
+                                | StatusCode::METHOD_NOT_ALLOWED
+                        ) {
+                            return Ok(None);
+                        }
+                        if !response.status().is_success() {
+                            return Err(status_failure(
+                                &what,
+                                response.status(),
+                                response.headers(),
+                            ));
+                        }
+                        let bytes = read_body_limited(response, MAX_MANIFEST_BYTES, &what).await?;
+                        serde_json::from_slice::<crate::image::Index>(&bytes)
+                            .map(Some)
+                            .map_err(|e| {
+                                Failure::fatal(RegistryError::Invalid(format!(
+                                    "{what}: not an image index: {e}"
+                                )))
+                            })
+                    }
+                },
+            )
+            .instrument(span.clone())
+            .await?;
+        let has_any = |index: &crate::image::Index| {
+            index
+                .manifests
+                .iter()
+                .any(|m| m.artifact_type.as_deref() == Some(artifact_type))
+        };
+        if let Some(index) = from_api.filter(has_any) {
+            return Ok(Some(index));
+        }
+        let tag = format!("{}-{}", subject.algorithm(), subject.hex());
+        let fallback = reference.with_tag(&tag);
+        match self.get_manifest(&fallback).instrument(span).await {
+            Ok(fetched) => serde_json::from_slice::<crate::image::Index>(&fetched.bytes)
+                .map(|index| Some(index).filter(has_any))
+                .map_err(|e| {
+                    RegistryError::Invalid(format!(
+                        "referrers tag {fallback}: not an image index: {e}"
+                    ))
+                }),
+            Err(RegistryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Issues GET for a blob, following redirects (the registry's auth is only sent to the
     /// registry's own host). Returns the final response and the redirect target, if any.
     pub(crate) async fn get_blob_response(
