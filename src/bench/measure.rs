@@ -116,6 +116,10 @@ pub(super) fn measure_once(
         Mode::Lazysnap | Mode::LazysnapNoBackground => {
             (format!("{host}/{REPOSITORY}:estargz"), "lazysnap")
         }
+        Mode::LazysnapSoci => (
+            format!("{host}/{REPOSITORY}:{}", soci::SOCI_TAG),
+            "lazysnap",
+        ),
         Mode::StargzOptimized => (format!("{host}/{REPOSITORY}:{OPTIMIZED_TAG}"), "stargz"),
         Mode::Stargz => (format!("{host}/{REPOSITORY}:{CTR_REMOTE_TAG}"), "stargz"),
         Mode::Soci => (soci_peer(soci)?.1.to_string(), "soci"),
@@ -157,7 +161,10 @@ pub(super) fn measure_once(
                 .arg(&reference);
             command
         }
-        Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
+        Mode::Lazysnap
+        | Mode::LazysnapNoBackground
+        | Mode::LazysnapOptimized
+        | Mode::LazysnapSoci => {
             let mut command = Command::new(&options.lazysnap_bin);
             command
                 .arg("pull")
@@ -182,7 +189,10 @@ pub(super) fn measure_once(
         Mode::Stargz => (None, manifest_layers(CTR_REMOTE_TAG)?),
         Mode::StargzOptimized => (None, manifest_layers(OPTIMIZED_TAG)?),
         Mode::Soci => (None, manifest_layers(soci::SOCI_TAG)?),
-        Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized => {
+        Mode::Lazysnap
+        | Mode::LazysnapNoBackground
+        | Mode::LazysnapOptimized
+        | Mode::LazysnapSoci => {
             let layer_lines: Vec<&str> = pulled
                 .stdout
                 .lines()

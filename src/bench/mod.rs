@@ -287,7 +287,8 @@ pub fn run_bench(
             ));
         }
     }
-    let soci = match (&options.soci_grpc, modes.contains(&Mode::Soci)) {
+    let needs_soci_index = modes.contains(&Mode::Soci) || modes.contains(&Mode::LazysnapSoci);
+    let soci = match (&options.soci_grpc, needs_soci_index) {
         (Some(daemon), true) => {
             progress("building the SOCI index with `soci create` and pushing it with `soci push`");
             let peer =

@@ -244,6 +244,7 @@ impl BenchOptions {
         }
         if self.soci_grpc.is_some() {
             modes.push(Mode::Soci);
+            modes.push(Mode::LazysnapSoci);
         }
         modes
     }
@@ -272,9 +273,13 @@ impl BenchOptions {
                     "--modes lazysnap-opt and stargz-opt need --optimized".into(),
                 ));
             }
-            if only.contains(&Mode::Soci) && self.soci_grpc.is_none() {
+            if (only.contains(&Mode::Soci) || only.contains(&Mode::LazysnapSoci))
+                && self.soci_grpc.is_none()
+            {
                 return Err(BenchError::Invalid(
-                    "--modes soci needs --soci-grpc PATH".into(),
+                    "--modes soci and lazysnap-soci need --soci-grpc PATH (the soci CLI beside \
+                     it builds the index)"
+                        .into(),
                 ));
             }
         }

@@ -30,6 +30,9 @@ pub enum Mode {
     /// `soci image rpull` through SOCI's daemon of the gzip image, with the index `soci create`
     /// built.
     Soci,
+    /// `lazysnap pull` of the same gzip image, read through the same SOCI index.
+    #[serde(rename = "lazysnap-soci")]
+    LazysnapSoci,
 }
 
 impl Mode {
@@ -42,6 +45,7 @@ impl Mode {
             Mode::Stargz => "stargz",
             Mode::StargzOptimized => "stargz-opt",
             Mode::Soci => "soci",
+            Mode::LazysnapSoci => "lazysnap-soci",
         }
     }
 
@@ -55,6 +59,7 @@ impl Mode {
             Mode::Stargz,
             Mode::StargzOptimized,
             Mode::Soci,
+            Mode::LazysnapSoci,
         ]
         .into_iter()
         .find(|mode| mode.name() == text)
@@ -64,7 +69,10 @@ impl Mode {
     pub fn is_lazysnap(self) -> bool {
         matches!(
             self,
-            Mode::Lazysnap | Mode::LazysnapNoBackground | Mode::LazysnapOptimized
+            Mode::Lazysnap
+                | Mode::LazysnapNoBackground
+                | Mode::LazysnapOptimized
+                | Mode::LazysnapSoci
         )
     }
 

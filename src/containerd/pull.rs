@@ -268,9 +268,12 @@ async fn pull_under_lease(
 
     let layer_digests: Vec<String> = layers.iter().map(|l| l.digest.to_string()).collect();
     let content_labels = with_source(HashMap::new());
-    // Layers without a TOC annotation cannot be mounted lazily: start fetching their blobs into
-    // the content store now, a few at a time, while earlier layers are prepared and unpacked
-    // (containerd's own pull overlaps fetch and unpack the same way).
+    // Layers without a TOC annotation are fetched into the content store a few at a time while
+    // earlier layers are prepared and unpacked (containerd's own pull overlaps fetch and unpack
+    // the same way), from the moment the snapshotter declines the first of them: until then
+    // they may all be mounted lazily through a SOCI index, and fetching them whole would take
+    // the link from the lazy mounts.
+    let (fallback_seen, fallback_seen_rx) = tokio::sync::watch::channel(false);
     let already_unpacked = match chain.last() {
         Some(top_chain) => {
             containerd
@@ -297,7 +300,10 @@ async fn pull_under_lease(
                 progress: progress.as_ref(),
             };
             let limiter = &limiter;
+            let mut fallback_seen = fallback_seen_rx.clone();
             let fetch: BoxFuture<'_, Result<u64, ContainerdError>> = async move {
+                // A closed channel means the pull is over: the fetch is dropped soon after.
+                let _ = fallback_seen.wait_for(|seen| *seen).await;
                 let _permit = limiter.acquire().await.map_err(|_| {
                     ContainerdError::Protocol("blob prefetch limiter closed".to_string())
                 })?;
@@ -326,6 +332,7 @@ async fn pull_under_lease(
                 progress: progress.as_ref(),
                 content_labels: content_labels.clone(),
                 prefetch: prefetches.get(i).cloned().flatten(),
+                fallback_seen: &fallback_seen,
             };
             let (outcome, fetched_bytes) = ctx.pull_layer().await?;
             progress.layer_done(i, outcome);

@@ -101,6 +101,11 @@ impl Inner {
         let Some(head) = self.cache.get(&first.digest) else {
             return;
         };
+        // A gzip span holds the file from its stream offset on.
+        let start = self.files.record(index).map_or(0, |file| {
+            file.stream_offset.saturating_sub(first.file_offset)
+        });
+        let head = head.slice(usize::try_from(start).unwrap_or(usize::MAX).min(head.len())..);
         let names = elf_deps::needed_libraries(&head);
         drop(head);
         if names.is_empty() {

@@ -76,6 +76,15 @@ impl LayerManager {
         spec: &RemoteLayerSpec,
         tail: Option<Bytes>,
     ) -> Result<estargz::LayerToc, LayerError> {
+        if spec.toc_digest().is_none() {
+            // Not eStargz / zstd:chunked: a plain gzip layer the image's SOCI index may cover.
+            return self
+                .read_ztoc_layer(spec)
+                .await?
+                .ok_or_else(|| LayerError::NotIndexed {
+                    digest: spec.layer.digest.clone(),
+                });
+        }
         let blob = self
             .client
             .blob(&spec.image, &spec.layer.digest, spec.layer.size);
@@ -104,11 +113,23 @@ impl LayerManager {
         tail: Option<Bytes>,
     ) -> Result<Arc<estargz::LayerToc>, RemoteLayerError> {
         let manifest = self.image_manifest(image).await.map_err(to_remote_error)?;
+        // Layers without a TOC are read ahead too when the image's SOCI index covers them.
+        let indexed = match manifest
+            .layers
+            .iter()
+            .any(|l| !l.annotations.contains_key(labels::TOC_DIGEST))
+        {
+            true => self.soci_indexed_layers(image).await,
+            false => Vec::new(),
+        };
         let others = image_layers
             .iter()
             .filter(|digest| **digest != spec.layer.digest)
             .filter_map(|digest| manifest.layers.iter().find(|l| l.digest == *digest))
-            .filter(|layer| layer.annotations.contains_key(labels::TOC_DIGEST))
+            .filter(|layer| {
+                layer.annotations.contains_key(labels::TOC_DIGEST)
+                    || indexed.contains(&layer.digest)
+            })
             .map(|layer| RemoteLayerSpec {
                 image: image.clone(),
                 layer: layer.clone(),

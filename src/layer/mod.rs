@@ -75,6 +75,13 @@ pub enum LayerError {
     NotMounted(PathBuf),
     #[error("layer blob {digest} is unreachable: {detail}")]
     Unhealthy { digest: Digest, detail: String },
+    #[error(
+        "layer {digest} is not lazily pullable: it has no {} annotation (not eStargz / \
+         zstd:chunked) and no zTOC in a SOCI index of the image (`soci create` and `soci push` \
+         index it)",
+        labels::TOC_DIGEST
+    )]
+    NotIndexed { digest: Digest },
 }
 
 impl LayerError {
@@ -83,7 +90,9 @@ impl LayerError {
     pub fn is_not_lazy(&self) -> bool {
         matches!(
             self,
-            LayerError::Format { .. } | LayerError::NotInImage { .. }
+            LayerError::Format { .. }
+                | LayerError::NotInImage { .. }
+                | LayerError::NotIndexed { .. }
         )
     }
 }
@@ -577,12 +586,6 @@ impl LayerManager {
                 .insert(labels::TOC_DIGEST.to_string(), toc_digest.clone());
         }
         let span = tracing::info_span!("layer.mount", layer = %spec.layer.digest, mountpoint = %mountpoint.display());
-        if spec.toc_digest().is_none() {
-            return self
-                .mount_through_soci_index(&spec, mountpoint, lower, held)
-                .instrument(span)
-                .await;
-        }
         let layer = async {
             let toc = self
                 .toc_read_ahead(&image, &spec, &locator.image_layers, early_tail)
@@ -614,33 +617,5 @@ impl LayerManager {
             .iter()
             .filter_map(|dir| mounted.get(dir).map(|layer| layer.reader.clone()))
             .collect()
-    }
-
-    /// Mounts a layer that is not eStargz / zstd:chunked through the zTOC of the image's SOCI
-    /// index; declines it (containerd pulls it whole) when the index has none for it.
-    async fn mount_through_soci_index(
-        &self,
-        spec: &RemoteLayerSpec,
-        mountpoint: &Path,
-        lower: &LowerLayers,
-        held: Option<HeldConnection>,
-    ) -> Result<(), RemoteLayerError> {
-        let Some(toc) = self.read_ztoc_layer(spec).await.map_err(to_remote_error)? else {
-            return Err(RemoteLayerError::Declined(format!(
-                "layer {} has no {} annotation (not eStargz / zstd:chunked) and no zTOC in a \
-                 SOCI index of the image",
-                spec.layer.digest,
-                labels::TOC_DIGEST
-            )));
-        };
-        let below = self.lazy_readers_below(lower);
-        let layer = self
-            .mount_toc(spec, &toc, mountpoint, lower, &below, &[], held)
-            .await
-            .map_err(to_remote_error)?;
-        drop(toc);
-        lazysnap_fuse::release_freed_memory();
-        lock(&self.mounted).insert(mountpoint.to_path_buf(), layer);
-        Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use crate::digest::Digest;
 use crate::estargz::LayerToc;
 use crate::image::Manifest;
 use crate::registry::Reference;
@@ -42,7 +43,7 @@ impl LayerManager {
     async fn find_soci_index(
         &self,
         image: &Reference,
-        subject: &crate::digest::Digest,
+        subject: &Digest,
     ) -> Result<Option<Arc<Manifest>>, LayerError> {
         let Some(referrers) = self
             .client
@@ -74,6 +75,19 @@ impl LayerManager {
             })?;
         tracing::info!(index = %descriptor.digest, ztocs = manifest.layers.len(), "found the image's SOCI index");
         Ok(Some(Arc::new(manifest)))
+    }
+
+    /// The layers of `image` its SOCI index has a zTOC for (none without an index).
+    pub(super) async fn soci_indexed_layers(&self, image: &Reference) -> Vec<Digest> {
+        let Some(index) = self.soci_index(image).await else {
+            return Vec::new();
+        };
+        index
+            .layers
+            .iter()
+            .filter_map(|ztoc| ztoc.annotations.get(soci::IMAGE_LAYER_DIGEST))
+            .filter_map(|digest| Digest::parse(digest).ok())
+            .collect()
     }
 
     /// The layer `spec` opened through its zTOC, if the image's SOCI index has one for it.

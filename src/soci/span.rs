@@ -18,23 +18,102 @@ pub enum SpanError {
     Undecodable(String),
 }
 
-/// The compressed bytes from the span's first bit on: as they are when the span starts on a
-/// byte boundary, else shifted so that they do.
-fn aligned(span: &Span, compressed: &[u8]) -> Vec<u8> {
-    if span.bits == 0 {
-        return compressed.to_vec();
+/// Bits packed as deflate packs them: from each byte's least significant bit up.
+#[derive(Default)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    bits: usize,
+}
+
+impl BitWriter {
+    /// The low `count` bits of `value`, least significant first (header fields, extra bits).
+    fn put(&mut self, value: u32, count: u32) {
+        for i in 0..count {
+            if self.bits % 8 == 0 {
+                self.bytes.push(0);
+            }
+            if (value >> i) & 1 == 1 {
+                if let Some(last) = self.bytes.last_mut() {
+                    *last |= 1 << (self.bits % 8);
+                }
+            }
+            self.bits += 1;
+        }
     }
-    // The first byte's high `bits` bits are the span's first bits (deflate fills bytes from the
-    // least significant bit).
-    let shift = 8 - u32::from(span.bits);
-    compressed
-        .iter()
-        .zip(compressed.iter().skip(1).map(Some).chain([None]))
-        .map(|(&low, high)| {
-            let carried = high.map_or(0u16, |&h| u16::from(h) << (8 - shift));
-            ((u16::from(low) >> shift) | carried) as u8
-        })
-        .collect()
+
+    /// A Huffman code of `len` bits, most significant first.
+    fn put_code(&mut self, code: u32, len: u32) {
+        for i in (0..len).rev() {
+            self.put((code >> i) & 1, 1);
+        }
+    }
+
+    /// A non-final fixed-Huffman block holding only its end-of-block code: 10 bits, no output.
+    fn empty_fixed_block(&mut self) {
+        self.put(0, 1);
+        self.put(1, 2);
+        self.put_code(0, 7);
+    }
+
+    /// A non-final dynamic-Huffman block holding only its end-of-block code: 95 bits (7 more
+    /// than a whole number of bytes), no output. Its literal/length code has one symbol, the
+    /// end of block, of length 1; its one distance code is unused (length 0). The code-length
+    /// code gives symbol 18 (a run of zeros) length 1 and symbols 0 and 1 length 2.
+    fn empty_dynamic_block(&mut self) {
+        self.put(0, 1);
+        self.put(2, 2);
+        self.put(0, 5); // 257 literal/length codes
+        self.put(0, 5); // 1 distance code
+        self.put(15, 4); // 19 code-length codes, in the format's order:
+        for symbol in [
+            16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
+        ] {
+            let len = match symbol {
+                18 => 1,
+                0 | 1 => 2,
+                _ => 0,
+            };
+            self.put(len, 3);
+        }
+        // 256 literal lengths of 0 (runs of 138 and 118), end of block 1, distance 0.
+        self.put_code(0b0, 1);
+        self.put(138 - 11, 7);
+        self.put_code(0b0, 1);
+        self.put(118 - 11, 7);
+        self.put_code(0b11, 2);
+        self.put_code(0b10, 2);
+        // The block's data: its end-of-block code.
+        self.put_code(0b0, 1);
+    }
+}
+
+/// The span's compressed bytes made into a raw deflate stream from the start: when the span
+/// starts inside its first byte, empty blocks take the place of the bits before it, so that
+/// every later byte keeps its position (stored blocks align to the original byte boundaries).
+fn aligned(span: &Span, compressed: &[u8]) -> Vec<u8> {
+    let Some((&first, rest)) = compressed.split_first().filter(|_| span.bits != 0) else {
+        return compressed.to_vec();
+    };
+    // The bits of the first byte before the span: the low `skip` ones.
+    let skip = 8 - usize::from(span.bits);
+    let mut prefix = BitWriter::default();
+    // Fixed blocks add 2 bits modulo 8; a dynamic block 7: together, any count.
+    let fixed_blocks = if skip % 2 == 1 {
+        prefix.empty_dynamic_block();
+        (skip + 8 - 7) % 8 / 2
+    } else {
+        skip / 2
+    };
+    for _ in 0..fixed_blocks {
+        prefix.empty_fixed_block();
+    }
+    debug_assert_eq!(prefix.bits % 8, skip);
+    let mut out = prefix.bytes;
+    if let Some(last) = out.last_mut() {
+        *last |= first & !((1u8 << skip) - 1);
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 /// The span's uncompressed bytes from its compressed ones (`span.compressed` of the blob),
@@ -125,6 +204,51 @@ mod tests {
         let wrong = span_of(&[0u8; 16], &stream[at..], 0, second.len() as u64);
         let decoded = decode_span(&wrong, &stream[at..]);
         assert!(decoded.as_deref().ok() != Some(&second[..]));
+    }
+
+    #[test]
+    fn a_stored_block_after_an_unaligned_checkpoint_keeps_its_byte_alignment() {
+        // A fixed block of three literals ends 2 bits into a byte; a stored block follows.
+        let mut stream = BitWriter::default();
+        stream.put(0, 1);
+        stream.put(1, 2);
+        for &b in b"abc" {
+            stream.put_code(0x30 + u32::from(b), 8); // literals 0..143: 8-bit codes from 0x30
+        }
+        stream.put_code(0, 7);
+        assert_eq!(stream.bits, 34);
+        let checkpoint = stream.bytes.len() - 1; // the byte holding the stored block's header
+        let stored = b"stored bytes here, then a back-reference nowhere";
+        stream.put(0, 1);
+        stream.put(0, 2);
+        let mut bytes = stream.bytes;
+        bytes.extend_from_slice(&(stored.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(&(!(stored.len() as u16)).to_le_bytes());
+        bytes.extend_from_slice(stored);
+        bytes.push(0b0000_0011); // final fixed block: its end-of-block code
+        bytes.push(0);
+        // The whole stream inflates to both blocks' bytes.
+        let mut whole = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::DeflateDecoder::new(&bytes[..]),
+            &mut whole,
+        )
+        .unwrap();
+        assert_eq!(whole, [&b"abc"[..], stored].concat());
+        // The span from the checkpoint: 6 bits of its first byte are the span's.
+        let span = span_of(b"abc", &bytes[checkpoint..], 6, stored.len() as u64);
+        assert_eq!(decode_span(&span, &bytes[checkpoint..]).unwrap(), stored);
+    }
+
+    #[test]
+    fn every_skipped_bit_count_makes_empty_blocks_of_that_length() {
+        for skip in 1..8usize {
+            let span = span_of(b"", &[0xff], 8 - skip as u8, 0);
+            let out = aligned(&span, &[0xff]);
+            // The high bits of the first byte are kept as they were.
+            let last = *out.last().unwrap();
+            assert_eq!(last >> skip, 0xff >> skip, "{skip}");
+        }
     }
 
     #[test]

@@ -217,6 +217,7 @@ pub fn render_svg(report: &BenchReport) -> String {
                 Mode::Stargz => ("#c0392b", "#f1a9a0"),
                 Mode::StargzOptimized => ("#8e1b10", "#e57f73"),
                 Mode::Soci => ("#d35400", "#f5cba7"),
+                Mode::LazysnapSoci => ("#117a65", "#a3e4d7"),
             };
             let median = &result.median;
             let pull_top = y_of(median.pull_secs);
