@@ -191,7 +191,8 @@ fn message_socket() -> nix::Result<OwnedFd> {
 
 fn connect_to(path: &Path) -> nix::Result<OwnedFd> {
     let fd = message_socket()?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let (_dir, address) = socket_address(path)?;
+    connect(fd.as_raw_fd(), &address)?;
     Ok(fd)
 }
 
@@ -332,10 +333,33 @@ pub fn run_holder(socket: &Path, stay: bool) -> Result<(), HolderError> {
     }
 }
 
+/// The address of the socket at `path`. A path too long for a socket address (108 bytes) is
+/// reached through its directory, opened and named by `/proc/self/fd` (keep the descriptor
+/// returned while the address is used).
+fn socket_address(path: &Path) -> nix::Result<(Option<OwnedFd>, UnixAddr)> {
+    const ROOM: usize = 100;
+    if path.as_os_str().len() < ROOM {
+        return Ok((None, UnixAddr::new(path)?));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(nix::errno::Errno::ENAMETOOLONG);
+    };
+    let dir = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    Ok((Some(dir), UnixAddr::new(&short)?))
+}
+
 fn socket_listening(path: &Path) -> nix::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
     let fd = message_socket()?;
-    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let (_dir, address) = socket_address(path)?;
+    bind(fd.as_raw_fd(), &address)?;
     listen(&fd, Backlog::new(16)?)?;
     Ok(fd)
 }
@@ -376,6 +400,21 @@ fn serve_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_longer_than_an_address_holds_is_reached_through_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a-directory-name-long-enough".repeat(4));
+        std::fs::create_dir_all(&deep).unwrap();
+        let socket = deep.join("fuse-holder.sock");
+        assert!(socket.as_os_str().len() > 108);
+        let listener = socket_listening(&socket).unwrap();
+        assert!(socket.exists(), "the socket is bound at its real path");
+        let client = connect_to(&socket).unwrap();
+        send(&client, b"hello", None).unwrap();
+        let accepted = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).unwrap();
+        nix::unistd::close(accepted).unwrap();
+    }
 
     #[test]
     fn the_holder_keeps_descriptors_for_the_next_daemon_and_lets_released_ones_go() {

@@ -176,6 +176,16 @@ fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
         "the index must leave the image's manifest as it was"
     );
 
+    let whole_gets = || {
+        registry
+            .blob_gets(layer_digest.as_str())
+            .iter()
+            .filter(|(status, _)| *status == 200)
+            .count()
+    };
+    // The scratch containerd's pull for `soci create`.
+    assert_eq!(whole_gets(), 1);
+
     let lazysnap = TestLazysnap::start_with_config(CONFIG);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     let pulled = lazysnap_pull(&containerd, "soci", "lazysnap", &image);
@@ -199,7 +209,12 @@ fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
         "{}",
         lazysnap.log()
     );
-    // lazysnap reads by range; the whole-blob GETs are the scratch containerd's, for soci.
+    assert_eq!(
+        whole_gets(),
+        1,
+        "lazysnap pull must not fetch the indexed layer whole"
+    );
+    // lazysnap reads by range; the whole-blob GET is the scratch containerd's, for soci.
     let fetched: u64 = registry
         .blob_gets(layer_digest.as_str())
         .iter()

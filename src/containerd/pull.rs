@@ -270,10 +270,10 @@ async fn pull_under_lease(
     let content_labels = with_source(HashMap::new());
     // Layers without a TOC annotation are fetched into the content store a few at a time while
     // earlier layers are prepared and unpacked (containerd's own pull overlaps fetch and unpack
-    // the same way), from the moment the snapshotter declines the first of them: until then
-    // they may all be mounted lazily through a SOCI index, and fetching them whole would take
-    // the link from the lazy mounts.
-    let (fallback_seen, fallback_seen_rx) = tokio::sync::watch::channel(false);
+    // the same way), from the moment the snapshotter declines one of them, that one and those
+    // after it: until then they may be mounted lazily through a SOCI index, and fetching them
+    // whole would take the link from the lazy mounts.
+    let (first_fallback, first_fallback_rx) = tokio::sync::watch::channel(None::<usize>);
     let already_unpacked = match chain.last() {
         Some(top_chain) => {
             containerd
@@ -300,10 +300,12 @@ async fn pull_under_lease(
                 progress: progress.as_ref(),
             };
             let limiter = &limiter;
-            let mut fallback_seen = fallback_seen_rx.clone();
+            let mut first_fallback = first_fallback_rx.clone();
             let fetch: BoxFuture<'_, Result<u64, ContainerdError>> = async move {
                 // A closed channel means the pull is over: the fetch is dropped soon after.
-                let _ = fallback_seen.wait_for(|seen| *seen).await;
+                let _ = first_fallback
+                    .wait_for(|first| first.is_some_and(|first| first <= i))
+                    .await;
                 let _permit = limiter.acquire().await.map_err(|_| {
                     ContainerdError::Protocol("blob prefetch limiter closed".to_string())
                 })?;
@@ -332,7 +334,7 @@ async fn pull_under_lease(
                 progress: progress.as_ref(),
                 content_labels: content_labels.clone(),
                 prefetch: prefetches.get(i).cloned().flatten(),
-                fallback_seen: &fallback_seen,
+                first_fallback: &first_fallback,
             };
             let (outcome, fetched_bytes) = ctx.pull_layer().await?;
             progress.layer_done(i, outcome);

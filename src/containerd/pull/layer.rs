@@ -30,8 +30,8 @@ pub(super) struct LayerContext<'a> {
     pub(super) content_labels: HashMap<String, String>,
     /// The blob fetch started ahead for this layer, if any.
     pub(super) prefetch: Option<SharedFetch<'a>>,
-    /// Set when a layer falls back: the fetches ahead of the layers after it may start.
-    pub(super) fallback_seen: &'a tokio::sync::watch::Sender<bool>,
+    /// The first layer that fell back: the fetches ahead of it and the layers after it start.
+    pub(super) first_fallback: &'a tokio::sync::watch::Sender<Option<usize>>,
 }
 
 /// A layer blob fetch into the content store that several parties may await.
@@ -170,7 +170,14 @@ impl LayerContext<'_> {
     ) -> Result<u64, ContainerdError> {
         let digest = &self.layer.digest;
         tracing::info!(layer = %digest, size = self.layer.size, "layer falls back: fetching and unpacking");
-        self.fallback_seen.send_replace(true);
+        let index = self.index;
+        self.first_fallback.send_if_modified(|first| match first {
+            Some(earlier) if *earlier <= index => false,
+            _ => {
+                *first = Some(index);
+                true
+            }
+        });
         let written = match &self.prefetch {
             Some(started) => started.clone().await?,
             None => {
