@@ -138,6 +138,30 @@ pub(super) fn scan_chunks(
 
 /// The sha256 of everything in `file`, read through a 1 MiB buffer at explicit offsets (the
 /// file position is left alone).
+/// Extended attribute of a chunk file whose key names the chunk rather than hashes its bytes (a
+/// gzip span): the sha256 of its bytes, which a file found at open is checked against instead.
+const CONTENT_DIGEST_XATTR: &str = "user.lazysnap.sha256";
+
+/// Records on the temp file of a named chunk the digest of its bytes. Best effort: without it
+/// (a filesystem without user xattrs) the chunk is fetched again after a restart.
+pub(super) fn record_content_digest(tmp: &Path, content: &ChunkDigest) {
+    if let Err(e) = xattr::set(tmp, CONTENT_DIGEST_XATTR, content.as_bytes()) {
+        tracing::debug!(path = %tmp.display(), error = %e, "cannot record a named chunk's digest; it is fetched again after a restart");
+    }
+}
+
+/// Whether `file`, found on disk for `key`, holds the chunk: its bytes (hashing to `actual`)
+/// hash to the key, or to the digest recorded on a named chunk's file.
+pub(super) fn holds_chunk(file: &File, key: &ChunkDigest, actual: &ChunkDigest) -> bool {
+    use xattr::FileExt as _;
+    actual == key
+        || file
+            .get_xattr(CONTENT_DIGEST_XATTR)
+            .ok()
+            .flatten()
+            .is_some_and(|recorded| recorded.as_slice() == actual.as_bytes())
+}
+
 pub(super) fn digest_of_file(file: &File) -> io::Result<ChunkDigest> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -311,7 +335,7 @@ impl ChunkCache {
             return None;
         };
         if !verified {
-            if ChunkDigest::of(&data) != *key {
+            if !holds_chunk(&file, key, &ChunkDigest::of(&data)) {
                 self.remove_corrupt(key, "content does not match its digest");
                 self.note_miss();
                 return None;

@@ -397,7 +397,7 @@ impl ChunkCache {
         }
         if !verified {
             // Hashed through a small buffer: these files can be whole large files.
-            if digest_of_file(&file).ok()? != *digest {
+            if !files::holds_chunk(&file, digest, &digest_of_file(&file).ok()?) {
                 self.remove_corrupt(digest, "content does not match its digest");
                 return None;
             }
@@ -425,6 +425,23 @@ impl ChunkCache {
     /// it wrote itself. The file is written under `tmp/` and renamed into place, then least
     /// recently used chunks are evicted to keep within the bounds.
     pub fn insert(&self, digest: &ChunkDigest, data: Bytes) -> Result<(), CacheError> {
+        self.insert_file(digest, data, None)
+    }
+
+    /// [`insert`](Self::insert) of a chunk whose key names it rather than hashes its bytes (a
+    /// gzip span, keyed by its zTOC and position): the digest of its bytes is recorded with the
+    /// file, so that the chunk is still trusted when a later daemon finds it on disk.
+    pub fn insert_named(&self, key: &ChunkDigest, data: Bytes) -> Result<(), CacheError> {
+        let content = ChunkDigest::of(&data);
+        self.insert_file(key, data, Some(content))
+    }
+
+    fn insert_file(
+        &self,
+        digest: &ChunkDigest,
+        data: Bytes,
+        content: Option<ChunkDigest>,
+    ) -> Result<(), CacheError> {
         let key = *digest;
         let len = data.len() as u64;
         if len > self.opts.max_bytes {
@@ -442,6 +459,9 @@ impl ChunkCache {
         if !already {
             let mut space = self.reserve(&key, len)?;
             let tmp = self.write_temp(&data)?;
+            if let Some(content) = &content {
+                files::record_content_digest(&tmp, content);
+            }
             self.install(key, &tmp, &mut space)?;
             // On disk now: a chunk remembered until here leaves the memory tier, which keeps the
             // chunks read again (loaded by `get`), and its buffer goes back to be reused.

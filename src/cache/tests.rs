@@ -346,3 +346,28 @@ fn watermark_eviction_spares_chunks_in_use_up_to_the_headroom() {
     assert_eq!(cache.stats().disk_entries, 3, "chunks in use were evicted");
     assert_eq!(cache.stats().evictions, 0);
 }
+
+#[test]
+fn a_named_chunk_is_trusted_after_reopen_by_the_digest_recorded_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let span = Bytes::from(vec![5u8; 3000]);
+    let corrupt = Bytes::from(vec![6u8; 3000]);
+    let (named, unnamed) = (
+        digest_of(b"span 0 of a zTOC"),
+        digest_of(b"span 1 of a zTOC"),
+    );
+    {
+        let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+        cache.insert_named(&named, span.clone()).unwrap();
+        cache.insert_named(&unnamed, corrupt.clone()).unwrap();
+    }
+    // A named chunk's bytes changed on disk no longer match the digest recorded with them.
+    let changed = chunk_file(dir.path(), &unnamed);
+    let mut bytes = std::fs::read(&changed).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&changed, bytes).unwrap();
+    let cache = ChunkCache::open(opts(dir.path(), 1 << 20, 0)).unwrap();
+    assert_eq!(cache.get(&named).unwrap(), span);
+    assert!(cache.get(&unnamed).is_none());
+    assert_eq!(cache.stats().corrupt_removed, 1);
+}

@@ -580,7 +580,12 @@ impl Inner {
     /// Writes a verified chunk to the disk cache (blocking I/O).
     pub(super) fn persist(&self, at: ChunkRef, data: Bytes) {
         let chunk = self.chunk(at);
-        if let Err(e) = self.cache.insert(&chunk.digest, data) {
+        let stored = if self.reads_gzip_spans() {
+            self.cache.insert_named(&chunk.digest, data)
+        } else {
+            self.cache.insert(&chunk.digest, data)
+        };
+        if let Err(e) = stored {
             tracing::warn!(layer = %self.layer, chunk = %chunk.digest, error = %e, "cannot store a chunk in the cache; serving it anyway");
         }
     }
