@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 seconds="${FUZZ_SECONDS:-60}"
-targets="${FUZZ_TARGETS:-footer toc_json layer_blob tar_input manifest hosts_toml elf_libraries}"
+targets="${FUZZ_TARGETS:-footer toc_json layer_blob tar_input manifest hosts_toml elf_libraries ztoc}"
 fixtures="${FIXTURES_DIR:-../shared/fixtures}"
 host=$(rustc -vV | sed -n 's/^host: //p')
 
@@ -24,7 +24,7 @@ RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=3 \
 fuzzer="target/fuzz/$host/release/lazysnap-fuzz"
 
 corpus="fuzz/corpus"
-mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input,manifest,hosts_toml,elf_libraries}
+mkdir -p "$corpus"/{footer,toc_json,layer_blob,tar_input,manifest,hosts_toml,elf_libraries,ztoc}
 if [ -d "$fixtures" ]; then
     i=0
     for blob in "$fixtures"/*/*.blob; do
@@ -48,7 +48,7 @@ tar -C "$scratch/t" --format=pax -cf "$corpus/tar_input/seed.tar" dir
 for elf in /bin/true /usr/lib/x86_64-linux-gnu/libc.so.6; do
     if [ -f "$elf" ]; then head -c 65536 "$elf" > "$corpus/elf_libraries/$(basename "$elf")"; fi
 done
-# The seeds kept in the repository (manifests, hosts.toml files).
+# The seeds kept in the repository (manifests, hosts.toml files, a small zTOC).
 for dir in fuzz/seeds/*/; do cp "$dir"* "$corpus/$(basename "$dir")/"; done
 
 status=0

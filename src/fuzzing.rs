@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use sha2::Digest as _;
 
 use crate::blob::MemoryBlob;
 use crate::estargz::footer::{parse_footer, Footer};
@@ -19,7 +20,7 @@ use crate::image::{parse_json, Index, Manifest};
 pub type Target = fn(&[u8]);
 
 /// Every target by name.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("footer", footer),
     ("toc_json", toc_json),
     ("layer_blob", layer_blob),
@@ -27,12 +28,34 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("manifest", manifest),
     ("hosts_toml", hosts_toml),
     ("elf_libraries", elf_libraries),
+    ("ztoc", ztoc),
 ];
 
 /// The library names library prefetch reads from a file's first bytes (an image's programs are
 /// input like any other).
 pub fn elf_libraries(data: &[u8]) {
     let _ = crate::fetch::elf_deps::needed_libraries(data);
+}
+
+/// A SOCI zTOC as a registry would send it: parsed, turned into layer entries, and its first
+/// span inflated from the input's last bytes (given the digest they have, so that the decoder
+/// itself, with the empty blocks that align a span, sees arbitrary deflate data).
+pub fn ztoc(data: &[u8]) {
+    let Ok(parsed) = crate::soci::Ztoc::parse(data) else {
+        return;
+    };
+    if let Some(first) = parsed.spans.first() {
+        let tail = &data[data.len().saturating_sub(4096)..];
+        let span = crate::soci::Span {
+            compressed: 0..tail.len() as u64,
+            digest: sha2::Sha256::digest(tail).into(),
+            ..first.clone()
+        };
+        let _ = crate::soci::decode_span(&span, tail);
+    }
+    let digest = crate::digest::sha256_digest(data);
+    let size = parsed.compressed_size;
+    let _ = crate::soci::layer_from_ztoc(parsed, digest, size);
 }
 
 /// Footer recognition on arbitrary tail bytes.

@@ -7,6 +7,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::ztoc::Span;
 
+/// Most output reserved at once while a span inflates.
+const RESERVE_STEP: usize = 4 << 20;
+
 /// Why a span's bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpanError {
@@ -133,8 +136,12 @@ pub fn decode_span(span: &Span, compressed: &[u8]) -> Result<Vec<u8>, SpanError>
     inflater
         .set_dictionary(&span.window)
         .map_err(|e| SpanError::Undecodable(format!("window refused: {e}")))?;
-    let mut out = Vec::with_capacity(want);
+    // Reserved as output arrives: a zTOC's lengths are not trusted with memory.
+    let mut out = Vec::with_capacity(want.min(RESERVE_STEP));
     loop {
+        if out.len() == out.capacity() {
+            out.reserve((want - out.len()).min(RESERVE_STEP));
+        }
         let consumed = usize::try_from(inflater.total_in()).unwrap_or(usize::MAX);
         let before = out.len();
         let rest = input.get(consumed..).unwrap_or_default();
@@ -238,6 +245,14 @@ mod tests {
         // The span from the checkpoint: 6 bits of its first byte are the span's.
         let span = span_of(b"abc", &bytes[checkpoint..], 6, stored.len() as u64);
         assert_eq!(decode_span(&span, &bytes[checkpoint..]).unwrap(), stored);
+    }
+
+    #[test]
+    fn a_span_claiming_more_bytes_than_its_data_holds_is_an_error_not_an_allocation() {
+        let (stream, at) = flushed(b"abc", b"defdefdef");
+        let span = span_of(b"abc", &stream[at..], 0, 1 << 40);
+        let err = decode_span(&span, &stream[at..]).unwrap_err();
+        assert!(matches!(err, SpanError::Undecodable(_)), "{err}");
     }
 
     #[test]

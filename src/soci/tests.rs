@@ -104,3 +104,19 @@ fn a_ztoc_of_another_blob_or_with_unsafe_names_is_refused() {
     dangling.link_name = "missing".into();
     assert!(layer_from_ztoc(ztoc(vec![dangling]), digest, 300).is_err());
 }
+
+#[test]
+fn the_fuzzing_seed_is_a_valid_ztoc() {
+    let seed = include_bytes!("../../fuzz/seeds/ztoc/minimal");
+    let parsed = Ztoc::parse(seed).unwrap();
+    assert_eq!((parsed.version.as_str(), parsed.spans.len()), ("0.9", 1));
+    let size = parsed.compressed_size;
+    let digest = crate::digest::sha256_digest(seed);
+    let layer = layer_from_ztoc(parsed, digest, size).unwrap();
+    let paths: Vec<&str> = layer.entries().iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["dir", "dir/file"]);
+    // Every cut of it is an error, never a panic.
+    for len in (0..seed.len()).step_by(97) {
+        let _ = Ztoc::parse(&seed[..len]);
+    }
+}

@@ -25,6 +25,9 @@ const GZIP: u8 = 1;
 /// Most spans a zTOC may declare: a layer of 64 GiB at SOCI's smallest useful span size of
 /// 1 MiB. Each holds a 32 KiB window in memory.
 const MAX_SPANS: usize = 1 << 16;
+/// Largest span accepted, uncompressed (one span is one cached chunk, decoded whole): 256 MiB,
+/// 64 times SOCI's default span.
+pub const MAX_SPAN_LEN: u64 = 256 << 20;
 
 /// Why a zTOC cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,6 +255,12 @@ fn spans_of(
         if start >= next_compressed || next_compressed > compressed_size {
             return Err(invalid(format!(
                 "span {i}: compressed bytes {start}..{next_compressed} are not within the layer of {compressed_size} bytes"
+            )));
+        }
+        if next_uncompressed.saturating_sub(point.uncompressed) > MAX_SPAN_LEN {
+            return Err(invalid(format!(
+                "span {i}: {} uncompressed bytes, more than the {MAX_SPAN_LEN} a span may hold",
+                next_uncompressed - point.uncompressed
             )));
         }
         if point.uncompressed > next_uncompressed
