@@ -33,6 +33,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod labels;
 pub mod layer;
+pub mod le;
 pub mod metrics;
 pub mod optimize;
 pub mod proto;

@@ -5,6 +5,8 @@
 
 use std::collections::HashSet;
 
+use crate::le::{u16_at, u32_at, u64_at};
+
 const ELF_MAGIC: &[u8] = b"\x7fELF";
 const ELF_CLASS_64: u8 = 2;
 const ELF_DATA_LITTLE: u8 = 1;
@@ -38,9 +40,9 @@ pub fn needed_libraries(bytes: &[u8]) -> Vec<String> {
         return Vec::new();
     }
     let (Some(phoff), Some(phentsize), Some(phnum)) = (
-        read_u64(bytes, 0x20),
-        read_u16(bytes, 0x36),
-        read_u16(bytes, 0x38),
+        u64_at(bytes, 0x20),
+        u16_at(bytes, 0x36),
+        u16_at(bytes, 0x38),
     ) else {
         return Vec::new();
     };
@@ -58,10 +60,10 @@ pub fn needed_libraries(bytes: &[u8]) -> Vec<String> {
         };
         let field = |delta: usize| at.checked_add(delta);
         let (Some(kind), Some(flags), Some(offset), Some(filesz)) = (
-            read_u32(bytes, at),
-            field(4).and_then(|at| read_u32(bytes, at)),
-            field(8).and_then(|at| read_u64(bytes, at)),
-            field(32).and_then(|at| read_u64(bytes, at)),
+            u32_at(bytes, at),
+            field(4).and_then(|at| u32_at(bytes, at)),
+            field(8).and_then(|at| u64_at(bytes, at)),
+            field(32).and_then(|at| u64_at(bytes, at)),
         ) else {
             break;
         };
@@ -150,24 +152,6 @@ fn slice(bytes: &[u8], offset: u64, len: u64) -> &[u8] {
         .unwrap_or(usize::MAX)
         .min(bytes.len());
     &bytes[start..end.max(start)]
-}
-
-fn read_u16(bytes: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        bytes.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
-}
-
-fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
-}
-
-fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! size, one `u16` offset per field, 0 when absent); strings and vectors are a `u32` length after
 //! a `u32` forward offset; vectors of tables hold one forward offset per element.
 
+use crate::le::{u16_at, u32_at, u64_at};
+
 /// Why a buffer is not the table it should be.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed FlatBuffers data: {0}")]
@@ -26,27 +28,9 @@ pub struct Table<'a> {
     vtable_len: usize,
 }
 
-fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        buf.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
-}
-
-fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        buf.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
-}
-
-fn read_u64(buf: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        buf.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
-}
-
 /// Follows the forward `u32` offset stored at `at`.
 fn follow(buf: &[u8], at: usize) -> Option<usize> {
-    at.checked_add(usize::try_from(read_u32(buf, at)?).ok()?)
+    at.checked_add(usize::try_from(u32_at(buf, at)?).ok()?)
 }
 
 impl<'a> Table<'a> {
@@ -57,13 +41,13 @@ impl<'a> Table<'a> {
     }
 
     fn at(buf: &'a [u8], at: usize) -> Result<Table<'a>, FlatError> {
-        let back = read_u32(buf, at).ok_or_else(|| bad(format!("table at {at} past the end")))?;
+        let back = u32_at(buf, at).ok_or_else(|| bad(format!("table at {at} past the end")))?;
         let vtable = i64::try_from(at)
             .ok()
             .and_then(|at| at.checked_sub(i64::from(back as i32)))
             .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| bad(format!("table at {at}: vtable offset out of the buffer")))?;
-        let vtable_len = read_u16(buf, vtable)
+        let vtable_len = u16_at(buf, vtable)
             .map(usize::from)
             .filter(|&len| len >= 4 && len % 2 == 0)
             .filter(|&len| buf.len() >= vtable.saturating_add(len))
@@ -82,7 +66,7 @@ impl<'a> Table<'a> {
         if slot + 2 > self.vtable_len {
             return None;
         }
-        match read_u16(self.buf, self.vtable + slot)? {
+        match u16_at(self.buf, self.vtable + slot)? {
             0 => None,
             offset => self.at.checked_add(usize::from(offset)),
         }
@@ -104,12 +88,12 @@ impl<'a> Table<'a> {
 
     /// A `long` / `ulong` field (0 when absent, the schema default).
     pub fn u64(&self, index: usize, name: &str) -> Result<u64, FlatError> {
-        Ok(self.scalar(index, name, read_u64)?.unwrap_or(0))
+        Ok(self.scalar(index, name, u64_at)?.unwrap_or(0))
     }
 
     /// An `int` / `uint` field (0 when absent).
     pub fn u32(&self, index: usize, name: &str) -> Result<u32, FlatError> {
-        Ok(self.scalar(index, name, read_u32)?.unwrap_or(0))
+        Ok(self.scalar(index, name, u32_at)?.unwrap_or(0))
     }
 
     /// A `byte` / `ubyte` field, or `default` when absent.
@@ -126,7 +110,7 @@ impl<'a> Table<'a> {
         };
         let start =
             follow(self.buf, at).ok_or_else(|| bad(format!("field {name} past the end")))?;
-        let len = read_u32(self.buf, start)
+        let len = u32_at(self.buf, start)
             .and_then(|len| usize::try_from(len).ok())
             .ok_or_else(|| bad(format!("field {name}: length past the end")))?;
         let data = start + 4;
@@ -163,7 +147,7 @@ impl<'a> Table<'a> {
         };
         let start =
             follow(self.buf, at).ok_or_else(|| bad(format!("field {name} past the end")))?;
-        let len = read_u32(self.buf, start)
+        let len = u32_at(self.buf, start)
             .and_then(|len| usize::try_from(len).ok())
             .ok_or_else(|| bad(format!("field {name}: length past the end")))?;
         // Each element takes 4 bytes: a length larger than the buffer is refused before any
@@ -192,7 +176,7 @@ impl<'a> Table<'a> {
         self.offsets(index, name)?
             .into_iter()
             .map(|at| {
-                let len = read_u32(self.buf, at)
+                let len = u32_at(self.buf, at)
                     .and_then(|len| usize::try_from(len).ok())
                     .ok_or_else(|| bad(format!("field {name}: string past the end")))?;
                 let bytes = self
