@@ -3,6 +3,7 @@
 //! and `lazysnap serve`: the same output as overlayfs, a fraction of the layer fetched, and a
 //! corrupted span read as EIO, never as wrong bytes.
 
+mod cli_common;
 mod fixtures_common;
 mod pull_common;
 
@@ -313,4 +314,45 @@ fn registry_manifest_digest(image: &str) -> Digest {
         .block_on(client.get_manifest(&reference))
         .unwrap()
         .digest
+}
+
+#[test]
+fn lazysnap_mount_reads_an_indexed_layer_lazily_too() {
+    require_root_and_containerd();
+    let work = tempfile::Builder::new()
+        .prefix("ls-soci-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let registry = RegistryServer::start().expect("start registry");
+    let (image, layer_digest, layer) = push_gzip_image(&registry);
+    soci_index(&image, work.path());
+    let mounted = cli_common::MountedImage::new(&image, work.path(), "soci", &[]);
+    assert_eq!(
+        std::fs::read_to_string(mounted.dir.join("data/hello")).unwrap(),
+        HELLO
+    );
+    assert_eq!(
+        std::fs::read_to_string(mounted.dir.join("data/hard")).unwrap(),
+        HELLO
+    );
+    assert_eq!(
+        std::fs::read_to_string(mounted.dir.join("data/tail")).unwrap(),
+        TAIL
+    );
+    let gets = registry.blob_gets(layer_digest.as_str());
+    let whole = gets.iter().filter(|(status, _)| *status == 200).count();
+    let ranged: u64 = gets
+        .iter()
+        .filter(|(status, _)| *status == 206)
+        .map(|(_, b)| b)
+        .sum();
+    assert_eq!(
+        whole, 1,
+        "only the scratch containerd's pull for soci fetched it whole"
+    );
+    assert!(
+        ranged > 0 && ranged < layer.len() as u64 * 3 / 4,
+        "{ranged} of {} bytes",
+        layer.len()
+    );
 }

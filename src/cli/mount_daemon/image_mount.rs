@@ -145,6 +145,19 @@ pub(super) async fn mount_layers(
     .await
     .with_context(|| format!("resolving {}", request.image))?;
 
+    // Layers without a TOC may be covered by the image's SOCI index, which the manager looks up
+    // by the manifest's digest.
+    if resolved
+        .manifest
+        .layers
+        .iter()
+        .any(|layer| !layer.annotations.contains_key(lazysnap::labels::TOC_DIGEST))
+    {
+        manager
+            .image_manifest(&reference)
+            .await
+            .with_context(|| format!("resolving {}", request.image))?;
+    }
     let _ = std::fs::remove_dir_all(&mounted.work);
     for (position, descriptor) in resolved.manifest.layers.iter().enumerate() {
         let spec = RemoteLayerSpec {
@@ -154,30 +167,27 @@ pub(super) async fn mount_layers(
         let mountpoint = mounted.work.join(position.to_string());
         std::fs::create_dir_all(&mountpoint)
             .with_context(|| format!("creating {}", mountpoint.display()))?;
-        let lazy = if spec.toc_digest().is_some() {
-            // The layers already stacked, nearest first, decide which whiteouts delete anything.
-            let below = LowerLayers::new(mounted.lower_dirs.iter().rev().cloned().collect());
-            // The lazy layers already stacked, nearest first: library prefetch looks there too.
-            let below_readers: Vec<_> = mounted
-                .layers
-                .iter()
-                .rev()
-                .flatten()
-                .map(|layer| layer.reader().clone())
-                .collect();
-            match manager
-                .mount(&spec, &mountpoint, &below, &below_readers)
-                .await
-            {
-                Ok(layer) => Some(layer),
-                Err(e) if e.is_not_lazy() => {
-                    tracing::warn!(layer = %descriptor.digest, error = %e, "falling back to download and unpack");
-                    None
-                }
-                Err(e) => return Err(e.into()),
+        // eStargz / zstd:chunked, or plain gzip in the image's SOCI index; else downloaded.
+        // The layers already stacked, nearest first, decide which whiteouts delete anything.
+        let below = LowerLayers::new(mounted.lower_dirs.iter().rev().cloned().collect());
+        // The lazy layers already stacked, nearest first: library prefetch looks there too.
+        let below_readers: Vec<_> = mounted
+            .layers
+            .iter()
+            .rev()
+            .flatten()
+            .map(|layer| layer.reader().clone())
+            .collect();
+        let lazy = match manager
+            .mount(&spec, &mountpoint, &below, &below_readers)
+            .await
+        {
+            Ok(layer) => Some(layer),
+            Err(e) if e.is_not_lazy() => {
+                tracing::info!(layer = %descriptor.digest, reason = %e, "downloading and unpacking the layer");
+                None
             }
-        } else {
-            None
+            Err(e) => return Err(e.into()),
         };
         let lower = match &lazy {
             Some(_) => mountpoint,
@@ -205,7 +215,7 @@ pub(super) async fn unpack_cached(
     }
     tracing::info!(
         layer = %lazysnap::digest::short_digest(&spec.layer.digest),
-        "layer is not eStargz: downloading and unpacking it"
+        "layer is not lazily pullable: downloading and unpacking it"
     );
     let reader = client
         .blob_reader(&spec.image, &spec.layer.digest)
