@@ -4,12 +4,14 @@
 //! vocabulary, the zTOC reader, span decoding, and the layer's entries and spans as the mount
 //! and fetch paths take them (each span is one chunk, cached under a key that names the zTOC).
 
+mod checkpoints;
 mod flatbuf;
 mod span;
 mod ztoc;
 
 use std::collections::HashMap;
 
+pub use checkpoints::{build_checkpoints, CheckpointError, Checkpointed};
 pub use span::{decode_span, SpanError};
 pub use ztoc::{Span, Ztoc, ZtocError, ZtocFile, WINDOW_SIZE};
 

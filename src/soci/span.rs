@@ -131,6 +131,16 @@ pub fn decode_span(span: &Span, compressed: &[u8]) -> Result<Vec<u8>, SpanError>
     }
     let want = usize::try_from(span.uncompressed.end - span.uncompressed.start)
         .map_err(|_| SpanError::Undecodable("span too large".into()))?;
+    inflate_span(span, compressed, want)
+}
+
+/// The first `want` bytes `compressed` (from the span's first bit on) inflate to from the span's
+/// checkpoint, unverified: for [`decode_span`], and for finding a checkpoint's bit offset.
+pub(super) fn inflate_span(
+    span: &Span,
+    compressed: &[u8],
+    want: usize,
+) -> Result<Vec<u8>, SpanError> {
     let input = aligned(span, compressed);
     let mut inflater = Decompress::new(false);
     inflater
