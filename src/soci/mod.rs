@@ -7,12 +7,14 @@
 mod checkpoints;
 mod flatbuf;
 mod span;
+mod write;
 mod ztoc;
 
 use std::collections::HashMap;
 
 pub use checkpoints::{build_checkpoints, CheckpointError, Checkpointed};
 pub use span::{decode_span, SpanError};
+pub use write::{write_ztoc, WriteError};
 pub use ztoc::{Span, Ztoc, ZtocError, ZtocFile, WINDOW_SIZE};
 
 use crate::digest::Digest;
