@@ -2,7 +2,8 @@
 //! is the image manifest, found through the referrers API or its tag fallback) lists one zTOC
 //! per indexed layer; a zTOC gives the layer's file table and gzip checkpoints. Here: the index
 //! vocabulary, the zTOC reader, span decoding, and the layer's entries and spans as the mount
-//! and fetch paths take them (each span is one chunk, cached under a key that names the zTOC).
+//! and fetch paths take them (each span is one chunk, cached under a key that names the zTOC);
+//! and, for indexing a layer, building its checkpoints and writing its zTOC.
 
 mod checkpoints;
 mod flatbuf;
