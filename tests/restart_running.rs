@@ -123,20 +123,7 @@ fn running_containers_keep_reading_through_kill_sigterm_and_a_new_binary() {
     for i in 0..CONTAINERS {
         let name = container(i);
         let script = reader_loop(i);
-        let (ok, _, err) = containerd.ctr(
-            NAMESPACE,
-            &[
-                "run",
-                "-d",
-                "--snapshotter",
-                "lazysnap",
-                &image,
-                &name,
-                "/bin/sh",
-                "-c",
-                &script,
-            ],
-        );
+        let (ok, _, err) = run_detached(&containerd, &image, &name, &script);
         assert!(
             ok,
             "starting {name}: {err}\nlazysnap log:\n{}",
@@ -298,20 +285,7 @@ fn a_connection_that_cannot_be_resumed_fails_reads_instead_of_blocking_them() {
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     lazysnap_pull(&containerd, NAMESPACE, "lazysnap", &image);
     let name = format!("gone-{}", std::process::id());
-    let (ok, _, err) = containerd.ctr(
-        NAMESPACE,
-        &[
-            "run",
-            "-d",
-            "--snapshotter",
-            "lazysnap",
-            &image,
-            &name,
-            "/bin/sh",
-            "-c",
-            "while true; do sleep 1; done",
-        ],
-    );
+    let (ok, _, err) = run_detached(&containerd, &image, &name, "while true; do sleep 1; done");
     assert!(ok, "{err}");
     drop(registry);
     lazysnap.kill9_and_restart();
@@ -342,4 +316,27 @@ fn a_connection_that_cannot_be_resumed_fails_reads_instead_of_blocking_them() {
     std::thread::sleep(Duration::from_millis(500));
     containerd.ctr(NAMESPACE, &["tasks", "delete", "-f", &name]);
     containerd.ctr(NAMESPACE, &["containers", "delete", &name]);
+}
+
+/// `ctr run -d` of `image` through lazysnap as container `name`, running `/bin/sh -c script`.
+fn run_detached(
+    containerd: &TestContainerd,
+    image: &str,
+    name: &str,
+    script: &str,
+) -> (bool, String, String) {
+    containerd.ctr(
+        NAMESPACE,
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "lazysnap",
+            image,
+            name,
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    )
 }

@@ -197,13 +197,9 @@ fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
         "the gzip layer should be mounted lazily:\n{pulled}\n{}",
         lazysnap.log()
     );
+    let run_lazy = |cmd: &[&str]| containerd.run("soci", "lazysnap", &image, cmd);
     let script = "cat /data/hello /data/link /data/hard /data/tail";
-    let lazy = containerd.run(
-        "soci",
-        "lazysnap",
-        &image,
-        &["/bin/busybox", "sh", "-c", script],
-    );
+    let lazy = run_lazy(&["/bin/busybox", "sh", "-c", script]);
     assert_eq!(
         lazy,
         format!("{HELLO}{HELLO}{HELLO}{TAIL}"),
@@ -232,29 +228,14 @@ fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
     // The large file, read whole, hashes as it should; so does everything under overlayfs.
     let big = lazysnap::rig::images::pseudo_random_bytes(BIG_LEN, 7);
     let expected = format!("{}  /data/big\n", sha256_digest(&big).hex());
-    let hashed = containerd.run(
-        "soci",
-        "lazysnap",
-        &image,
-        &["/bin/busybox", "sha256sum", "/data/big"],
-    );
+    let hashed = run_lazy(&["/bin/busybox", "sha256sum", "/data/big"]);
     assert_eq!(hashed, expected, "{}", lazysnap.log());
     let plain = TestContainerd::start(None);
     let (ok, _, err) = plain.ctr("plain", &["images", "pull", "--plain-http", &image]);
     assert!(ok, "{err}");
-    let overlay = plain.run(
-        "plain",
-        "overlayfs",
-        &image,
-        &["/bin/busybox", "sh", "-c", script],
-    );
-    assert_eq!(overlay, lazy);
-    let overlay_big = plain.run(
-        "plain",
-        "overlayfs",
-        &image,
-        &["/bin/busybox", "sha256sum", "/data/big"],
-    );
+    let run_plain = |cmd: &[&str]| plain.run("plain", "overlayfs", &image, cmd);
+    assert_eq!(run_plain(&["/bin/busybox", "sh", "-c", script]), lazy);
+    let overlay_big = run_plain(&["/bin/busybox", "sha256sum", "/data/big"]);
     assert_eq!(overlay_big, hashed);
 }
 
@@ -279,20 +260,11 @@ fn a_corrupted_span_is_an_io_error_never_wrong_bytes() {
     let lazysnap = TestLazysnap::start_with_config(CONFIG);
     let containerd = TestContainerd::start(Some(&lazysnap.socket()));
     lazysnap_pull(&containerd, "soci", "lazysnap", &image);
-    let hello = containerd.run(
-        "soci",
-        "lazysnap",
-        &image,
-        &["/bin/busybox", "cat", "/data/hello"],
-    );
+    let run_lazy = |cmd: &[&str]| containerd.run("soci", "lazysnap", &image, cmd);
+    let hello = run_lazy(&["/bin/busybox", "cat", "/data/hello"]);
     assert_eq!(hello, HELLO, "a file in an intact span reads");
     let script = "/bin/busybox sha256sum /data/big; echo rc=$?";
-    let out = containerd.run(
-        "soci",
-        "lazysnap",
-        &image,
-        &["/bin/busybox", "sh", "-c", script],
-    );
+    let out = run_lazy(&["/bin/busybox", "sh", "-c", script]);
     assert!(
         out.contains("rc=1") && !out.lines().any(|l| l.ends_with("  /data/big")),
         "reading the corrupted span must fail, not return bytes: {out}\n{}",

@@ -277,23 +277,19 @@ mod tests {
     }
 
     #[test]
-    fn a_span_starting_inside_a_byte_is_shifted_into_place() {
+    fn a_span_starting_inside_a_byte_decodes_from_its_first_bit() {
         let first = b"lazy pulling of plain gzip layers ".repeat(2000);
         let second = b"from a checkpoint that is not byte aligned ".repeat(500);
         let (stream, at) = flushed(&first, &second);
         let window = &first[first.len() - WINDOW_SIZE..];
-        // Move the span three bits into its first byte: prefix the stream with three bits.
+        // The span moved `bits_used` bits into its first byte, after that many bits of junk.
         for bits_used in 1..8u8 {
-            let shift = u32::from(bits_used);
             let mut shifted = Vec::new();
-            let mut carry = 0u16;
-            let mut carried_bits = shift;
-            carry |= 0b101 & ((1 << shift) - 1);
+            let mut carry = 0b101 & ((1u16 << bits_used) - 1);
             for &byte in &stream[at..] {
-                carry |= u16::from(byte) << carried_bits;
+                carry |= u16::from(byte) << bits_used;
                 shifted.push(carry as u8);
                 carry >>= 8;
-                carried_bits = shift;
             }
             shifted.push(carry as u8);
             // The span's first byte holds `8 - bits_used` of its bits.
