@@ -147,6 +147,37 @@ fn soci_index(image: &str, work: &Path) {
     }
 }
 
+/// A registry serving the gzip image with its SOCI index, and what the tests check against.
+struct Indexed {
+    work: tempfile::TempDir,
+    registry: RegistryServer,
+    image: String,
+    layer_digest: Digest,
+    layer: Vec<u8>,
+    /// The image's manifest digest before it was indexed.
+    manifest_before: Digest,
+}
+
+/// Pushes the gzip image and indexes it with `soci create` and `soci push`.
+fn indexed_image() -> Indexed {
+    let work = tempfile::Builder::new()
+        .prefix("ls-soci-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let registry = RegistryServer::start().expect("start registry");
+    let (image, layer_digest, layer) = push_gzip_image(&registry);
+    let manifest_before = registry_manifest_digest(&image);
+    soci_index(&image, work.path());
+    Indexed {
+        work,
+        registry,
+        image,
+        layer_digest,
+        layer,
+        manifest_before,
+    }
+}
+
 /// The registry blob file holding `digest` (Distribution's filesystem layout).
 fn stored_blob(registry: &RegistryServer, digest: &Digest) -> PathBuf {
     let hex = digest.hex();
@@ -163,14 +194,14 @@ const CONFIG: &str = "[fetch]\nbackground_fill = false\nread_deadline_secs = 10\
 #[test]
 fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
     require_root_and_containerd();
-    let work = tempfile::Builder::new()
-        .prefix("ls-soci-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let registry = RegistryServer::start().expect("start registry");
-    let (image, layer_digest, layer) = push_gzip_image(&registry);
-    let manifest_before = registry_manifest_digest(&image);
-    soci_index(&image, work.path());
+    let Indexed {
+        registry,
+        image,
+        layer_digest,
+        layer,
+        manifest_before,
+        ..
+    } = indexed_image();
     assert_eq!(
         registry_manifest_digest(&image),
         manifest_before,
@@ -242,13 +273,13 @@ fn an_image_indexed_by_soci_runs_lazily_with_the_output_of_overlayfs() {
 #[test]
 fn a_corrupted_span_is_an_io_error_never_wrong_bytes() {
     require_root_and_containerd();
-    let work = tempfile::Builder::new()
-        .prefix("ls-soci-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let registry = RegistryServer::start().expect("start registry");
-    let (image, layer_digest, layer) = push_gzip_image(&registry);
-    soci_index(&image, work.path());
+    let Indexed {
+        registry,
+        image,
+        layer_digest,
+        layer,
+        ..
+    } = indexed_image();
     // One byte in the middle of the large random file's compressed bytes.
     let blob = stored_blob(&registry, &layer_digest);
     let mut stored = std::fs::read(&blob).unwrap();
@@ -291,13 +322,14 @@ fn registry_manifest_digest(image: &str) -> Digest {
 #[test]
 fn lazysnap_mount_reads_an_indexed_layer_lazily_too() {
     require_root_and_containerd();
-    let work = tempfile::Builder::new()
-        .prefix("ls-soci-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let registry = RegistryServer::start().expect("start registry");
-    let (image, layer_digest, layer) = push_gzip_image(&registry);
-    soci_index(&image, work.path());
+    let Indexed {
+        work,
+        registry,
+        image,
+        layer_digest,
+        layer,
+        ..
+    } = indexed_image();
     let mounted = cli_common::MountedImage::new(&image, work.path(), "soci", &[]);
     assert_eq!(
         std::fs::read_to_string(mounted.dir.join("data/hello")).unwrap(),
